@@ -1,0 +1,97 @@
+"""Training data: unlabelled slices for DDPM pretraining, collected from image files and volumes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .io.images import is_image_file, read_grey
+from .preprocessing.intensity import IntensityConfig, normalise_intensity
+from .preprocessing.spatial import to_model_grid
+
+log = logging.getLogger(__name__)
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+# A slice is "empty" when less than this fraction of it is above the normalised background.
+MIN_FOREGROUND_FRACTION = 0.02
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in VOLUME_SUFFIXES) and not name.startswith(".")
+
+
+def discover_files(inputs: Sequence[Union[str, Path]]) -> List[Path]:
+    """Image and volume files in the given files or folders (recursively), sorted, de-duplicated."""
+    found: List[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_file():
+            found.append(item)
+        elif item.is_dir():
+            found.extend(p for p in sorted(item.rglob("*")) if p.is_file() and (is_image_file(p) or is_volume_file(p)))
+        else:
+            raise InputError(item, "not found")
+    unique = sorted(set(found))
+    if not unique:
+        raise InputError(", ".join(str(i) for i in inputs), "no image or volume files found")
+    return unique
+
+
+def nonempty_slices(slices: np.ndarray) -> np.ndarray:
+    """Indices of the ``(N, C, H, W)`` normalised slices with enough foreground to be worth learning."""
+    foreground = (slices > -0.98).mean(axis=(1, 2, 3))
+    return np.flatnonzero(foreground >= MIN_FOREGROUND_FRACTION)
+
+
+def file_slices(path: Path, intensity: IntensityConfig, axis: str = "axial") -> np.ndarray:
+    """Normalised ``(N, C, H, W)`` slices of one image (N = 1) or volume (empty slices dropped)."""
+    if is_image_file(path):
+        return normalise_intensity(read_grey(path), intensity)[None]
+    from .io.volumes import read_volume  # the volume layer; imported lazily for image-only users
+    from .slicing import extract_slices
+
+    volume = read_volume(path)
+    normalised = normalise_intensity(volume.array, intensity)
+    slices, _layout = extract_slices(volume.with_array(normalised), axis)
+    return slices[nonempty_slices(slices)]
+
+
+def load_pretraining_slices(
+    inputs: Sequence[Union[str, Path]],
+    image_size: int,
+    intensity: IntensityConfig,
+    axis: str = "axial",
+    in_channels: int = 1,
+    channel_names: Optional[Sequence[str]] = None,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """All usable slices of the inputs on the model grid: float32 ``(N, C, size, size)`` in [-1, 1].
+
+    An unreadable file is reported and skipped: one broken file never stops pretraining.
+    """
+    files = discover_files(inputs)
+    batches: List[torch.Tensor] = []
+    skipped = 0
+    for path in tqdm(files, desc="reading images", unit="file", disable=not show_progress):
+        try:
+            slices = file_slices(path, intensity, axis)
+        except (InputError, ValueError) as error:
+            log.warning("skipped %s", error if isinstance(error, InputError) else f"{path}: {error}")
+            skipped += 1
+            continue
+        if slices.shape[1] != in_channels:
+            log.warning("skipped %s: %d channels, the model takes %d", path, slices.shape[1], in_channels)
+            skipped += 1
+            continue
+        if len(slices):
+            batches.append(to_model_grid(torch.from_numpy(slices), image_size)[0])
+    if not batches:
+        raise InputError(", ".join(str(i) for i in inputs), f"no usable training slices ({skipped} files skipped)")
+    return torch.cat(batches)

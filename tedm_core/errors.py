@@ -1,0 +1,25 @@
+"""Errors a user can act on: one line naming the file and the problem."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class TEDMError(Exception):
+    """Base class of the errors this package raises for bad input or incompatible files."""
+
+
+class InputError(TEDMError, ValueError):
+    """An input file or folder cannot be used. ``str(err)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: Optional[PathLike], problem: str) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.problem = " ".join(str(problem).split())  # always one line
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
+
+
+class BundleError(InputError):
+    """A model bundle or backbone checkpoint is missing, damaged or of an incompatible version."""

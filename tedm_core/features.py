@@ -1,0 +1,104 @@
+"""Multi-timestep decoder features of a pretrained DDPM UNet.
+
+For each image and each timestep t in S: draw eps (deterministically), form x_t, run the UNet,
+keep every tapped decoder level's output at its native resolution. The |S| noisy copies of
+an image go through the UNet as one batch, and the forward pass stops as soon as the last
+tapped level is reached (the rest of the decoder and the output convolution never run).
+Upsampling to the image size is left to the head (see ``heads.PixelMLP``), which applies its
+first, linear layer at native resolution: the same logits at a fraction of the memory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from .model.diffusion import NoiseSchedule
+
+TEDM_TIMESTEPS = (1, 10, 25, 50, 200, 400, 600, 800)
+LEDM_TIMESTEPS = (50, 150, 250)
+INFERENCE_SEED = 0
+
+# Level features: one tensor per tapped decoder level, shape (N, S, C_l, h_l, w_l), deepest first.
+LevelFeatures = List[torch.Tensor]
+
+
+class _StopForward(Exception):
+    """Raised by the last tap's hook: the decoder work after it is not needed."""
+
+
+def timestep_noise(shape: Sequence[int], timesteps: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:
+    """eps of shape ``(S, *shape)``: a function of (seed, draw, t) only.
+
+    So a slice's features do not depend on which other slices share its batch, nor on the
+    order of slices: segmenting a volume in any batch size gives identical results.
+    """
+    noise = []
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw) * 10_007 + int(t))
+        noise.append(torch.randn(tuple(shape), generator=generator))
+    return torch.stack(noise)
+
+
+class DecoderFeatureExtractor(torch.nn.Module):
+    """Taps the outputs of a ``DiffusionModelUNet``'s decoder levels, before their upsampling.
+
+    Args:
+        unet: a pretrained noise-predicting UNet (left unchanged; hooks are removed on ``close``).
+        schedule: its noise schedule.
+        levels: indices of the decoder levels to tap (0 = deepest); default all.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet, schedule: NoiseSchedule, levels: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        self.unet = unet.eval()
+        self.schedule = schedule
+        n_levels = len(unet.up_blocks)
+        self.levels = tuple(range(n_levels)) if levels is None else tuple(sorted(set(int(i) for i in levels)))
+        if not self.levels or min(self.levels) < 0 or max(self.levels) >= n_levels:
+            raise ValueError(f"decoder levels must be within 0..{n_levels - 1}, got {levels}")
+        self._captured: Dict[int, torch.Tensor] = {}
+        self._handles = [self._register_tap(i) for i in self.levels]
+
+    def _register_tap(self, level: int) -> torch.utils.hooks.RemovableHandle:
+        block = self.unet.up_blocks[level]
+        last = level == self.levels[-1]
+
+        def keep(tensor: torch.Tensor) -> None:
+            self._captured[level] = tensor
+            if last:
+                raise _StopForward
+
+        if getattr(block, "upsampler", None) is not None:
+            # The level's own resolution is the upsampler's input.
+            return block.upsampler.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+        return block.register_forward_hook(lambda _m, _args, output: keep(output))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def level_channels(self) -> List[int]:
+        return [int(self.unet.block_out_channels[::-1][i]) for i in self.levels]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, timesteps: Sequence[int], seed: int = INFERENCE_SEED, draw: int = 0) -> LevelFeatures:
+        """``images`` (N, C, H, W) in [-1, 1] -> per level (N, S, C_l, h_l, w_l)."""
+        self.schedule.validate_timesteps(timesteps)
+        n, s = images.shape[0], len(timesteps)
+        eps = timestep_noise(images.shape[1:], timesteps, seed, draw).to(images.device, images.dtype)
+        x0 = images.float().repeat_interleave(s, dim=0)  # (N*S, C, H, W), image-major
+        t = torch.as_tensor(list(timesteps), device=images.device, dtype=torch.long).repeat(n)
+        x_t = self.schedule.add_noise(x0, eps.repeat(n, 1, 1, 1), t).to(images.dtype)
+        self._captured.clear()
+        try:
+            self.unet(x_t, t)
+        except _StopForward:
+            pass
+        features = [self._captured[i] for i in self.levels]
+        self._captured.clear()
+        return [f.reshape(n, s, *f.shape[1:]) for f in features]

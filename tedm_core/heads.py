@@ -1,0 +1,175 @@
+"""Pixel-wise heads on decoder features: TEDM, LEDM, LEDMe, single-step and the logistic probe.
+
+Every head is one :class:`PixelMLP` (C -> 128 -> ReLU -> BN -> 32 -> ReLU -> BN -> K as 1x1
+convolutions; no hidden layers gives the logistic probe). What differs is how timesteps reach it:
+
+- ``shared`` (TEDM, single-step, probe): the MLP sees each timestep's features on its own; the
+  training loss is the mean over timesteps, the prediction the mean of per-step probabilities,
+  and their spread is a free uncertainty map.
+- ``concat`` (LEDM, LEDMe): the MLP sees the timesteps' features concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import LEDM_TIMESTEPS, TEDM_TIMESTEPS, LevelFeatures
+
+METHODS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
+    # method: (how timesteps reach the MLP, default timesteps, hidden widths)
+    "tedm": ("shared", TEDM_TIMESTEPS, (128, 32)),
+    "ledm": ("concat", LEDM_TIMESTEPS, (128, 32)),
+    "ledme": ("concat", TEDM_TIMESTEPS, (128, 32)),
+    "step": ("shared", (25,), ()),  # the paper's Fig. 2 step-wise logistic probe
+}
+
+
+class PixelMLP(nn.Module):
+    """A pixel-wise MLP over multi-resolution features, with its first layer factorised per level.
+
+    The first layer is linear and upsampling is linear per channel, so applying the first layer
+    to each level at its native resolution, upsampling the (hidden-width) results and summing
+    equals upsampling all levels, concatenating and applying the layer (``forward_dense``), up
+    to float rounding, with far less memory (METHOD.md section 4).
+    """
+
+    def __init__(self, level_channels: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 32), upsample: str = "bilinear") -> None:
+        super().__init__()
+        self.level_channels = [int(c) for c in level_channels]
+        self.upsample = upsample
+        widths = list(hidden) + [int(num_outputs)]
+        # One bias for the whole first layer: the per-level projections are summed.
+        self.first = nn.ModuleList(nn.Conv2d(c, widths[0], 1, bias=(i == 0)) for i, c in enumerate(self.level_channels))
+        rest: List[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            rest += [nn.ReLU(inplace=True), nn.BatchNorm2d(w_in), nn.Conv2d(w_in, w_out, 1)]
+        self.rest = nn.Sequential(*rest)
+
+    def _resize(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        if self.upsample == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """levels: (N, C_l, h_l, w_l) each -> logits (N, K, *size)."""
+        hidden = None
+        for conv, feats in zip(self.first, levels):
+            projected = self._resize(conv(feats.to(conv.weight.dtype)), size)
+            hidden = projected if hidden is None else hidden + projected
+        return self.rest(hidden)
+
+    def forward_dense(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """The straightforward reference: upsample every level, concatenate, apply the MLP."""
+        dense = torch.cat([self._resize(f.to(self.first[0].weight.dtype), size) for f in levels], dim=1)
+        weight = torch.cat([conv.weight for conv in self.first], dim=1)
+        return self.rest(F.conv2d(dense, weight, self.first[0].bias))
+
+
+@dataclass
+class HeadConfig:
+    """Everything needed to rebuild a head; stored in the bundle."""
+
+    method: str
+    timesteps: Tuple[int, ...]
+    level_channels: Tuple[int, ...]
+    num_classes: int  # including background; 2 for a single structure
+    hidden: Tuple[int, ...] = (128, 32)
+    upsample: str = "bilinear"
+    levels: Optional[Tuple[int, ...]] = None  # decoder levels tapped; None = all
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown head method {self.method!r}; expected one of {sorted(METHODS)}")
+        if self.num_classes < 2:
+            raise ValueError("num_classes counts the background and must be at least 2")
+        self.timesteps = tuple(int(t) for t in self.timesteps)
+        self.level_channels = tuple(int(c) for c in self.level_channels)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.levels is not None:
+            self.levels = tuple(int(i) for i in self.levels)
+
+    @classmethod
+    def for_method(cls, method: str, level_channels: Sequence[int], num_classes: int, timesteps: Optional[Sequence[int]] = None, **kwargs: Any) -> "HeadConfig":
+        if method not in METHODS:
+            raise ValueError(f"unknown head method {method!r}; expected one of {sorted(METHODS)}")
+        _, default_steps, hidden = METHODS[method]
+        kwargs.setdefault("hidden", hidden)
+        return cls(method, tuple(timesteps or default_steps), tuple(level_channels), num_classes, **kwargs)
+
+    @property
+    def mode(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def binary(self) -> bool:
+        return self.num_classes == 2
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.binary else self.num_classes
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "HeadConfig":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+class FeatureHead(nn.Module):
+    """A :class:`PixelMLP` plus the rule for combining timesteps given by ``config.mode``."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        factor = len(config.timesteps) if config.mode == "concat" else 1
+        self.mlp = PixelMLP([c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample)
+
+    def logits(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
+        """features: per level (N, S, C_l, h, w) -> logits (N, S', K, H, W); S' = S (shared) or 1 (concat)."""
+        n, s = features[0].shape[:2]
+        if self.config.mode == "concat":
+            flat = [f.reshape(n, s * f.shape[2], *f.shape[3:]) for f in features]
+            return self.mlp(flat, size).unsqueeze(1)
+        flat = [f.reshape(n * s, *f.shape[2:]) for f in features]
+        out = self.mlp(flat, size)
+        return out.reshape(n, s, *out.shape[1:])
+
+    def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
+        logits = self.logits(features, tuple(targets.shape[-2:])).float()
+        n, s = logits.shape[:2]
+        flat = logits.reshape(n * s, *logits.shape[2:])
+        expanded = targets.repeat_interleave(s, dim=0)
+        if self.config.binary:
+            return F.binary_cross_entropy_with_logits(flat[:, 0], expanded.float())
+        return F.cross_entropy(flat, expanded)
+
+    def per_step_probabilities(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
+        """(N, S', classes, H, W) class probabilities, background included."""
+        logits = self.logits(features, size).float()
+        if self.config.binary:
+            fg = torch.sigmoid(logits)
+            return torch.cat([1 - fg, fg], dim=2)
+        return torch.softmax(logits, dim=2)
+
+    def predict(self, features: LevelFeatures, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean class probabilities (N, classes, H, W) and uncertainty (N, H, W).
+
+        Uncertainty is the standard deviation over timesteps of the per-step probabilities,
+        the largest over classes (zero for concat heads, which give one prediction).
+        """
+        per_step = self.per_step_probabilities(features, size)
+        mean = per_step.mean(dim=1)
+        if per_step.shape[1] > 1:
+            spread = per_step.std(dim=1, unbiased=False).amax(dim=1)
+        else:
+            spread = torch.zeros_like(mean[:, 0])
+        return mean, spread

@@ -1,0 +1,1 @@
+"""Reading and writing files: images, volumes, safe JSON/safetensors, atomic writes."""

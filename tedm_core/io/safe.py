@@ -1,0 +1,57 @@
+"""Loading model files without executing code: JSON and safetensors only, with clear refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import BundleError
+from .atomic import atomic_path
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return any(head.startswith(magic) for magic in _PICKLE_MAGIC)
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise BundleError(path, "missing file")
+    if _looks_like_pickle(path):
+        raise BundleError(path, "is a pickle/zip file, not JSON; refusing to load it (pickles can run code)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(path, f"is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BundleError(path, "JSON must hold an object")
+    return data
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BundleError(path, "missing file")
+    if _looks_like_pickle(path):
+        raise BundleError(path, "is a pickle, not safetensors; refusing to load it (pickles can run code)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise BundleError(path, f"is not a readable safetensors file ({error})") from None
+
+
+def write_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))

@@ -1,0 +1,106 @@
+"""A pretrained DDPM on disk: ``backbone.json`` (config, schedule, preprocessing, versions) and
+``unet.safetensors`` (weights; ``ema.safetensors`` too when EMA was on)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from .. import __version__
+from ..errors import BundleError
+from ..io.safe import read_json, read_tensors, write_json, write_tensors
+from ..preprocessing.intensity import IntensityConfig
+from .backbone import BackboneConfig, build_unet
+from .diffusion import NoiseSchedule
+
+BACKBONE_FORMAT = 1
+BACKBONE_JSON = "backbone.json"
+UNET_WEIGHTS = "unet.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+
+
+@dataclass
+class Backbone:
+    """A noise-predicting UNet with what it was trained on: schedule, intensity convention, channels."""
+
+    config: BackboneConfig
+    unet: torch.nn.Module
+    schedule: str = "cosine"
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    channel_names: List[str] = field(default_factory=lambda: ["image"])
+    steps_trained: int = 0
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.schedule)
+
+    def metadata(self) -> Dict[str, Any]:
+        return {
+            "format": BACKBONE_FORMAT,
+            "tedm_core_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "config": self.config.to_dict(),
+            "schedule": self.schedule,
+            "intensity": self.intensity.to_dict(),
+            "channel_names": list(self.channel_names),
+            "steps_trained": int(self.steps_trained),
+        }
+
+    @classmethod
+    def new(cls, config: BackboneConfig, **kwargs: Any) -> "Backbone":
+        return cls(config=config, unet=build_unet(config), **kwargs)
+
+
+def save_backbone(directory: Union[str, Path], backbone: Backbone, ema_state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tensors(directory / UNET_WEIGHTS, backbone.unet.state_dict())
+    if ema_state is not None:
+        write_tensors(directory / EMA_WEIGHTS, ema_state)
+    write_json(directory / BACKBONE_JSON, backbone.metadata())  # last: its presence marks a complete save
+    return directory
+
+
+def check_format(path: Path, data: Dict[str, Any], expected: int, what: str) -> None:
+    found = data.get("format")
+    if found != expected:
+        raise BundleError(
+            path,
+            f"{what} format {found!r} is not supported by tedm_core {__version__} (expects format {expected}; "
+            f"it was written by tedm_core {data.get('tedm_core_version', 'unknown')})",
+        )
+
+
+def backbone_from_metadata(path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> Backbone:
+    check_format(path, meta, BACKBONE_FORMAT, "backbone")
+    try:
+        config = BackboneConfig.from_dict(meta["config"])
+        backbone = Backbone(
+            config=config,
+            unet=build_unet(config),
+            schedule=meta.get("schedule", "cosine"),
+            intensity=IntensityConfig.from_dict(meta.get("intensity", {})),
+            channel_names=list(meta.get("channel_names", ["image"])),
+            steps_trained=int(meta.get("steps_trained", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(path, f"backbone description is invalid ({error})") from None
+    try:
+        backbone.unet.load_state_dict(weights)
+    except RuntimeError as error:
+        raise BundleError(path, f"weights do not match the described UNet ({str(error).splitlines()[0]})") from None
+    backbone.unet.eval()
+    return backbone
+
+
+def load_backbone(directory: Union[str, Path], use_ema: bool = True) -> Backbone:
+    """Load a pretrained backbone (EMA weights when present and ``use_ema``); nothing is unpickled."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(directory, "backbone checkpoint folder not found" if not directory.exists() else "is not a backbone checkpoint folder")
+    meta = read_json(directory / BACKBONE_JSON)
+    weights_file = directory / EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else directory / UNET_WEIGHTS
+    return backbone_from_metadata(directory / BACKBONE_JSON, meta, read_tensors(weights_file))

@@ -1,0 +1,1 @@
+"""Pipelines: pretrain, fit, segment, refine, evaluate. The faces (CLI, batch script, Slicer) call these."""

@@ -1,0 +1,185 @@
+"""DDPM pretraining on unlabelled slices: eps prediction, L1 or MSE, Adam, optional EMA, bf16,
+checkpoints that resume exactly, and DistributedDataParallel under ``torchrun``.
+
+Every step's randomness (which images, flips, shifts, timesteps, noise) is drawn from a
+generator seeded by (seed, step, rank), so a resumed run repeats the uninterrupted one exactly
+once weights and optimiser state are restored, whatever happened before the interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from ..errors import BundleError
+from ..model.checkpoint import Backbone, load_backbone, save_backbone
+from ..model.diffusion import NoiseSchedule
+from ..io.safe import read_tensors
+from ..runtime import autocast, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+TRAINER_STATE = "trainer_state.pt"
+STEPS_DIR = "steps"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class PretrainOptions:
+    steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    loss: str = "l1"
+    precision: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 500
+    ema_decay: Optional[float] = None
+    flip: bool = False
+    max_shift: int = 0  # pixels on the model grid
+    device: str = "auto"
+    show_progress: bool = True
+
+
+class _Distributed:
+    """The torchrun environment, or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _augment(batch: torch.Tensor, options: PretrainOptions, generator: torch.Generator) -> torch.Tensor:
+    if options.flip:
+        flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if options.max_shift > 0:
+        s = options.max_shift
+        padded = F.pad(batch, (s, s, s, s), value=-1.0)
+        h, w = batch.shape[-2:]
+        offsets = torch.randint(0, 2 * s + 1, (batch.shape[0], 2), generator=generator).tolist()
+        batch = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+    return batch
+
+
+def _latest_checkpoint(out: Path) -> Optional[Path]:
+    steps = sorted(p for p in (out / STEPS_DIR).glob("[0-9]*") if (p / TRAINER_STATE).is_file()) if (out / STEPS_DIR).is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _save_checkpoint(out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int) -> None:
+    """A complete checkpoint in ``out/steps/<step>/`` (renamed into place whole), mirrored at ``out/``."""
+    backbone.steps_trained = step
+    ema_state = ema.module.state_dict() if ema is not None else None
+    final = out / STEPS_DIR / f"{step:08d}"
+    staging = out / STEPS_DIR / f".{step:08d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_backbone(staging, backbone, ema_state)
+    torch.save({"step": step, "optimiser": optimiser.state_dict()}, staging / TRAINER_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    save_backbone(out, backbone, ema_state)  # the loadable copy at the top level
+    for old in sorted(p for p in (out / STEPS_DIR).glob("[0-9]*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain(
+    images: torch.Tensor,
+    backbone: Backbone,
+    out: Path,
+    options: PretrainOptions,
+    resume: bool = False,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> Backbone:
+    """Train ``backbone.unet`` to predict eps on ``images`` ((N, C, S, S) in [-1, 1]); returns it.
+
+    With ``resume``, weights, optimiser state, EMA and step come from the latest checkpoint in
+    ``out`` and training continues to ``options.steps`` in total.
+    """
+    out = Path(out)
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    ddp = _Distributed(device)
+    if ddp.enabled and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if options.loss not in ("l1", "mse"):
+        raise ValueError(f"unknown loss {options.loss!r}; expected l1 or mse")
+
+    unet = backbone.unet.to(device).train()
+    schedule = NoiseSchedule(backbone.schedule)
+    optimiser = torch.optim.Adam(unet.parameters(), lr=options.learning_rate)
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay)) if options.ema_decay else None
+    start = 0
+    if resume:
+        checkpoint = _latest_checkpoint(out)
+        if checkpoint is None:
+            raise BundleError(out, "--resume: no checkpoint to resume from in this folder")
+        restored = load_backbone(checkpoint, use_ema=False)
+        if restored.config != backbone.config:
+            raise BundleError(checkpoint, "--resume: the checkpoint's model configuration differs from the one asked for")
+        unet.load_state_dict(restored.unet.state_dict())
+        state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
+        optimiser.load_state_dict(state["optimiser"])
+        start = int(state["step"])
+        if ema is not None:
+            ema_file = checkpoint / "ema.safetensors"
+            if ema_file.is_file():
+                ema.module.load_state_dict(read_tensors(ema_file))
+            ema.n_averaged.fill_(start)
+        log.info("resumed from %s at step %d", checkpoint, start)
+    model = torch.nn.parallel.DistributedDataParallel(unet) if ddp.enabled else unet
+
+    local_batch = max(1, options.batch_size // ddp.world)
+    bar = tqdm(total=options.steps, initial=start, desc="pretraining", unit="step", disable=not (options.show_progress and ddp.is_main))
+    seen, tic = 0, time.perf_counter()
+    for step in range(start, options.steps):
+        generator = torch.Generator().manual_seed((options.seed * 1_000_003 + step) * max(1, ddp.world) + ddp.rank)
+        index = torch.randint(0, images.shape[0], (local_batch,), generator=generator)
+        x0 = _augment(images[index], options, generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, schedule.num_train_timesteps, (local_batch,), generator=generator).to(device)
+        x_t = schedule.add_noise(x0, noise, t)
+        with autocast(device, precision):
+            predicted = model(x_t, t)
+        error = predicted.float() - noise
+        loss = error.abs().mean() if options.loss == "l1" else error.pow(2).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if ema is not None:
+            ema.update_parameters(unet)
+        seen += local_batch * ddp.world
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - tic):.1f}")
+        if on_step is not None:
+            on_step(done, float(loss.item()))
+        if done % options.checkpoint_every == 0 or done == options.steps:
+            if ddp.is_main:
+                _save_checkpoint(out, backbone, optimiser, ema, done)
+            ddp.barrier()
+    bar.close()
+    unet.eval()
+    if ema is not None:
+        unet.load_state_dict(ema.module.state_dict())
+    return backbone

@@ -1,0 +1,104 @@
+"""Where and how tensors are computed: device choice, autocast, memory-aware chunking, OOM fallback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterator, Optional, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device if one works, else the CPU. ``cuda`` without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device (is this a CPU build of torch?)")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
+
+    fp32 on CPU by default: bf16 autocast of MONAI's UNet measured 5-30x *slower* than fp32 on
+    this project's CPUs for training (benchmarks/backbone_speed.py), although it is valid.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or CUDA; a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def free_device_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on a CUDA device, ``None`` on the CPU (no useful limit to plan with)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def plan_batch_size(requested: Optional[int], bytes_per_item: int, device: torch.device, cpu_default: int = 8, safety: float = 0.5) -> int:
+    """A batch size that fits: ``requested`` if given, else what ``safety`` of free GPU memory holds."""
+    if requested:
+        return max(1, int(requested))
+    free = free_device_memory(device)
+    if free is None:
+        return cpu_default
+    return max(1, min(256, int(free * safety) // max(1, bytes_per_item)))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def map_in_chunks(fn: Callable[[int, int], T], total: int, batch_size: int, on_oom: Optional[Callable[[int], None]] = None) -> Iterator[T]:
+    """Yield ``fn(start, stop)`` over ``[0, total)`` in chunks, halving the chunk on out-of-memory.
+
+    A CUDA OOM does not lose work: the failed chunk is retried at half the size, down to 1,
+    and the smaller size is kept for the rest of the run.
+    """
+    start = 0
+    while start < total:
+        stop = min(total, start + batch_size)
+        try:
+            result = fn(start, stop)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not is_out_of_memory(error) or batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory: retrying with batch size %d", batch_size)
+            if on_oom is not None:
+                on_oom(batch_size)
+            continue
+        yield result
+        start = stop
+
+
+def describe_device(device: torch.device) -> str:
+    """A line for logs and the Slicer status bar."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free = free_device_memory(device) or 0
+        return f"GPU {props.name} ({free / 2**30:.1f} of {props.total_memory / 2**30:.1f} GiB free)"
+    return f"CPU ({torch.get_num_threads()} threads): expect minutes rather than seconds for large volumes"
+
+
