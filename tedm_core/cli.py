@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import TEDMError
@@ -72,12 +72,112 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="fit a segmentation head (or the supervised baseline) on a few labelled images")
+    p.add_argument("--backbone", required=True, type=Path, metavar="CKPT_DIR", help="a pretrained backbone folder (from tedm pretrain)")
+    p.add_argument("--images", required=True, type=Path, metavar="DIR", help="labelled images (PNG/JPG) or volumes")
+    p.add_argument("--masks", required=True, type=Path, metavar="DIR", help="masks/label maps with the same file names as the images")
+    p.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="the model bundle folder to write")
+    p.add_argument("--method", default="tedm", choices=["tedm", "ledm", "ledme", "baseline", "step"])
+    p.add_argument("--n", type=int, help="use the first N labelled items in sorted file-name order (default: all)")
+    p.add_argument("--steps", type=int, help="training steps (default: 300 for heads, 1000 for the baseline)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 heads, 1e-4 baseline)")
+    p.add_argument("--timesteps", type=int, nargs="+", help="override the method's timesteps")
+    p.add_argument("--classes", nargs="+", default=["foreground"], metavar="NAME", help="structure names, background excluded (default: foreground)")
+    p.add_argument("--label-values", type=int, nargs="+", metavar="V", help="mask value of each class, background first (default: 0 and non-zero for one class, else 0..K)")
+    p.add_argument("--slices", type=int, nargs="+", help="volumes only: the slice indices to learn from (default: every slice carrying labels)")
+    p.add_argument("--axis", default=None, help="volumes only: slicing axis (default: the backbone's, axial)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_fit)
+
+
+def _class_spec(args: argparse.Namespace) -> Tuple[List[str], List[int]]:
+    names = ["background"] + list(args.classes)
+    values = list(args.label_values) if args.label_values else list(range(len(names)))
+    if len(values) != len(names):
+        raise TEDMError(f"--label-values: {len(values)} values for {len(names)} classes (background + {', '.join(args.classes)})")
+    return names, values
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from .bundle import save_bundle
+    from .model.checkpoint import load_backbone
+    from .pipelines.fit import fit_bundle
+    from .pipelines.labelled import load_labelled_images
+
+    if args.out.exists() and not args.overwrite:
+        raise TEDMError(f"{args.out}: already exists; pass --overwrite to replace it")
+    backbone = load_backbone(args.backbone)
+    class_names, label_values = _class_spec(args)
+    slices, labels, sources = load_labelled_images(args.images, args.masks, backbone.intensity, label_values, n=args.n, slices=args.slices, axis=args.axis or "axial")
+    log.info("fitting %s on %d labelled slices from %d files", args.method, len(slices), len(sources))
+    bundle = fit_bundle(backbone, slices, labels, args.method, class_names, label_values, steps=args.steps, learning_rate=args.lr, seed=args.seed, device=args.device, timesteps=tuple(args.timesteps) if args.timesteps else None, axis=args.axis or "axial")
+    bundle.training["sources"] = [str(s) for s in sources]
+    save_bundle(bundle, args.out, overwrite=args.overwrite)
+    print(f"fitted {args.method} on {len(slices)} slices in {bundle.training['seconds']} s -> {args.out}")
+    return 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment images (PNG/JPG) with a model bundle")
+    p.add_argument("--model", required=True, type=Path, metavar="BUNDLE")
+    p.add_argument("--input", required=True, type=Path, metavar="DIR")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR")
+    p.add_argument("--probabilities", action="store_true", help="also write <name>_prob[_<class>].png (0-255 for 0-1)")
+    p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png: spread of the per-timestep probabilities (0-255 for 0-0.5)")
+    p.add_argument("--timesteps", type=int, nargs="+", help="predict with these of the head's timesteps only (single-step ablation)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .pipelines.image_segment import segment_image_folder
+    from .pipelines.segment import Segmenter
+
+    bundle = load_bundle(args.model)
+    segmenter = Segmenter(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps)
+    report = segment_image_folder(segmenter, args.input, args.output, probabilities=args.probabilities, uncertainty=args.uncertainty, overwrite=args.overwrite)
+    print(report.summary_line())
+    for failure in report.failures:
+        print(f"tedm segment: error: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice, precision and recall of predicted vs ground-truth masks")
+    p.add_argument("--pred", required=True, type=Path, metavar="DIR")
+    p.add_argument("--truth", required=True, type=Path, metavar="DIR")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="write per-image metrics here")
+    p.add_argument("--label-values", type=int, nargs="+", default=[0, 255], metavar="V", help="pixel value of each class, background first (default: 0 255; any non-zero is foreground for one class)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .pipelines.evaluate import evaluate_folders, summarise, write_metrics_csv
+
+    rows = evaluate_folders(args.pred, args.truth, args.label_values)
+    print(f"{len({r['image'] for r in rows})} images scored")
+    if args.csv:
+        write_metrics_csv(args.csv, rows)
+    for k in sorted({int(r["class"]) for r in rows}):
+        of_class = [r for r in rows if r["class"] == k]
+        label = f"class {k} " if len(args.label_values) > 2 else ""
+        print(f"{label}Dice {summarise([r['dice'] for r in of_class])}  precision {summarise([r['precision'] for r in of_class])}  recall {summarise([r['recall'] for r in of_class])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tedm", description="Few-shot segmentation with timestep-ensembled diffusion features (TEDM).")
     parser.add_argument("--version", action="version", version=f"tedm_core {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_pretrain,):
+    for add in (_add_pretrain, _add_fit, _add_segment, _add_evaluate):
         add(sub)
     return parser
 

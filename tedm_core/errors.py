@@ -23,3 +23,7 @@ class InputError(TEDMError, ValueError):
 
 class BundleError(InputError):
     """A model bundle or backbone checkpoint is missing, damaged or of an incompatible version."""
+
+
+class Cancelled(TEDMError):
+    """The user cancelled a long operation (Slicer's Cancel button, Ctrl-C)."""

@@ -74,13 +74,18 @@ def check_format(path: Path, data: Dict[str, Any], expected: int, what: str) -> 
         )
 
 
-def backbone_from_metadata(path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> Backbone:
+def backbone_from_metadata(path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor], out_channels: Optional[int] = None) -> Backbone:
+    """Rebuild a backbone from its JSON description and weights.
+
+    ``out_channels`` other than the input channels rebuilds the same architecture as a
+    segmentation network (the supervised baseline).
+    """
     check_format(path, meta, BACKBONE_FORMAT, "backbone")
     try:
         config = BackboneConfig.from_dict(meta["config"])
         backbone = Backbone(
             config=config,
-            unet=build_unet(config),
+            unet=build_unet(config, out_channels=out_channels),
             schedule=meta.get("schedule", "cosine"),
             intensity=IntensityConfig.from_dict(meta.get("intensity", {})),
             channel_names=list(meta.get("channel_names", ["image"])),

@@ -1,0 +1,321 @@
+"""MRML nodes <-> numpy arrays, with the geometry kept exactly.
+
+Qt-free: only ``vtk`` and the MRML classes of ``slicer`` are used, so this module runs inside
+the Slicer application and in plain pytest with the ``slicer-core`` wheel alike.
+
+Array convention (the one ``slicer.util.arrayFromVolume`` uses, and ``tedm_core.io.volumes``):
+a volume is a numpy array indexed ``[k, j, i]``; its ``ijk_to_ras`` 4x4 matrix maps the
+homogeneous voxel index ``(i, j, k, 1)`` to RAS millimetres. Multi-channel inputs are stacked
+in front: ``(C, K, J, I)``.
+
+Segmentations are written as one segment per foreground class, in the grid of the input volume
+(the segmentation's reference geometry is that volume), and read back by resampling every
+segment into that same grid: the Segment Editor may have cropped or shared the internal
+labelmaps, so reading the internal representation directly would give another extent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+# Geometry agreement needed before two volumes are stacked as channels of one input (mm).
+GEOMETRY_TOLERANCE_MM = 1e-3
+# Node attribute holding the segment ID of each foreground class, so that a user's renaming
+# or reordering of segments does not change which class a segment trains.
+CLASS_SEGMENT_IDS_ATTRIBUTE = "TEDMSlicer.ClassSegmentIDs"
+CLASS_NAMES_ATTRIBUTE = "TEDMSlicer.ClassNames"
+
+
+class GeometryError(ValueError):
+    """Input volumes or segmentations that cannot be brought into one voxel grid."""
+
+
+# --------------------------------------------------------------------------------------------
+# matrices
+# --------------------------------------------------------------------------------------------
+def numpy_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def vtk_matrix_from_numpy(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras_of(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
+    """The node's own IJK-to-RAS (parent transforms not applied: results share the parent)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return numpy_from_vtk_matrix(matrix)
+
+
+# --------------------------------------------------------------------------------------------
+# volumes
+# --------------------------------------------------------------------------------------------
+def array_from_volume_node(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
+    """A copy of the voxels as ``(K, J, I)`` float32, like ``slicer.util.arrayFromVolume``.
+
+    Colour (RGB/RGBA) volumes, as Slicer loads most PNG/JPG radiographs, become one grey
+    channel (mean of the colour components, alpha ignored): the models see grey images.
+    """
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        name = volume_node.GetName() if volume_node is not None else "(none)"
+        raise ValueError(f"volume '{name}' has no voxel data")
+    shape = tuple(reversed(image.GetDimensions()))
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    components = image.GetNumberOfScalarComponents()
+    if components == 1:
+        array = scalars.reshape(shape)
+    else:
+        array = scalars.reshape(shape + (components,))[..., : min(components, 3)].astype(np.float32).mean(axis=-1)
+    return np.array(array, dtype=np.float32, copy=True)  # copy: VTK owns the original buffer
+
+
+@dataclass
+class VolumeArrays:
+    """Input channels in one grid, ready to become a ``tedm_core.io.volumes.Volume``."""
+
+    array: np.ndarray  # (C, K, J, I) float32
+    ijk_to_ras: np.ndarray  # (4, 4) float64
+    channel_names: List[str]
+    reference_node_id: str
+
+
+def volume_arrays_from_nodes(volume_nodes: Sequence["slicer.vtkMRMLVolumeNode"]) -> VolumeArrays:
+    """Stack several volume nodes (modalities) as channels; they must share one voxel grid."""
+    nodes = [n for n in volume_nodes if n is not None]
+    if not nodes:
+        raise ValueError("select an input volume")
+    reference = nodes[0]
+    ijk_to_ras = ijk_to_ras_of(reference)
+    channels = [array_from_volume_node(reference)]
+    for node in nodes[1:]:
+        array = array_from_volume_node(node)
+        if array.shape != channels[0].shape:
+            raise GeometryError(
+                f"volume '{node.GetName()}' has {array.shape[::-1]} voxels (IJK) but '{reference.GetName()}' has "
+                f"{channels[0].shape[::-1]}: resample it onto the first volume (module 'Resample Scalar/Vector/DWI Volume')"
+            )
+        difference = np.abs(ijk_to_ras_of(node) - ijk_to_ras).max()
+        if difference > GEOMETRY_TOLERANCE_MM:
+            raise GeometryError(
+                f"volume '{node.GetName()}' is not in the voxel grid of '{reference.GetName()}' (IJK-to-RAS differs by "
+                f"{difference:.3g}): resample it onto the first volume first"
+            )
+        if node.GetTransformNodeID() != reference.GetTransformNodeID():
+            raise GeometryError(f"volumes '{node.GetName()}' and '{reference.GetName()}' are under different transforms: harden them first")
+        channels.append(array)
+    return VolumeArrays(np.stack(channels), ijk_to_ras, [n.GetName() for n in nodes], reference.GetID() or "")
+
+
+def oriented_image_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "slicer.vtkOrientedImageData":
+    """A ``vtkOrientedImageData`` (unsigned char) holding ``array_kji`` in the grid of ``ijk_to_ras``."""
+    array_kji = np.ascontiguousarray(array_kji, dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    k, j, i = array_kji.shape
+    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+    image.SetImageToWorldMatrix(vtk_matrix_from_numpy(ijk_to_ras))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    target[:] = array_kji.reshape(-1)  # VTK's x-fastest order is numpy's C order of [k, j, i]
+    image.Modified()
+    return image
+
+
+def geometry_image_of(volume_node: "slicer.vtkMRMLVolumeNode") -> "slicer.vtkOrientedImageData":
+    """An empty oriented image with the volume's extent and IJK-to-RAS: a grid to resample into."""
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(volume_node.GetImageData().GetExtent())
+    image.SetImageToWorldMatrix(vtk_matrix_from_numpy(ijk_to_ras_of(volume_node)))
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# segmentations
+# --------------------------------------------------------------------------------------------
+_converter_rules_registered = False
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the labelmap <-> surface converter rules if nobody has (the Slicer application
+    does it at start-up; a bare ``slicer-core`` process does not, and then segments cannot hold
+    binary labelmaps)."""
+    global _converter_rules_registered
+    if _converter_rules_registered:
+        return
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules() is None or len(factory.GetConverterRules()) == 0:
+        for rule in (
+            "vtkBinaryLabelmapToClosedSurfaceConversionRule",
+            "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+            "vtkClosedSurfaceToFractionalLabelmapConversionRule",
+            "vtkFractionalLabelmapToClosedSurfaceConversionRule",
+        ):
+            rule_class = getattr(slicer, rule, None)
+            if rule_class is not None:
+                factory.RegisterConverterRule(rule_class())
+    _converter_rules_registered = True
+
+
+def normalised_colour(colour: Sequence[float]) -> Tuple[float, float, float]:
+    """RGB in [0, 1] whether given in [0, 1] or [0, 255]."""
+    rgb = [float(c) for c in list(colour)[:3]]
+    if max(rgb) > 1.0:
+        rgb = [c / 255.0 for c in rgb]
+    return (rgb[0], rgb[1], rgb[2])
+
+
+# A readable palette for classes without a colour (Slicer's generic anatomy colours).
+DEFAULT_COLOURS = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.71, 0.86), (0.85, 0.4, 0.4), (0.56, 0.49, 0.75)]
+
+
+def class_segment_ids(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> List[str]:
+    """Segment ID of each foreground class (class k is entry k - 1).
+
+    The IDs recorded when TEDMSlicer wrote the segmentation if present and still valid,
+    otherwise the segments in display order (a segmentation the user made to fit a model).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    recorded = segmentation_node.GetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE)
+    if recorded:
+        try:
+            ids = [str(s) for s in json.loads(recorded)]
+        except ValueError:
+            ids = []
+        if ids and all(segment_id in existing for segment_id in ids):
+            return ids
+    return existing
+
+
+def class_names_of(segmentation_node: "slicer.vtkMRMLSegmentationNode", background_name: str = "background") -> List[str]:
+    """Class names, background first, from the segment names in class order."""
+    segmentation = segmentation_node.GetSegmentation()
+    return [background_name] + [segmentation.GetSegment(s).GetName() for s in class_segment_ids(segmentation_node)]
+
+
+def class_colours_of(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> List[Tuple[float, float, float]]:
+    """Segment colours (RGB in [0, 1]) in class order, background (black) first."""
+    segmentation = segmentation_node.GetSegmentation()
+    colours: List[Tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+    for segment_id in class_segment_ids(segmentation_node):
+        colours.append(tuple(segmentation.GetSegment(segment_id).GetColor()))  # type: ignore[arg-type]
+    return colours
+
+
+def prepare_segmentation_node(
+    segmentation_node: "slicer.vtkMRMLSegmentationNode",
+    reference_volume_node: "slicer.vtkMRMLVolumeNode",
+    class_names: Sequence[str],
+    class_colours: Optional[Sequence[Sequence[float]]] = None,
+) -> List[str]:
+    """Make ``segmentation_node`` hold one segment per foreground class, in the volume's grid.
+
+    Existing TEDMSlicer segments are reused (their IDs, so that views and the Segment Editor keep
+    their selection); segments of other classes are left alone. Returns the class segment IDs.
+    """
+    ensure_segmentation_converters()
+    if segmentation_node.GetDisplayNode() is None and segmentation_node.GetScene() is not None:
+        # Some segmentation exports crash without a display node; Slicer creates one anyway.
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    # The results live in the volume's own coordinates: share its parent transform.
+    segmentation_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+    segmentation = segmentation_node.GetSegmentation()
+    previous = class_segment_ids(segmentation_node) if segmentation_node.GetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE) else []
+    ids: List[str] = []
+    for index, name in enumerate(class_names[1:], start=1):
+        colour = normalised_colour(class_colours[index]) if class_colours and len(class_colours) > index else DEFAULT_COLOURS[(index - 1) % len(DEFAULT_COLOURS)]
+        segment_id = previous[index - 1] if index - 1 < len(previous) else ""
+        if not segment_id or segmentation.GetSegment(segment_id) is None:
+            segment_id = segmentation.GetSegmentIdBySegmentName(str(name)) or ""
+        if not segment_id or segment_id in ids or segmentation.GetSegment(segment_id) is None:
+            segment_id = segmentation.AddEmptySegment("", str(name), list(colour))
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetName(str(name))
+        segment.SetColor(*colour)
+        ids.append(segment_id)
+    segmentation_node.SetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE, json.dumps(ids))
+    segmentation_node.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps([str(n) for n in class_names]))
+    return ids
+
+
+def write_class_labels(
+    segmentation_node: "slicer.vtkMRMLSegmentationNode",
+    reference_volume_node: "slicer.vtkMRMLVolumeNode",
+    labels_kji: np.ndarray,
+    class_names: Sequence[str],
+    class_colours: Optional[Sequence[Sequence[float]]] = None,
+) -> List[str]:
+    """Write class indices ``labels_kji`` (0 = background) as one segment per foreground class.
+
+    ``labels_kji`` is in the grid of ``reference_volume_node``. Every class segment is replaced
+    completely, so what the node holds afterwards equals ``labels_kji`` voxel for voxel.
+    """
+    expected = tuple(reversed(reference_volume_node.GetImageData().GetDimensions()))
+    if tuple(labels_kji.shape) != expected:
+        raise GeometryError(f"labels of shape {labels_kji.shape} do not match the volume's {expected} (KJI)")
+    ids = prepare_segmentation_node(segmentation_node, reference_volume_node, class_names, class_colours)
+    ijk_to_ras = ijk_to_ras_of(reference_volume_node)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    was_modifying = segmentation_node.StartModify()
+    try:
+        for index, segment_id in enumerate(ids, start=1):
+            mask = oriented_image_from_array((labels_kji == index).astype(np.uint8), ijk_to_ras)
+            if not logic.SetBinaryLabelmapToSegment(mask, segmentation_node, segment_id, logic.MODE_REPLACE):
+                raise RuntimeError(f"could not write segment '{class_names[index]}' into '{segmentation_node.GetName()}'")
+    finally:
+        segmentation_node.EndModify(was_modifying)
+    return ids
+
+
+def read_class_labels(
+    segmentation_node: "slicer.vtkMRMLSegmentationNode",
+    reference_volume_node: "slicer.vtkMRMLVolumeNode",
+    segment_ids: Optional[Sequence[str]] = None,
+) -> np.ndarray:
+    """The segmentation as class indices ``(K, J, I)`` uint8 in the grid of the reference volume.
+
+    Class k is ``segment_ids[k - 1]`` (default: :func:`class_segment_ids`). Segments are
+    resampled into the volume's grid, whatever extent or shared layers the Segment Editor left.
+    Where segments overlap, the later class wins.
+    """
+    ensure_segmentation_converters()
+    if segmentation_node.GetTransformNodeID() != reference_volume_node.GetTransformNodeID():
+        raise GeometryError(
+            f"segmentation '{segmentation_node.GetName()}' and volume '{reference_volume_node.GetName()}' are under different "
+            "transforms: harden the transforms (Data module) first"
+        )
+    ids = list(segment_ids) if segment_ids is not None else class_segment_ids(segmentation_node)
+    shape = tuple(reversed(reference_volume_node.GetImageData().GetDimensions()))
+    if not ids:
+        return np.zeros(shape, dtype=np.uint8)
+    if len(ids) > 255:
+        raise ValueError("at most 255 classes are supported")
+    segment_id_array = vtk.vtkStringArray()
+    label_values = vtk.vtkIntArray()
+    for index, segment_id in enumerate(ids, start=1):
+        segment_id_array.InsertNextValue(segment_id)
+        label_values.InsertNextValue(index)
+    merged = slicer.vtkOrientedImageData()
+    ok = segmentation_node.GenerateMergedLabelmapForAllSegments(
+        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, geometry_image_of(reference_volume_node), segment_id_array, label_values
+    )
+    if not ok:
+        raise RuntimeError(f"could not read segmentation '{segmentation_node.GetName()}' in the grid of '{reference_volume_node.GetName()}'")
+    if tuple(merged.GetExtent()) != tuple(reference_volume_node.GetImageData().GetExtent()):
+        raise GeometryError(f"segmentation read back with extent {merged.GetExtent()}, expected {reference_volume_node.GetImageData().GetExtent()}")
+    scalars = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
+    return np.array(scalars.reshape(shape), dtype=np.uint8, copy=True)

@@ -1,0 +1,176 @@
+"""A model bundle: one self-describing folder with everything needed to segment.
+
+    bundle.json          format, versions, method, classes (names, colours, label values),
+                         preprocessing, slicing axis, head config, backbone config, training record
+    backbone.safetensors the DDPM UNet (or, for the supervised baseline, the segmentation UNet)
+    head.safetensors     the pixel-wise head (absent for the baseline)
+
+Only JSON and safetensors are read: nothing is unpickled. A bundle written by an incompatible
+format version, a missing file or a pickle put in a bundle's place is refused with one line
+naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from . import __version__
+from .errors import BundleError
+from .heads import FeatureHead, HeadConfig
+from .io.safe import read_json, read_tensors, write_json, write_tensors
+from .model.checkpoint import Backbone, backbone_from_metadata, check_format
+from .preprocessing.intensity import IntensityConfig
+
+BUNDLE_FORMAT = 1
+BUNDLE_JSON = "bundle.json"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+BASELINE = "baseline"
+
+# Distinct, colour-blind-friendlier defaults (Okabe-Ito), background first.
+DEFAULT_COLOURS: Tuple[Tuple[int, int, int], ...] = (
+    (0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167),
+)
+
+
+def default_colours(num_classes: int) -> List[Tuple[int, int, int]]:
+    return [DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)] if i < len(DEFAULT_COLOURS) else tuple((37 * i % 256, 91 * i % 256, 151 * i % 256)) for i in range(num_classes)]
+
+
+@dataclass
+class ModelBundle:
+    """A trained segmenter: a backbone and a head (or, for ``baseline``, a supervised UNet alone)."""
+
+    method: str
+    backbone: Backbone
+    head: Optional[FeatureHead]
+    class_names: List[str]
+    label_values: List[int]
+    class_colours: List[Tuple[int, int, int]] = field(default_factory=list)
+    axis: str = "axial"
+    training: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) < 2:
+            raise ValueError("class_names must include the background and at least one structure")
+        if len(self.label_values) != len(self.class_names):
+            raise ValueError("label_values needs one value per class")
+        if not self.class_colours:
+            self.class_colours = default_colours(len(self.class_names))
+        if (self.head is None) != (self.method == BASELINE):
+            raise ValueError("a head is needed for every method except the supervised baseline")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.config.image_size
+
+    @property
+    def intensity(self) -> IntensityConfig:
+        return self.backbone.intensity
+
+    @property
+    def channel_names(self) -> List[str]:
+        return list(self.backbone.channel_names)
+
+    @property
+    def timesteps(self) -> Tuple[int, ...]:
+        return self.head.config.timesteps if self.head is not None else ()
+
+    def describe(self) -> str:
+        classes = ", ".join(self.class_names[1:])
+        return f"{self.method} on a {self.backbone.config.preset} backbone at {self.image_size} px; classes: {classes}; channels: {', '.join(self.channel_names)}"
+
+
+def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write ``bundle`` to the folder ``path``: staged beside it, then renamed into place whole."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BundleError(path, "already exists; choose another name or allow overwriting")
+    staging = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_tensors(staging / BACKBONE_WEIGHTS, bundle.backbone.unet.state_dict())
+    if bundle.head is not None:
+        write_tensors(staging / HEAD_WEIGHTS, bundle.head.state_dict())
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "tedm_core_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": bundle.method,
+        "class_names": list(bundle.class_names),
+        "label_values": [int(v) for v in bundle.label_values],
+        "class_colours": [list(map(int, c)) for c in bundle.class_colours],
+        "axis": bundle.axis,
+        "head": bundle.head.config.to_dict() if bundle.head is not None else None,
+        "backbone": bundle.backbone.metadata(),
+        "training": bundle.training,
+    }
+    write_json(staging / BUNDLE_JSON, meta)
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path
+
+
+def load_bundle(path: Union[str, Path]) -> ModelBundle:
+    """Load a bundle folder; refuse anything incomplete, incompatible or not made of JSON + safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(path, "model bundle not found")
+    if path.is_file():
+        # A single file where a bundle folder belongs: say what it is rather than trying to read it.
+        read_json(path)  # raises a clear error for pickles and non-JSON files
+        raise BundleError(path, "is a file; a model bundle is a folder holding bundle.json and .safetensors weights")
+    meta_path = path / BUNDLE_JSON
+    meta = read_json(meta_path)
+    check_format(meta_path, meta, BUNDLE_FORMAT, "bundle")
+    method = meta.get("method")
+    weights = read_tensors(path / BACKBONE_WEIGHTS)
+    try:
+        backbone_meta = meta["backbone"]
+        head_meta = meta.get("head")
+        num_classes = len(meta["class_names"])
+    except (KeyError, TypeError) as error:
+        raise BundleError(meta_path, f"missing entry {error}") from None
+    if method == BASELINE:
+        backbone = backbone_from_metadata(meta_path, backbone_meta, weights, out_channels=baseline_output_channels(num_classes))
+        head = None
+    else:
+        backbone = backbone_from_metadata(meta_path, backbone_meta, weights)
+        try:
+            head = FeatureHead(HeadConfig.from_dict(head_meta))
+            head.load_state_dict(read_tensors(path / HEAD_WEIGHTS))
+        except (TypeError, ValueError, AttributeError) as error:
+            raise BundleError(meta_path, f"head description is invalid ({error})") from None
+        except RuntimeError as error:
+            raise BundleError(path / HEAD_WEIGHTS, f"weights do not match the described head ({str(error).splitlines()[0]})") from None
+        head.eval()
+    try:
+        return ModelBundle(
+            method=method,
+            backbone=backbone,
+            head=head,
+            class_names=list(meta["class_names"]),
+            label_values=[int(v) for v in meta["label_values"]],
+            class_colours=[tuple(c) for c in meta.get("class_colours", [])],
+            axis=meta.get("axis", "axial"),
+            training=dict(meta.get("training", {})),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(meta_path, f"invalid bundle description ({error})") from None
+
+
+def baseline_output_channels(num_classes: int) -> int:
+    """The supervised baseline predicts logits like a head: 1 for a single structure, else one per class."""
+    return 1 if num_classes == 2 else num_classes

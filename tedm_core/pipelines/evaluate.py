@@ -1,0 +1,104 @@
+"""Overlap metrics and paired comparisons, as the paper reports them.
+
+Rule for empty masks (documented in the README): when both the prediction and the ground
+truth are empty, Dice, precision and recall are all 1 (nothing to find, nothing found); when
+only one is empty, Dice is 0 and so is whichever of precision/recall has an empty denominator.
+This matches MONAI's ``compute_dice(..., ignore_empty=False)`` for Dice.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+from ..errors import InputError
+from ..io.atomic import atomic_path
+from ..io.images import list_images, read_label_image
+
+
+def dice_precision_recall(prediction: np.ndarray, truth: np.ndarray) -> Tuple[float, float, float]:
+    """Dice, precision and recall of two boolean masks of the same shape (the empty-mask rule above)."""
+    prediction, truth = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction shape {prediction.shape} differs from ground truth shape {truth.shape}")
+    # Three counts over the voxels: cheaper than a confusion-matrix library call, and exact.
+    tp = float(np.count_nonzero(prediction & truth))
+    n_pred, n_true = float(np.count_nonzero(prediction)), float(np.count_nonzero(truth))
+    if n_pred == 0 and n_true == 0:
+        return 1.0, 1.0, 1.0
+    dice = 2 * tp / (n_pred + n_true)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    return dice, precision, recall
+
+
+def per_class_metrics(prediction: np.ndarray, truth: np.ndarray, class_indices: Sequence[int]) -> Dict[int, Tuple[float, float, float]]:
+    """Dice, precision, recall per foreground class index of two label maps."""
+    return {k: dice_precision_recall(prediction == k, truth == k) for k in class_indices}
+
+
+@dataclass
+class Summary:
+    mean: float
+    std: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.1f} +- {100 * self.std:.1f} (n={self.n})"
+
+
+def summarise(values: Sequence[float]) -> Summary:
+    array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if array.size == 0:
+        return Summary(float("nan"), float("nan"), 0)
+    return Summary(float(array.mean()), float(array.std()), int(array.size))
+
+
+def paired_wilcoxon(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
+    """Two-sided p-value of the paired Wilcoxon signed-rank test on per-image scores."""
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError("paired scores must have the same length")
+    if np.allclose(a, b):
+        return 1.0
+    return float(wilcoxon(a, b).pvalue)
+
+
+def evaluate_folders(pred_dir: Path, truth_dir: Path, label_values: Sequence[int] = (0, 255)) -> List[Dict[str, object]]:
+    """Per-image metrics of predicted vs ground-truth mask images, matched by file name.
+
+    Every prediction whose name has a ground truth is scored (a test set is usually a subset of
+    a labelled folder; ``_prob``/``_uncertainty`` maps have no ground truth and are ignored).
+    ``label_values`` are the pixel values of the classes, background first; binary masks may
+    be 0/1 or 0/255.
+    """
+    predictions = {p.name: p for p in list_images(pred_dir)}
+    truths = {p.name: p for p in list_images(truth_dir)}
+    names = sorted(set(truths) & set(predictions))
+    if not names:
+        raise InputError(pred_dir, f"no prediction has a ground-truth mask of the same name in {truth_dir}")
+    rows: List[Dict[str, object]] = []
+    foreground = range(1, len(label_values))
+    for name in names:
+        truth = read_label_image(truths[name], label_values)
+        prediction = read_label_image(predictions[name], label_values)
+        if prediction.shape != truth.shape:
+            raise InputError(predictions[name], f"shape {prediction.shape} differs from the ground truth's {truth.shape}")
+        for k, (d, p, r) in per_class_metrics(prediction, truth, foreground).items():
+            rows.append({"image": name, "class": k, "dice": d, "precision": p, "recall": r})
+    return rows
+
+
+def write_metrics_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:
+    if not rows:
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)

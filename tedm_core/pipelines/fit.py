@@ -1,0 +1,254 @@
+"""Fit a segmenter from a few labelled slices: a pixel-wise head on frozen DDPM features
+(TEDM, LEDM, LEDMe, step-wise probe), or the supervised UNet baseline.
+
+Head training never runs the UNet in its loop: the labelled slices' decoder features are
+extracted once (for a few noise draws, draw 0 being the inference noise) at native resolution
+and the head trains on them. This is what makes fitting and refining take seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..bundle import BASELINE, ModelBundle, baseline_output_channels
+from ..errors import Cancelled
+from ..features import DecoderFeatureExtractor, LevelFeatures
+from ..heads import FeatureHead, HeadConfig
+from ..model.backbone import build_unet
+from ..model.checkpoint import Backbone
+from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
+from ..runtime import autocast, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int, float], None]  # (step, total, loss)
+CancelCheck = Callable[[], bool]
+
+METHODS = ("tedm", "ledm", "ledme", "step", BASELINE)
+DEFAULT_HEAD_STEPS = 300
+DEFAULT_BASELINE_STEPS = 1000
+DEFAULT_REFINE_STEPS = 100
+
+
+@dataclass
+class FitOptions:
+    steps: Optional[int] = None  # default: 300 for heads, 1000 for the baseline
+    learning_rate: Optional[float] = None  # default: 1e-3 for heads, 1e-4 for the baseline
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    noise_draws: int = 4  # feature sets per labelled slice (draw 0 = the inference noise)
+    images_per_step: int = 8  # labelled slices per head step (all of them when fewer)
+    timesteps: Optional[Tuple[int, ...]] = None  # override the method's default steps
+    show_progress: bool = True
+
+
+def _prepare(slices: np.ndarray, labels: np.ndarray, image_size: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    slices = np.asarray(slices, dtype=np.float32)
+    labels = np.asarray(labels)
+    if slices.ndim != 4 or labels.shape != (slices.shape[0],) + slices.shape[2:]:
+        raise ValueError(f"expected slices (N, C, H, W) and labels (N, H, W); got {slices.shape} and {labels.shape}")
+    if len(slices) == 0:
+        raise ValueError("no labelled slices to learn from")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}")
+    grid, transform = to_model_grid(torch.from_numpy(slices), image_size)
+    targets = labels_to_model_grid(torch.from_numpy(labels.astype(np.int64)), transform)
+    return grid, targets
+
+
+@torch.no_grad()
+def extract_training_features(extractor: DecoderFeatureExtractor, grid: torch.Tensor, timesteps: Sequence[int], draws: int, device: torch.device, precision: str, chunk: int = 4) -> List[LevelFeatures]:
+    """Per noise draw, per level: (N, S, C_l, h_l, w_l) features of the labelled slices, on ``device``."""
+    out: List[LevelFeatures] = []
+    for draw in range(draws):
+        parts = []
+        for start in range(0, grid.shape[0], chunk):
+            with autocast(device, precision):
+                parts.append([f.float() for f in extractor(grid[start : start + chunk].to(device), timesteps, draw=draw)])
+        out.append([torch.cat(level) for level in zip(*parts)])
+    return out
+
+
+def train_head(
+    head: FeatureHead,
+    features: List[LevelFeatures],
+    targets: torch.Tensor,
+    steps: int,
+    learning_rate: float = 1e-3,
+    images_per_step: int = 8,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+    cancel: Optional[CancelCheck] = None,
+    show_progress: bool = False,
+) -> FeatureHead:
+    """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices."""
+    device = features[0][0].device
+    head.to(device).train()
+    targets = targets.to(device)
+    optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    n = targets.shape[0]
+    bar = tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress)
+    for step in bar:
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled")
+        draw = int(torch.randint(0, len(features), (1,), generator=generator))
+        index = torch.randperm(n, generator=generator)[: min(n, images_per_step)].to(device)
+        loss = head.loss([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if progress is not None:
+            progress(step + 1, steps, float(loss.item()))
+    return head.eval()
+
+
+def train_baseline(
+    unet: torch.nn.Module,
+    grid: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    steps: int,
+    learning_rate: float,
+    device: torch.device,
+    precision: str,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Optional[Progress] = None,
+    cancel: Optional[CancelCheck] = None,
+    show_progress: bool = False,
+) -> torch.nn.Module:
+    """The supervised baseline: the DDPM's UNet architecture, timestep fixed at 0, trained from scratch."""
+    unet.to(device).train()
+    optimiser = torch.optim.Adam(unet.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    grid, targets = grid.to(device), targets.to(device)
+    bar = tqdm(range(steps), desc="training baseline", unit="step", disable=not show_progress)
+    for step in bar:
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled")
+        index = torch.randint(0, grid.shape[0], (min(batch_size, grid.shape[0]),), generator=generator).to(device)
+        x, y = grid.index_select(0, index), targets.index_select(0, index)
+        with autocast(device, precision):
+            logits = unet(x, torch.zeros(x.shape[0], dtype=torch.long, device=device)).float()
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], y.float()) if num_classes == 2 else F.cross_entropy(logits, y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if progress is not None:
+            progress(step + 1, steps, float(loss.item()))
+    return unet.eval()
+
+
+def fit_bundle(
+    backbone: Backbone,
+    slices: np.ndarray,
+    labels: np.ndarray,
+    method: str = "tedm",
+    class_names: Sequence[str] = ("background", "foreground"),
+    label_values: Optional[Sequence[int]] = None,
+    options: Optional[FitOptions] = None,
+    axis: str = "axial",
+    progress: Optional[Progress] = None,
+    cancel: Optional[CancelCheck] = None,
+    **option_overrides,
+) -> ModelBundle:
+    """Fit ``method`` on labelled slices and return a bundle ready to segment.
+
+    ``slices`` (N, C, H, W) are normalised with ``backbone.intensity``; ``labels`` (N, H, W)
+    hold class indices into ``class_names`` (background first). ``label_values`` are the values
+    the classes have in label files (default 0..K-1). Options may be given as keywords
+    (``steps=``, ``seed=``, ``device=`` ...) instead of a :class:`FitOptions`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    options = _with(options or FitOptions(), option_overrides)
+    class_names = list(class_names)
+    label_values = list(label_values) if label_values is not None else list(range(len(class_names)))
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    torch.manual_seed(options.seed)
+    grid, targets = _prepare(slices, labels, backbone.config.image_size, len(class_names))
+    tic = time.perf_counter()
+    training = {"labelled_slices": int(grid.shape[0]), "seed": options.seed, "backbone_steps": backbone.steps_trained}
+
+    if method == BASELINE:
+        steps = options.steps or DEFAULT_BASELINE_STEPS
+        unet = build_unet(backbone.config, out_channels=baseline_output_channels(len(class_names)))
+        train_baseline(unet, grid, targets, len(class_names), steps, options.learning_rate or 1e-4, device, precision, options.seed, progress=progress, cancel=cancel, show_progress=options.show_progress)
+        fitted = Backbone(config=backbone.config, unet=unet.cpu(), schedule=backbone.schedule, intensity=backbone.intensity, channel_names=list(backbone.channel_names), steps_trained=0)
+        head = None
+    else:
+        steps = options.steps or DEFAULT_HEAD_STEPS
+        extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule)
+        config = HeadConfig.for_method(method, extractor.level_channels, len(class_names), options.timesteps)
+        try:
+            features = extract_training_features(extractor, grid, config.timesteps, options.noise_draws, device, precision)
+        finally:
+            extractor.close()
+        head = train_head(FeatureHead(config), features, targets, steps, options.learning_rate or 1e-3, options.images_per_step, options.seed, progress, cancel, options.show_progress)
+        head.cpu()
+        fitted = backbone
+        backbone.unet.cpu()
+    training.update(method=method, steps=steps, seconds=round(time.perf_counter() - tic, 1))
+    log.info("fitted %s on %d slices in %.1f s", method, grid.shape[0], training["seconds"])
+    return ModelBundle(method=method, backbone=fitted, head=head, class_names=class_names, label_values=label_values, axis=axis, training=training)
+
+
+def refine_bundle(
+    bundle: ModelBundle,
+    slices: np.ndarray,
+    labels: np.ndarray,
+    options: Optional[FitOptions] = None,
+    progress: Optional[Progress] = None,
+    cancel: Optional[CancelCheck] = None,
+    features: Optional[LevelFeatures] = None,
+    **option_overrides,
+) -> ModelBundle:
+    """Fine-tune a bundle's head, warm-started, on (corrected) labelled slices; the backbone is shared.
+
+    Pass every slice the head should respect (the original labelled ones and the corrections):
+    a few steps from the current head keep what it knew and take in the corrections.
+    ``features``, when given, are these slices' cached inference features (per level
+    (N, S, C_l, h_l, w_l), e.g. ``FeatureCache.select(...).levels``): then no UNet pass runs at all.
+    """
+    if bundle.head is None:
+        raise ValueError("the supervised baseline cannot be refined; fit it again with the new labels")
+    options = _with(options or FitOptions(), option_overrides)
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes)
+    tic = time.perf_counter()
+    if features is not None:
+        if features[0].shape[0] != grid.shape[0]:
+            raise ValueError(f"{features[0].shape[0]} cached feature sets for {grid.shape[0]} slices")
+        draws = [[f.to(device, torch.float32) for f in features]]
+    else:
+        extractor = DecoderFeatureExtractor(bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels)
+        try:
+            draws = extract_training_features(extractor, grid, bundle.timesteps, options.noise_draws, device, precision)
+        finally:
+            extractor.close()
+    head = copy.deepcopy(bundle.head)
+    steps = options.steps or DEFAULT_REFINE_STEPS
+    train_head(head, draws, targets, steps, options.learning_rate or 5e-4, options.images_per_step, options.seed, progress, cancel, options.show_progress)
+    training = dict(bundle.training, refined_on_slices=int(grid.shape[0]), refine_steps=steps, refine_seconds=round(time.perf_counter() - tic, 1))
+    return ModelBundle(bundle.method, bundle.backbone, head.cpu(), list(bundle.class_names), list(bundle.label_values), list(bundle.class_colours), bundle.axis, training)
+
+
+def _with(options: FitOptions, overrides: dict) -> FitOptions:
+    unknown = set(overrides) - set(FitOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown fit options: {sorted(unknown)}")
+    return FitOptions(**{**options.__dict__, **overrides})

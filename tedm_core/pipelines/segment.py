@@ -1,0 +1,160 @@
+"""Segment slices with a bundle: model grid -> decoder features -> head -> probabilities on the original grid.
+
+The unit of work is a stack of normalised 2D slices ``(N, C, H, W)``: a radiograph is one slice,
+a volume is sliced by ``tedm_core.slicing`` and reassembled after. Probabilities are resized
+back to the original grid before the label decision (argmax), never the labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..bundle import BASELINE, ModelBundle
+from ..errors import Cancelled
+from ..features import DecoderFeatureExtractor, LevelFeatures
+from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
+from ..runtime import autocast, describe_device, map_in_chunks, plan_batch_size, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class FeatureCache:
+    """Decoder features of segmented slices (on the CPU, half precision), kept so that a
+    refined head can be re-applied without running the UNet again."""
+
+    levels: LevelFeatures  # per level (N, S, C_l, h_l, w_l), float16
+    transform: GridTransform
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.levels)
+
+    def select(self, indices: Sequence[int]) -> "FeatureCache":
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return FeatureCache([t.index_select(0, index) for t in self.levels], self.transform)
+
+
+@dataclass
+class SlicePrediction:
+    probabilities: np.ndarray  # (N, K, H, W) float32, background first
+    uncertainty: np.ndarray  # (N, H, W) float32: spread of the per-timestep probabilities
+    features: Optional[FeatureCache] = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1).astype(np.uint8)
+
+
+class Segmenter:
+    """Applies a :class:`ModelBundle` to slices, on the GPU or CPU, in memory-aware chunks.
+
+    Args:
+        bundle: the model.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: slices per UNet call (each slice is run once per timestep); default: what
+            half of the free GPU memory holds, or 4 on the CPU. Halved automatically on CUDA OOM.
+        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        timesteps: predict with a subset of the head's timesteps (single-step ablations).
+    """
+
+    def __init__(self, bundle: ModelBundle, device: str = "auto", batch_size: Optional[int] = None, precision: str = "auto", timesteps: Optional[Sequence[int]] = None) -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.timesteps = tuple(int(t) for t in timesteps) if timesteps else bundle.timesteps
+        if bundle.head is not None and bundle.head.config.mode == "concat" and set(self.timesteps) != set(bundle.timesteps):
+            raise ValueError(f"a {bundle.method} head needs exactly its timesteps {bundle.timesteps}")
+        unet = bundle.backbone.unet.to(self.device).eval()
+        if bundle.head is not None:
+            self.head = bundle.head.to(self.device).eval()
+            self.extractor = DecoderFeatureExtractor(unet, bundle.backbone.noise_schedule, bundle.head.config.levels)
+        else:
+            self.head, self.extractor = None, None
+        self.unet = unet
+        size = bundle.image_size
+        per_slice = max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * 24
+        self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=4)
+        log.info("segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size)
+
+    def close(self) -> None:
+        if self.extractor is not None:
+            self.extractor.close()
+
+    @torch.no_grad()
+    def _features(self, grid: torch.Tensor) -> LevelFeatures:
+        with autocast(self.device, self.precision):
+            return self.extractor(grid.to(self.device), self.timesteps)
+
+    @torch.no_grad()
+    def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
+        size = (transform.size, transform.size)
+        probabilities, uncertainty = self.head.predict([f.to(self.device, torch.float32) for f in levels], size)
+        return from_model_grid(probabilities, transform), from_model_grid(uncertainty[:, None], transform)[:, 0]
+
+    @torch.no_grad()
+    def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
+        grid = grid.to(self.device)
+        with autocast(self.device, self.precision):
+            logits = self.unet(grid, torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)).float()
+        if self.bundle.num_classes == 2:
+            fg = torch.sigmoid(logits)
+            probabilities = torch.cat([1 - fg, fg], dim=1)
+        else:
+            probabilities = torch.softmax(logits, dim=1)
+        probabilities = from_model_grid(probabilities, transform)
+        return probabilities, torch.zeros_like(probabilities[:, 0])
+
+    def predict(self, slices: np.ndarray, progress: Optional[Progress] = None, cancel: Optional[CancelCheck] = None, keep_features: bool = False) -> SlicePrediction:
+        """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config."""
+        slices = np.asarray(slices, dtype=np.float32)
+        if slices.ndim != 4 or slices.shape[1] != self.bundle.backbone.config.in_channels:
+            raise ValueError(f"expected (N, {self.bundle.backbone.config.in_channels}, H, W) slices, got shape {slices.shape}")
+        grid, transform = to_model_grid(torch.from_numpy(slices), self.bundle.image_size)
+        kept: List[LevelFeatures] = []
+
+        def run(start: int, stop: int):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            if self.head is None:
+                result = self._baseline_predict(grid[start:stop], transform)
+            else:
+                levels = self._features(grid[start:stop])
+                if keep_features:
+                    kept.append([f.to("cpu", torch.float16) for f in levels])
+                result = self._head_predict(levels, transform)
+            if progress is not None:
+                progress(stop, len(slices))
+            return [r.cpu() for r in result]
+
+        chunks = list(map_in_chunks(run, len(slices), self.batch_size))
+        probabilities = torch.cat([c[0] for c in chunks]).numpy().astype(np.float32)
+        uncertainty = torch.cat([c[1] for c in chunks]).numpy().astype(np.float32)
+        cache = FeatureCache([torch.cat(level) for level in zip(*kept)], transform) if kept else None
+        return SlicePrediction(probabilities, uncertainty, cache)
+
+    def predict_from_features(self, cache: FeatureCache, progress: Optional[Progress] = None) -> SlicePrediction:
+        """Re-apply the (possibly refined) head to cached features: no UNet pass."""
+        if self.head is None:
+            raise ValueError("the supervised baseline has no features to re-use")
+        total = cache.levels[0].shape[0]
+
+        def run(start: int, stop: int):
+            result = self._head_predict([level[start:stop] for level in cache.levels], cache.transform)
+            if progress is not None:
+                progress(stop, total)
+            return [r.cpu() for r in result]
+
+        chunks = list(map_in_chunks(run, total, max(self.batch_size, 16)))
+        return SlicePrediction(
+            torch.cat([c[0] for c in chunks]).numpy().astype(np.float32),
+            torch.cat([c[1] for c in chunks]).numpy().astype(np.float32),
+            cache,
+        )
