@@ -139,13 +139,15 @@ class Volume:
 # Reading
 
 
-def read_volume(path: PathLike, require_3d: bool = False) -> Volume:
+def read_volume(path: PathLike, require_3d: bool = False, allow_constant: bool = False) -> Volume:
     """Read one image file or DICOM series folder as a :class:`Volume` (one channel).
 
     Args:
         path: ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, a folder holding one
             DICOM series, or a PNG/JPG/BMP/TIFF radiograph.
         require_3d: refuse images with a single slice (a 2D file where a volume is expected).
+        allow_constant: accept a volume whose voxels all have one value (a label volume with
+            nothing labelled); images are refused, as normalising them is meaningless.
 
     Raises:
         InputError: for anything that cannot be used, with a one-line reason.
@@ -168,7 +170,7 @@ def read_volume(path: PathLike, require_3d: bool = False) -> Volume:
         raise InputError(path, "a single DICOM file; pass the folder holding the whole series")
     else:
         raise InputError(path, f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)} or a DICOM folder")
-    _check_values(volume)
+    _check_values(volume, allow_constant)
     if require_3d and min(volume.shape) == 1:
         raise InputError(path, f"is a 2D image (grid {volume.shape[::-1]}) where a 3D volume is expected")
     return volume
@@ -211,7 +213,7 @@ def geometry_mismatch(reference: Volume, other: Volume) -> Optional[str]:
     return None
 
 
-def _check_values(volume: Volume) -> None:
+def _check_values(volume: Volume, allow_constant: bool = False) -> None:
     array = volume.array
     if array.size == 0 or min(array.shape) == 0:
         raise InputError(volume.path, f"is empty (grid {array.shape[1:][::-1]})")
@@ -222,7 +224,7 @@ def _check_values(volume: Volume) -> None:
     if not np.isfinite(volume.ijk_to_ras).all() or abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) < 1e-12:
         raise InputError(volume.path, "has an invalid (singular or non-finite) voxel-to-world matrix")
     lo, hi = float(array.min()), float(array.max())
-    if lo == hi:
+    if lo == hi and not allow_constant:
         raise InputError(volume.path, f"every voxel is {lo:g}: the image is empty")
 
 
