@@ -46,32 +46,35 @@ class TEDMCoreBackend:
         return str(save_bundle(bundle, path, overwrite=overwrite))
 
     def make_volume(self, array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Sequence[str], path: Optional[str] = None) -> Any:
-        from tedm_core.io.volumes import Volume
+        from tedm_core.io.volumes import volume_from_array
 
-        return Volume(array=np.asarray(array, dtype=np.float32), ijk_to_ras=np.asarray(ijk_to_ras, dtype=np.float64), path=path, channel_names=list(channel_names))
+        return volume_from_array(array, ijk_to_ras, list(channel_names))
 
     def normalised_slices(self, volume: Any, intensity: Any, axis: str) -> Tuple[np.ndarray, Any]:
-        # The same order as tedm_core's own volume pipeline: normalise the whole volume (one
-        # intensity mapping for all its slices), then cut it into slices.
-        from tedm_core.preprocessing.intensity import normalise_intensity
+        # The very steps of tedm_core's own volume pipeline (segment_volume): normalise the whole
+        # volume with one mapping per channel, then cut it into display-oriented slices.
+        from tedm_core.pipelines.volume import normalise_volume
         from tedm_core.slicing import extract_slices
 
-        normalised = volume.with_array(normalise_intensity(volume.array, intensity))
-        slices, layout = extract_slices(normalised, axis)
+        slices, layout = extract_slices(normalise_volume(volume, intensity), axis)
         return np.asarray(slices, dtype=np.float32), layout
 
-    def slice_arrays(self, array_kji: np.ndarray, like: Any, axis: str) -> np.ndarray:
-        # Cutting a label or index volume with the very function that cut the image guarantees
-        # that slice n of both is the same set of voxels, whatever flips the slicing applies.
-        from tedm_core.slicing import extract_slices
+    def slice_arrays(self, array_kji: np.ndarray, layout: Any) -> np.ndarray:
+        # Cutting a label or index array with the image's layout guarantees that slice n of both
+        # is the same set of voxels, whatever permutation and flips the display rule applied.
+        from tedm_core.slicing import to_slices
 
-        slices, _layout = extract_slices(like.with_array(np.asarray(array_kji, dtype=np.float32)[None]), axis)
-        return np.asarray(slices)[:, 0]
+        return np.ascontiguousarray(to_slices(np.asarray(array_kji), layout))
 
     def reassemble(self, per_slice: np.ndarray, layout: Any) -> np.ndarray:
         from tedm_core.slicing import reassemble
 
         return np.asarray(reassemble(per_slice, layout))
+
+    def nonempty_slices(self, slices: np.ndarray) -> np.ndarray:
+        from tedm_core.pipelines.volume import nonempty_slice_mask
+
+        return np.asarray(nonempty_slice_mask(slices), dtype=bool)
 
     def make_segmenter(self, bundle: Any, device: str) -> Any:
         from tedm_core.pipelines.segment import Segmenter

@@ -57,10 +57,13 @@ class SegmentationBackend(Protocol):
     def normalised_slices(self, volume: Any, intensity: Any, axis: str) -> Tuple[np.ndarray, Any]:
         """The volume normalised as the model was trained, cut into ``(N, C, H, W)`` slices, and the layout."""
 
-    def slice_arrays(self, array_kji: np.ndarray, like: Any, axis: str) -> np.ndarray:
+    def slice_arrays(self, array_kji: np.ndarray, layout: Any) -> np.ndarray:
         """A (K, J, I) array of the same grid cut into (N, H, W) slices exactly like the image."""
 
     def reassemble(self, per_slice: np.ndarray, layout: Any) -> np.ndarray: ...
+
+    def nonempty_slices(self, slices: np.ndarray) -> np.ndarray:
+        """bool (N,): slices holding anything but background (the others are not run through the model)."""
 
     def make_segmenter(self, bundle: Any, device: str) -> SlicePredictorLike: ...
 
