@@ -68,3 +68,77 @@ def tiny_bundle_dir(tiny_backbone_dir, tmp_path_factory) -> Path:
     images, masks = synthetic_disc_images(3, size=32, seed=2)
     bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, "tedm", ["background", "disc"], [0, 1], steps=60, device="cpu", show_progress=False)
     return save_bundle(bundle, tmp_path_factory.mktemp("bundles") / "tiny_tedm")
+
+
+# --- volumes, slicing and batch segmentation (issue 3) -------------------------------------------
+
+
+class ThresholdSegmenter:
+    """A stand-in for ``Segmenter`` with no model: foreground where the normalised first channel
+    is above ``threshold``. Pixel-wise, so geometry tests see exactly where voxels go."""
+
+    def __init__(self, channel_names=("image",), threshold: float = 0.0, axis: str = "axial") -> None:
+        from types import SimpleNamespace
+
+        from tedm_core.preprocessing.intensity import IntensityConfig
+
+        self.threshold = threshold
+        self.calls = 0
+        self.slices_seen = 0
+        # "fixed" 0..100: raw 0 is the background (-1), raw 50 the threshold (0).
+        self.bundle = SimpleNamespace(
+            channel_names=list(channel_names), intensity=IntensityConfig("fixed", 0.0, 100.0),
+            class_names=["background", "sphere"], label_values=[0, 1], axis=axis,
+        )
+
+    def predict(self, slices, progress=None, cancel=None):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        self.slices_seen += len(slices)
+        fg = (np.asarray(slices)[:, 0] > self.threshold).astype(np.float32)
+        if progress is not None:
+            progress(len(slices), len(slices))
+        return SimpleNamespace(probabilities=np.stack([1 - fg, fg], axis=1), uncertainty=np.abs(np.asarray(slices)[:, 0]) * 0.1)
+
+
+@pytest.fixture
+def threshold_segmenter() -> ThresholdSegmenter:
+    return ThresholdSegmenter()
+
+
+def sphere_volume_array(shape_kji, ijk_to_ras, centre_ras, radius_mm: float, inside: float = 80.0, outside: float = 10.0) -> np.ndarray:
+    """``(K, J, I)`` raw intensities: ``inside`` within ``radius_mm`` of the RAS point ``centre_ras``."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4).astype(np.float64)
+    ras = ijk1 @ np.asarray(ijk_to_ras, dtype=np.float64).T
+    dist = np.linalg.norm(ras[:, :3] - np.asarray(centre_ras, dtype=np.float64), axis=1).reshape(shape_kji)
+    return np.where(dist <= radius_mm, inside, outside).astype(np.float32)
+
+
+def world_centroid(labels_kji: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """RAS centre of mass of the non-zero voxels of a ``(K, J, I)`` array."""
+    k, j, i = np.nonzero(labels_kji)
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(np.float64)
+    return (ijk1 @ np.asarray(ijk_to_ras, dtype=np.float64).T)[:, :3].mean(axis=0)
+
+
+def affine_zoo():
+    """Named voxel-to-RAS matrices: RAS, LPS, flipped, anisotropic, oblique (rotated + anisotropic + LPS-like)."""
+    from scipy.spatial.transform import Rotation
+
+    def make(linear, origin):
+        a = np.eye(4)
+        a[:3, :3] = linear
+        a[:3, 3] = origin
+        return a
+
+    rot = Rotation.from_euler("xyz", [17.0, -23.0, 31.0], degrees=True).as_matrix()
+    return {
+        "ras": make(np.eye(3), [-20.0, -25.0, -18.0]),
+        "lps": make(np.diag([-1.0, -1.0, 1.0]), [20.0, 25.0, -18.0]),
+        "flipped": make(np.diag([1.0, -1.0, -1.0]), [-20.0, 25.0, 18.0]),
+        "anisotropic": make(np.diag([0.9, 1.3, 2.5]), [-15.0, -22.0, -30.0]),
+        "oblique": make(rot @ np.diag([-1.1, -0.8, 2.2]), [14.5, 3.25, -21.0]),
+        "permuted": make(np.array([[0.0, 0.0, 1.2], [-1.0, 0.0, 0.0], [0.0, -1.5, 0.0]]), [-20.0, 20.0, 25.0]),
+    }
