@@ -263,11 +263,16 @@ class BatchRunner:
                 result = self._existing(case)
             else:
                 result = self._segment(case, slice_bar)
-            if self.options.labels_dir is not None:
-                result.metrics = self._metrics(case)
         except Exception as error:  # one case's failure, whatever it is, must not stop the batch
             log.debug("case %s failed", case.case_id, exc_info=True)
             result = CaseResult(case.case_id, "failed", error=_one_line(case, error))
+        if self.options.labels_dir is not None and result.status != "failed":
+            # A missing or mismatched ground truth spoils the metrics, not the segmentation:
+            # the case stays ok, the reason goes to the error column and the console.
+            try:
+                result.metrics = self._metrics(case)
+            except Exception as error:
+                result.error = f"metrics not computed: {_one_line(case, error)}"
         result.seconds = round(time.perf_counter() - tic, 2)
         return result
 
@@ -402,6 +407,8 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
             results.append(result)
             if result.status == "failed":
                 tqdm.write(f"FAILED {result.error}")
+            elif result.error:
+                tqdm.write(f"WARNING {result.case_id}: {result.error}")
             case_bar.set_postfix(failed=sum(r.status == "failed" for r in results), refresh=False)
             if time.monotonic() - last_write > SUMMARY_EVERY_S:
                 write_summary(summary_path, results, bundle.class_names)
