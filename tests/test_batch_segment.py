@@ -1,0 +1,178 @@
+"""scripts/batch_segment.py and tedm_core.pipelines.batch: discovery, mirroring, skipping, shards,
+metrics, and a kill -9 in the middle of a batch."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+
+from conftest import REPO, ThresholdSegmenter, sphere_volume_array  # noqa: E402
+from tedm_core.errors import InputError  # noqa: E402
+from tedm_core.pipelines.batch import BatchOptions, discover_cases, parse_shard, run_batch, select_shard  # noqa: E402
+
+SCRIPT = REPO / "scripts" / "batch_segment.py"
+AFFINE = np.diag([-1.0, -1.0, 2.0, 1.0])
+
+
+def _save(path: Path, array_kji: np.ndarray, affine=AFFINE, dtype=np.float32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array_kji, dtype=dtype).transpose(2, 1, 0), affine), str(path))
+    return path
+
+
+def _sphere(seed: int, shape=(6, 24, 24), inside: float = 80.0, outside: float = 10.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centre = (AFFINE @ np.array([12 + rng.integers(-3, 3), 12 + rng.integers(-3, 3), 3, 1.0]))[:3]
+    return sphere_volume_array(shape, AFFINE, centre, radius_mm=float(rng.uniform(4, 7)), inside=inside, outside=outside)
+
+
+def _read_csv(path: Path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_discovery_mirrors_paths_and_formats(tmp_path):
+    inp = tmp_path / "in"
+    _save(inp / "a" / "b" / "scan.nii.gz", _sphere(0))
+    _save(inp / "c.nii", _sphere(1))
+    (inp / ".hidden").mkdir()
+    _save(inp / ".hidden" / "x.nii.gz", _sphere(2))
+    (inp / "notes.txt").write_text("not an image")
+    cases = discover_cases(inp, tmp_path / "out", ["image"])
+    assert [c.case_id for c in cases] == ["a/b/scan", "c"]
+    assert cases[0].output == tmp_path / "out" / "a" / "b" / "scan.nii.gz"
+    assert cases[1].output == tmp_path / "out" / "c.nii"
+    assert cases[0].uncertainty_output().name == "scan_uncertainty.nii.gz"
+
+
+def test_multichannel_cases_are_folders_named_by_channel(tmp_path):
+    inp = tmp_path / "in"
+    for case in ("p1", "p2"):
+        _save(inp / "site" / case / "FLAIR.nii.gz", _sphere(0))
+        _save(inp / "site" / case / "t1.nii.gz", _sphere(1))  # case-insensitive
+        _save(inp / "site" / case / "GT_W.nii.gz", _sphere(2))  # ignored
+    _save(inp / "site" / "p3" / "FLAIR.nii.gz", _sphere(3))
+    cases = discover_cases(inp, tmp_path / "out", ["FLAIR", "T1"])
+    assert [c.case_id for c in cases] == ["site/p1", "site/p2", "site/p3"]
+    assert cases[0].output == tmp_path / "out" / "site" / "p1.nii.gz" and [p.name for p in cases[0].inputs] == ["FLAIR.nii.gz", "t1.nii.gz"]
+    assert cases[2].problem and "missing modality T1" in cases[2].problem
+
+
+def test_shards_partition_the_cohort():
+    from tedm_core.pipelines.batch import Case
+
+    cases = [Case(f"c{i:02d}", [], Path(f"c{i:02d}")) for i in range(10)]
+    parts = [select_shard(cases, (k, 3)) for k in (1, 2, 3)]
+    ids = sorted(c.case_id for part in parts for c in part)
+    assert ids == [c.case_id for c in cases] and all(len(p) in (3, 4) for p in parts)
+    assert [c.case_id for c in select_shard(list(reversed(cases)), (2, 3))] == [c.case_id for c in parts[1]]  # order-independent
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1-4"):
+        with pytest.raises(InputError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_run_batch_skips_existing_and_writes_metrics(tmp_path):
+    inp, out, labels = tmp_path / "in", tmp_path / "out", tmp_path / "labels"
+    for i in range(3):
+        raw = _sphere(i)
+        _save(inp / f"case{i}.nii.gz", raw)
+        _save(labels / f"case{i}.nii.gz", (raw > 50).astype(np.uint8), dtype=np.uint8)
+    _save(labels / "case2.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)  # a wrong ground truth: Dice 0
+    segmenter = ThresholdSegmenter()
+    options = BatchOptions(labels_dir=labels, uncertainty=True, show_progress=False)
+    report = run_batch(segmenter, inp, out, options)
+    assert report.counts() == {"ok": 3}
+    summary = _read_csv(out / "summary.csv")
+    assert [r["status"] for r in summary] == ["ok"] * 3 and int(summary[0]["voxels_sphere"]) > 0
+    metrics = {r["case"]: r for r in _read_csv(out / "metrics.csv")}
+    assert float(metrics["case0"]["dice"]) == 1.0 and float(metrics["case2"]["dice"]) == 0.0
+    assert (out / "case1_uncertainty.nii.gz").is_file()
+    # Rerun: nothing recomputed, files untouched, summary and metrics the same.
+    stamp = (out / "case0.nii.gz").stat().st_mtime_ns
+    calls = segmenter.calls
+    again = run_batch(segmenter, inp, out, options)
+    assert again.counts() == {"exists": 3} and segmenter.calls == calls
+    assert (out / "case0.nii.gz").stat().st_mtime_ns == stamp
+    assert _read_csv(out / "metrics.csv") == list(metrics.values())
+    # --overwrite recomputes.
+    run_batch(segmenter, inp, out, BatchOptions(overwrite=True, show_progress=False))
+    assert segmenter.calls == calls + 3
+
+
+def _script_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("batch_segment_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_output_inside_input_is_refused_by_the_script(tmp_path, capsys):
+    _save(tmp_path / "in" / "a.nii.gz", _sphere(0))
+    code = _script_main()(["--model", str(tmp_path / "nomodel"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in" / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "output folder is inside the input folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "in" / "out").exists()
+
+
+def _run_script(args, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _outputs(folder: Path):
+    return {p.relative_to(folder).as_posix(): np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir):
+    import torch
+
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.segment import Segmenter
+
+    inp = tmp_path / "in"
+    n_cases = 10
+    for i in range(n_cases):
+        _save(inp / f"group{i % 2}" / f"case{i:02d}.nii.gz", _sphere(i, shape=(4, 24, 24), inside=200.0, outside=30.0))
+
+    # The uninterrupted reference, in this process (one thread, as the script below).
+    torch.set_num_threads(1)
+    reference = run_batch(Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), inp, tmp_path / "reference", BatchOptions(uncertainty=True, show_progress=False))
+    assert reference.counts() == {"ok": n_cases}
+
+    out = tmp_path / "out"
+    args = ["--model", tiny_bundle_dir, "--input", inp, "--output", out, "--device", "cpu", "--uncertainty", "--no-progress"]
+    process = _run_script(args)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list(out.rglob("case*[0-9].nii.gz"))) >= 2:
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    done_at_kill = len(list(out.rglob("case*[0-9].nii.gz")))
+    assert 2 <= done_at_kill < n_cases, "the batch should have been killed part-way"
+
+    rerun = _run_script(args)
+    stdout, stderr = rerun.communicate(timeout=180)
+    assert rerun.returncode == 0, stderr
+    summary = _read_csv(out / "summary.csv")
+    assert sorted(r["status"] for r in summary).count("exists") >= 2 and all(r["status"] in ("ok", "exists") for r in summary)
+    expected, got = _outputs(tmp_path / "reference"), _outputs(out)
+    assert sorted(got) == sorted(expected) and len(got) == 2 * n_cases  # labels + uncertainty
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+    assert not [p for p in out.rglob("*") if ".part" in p.name]  # nothing half-written left behind
