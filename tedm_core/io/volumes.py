@@ -353,10 +353,16 @@ def _read_itk(path: Path) -> Volume:
 def _read_dicom_folder(folder: Path) -> Volume:
     import SimpleITK as sitk
 
+    # GDCM prints multi-line warnings to stderr for folders without a series; our own one-line
+    # error says it better, so ITK's warning display is off while scanning.
+    warnings_were_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as error:
         raise InputError(folder, f"cannot be scanned for DICOM ({_one_line_error(error)})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were_shown)
     if not series:
         raise InputError(folder, "no DICOM series in this folder" if any(folder.iterdir()) else "empty folder")
     if len(series) > 1:
