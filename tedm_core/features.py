@@ -60,7 +60,6 @@ class DecoderFeatureExtractor(torch.nn.Module):
         if not self.levels or min(self.levels) < 0 or max(self.levels) >= n_levels:
             raise ValueError(f"decoder levels must be within 0..{n_levels - 1}, got {levels}")
         self._captured: Dict[int, torch.Tensor] = {}
-        self._handles = [self._register_tap(i) for i in self.levels]
 
     def _register_tap(self, level: int) -> torch.utils.hooks.RemovableHandle:
         block = self.unet.up_blocks[level]
@@ -77,9 +76,7 @@ class DecoderFeatureExtractor(torch.nn.Module):
         return block.register_forward_hook(lambda _m, _args, output: keep(output))
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Nothing to release: hooks live only for the duration of a forward pass."""
 
     @property
     def level_channels(self) -> List[int]:
@@ -95,10 +92,16 @@ class DecoderFeatureExtractor(torch.nn.Module):
         t = torch.as_tensor(list(timesteps), device=images.device, dtype=torch.long).repeat(n)
         x_t = self.schedule.add_noise(x0, eps.repeat(n, 1, 1, 1), t).to(images.dtype)
         self._captured.clear()
+        # Hooks are attached for this pass only, so several extractors (or a Slicer session
+        # holding one while a batch job builds another) can share one UNet safely.
+        handles = [self._register_tap(i) for i in self.levels]
         try:
             self.unet(x_t, t)
         except _StopForward:
             pass
+        finally:
+            for handle in handles:
+                handle.remove()
         features = [self._captured[i] for i in self.levels]
         self._captured.clear()
         return [f.reshape(n, s, *f.shape[1:]) for f in features]

@@ -36,6 +36,8 @@ METHODS = ("tedm", "ledm", "ledme", "step", BASELINE)
 DEFAULT_HEAD_STEPS = 300
 DEFAULT_BASELINE_STEPS = 1000
 DEFAULT_REFINE_STEPS = 100
+# The logistic probe has no normalisation layer to tame raw feature scales: it needs a larger step.
+DEFAULT_HEAD_LEARNING_RATES = {"step": 1e-2}
 
 
 @dataclass
@@ -197,7 +199,7 @@ def fit_bundle(
             features = extract_training_features(extractor, grid, config.timesteps, options.noise_draws, device, precision)
         finally:
             extractor.close()
-        head = train_head(FeatureHead(config), features, targets, steps, options.learning_rate or 1e-3, options.images_per_step, options.seed, progress, cancel, options.show_progress)
+        head = train_head(FeatureHead(config), features, targets, steps, options.learning_rate or DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3), options.images_per_step, options.seed, progress, cancel, options.show_progress)
         head.cpu()
         fitted = backbone
         backbone.unet.cpu()

@@ -50,9 +50,8 @@ def segment_image_folder(segmenter: Segmenter, input_dir: Path, output_dir: Path
             image = normalise_intensity(read_grey(path), bundle.intensity)
             prediction = segmenter.predict(image[None])
         except (InputError, ValueError) as error:
-            message = str(error) if isinstance(error, InputError) else f"{path}: {error}"
-            log.error(message)
-            report.failures.append(message)
+            # Reported once, by the caller, from the report: one line per failed image.
+            report.failures.append(str(error) if isinstance(error, InputError) else f"{path}: {error}")
             continue
         if probabilities:
             classes = [1] if bundle.num_classes == 2 else range(1, bundle.num_classes)

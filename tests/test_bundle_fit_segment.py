@@ -1,0 +1,189 @@
+"""Bundles (round trip, refusals), fitting every method, segmenting, refining, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tedm_core.bundle import load_bundle, save_bundle
+from tedm_core.cli import main
+from tedm_core.errors import BundleError
+from tedm_core.model.checkpoint import load_backbone
+from tedm_core.pipelines.evaluate import dice_precision_recall
+from tedm_core.pipelines.fit import fit_bundle, refine_bundle
+from tedm_core.pipelines.segment import Segmenter
+
+from conftest import synthetic_disc_images
+
+
+def _mean_dice(prediction, truth):
+    return float(np.mean([dice_precision_recall(p == 1, t == 1)[0] for p, t in zip(prediction, truth)]))
+
+
+def test_bundle_round_trip_gives_identical_predictions(tiny_bundle_dir, tmp_path):
+    images, _ = synthetic_disc_images(2, size=40, seed=7)
+    bundle = load_bundle(tiny_bundle_dir)
+    before = Segmenter(bundle, device="cpu").predict(images)
+    copy = save_bundle(bundle, tmp_path / "copy")
+    after = Segmenter(load_bundle(copy), device="cpu").predict(images)
+    np.testing.assert_array_equal(before.probabilities, after.probabilities)
+    meta = json.loads((copy / "bundle.json").read_text())
+    assert meta["tedm_core_version"] and meta["torch_version"] and meta["method"] == "tedm"
+    assert meta["class_names"] == ["background", "disc"] and len(meta["class_colours"]) == 2
+    assert meta["head"]["timesteps"] == [1, 10, 25, 50, 200, 400, 600, 800]
+    assert meta["backbone"]["intensity"]["kind"] == "percentile"
+
+
+def test_tedm_learns_discs_from_three_images_and_generalises(tiny_bundle_dir):
+    images, masks = synthetic_disc_images(6, size=32, seed=11)
+    prediction = Segmenter(load_bundle(tiny_bundle_dir), device="cpu").predict(images)
+    assert prediction.probabilities.shape == (6, 2, 32, 32)
+    np.testing.assert_allclose(prediction.probabilities.sum(1), 1, atol=1e-5)
+    assert _mean_dice(prediction.labels, masks) > 0.8
+
+
+def test_segmentation_does_not_depend_on_batch_size(tiny_bundle_dir):
+    images, _ = synthetic_disc_images(5, size=32, seed=12)
+    bundle = load_bundle(tiny_bundle_dir)
+    one = Segmenter(bundle, device="cpu", batch_size=1).predict(images)
+    five = Segmenter(bundle, device="cpu", batch_size=5).predict(images)
+    np.testing.assert_allclose(one.probabilities, five.probabilities, atol=1e-5)
+
+
+def test_probabilities_are_resized_back_to_any_input_grid(tiny_bundle_dir):
+    images, masks = synthetic_disc_images(2, size=96, seed=13)
+    wide = np.concatenate([images, np.full((2, 1, 96, 20), -1, np.float32)], axis=3)  # 96x116, not square
+    prediction = Segmenter(load_bundle(tiny_bundle_dir), device="cpu").predict(wide)
+    assert prediction.labels.shape == (2, 96, 116) and prediction.uncertainty.shape == (2, 96, 116)
+    assert _mean_dice(prediction.labels[:, :, :96], masks) > 0.7
+    assert prediction.labels[:, :, 100:].sum() == 0
+
+
+@pytest.mark.parametrize("method", ["ledm", "ledme", "step", "baseline"])
+def test_every_method_fits_and_segments(method, tiny_backbone_dir, tmp_path):
+    images, masks = synthetic_disc_images(4, size=32, seed=21)
+    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, method, ["background", "disc"], [0, 1], steps=40, device="cpu", show_progress=False)
+    saved = save_bundle(bundle, tmp_path / method)
+    prediction = Segmenter(load_bundle(saved), device="cpu").predict(images)
+    assert prediction.labels.shape == (4, 32, 32)
+    if method in ("ledm", "ledme"):
+        assert np.all(prediction.uncertainty == 0)  # one prediction: no per-step spread
+    assert _mean_dice(prediction.labels, masks) > 0.5
+
+
+def test_multiclass_head_predicts_every_class(tiny_backbone_dir):
+    images, masks = synthetic_disc_images(4, size=32, seed=22)
+    labels = masks.copy()
+    labels[:, :, 16:] *= 2  # the right half of each disc is class 2
+    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, labels, "tedm", ["background", "left", "right"], [0, 10, 20], steps=80, device="cpu", show_progress=False)
+    prediction = Segmenter(bundle, device="cpu").predict(images)
+    assert prediction.probabilities.shape == (4, 3, 32, 32)
+    assert set(np.unique(prediction.labels)) == {0, 1, 2}
+
+
+def test_refine_from_cached_features_runs_no_unet_and_learns_the_correction(tiny_bundle_dir):
+    bundle = load_bundle(tiny_bundle_dir)
+    images, masks = synthetic_disc_images(4, size=32, seed=31)
+    segmenter = Segmenter(bundle, device="cpu")
+    first = segmenter.predict(images, keep_features=True)
+    assert first.features is not None and first.features.levels[0].dtype == torch.float16
+    corrected = np.zeros_like(masks)  # a "user" erases everything on slices 0 and 1
+    calls = []
+    handle = bundle.backbone.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    refined = refine_bundle(bundle, images[:2], corrected[:2], features=first.features.select([0, 1]).levels, steps=60, device="cpu", show_progress=False)
+    again = Segmenter(refined, device="cpu").predict_from_features(first.features)
+    handle.remove()
+    assert calls == []
+    assert again.labels[:2].sum() < first.labels[:2].sum()
+    assert refined.head is not bundle.head  # the original bundle is left as it was
+
+
+def test_pickle_disguised_as_a_bundle_is_refused_without_unpickling(tiny_bundle_dir, tmp_path):
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    fake = tmp_path / "fake_bundle"
+    shutil.copytree(tiny_bundle_dir, fake)
+    (fake / "bundle.json").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(fake)
+    torch.save({"x": Evil()}, tmp_path / "model.pt")
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(tmp_path / "model.pt")
+    weights = tmp_path / "weights_bundle"
+    shutil.copytree(tiny_bundle_dir, weights)
+    (weights / "head.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(weights)
+    assert not marker.exists()
+
+
+def test_incompatible_or_incomplete_bundles_are_refused_clearly(tiny_bundle_dir, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_bundle_dir, newer)
+    meta = json.loads((newer / "bundle.json").read_text())
+    meta["format"] = 99
+    (newer / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="format 99 is not supported"):
+        load_bundle(newer)
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_bundle_dir, missing)
+    (missing / "head.safetensors").unlink()
+    with pytest.raises(BundleError, match="head.safetensors: missing file"):
+        load_bundle(missing)
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def _write_pngs(folder, images, masks=None, prefix="case"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(((image[0] + 1) * 127.5).astype(np.uint8)).save(folder / f"{prefix}_{i:02d}.png")
+        if masks is not None:
+            (folder.parent / "masks").mkdir(exist_ok=True)
+            Image.fromarray((masks[i] * 255).astype(np.uint8)).save(folder.parent / "masks" / f"{prefix}_{i:02d}.png")
+
+
+def test_cli_fit_segment_evaluate_end_to_end(tiny_backbone_dir, tmp_path, capsys):
+    train, train_masks = synthetic_disc_images(5, size=64, seed=41)
+    test, test_masks = synthetic_disc_images(4, size=64, seed=42)
+    _write_pngs(tmp_path / "train" / "images", train, train_masks)
+    _write_pngs(tmp_path / "test" / "images", test, test_masks, prefix="test")
+    bundle = tmp_path / "bundle"
+    assert main(["fit", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path / "train/images"), "--masks", str(tmp_path / "train/masks"),
+                 "--out", str(bundle), "--n", "3", "--steps", "80", "--classes", "disc"]) == 0
+    assert load_bundle(bundle).training["labelled_slices"] == 3
+    out = tmp_path / "pred"
+    assert main(["segment", "--model", str(bundle), "--input", str(tmp_path / "test/images"), "--output", str(out), "--probabilities", "--uncertainty"]) == 0
+    assert sorted(p.name for p in out.iterdir())[:3] == ["test_00.png", "test_00_prob.png", "test_00_uncertainty.png"]
+    assert set(np.unique(np.asarray(Image.open(out / "test_00.png")))) <= {0, 255}
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(out), "--truth", str(tmp_path / "test/masks"), "--csv", str(tmp_path / "m.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "4 images scored" in printed and "Dice" in printed
+    dice = float(printed.split("Dice ")[1].split()[0])
+    assert dice > 70
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 5
+
+
+def test_cli_reports_bad_input_in_one_line_with_nonzero_exit(tiny_bundle_dir, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png at all")
+    images, _ = synthetic_disc_images(1, size=32)
+    _write_pngs(tmp_path / "in", images)
+    code = main(["segment", "--model", str(tiny_bundle_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    error_lines = [line for line in err.splitlines() if "broken.png" in line]
+    assert len(error_lines) == 1 and "broken.png: cannot be read as an image" in error_lines[0]
+    assert (tmp_path / "out" / "case_00.png").exists()  # the good image was still segmented
+    assert main(["segment", "--model", str(tmp_path / "in" / "broken.png"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2")]) == 2

@@ -1,0 +1,126 @@
+"""Backbone presets, decoder features (hooks, early stop, batching, determinism) and the factorised head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tedm_core.features import TEDM_TIMESTEPS, DecoderFeatureExtractor, timestep_noise
+from tedm_core.heads import FeatureHead, HeadConfig, PixelMLP
+from tedm_core.model.backbone import PRESETS, build_unet, count_parameters
+from tedm_core.model.diffusion import NoiseSchedule
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+def test_presets_build_and_predict_noise(name):
+    config = PRESETS[name]
+    unet = build_unet(config).eval()
+    x = torch.randn(1, config.in_channels, config.image_size, config.image_size)
+    with torch.no_grad():
+        eps = unet(x, torch.tensor([500]))
+    assert eps.shape == x.shape
+    if name == "paper":
+        # The paper's capacity: tens of millions of parameters (36 M in the authors' code).
+        assert 30e6 < count_parameters(unet) < 50e6
+
+
+def test_schedules_follow_the_forward_process():
+    for name in ("cosine", "linear"):
+        schedule = NoiseSchedule(name)
+        abar = schedule.scheduler.alphas_cumprod
+        assert abar.shape == (1000,) and abar[0] > 0.99 and abar[-1] < 0.01
+        assert torch.all(abar[1:] <= abar[:-1])
+        x0, eps = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+        xt = schedule.add_noise(x0, eps, torch.tensor([100]))
+        torch.testing.assert_close(xt, torch.full_like(x0, float(abar[100].sqrt())))
+
+
+def _extractor(levels=None):
+    torch.manual_seed(0)
+    unet = build_unet(PRESETS["tiny"])
+    return DecoderFeatureExtractor(unet, NoiseSchedule("cosine"), levels)
+
+
+def test_features_have_one_tensor_per_level_at_native_resolution():
+    extractor = _extractor()
+    features = extractor(torch.rand(2, 1, 32, 32) * 2 - 1, TEDM_TIMESTEPS)
+    assert [tuple(f.shape) for f in features] == [(2, 8, 32, 8, 8), (2, 8, 32, 16, 16), (2, 8, 16, 32, 32)]
+    assert extractor.level_channels == [32, 32, 16]
+
+
+def test_decoder_work_after_the_last_tapped_level_is_skipped():
+    extractor = _extractor(levels=[0, 1])
+    calls = []
+    extractor.unet.up_blocks[2].register_forward_pre_hook(lambda *_: calls.append("level2"))
+    extractor.unet.out.register_forward_pre_hook(lambda *_: calls.append("out"))
+    features = extractor(torch.zeros(1, 1, 32, 32), (1, 10))
+    assert len(features) == 2 and calls == []
+    full = _extractor()
+    full.unet.out.register_forward_pre_hook(lambda *_: calls.append("out"))
+    full(torch.zeros(1, 1, 32, 32), (1, 10))
+    assert calls == []  # even with every level tapped, the output convolution never runs
+
+
+def test_features_are_deterministic_and_independent_of_the_batch():
+    extractor = _extractor()
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    batch = extractor(images, TEDM_TIMESTEPS)
+    again = extractor(images, TEDM_TIMESTEPS)
+    alone = extractor(images[1:2], TEDM_TIMESTEPS)
+    for b, a, s in zip(batch, again, alone):
+        assert torch.equal(b, a)
+        torch.testing.assert_close(b[1:2], s, rtol=1e-4, atol=1e-5)
+    other_draw = extractor(images, TEDM_TIMESTEPS, draw=1)
+    assert not torch.equal(other_draw[-1], batch[-1])
+
+
+def test_noise_depends_only_on_seed_draw_and_timestep():
+    a = timestep_noise((1, 8, 8), (1, 25, 800), seed=0)
+    b = timestep_noise((1, 8, 8), (25,), seed=0)
+    torch.testing.assert_close(a[1], b[0])
+    assert not torch.equal(a[0], a[1])
+
+
+def test_factorised_first_layer_equals_upsample_concat_mlp():
+    torch.manual_seed(0)
+    levels = [torch.randn(4, 128, 8, 8), torch.randn(4, 64, 16, 16), torch.randn(4, 32, 32, 32)]
+    for upsample in ("bilinear", "nearest"):
+        mlp = PixelMLP([128, 64, 32], num_outputs=3, upsample=upsample).eval()
+        with torch.no_grad():
+            fast, dense = mlp(levels, (64, 64)), mlp.forward_dense(levels, (64, 64))
+        torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_tedm_head_averages_per_step_probabilities_and_reports_their_spread():
+    torch.manual_seed(0)
+    config = HeadConfig.for_method("tedm", [32, 32, 16], num_classes=2)
+    head = FeatureHead(config).eval()
+    features = _extractor()(torch.rand(2, 1, 32, 32) * 2 - 1, config.timesteps)
+    with torch.no_grad():
+        per_step = head.per_step_probabilities(features, (32, 32))
+        mean, spread = head.predict(features, (32, 32))
+    assert per_step.shape == (2, 8, 2, 32, 32)
+    torch.testing.assert_close(mean, per_step.mean(1))
+    torch.testing.assert_close(mean.sum(1), torch.ones(2, 32, 32))
+    torch.testing.assert_close(spread, per_step[:, :, 1].std(1, unbiased=False))
+    # Identical features at every step: no disagreement.
+    same = [f[:, :1].expand_as(f).contiguous() for f in features]
+    with torch.no_grad():
+        assert head.predict(same, (32, 32))[1].abs().max() < 1e-6
+
+
+def test_ledm_concatenates_its_timesteps():
+    config = HeadConfig.for_method("ledm", [32, 32, 16], num_classes=4)
+    head = FeatureHead(config)
+    assert config.timesteps == (50, 150, 250)
+    assert [conv.in_channels for conv in head.mlp.first] == [96, 96, 48]
+    features = [torch.randn(2, 3, c, s, s) for c, s in ((32, 8), (32, 16), (16, 32))]
+    loss = head.loss(features, torch.randint(0, 4, (2, 32, 32)))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_step_probe_is_logistic_regression():
+    head = FeatureHead(HeadConfig.for_method("step", [32, 32, 16], num_classes=2))
+    assert head.config.timesteps == (25,)
+    assert len(head.mlp.rest) == 0  # one linear layer: logistic regression on the features
