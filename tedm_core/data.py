@@ -63,6 +63,30 @@ def file_slices(path: Path, intensity: IntensityConfig, axis: str = "axial") -> 
     return slices[nonempty_slices(slices)]
 
 
+def case_slices(paths: Sequence[Path], intensity: IntensityConfig, axis: str, channel_names: Optional[Sequence[str]]) -> np.ndarray:
+    """Normalised non-empty slices of a multi-modal case (one file per channel, same geometry)."""
+    from .io.volumes import read_case
+    from .slicing import extract_slices
+
+    volume = read_case(paths, channel_names)
+    slices, _layout = extract_slices(volume.with_array(normalise_intensity(volume.array, intensity)), axis)
+    return slices[nonempty_slices(slices)]
+
+
+def _multichannel_cases(inputs: Sequence[Union[str, Path]], channel_names: Sequence[str]) -> List[List[Path]]:
+    """Case folders holding one file per channel name (e.g. FLAIR.nii.gz, T1.nii.gz), as the batch script groups them."""
+    from .pipelines.batch import discover_cases  # one grouping rule for pretraining and segmentation
+
+    units: List[List[Path]] = []
+    for item in inputs:
+        for case in discover_cases(Path(item), Path(item) / ".unused", channel_names):
+            if case.problem:
+                log.warning("skipped %s: %s", case.case_id, case.problem)
+            else:
+                units.append(list(case.inputs))
+    return units
+
+
 def load_pretraining_slices(
     inputs: Sequence[Union[str, Path]],
     image_size: int,
@@ -76,12 +100,16 @@ def load_pretraining_slices(
 
     An unreadable file is reported and skipped: one broken file never stops pretraining.
     """
-    files = discover_files(inputs)
+    if channel_names and len(channel_names) > 1:
+        units = _multichannel_cases(inputs, channel_names)
+    else:
+        units = [[p] for p in discover_files(inputs)]
     batches: List[torch.Tensor] = []
     skipped = 0
-    for path in tqdm(files, desc="reading images", unit="file", disable=not show_progress):
+    for paths in tqdm(units, desc="reading images", unit="case", disable=not show_progress):
+        path = paths[0]
         try:
-            slices = file_slices(path, intensity, axis)
+            slices = case_slices(paths, intensity, axis, channel_names) if len(paths) > 1 else file_slices(path, intensity, axis)
         except (InputError, ValueError) as error:
             log.warning("skipped %s", error if isinstance(error, InputError) else f"{path}: {error}")
             skipped += 1
