@@ -76,7 +76,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a segmentation head (or the supervised baseline) on a few labelled images")
     p.add_argument("--backbone", required=True, type=Path, metavar="CKPT_DIR", help="a pretrained backbone folder (from tedm pretrain)")
     p.add_argument("--images", required=True, type=Path, metavar="DIR", help="labelled images (PNG/JPG) or volumes")
-    p.add_argument("--masks", required=True, type=Path, metavar="DIR", help="masks/label maps with the same file names as the images")
+    p.add_argument("--masks", type=Path, metavar="DIR", help="masks/label maps named like the images (2D) or cases (volumes)")
+    p.add_argument("--label-name", metavar="FILE", help="volumes: the label file inside each case folder instead of --masks (e.g. GT_W.nii.gz)")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="the model bundle folder to write")
     p.add_argument("--method", default="tedm", choices=["tedm", "ledm", "ledme", "baseline", "step"])
     p.add_argument("--n", type=int, help="use the first N labelled items in sorted file-name order (default: all)")
@@ -86,6 +87,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", nargs="+", default=["foreground"], metavar="NAME", help="structure names, background excluded (default: foreground)")
     p.add_argument("--label-values", type=int, nargs="+", metavar="V", help="mask value of each class, background first (default: 0 and non-zero for one class, else 0..K)")
     p.add_argument("--slices", type=int, nargs="+", help="volumes only: the slice indices to learn from (default: every slice carrying labels)")
+    p.add_argument("--slices-per-case", type=int, metavar="K", help="volumes only: keep K of the labelled slices, spread evenly (simulates a clinician labelling K slices)")
     p.add_argument("--axis", default=None, help="volumes only: slicing axis (default: the backbone's, axial)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--device", default="auto")
@@ -105,23 +107,26 @@ def _run_fit(args: argparse.Namespace) -> int:
     from .bundle import save_bundle
     from .model.checkpoint import load_backbone
     from .pipelines.fit import fit_bundle
-    from .pipelines.labelled import load_labelled_images
+    from .pipelines.labelled import load_labelled_data
 
     if args.out.exists() and not args.overwrite:
         raise TEDMError(f"{args.out}: already exists; pass --overwrite to replace it")
     backbone = load_backbone(args.backbone)
     class_names, label_values = _class_spec(args)
-    slices, labels, sources = load_labelled_images(args.images, args.masks, backbone.intensity, label_values, n=args.n, slices=args.slices, axis=args.axis or "axial")
-    log.info("fitting %s on %d labelled slices from %d files", args.method, len(slices), len(sources))
+    slices, labels, sources = load_labelled_data(
+        args.images, args.masks, backbone.intensity, label_values, backbone.channel_names, n=args.n,
+        slices=args.slices, slices_per_case=args.slices_per_case, axis=args.axis or "axial", label_name=args.label_name,
+    )
+    log.info("fitting %s on %d labelled slices", args.method, len(slices))
     bundle = fit_bundle(backbone, slices, labels, args.method, class_names, label_values, steps=args.steps, learning_rate=args.lr, seed=args.seed, device=args.device, timesteps=tuple(args.timesteps) if args.timesteps else None, axis=args.axis or "axial")
-    bundle.training["sources"] = [str(s) for s in sources]
+    bundle.training["sources"] = sources
     save_bundle(bundle, args.out, overwrite=args.overwrite)
     print(f"fitted {args.method} on {len(slices)} slices in {bundle.training['seconds']} s -> {args.out}")
     return 0
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment images (PNG/JPG) with a model bundle")
+    p = sub.add_parser("segment", help="segment images (PNG/JPG -> mask PNGs) or volumes (-> label volumes, as scripts/batch_segment.py) with a model bundle")
     p.add_argument("--model", required=True, type=Path, metavar="BUNDLE")
     p.add_argument("--input", required=True, type=Path, metavar="DIR")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
@@ -142,11 +147,23 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.model)
     segmenter = Segmenter(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps)
+    if len(bundle.channel_names) > 1 or not _holds_only_2d_images(args.input):
+        from .pipelines.batch import BatchOptions, run_batch
+
+        batch = run_batch(segmenter, args.input, args.output, BatchOptions(overwrite=args.overwrite, uncertainty=args.uncertainty))
+        print(f"{batch.counts()} -> {batch.summary_path}")
+        return 1 if batch.failed else 0
     report = segment_image_folder(segmenter, args.input, args.output, probabilities=args.probabilities, uncertainty=args.uncertainty, overwrite=args.overwrite)
     print(report.summary_line())
     for failure in report.failures:
         print(f"tedm segment: error: {failure}", file=sys.stderr)
     return 1 if report.failures else 0
+
+
+def _holds_only_2d_images(folder: Path) -> bool:
+    from .pipelines.labelled import holds_only_2d_images
+
+    return folder.is_dir() and holds_only_2d_images(folder)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,13 @@
-"""Labelled training data for ``fit``: image/mask pairs matched by file name, or volume pairs."""
+"""Labelled training data for ``fit``: 2D image/mask pairs, or volumes (single- or multi-modal).
+
+- 2D images: ``images/NAME.png`` pairs with ``masks/NAME.png`` (any image suffix).
+- Volumes: cases are found with the batch script's rule (one file per case, or for a
+  multi-modal model one folder per case holding a file per channel, e.g. ``FLAIR.nii.gz``);
+  each case's label volume is ``masks/<case>.nii.gz`` or, with ``label_name``, a file of that
+  name inside the case folder (BraTS keeps ``GT_W.nii.gz`` beside the images).
+Only the slices that carry labels are learned from (a clinician labels a few), unless
+``slices`` names them; ``slices_per_case`` keeps that many of them, spread evenly.
+"""
 
 from __future__ import annotations
 
@@ -7,72 +16,103 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data import is_volume_file
 from ..errors import InputError
 from ..io.images import is_image_file, read_grey, read_label_image
+from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
+from .batch import discover_cases, find_label_file
+from .volume import read_labelled_case
 
 
-def _strip_suffixes(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def match_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
-    """(image, mask) pairs whose names match (suffixes ignored), sorted by image name."""
+def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
+    """(image, mask) pairs of 2D images whose names match (suffixes ignored), sorted by image name."""
     for folder in (images, masks):
         if not folder.is_dir():
             raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
-    def usable(p: Path) -> bool:
-        return p.is_file() and (is_image_file(p) or is_volume_file(p))
-    mask_by_stem = {_strip_suffixes(p): p for p in sorted(masks.iterdir()) if usable(p)}
-    pairs = [(p, mask_by_stem[_strip_suffixes(p)]) for p in sorted(images.iterdir()) if usable(p) and _strip_suffixes(p) in mask_by_stem]
+    mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
+    pairs = [(p, mask_by_stem[strip_suffix(p)]) for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p) and strip_suffix(p) in mask_by_stem]
     if not pairs:
         raise InputError(images, f"no image has a mask of the same name in {masks}")
     return pairs
 
 
-def load_labelled_images(
+def spread_evenly(count: int, keep: int) -> List[int]:
+    """``keep`` positions out of ``count``, evenly spread and including both ends."""
+    if keep >= count:
+        return list(range(count))
+    return sorted({int(round(x)) for x in np.linspace(0, count - 1, keep)})
+
+
+def holds_only_2d_images(folder: Path) -> bool:
+    """True for a flat folder of PNG/JPG images (radiographs), False when it holds volumes or case folders."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(is_image_file(p) for p in files if is_image_file(p) or is_volume_file(p)) and not any(p.is_dir() for p in folder.iterdir())
+
+
+def load_labelled_data(
     images: Path,
-    masks: Path,
+    masks: Optional[Path],
     intensity: IntensityConfig,
     label_values: Sequence[int],
+    channel_names: Sequence[str] = ("image",),
     n: Optional[int] = None,
     slices: Optional[Sequence[int]] = None,
+    slices_per_case: Optional[int] = None,
     axis: str = "axial",
-) -> Tuple[np.ndarray, np.ndarray, List[Path]]:
-    """Normalised slices (N, C, H, W), class-index labels (N, H, W) and the image files used.
+    label_name: Optional[str] = None,
+) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """Normalised slices (N, C, H, W), class-index labels (N, H, W) and a description of each slice's source.
 
-    2D images give one slice each and must share a size. Volumes give their labelled slices
-    (or ``slices``). ``n`` keeps the first n pairs in sorted name order (the paper's few-shot
-    subsets).
+    ``n`` keeps the first n items (2D pairs or cases) in sorted name order, the paper's few-shot subsets.
     """
-    pairs = match_pairs(Path(images), Path(masks))
+    images = Path(images)
+    if not images.is_dir():
+        raise InputError(images, "folder not found" if not images.exists() else "is not a folder")
+    if masks is None and label_name is None:
+        raise InputError(images, "give --masks DIR, or --label-name NAME for labels stored inside each case folder")
+    if masks is not None and len(channel_names) == 1 and holds_only_2d_images(images):
+        return _load_image_pairs(images, Path(masks), intensity, label_values, n)
+    cases = [c for c in discover_cases(images, images / ".unused", channel_names)]
     if n is not None:
-        if n < 1:
-            raise InputError(images, f"--n must be at least 1, got {n}")
-        if n > len(pairs):
-            raise InputError(images, f"--n {n} asks for more labelled items than the {len(pairs)} found")
-        pairs = pairs[:n]
+        cases = _first(cases, n, images)
+    all_slices, all_labels, sources = [], [], []
+    for case in cases:
+        if case.problem:
+            raise InputError(case.inputs[0] if case.inputs else images, case.problem)
+        label_path = find_label_file(case, Path(masks) if masks is not None else images, label_name)
+        if label_path is None:
+            raise InputError(images / case.case_id, f"no label volume found for this case ({'named ' + label_name if label_name else 'in ' + str(masks)})")
+        labelled = read_labelled_case(case.inputs, label_path, intensity, label_values, axis=axis, slices=slices, channel_names=channel_names)
+        keep = spread_evenly(len(labelled.slices), slices_per_case) if slices_per_case else list(range(len(labelled.slices)))
+        all_slices.append(labelled.slices[keep])
+        all_labels.append(labelled.labels[keep])
+        sources += [f"{path}#slice{index}" for path, index in (labelled.sources[i] for i in keep)]
+    slices_out, labels_out = _pad_to_common_size(all_slices, all_labels)
+    return slices_out, labels_out, sources
+
+
+def _first(items: list, n: int, where: Path) -> list:
+    if n < 1:
+        raise InputError(where, f"--n must be at least 1, got {n}")
+    if n > len(items):
+        raise InputError(where, f"--n {n} asks for more labelled items than the {len(items)} found")
+    return items[:n]
+
+
+def _load_image_pairs(images: Path, masks: Path, intensity: IntensityConfig, label_values: Sequence[int], n: Optional[int]):
+    pairs = match_image_pairs(images, masks)
+    if n is not None:
+        pairs = _first(pairs, n, images)
     all_slices, all_labels = [], []
     for image_path, mask_path in pairs:
-        if is_volume_file(image_path):
-            from .volume import labelled_slices_from_volumes  # the volume layer, only when volumes are given
-
-            s, l = labelled_slices_from_volumes(image_path, mask_path, intensity, label_values, axis=axis, slices=slices)
-        else:
-            image = read_grey(image_path)
-            s = normalise_intensity(image, intensity)[None]
-            l = read_label_image(mask_path, label_values)[None]
-            if l.shape[1:] != s.shape[2:]:
-                raise InputError(mask_path, f"mask size {l.shape[1:]} differs from its image's {s.shape[2:]}")
-        all_slices.append(s)
-        all_labels.append(l)
+        image = normalise_intensity(read_grey(image_path), intensity)[None]
+        label = read_label_image(mask_path, label_values)[None]
+        if label.shape[1:] != image.shape[2:]:
+            raise InputError(mask_path, f"mask size {label.shape[1:]} differs from its image's {image.shape[2:]}")
+        all_slices.append(image)
+        all_labels.append(label)
     slices_out, labels_out = _pad_to_common_size(all_slices, all_labels)
-    return slices_out, labels_out, [image for image, _ in pairs]
+    return slices_out, labels_out, [str(image) for image, _ in pairs]
 
 
 def _pad_to_common_size(slices: List[np.ndarray], labels: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
