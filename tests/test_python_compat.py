@@ -14,10 +14,18 @@ SOURCES = sorted(str(p) for folder in ("tedm_core", "TEDMSlicer", "scripts") for
 COMPILE_ALL = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec', dont_inherit=True)\n"
 
 
+def _find_interpreter(name: str):
+    candidates = [shutil.which(name)] + sorted(str(p) for p in Path.home().glob(f".pyenv/versions/*/bin/{name}"))
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
 @pytest.mark.parametrize("python", ["python3.9", "python3.12"])
 def test_sources_compile_on_slicer_pythons(python):
-    interpreter = shutil.which(python)
-    if interpreter is None or subprocess.run([interpreter, "-c", "pass"], capture_output=True).returncode:
+    interpreter = _find_interpreter(python)
+    if interpreter is None:
         pytest.skip(f"{python} is not installed here")
     result = subprocess.run([interpreter, "-c", COMPILE_ALL, *SOURCES], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
