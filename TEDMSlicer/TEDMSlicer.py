@@ -482,13 +482,15 @@ class TEDMSlicerTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(result[labelled], sphere[labelled])
 
         self.delayDisplay("Correct one slice, then refine")
-        corrected = 3
+        wrong = [k for k in range(len(sphere)) if k not in labelled and not np.array_equal(result[k], sphere[k])]
+        corrected = wrong[0] if wrong else 3
         edited = result.copy()
         edited[corrected] = sphere[corrected]
+        if not wrong:  # a perfect result: make a deliberate edit so that there is something to learn
+            edited[corrected, 0, 0] = 1 - edited[corrected, 0, 0]
         slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segmentId, volume)
         refined = logic.core.refine(segmentation, volume, steps=10)
-        if not np.array_equal(result[corrected], sphere[corrected]):
-            self.assertIn(corrected, refined.changed_slices)
+        self.assertEqual(refined.changed_slices, [corrected])
         after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
         np.testing.assert_array_equal(after[refined.session.training_slices], edited[refined.session.training_slices])
 

@@ -397,6 +397,8 @@ class TEDMSlicerCoreLogic:
             if not labelled:
                 raise UserInputError(f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 {resolved_axis} slices first")
             callbacks.log(f"Fitting {method} on {len(labelled)} labelled slice(s): {', '.join(str(i) for i in labelled)}.")
+            if len(labelled) > 10:
+                callbacks.log(f"{len(labelled)} slices carry labels and all of them are learnt from; to correct a result, use Refine instead.")
             # The fit hooks the backbone's decoder itself: release ours first.
             self.release_segmenter()
             bundle = self.backend.fit_bundle(
@@ -455,6 +457,10 @@ class TEDMSlicerCoreLogic:
             raise UserInputError("the input volume changed since this segmentation was made: press Segment again")
         if tuple(reversed(reference_volume_node.GetImageData().GetDimensions())) != tuple(session.volume.array.shape[1:]):
             raise UserInputError("the input volume's size changed since this segmentation was made: press Segment again")
+        segmentation = segmentation_node.GetSegmentation()
+        missing = [name for name, segment_id in zip(session.class_names[1:], session.segment_ids) if segmentation.GetSegment(segment_id) is None]
+        if missing:
+            raise UserInputError(f"segment(s) {', '.join(missing)} were removed since the last result: press Segment (or Fit) again")
         edited_kji = mrml_io.read_class_labels(segmentation_node, reference_volume_node, session.segment_ids)
         device = DEVICES.get((device or session.device).lower(), device or session.device)
 
