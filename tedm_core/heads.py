@@ -29,6 +29,18 @@ METHODS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
 }
 
 
+# On the CPU the head is applied to this many (image, timestep) maps at a time: the 128-channel
+# hidden map of one 64 px map is 2 MiB, so a few of them stay in the CPU cache, and measured on
+# the project's 2-core machines this is ~10x faster than one pass over a whole batch of slices
+# (which streams hundreds of MiB through memory several times).
+CPU_MAPS_PER_CHUNK = 2
+
+
+def maps_per_chunk(device: torch.device) -> Optional[int]:
+    """How many maps to push through the head at once: a few on the CPU, all of them on a GPU."""
+    return CPU_MAPS_PER_CHUNK if device.type == "cpu" else None
+
+
 class PixelMLP(nn.Module):
     """A pixel-wise MLP over multi-resolution features, with its first layer factorised per level.
 
@@ -36,6 +48,9 @@ class PixelMLP(nn.Module):
     to each level at its native resolution, upsampling the (hidden-width) results and summing
     equals upsampling all levels, concatenating and applying the layer (``forward_dense``), up
     to float rounding, with far less memory (METHOD.md section 4).
+
+    Hidden maps are kept channels-last: PyTorch's CPU bilinear upsampling is vectorised over
+    channels in that layout (measured 20x faster than on NCHW tensors with 128 channels).
     """
 
     def __init__(self, level_channels: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 32), upsample: str = "bilinear") -> None:
@@ -57,13 +72,55 @@ class PixelMLP(nn.Module):
             return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
+    def _first_layer(self, levels: Sequence[torch.Tensor], size: Tuple[int, int], accumulate_in_place: bool) -> torch.Tensor:
+        """The summed per-level projections at ``size``, channels-last (N, hidden, *size)."""
+        hidden = None
+        dtype = self.first[0].weight.dtype
+        for conv, feats in zip(self.first, levels):
+            # One copy does both the dtype change (float16 caches) and the layout change.
+            feats = torch.empty(feats.shape, dtype=dtype, device=feats.device, memory_format=torch.channels_last).copy_(feats)
+            projected = self._resize(conv(feats), size)
+            if hidden is None:
+                hidden = projected
+            elif accumulate_in_place:
+                hidden.add_(projected)
+            else:
+                hidden = hidden + projected
+        return hidden
+
     def forward(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """levels: (N, C_l, h_l, w_l) each -> logits (N, K, *size)."""
-        hidden = None
-        for conv, feats in zip(self.first, levels):
-            projected = self._resize(conv(feats.to(conv.weight.dtype)), size)
-            hidden = projected if hidden is None else hidden + projected
-        return self.rest(hidden)
+        if not self.training and not torch.is_grad_enabled():
+            return self._predict_logits(levels, size)
+        return self.rest(self._first_layer(levels, size, accumulate_in_place=False)).contiguous()
+
+    def folded_layers(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The layers after the first as (weight (out, in), bias) pairs, each eval-mode BatchNorm
+        folded into the 1x1 convolution after it: conv(W, BN(x)) = (W * s) x + (b + W t) with
+        s = gamma / sqrt(var + eps), t = beta - mean * s. Exact up to float rounding, and one
+        pass over the 128-channel hidden map fewer."""
+        modules = list(self.rest)
+        layers = []
+        for start in range(0, len(modules), 3):
+            norm, conv = modules[start + 1], modules[start + 2]
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            shift = norm.bias - norm.running_mean * scale
+            weight = conv.weight.flatten(1)
+            layers.append((weight * scale[None, :], conv.bias + weight @ shift))
+        return layers
+
+    def _predict_logits(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """Inference (eval mode, no autograd): a few maps at a time, BatchNorm folded."""
+        total = levels[0].shape[0]
+        chunk = maps_per_chunk(levels[0].device) or max(1, total)
+        layers = self.folded_layers()
+        outputs = []
+        for start in range(0, total, chunk):
+            out = self._first_layer([f[start : start + chunk] for f in levels], size, accumulate_in_place=True)
+            for weight, bias in layers:
+                out = F.conv2d(out.relu_(), weight[:, :, None, None], bias)
+            outputs.append(out.contiguous())
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def forward_dense(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """The straightforward reference: upsample every level, concatenate, apply the MLP."""
@@ -144,7 +201,11 @@ class FeatureHead(nn.Module):
 
     def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
         """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
-        logits = self.logits(features, tuple(targets.shape[-2:])).float()
+        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:])), targets)
+
+    def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` (N, S', K, H, W) against targets (N, H, W): mean over everything."""
+        logits = logits.float()
         n, s = logits.shape[:2]
         flat = logits.reshape(n * s, *logits.shape[2:])
         expanded = targets.repeat_interleave(s, dim=0)

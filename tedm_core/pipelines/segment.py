@@ -93,10 +93,12 @@ class Segmenter:
         with autocast(self.device, self.precision):
             return self.extractor(grid.to(self.device), self.timesteps)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
         size = (transform.size, transform.size)
-        probabilities, uncertainty = self.head.predict([f.to(self.device, torch.float32) for f in levels], size)
+        # Features stay in their dtype (float16 when cached): the head converts a few maps at a
+        # time, which saves a full-size float32 copy of the chunk.
+        probabilities, uncertainty = self.head.predict([f.to(self.device) for f in levels], size)
         return from_model_grid(probabilities, transform), from_model_grid(uncertainty[:, None], transform)[:, 0]
 
     @torch.no_grad()
