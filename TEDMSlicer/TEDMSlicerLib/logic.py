@@ -41,6 +41,10 @@ METHODS = ("tedm", "ledm", "ledme", "step")
 # Decoder features are cached (float16, on the CPU) only while they take at most this share of
 # the installed memory; beyond it Refine recomputes them (a full UNet pass) instead of swapping.
 FEATURE_CACHE_MEMORY_SHARE = 0.25
+# Refine mixes this many uncorrected slices, labelled with the previous result, into its
+# training (half of them showing a structure where possible): fine-tuning on two corrected
+# slices alone can make the head forget what it did on every other slice.
+REFINE_ANCHOR_SLICES = 4
 
 
 class UserInputError(ValueError):
@@ -273,6 +277,33 @@ class TEDMSlicerCoreLogic:
         uncertainty[run] = prediction.uncertainty[session.feature_rows[run]]
         return VolumePrediction(labels, uncertainty, session.features, session.feature_rows)
 
+    def _anchor_slices(self, session: "Session", training: Sequence[int], count: int = REFINE_ANCHOR_SLICES) -> List[int]:
+        """A few slices the user did not label or correct, whose previous result Refine should keep.
+
+        Spread evenly over the slices that went through the model, half of them among those
+        where the previous result shows a structure (so that Refine neither forgets a structure
+        nor starts painting it everywhere), and within each stretch the slice the model was most
+        sure of (least timestep disagreement): its labels are the most trustworthy.
+        """
+        ran = session.feature_rows >= 0 if session.features is not None else self.backend.nonempty_slices(session.slices)
+        excluded = set(int(i) for i in training)
+        candidates = [int(i) for i in np.flatnonzero(ran) if int(i) not in excluded]
+        labelled = session.written_slice_labels.reshape(len(session.written_slice_labels), -1).any(axis=1)
+        showing = [i for i in candidates if labelled[i]]
+        empty = [i for i in candidates if not labelled[i]]
+
+        def spread(pool: List[int], k: int) -> List[int]:
+            if k <= 0 or not pool:
+                return []
+            stretches = np.array_split(np.asarray(pool), min(k, len(pool)))
+            return [int(part[np.argmin(session.slice_uncertainty[part])]) for part in stretches]
+
+        chosen = spread(showing, min(len(showing), count - count // 2 if empty else count))
+        chosen += spread(empty, count - len(chosen))
+        if len(chosen) < count:  # too few empty slices: take more of the others
+            chosen += spread([i for i in showing if i not in chosen], count - len(chosen))
+        return sorted(set(chosen))
+
     @staticmethod
     def _colours_of(bundle: Any) -> List[Tuple[float, float, float]]:
         return [mrml_io.normalised_colour(c) if max(c) > 0 else (0.0, 0.0, 0.0) for c in bundle.class_colours]
@@ -408,6 +439,7 @@ class TEDMSlicerCoreLogic:
                 method=method,
                 class_names=class_names,
                 label_values=list(range(len(class_names))),
+                class_colours=[tuple(int(round(255 * c)) for c in colour) for colour in class_colours],
                 axis=resolved_axis,
                 steps=steps,
                 seed=seed,
@@ -415,7 +447,6 @@ class TEDMSlicerCoreLogic:
                 progress=_slice_progress(callbacks, 0.02, 0.5, "training step"),
                 cancel=callbacks.cancelled,
             )
-            bundle.class_colours = [tuple(int(round(255 * c)) for c in colour) for colour in class_colours]
             _check_cancel(callbacks)
             prediction = self._predict_slices(bundle, device, slices, callbacks, 0.5, 0.98)
             labels = prediction.labels.copy()
@@ -476,6 +507,13 @@ class TEDMSlicerCoreLogic:
             rows = session.feature_rows[training]
             if session.features is not None and (rows >= 0).all():
                 kwargs["features"] = session.features.select(rows.tolist()).levels  # no UNet pass at all
+            anchors = self._anchor_slices(session, training)
+            if anchors:
+                kwargs.update(anchor_slices=session.slices[anchors], anchor_labels=session.written_slice_labels[anchors])
+                anchor_rows = session.feature_rows[anchors]
+                if session.features is not None and (anchor_rows >= 0).all():
+                    kwargs["anchor_features"] = session.features.select(anchor_rows.tolist()).levels
+                callbacks.log(f"Keeping the previous result of slice(s) {', '.join(str(i) for i in anchors)} as anchors against forgetting.")
             bundle = self.backend.refine_bundle(session.bundle, session.slices[training], edited[training], **kwargs)
             _check_cancel(callbacks)
             prediction = self._reapply_head(bundle, device, session, callbacks, 0.8, 0.98)
