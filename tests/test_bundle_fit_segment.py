@@ -187,3 +187,63 @@ def test_cli_reports_bad_input_in_one_line_with_nonzero_exit(tiny_bundle_dir, tm
     assert len(error_lines) == 1 and "broken.png: cannot be read as an image" in error_lines[0]
     assert (tmp_path / "out" / "case_00.png").exists()  # the good image was still segmented
     assert main(["segment", "--model", str(tmp_path / "in" / "broken.png"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2")]) == 2
+
+
+def test_predict_from_features_equals_predict(tiny_bundle_dir):
+    """Re-applying the head to the cached (float16) features gives the prediction of ``predict``:
+    the fast path (channels-last, a few maps at a time, BatchNorm folded) changes no result."""
+    bundle = load_bundle(tiny_bundle_dir)
+    images, _ = synthetic_disc_images(5, size=40, seed=61)
+    segmenter = Segmenter(bundle, device="cpu", batch_size=2)
+    first = segmenter.predict(images, keep_features=True)
+    again = segmenter.predict_from_features(first.features)
+    # Only the float16 rounding of the cached features separates the two.
+    np.testing.assert_allclose(again.probabilities, first.probabilities, atol=2e-3)
+    np.testing.assert_allclose(again.uncertainty, first.uncertainty, atol=2e-3)
+    decided = np.abs(first.probabilities[:, 1] - 0.5) > 2e-3
+    assert np.array_equal(again.labels[decided], first.labels[decided])
+    # On exactly the features ``predict`` used, the head gives exactly its probabilities.
+    exact = segmenter.predict_from_features(type(first.features)([f.float() for f in first.features.levels], first.features.transform))
+    rounded = Segmenter(bundle, device="cpu", batch_size=2)
+    rounded._features = lambda grid: [f.half().float() for f in Segmenter._features(rounded, grid)]
+    np.testing.assert_allclose(exact.probabilities, rounded.predict(images).probabilities, atol=1e-6)
+
+
+def test_refine_with_anchor_keeps_the_other_slices(tiny_bundle_dir):
+    """Two slices 'corrected' to empty: refined on them alone, the head forgets the discs on
+    every other slice; with a few uncorrected slices' previous result as anchor, it keeps them."""
+    bundle = load_bundle(tiny_bundle_dir)
+    images, masks = synthetic_disc_images(10, size=32, seed=51)
+    first = Segmenter(bundle, device="cpu").predict(images, keep_features=True)
+    corrected, anchors, others = [0, 1], [2, 3, 4, 5], [6, 7, 8, 9]
+    before = _mean_dice(first.labels[others], masks[others])
+    assert before > 0.7
+    wrong = np.zeros_like(masks[corrected])
+    common = dict(features=first.features.select(corrected).levels, device="cpu", show_progress=False)
+    plain = refine_bundle(bundle, images[corrected], wrong, **common)
+    anchored = refine_bundle(
+        bundle, images[corrected], wrong, anchor_slices=images[anchors], anchor_labels=first.labels[anchors],
+        anchor_features=first.features.select(anchors).levels, **common,
+    )
+    assert anchored.training["refine_anchor_slices"] == 4
+    plain_dice = _mean_dice(Segmenter(plain, device="cpu").predict_from_features(first.features).labels[others], masks[others])
+    after = Segmenter(anchored, device="cpu").predict_from_features(first.features).labels
+    anchored_dice = _mean_dice(after[others], masks[others])
+    assert anchored_dice >= before - 0.05
+    assert plain_dice <= anchored_dice
+    assert after[corrected].sum() < first.labels[corrected].sum()  # the correction is still learnt from
+    # Without cached features the anchor slices' features are extracted (inference noise).
+    extracted = refine_bundle(bundle, images[corrected], wrong, anchor_slices=images[anchors], anchor_labels=first.labels[anchors], steps=5, device="cpu", show_progress=False)
+    assert extracted.training["refine_anchor_slices"] == 4
+    with pytest.raises(ValueError, match="go together"):
+        refine_bundle(bundle, images[corrected], wrong, anchor_slices=images[anchors], device="cpu", show_progress=False)
+
+
+def test_fit_bundle_takes_class_colours(tiny_backbone_dir):
+    images, masks = synthetic_disc_images(2, size=32, seed=71)
+    backbone = load_backbone(tiny_backbone_dir)
+    bundle = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], class_colours=[(0, 0, 0), (10, 200, 30)], steps=2, device="cpu", show_progress=False)
+    assert [tuple(c) for c in bundle.class_colours] == [(0, 0, 0), (10, 200, 30)]
+    assert len(fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], steps=1, device="cpu", show_progress=False).class_colours) == 2
+    with pytest.raises(ValueError, match="class_colours"):
+        fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], class_colours=[(0, 0, 0)], steps=1, device="cpu", show_progress=False)

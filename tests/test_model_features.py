@@ -124,3 +124,40 @@ def test_step_probe_is_logistic_regression():
     head = FeatureHead(HeadConfig.for_method("step", [32, 32, 16], num_classes=2))
     assert head.config.timesteps == (25,)
     assert len(head.mlp.rest) == 0  # one linear layer: logistic regression on the features
+
+
+def test_fast_inference_equals_the_module_path():
+    """Eval-mode inference (channels-last, a few maps at a time, BatchNorm folded into the next
+    convolution) equals running the layers one by one, with non-trivial normalisation statistics."""
+    torch.manual_seed(0)
+    levels = [torch.randn(5, 128, 8, 8).half(), torch.randn(5, 64, 16, 16).half(), torch.randn(5, 32, 32, 32).half()]
+    mlp = PixelMLP([128, 64, 32], num_outputs=3).eval()
+    with torch.no_grad():
+        for module in mlp.rest:
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+        fast = mlp(levels, (32, 32))
+    with torch.enable_grad():
+        reference = mlp.rest(mlp._first_layer(levels, (32, 32), accumulate_in_place=False))
+    assert fast.shape == (5, 3, 32, 32) and fast.is_contiguous()
+    torch.testing.assert_close(fast, reference.detach().contiguous(), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_refine_steps_give_the_full_batch_gradient():
+    """With frozen statistics a step's gradient, accumulated a few maps at a time, is the gradient of the whole batch's loss."""
+    from tedm_core.pipelines.fit import _accumulate_loss
+
+    torch.manual_seed(0)
+    head = FeatureHead(HeadConfig.for_method("tedm", [32, 32, 16], num_classes=3)).eval()
+    features = [torch.randn(3, 8, c, s, s) for c, s in ((32, 8), (32, 16), (16, 32))]
+    targets = torch.randint(0, 3, (3, 32, 32))
+    loss = 2.0 * head.loss(features, targets)
+    expected = torch.autograd.grad(loss, list(head.parameters()))
+    head.zero_grad()
+    value = _accumulate_loss(head, features, targets, 2.0, chunk=2)
+    assert abs(value - float(loss.detach())) < 1e-5
+    for parameter, grad in zip(head.parameters(), expected):
+        torch.testing.assert_close(parameter.grad, grad, rtol=1e-4, atol=1e-6)

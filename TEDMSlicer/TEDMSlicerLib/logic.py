@@ -282,26 +282,29 @@ class TEDMSlicerCoreLogic:
 
         Spread evenly over the slices that went through the model, half of them among those
         where the previous result shows a structure (so that Refine neither forgets a structure
-        nor starts painting it everywhere), and within each stretch the slice the model was most
-        sure of (least timestep disagreement): its labels are the most trustworthy.
+        nor starts painting it everywhere). Within each stretch: among the former, the slice
+        showing the most of the structures (the most to remember; a slice showing a few voxels
+        teaches little more than background); among the others, the slice the model was most
+        sure of (least timestep disagreement).
         """
         ran = session.feature_rows >= 0 if session.features is not None else self.backend.nonempty_slices(session.slices)
         excluded = set(int(i) for i in training)
         candidates = [int(i) for i in np.flatnonzero(ran) if int(i) not in excluded]
-        labelled = session.written_slice_labels.reshape(len(session.written_slice_labels), -1).any(axis=1)
-        showing = [i for i in candidates if labelled[i]]
-        empty = [i for i in candidates if not labelled[i]]
+        area = (session.written_slice_labels > 0).reshape(len(session.written_slice_labels), -1).sum(axis=1)
+        showing = [i for i in candidates if area[i] > 0]
+        empty = [i for i in candidates if area[i] == 0]
 
-        def spread(pool: List[int], k: int) -> List[int]:
+        def spread(pool: List[int], k: int, score: np.ndarray) -> List[int]:
+            """The best-scoring (lowest) slice of each of ``k`` even stretches of ``pool``."""
             if k <= 0 or not pool:
                 return []
             stretches = np.array_split(np.asarray(pool), min(k, len(pool)))
-            return [int(part[np.argmin(session.slice_uncertainty[part])]) for part in stretches]
+            return [int(part[np.argmin(score[part])]) for part in stretches]
 
-        chosen = spread(showing, min(len(showing), count - count // 2 if empty else count))
-        chosen += spread(empty, count - len(chosen))
+        chosen = spread(showing, count - count // 2 if empty else count, -area)
+        chosen += spread(empty, count - len(chosen), session.slice_uncertainty)
         if len(chosen) < count:  # too few empty slices: take more of the others
-            chosen += spread([i for i in showing if i not in chosen], count - len(chosen))
+            chosen += spread([i for i in showing if i not in chosen], count - len(chosen), -area)
         return sorted(set(chosen))
 
     @staticmethod

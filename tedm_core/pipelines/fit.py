@@ -36,11 +36,12 @@ METHODS = ("tedm", "ledm", "ledme", "step", BASELINE)
 DEFAULT_HEAD_STEPS = 300
 DEFAULT_BASELINE_STEPS = 1000
 # Refine (measured on a whole BraTS volume, `small` backbone, CPU): 40 steps at 1e-3 with 2
-# random timesteps per slice and 2 of the anchor slices per step; see benchmarks/refine_vs_segment.py.
+# random timesteps per slice and 2 of the anchor slices per step, their loss weighted 2x (more
+# anchor weight kept the Dice on uncorrected slices higher); see benchmarks/refine_vs_segment.py.
 DEFAULT_REFINE_STEPS = 40
 DEFAULT_REFINE_LEARNING_RATE = 1e-3
 REFINE_TIMESTEPS_PER_IMAGE = 2
-REFINE_ANCHOR_WEIGHT = 1.0
+REFINE_ANCHOR_WEIGHT = 2.0
 REFINE_ANCHOR_IMAGES_PER_STEP = 2
 # The logistic probe has no normalisation layer to tame raw feature scales: it needs a larger step.
 DEFAULT_HEAD_LEARNING_RATES = {"step": 1e-2}
