@@ -75,7 +75,7 @@ def case_slices(paths: Sequence[Path], intensity: IntensityConfig, axis: str, ch
 
 def _multichannel_cases(inputs: Sequence[Union[str, Path]], channel_names: Sequence[str]) -> List[List[Path]]:
     """Case folders holding one file per channel name (e.g. FLAIR.nii.gz, T1.nii.gz), as the batch script groups them."""
-    from .pipelines.batch import discover_cases  # one grouping rule for pretraining and segmentation
+    from .io.cases import discover_cases  # one grouping rule for pretraining and segmentation
 
     units: List[List[Path]] = []
     for item in inputs:

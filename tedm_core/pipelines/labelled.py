@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..io.images import is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
-from .batch import discover_cases, find_label_file
+from ..io.cases import discover_cases, find_label_file
 from .volume import read_labelled_case
 
 

@@ -1,0 +1,150 @@
+"""Which files make a case: one rule for pretraining, fitting, the CLI and the batch script.
+
+* single-channel model: every image or volume file under the input folder (recursively), and
+  every folder holding a DICOM series (``.dcm``/``.ima`` files);
+* multi-channel model (e.g. channels FLAIR, T1): every folder containing a file named after one
+  of the channels (``FLAIR.nii.gz``, ``t1.nrrd``; case-insensitive, any volume format); all
+  channels must be present. Other files in the folder (e.g. a ground truth) are ignored.
+
+Each case also knows where its outputs go (mirroring the input tree), so the batch pipeline
+and the CLI agree on file names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..errors import InputError
+from .images import IMAGE_SUFFIXES
+from .volumes import VOLUME_SUFFIXES, is_dicom_folder, strip_suffix, volume_suffix
+
+UNCERTAINTY_SUFFIX = "_uncertainty"
+
+# Outputs keep the input's format where it can hold labels; 2D images become PNG, DICOM
+# series and split-header formats become single files.
+_OUTPUT_SUFFIX = {".nii": ".nii", ".nii.gz": ".nii.gz", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
+
+
+@dataclass
+class Case:
+    """One unit of work: the files of one case and where its outputs go."""
+
+    case_id: str  # relative to the input folder, POSIX separators, format suffix removed
+    inputs: List[Path]
+    output: Path
+    is_folder: bool = False
+    problem: Optional[str] = None  # found at discovery (e.g. a missing modality): the case fails
+
+    def uncertainty_output(self) -> Path:
+        suffix = volume_suffix(self.output)
+        name = self.output.name[: len(self.output.name) - len(suffix)]
+        return self.output.with_name(name + UNCERTAINTY_SUFFIX + suffix)
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _output_suffix(path: Path) -> str:
+    suffix = volume_suffix(path)
+    if suffix in IMAGE_SUFFIXES:
+        return ".png"
+    return _OUTPUT_SUFFIX.get(suffix, ".nii.gz")
+
+
+def discover_cases(input_dir: Path, output_dir: Path, channel_names: Sequence[str], include: Optional[str] = None) -> List[Case]:
+    """The cases under ``input_dir``, sorted by id (rules in the module docstring).
+
+    ``include``: a glob on file names (single-channel) or folder names (multi-channel), e.g.
+    ``"*FLAIR*"``; hidden files and folders are never cases.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise InputError(input_dir, "input folder not found" if not input_dir.exists() else "is not a folder")
+    cases = _discover_multichannel(input_dir, output_dir, channel_names, include) if len(channel_names) > 1 else _discover_single(input_dir, output_dir, include)
+    if not cases:
+        what = f"no case folders with files named {', '.join(channel_names)}" if len(channel_names) > 1 else "no image or volume files"
+        raise InputError(input_dir, f"{what} found{' matching ' + repr(include) if include else ''}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _discover_single(input_dir: Path, output_dir: Path, include: Optional[str]) -> List[Case]:
+    cases: List[Case] = []
+    for path in sorted(input_dir.rglob("*")):
+        if _is_hidden(path, input_dir):
+            continue
+        rel = path.relative_to(input_dir)
+        if path.is_dir():
+            if is_dicom_folder(path) and (include is None or fnmatch.fnmatch(path.name, include)):
+                cases.append(Case(rel.as_posix(), [path], output_dir / rel.parent / f"{path.name}.nii.gz", is_folder=True))
+            continue
+        suffix = volume_suffix(path)
+        if suffix not in VOLUME_SUFFIXES + IMAGE_SUFFIXES or (include and not fnmatch.fnmatch(path.name, include)):
+            continue
+        stem = strip_suffix(path)
+        case_id = (rel.parent / stem).as_posix()
+        cases.append(Case(case_id, [path], output_dir / rel.parent / f"{stem}{_output_suffix(path)}"))
+    return _check_unique(cases)
+
+
+def _discover_multichannel(input_dir: Path, output_dir: Path, channel_names: Sequence[str], include: Optional[str]) -> List[Case]:
+    wanted = {name.lower(): name for name in channel_names}
+    cases: List[Case] = []
+    for folder in [input_dir] + sorted(p for p in input_dir.rglob("*") if p.is_dir() and not _is_hidden(p, input_dir)):
+        if include and not fnmatch.fnmatch(folder.name, include):
+            continue
+        found: Dict[str, List[Path]] = {}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and volume_suffix(path) in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+                key = strip_suffix(path).lower()
+                if key in wanted:
+                    found.setdefault(wanted[key], []).append(path)
+            elif path.is_dir() and path.name.lower() in wanted and is_dicom_folder(path):
+                found.setdefault(wanted[path.name.lower()], []).append(path)  # e.g. case/FLAIR/*.dcm
+        if not found:
+            continue
+        rel = folder.relative_to(input_dir)
+        case_id = rel.as_posix() if rel.parts else folder.name
+        first = next(iter(found.values()))[0]
+        suffix = _output_suffix(first) if first.is_file() else ".nii.gz"
+        output = (output_dir / rel.parent / f"{folder.name}{suffix}") if rel.parts else output_dir / f"{folder.name}{suffix}"
+        problem = None
+        missing = [name for name in channel_names if name not in found]
+        doubled = [name for name, paths in found.items() if len(paths) > 1]
+        if missing:
+            problem = f"missing modality {', '.join(missing)} (found {', '.join(n for n in channel_names if n in found)}; the model expects files named {', '.join(channel_names)})"
+        elif doubled:
+            problem = f"several files for modality {', '.join(doubled)}: {', '.join(p.name for n in doubled for p in found[n])}"
+        inputs = [found[name][0] for name in channel_names if name in found]
+        cases.append(Case(case_id, inputs, output, is_folder=True, problem=problem))
+    return _check_unique(cases)
+
+
+def _check_unique(cases: List[Case]) -> List[Case]:
+    """Two inputs that would write the same output (``a.nii`` and ``a.nii.gz``) both fail, clearly."""
+    by_output: Dict[Path, List[Case]] = {}
+    for case in cases:
+        by_output.setdefault(case.output, []).append(case)
+    for output, group in by_output.items():
+        if len(group) > 1:
+            for case in group:
+                case.problem = f"{len(group)} inputs would write the same output {output.name} ({', '.join(c.inputs[0].name for c in group)}); rename one"
+    return cases
+
+
+def find_label_file(case: Case, labels_dir: Path, label_name: Optional[str] = None) -> Optional[Path]:
+    """The ground truth of ``case``: ``labels_dir/<case id>/<label_name>`` when ``label_name`` is
+    given (e.g. BraTS ``GT_W.nii.gz`` inside each case folder), else ``labels_dir/<case id>.<any
+    volume or image suffix>``."""
+    candidates: List[Path] = []
+    if label_name:
+        candidates.append(labels_dir / case.case_id / label_name)
+        candidates.append(labels_dir / Path(case.case_id).parent / label_name)
+    candidates.extend(labels_dir / f"{case.case_id}{suffix}" for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
