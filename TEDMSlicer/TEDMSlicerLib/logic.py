@@ -13,8 +13,10 @@ The logic remembers, per segmentation node, what it last wrote there (a :class:`
 model, the normalised slices, the decoder features of every slice, and the labels written. A
 user's corrections are found by comparing the segmentation, read back in the volume's grid,
 with those labels slice by slice; the corrected slices join the training slices, the head is
-fine-tuned warm-started on the cached features, and re-applied to the cached features of every
-other slice (no UNet pass), which is why Refine costs a fraction of a full segmentation.
+fine-tuned warm-started on the cached features (with a few uncorrected slices' previous result
+as anchors, so that it does not forget the rest of the volume), and re-applied to the cached
+features of every other slice (no UNet pass), which is why Refine costs a fraction of a full
+segmentation (measured ~9 % on a whole BraTS volume on the CPU).
 Labelled and corrected slices are written back exactly as the user drew them.
 """
 
