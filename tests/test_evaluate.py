@@ -1,0 +1,69 @@
+"""Metrics: the documented empty-mask rule, agreement with MONAI's Dice, folders, real masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import compute_dice
+from PIL import Image
+
+from tedm_core.errors import InputError
+from tedm_core.pipelines.evaluate import dice_precision_recall, evaluate_folders, paired_wilcoxon, summarise
+
+from conftest import require_shared_data
+
+
+def test_empty_mask_rule():
+    empty, some = np.zeros((4, 4), bool), np.eye(4, dtype=bool)
+    assert dice_precision_recall(empty, empty) == (1.0, 1.0, 1.0)
+    assert dice_precision_recall(some, empty) == (0.0, 0.0, 0.0)
+    assert dice_precision_recall(empty, some) == (0.0, 0.0, 0.0)
+
+
+def test_dice_agrees_with_monai_including_empty_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        prediction = rng.random((16, 16)) < rng.uniform(0, 0.5)
+        truth = rng.random((16, 16)) < rng.uniform(0, 0.5)
+        if rng.random() < 0.2:
+            truth[:] = False
+        ours = dice_precision_recall(prediction, truth)[0]
+        theirs = compute_dice(torch.from_numpy(prediction)[None, None].float(), torch.from_numpy(truth)[None, None].float(), include_background=True, ignore_empty=False)
+        assert ours == pytest.approx(float(theirs), abs=1e-6)
+
+
+def test_precision_and_recall():
+    prediction = np.array([1, 1, 1, 0, 0], bool)
+    truth = np.array([1, 0, 0, 1, 0], bool)
+    dice, precision, recall = dice_precision_recall(prediction, truth)
+    assert (dice, precision, recall) == pytest.approx((2 / 5, 1 / 3, 1 / 2))
+
+
+def test_summary_and_paired_test():
+    assert str(summarise([0.9, 0.8])) == "85.0 +- 5.0 (n=2)"
+    better = np.linspace(0.8, 0.9, 12)
+    assert paired_wilcoxon(better + 0.05, better) < 0.05
+    assert paired_wilcoxon(better, better) == 1.0
+
+
+def test_folders_are_matched_by_name_and_extra_maps_ignored(tmp_path):
+    for folder in ("pred", "truth"):
+        (tmp_path / folder).mkdir()
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    for name in ("a.png", "b.png"):
+        Image.fromarray(mask).save(tmp_path / "truth" / name)
+    Image.fromarray(mask).save(tmp_path / "pred" / "a.png")
+    Image.fromarray(mask).save(tmp_path / "pred" / "a_prob.png")
+    rows = evaluate_folders(tmp_path / "pred", tmp_path / "truth")
+    assert [(r["image"], r["dice"]) for r in rows] == [("a.png", 1.0)]
+    Image.fromarray(mask[:4]).save(tmp_path / "pred" / "b.png")
+    with pytest.raises(InputError, match="b.png: shape"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "truth")
+
+
+def test_real_lung_masks_score_one_against_themselves():
+    masks = require_shared_data("cxr", "shenzhen", "masks")
+    rows = evaluate_folders(masks, masks)
+    assert len(rows) == 59 and all(r["dice"] == 1.0 for r in rows)
