@@ -11,7 +11,7 @@ convolutions; no hidden layers gives the logistic probe). What differs is how ti
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..bundle import BASELINE, ModelBundle
+from ..bundle import ModelBundle
 from ..errors import Cancelled
 from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
