@@ -50,25 +50,15 @@ def nonempty_slices(slices: np.ndarray) -> np.ndarray:
     return np.flatnonzero(foreground >= MIN_FOREGROUND_FRACTION)
 
 
-def file_slices(path: Path, intensity: IntensityConfig, axis: str = "axial") -> np.ndarray:
-    """Normalised ``(N, C, H, W)`` slices of one image (N = 1) or volume (empty slices dropped)."""
-    if is_image_file(path):
-        return normalise_intensity(read_grey(path), intensity)[None]
-    from .io.volumes import read_volume  # the volume layer; imported lazily for image-only users
+def training_slices(paths: Sequence[Path], intensity: IntensityConfig, axis: str = "axial", channel_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Normalised ``(N, C, H, W)`` slices of one image (N = 1), one volume, or a multi-modal case
+    (one file per channel, same geometry); empty volume slices are dropped."""
+    if len(paths) == 1 and is_image_file(paths[0]):
+        return normalise_intensity(read_grey(paths[0]), intensity)[None]
+    from .io.volumes import read_case, read_volume  # the volume layer; imported lazily for image-only users
     from .slicing import extract_slices
 
-    volume = read_volume(path)
-    normalised = normalise_intensity(volume.array, intensity)
-    slices, _layout = extract_slices(volume.with_array(normalised), axis)
-    return slices[nonempty_slices(slices)]
-
-
-def case_slices(paths: Sequence[Path], intensity: IntensityConfig, axis: str, channel_names: Optional[Sequence[str]]) -> np.ndarray:
-    """Normalised non-empty slices of a multi-modal case (one file per channel, same geometry)."""
-    from .io.volumes import read_case
-    from .slicing import extract_slices
-
-    volume = read_case(paths, channel_names)
+    volume = read_volume(paths[0]) if len(paths) == 1 else read_case(paths, channel_names)
     slices, _layout = extract_slices(volume.with_array(normalise_intensity(volume.array, intensity)), axis)
     return slices[nonempty_slices(slices)]
 
@@ -109,7 +99,7 @@ def load_pretraining_slices(
     for paths in tqdm(units, desc="reading images", unit="case", disable=not show_progress):
         path = paths[0]
         try:
-            slices = case_slices(paths, intensity, axis, channel_names) if len(paths) > 1 else file_slices(path, intensity, axis)
+            slices = training_slices(paths, intensity, axis, channel_names)
         except (InputError, ValueError) as error:
             log.warning("skipped %s", error if isinstance(error, InputError) else f"{path}: {error}")
             skipped += 1
