@@ -172,13 +172,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", required=True, type=Path, metavar="DIR")
     p.add_argument("--csv", type=Path, metavar="FILE", help="write per-image metrics here")
     p.add_argument("--label-values", type=int, nargs="+", default=[0, 255], metavar="V", help="pixel value of each class, background first (default: 0 255; any non-zero is foreground for one class)")
+    p.add_argument("--compare", type=Path, metavar="DIR", help="another method's predictions of the same images: per-image wins and a paired Wilcoxon test on Dice")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .pipelines.evaluate import evaluate_folders, summarise, write_metrics_csv
+    from .pipelines.evaluate import compare_dice, evaluate_folders, summarise, write_metrics_csv
 
     rows = evaluate_folders(args.pred, args.truth, args.label_values)
+    other = evaluate_folders(args.compare, args.truth, args.label_values) if args.compare else None
     print(f"{len({r['image'] for r in rows})} images scored")
     if args.csv:
         write_metrics_csv(args.csv, rows)
@@ -186,6 +188,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         of_class = [r for r in rows if r["class"] == k]
         label = f"class {k} " if len(args.label_values) > 2 else ""
         print(f"{label}Dice {summarise([r['dice'] for r in of_class])}  precision {summarise([r['precision'] for r in of_class])}  recall {summarise([r['recall'] for r in of_class])}")
+        if other is not None:
+            print(f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; {args.pred} is {compare_dice(rows, other, k)}")
     return 0
 
 

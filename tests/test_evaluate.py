@@ -9,7 +9,8 @@ from monai.metrics import compute_dice
 from PIL import Image
 
 from tedm_core.errors import InputError
-from tedm_core.pipelines.evaluate import dice_precision_recall, evaluate_folders, paired_wilcoxon, summarise
+from tedm_core.cli import main
+from tedm_core.pipelines.evaluate import compare_dice, dice_precision_recall, evaluate_folders, paired_wilcoxon, summarise
 
 from conftest import require_shared_data
 
@@ -61,6 +62,28 @@ def test_folders_are_matched_by_name_and_extra_maps_ignored(tmp_path):
     Image.fromarray(mask[:4]).save(tmp_path / "pred" / "b.png")
     with pytest.raises(InputError, match="b.png: shape"):
         evaluate_folders(tmp_path / "pred", tmp_path / "truth")
+
+
+def test_two_methods_are_compared_image_by_image(tmp_path, capsys):
+    truth, good, poor = (tmp_path / name for name in ("truth", "good", "poor"))
+    for folder in (truth, good, poor):
+        folder.mkdir()
+    for i in range(8):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 4:12] = 255
+        Image.fromarray(mask).save(truth / f"{i}.png")
+        near = mask.copy()
+        near[4, 4 + i % 3] = 0  # one pixel off
+        Image.fromarray(near).save(good / f"{i}.png")
+        far = mask.copy()
+        far[4:6, 4:4 + i + 1] = 0  # more pixels off, a different number per image
+        Image.fromarray(far).save(poor / f"{i}.png")
+    for folder in (truth, poor):  # scored for one method only: not paired
+        Image.fromarray(mask).save(folder / "only_poor.png")
+    comparison = compare_dice(evaluate_folders(good, truth), evaluate_folders(poor, truth), 1)
+    assert (comparison.n, comparison.better, comparison.worse) == (8, 8, 0) and comparison.p_value < 0.05
+    assert main(["evaluate", "--pred", str(good), "--truth", str(truth), "--compare", str(poor)]) == 0
+    assert "is better on 8 of 8 images, worse on 0, paired Wilcoxon p = " in capsys.readouterr().out
 
 
 def test_real_lung_masks_score_one_against_themselves():

@@ -70,6 +70,29 @@ def paired_wilcoxon(scores_a: Sequence[float], scores_b: Sequence[float]) -> flo
     return float(wilcoxon(a, b).pvalue)
 
 
+@dataclass
+class PairedComparison:
+    """Per-image Dice of two predictions of the same images: how often the first wins, and the test."""
+
+    n: int
+    better: int  # images where the first prediction's Dice is higher
+    worse: int
+    p_value: float  # two-sided paired Wilcoxon
+
+    def __str__(self) -> str:
+        return f"better on {self.better} of {self.n} images, worse on {self.worse}, paired Wilcoxon p = {self.p_value:.2g}"
+
+
+def compare_dice(rows_a: Sequence[Dict[str, object]], rows_b: Sequence[Dict[str, object]], class_index: int) -> PairedComparison:
+    """Pair two :func:`evaluate_folders` results on the images both scored, for one class."""
+    dice_b = {r["image"]: float(r["dice"]) for r in rows_b if r["class"] == class_index}
+    pairs = [(float(r["dice"]), dice_b[r["image"]]) for r in rows_a if r["class"] == class_index and r["image"] in dice_b]
+    if not pairs:
+        raise ValueError("the two predictions have no scored image in common")
+    a, b = np.array(pairs).T
+    return PairedComparison(len(pairs), int(np.sum(a > b)), int(np.sum(a < b)), paired_wilcoxon(a, b))
+
+
 def evaluate_folders(pred_dir: Path, truth_dir: Path, label_values: Sequence[int] = (0, 255)) -> List[Dict[str, object]]:
     """Per-image metrics of predicted vs ground-truth mask images, matched by file name.
 
