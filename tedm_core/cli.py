@@ -33,6 +33,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift", type=int, default=4, help="random shifts up to this many model pixels (default: 4; 0 = off)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="step checkpoints kept in CKPT_DIR/steps/, the newest (default: 2; 0 keeps all, to choose one on validation images)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -64,7 +65,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     backbone = Backbone.new(config, schedule=args.schedule, intensity=intensity, channel_names=list(args.channels or ["image"]))
     options = PretrainOptions(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, loss=args.loss, precision=args.precision,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, ema_decay=args.ema, flip=args.flip, max_shift=args.shift, device=args.device,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, ema_decay=args.ema, flip=args.flip, max_shift=args.shift, device=args.device,
     )
     tic = time.perf_counter()
     pretrain(images, backbone, args.out, options, resume=args.resume)

@@ -45,6 +45,11 @@ def test_cli_pretrains_tiny_preset_on_20_pngs(tmp_path, capsys):
     backbone = load_backbone(out)
     assert backbone.steps_trained == 12 and backbone.config.preset == "tiny"
     assert sorted(p.name for p in (out / "steps").iterdir()) == ["00000006", "00000012"]
+    every = tmp_path / "every"
+    assert main(["pretrain", "--images", str(pngs), "--out", str(every), "--preset", "tiny", "--steps", "12", "--checkpoint-every", "4", "--keep-checkpoints", "0"]) == 0
+    assert sorted(p.name for p in (every / "steps").iterdir()) == ["00000004", "00000008", "00000012"]
+    assert main(["pretrain", "--images", str(pngs), "--out", str(every), "--preset", "tiny", "--steps", "20", "--checkpoint-every", "4", "--resume"]) == 0
+    assert sorted(p.name for p in (every / "steps").iterdir()) == ["00000016", "00000020"]  # the default keeps 2
     # A second run into the same folder must not silently overwrite it.
     assert main(["pretrain", "--images", str(pngs), "--out", str(out), "--preset", "tiny", "--steps", "12"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err

@@ -31,7 +31,6 @@ from ..runtime import autocast, resolve_device, resolve_precision
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 STEPS_DIR = "steps"
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -43,6 +42,9 @@ class PretrainOptions:
     precision: str = "auto"
     seed: int = 0
     checkpoint_every: int = 500
+    # Step checkpoints kept in out/steps/ (the oldest are deleted; 0 keeps all, e.g. to choose
+    # a backbone on validation images afterwards). One `small` checkpoint is ~35 MB, `paper` ~0.5 GB.
+    keep_checkpoints: int = 2
     ema_decay: Optional[float] = None
     flip: bool = False
     max_shift: int = 0  # pixels on the model grid
@@ -87,7 +89,7 @@ def _latest_checkpoint(out: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def _save_checkpoint(out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int) -> None:
+def _save_checkpoint(out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int, keep: int) -> None:
     """A complete checkpoint in ``out/steps/<step>/`` (renamed into place whole), mirrored at ``out/``."""
     backbone.steps_trained = step
     ema_state = ema.module.state_dict() if ema is not None else None
@@ -99,8 +101,9 @@ def _save_checkpoint(out: Path, backbone: Backbone, optimiser: torch.optim.Optim
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     save_backbone(out, backbone, ema_state)  # the loadable copy at the top level
-    for old in sorted(p for p in (out / STEPS_DIR).glob("[0-9]*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for old in sorted(p for p in (out / STEPS_DIR).glob("[0-9]*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def pretrain(
@@ -176,7 +179,7 @@ def pretrain(
             on_step(done, float(loss.item()))
         if done % options.checkpoint_every == 0 or done == options.steps:
             if ddp.is_main:
-                _save_checkpoint(out, backbone, optimiser, ema, done)
+                _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints)
             ddp.barrier()
     bar.close()
     unet.eval()
