@@ -43,7 +43,7 @@ class PretrainOptions:
     seed: int = 0
     checkpoint_every: int = 500
     # Step checkpoints kept in out/steps/ (the oldest are deleted; 0 keeps all, e.g. to choose
-    # a backbone on validation images afterwards). One `small` checkpoint is ~35 MB, `paper` ~0.5 GB.
+    # a backbone on validation images afterwards). One `small` checkpoint is 32 MB, `paper` ~0.5 GB.
     keep_checkpoints: int = 2
     ema_decay: Optional[float] = None
     flip: bool = False
