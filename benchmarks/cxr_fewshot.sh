@@ -14,9 +14,11 @@ data="$(cd "$(dirname "$0")/.." && pwd)/../shared/data/cxr"
 [ -d "$data/shenzhen" ] || { echo "cxr_fewshot.sh: $data/shenzhen not found (../shared/data is needed)" >&2; exit 2; }
 mkdir -p "$work/pool" "$work/validation" "$work/shenzhen_test"
 # The fixed split, as folders of links: pool = first 40 by name (validation = the pool after the first N), test = the remaining 19.
-ls "$data/shenzhen/images" | sort | head -40 | while read -r f; do ln -sf "$data/shenzhen/images/$f" "$work/pool/$f"; done
-ls "$data/shenzhen/images" | sort | head -40 | tail -n +$((n + 1)) | while read -r f; do ln -sf "$data/shenzhen/images/$f" "$work/validation/$f"; done
-ls "$data/shenzhen/images" | sort | tail -n +41 | while read -r f; do ln -sf "$data/shenzhen/images/$f" "$work/shenzhen_test/$f"; done
+link() { while read -r f; do ln -sf "$data/shenzhen/images/$f" "$1/$f"; done; }
+names=$(ls "$data/shenzhen/images" | sort)
+head -40 <<<"$names" | link "$work/pool"
+head -40 <<<"$names" | tail -n +$((n + 1)) | link "$work/validation"
+tail -n +41 <<<"$names" | link "$work/shenzhen_test"
 first=""
 for method in $methods; do
   bundle="$work/${method}_n${n}"

@@ -339,27 +339,26 @@ def refine_bundle(
     precision = resolve_precision(options.precision, device)
     grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes)
     tic = time.perf_counter()
-    anchor = None
-    extractor = None
-    try:
-        if features is not None:
-            if features[0].shape[0] != grid.shape[0]:
-                raise ValueError(f"{features[0].shape[0]} cached feature sets for {grid.shape[0]} slices")
-            draws = [[f.to(device, torch.float32) for f in features]]
-        else:
+    extractor: Optional[DecoderFeatureExtractor] = None
+
+    def features_of(grid_: torch.Tensor, cached: Optional[LevelFeatures], draws_: int, what: str) -> List[LevelFeatures]:
+        """The cached features when given (one draw: the inference noise), else ``draws_`` extracted."""
+        nonlocal extractor
+        if cached is not None:
+            if cached[0].shape[0] != grid_.shape[0]:
+                raise ValueError(f"{cached[0].shape[0]} cached feature sets for {grid_.shape[0]} {what}")
+            return [[f.to(device, torch.float32) for f in cached]]
+        if extractor is None:
             extractor = DecoderFeatureExtractor(bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels)
-            draws = extract_training_features(extractor, grid, bundle.timesteps, options.noise_draws, device, precision)
+        return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)
+
+    anchor = None
+    try:
+        draws = features_of(grid, features, options.noise_draws, "slices")
         if anchor_slices is not None:
             anchor_grid, anchor_targets = _prepare(anchor_slices, anchor_labels, bundle.image_size, bundle.num_classes)
-            if anchor_features is not None:
-                if anchor_features[0].shape[0] != anchor_grid.shape[0]:
-                    raise ValueError(f"{anchor_features[0].shape[0]} cached anchor feature sets for {anchor_grid.shape[0]} anchor slices")
-                levels = [f.to(device, torch.float32) for f in anchor_features]
-            else:
-                if extractor is None:
-                    extractor = DecoderFeatureExtractor(bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels)
-                # Draw 0 only: the anchor labels are the prediction made with the inference noise.
-                levels = extract_training_features(extractor, anchor_grid, bundle.timesteps, 1, device, precision)[0]
+            # Draw 0 only: the anchor labels are the prediction made with the inference noise.
+            levels = features_of(anchor_grid, anchor_features, 1, "anchor slices")[0]
             anchor = Anchor(levels, anchor_targets, weight=REFINE_ANCHOR_WEIGHT, images_per_step=REFINE_ANCHOR_IMAGES_PER_STEP)
     finally:
         if extractor is not None:
