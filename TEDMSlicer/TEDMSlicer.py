@@ -10,7 +10,6 @@ pytest with real MRML): the widget only reads parameters, starts a background ta
 its result on the GUI thread.
 """
 
-
 import logging
 import os
 import time
@@ -18,12 +17,16 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -198,11 +201,21 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasSegmentation = self._parameterNode.outputSegmentation is not None
         hasResult = self._hasResult()
         self.ui.segmentButton.enabled = not busy and hasInput and hasModel
-        self.ui.segmentButton.toolTip = _("Segment the input volume(s) with the model") if hasInput and hasModel else _("Select an input volume and a model folder")
+        self.ui.segmentButton.toolTip = (
+            _("Segment the input volume(s) with the model")
+            if hasInput and hasModel
+            else _("Select an input volume and a model folder")
+        )
         self.ui.fitButton.enabled = not busy and hasInput and hasModel and hasSegmentation
-        self.ui.fitButton.toolTip = _("Learn from the slices painted in the output segmentation (one segment per structure)")
+        self.ui.fitButton.toolTip = _(
+            "Learn from the slices painted in the output segmentation (one segment per structure)"
+        )
         self.ui.refineButton.enabled = not busy and hasResult
-        self.ui.refineButton.toolTip = _("Learn from the slices you corrected since the last result") if hasResult else _("Segment or Fit first, then correct some slices")
+        self.ui.refineButton.toolTip = (
+            _("Learn from the slices you corrected since the last result")
+            if hasResult
+            else _("Segment or Fit first, then correct some slices")
+        )
         self.ui.nextUncertainButton.enabled = not busy and hasResult
         self.ui.saveModelButton.enabled = not busy and hasResult
 
@@ -220,22 +233,26 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             self.ui.deviceNoteLabel.text = "\n".join(self.logic.core.device_notes(self._parameterNode.device))
-        except Exception as error:  # noqa: BLE001 - e.g. GPU chosen on a CPU-only torch
+        except Exception as error:
             self.ui.deviceNoteLabel.text = str(error)
 
     # -- actions -----------------------------------------------------------------------------
     def _ensureReady(self) -> bool:
         try:
             return self.logic.ensureDependencies()
-        except Exception as error:  # noqa: BLE001 - show every installation failure with its detail
+        except Exception as error:
             import traceback
 
-            slicer.util.errorDisplay(_("Installing the dependencies failed: ") + str(error), detailedText=traceback.format_exc())
+            slicer.util.errorDisplay(
+                _("Installing the dependencies failed: ") + str(error), detailedText=traceback.format_exc()
+            )
             return False
 
     def _ensureOutputSegmentation(self) -> vtkMRMLSegmentationNode:
         if self._parameterNode.outputSegmentation is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self._parameterNode.inputVolume.GetName()} TEDM")
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{self._parameterNode.inputVolume.GetName()} TEDM"
+            )
             node.CreateDefaultDisplayNodes()
             self._parameterNode.outputSegmentation = node
         return self._parameterNode.outputSegmentation
@@ -249,7 +266,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except UserInputError as error:
             slicer.util.warningDisplay(str(error), windowTitle=_("TEDM Segmentation"))
             return
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             import traceback
 
             slicer.util.errorDisplay(str(error), detailedText=traceback.format_exc())
@@ -268,13 +285,25 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
 
         def makeJob():
-            return self.logic.core.begin_segment(self._inputVolumes(), _path_or_empty(p.modelPath), self._ensureOutputSegmentation(), p.axis, p.device)
+            return self.logic.core.begin_segment(
+                self._inputVolumes(), _path_or_empty(p.modelPath), self._ensureOutputSegmentation(), p.axis, p.device
+            )
 
         self._start(makeJob)
 
     def onFit(self) -> None:
         p = self._parameterNode
-        self._start(lambda: self.logic.core.begin_fit(self._inputVolumes(), _path_or_empty(p.modelPath), p.outputSegmentation, p.axis, p.device, p.method, p.fitSteps))
+        self._start(
+            lambda: self.logic.core.begin_fit(
+                self._inputVolumes(),
+                _path_or_empty(p.modelPath),
+                p.outputSegmentation,
+                p.axis,
+                p.device,
+                p.method,
+                p.fitSteps,
+            )
+        )
 
     def onRefine(self) -> None:
         p = self._parameterNode
@@ -295,10 +324,19 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Every slice was labelled or corrected."))
             return
         self.logic.jumpToSlice(candidate.centre_ras)
-        self._setStatus(_("Slice {index}: timestep disagreement {score:.3f}. Correct it if needed, then Refine.").format(index=candidate.index, score=candidate.score))
+        self._setStatus(
+            _("Slice {index}: timestep disagreement {score:.3f}. Correct it if needed, then Refine.").format(
+                index=candidate.index, score=candidate.score
+            )
+        )
 
     def onSaveModel(self) -> None:
-        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save the model as a folder"), _path_or_empty(self._parameterNode.modelPath) or os.path.expanduser("~"), "")
+        path = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(),
+            _("Save the model as a folder"),
+            _path_or_empty(self._parameterNode.modelPath) or os.path.expanduser("~"),
+            "",
+        )
         if not path:
             return
         try:
@@ -307,7 +345,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.modelPath = Path(saved)
                 self.ui.modelPathLineEdit.addCurrentPathToHistory()
                 self._setStatus(_("Model saved to {path}").format(path=saved))
-        except Exception:  # noqa: BLE001 - already shown by tryWithErrorDisplay
+        except Exception:
             pass
 
     # -- the background task's events, on the GUI thread ------------------------------------------
@@ -340,14 +378,20 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outcome = self._job.apply(event.result)  # MRML writes: GUI thread only
                 self._afterResult(outcome)
                 self._setStatus(_("{title} done in {seconds:.1f} s").format(title=task.title, seconds=elapsed))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 import traceback
 
-                slicer.util.errorDisplay(_("Writing the result failed: ") + str(error), detailedText=traceback.format_exc())
+                slicer.util.errorDisplay(
+                    _("Writing the result failed: ") + str(error), detailedText=traceback.format_exc()
+                )
             self._finish()
         elif event.kind == "error":
             if is_cancellation(event.error):
-                self._setStatus(_("{title} cancelled after {seconds:.1f} s; nothing was changed").format(title=task.title, seconds=elapsed))
+                self._setStatus(
+                    _("{title} cancelled after {seconds:.1f} s; nothing was changed").format(
+                        title=task.title, seconds=elapsed
+                    )
+                )
             elif isinstance(event.error, UserInputError):
                 self._setStatus(event.message)
                 slicer.util.warningDisplay(event.message, windowTitle=task.title)
@@ -364,7 +408,11 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if outcome.operation in ("segment", "fit"):
             self.ui.modelPathLineEdit.addCurrentPathToHistory()  # the recent-models list
         if outcome.changed_slices and outcome.operation == "refine":
-            self.ui.logTextEdit.appendPlainText(_("Learnt from corrected slices {slices}.").format(slices=", ".join(str(s) for s in outcome.changed_slices)))
+            self.ui.logTextEdit.appendPlainText(
+                _("Learnt from corrected slices {slices}.").format(
+                    slices=", ".join(str(s) for s in outcome.changed_slices)
+                )
+            )
 
     def _finish(self) -> None:
         self._pollTimer.stop()
@@ -376,7 +424,9 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # Logic (the Slicer-side glue; the work is in TEDMSlicerLib.logic.TEDMSlicerCoreLogic)
 #
 class TEDMSlicerLogic(ScriptedLoadableModuleLogic):
-    def __init__(self, core: Optional[TEDMSlicerCoreLogic] = None, installer: Optional[dependencies.PackageInstaller] = None) -> None:
+    def __init__(
+        self, core: Optional[TEDMSlicerCoreLogic] = None, installer: Optional[dependencies.PackageInstaller] = None
+    ) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.core = core or TEDMSlicerCoreLogic()
         self._installer = installer
@@ -391,11 +441,15 @@ class TEDMSlicerLogic(ScriptedLoadableModuleLogic):
             return True
         if plan.tedm_core_unavailable:
             raise RuntimeError("tedm_core is not installed and no source tree was found next to the module")
-        if confirm and not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle=_("TEDM Segmentation: install dependencies")):
+        if confirm and not slicer.util.confirmOkCancelDisplay(
+            plan.describe(), windowTitle=_("TEDM Segmentation: install dependencies")
+        ):
             return False
         installer = self._installer or dependencies.SlicerPackageInstaller(slicer)
         with slicer.util.WaitCursor():
-            dependencies.install_dependencies(plan, installer, log=lambda message: slicer.util.showStatusMessage(message, 5000))
+            dependencies.install_dependencies(
+                plan, installer, log=lambda message: slicer.util.showStatusMessage(message, 5000)
+            )
         return True
 
     @staticmethod
@@ -431,6 +485,7 @@ class TEDMSlicerTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import torch
+
         from tedm_core.model.backbone import PRESETS
         from tedm_core.model.checkpoint import Backbone, save_backbone
         from tedm_core.preprocessing.intensity import IntensityConfig
@@ -454,7 +509,9 @@ class TEDMSlicerTest(ScriptedLoadableModuleTest):
         transform.Scale(0.9, 0.8, 2.5)
         ijkToRas.DeepCopy(transform.GetMatrix())
         ijkToRas.SetElement(0, 3, -12.0)
-        volume = slicer.util.addVolumeFromArray(array.astype("float32"), ijkToRAS=ijkToRas, name="TEDMSlicerTest volume")
+        volume = slicer.util.addVolumeFromArray(
+            array.astype("float32"), ijkToRAS=ijkToRas, name="TEDMSlicerTest volume"
+        )
         return volume, sphere.astype("uint8")
 
     def test_FitCorrectRefine(self) -> None:

@@ -72,9 +72,13 @@ def main() -> None:
             features = extractor(torch.zeros(1, *shape), steps)
         head_gmac = gmac(_Head(head, features, (args.image_size, args.image_size)), shape)
         rows.append((method, len(steps), len(steps) * truncated + head_gmac, head_gmac))
-    print(f"{args.preset} UNet at {args.image_size} px: one full pass N = {full:.1f} GMAC; truncated feature pass {truncated:.1f} GMAC ({100 * (1 - truncated / full):.1f} % saved)")
+    print(
+        f"{args.preset} UNet at {args.image_size} px: one full pass N = {full:.1f} GMAC; truncated feature pass {truncated:.1f} GMAC ({100 * (1 - truncated / full):.1f} % saved)"
+    )
     for method, s, total, head_gmac in rows:
-        print(f"{method:6s} |S|={s}: {total:7.1f} GMAC per image ({total / full:4.1f} N), of which head {head_gmac:.2f}")
+        print(
+            f"{method:6s} |S|={s}: {total:7.1f} GMAC per image ({total / full:4.1f} N), of which head {head_gmac:.2f}"
+        )
 
 
 if __name__ == "__main__":

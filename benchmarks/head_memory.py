@@ -26,7 +26,6 @@ from tedm_core.heads import PixelMLP
 from tedm_core.model.backbone import PRESETS, build_unet
 from tedm_core.model.diffusion import NoiseSchedule
 
-
 FEATURES = "/tmp/tedm_head_features.pt"
 
 
@@ -96,14 +95,42 @@ def main() -> None:
     channels = _extract(args.preset, args.image_size)
     results = {}
     for variant in ("dense", "factorised"):
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--image-size", str(args.image_size), "--variant", variant], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--preset",
+                args.preset,
+                "--image-size",
+                str(args.image_size),
+                "--variant",
+                variant,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     dense, fact = results["dense"], results["factorised"]
-    difference = (torch.load("/tmp/tedm_head_dense.pt", weights_only=True) - torch.load("/tmp/tedm_head_factorised.pt", weights_only=True)).abs().max().item()
-    print(f"{args.preset} backbone at {args.image_size} px, decoder channels {channels}, |S| = {len(TEDM_TIMESTEPS)} timesteps of one image")
+    difference = (
+        (
+            torch.load("/tmp/tedm_head_dense.pt", weights_only=True)
+            - torch.load("/tmp/tedm_head_factorised.pt", weights_only=True)
+        )
+        .abs()
+        .max()
+        .item()
+    )
+    print(
+        f"{args.preset} backbone at {args.image_size} px, decoder channels {channels}, |S| = {len(TEDM_TIMESTEPS)} timesteps of one image"
+    )
     print(f"largest |logit difference|: {difference:.2e}")
-    print(f"time         dense {dense['seconds'] * 1e3:8.1f} ms    factorised {fact['seconds'] * 1e3:8.1f} ms    ratio {dense['seconds'] / fact['seconds']:5.2f}x")
-    print(f"peak memory  dense {dense['peak_kib'] / 1024:8.1f} MiB   factorised {fact['peak_kib'] / 1024:8.1f} MiB   ratio {dense['peak_kib'] / max(1, fact['peak_kib']):5.2f}x")
+    print(
+        f"time         dense {dense['seconds'] * 1e3:8.1f} ms    factorised {fact['seconds'] * 1e3:8.1f} ms    ratio {dense['seconds'] / fact['seconds']:5.2f}x"
+    )
+    print(
+        f"peak memory  dense {dense['peak_kib'] / 1024:8.1f} MiB   factorised {fact['peak_kib'] / 1024:8.1f} MiB   ratio {dense['peak_kib'] / max(1, fact['peak_kib']):5.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,10 @@ class PhaseClock:
 
     def describe(self, total: float) -> str:
         parts = [f"{name} {last - first:.2f} s" for name, (first, last) in self.phases.items() if last > first]
-        return "; ".join(parts) + f"; the rest (MRML read/write, diff, setup) {total - sum(l - f for f, l in self.phases.values()):.2f} s"
+        return (
+            "; ".join(parts)
+            + f"; the rest (MRML read/write, diff, setup) {total - sum(l - f for f, l in self.phases.values()):.2f} s"
+        )
 
 
 def make_timing_bundle(path: Path, preset: str, case: Path, channels, device: str) -> None:
@@ -91,26 +94,51 @@ def make_timing_bundle(path: Path, preset: str, case: Path, channels, device: st
     from tedm_core.preprocessing.intensity import MULTIMODAL_MRI
 
     torch.manual_seed(0)
-    backbone = Backbone.new(PRESETS[preset].with_(in_channels=len(channels)), intensity=MULTIMODAL_MRI, channel_names=list(channels))
+    backbone = Backbone.new(
+        PRESETS[preset].with_(in_channels=len(channels)), intensity=MULTIMODAL_MRI, channel_names=list(channels)
+    )
     image = read_case([case / f"{c}.nii.gz" for c in channels], channel_names=channels)
     truth = read_volume(case / "GT_W.nii.gz", allow_constant=True)
     areas = (truth.array[0] > 0).sum(axis=(1, 2))
     top = int(np.argmax(areas))
     pairs = labelled_slices_from_volumes(image, truth, backbone.intensity, [0, 1], axis="axial", slices=[top, top - 8])
-    bundle = fit_bundle(backbone, pairs.slices, pairs.labels, "tedm", ["background", "tumour"], [0, 1], steps=20, device=device, show_progress=False)
+    bundle = fit_bundle(
+        backbone,
+        pairs.slices,
+        pairs.labels,
+        "tedm",
+        ["background", "tumour"],
+        [0, 1],
+        steps=20,
+        device=device,
+        show_progress=False,
+    )
     save_bundle(bundle, path)
     print(f"made a timing-only bundle ({preset}, untrained backbone) at {path}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", type=Path, help="fitted model folder (bundle.json); channels named after BraTS files (FLAIR, T1)")
-    parser.add_argument("--case", type=Path, default=DEFAULT_CASE, help="BraTS case folder with <channel>.nii.gz and GT_W.nii.gz")
+    parser.add_argument(
+        "bundle", type=Path, help="fitted model folder (bundle.json); channels named after BraTS files (FLAIR, T1)"
+    )
+    parser.add_argument(
+        "--case", type=Path, default=DEFAULT_CASE, help="BraTS case folder with <channel>.nii.gz and GT_W.nii.gz"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--refine-steps", type=int, default=None, help="head fine-tuning steps (default: the backend's)")
-    parser.add_argument("--make-timing-bundle", metavar="PRESET", choices=["tiny", "small", "paper"], help="create BUNDLE first if missing (untrained backbone: timing only)")
-    parser.add_argument("--channels", nargs="+", default=None, help="channel files for --make-timing-bundle (default: FLAIR)")
+    parser.add_argument(
+        "--refine-steps", type=int, default=None, help="head fine-tuning steps (default: the backend's)"
+    )
+    parser.add_argument(
+        "--make-timing-bundle",
+        metavar="PRESET",
+        choices=["tiny", "small", "paper"],
+        help="create BUNDLE first if missing (untrained backbone: timing only)",
+    )
+    parser.add_argument(
+        "--channels", nargs="+", default=None, help="channel files for --make-timing-bundle (default: FLAIR)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -125,7 +153,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.case}: BraTS case folder not found (the data lives in ../shared/data)")
     if not args.bundle.exists():
         if not args.make_timing_bundle:
-            raise SystemExit(f"{args.bundle}: no such bundle (pass --make-timing-bundle PRESET to create a timing-only one)")
+            raise SystemExit(
+                f"{args.bundle}: no such bundle (pass --make-timing-bundle PRESET to create a timing-only one)"
+            )
         make_timing_bundle(args.bundle, args.make_timing_bundle, args.case, args.channels or ["FLAIR"], args.device)
 
     logic = TEDMSlicerCoreLogic()
@@ -138,16 +168,22 @@ def main(argv=None) -> int:
     scene.AddNode(segmentation)
     segmentation.CreateDefaultDisplayNodes()
     shape = mrml_io.array_from_volume_node(volumes[0]).shape
-    print(f"case {args.case.name}: {shape[::-1]} voxels (IJK), channels {bundle.channel_names}; model: {bundle.describe()}")
+    print(
+        f"case {args.case.name}: {shape[::-1]} voxels (IJK), channels {bundle.channel_names}; model: {bundle.describe()}"
+    )
 
     # 1. Segment (warm-up: load the model first so that loading is not counted).
     segment_clock = PhaseClock()
     tic = time.perf_counter()
-    segmented = logic.segment(volumes, str(args.bundle), segmentation, axis="auto", device=args.device, callbacks=segment_clock)
+    segmented = logic.segment(
+        volumes, str(args.bundle), segmentation, axis="auto", device=args.device, callbacks=segment_clock
+    )
     segment_seconds = time.perf_counter() - tic
     session = segmented.session
     cache = session.features.nbytes / 2**20 if session.features is not None else 0.0
-    print(f"segment: {segment_seconds:.2f} s ({session.layout.num_slices} {session.axis} slices; feature cache {cache:.0f} MiB)")
+    print(
+        f"segment: {segment_seconds:.2f} s ({session.layout.num_slices} {session.axis} slices; feature cache {cache:.0f} MiB)"
+    )
     print(f"  phases: {segment_clock.describe(segment_seconds)}")
 
     # 2. Correct the two tumour slices the model got most wrong, through the Segment Editor logic.
@@ -166,18 +202,30 @@ def main(argv=None) -> int:
     segment_id = session.segment_ids[0]
     where = np.zeros(len(truth_slices), dtype=bool)
     where[worst] = True
-    where_kji = logic.backend.reassemble(np.broadcast_to(where[:, None, None], truth_slices.shape).astype(np.uint8), session.layout) > 0
+    where_kji = (
+        logic.backend.reassemble(
+            np.broadcast_to(where[:, None, None], truth_slices.shape).astype(np.uint8), session.layout
+        )
+        > 0
+    )
     ijk_to_ras = mrml_io.ijk_to_ras_of(volumes[0])
-    for mask, mode in ((where_kji & (current > 0) & (truth_kji == 0), editor.ModificationModeRemove), (where_kji & (truth_kji > 0) & (current == 0), editor.ModificationModeAdd)):
+    for mask, mode in (
+        (where_kji & (current > 0) & (truth_kji == 0), editor.ModificationModeRemove),
+        (where_kji & (truth_kji > 0) & (current == 0), editor.ModificationModeAdd),
+    ):
         if mask.any():
-            editor.ModifySegmentByLabelmap(segmentation, segment_id, mrml_io.oriented_image_from_array(mask, ijk_to_ras), mode, False, True)
+            editor.ModifySegmentByLabelmap(
+                segmentation, segment_id, mrml_io.oriented_image_from_array(mask, ijk_to_ras), mode, False, True
+            )
     others = [n for n in tumour if n not in worst]
     before = dice(current_slices[others], truth_slices[others])
 
     # 3. Refine.
     refine_clock = PhaseClock()
     tic = time.perf_counter()
-    refined = logic.refine(segmentation, volumes[0], steps=args.refine_steps, device=args.device, callbacks=refine_clock)
+    refined = logic.refine(
+        segmentation, volumes[0], steps=args.refine_steps, device=args.device, callbacks=refine_clock
+    )
     refine_seconds = time.perf_counter() - tic
     after_slices = to_slices(mrml_io.read_class_labels(segmentation, volumes[0]))
     after = dice(after_slices[others], truth_slices[others])
@@ -185,7 +233,9 @@ def main(argv=None) -> int:
     assert np.array_equal(after_slices[worst], truth_slices[worst])
 
     fraction = refine_seconds / segment_seconds
-    print(f"refine:  {refine_seconds:.2f} s (corrected slices {sorted(worst)}; trained on {refined.session.training_slices})")
+    print(
+        f"refine:  {refine_seconds:.2f} s (corrected slices {sorted(worst)}; trained on {refined.session.training_slices})"
+    )
     print(f"  phases: {refine_clock.describe(refine_seconds)}")
     print(f"Dice on the other tumour slices: {before:.3f} before, {after:.3f} after refine")
     print(f"refine / segment = {100 * fraction:.1f} % (goal <= 15 %) -> {'MET' if fraction <= 0.15 else 'NOT MET'}")

@@ -55,18 +55,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, type=Path, metavar="BUNDLE", help="model bundle folder (from `tedm fit`)")
     p.add_argument("--input", required=True, type=Path, metavar="DIR", help="folder of cases, searched recursively")
-    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder (must not be inside --input)")
+    p.add_argument(
+        "--output", required=True, type=Path, metavar="DIR", help="output folder (must not be inside --input)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per model call (default: sized to free GPU memory, 4 on CPU)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--axis", choices=["axial", "coronal", "sagittal", "k"], default=None, help="slicing axis (default: the one the bundle was fitted on)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per model call (default: sized to free GPU memory, 4 on CPU)",
+    )
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--axis",
+        choices=["axial", "coronal", "sagittal", "k"],
+        default=None,
+        help="slicing axis (default: the one the bundle was fitted on)",
+    )
     p.add_argument("--overwrite", action="store_true", help="segment cases whose outputs already exist")
-    p.add_argument("--uncertainty", action="store_true", help="also write the per-voxel spread of the per-timestep probabilities")
-    p.add_argument("--labels", type=Path, metavar="DIR", help="ground-truth folder: adds metrics.csv (Dice, precision, recall)")
-    p.add_argument("--label-name", metavar="NAME", help="ground-truth file name inside each case's folder under --labels (e.g. GT_W.nii.gz)")
-    p.add_argument("--include", metavar="GLOB", help="only files (single-channel) or case folders (multi-channel) whose name matches")
-    p.add_argument("--shard", default="1/1", metavar="K/N", help="process the K-th of N deterministic parts of the cohort (K from 1; e.g. $SLURM_ARRAY_TASK_ID/8)")
-    p.add_argument("--require-3d", action="store_true", help="fail 2D images (multi-channel models always require volumes)")
+    p.add_argument(
+        "--uncertainty", action="store_true", help="also write the per-voxel spread of the per-timestep probabilities"
+    )
+    p.add_argument(
+        "--labels", type=Path, metavar="DIR", help="ground-truth folder: adds metrics.csv (Dice, precision, recall)"
+    )
+    p.add_argument(
+        "--label-name",
+        metavar="NAME",
+        help="ground-truth file name inside each case's folder under --labels (e.g. GT_W.nii.gz)",
+    )
+    p.add_argument(
+        "--include",
+        metavar="GLOB",
+        help="only files (single-channel) or case folders (multi-channel) whose name matches",
+    )
+    p.add_argument(
+        "--shard",
+        default="1/1",
+        metavar="K/N",
+        help="process the K-th of N deterministic parts of the cohort (K from 1; e.g. $SLURM_ARRAY_TASK_ID/8)",
+    )
+    p.add_argument(
+        "--require-3d", action="store_true", help="fail 2D images (multi-channel models always require volumes)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed cases)")
     return p
@@ -74,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from tedm_core.errors import TEDMError
 
     try:
@@ -85,8 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Cheap checks first: a wrong folder should not cost a model load.
         check_output_folder(args.input, args.output)
         options = BatchOptions(
-            overwrite=args.overwrite, uncertainty=args.uncertainty, labels_dir=args.labels, label_name=args.label_name,
-            include=args.include, shard=parse_shard(args.shard), require_3d=args.require_3d, axis=args.axis,
+            overwrite=args.overwrite,
+            uncertainty=args.uncertainty,
+            labels_dir=args.labels,
+            label_name=args.label_name,
+            include=args.include,
+            shard=parse_shard(args.shard),
+            require_3d=args.require_3d,
+            axis=args.axis,
             show_progress=not args.no_progress,
         )
         bundle = load_bundle(args.model)
@@ -99,10 +140,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("batch_segment: interrupted; rerun the same command to complete the batch", file=sys.stderr)
         return 130
     counts = report.counts()
-    print(f"{len(report.results)} cases: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f"; summary: {report.summary_path}")
+    print(
+        f"{len(report.results)} cases: "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        + f"; summary: {report.summary_path}"
+    )
     if report.metrics_path is not None:
         dice = report.mean_dice()
-        print("mean Dice: " + ", ".join(f"{name} {value:.4f}" for name, value in dice.items()) + f"; metrics: {report.metrics_path}")
+        print(
+            "mean Dice: "
+            + ", ".join(f"{name} {value:.4f}" for name, value in dice.items())
+            + f"; metrics: {report.metrics_path}"
+        )
     for result in report.failed:
         print(f"FAILED {result.error}", file=sys.stderr)
     return 1 if report.failed else 0

@@ -81,9 +81,13 @@ def overlay_png(image_path: Path, label_path: Path, out: Path) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("tedm_demo"), help="where everything is written (default: ./tedm_demo)")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("tedm_demo"), help="where everything is written (default: ./tedm_demo)"
+    )
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
-    parser.add_argument("--steps", type=int, default=300, help="DDPM pretraining steps (default: 300, about 6 minutes on 2 CPU cores)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="DDPM pretraining steps (default: 300, about 6 minutes on 2 CPU cores)"
+    )
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -92,19 +96,82 @@ def main(argv=None) -> int:
     train, to_segment, held_out = write_demo_data(work)
     tedm = [sys.executable, "-m", "tedm_core.cli"]
     backbone, bundle, output = work / "backbone", work / "bundle", work / "output"
-    run(tedm + ["pretrain", "--images", train, "--out", backbone, "--preset", args.preset, "--steps", args.steps, "--intensity", "brain",
-                "--checkpoint-every", max(50, args.steps // 4), "--shift", 4, "--device", args.device, "--overwrite"], started)
-    run(tedm + ["fit", "--backbone", backbone, "--images", train, "--masks", work / "train" / "labels", "--slices-per-case", 3,
-                "--classes", *CLASSES, "--out", bundle, "--device", args.device, "--overwrite"], started)
-    run([sys.executable, REPO / "scripts" / "batch_segment.py", "--model", bundle, "--input", to_segment, "--output", output,
-         "--labels", held_out, "--uncertainty", "--overwrite", "--device", args.device], started)
+    run(
+        tedm
+        + [
+            "pretrain",
+            "--images",
+            train,
+            "--out",
+            backbone,
+            "--preset",
+            args.preset,
+            "--steps",
+            args.steps,
+            "--intensity",
+            "brain",
+            "--checkpoint-every",
+            max(50, args.steps // 4),
+            "--shift",
+            4,
+            "--device",
+            args.device,
+            "--overwrite",
+        ],
+        started,
+    )
+    run(
+        tedm
+        + [
+            "fit",
+            "--backbone",
+            backbone,
+            "--images",
+            train,
+            "--masks",
+            work / "train" / "labels",
+            "--slices-per-case",
+            3,
+            "--classes",
+            *CLASSES,
+            "--out",
+            bundle,
+            "--device",
+            args.device,
+            "--overwrite",
+        ],
+        started,
+    )
+    run(
+        [
+            sys.executable,
+            REPO / "scripts" / "batch_segment.py",
+            "--model",
+            bundle,
+            "--input",
+            to_segment,
+            "--output",
+            output,
+            "--labels",
+            held_out,
+            "--uncertainty",
+            "--overwrite",
+            "--device",
+            args.device,
+        ],
+        started,
+    )
     segmentation = next(p for p in output.rglob("*.nii.gz") if "uncertainty" not in p.name)
     overlay = overlay_png(to_segment / "mni152_lps.nii.gz", segmentation, output / "overlay.png")
     print(f"\n[{time.perf_counter() - started:5.0f} s] done.")
     with open(output / "metrics.csv") as handle:
         for row in csv.DictReader(handle):
-            print(f"  Dice {row.get('class', '?'):>14}: {float(row['dice']):.3f}   (precision {float(row['precision']):.3f}, recall {float(row['recall']):.3f})")
-    print(f"  segmentation:  {segmentation}\n  uncertainty:   {next(output.rglob('*uncertainty*'), 'n/a')}\n  overlay PNG:   {overlay}\n  model bundle:  {bundle}")
+            print(
+                f"  Dice {row.get('class', '?'):>14}: {float(row['dice']):.3f}   (precision {float(row['precision']):.3f}, recall {float(row['recall']):.3f})"
+            )
+    print(
+        f"  segmentation:  {segmentation}\n  uncertainty:   {next(output.rglob('*uncertainty*'), 'n/a')}\n  overlay PNG:   {overlay}\n  model bundle:  {bundle}"
+    )
     return 0
 
 

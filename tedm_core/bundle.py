@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import __version__
+from .choices import BASELINE
 from .errors import BundleError
 from .heads import FeatureHead, HeadConfig
 from .io.safe import read_json, read_tensors, write_json, write_tensors
@@ -31,16 +32,27 @@ BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
-BASELINE = "baseline"
 
 # Distinct, colour-blind-friendlier defaults (Okabe-Ito), background first.
 DEFAULT_COLOURS: Tuple[Tuple[int, int, int], ...] = (
-    (0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167),
+    (0, 0, 0),
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
 )
 
 
 def default_colours(num_classes: int) -> List[Tuple[int, int, int]]:
-    return [DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)] if i < len(DEFAULT_COLOURS) else tuple((37 * i % 256, 91 * i % 256, 151 * i % 256)) for i in range(num_classes)]
+    return [
+        DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)]
+        if i < len(DEFAULT_COLOURS)
+        else (37 * i % 256, 91 * i % 256, 151 * i % 256)
+        for i in range(num_classes)
+    ]
 
 
 @dataclass
@@ -144,7 +156,9 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
     except (KeyError, TypeError) as error:
         raise BundleError(meta_path, f"missing entry {error}") from None
     if method == BASELINE:
-        backbone = backbone_from_metadata(meta_path, backbone_meta, weights, out_channels=baseline_output_channels(num_classes))
+        backbone = backbone_from_metadata(
+            meta_path, backbone_meta, weights, out_channels=baseline_output_channels(num_classes)
+        )
         head = None
     else:
         backbone = backbone_from_metadata(meta_path, backbone_meta, weights)
@@ -154,7 +168,9 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
         except (TypeError, ValueError, AttributeError) as error:
             raise BundleError(meta_path, f"head description is invalid ({error})") from None
         except RuntimeError as error:
-            raise BundleError(path / HEAD_WEIGHTS, f"weights do not match the described head ({str(error).splitlines()[0]})") from None
+            raise BundleError(
+                path / HEAD_WEIGHTS, f"weights do not match the described head ({str(error).splitlines()[0]})"
+            ) from None
         head.eval()
     try:
         return ModelBundle(

@@ -17,26 +17,61 @@ log = logging.getLogger("tedm")
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a DDPM backbone on unlabelled images or volumes")
-    p.add_argument("--images", nargs="+", required=True, metavar="DIR", help="folders or files: PNG/JPG images, NIfTI/NRRD/MHA volumes (searched recursively)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="folders or files: PNG/JPG images, NIfTI/NRRD/MHA volumes (searched recursively)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="CKPT_DIR", help="checkpoint folder")
-    p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"], help="UNet size (default: small, the CPU preset)")
+    p.add_argument(
+        "--preset",
+        default="small",
+        choices=["tiny", "small", "paper"],
+        help="UNet size (default: small, the CPU preset)",
+    )
     p.add_argument("--steps", type=int, default=3000, help="total optimiser steps (default: 3000)")
     p.add_argument("--image-size", type=int, help="model grid in pixels (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--loss", choices=["l1", "mse"], default="l1")
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    p.add_argument("--intensity", choices=["radiograph", "brain", "zscore"], default=None, help="intensity normalisation (default: radiograph for 2D images, brain for volumes)")
-    p.add_argument("--axis", default="axial", help="slicing axis for volumes: axial, coronal, sagittal or k (default: axial)")
-    p.add_argument("--channels", nargs="+", metavar="NAME", help="modalities per case, as file name stems (e.g. FLAIR T1); default: one channel per file")
-    p.add_argument("--flip", action="store_true", help="random left-right flips (off by default: anatomy is not symmetric)")
-    p.add_argument("--shift", type=int, default=4, help="random shifts up to this many model pixels (default: 4; 0 = off)")
+    p.add_argument(
+        "--intensity",
+        choices=["radiograph", "brain", "zscore"],
+        default=None,
+        help="intensity normalisation (default: radiograph for 2D images, brain for volumes)",
+    )
+    p.add_argument(
+        "--axis", default="axial", help="slicing axis for volumes: axial, coronal, sagittal or k (default: axial)"
+    )
+    p.add_argument(
+        "--channels",
+        nargs="+",
+        metavar="NAME",
+        help="modalities per case, as file name stems (e.g. FLAIR T1); default: one channel per file",
+    )
+    p.add_argument(
+        "--flip", action="store_true", help="random left-right flips (off by default: anatomy is not symmetric)"
+    )
+    p.add_argument(
+        "--shift", type=int, default=4, help="random shifts up to this many model pixels (default: 4; 0 = off)"
+    )
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="step checkpoints kept in CKPT_DIR/steps/, the newest (default: 2; 0 keeps all, to choose one on validation images)")
+    p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="K",
+        help="step checkpoints kept in CKPT_DIR/steps/, the newest (default: 2; 0 keeps all, to choose one on validation images)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_pretrain)
@@ -52,20 +87,49 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .preprocessing.intensity import BRAIN_T1, MULTIMODAL_MRI, RADIOGRAPH
 
     if (args.out / BACKBONE_JSON).exists() and not (args.resume or args.overwrite):
-        raise TEDMError(f"{args.out}: already holds a checkpoint; pass --resume to continue it or --overwrite to start again")
+        raise TEDMError(
+            f"{args.out}: already holds a checkpoint; pass --resume to continue it or --overwrite to start again"
+        )
     torch.manual_seed(args.seed)
     files = discover_files(args.images)
     intensity = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
     config = PRESETS[args.preset]
-    config = config.with_(image_size=args.image_size or config.image_size, in_channels=len(args.channels) if args.channels else 1)
-    images = load_pretraining_slices(args.images, config.image_size, intensity, axis=args.axis, in_channels=config.in_channels, channel_names=args.channels)
-    log.info("pretraining %s preset (%d px) on %d slices from %d files", args.preset, config.image_size, images.shape[0], len(files))
-    backbone = Backbone.new(config, schedule=args.schedule, intensity=intensity, channel_names=list(args.channels or ["image"]))
+    config = config.with_(
+        image_size=args.image_size or config.image_size, in_channels=len(args.channels) if args.channels else 1
+    )
+    images = load_pretraining_slices(
+        args.images,
+        config.image_size,
+        intensity,
+        axis=args.axis,
+        in_channels=config.in_channels,
+        channel_names=args.channels,
+    )
+    log.info(
+        "pretraining %s preset (%d px) on %d slices from %d files",
+        args.preset,
+        config.image_size,
+        images.shape[0],
+        len(files),
+    )
+    backbone = Backbone.new(
+        config, schedule=args.schedule, intensity=intensity, channel_names=list(args.channels or ["image"])
+    )
     options = PretrainOptions(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, loss=args.loss, precision=args.precision,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, ema_decay=args.ema, flip=args.flip, max_shift=args.shift, device=args.device,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        loss=args.loss,
+        precision=args.precision,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        ema_decay=args.ema,
+        flip=args.flip,
+        max_shift=args.shift,
+        device=args.device,
     )
     tic = time.perf_counter()
     pretrain(images, backbone, args.out, options, resume=args.resume)
@@ -75,20 +139,54 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a segmentation head (or the supervised baseline) on a few labelled images")
-    p.add_argument("--backbone", required=True, type=Path, metavar="CKPT_DIR", help="a pretrained backbone folder (from tedm pretrain)")
+    p.add_argument(
+        "--backbone",
+        required=True,
+        type=Path,
+        metavar="CKPT_DIR",
+        help="a pretrained backbone folder (from tedm pretrain)",
+    )
     p.add_argument("--images", required=True, type=Path, metavar="DIR", help="labelled images (PNG/JPG) or volumes")
-    p.add_argument("--masks", type=Path, metavar="DIR", help="masks/label maps named like the images (2D) or cases (volumes)")
-    p.add_argument("--label-name", metavar="FILE", help="volumes: the label file inside each case folder instead of --masks (e.g. GT_W.nii.gz)")
+    p.add_argument(
+        "--masks", type=Path, metavar="DIR", help="masks/label maps named like the images (2D) or cases (volumes)"
+    )
+    p.add_argument(
+        "--label-name",
+        metavar="FILE",
+        help="volumes: the label file inside each case folder instead of --masks (e.g. GT_W.nii.gz)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="the model bundle folder to write")
     p.add_argument("--method", default="tedm", choices=["tedm", "ledm", "ledme", "baseline", "step"])
     p.add_argument("--n", type=int, help="use the first N labelled items in sorted file-name order (default: all)")
     p.add_argument("--steps", type=int, help="training steps (default: 300 for heads, 1000 for the baseline)")
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 heads, 1e-4 baseline)")
     p.add_argument("--timesteps", type=int, nargs="+", help="override the method's timesteps")
-    p.add_argument("--classes", nargs="+", default=["foreground"], metavar="NAME", help="structure names, background excluded (default: foreground)")
-    p.add_argument("--label-values", type=int, nargs="+", metavar="V", help="mask value of each class, background first (default: 0 and non-zero for one class, else 0..K)")
-    p.add_argument("--slices", type=int, nargs="+", help="volumes only: the slice indices to learn from (default: every slice carrying labels)")
-    p.add_argument("--slices-per-case", type=int, metavar="K", help="volumes only: keep K of the labelled slices, spread evenly (simulates a clinician labelling K slices)")
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        default=["foreground"],
+        metavar="NAME",
+        help="structure names, background excluded (default: foreground)",
+    )
+    p.add_argument(
+        "--label-values",
+        type=int,
+        nargs="+",
+        metavar="V",
+        help="mask value of each class, background first (default: 0 and non-zero for one class, else 0..K)",
+    )
+    p.add_argument(
+        "--slices",
+        type=int,
+        nargs="+",
+        help="volumes only: the slice indices to learn from (default: every slice carrying labels)",
+    )
+    p.add_argument(
+        "--slices-per-case",
+        type=int,
+        metavar="K",
+        help="volumes only: keep K of the labelled slices, spread evenly (simulates a clinician labelling K slices)",
+    )
     p.add_argument("--axis", default=None, help="volumes only: slicing axis (default: the backbone's, axial)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--device", default="auto")
@@ -100,7 +198,9 @@ def _class_spec(args: argparse.Namespace) -> Tuple[List[str], List[int]]:
     names = ["background"] + list(args.classes)
     values = list(args.label_values) if args.label_values else list(range(len(names)))
     if len(values) != len(names):
-        raise TEDMError(f"--label-values: {len(values)} values for {len(names)} classes (background + {', '.join(args.classes)})")
+        raise TEDMError(
+            f"--label-values: {len(values)} values for {len(names)} classes (background + {', '.join(args.classes)})"
+        )
     return names, values
 
 
@@ -115,11 +215,32 @@ def _run_fit(args: argparse.Namespace) -> int:
     backbone = load_backbone(args.backbone)
     class_names, label_values = _class_spec(args)
     slices, labels, sources = load_labelled_data(
-        args.images, args.masks, backbone.intensity, label_values, backbone.channel_names, n=args.n,
-        slices=args.slices, slices_per_case=args.slices_per_case, axis=args.axis or "axial", label_name=args.label_name,
+        args.images,
+        args.masks,
+        backbone.intensity,
+        label_values,
+        backbone.channel_names,
+        n=args.n,
+        slices=args.slices,
+        slices_per_case=args.slices_per_case,
+        axis=args.axis or "axial",
+        label_name=args.label_name,
     )
     log.info("fitting %s on %d labelled slices", args.method, len(slices))
-    bundle = fit_bundle(backbone, slices, labels, args.method, class_names, label_values, steps=args.steps, learning_rate=args.lr, seed=args.seed, device=args.device, timesteps=tuple(args.timesteps) if args.timesteps else None, axis=args.axis or "axial")
+    bundle = fit_bundle(
+        backbone,
+        slices,
+        labels,
+        args.method,
+        class_names,
+        label_values,
+        steps=args.steps,
+        learning_rate=args.lr,
+        seed=args.seed,
+        device=args.device,
+        timesteps=tuple(args.timesteps) if args.timesteps else None,
+        axis=args.axis or "axial",
+    )
     bundle.training["sources"] = sources
     save_bundle(bundle, args.out, overwrite=args.overwrite)
     print(f"fitted {args.method} on {len(slices)} slices in {bundle.training['seconds']} s -> {args.out}")
@@ -127,13 +248,25 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment images (PNG/JPG -> mask PNGs) or volumes (-> label volumes, as scripts/batch_segment.py) with a model bundle")
+    p = sub.add_parser(
+        "segment",
+        help="segment images (PNG/JPG -> mask PNGs) or volumes (-> label volumes, as scripts/batch_segment.py) with a model bundle",
+    )
     p.add_argument("--model", required=True, type=Path, metavar="BUNDLE")
     p.add_argument("--input", required=True, type=Path, metavar="DIR")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
     p.add_argument("--probabilities", action="store_true", help="also write <name>_prob[_<class>].png (0-255 for 0-1)")
-    p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png: spread of the per-timestep probabilities (0-255 for 0-0.5)")
-    p.add_argument("--timesteps", type=int, nargs="+", help="predict with these of the head's timesteps only (single-step ablation)")
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write <name>_uncertainty.png: spread of the per-timestep probabilities (0-255 for 0-0.5)",
+    )
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        nargs="+",
+        help="predict with these of the head's timesteps only (single-step ablation)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
@@ -147,14 +280,25 @@ def _run_segment(args: argparse.Namespace) -> int:
     from .pipelines.segment import Segmenter
 
     bundle = load_bundle(args.model)
-    segmenter = Segmenter(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps)
+    segmenter = Segmenter(
+        bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps
+    )
     if len(bundle.channel_names) > 1 or not _holds_only_2d_images(args.input):
         from .pipelines.batch import BatchOptions, run_batch
 
-        batch = run_batch(segmenter, args.input, args.output, BatchOptions(overwrite=args.overwrite, uncertainty=args.uncertainty))
+        batch = run_batch(
+            segmenter, args.input, args.output, BatchOptions(overwrite=args.overwrite, uncertainty=args.uncertainty)
+        )
         print(f"{batch.counts()} -> {batch.summary_path}")
         return 1 if batch.failed else 0
-    report = segment_image_folder(segmenter, args.input, args.output, probabilities=args.probabilities, uncertainty=args.uncertainty, overwrite=args.overwrite)
+    report = segment_image_folder(
+        segmenter,
+        args.input,
+        args.output,
+        probabilities=args.probabilities,
+        uncertainty=args.uncertainty,
+        overwrite=args.overwrite,
+    )
     print(report.summary_line())
     for failure in report.failures:
         print(f"tedm segment: error: {failure}", file=sys.stderr)
@@ -172,8 +316,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pred", required=True, type=Path, metavar="DIR")
     p.add_argument("--truth", required=True, type=Path, metavar="DIR")
     p.add_argument("--csv", type=Path, metavar="FILE", help="write per-image metrics here")
-    p.add_argument("--label-values", type=int, nargs="+", default=[0, 255], metavar="V", help="pixel value of each class, background first (default: 0 255; any non-zero is foreground for one class)")
-    p.add_argument("--compare", type=Path, metavar="DIR", help="another method's predictions of the same images: per-image wins and a paired Wilcoxon test on Dice")
+    p.add_argument(
+        "--label-values",
+        type=int,
+        nargs="+",
+        default=[0, 255],
+        metavar="V",
+        help="pixel value of each class, background first (default: 0 255; any non-zero is foreground for one class)",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="another method's predictions of the same images: per-image wins and a paired Wilcoxon test on Dice",
+    )
     p.set_defaults(func=_run_evaluate)
 
 
@@ -188,14 +344,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for k in sorted({int(r["class"]) for r in rows}):
         of_class = [r for r in rows if r["class"] == k]
         label = f"class {k} " if len(args.label_values) > 2 else ""
-        print(f"{label}Dice {summarise([r['dice'] for r in of_class])}  precision {summarise([r['precision'] for r in of_class])}  recall {summarise([r['recall'] for r in of_class])}")
+        print(
+            f"{label}Dice {summarise([r['dice'] for r in of_class])}  precision {summarise([r['precision'] for r in of_class])}  recall {summarise([r['recall'] for r in of_class])}"
+        )
         if other is not None:
-            print(f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; {args.pred} is {compare_dice(rows, other, k)}")
+            print(
+                f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; {args.pred} is {compare_dice(rows, other, k)}"
+            )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tedm", description="Few-shot segmentation with timestep-ensembled diffusion features (TEDM).")
+    parser = argparse.ArgumentParser(
+        prog="tedm", description="Few-shot segmentation with timestep-ensembled diffusion features (TEDM)."
+    )
     parser.add_argument("--version", action="version", version=f"tedm_core {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except TEDMError as error:

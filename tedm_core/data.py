@@ -50,7 +50,12 @@ def nonempty_slices(slices: np.ndarray) -> np.ndarray:
     return np.flatnonzero(foreground >= MIN_FOREGROUND_FRACTION)
 
 
-def training_slices(paths: Sequence[Path], intensity: IntensityConfig, axis: str = "axial", channel_names: Optional[Sequence[str]] = None) -> np.ndarray:
+def training_slices(
+    paths: Sequence[Path],
+    intensity: IntensityConfig,
+    axis: str = "axial",
+    channel_names: Optional[Sequence[str]] = None,
+) -> np.ndarray:
     """Normalised ``(N, C, H, W)`` slices of one image (N = 1), one volume, or a multi-modal case
     (one file per channel, same geometry); empty volume slices are dropped."""
     if len(paths) == 1 and is_image_file(paths[0]):

@@ -51,12 +51,14 @@ class DecoderFeatureExtractor(torch.nn.Module):
         levels: indices of the decoder levels to tap (0 = deepest); default all.
     """
 
-    def __init__(self, unet: DiffusionModelUNet, schedule: NoiseSchedule, levels: Optional[Sequence[int]] = None) -> None:
+    def __init__(
+        self, unet: DiffusionModelUNet, schedule: NoiseSchedule, levels: Optional[Sequence[int]] = None
+    ) -> None:
         super().__init__()
         self.unet = unet.eval()
         self.schedule = schedule
         n_levels = len(unet.up_blocks)
-        self.levels = tuple(range(n_levels)) if levels is None else tuple(sorted(set(int(i) for i in levels)))
+        self.levels = tuple(range(n_levels)) if levels is None else tuple(sorted({int(i) for i in levels}))
         if not self.levels or min(self.levels) < 0 or max(self.levels) >= n_levels:
             raise ValueError(f"decoder levels must be within 0..{n_levels - 1}, got {levels}")
         self._captured: Dict[int, torch.Tensor] = {}
@@ -83,7 +85,9 @@ class DecoderFeatureExtractor(torch.nn.Module):
         return [int(self.unet.block_out_channels[::-1][i]) for i in self.levels]
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, timesteps: Sequence[int], seed: int = INFERENCE_SEED, draw: int = 0) -> LevelFeatures:
+    def forward(
+        self, images: torch.Tensor, timesteps: Sequence[int], seed: int = INFERENCE_SEED, draw: int = 0
+    ) -> LevelFeatures:
         """``images`` (N, C, H, W) in [-1, 1] -> per level (N, S, C_l, h_l, w_l)."""
         self.schedule.validate_timesteps(timesteps)
         n, s = images.shape[0], len(timesteps)

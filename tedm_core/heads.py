@@ -18,15 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import HEAD_METHODS
 from .features import LEDM_TIMESTEPS, TEDM_TIMESTEPS, LevelFeatures
 
-METHODS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
+HEAD_DESIGNS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
     # method: (how timesteps reach the MLP, default timesteps, hidden widths)
     "tedm": ("shared", TEDM_TIMESTEPS, (128, 32)),
     "ledm": ("concat", LEDM_TIMESTEPS, (128, 32)),
     "ledme": ("concat", TEDM_TIMESTEPS, (128, 32)),
     "step": ("shared", (25,), ()),  # the paper's Fig. 2 step-wise logistic probe
 }
+assert tuple(HEAD_DESIGNS) == HEAD_METHODS
 
 
 # On the CPU the head is applied to this many (image, timestep) maps at a time: the 128-channel
@@ -53,7 +55,13 @@ class PixelMLP(nn.Module):
     channels in that layout (measured 20x faster than on NCHW tensors with 128 channels).
     """
 
-    def __init__(self, level_channels: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 32), upsample: str = "bilinear") -> None:
+    def __init__(
+        self,
+        level_channels: Sequence[int],
+        num_outputs: int,
+        hidden: Sequence[int] = (128, 32),
+        upsample: str = "bilinear",
+    ) -> None:
         super().__init__()
         self.level_channels = [int(c) for c in level_channels]
         self.upsample = upsample
@@ -72,13 +80,17 @@ class PixelMLP(nn.Module):
             return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def _first_layer(self, levels: Sequence[torch.Tensor], size: Tuple[int, int], accumulate_in_place: bool) -> torch.Tensor:
+    def _first_layer(
+        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], accumulate_in_place: bool
+    ) -> torch.Tensor:
         """The summed per-level projections at ``size``, channels-last (N, hidden, *size)."""
         hidden = None
         dtype = self.first[0].weight.dtype
         for conv, feats in zip(self.first, levels):
             # One copy does both the dtype change (float16 caches) and the layout change.
-            feats = torch.empty(feats.shape, dtype=dtype, device=feats.device, memory_format=torch.channels_last).copy_(feats)
+            feats = torch.empty(feats.shape, dtype=dtype, device=feats.device, memory_format=torch.channels_last).copy_(
+                feats
+            )
             projected = self._resize(conv(feats), size)
             if hidden is None:
                 hidden = projected
@@ -142,8 +154,8 @@ class HeadConfig:
     levels: Optional[Tuple[int, ...]] = None  # decoder levels tapped; None = all
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown head method {self.method!r}; expected one of {sorted(METHODS)}")
+        if self.method not in HEAD_DESIGNS:
+            raise ValueError(f"unknown head method {self.method!r}; expected one of {HEAD_METHODS}")
         if self.num_classes < 2:
             raise ValueError("num_classes counts the background and must be at least 2")
         self.timesteps = tuple(int(t) for t in self.timesteps)
@@ -153,16 +165,23 @@ class HeadConfig:
             self.levels = tuple(int(i) for i in self.levels)
 
     @classmethod
-    def for_method(cls, method: str, level_channels: Sequence[int], num_classes: int, timesteps: Optional[Sequence[int]] = None, **kwargs: Any) -> "HeadConfig":
-        if method not in METHODS:
-            raise ValueError(f"unknown head method {method!r}; expected one of {sorted(METHODS)}")
-        _, default_steps, hidden = METHODS[method]
+    def for_method(
+        cls,
+        method: str,
+        level_channels: Sequence[int],
+        num_classes: int,
+        timesteps: Optional[Sequence[int]] = None,
+        **kwargs: Any,
+    ) -> HeadConfig:
+        if method not in HEAD_DESIGNS:
+            raise ValueError(f"unknown head method {method!r}; expected one of {HEAD_METHODS}")
+        _, default_steps, hidden = HEAD_DESIGNS[method]
         kwargs.setdefault("hidden", hidden)
         return cls(method, tuple(timesteps or default_steps), tuple(level_channels), num_classes, **kwargs)
 
     @property
     def mode(self) -> str:
-        return METHODS[self.method][0]
+        return HEAD_DESIGNS[self.method][0]
 
     @property
     def binary(self) -> bool:
@@ -176,7 +195,7 @@ class HeadConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "HeadConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> HeadConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
@@ -187,7 +206,9 @@ class FeatureHead(nn.Module):
         super().__init__()
         self.config = config
         factor = len(config.timesteps) if config.mode == "concat" else 1
-        self.mlp = PixelMLP([c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample)
+        self.mlp = PixelMLP(
+            [c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample
+        )
 
     def logits(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
         """features: per level (N, S, C_l, h, w) -> logits (N, S', K, H, W); S' = S (shared) or 1 (concat)."""

@@ -20,7 +20,9 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device (is this a CPU build of torch?)")
+        raise RuntimeError(
+            "--device cuda was asked for, but PyTorch sees no CUDA device (is this a CPU build of torch?)"
+        )
     return resolved
 
 
@@ -54,7 +56,9 @@ def free_device_memory(device: torch.device) -> Optional[int]:
     return int(free)
 
 
-def plan_batch_size(requested: Optional[int], bytes_per_item: int, device: torch.device, cpu_default: int = 8, safety: float = 0.5) -> int:
+def plan_batch_size(
+    requested: Optional[int], bytes_per_item: int, device: torch.device, cpu_default: int = 8, safety: float = 0.5
+) -> int:
     """A batch size that fits: ``requested`` if given, else what ``safety`` of free GPU memory holds."""
     if requested:
         return max(1, int(requested))
@@ -68,7 +72,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def map_in_chunks(fn: Callable[[int, int], T], total: int, batch_size: int, on_oom: Optional[Callable[[int], None]] = None) -> Iterator[T]:
+def map_in_chunks(
+    fn: Callable[[int, int], T], total: int, batch_size: int, on_oom: Optional[Callable[[int], None]] = None
+) -> Iterator[T]:
     """Yield ``fn(start, stop)`` over ``[0, total)`` in chunks, halving the chunk on out-of-memory.
 
     A CUDA OOM does not lose work: the failed chunk is retried at half the size, down to 1,
@@ -100,5 +106,3 @@ def describe_device(device: torch.device) -> str:
         free = free_device_memory(device) or 0
         return f"GPU {props.name} ({free / 2**30:.1f} of {props.total_memory / 2**30:.1f} GiB free)"
     return f"CPU ({torch.get_num_threads()} threads): expect minutes rather than seconds for large volumes"
-
-

@@ -117,7 +117,9 @@ def to_slices(array: np.ndarray, layout: SliceLayout) -> np.ndarray:
     lead = array.ndim - 3
     if tuple(array.shape[lead:]) != layout.grid:
         raise ValueError(f"array grid {array.shape[lead:]} differs from the layout's {layout.grid}")
-    out = np.moveaxis(array, [lead + layout.slice_dim, lead + layout.row_dim, lead + layout.col_dim], [lead, lead + 1, lead + 2])
+    out = np.moveaxis(
+        array, [lead + layout.slice_dim, lead + layout.row_dim, lead + layout.col_dim], [lead, lead + 1, lead + 2]
+    )
     out = np.moveaxis(out, lead, 0)  # (N, ..., H, W)
     if layout.flip_rows:
         out = np.flip(out, axis=-2)
@@ -141,7 +143,9 @@ def reassemble(per_slice: np.ndarray, layout: SliceLayout) -> np.ndarray:
     per_slice = np.asarray(per_slice)
     n, h, w = per_slice.shape[0], per_slice.shape[-2], per_slice.shape[-1]
     if (n, h, w) != (layout.num_slices,) + layout.slice_shape:
-        raise ValueError(f"slices of shape {(n, h, w)} (N, H, W) do not fit the layout's {(layout.num_slices,) + layout.slice_shape}")
+        raise ValueError(
+            f"slices of shape {(n, h, w)} (N, H, W) do not fit the layout's {(layout.num_slices,) + layout.slice_shape}"
+        )
     out = per_slice
     if layout.flip_rows:
         out = np.flip(out, axis=-2)
@@ -149,7 +153,9 @@ def reassemble(per_slice: np.ndarray, layout: SliceLayout) -> np.ndarray:
         out = np.flip(out, axis=-1)
     lead = out.ndim - 3
     out = np.moveaxis(out, 0, lead)  # (..., N, H, W)
-    out = np.moveaxis(out, [lead, lead + 1, lead + 2], [lead + layout.slice_dim, lead + layout.row_dim, lead + layout.col_dim])
+    out = np.moveaxis(
+        out, [lead, lead + 1, lead + 2], [lead + layout.slice_dim, lead + layout.row_dim, lead + layout.col_dim]
+    )
     return np.ascontiguousarray(out)
 
 

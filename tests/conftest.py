@@ -23,7 +23,9 @@ def require_shared_data(*parts: str) -> Path:
     if not path.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{path} is missing on CI, where ../shared/data must be present")
-        pytest.skip(f"real data not available: {path} does not exist (it lives in ../shared/data beside the repository)")
+        pytest.skip(
+            f"real data not available: {path} does not exist (it lives in ../shared/data beside the repository)"
+        )
     return path
 
 
@@ -54,7 +56,14 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     images, _ = synthetic_disc_images(32, size=32, seed=1)
     torch.manual_seed(0)
     backbone = Backbone.new(PRESETS["tiny"], intensity=IntensityConfig("percentile", 0.5, 99.5))
-    pretrain(torch.from_numpy(images), backbone, out, PretrainOptions(steps=40, batch_size=8, learning_rate=1e-3, checkpoint_every=40, device="cpu", show_progress=False))
+    pretrain(
+        torch.from_numpy(images),
+        backbone,
+        out,
+        PretrainOptions(
+            steps=40, batch_size=8, learning_rate=1e-3, checkpoint_every=40, device="cpu", show_progress=False
+        ),
+    )
     return out
 
 
@@ -66,7 +75,17 @@ def tiny_bundle_dir(tiny_backbone_dir, tmp_path_factory) -> Path:
     from tedm_core.pipelines.fit import fit_bundle
 
     images, masks = synthetic_disc_images(3, size=32, seed=2)
-    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, "tedm", ["background", "disc"], [0, 1], steps=60, device="cpu", show_progress=False)
+    bundle = fit_bundle(
+        load_backbone(tiny_backbone_dir),
+        images,
+        masks,
+        "tedm",
+        ["background", "disc"],
+        [0, 1],
+        steps=60,
+        device="cpu",
+        show_progress=False,
+    )
     return save_bundle(bundle, tmp_path_factory.mktemp("bundles") / "tiny_tedm")
 
 
@@ -87,8 +106,11 @@ class ThresholdSegmenter:
         self.slices_seen = 0
         # "fixed" 0..100: raw 0 is the background (-1), raw 50 the threshold (0).
         self.bundle = SimpleNamespace(
-            channel_names=list(channel_names), intensity=IntensityConfig("fixed", 0.0, 100.0),
-            class_names=["background", "sphere"], label_values=[0, 1], axis=axis,
+            channel_names=list(channel_names),
+            intensity=IntensityConfig("fixed", 0.0, 100.0),
+            class_names=["background", "sphere"],
+            label_values=[0, 1],
+            axis=axis,
         )
 
     def predict(self, slices, progress=None, cancel=None):
@@ -99,7 +121,9 @@ class ThresholdSegmenter:
         fg = (np.asarray(slices)[:, 0] > self.threshold).astype(np.float32)
         if progress is not None:
             progress(len(slices), len(slices))
-        return SimpleNamespace(probabilities=np.stack([1 - fg, fg], axis=1), uncertainty=np.abs(np.asarray(slices)[:, 0]) * 0.1)
+        return SimpleNamespace(
+            probabilities=np.stack([1 - fg, fg], axis=1), uncertainty=np.abs(np.asarray(slices)[:, 0]) * 0.1
+        )
 
 
 @pytest.fixture
@@ -107,7 +131,9 @@ def threshold_segmenter() -> ThresholdSegmenter:
     return ThresholdSegmenter()
 
 
-def sphere_volume_array(shape_kji, ijk_to_ras, centre_ras, radius_mm: float, inside: float = 80.0, outside: float = 10.0) -> np.ndarray:
+def sphere_volume_array(
+    shape_kji, ijk_to_ras, centre_ras, radius_mm: float, inside: float = 80.0, outside: float = 10.0
+) -> np.ndarray:
     """``(K, J, I)`` raw intensities: ``inside`` within ``radius_mm`` of the RAS point ``centre_ras``."""
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
     ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4).astype(np.float64)

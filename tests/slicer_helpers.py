@@ -93,12 +93,18 @@ class SegmentEditor:
         return mrml_io.oriented_image_from_array(mask_kji.astype(np.uint8), mrml_io.ijk_to_ras_of(self.volume_node))
 
     def add(self, segment_id: str, mask_kji: np.ndarray) -> None:
-        self.logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, self._modifier(mask_kji), self.logic.ModificationModeAdd, False, True)
+        self.logic.ModifySegmentByLabelmap(
+            self.segmentation_node, segment_id, self._modifier(mask_kji), self.logic.ModificationModeAdd, False, True
+        )
 
     def erase(self, segment_id: str, mask_kji: np.ndarray) -> None:
-        self.logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, self._modifier(mask_kji), self.logic.ModificationModeRemove, False, True)
+        self.logic.ModifySegmentByLabelmap(
+            self.segmentation_node, segment_id, self._modifier(mask_kji), self.logic.ModificationModeRemove, False, True
+        )
 
-    def correct(self, segment_ids: Sequence[str], current_kji: np.ndarray, wanted_kji: np.ndarray, where_kji: np.ndarray) -> None:
+    def correct(
+        self, segment_ids: Sequence[str], current_kji: np.ndarray, wanted_kji: np.ndarray, where_kji: np.ndarray
+    ) -> None:
         """Make the voxels in ``where_kji`` show ``wanted_kji`` (class indices; class k is segment_ids[k-1])."""
         for index, segment_id in enumerate(segment_ids, start=1):
             wrong = where_kji & (current_kji == index) & (wanted_kji != index)
@@ -122,10 +128,14 @@ def export_labelmap(scene, segmentation_node, reference_volume_node):
     segmentation = segmentation_node.GetSegmentation()
     for n in range(segmentation.GetNumberOfSegments()):
         ids.InsertNextValue(segmentation.GetNthSegmentID(n))
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume_node):
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, ids, labelmap, reference_volume_node
+    ):
         raise RuntimeError("export failed")
     image = labelmap.GetImageData()
-    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(tuple(reversed(image.GetDimensions())))
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        tuple(reversed(image.GetDimensions()))
+    )
     matrix = vtk.vtkMatrix4x4()
     labelmap.GetIJKToRASMatrix(matrix)
     return np.array(voxels), np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])

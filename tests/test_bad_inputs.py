@@ -15,8 +15,9 @@ import SimpleITK as sitk
 nib = pytest.importorskip("nibabel")
 
 from conftest import ThresholdSegmenter, sphere_volume_array  # noqa: E402
+
 from tedm_core.errors import InputError  # noqa: E402
-from tedm_core.io.volumes import read_case, read_volume, volume_from_array  # noqa: E402
+from tedm_core.io.volumes import read_case, read_volume  # noqa: E402
 from tedm_core.pipelines.batch import BatchOptions, check_output_folder, discover_cases, run_batch  # noqa: E402
 from tedm_core.pipelines.volume import labelled_slices_from_volumes, segment_volume  # noqa: E402
 from tedm_core.preprocessing.intensity import IntensityConfig  # noqa: E402
@@ -166,7 +167,13 @@ def _modalities_on_different_grids(d: Path):
 def _label_of_another_shape(d: Path):
     image = _nifti(d / "image.nii.gz", _good())
     label = _nifti(d / "label.nii.gz", np.ones((12, 10, 5), np.uint8))
-    return label, lambda: labelled_slices_from_volumes(read_volume(image), read_volume(label, allow_constant=True), IntensityConfig(), [0, 1]), "label volume does not match"
+    return (
+        label,
+        lambda: labelled_slices_from_volumes(
+            read_volume(image), read_volume(label, allow_constant=True), IntensityConfig(), [0, 1]
+        ),
+        "label volume does not match",
+    )
 
 
 def _label_of_another_geometry(d: Path):
@@ -174,13 +181,23 @@ def _label_of_another_geometry(d: Path):
     shifted = AFFINE.copy()
     shifted[:3, 3] = [0.0, 5.0, 0.0]
     label = _nifti(d / "label_shifted.nii.gz", (_good() > 50).astype(np.uint8), shifted)
-    return label, lambda: labelled_slices_from_volumes(read_volume(image), read_volume(label), IntensityConfig(), [0, 1]), "origin"
+    return (
+        label,
+        lambda: labelled_slices_from_volumes(read_volume(image), read_volume(label), IntensityConfig(), [0, 1]),
+        "origin",
+    )
 
 
 def _label_with_unknown_values(d: Path):
     image = _nifti(d / "image.nii.gz", _good())
     label = _nifti(d / "label_values.nii.gz", np.full((12, 10, 6), 7, np.uint8))
-    return label, lambda: labelled_slices_from_volumes(read_volume(image), read_volume(label, allow_constant=True), IntensityConfig(), [0, 1, 2]), "label values [7]"
+    return (
+        label,
+        lambda: labelled_slices_from_volumes(
+            read_volume(image), read_volume(label, allow_constant=True), IntensityConfig(), [0, 1, 2]
+        ),
+        "label values [7]",
+    )
 
 
 def _output_inside_input(d: Path):
@@ -188,13 +205,36 @@ def _output_inside_input(d: Path):
     return d / "in" / "results", lambda: check_output_folder(d / "in", d / "in" / "results"), "inside the input folder"
 
 
-CORPUS: Dict[str, Builder] = {f.__name__.lstrip("_"): f for f in (
-    _truncated_gz, _four_d, _two_d, _nan, _inf, _all_zero, _text_as_nifti, _gzipped_text_as_nifti, _empty_file,
-    _text_as_nrrd, _corrupt_png, _unreadable_folder_named_like_a_file, _broken_link, _missing, _unsupported,
-    _single_dicom_file, _empty_folder_as_dicom, _empty_input_folder, _rgb_mha, _wrong_number_of_modalities,
-    _modalities_on_different_grids, _label_of_another_shape, _label_of_another_geometry, _label_with_unknown_values,
-    _output_inside_input,
-)}
+CORPUS: Dict[str, Builder] = {
+    f.__name__.lstrip("_"): f
+    for f in (
+        _truncated_gz,
+        _four_d,
+        _two_d,
+        _nan,
+        _inf,
+        _all_zero,
+        _text_as_nifti,
+        _gzipped_text_as_nifti,
+        _empty_file,
+        _text_as_nrrd,
+        _corrupt_png,
+        _unreadable_folder_named_like_a_file,
+        _broken_link,
+        _missing,
+        _unsupported,
+        _single_dicom_file,
+        _empty_folder_as_dicom,
+        _empty_input_folder,
+        _rgb_mha,
+        _wrong_number_of_modalities,
+        _modalities_on_different_grids,
+        _label_of_another_shape,
+        _label_of_another_geometry,
+        _label_with_unknown_values,
+        _output_inside_input,
+    )
+}
 
 
 def test_corpus_is_large_enough():
@@ -212,7 +252,9 @@ def test_broken_input_gives_one_line_naming_the_file(tmp_path, name):
     assert problem in message, message
 
 
-@pytest.mark.parametrize("name", ["bundle_missing_file", "bundle_other_version", "pickle_as_bundle", "pickle_as_weights"])
+@pytest.mark.parametrize(
+    "name", ["bundle_missing_file", "bundle_other_version", "pickle_as_bundle", "pickle_as_weights"]
+)
 def test_broken_bundles_are_refused_in_one_line(tmp_path, tiny_bundle_dir, name):
     import json
     import shutil

@@ -17,6 +17,7 @@ import pytest
 nib = pytest.importorskip("nibabel")
 
 from conftest import REPO, ThresholdSegmenter, sphere_volume_array  # noqa: E402
+
 from tedm_core.errors import InputError  # noqa: E402
 from tedm_core.pipelines.batch import BatchOptions, discover_cases, parse_shard, run_batch, select_shard  # noqa: E402
 
@@ -33,7 +34,9 @@ def _save(path: Path, array_kji: np.ndarray, affine=AFFINE, dtype=np.float32) ->
 def _sphere(seed: int, shape=(6, 24, 24), inside: float = 80.0, outside: float = 10.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centre = (AFFINE @ np.array([12 + rng.integers(-3, 3), 12 + rng.integers(-3, 3), 3, 1.0]))[:3]
-    return sphere_volume_array(shape, AFFINE, centre, radius_mm=float(rng.uniform(4, 7)), inside=inside, outside=outside)
+    return sphere_volume_array(
+        shape, AFFINE, centre, radius_mm=float(rng.uniform(4, 7)), inside=inside, outside=outside
+    )
 
 
 def _read_csv(path: Path):
@@ -64,7 +67,10 @@ def test_multichannel_cases_are_folders_named_by_channel(tmp_path):
     _save(inp / "site" / "p3" / "FLAIR.nii.gz", _sphere(3))
     cases = discover_cases(inp, tmp_path / "out", ["FLAIR", "T1"])
     assert [c.case_id for c in cases] == ["site/p1", "site/p2", "site/p3"]
-    assert cases[0].output == tmp_path / "out" / "site" / "p1.nii.gz" and [p.name for p in cases[0].inputs] == ["FLAIR.nii.gz", "t1.nii.gz"]
+    assert cases[0].output == tmp_path / "out" / "site" / "p1.nii.gz" and [p.name for p in cases[0].inputs] == [
+        "FLAIR.nii.gz",
+        "t1.nii.gz",
+    ]
     assert cases[2].problem and "missing modality T1" in cases[2].problem
 
 
@@ -75,7 +81,9 @@ def test_shards_partition_the_cohort():
     parts = [select_shard(cases, (k, 3)) for k in (1, 2, 3)]
     ids = sorted(c.case_id for part in parts for c in part)
     assert ids == [c.case_id for c in cases] and all(len(p) in (3, 4) for p in parts)
-    assert [c.case_id for c in select_shard(list(reversed(cases)), (2, 3))] == [c.case_id for c in parts[1]]  # order-independent
+    assert [c.case_id for c in select_shard(list(reversed(cases)), (2, 3))] == [
+        c.case_id for c in parts[1]
+    ]  # order-independent
     assert parse_shard("2/4") == (2, 4)
     for bad in ("0/4", "5/4", "x", "1-4"):
         with pytest.raises(InputError, match="--shard"):
@@ -121,7 +129,16 @@ def _script_main():
 
 def test_output_inside_input_is_refused_by_the_script(tmp_path, capsys):
     _save(tmp_path / "in" / "a.nii.gz", _sphere(0))
-    code = _script_main()(["--model", str(tmp_path / "nomodel"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in" / "out")])
+    code = _script_main()(
+        [
+            "--model",
+            str(tmp_path / "nomodel"),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "in" / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "output folder is inside the input folder" in err and len(err.strip().splitlines()) == 1
@@ -130,11 +147,20 @@ def test_output_inside_input_is_refused_by_the_script(tmp_path, capsys):
 
 def _run_script(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _outputs(folder: Path):
-    return {p.relative_to(folder).as_posix(): np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.rglob("*.nii.gz"))}
+    return {
+        p.relative_to(folder).as_posix(): np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.rglob("*.nii.gz"))
+    }
 
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir):
@@ -150,11 +176,27 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir
 
     # The uninterrupted reference, in this process (one thread, as the script below).
     torch.set_num_threads(1)
-    reference = run_batch(Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), inp, tmp_path / "reference", BatchOptions(uncertainty=True, show_progress=False))
+    reference = run_batch(
+        Segmenter(load_bundle(tiny_bundle_dir), device="cpu"),
+        inp,
+        tmp_path / "reference",
+        BatchOptions(uncertainty=True, show_progress=False),
+    )
     assert reference.counts() == {"ok": n_cases}
 
     out = tmp_path / "out"
-    args = ["--model", tiny_bundle_dir, "--input", inp, "--output", out, "--device", "cpu", "--uncertainty", "--no-progress"]
+    args = [
+        "--model",
+        tiny_bundle_dir,
+        "--input",
+        inp,
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--uncertainty",
+        "--no-progress",
+    ]
     process = _run_script(args)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -170,7 +212,9 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir
     stdout, stderr = rerun.communicate(timeout=180)
     assert rerun.returncode == 0, stderr
     summary = _read_csv(out / "summary.csv")
-    assert sorted(r["status"] for r in summary).count("exists") >= 2 and all(r["status"] in ("ok", "exists") for r in summary)
+    assert sorted(r["status"] for r in summary).count("exists") >= 2 and all(
+        r["status"] in ("ok", "exists") for r in summary
+    )
     expected, got = _outputs(tmp_path / "reference"), _outputs(out)
     assert sorted(got) == sorted(expected) and len(got) == 2 * n_cases  # labels + uncertainty
     for name in expected:

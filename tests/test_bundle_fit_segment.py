@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_disc_images
 from PIL import Image
 
 from tedm_core.bundle import load_bundle, save_bundle
@@ -18,8 +19,6 @@ from tedm_core.model.checkpoint import load_backbone
 from tedm_core.pipelines.evaluate import dice_precision_recall
 from tedm_core.pipelines.fit import fit_bundle, refine_bundle
 from tedm_core.pipelines.segment import Segmenter
-
-from conftest import synthetic_disc_images
 
 
 def _mean_dice(prediction, truth):
@@ -68,7 +67,17 @@ def test_probabilities_are_resized_back_to_any_input_grid(tiny_bundle_dir):
 @pytest.mark.parametrize("method", ["ledm", "ledme", "step", "baseline"])
 def test_every_method_fits_and_segments(method, tiny_backbone_dir, tmp_path):
     images, masks = synthetic_disc_images(4, size=32, seed=21)
-    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, method, ["background", "disc"], [0, 1], steps=40, device="cpu", show_progress=False)
+    bundle = fit_bundle(
+        load_backbone(tiny_backbone_dir),
+        images,
+        masks,
+        method,
+        ["background", "disc"],
+        [0, 1],
+        steps=40,
+        device="cpu",
+        show_progress=False,
+    )
     saved = save_bundle(bundle, tmp_path / method)
     prediction = Segmenter(load_bundle(saved), device="cpu").predict(images)
     assert prediction.labels.shape == (4, 32, 32)
@@ -81,7 +90,17 @@ def test_multiclass_head_predicts_every_class(tiny_backbone_dir):
     images, masks = synthetic_disc_images(4, size=32, seed=22)
     labels = masks.copy()
     labels[:, :, 16:] *= 2  # the right half of each disc is class 2
-    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, labels, "tedm", ["background", "left", "right"], [0, 10, 20], steps=80, device="cpu", show_progress=False)
+    bundle = fit_bundle(
+        load_backbone(tiny_backbone_dir),
+        images,
+        labels,
+        "tedm",
+        ["background", "left", "right"],
+        [0, 10, 20],
+        steps=80,
+        device="cpu",
+        show_progress=False,
+    )
     prediction = Segmenter(bundle, device="cpu").predict(images)
     assert prediction.probabilities.shape == (4, 3, 32, 32)
     assert set(np.unique(prediction.labels)) == {0, 1, 2}
@@ -96,7 +115,15 @@ def test_refine_from_cached_features_runs_no_unet_and_learns_the_correction(tiny
     corrected = np.zeros_like(masks)  # a "user" erases everything on slices 0 and 1
     calls = []
     handle = bundle.backbone.unet.register_forward_pre_hook(lambda *_: calls.append(1))
-    refined = refine_bundle(bundle, images[:2], corrected[:2], features=first.features.select([0, 1]).levels, steps=60, device="cpu", show_progress=False)
+    refined = refine_bundle(
+        bundle,
+        images[:2],
+        corrected[:2],
+        features=first.features.select([0, 1]).levels,
+        steps=60,
+        device="cpu",
+        show_progress=False,
+    )
     again = Segmenter(refined, device="cpu").predict_from_features(first.features)
     handle.remove()
     assert calls == []
@@ -159,15 +186,55 @@ def test_cli_fit_segment_evaluate_end_to_end(tiny_backbone_dir, tmp_path, capsys
     _write_pngs(tmp_path / "train" / "images", train, train_masks)
     _write_pngs(tmp_path / "test" / "images", test, test_masks, prefix="test")
     bundle = tmp_path / "bundle"
-    assert main(["fit", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path / "train/images"), "--masks", str(tmp_path / "train/masks"),
-                 "--out", str(bundle), "--n", "3", "--steps", "80", "--classes", "disc"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--images",
+                str(tmp_path / "train/images"),
+                "--masks",
+                str(tmp_path / "train/masks"),
+                "--out",
+                str(bundle),
+                "--n",
+                "3",
+                "--steps",
+                "80",
+                "--classes",
+                "disc",
+            ]
+        )
+        == 0
+    )
     assert load_bundle(bundle).training["labelled_slices"] == 3
     out = tmp_path / "pred"
-    assert main(["segment", "--model", str(bundle), "--input", str(tmp_path / "test/images"), "--output", str(out), "--probabilities", "--uncertainty"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(bundle),
+                "--input",
+                str(tmp_path / "test/images"),
+                "--output",
+                str(out),
+                "--probabilities",
+                "--uncertainty",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir())[:3] == ["test_00.png", "test_00_prob.png", "test_00_uncertainty.png"]
     assert set(np.unique(np.asarray(Image.open(out / "test_00.png")))) <= {0, 255}
     capsys.readouterr()
-    assert main(["evaluate", "--pred", str(out), "--truth", str(tmp_path / "test/masks"), "--csv", str(tmp_path / "m.csv")]) == 0
+    assert (
+        main(
+            ["evaluate", "--pred", str(out), "--truth", str(tmp_path / "test/masks"), "--csv", str(tmp_path / "m.csv")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "4 images scored" in printed and "Dice" in printed
     dice = float(printed.split("Dice ")[1].split()[0])
@@ -180,13 +247,28 @@ def test_cli_reports_bad_input_in_one_line_with_nonzero_exit(tiny_bundle_dir, tm
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png at all")
     images, _ = synthetic_disc_images(1, size=32)
     _write_pngs(tmp_path / "in", images)
-    code = main(["segment", "--model", str(tiny_bundle_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    code = main(
+        ["segment", "--model", str(tiny_bundle_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 1
     error_lines = [line for line in err.splitlines() if "broken.png" in line]
     assert len(error_lines) == 1 and "broken.png: cannot be read as an image" in error_lines[0]
     assert (tmp_path / "out" / "case_00.png").exists()  # the good image was still segmented
-    assert main(["segment", "--model", str(tmp_path / "in" / "broken.png"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(tmp_path / "in" / "broken.png"),
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_predict_from_features_equals_predict(tiny_bundle_dir):
@@ -203,7 +285,9 @@ def test_predict_from_features_equals_predict(tiny_bundle_dir):
     decided = np.abs(first.probabilities[:, 1] - 0.5) > 2e-3
     assert np.array_equal(again.labels[decided], first.labels[decided])
     # On exactly the features ``predict`` used, the head gives exactly its probabilities.
-    exact = segmenter.predict_from_features(type(first.features)([f.float() for f in first.features.levels], first.features.transform))
+    exact = segmenter.predict_from_features(
+        type(first.features)([f.float() for f in first.features.levels], first.features.transform)
+    )
     rounded = Segmenter(bundle, device="cpu", batch_size=2)
     rounded._features = lambda grid: [f.half().float() for f in Segmenter._features(rounded, grid)]
     np.testing.assert_allclose(exact.probabilities, rounded.predict(images).probabilities, atol=1e-6)
@@ -219,31 +303,76 @@ def test_refine_with_anchor_keeps_the_other_slices(tiny_bundle_dir):
     before = _mean_dice(first.labels[others], masks[others])
     assert before > 0.7
     wrong = np.zeros_like(masks[corrected])
-    common = dict(features=first.features.select(corrected).levels, device="cpu", show_progress=False)
+    common = {"features": first.features.select(corrected).levels, "device": "cpu", "show_progress": False}
     plain = refine_bundle(bundle, images[corrected], wrong, **common)
     anchored = refine_bundle(
-        bundle, images[corrected], wrong, anchor_slices=images[anchors], anchor_labels=first.labels[anchors],
-        anchor_features=first.features.select(anchors).levels, **common,
+        bundle,
+        images[corrected],
+        wrong,
+        anchor_slices=images[anchors],
+        anchor_labels=first.labels[anchors],
+        anchor_features=first.features.select(anchors).levels,
+        **common,
     )
     assert anchored.training["refine_anchor_slices"] == 4
-    plain_dice = _mean_dice(Segmenter(plain, device="cpu").predict_from_features(first.features).labels[others], masks[others])
+    plain_dice = _mean_dice(
+        Segmenter(plain, device="cpu").predict_from_features(first.features).labels[others], masks[others]
+    )
     after = Segmenter(anchored, device="cpu").predict_from_features(first.features).labels
     anchored_dice = _mean_dice(after[others], masks[others])
     assert anchored_dice >= before - 0.05
     assert plain_dice <= anchored_dice
     assert after[corrected].sum() < first.labels[corrected].sum()  # the correction is still learnt from
     # Without cached features the anchor slices' features are extracted (inference noise).
-    extracted = refine_bundle(bundle, images[corrected], wrong, anchor_slices=images[anchors], anchor_labels=first.labels[anchors], steps=5, device="cpu", show_progress=False)
+    extracted = refine_bundle(
+        bundle,
+        images[corrected],
+        wrong,
+        anchor_slices=images[anchors],
+        anchor_labels=first.labels[anchors],
+        steps=5,
+        device="cpu",
+        show_progress=False,
+    )
     assert extracted.training["refine_anchor_slices"] == 4
     with pytest.raises(ValueError, match="go together"):
-        refine_bundle(bundle, images[corrected], wrong, anchor_slices=images[anchors], device="cpu", show_progress=False)
+        refine_bundle(
+            bundle, images[corrected], wrong, anchor_slices=images[anchors], device="cpu", show_progress=False
+        )
 
 
 def test_fit_bundle_takes_class_colours(tiny_backbone_dir):
     images, masks = synthetic_disc_images(2, size=32, seed=71)
     backbone = load_backbone(tiny_backbone_dir)
-    bundle = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], class_colours=[(0, 0, 0), (10, 200, 30)], steps=2, device="cpu", show_progress=False)
+    bundle = fit_bundle(
+        backbone,
+        images,
+        masks,
+        "tedm",
+        ["background", "disc"],
+        class_colours=[(0, 0, 0), (10, 200, 30)],
+        steps=2,
+        device="cpu",
+        show_progress=False,
+    )
     assert [tuple(c) for c in bundle.class_colours] == [(0, 0, 0), (10, 200, 30)]
-    assert len(fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], steps=1, device="cpu", show_progress=False).class_colours) == 2
+    assert (
+        len(
+            fit_bundle(
+                backbone, images, masks, "tedm", ["background", "disc"], steps=1, device="cpu", show_progress=False
+            ).class_colours
+        )
+        == 2
+    )
     with pytest.raises(ValueError, match="class_colours"):
-        fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], class_colours=[(0, 0, 0)], steps=1, device="cpu", show_progress=False)
+        fit_bundle(
+            backbone,
+            images,
+            masks,
+            "tedm",
+            ["background", "disc"],
+            class_colours=[(0, 0, 0)],
+            steps=1,
+            device="cpu",
+            show_progress=False,
+        )

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+from conftest import sphere_volume_array
 
 from tedm_core.bundle import load_bundle
 from tedm_core.cli import main
 from tedm_core.pipelines.evaluate import dice_precision_recall
-
-from conftest import sphere_volume_array
 
 
 def _sphere_case(folder, name, centre, affine):
@@ -33,12 +32,35 @@ def test_fit_on_three_labelled_slices_of_a_volume_then_segment_it(tiny_backbone_
     (tmp_path / "train" / "labels").mkdir()
     nib.save(nib.Nifti1Image(sparse.transpose(2, 1, 0), affine), tmp_path / "train" / "labels" / "case_a.nii.gz")
     bundle = tmp_path / "bundle"
-    assert main(["fit", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path / "train" / "images"), "--masks", str(tmp_path / "train" / "labels"),
-                 "--out", str(bundle), "--steps", "80", "--classes", "sphere", "--axis", "axial"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--images",
+                str(tmp_path / "train" / "images"),
+                "--masks",
+                str(tmp_path / "train" / "labels"),
+                "--out",
+                str(bundle),
+                "--steps",
+                "80",
+                "--classes",
+                "sphere",
+                "--axis",
+                "axial",
+            ]
+        )
+        == 0
+    )
     assert load_bundle(bundle).training["labelled_slices"] == 3
     _sphere_case(tmp_path / "test", "case_b", (15.0, 17.0, 16.0), affine)
     out = tmp_path / "pred"
-    assert main(["segment", "--model", str(bundle), "--input", str(tmp_path / "test" / "images"), "--output", str(out)]) == 0
+    assert (
+        main(["segment", "--model", str(bundle), "--input", str(tmp_path / "test" / "images"), "--output", str(out)])
+        == 0
+    )
     result = nib.load(str(out / "case_b.nii.gz"))
     np.testing.assert_array_equal(result.affine, affine)
     truth = sphere_volume_array((24, 32, 32), affine, (15.0, 17.0, 16.0), 7.0, 1.0, 0.0).transpose(2, 1, 0) > 0

@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import require_shared_data
 from monai.metrics import compute_dice
 from PIL import Image
 
-from tedm_core.errors import InputError
 from tedm_core.cli import main
-from tedm_core.pipelines.evaluate import compare_dice, dice_precision_recall, evaluate_folders, paired_wilcoxon, summarise
-
-from conftest import require_shared_data
+from tedm_core.errors import InputError
+from tedm_core.pipelines.evaluate import (
+    compare_dice,
+    dice_precision_recall,
+    evaluate_folders,
+    paired_wilcoxon,
+    summarise,
+)
 
 
 def test_empty_mask_rule():
@@ -30,7 +35,12 @@ def test_dice_agrees_with_monai_including_empty_cases():
         if rng.random() < 0.2:
             truth[:] = False
         ours = dice_precision_recall(prediction, truth)[0]
-        theirs = compute_dice(torch.from_numpy(prediction)[None, None].float(), torch.from_numpy(truth)[None, None].float(), include_background=True, ignore_empty=False)
+        theirs = compute_dice(
+            torch.from_numpy(prediction)[None, None].float(),
+            torch.from_numpy(truth)[None, None].float(),
+            include_background=True,
+            ignore_empty=False,
+        )
         assert ours == pytest.approx(float(theirs), abs=1e-6)
 
 
@@ -76,7 +86,7 @@ def test_two_methods_are_compared_image_by_image(tmp_path, capsys):
         near[4, 4 + i % 3] = 0  # one pixel off
         Image.fromarray(near).save(good / f"{i}.png")
         far = mask.copy()
-        far[4:6, 4:4 + i + 1] = 0  # more pixels off, a different number per image
+        far[4:6, 4 : 4 + i + 1] = 0  # more pixels off, a different number per image
         Image.fromarray(far).save(poor / f"{i}.png")
     for folder in (truth, poor):  # scored for one method only: not paired
         Image.fromarray(mask).save(folder / "only_poor.png")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_disc_images
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,8 +18,6 @@ from tedm_core.cli import main
 from tedm_core.model.backbone import PRESETS
 from tedm_core.model.checkpoint import Backbone, load_backbone
 from tedm_core.pipelines.pretrain import PretrainOptions, pretrain
-
-from conftest import synthetic_disc_images
 
 
 def _pngs(folder: Path, n: int = 20) -> Path:
@@ -33,7 +32,17 @@ def _train(out: Path, steps: int, resume: bool = False, seed: int = 0, **kwargs)
     images, _ = synthetic_disc_images(16, size=32, seed=4)
     torch.manual_seed(123)  # the initial weights; resume must not depend on it
     backbone = Backbone.new(PRESETS["tiny"])
-    options = PretrainOptions(steps=steps, batch_size=4, checkpoint_every=3, seed=seed, device="cpu", show_progress=False, flip=True, max_shift=2, **kwargs)
+    options = PretrainOptions(
+        steps=steps,
+        batch_size=4,
+        checkpoint_every=3,
+        seed=seed,
+        device="cpu",
+        show_progress=False,
+        flip=True,
+        max_shift=2,
+        **kwargs,
+    )
     pretrain(torch.from_numpy(images), backbone, out, options, resume=resume)
     return {k: v.clone() for k, v in backbone.unet.state_dict().items()}
 
@@ -41,14 +50,70 @@ def _train(out: Path, steps: int, resume: bool = False, seed: int = 0, **kwargs)
 def test_cli_pretrains_tiny_preset_on_20_pngs(tmp_path, capsys):
     pngs = _pngs(tmp_path / "pngs")
     out = tmp_path / "ckpt"
-    assert main(["pretrain", "--images", str(pngs), "--out", str(out), "--preset", "tiny", "--steps", "12", "--checkpoint-every", "6", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--images",
+                str(pngs),
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                "--steps",
+                "12",
+                "--checkpoint-every",
+                "6",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     backbone = load_backbone(out)
     assert backbone.steps_trained == 12 and backbone.config.preset == "tiny"
     assert sorted(p.name for p in (out / "steps").iterdir()) == ["00000006", "00000012"]
     every = tmp_path / "every"
-    assert main(["pretrain", "--images", str(pngs), "--out", str(every), "--preset", "tiny", "--steps", "12", "--checkpoint-every", "4", "--keep-checkpoints", "0"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--images",
+                str(pngs),
+                "--out",
+                str(every),
+                "--preset",
+                "tiny",
+                "--steps",
+                "12",
+                "--checkpoint-every",
+                "4",
+                "--keep-checkpoints",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (every / "steps").iterdir()) == ["00000004", "00000008", "00000012"]
-    assert main(["pretrain", "--images", str(pngs), "--out", str(every), "--preset", "tiny", "--steps", "20", "--checkpoint-every", "4", "--resume"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--images",
+                str(pngs),
+                "--out",
+                str(every),
+                "--preset",
+                "tiny",
+                "--steps",
+                "20",
+                "--checkpoint-every",
+                "4",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (every / "steps").iterdir()) == ["00000016", "00000020"]  # the default keeps 2
     # A second run into the same folder must not silently overwrite it.
     assert main(["pretrain", "--images", str(pngs), "--out", str(out), "--preset", "tiny", "--steps", "12"]) == 2
@@ -97,8 +162,28 @@ def test_distributed_data_parallel_with_two_cpu_processes(tmp_path):
     pngs = _pngs(tmp_path / "pngs", n=8)
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tedm_core.cli",
-           "pretrain", "--images", str(pngs), "--out", str(out), "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tedm_core.cli",
+        "pretrain",
+        "--images",
+        str(pngs),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_backbone(out).steps_trained == 4

@@ -11,7 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted(str(p) for folder in ("tedm_core", "TEDMSlicer", "scripts") for p in (REPO / folder).rglob("*.py"))
 
-COMPILE_ALL = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec', dont_inherit=True)\n"
+COMPILE_ALL = (
+    "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec', dont_inherit=True)\n"
+)
 
 
 def _find_interpreter(name: str):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import affine_zoo, require_shared_data, sphere_volume_array, world_centroid
 from slicer_helpers import SegmentEditor, dice, export_labelmap, import_module_lib, load_volume_node, new_segmentation
 
@@ -28,7 +27,10 @@ except ImportError:
 
 pytestmark = [
     pytest.mark.slicer,
-    pytest.mark.skipif(not HAVE_SLICER, reason="slicer-core is not installed (`pip install slicer-core`): the MRML tests need Slicer's MRML libraries"),
+    pytest.mark.skipif(
+        not HAVE_SLICER,
+        reason="slicer-core is not installed (`pip install slicer-core`): the MRML tests need Slicer's MRML libraries",
+    ),
 ]
 
 BRATS_CASE = ("brain", "brats", "Brats18_CBICA_AAB_1")
@@ -102,7 +104,9 @@ def test_segment_nifti_equals_tedm_core(lib, scene, brats_crop, tiny_bundle_dir)
     assert np.allclose(lib.mrml_io.ijk_to_ras_of(volume_node), reference.ijk_to_ras, atol=1e-5)
     # The segmentation's own reference geometry is the input volume's grid.
     merged = slicer.vtkOrientedImageData()
-    assert segmentation_node.GenerateMergedLabelmapForAllSegments(merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    assert segmentation_node.GenerateMergedLabelmapForAllSegments(
+        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
     assert tuple(merged.GetExtent()) == tuple(volume_node.GetImageData().GetExtent())
     import vtk
 
@@ -138,11 +142,21 @@ def fitted_brats(lib, brats_crop, tiny_backbone_dir):
     drawn[labelled] = truth[labelled]
     editor.add(tumour_id, drawn > 0)
     logic = lib.TEDMSlicerCoreLogic()
-    outcome = logic.fit([volume_node], str(tiny_backbone_dir), segmentation_node, axis="axial", device="cpu", steps=STEPS)
+    outcome = logic.fit(
+        [volume_node], str(tiny_backbone_dir), segmentation_node, axis="axial", device="cpu", steps=STEPS
+    )
     after_fit, _ = export_labelmap(scene, segmentation_node, volume_node)
     return {
-        "scene": scene, "logic": logic, "volume": volume_node, "segmentation": segmentation_node, "editor": editor,
-        "tumour_id": tumour_id, "labelled": labelled, "drawn": drawn, "outcome": outcome, "after_fit": after_fit.copy(),
+        "scene": scene,
+        "logic": logic,
+        "volume": volume_node,
+        "segmentation": segmentation_node,
+        "editor": editor,
+        "tumour_id": tumour_id,
+        "labelled": labelled,
+        "drawn": drawn,
+        "outcome": outcome,
+        "after_fit": after_fit.copy(),
         "truth": truth,
     }
 
@@ -243,7 +257,9 @@ def test_radiograph_fit_then_segment(lib, scene, tiny_backbone_dir, tmp_path):
     saved = logic.save_bundle(segmentation_node, str(tmp_path / "cxr_bundle"))
     bundle = load_bundle(saved)
     assert bundle.class_names == ["background", "right lung", "left lung", "heart"]
-    assert [tuple(c) for c in bundle.class_colours[1:]] == [tuple(int(round(255 * v)) for v in colour) for _, colour in classes]
+    assert [tuple(c) for c in bundle.class_colours[1:]] == [
+        tuple(int(round(255 * v)) for v in colour) for _, colour in classes
+    ]
 
     test_node = load_volume_node(scene, _png_as_nrrd(second, tmp_path / "test.nrrd"), "test")
     result_node = slicer.vtkMRMLSegmentationNode()
@@ -282,7 +298,9 @@ def test_oblique_volume_geometry(lib, scene, tiny_bundle_dir, tmp_path):
     scene.AddNode(segmentation_node)
     logic = lib.TEDMSlicerCoreLogic()
     outcome = logic.segment([volume_node], str(tiny_bundle_dir), segmentation_node, axis="axial", device="cpu")
-    expected = segment_volume(Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), reference, "axial", keep_probabilities=False).labels
+    expected = segment_volume(
+        Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), reference, "axial", keep_probabilities=False
+    ).labels
     voxels, ijk_to_ras = export_labelmap(scene, segmentation_node, volume_node)
     assert np.array_equal(voxels, expected)
     assert np.allclose(ijk_to_ras, lib.mrml_io.ijk_to_ras_of(volume_node), atol=1e-9)
@@ -314,7 +332,10 @@ def test_two_modalities_as_channels(lib, scene, brats_crop, tmp_path):
     from tedm_core.preprocessing.intensity import MULTIMODAL_MRI
 
     torch.manual_seed(0)
-    backbone_dir = save_backbone(tmp_path / "two_channel", Backbone.new(PRESETS["tiny"].with_(in_channels=2), intensity=MULTIMODAL_MRI, channel_names=["FLAIR", "T1"]))
+    backbone_dir = save_backbone(
+        tmp_path / "two_channel",
+        Backbone.new(PRESETS["tiny"].with_(in_channels=2), intensity=MULTIMODAL_MRI, channel_names=["FLAIR", "T1"]),
+    )
     flair = load_volume_node(scene, brats_crop["paths"]["FLAIR"], "FLAIR")
     t1 = load_volume_node(scene, brats_crop["paths"]["T1"], "T1")
     segmentation_node, (tumour_id,) = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])

@@ -27,7 +27,9 @@ def test_module_cmake_lists_every_script_and_resource():
     listed = set(re.findall(r"\$\{MODULE_NAME\}(Lib/[\w.]+\.py|\.py)", cmake))
     listed = {("TEDMSlicer" + entry) for entry in listed}
     on_disk = {str(p.relative_to(MODULE)) for p in _module_python_files()}
-    assert on_disk == listed, f"not packaged: {sorted(on_disk - listed)}; listed but missing: {sorted(listed - on_disk)}"
+    assert on_disk == listed, (
+        f"not packaged: {sorted(on_disk - listed)}; listed but missing: {sorted(listed - on_disk)}"
+    )
     for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert resource in cmake
         assert (MODULE / resource.replace("${MODULE_NAME}", "TEDMSlicer")).is_file()
@@ -36,12 +38,27 @@ def test_module_cmake_lists_every_script_and_resource():
 
 def test_extension_cmake_metadata():
     cmake = (REPO / "CMakeLists.txt").read_text()
-    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+    for variable in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+    ):
         assert re.search(rf"set\({variable} \"[^\"]+\"\)", cmake), variable
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake
-    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(TEDMSlicer)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+    for line in (
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(TEDMSlicer)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
         assert line in cmake
-    assert (MODULE / "Testing" / "CMakeLists.txt").is_file() and (MODULE / "Testing" / "Python" / "CMakeLists.txt").is_file()
+    assert (MODULE / "Testing" / "CMakeLists.txt").is_file() and (
+        MODULE / "Testing" / "Python" / "CMakeLists.txt"
+    ).is_file()
 
 
 def _parameter_names():
@@ -60,14 +77,32 @@ def test_ui_matches_parameter_node_and_widget():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = name
-    assert set(bound) == _parameter_names(), "every parameter has exactly one widget, and no widget names a missing parameter"
+    assert set(bound) == _parameter_names(), (
+        "every parameter has exactly one widget, and no widget names a missing parameter"
+    )
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "TEDMSlicer.py").read_text()))
     assert used <= set(widgets), f"widgets used but not in the .ui: {sorted(used - set(widgets))}"
-    for required in ("segmentButton", "fitButton", "refineButton", "nextUncertainButton", "saveModelButton", "cancelButton", "progressBar", "statusLabel", "deviceComboBox", "axisComboBox", "modelPathLineEdit", "outputSegmentationSelector", "inputVolumeSelector"):
+    for required in (
+        "segmentButton",
+        "fitButton",
+        "refineButton",
+        "nextUncertainButton",
+        "saveModelButton",
+        "cancelButton",
+        "progressBar",
+        "statusLabel",
+        "deviceComboBox",
+        "axisComboBox",
+        "modelPathLineEdit",
+        "outputSegmentationSelector",
+        "inputVolumeSelector",
+    ):
         assert required in widgets
     # Every node selector gets the scene.
     selectors = {n for n, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
-    receivers = {c.find("receiver").text for c in ui.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    receivers = {
+        c.find("receiver").text for c in ui.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"
+    }
     assert selectors <= receivers
 
 
@@ -97,7 +132,9 @@ def _runtime_unions(tree: ast.AST):
     for node in ast.walk(tree):
         annotations = []
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            annotations = [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation] + ([node.returns] if node.returns else [])
+            annotations = [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation] + (
+                [node.returns] if node.returns else []
+            )
         elif isinstance(node, ast.AnnAssign):
             annotations = [node.annotation]
         for annotation in annotations:
@@ -116,9 +153,9 @@ def test_module_python_runs_on_slicer_python_39(path):
 def test_logic_package_imports_without_torch_or_tedm_core():
     pytest.importorskip("slicer", reason="slicer-core is not installed")
     code = (
-        "import sys; sys.path.insert(0, %r); import TEDMSlicerLib; "
+        f"import sys; sys.path.insert(0, {str(MODULE)!r}); import TEDMSlicerLib; "
         "bad = [m for m in ('torch', 'tedm_core', 'qt', 'ctk') if m in sys.modules]; "
-        "assert not bad, bad" % str(MODULE)
+        "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -142,12 +179,18 @@ def test_dependency_installation_order_and_skip_list(tmp_path):
     text = plan.describe()
     assert "torch" in text and "monai>=1.4" in text and str(tmp_path) in text and "will not be replaced" in text
     dependencies.install_dependencies(plan, RecordingInstaller())
-    assert calls == [("torch", dependencies.TORCH_REQUIREMENT), ("requirements", ["monai>=1.4"], dependencies.SLICER_PROVIDED), ("no-deps", str(tmp_path))]
+    assert calls == [
+        ("torch", dependencies.TORCH_REQUIREMENT),
+        ("requirements", ["monai>=1.4"], dependencies.SLICER_PROVIDED),
+        ("no-deps", str(tmp_path)),
+    ]
     assert set(dependencies.SLICER_PROVIDED) == {"torch", "numpy", "SimpleITK", "vtk"}
     # From this checkout, tedm_core's source tree is found next to the module.
     assert dependencies.tedm_core_source(MODULE) == REPO
     with pytest.raises(RuntimeError, match="tedm_core"):
-        dependencies.install_dependencies(dependencies.DependencyPlan(False, [], None, tedm_core_unavailable=True), RecordingInstaller())
+        dependencies.install_dependencies(
+            dependencies.DependencyPlan(False, [], None, tedm_core_unavailable=True), RecordingInstaller()
+        )
 
 
 def test_slicer_installer_prefers_pip_ensure_with_skip_list():
@@ -158,11 +201,21 @@ def test_slicer_installer_prefers_pip_ensure_with_skip_list():
     seen = {}
 
     def pip_ensure(requirements, skip_packages=None, prompt_install=True, requester=None):
-        seen.update(requirements=[str(r) for r in requirements], skip=skip_packages, prompt=prompt_install, requester=requester)
+        seen.update(
+            requirements=[str(r) for r in requirements], skip=skip_packages, prompt=prompt_install, requester=requester
+        )
 
-    fake_slicer = SimpleNamespace(pydeps=SimpleNamespace(pip_ensure=pip_ensure), util=SimpleNamespace(pip_install=lambda *a, **k: seen.setdefault("pip_install", a)))
+    fake_slicer = SimpleNamespace(
+        pydeps=SimpleNamespace(pip_ensure=pip_ensure),
+        util=SimpleNamespace(pip_install=lambda *a, **k: seen.setdefault("pip_install", a)),
+    )
     dependencies.SlicerPackageInstaller(fake_slicer).install_requirements(["monai>=1.4"], dependencies.SLICER_PROVIDED)
-    assert seen == {"requirements": ["monai>=1.4"], "skip": dependencies.SLICER_PROVIDED, "prompt": False, "requester": "TEDMSlicer"}
+    assert seen == {
+        "requirements": ["monai>=1.4"],
+        "skip": dependencies.SLICER_PROVIDED,
+        "prompt": False,
+        "requester": "TEDMSlicer",
+    }
 
     # Older Slicer: pip_install with a constraints file (pins Slicer's packages pip knows about).
     installs = []

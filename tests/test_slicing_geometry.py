@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 
 nib = pytest.importorskip("nibabel")
+from conftest import ThresholdSegmenter, affine_zoo, require_shared_data, sphere_volume_array, world_centroid  # noqa: E402
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform  # noqa: E402
 
-from conftest import ThresholdSegmenter, affine_zoo, require_shared_data, sphere_volume_array, world_centroid  # noqa: E402
 from tedm_core.io.volumes import read_volume, volume_from_array, write_label_volume  # noqa: E402
 from tedm_core.pipelines.volume import segment_volume  # noqa: E402
 from tedm_core.slicing import extract_slices, labelled_slice_indices, reassemble, slice_layout, to_slices  # noqa: E402
 
 AFFINES = affine_zoo()
-ALL_AXCODES = ["".join(pair[f] for pair, f in zip(perm, flips)) for perm in permutations(["RL", "AP", "SI"]) for flips in product([0, 1], repeat=3)]
+ALL_AXCODES = [
+    "".join(pair[f] for pair, f in zip(perm, flips))
+    for perm in permutations(["RL", "AP", "SI"])
+    for flips in product([0, 1], repeat=3)
+]
 
 
 def _reoriented(data_ijk: np.ndarray, affine: np.ndarray, codes: str):
@@ -127,7 +131,9 @@ def test_real_model_segments_sphere_at_its_world_position(tiny_bundle_dir):
     centre = (affine @ np.array([14.0, 13.0, 6.0, 1.0]))[:3]
     raw = sphere_volume_array(shape, affine, centre, radius_mm=7.0, inside=200.0, outside=30.0)
     raw += np.random.default_rng(0).normal(0, 4, raw.shape).astype(np.float32)
-    result = segment_volume(Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), volume_from_array(raw, affine), axis="axial")
+    result = segment_volume(
+        Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), volume_from_array(raw, affine), axis="axial"
+    )
     truth = raw > 115
     assert result.labels.sum() > 0
     dice = 2 * np.logical_and(result.labels > 0, truth).sum() / (result.labels.sum() + truth.sum())

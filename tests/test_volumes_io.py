@@ -9,6 +9,7 @@ import SimpleITK as sitk
 nib = pytest.importorskip("nibabel")
 
 from conftest import affine_zoo  # noqa: E402
+
 from tedm_core.errors import InputError  # noqa: E402
 from tedm_core.io.volumes import (  # noqa: E402
     LPS_TO_RAS,
@@ -32,7 +33,21 @@ def _nifti(path, affine, data_ijk=None, sform_code=1, qform_code=1):
     return data
 
 
-GEOMETRY_FIELDS = ("sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim", "xyzt_units")
+GEOMETRY_FIELDS = (
+    "sform_code",
+    "qform_code",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "pixdim",
+    "xyzt_units",
+)
 
 
 @pytest.mark.parametrize("name", sorted(AFFINES))
@@ -86,7 +101,9 @@ def test_nibabel_and_simpleitk_agree_on_ras(tmp_path):
     _nifti(tmp_path / "a.nii.gz", affine)
     image = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
     sitk.WriteImage(image, str(tmp_path / "a.nrrd"))
-    np.testing.assert_allclose(read_volume(tmp_path / "a.nrrd").ijk_to_ras, read_volume(tmp_path / "a.nii.gz").ijk_to_ras, atol=1e-5)
+    np.testing.assert_allclose(
+        read_volume(tmp_path / "a.nrrd").ijk_to_ras, read_volume(tmp_path / "a.nii.gz").ijk_to_ras, atol=1e-5
+    )
 
 
 def test_float_map_writer(tmp_path):
@@ -131,7 +148,9 @@ def test_dicom_series_folder(tmp_path):
             "0020|000d": "1.2.826.0.1.3680043.2.1125.2",
             "0008|0060": "MR",
             "0020|0032": "\\".join(f"{v:.6f}" for v in origin),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in np.concatenate([lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]])),
+            "0020|0037": "\\".join(
+                f"{v:.6f}" for v in np.concatenate([lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]])
+            ),
             "0020|0013": str(k + 1),
             "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
             "0018|0050": f"{spacing[2]:.6f}",

@@ -2,7 +2,17 @@
 tasks and dependency installation. Importable without Qt (plain pytest with ``slicer-core``)
 and without torch or tedm_core (they are imported when work starts)."""
 
-from .logic import AXES, METHODS, Job, Outcome, Session, TEDMSlicerCoreLogic, UncertainSlice, UserInputError, is_cancellation
+from .logic import (
+    AXES,
+    METHODS,
+    Job,
+    Outcome,
+    Session,
+    TEDMSlicerCoreLogic,
+    UncertainSlice,
+    UserInputError,
+    is_cancellation,
+)
 from .tasks import BackgroundTask, SilentCallbacks, TaskEvent
 
 __all__ = [

@@ -45,7 +45,9 @@ class TEDMCoreBackend:
 
         return str(save_bundle(bundle, path, overwrite=overwrite))
 
-    def make_volume(self, array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Sequence[str], path: Optional[str] = None) -> Any:
+    def make_volume(
+        self, array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Sequence[str], path: Optional[str] = None
+    ) -> Any:
         from tedm_core.io.volumes import volume_from_array
 
         return volume_from_array(array, ijk_to_ras, list(channel_names))
@@ -99,7 +101,9 @@ class TEDMCoreBackend:
         resolved = resolve_device(device)
         notes = [f"Running on {describe_device(resolved)}."]
         if resolved.type == "cpu" and torch.cuda.is_available() is False and device != "cpu":
-            notes.append("No CUDA GPU is visible to PyTorch (CPU build of torch, or no NVIDIA driver): running on the CPU.")
+            notes.append(
+                "No CUDA GPU is visible to PyTorch (CPU build of torch, or no NVIDIA driver): running on the CPU."
+            )
         free = free_device_memory(resolved)
         if free is not None and free < LOW_GPU_MEMORY_BYTES:
             notes.append(

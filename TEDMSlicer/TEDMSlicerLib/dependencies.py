@@ -83,17 +83,25 @@ class DependencyPlan:
 
     @property
     def nothing_to_do(self) -> bool:
-        return not (self.torch_missing or self.missing_requirements or self.tedm_core_from or self.tedm_core_unavailable)
+        return not (
+            self.torch_missing or self.missing_requirements or self.tedm_core_from or self.tedm_core_unavailable
+        )
 
     def describe(self) -> str:
         """The confirmation text: every package that will be installed, and what is left alone."""
         lines = ["TEDMSlicer needs these Python packages, which are not installed yet:", ""]
         if self.torch_missing:
-            lines.append(f"  - torch {TORCH_REQUIREMENT} (through the PyTorch extension, which picks the CUDA or CPU build for this computer; ~1-3 GB)")
+            lines.append(
+                f"  - torch {TORCH_REQUIREMENT} (through the PyTorch extension, which picks the CUDA or CPU build for this computer; ~1-3 GB)"
+            )
         lines += [f"  - {requirement}" for requirement in self.missing_requirements]
         if self.tedm_core_from is not None:
             lines.append(f"  - tedm_core from {self.tedm_core_from} (without dependencies)")
-        lines += ["", f"Slicer's own {', '.join(SLICER_PROVIDED)} will not be replaced.", "Installation can take several minutes. Install now?"]
+        lines += [
+            "",
+            f"Slicer's own {', '.join(SLICER_PROVIDED)} will not be replaced.",
+            "Installation can take several minutes. Install now?",
+        ]
         return "\n".join(lines)
 
 
@@ -103,7 +111,9 @@ def plan_dependencies(module_dir: Path) -> DependencyPlan:
     missing = [r for r in REQUIREMENTS if not requirement_satisfied(r)]
     tedm_core_importable = importlib.util.find_spec("tedm_core") is not None
     source = None if tedm_core_importable else tedm_core_source(module_dir)
-    return DependencyPlan(torch_missing, missing, source, tedm_core_unavailable=not tedm_core_importable and source is None)
+    return DependencyPlan(
+        torch_missing, missing, source, tedm_core_unavailable=not tedm_core_importable and source is None
+    )
 
 
 class PackageInstaller(Protocol):
@@ -116,7 +126,9 @@ class PackageInstaller(Protocol):
     def install_without_dependencies(self, target: str) -> None: ...
 
 
-def install_dependencies(plan: DependencyPlan, installer: PackageInstaller, log: Callable[[str], None] = lambda _m: None) -> None:
+def install_dependencies(
+    plan: DependencyPlan, installer: PackageInstaller, log: Callable[[str], None] = lambda _m: None
+) -> None:
     """Carry out ``plan`` (after the user confirmed ``plan.describe()``). Torch first: monai needs it."""
     if plan.tedm_core_unavailable:
         raise RuntimeError(
@@ -142,14 +154,16 @@ class SlicerPackageInstaller:
 
     def __init__(self, slicer_module: Any = None) -> None:
         if slicer_module is None:
-            import slicer as slicer_module  # noqa: PLC0415 - only inside Slicer
+            import slicer as slicer_module
         self.slicer = slicer_module
 
     def install_torch(self, requirement: str) -> None:
         try:
             import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
         except ImportError:
-            raise RuntimeError("TEDMSlicer needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and restart Slicer") from None
+            raise RuntimeError(
+                "TEDMSlicer needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and restart Slicer"
+            ) from None
         torch_logic = PyTorchUtils.PyTorchUtilsLogic()
         if not torch_logic.torchInstalled():
             # Our own confirmation already listed torch: do not ask twice.
@@ -175,11 +189,18 @@ class SlicerPackageInstaller:
         if pip_ensure is not None:
             from packaging.requirements import Requirement
 
-            pip_ensure([Requirement(r) for r in requirements], skip_packages=list(never_replace), prompt_install=False, requester=REQUESTER)
+            pip_ensure(
+                [Requirement(r) for r in requirements],
+                skip_packages=list(never_replace),
+                prompt_install=False,
+                requester=REQUESTER,
+            )
             return
         # Older Slicer: pin whatever of Slicer's packages pip knows about, so that pip fails
         # rather than replacing them if a requirement ever asked for another version.
-        pins = [f"{name}=={version}" for name, version in ((n, _distribution_version(n)) for n in never_replace) if version]
+        pins = [
+            f"{name}=={version}" for name, version in ((n, _distribution_version(n)) for n in never_replace) if version
+        ]
         with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as handle:
             handle.write("\n".join(pins) + "\n")
             constraints = handle.name

@@ -135,7 +135,9 @@ class UncertainSlice:
 class Job:
     """A prepared operation: ``compute`` runs anywhere, ``apply`` on the GUI thread."""
 
-    def __init__(self, title: str, compute: Callable[[TaskCallbacks], Outcome], apply: Callable[[Outcome], Any]) -> None:
+    def __init__(
+        self, title: str, compute: Callable[[TaskCallbacks], Outcome], apply: Callable[[Outcome], Any]
+    ) -> None:
         self.title = title
         self.compute = compute
         self.apply = apply
@@ -156,7 +158,9 @@ class TEDMSlicerCoreLogic:
             (default: a quarter of the installed memory, at most 16 GiB).
     """
 
-    def __init__(self, backend: Optional[SegmentationBackend] = None, feature_cache_limit_bytes: Optional[int] = None) -> None:
+    def __init__(
+        self, backend: Optional[SegmentationBackend] = None, feature_cache_limit_bytes: Optional[int] = None
+    ) -> None:
         self.backend: SegmentationBackend = backend or TEDMCoreBackend()
         if feature_cache_limit_bytes is None:
             installed = physical_memory_bytes() or 8 * 2**30
@@ -215,7 +219,9 @@ class TEDMSlicerCoreLogic:
         if int(volume_shape_kji[0]) == 1:
             return "k"
         if min(int(s) for s in volume_shape_kji) == 1:
-            raise UserInputError("a single-slice image must be stored with its one slice along K (as Slicer loads 2D images)")
+            raise UserInputError(
+                "a single-slice image must be stored with its one slice along K (as Slicer loads 2D images)"
+            )
         if axis == "auto":
             return str(getattr(model, "axis", None) or "axial")
         return axis
@@ -236,13 +242,21 @@ class TEDMSlicerCoreLogic:
         try:
             config = bundle.backbone.config
             timesteps = max(1, len(bundle.timesteps))
-            levels = bundle.head.config.levels if bundle.head is not None and bundle.head.config.levels is not None else range(len(config.channels))
-            per_step = sum(config.decoder_channels[i] * (config.image_size // config.decoder_strides[i]) ** 2 for i in levels)
+            levels = (
+                bundle.head.config.levels
+                if bundle.head is not None and bundle.head.config.levels is not None
+                else range(len(config.channels))
+            )
+            per_step = sum(
+                config.decoder_channels[i] * (config.image_size // config.decoder_strides[i]) ** 2 for i in levels
+            )
         except AttributeError:
             return True
         return per_step * timesteps * 2 * slice_count <= self.feature_cache_limit_bytes
 
-    def _predict_slices(self, bundle: Any, device: str, slices: np.ndarray, callbacks: TaskCallbacks, start: float, end: float) -> "VolumePrediction":
+    def _predict_slices(
+        self, bundle: Any, device: str, slices: np.ndarray, callbacks: TaskCallbacks, start: float, end: float
+    ) -> VolumePrediction:
         """Run the model on every slice that holds anything (as ``tedm_core``'s segment_volume
         does: background-only slices are label 0 with zero uncertainty) and keep the features."""
         run = np.flatnonzero(self.backend.nonempty_slices(slices))
@@ -254,9 +268,16 @@ class TEDMSlicerCoreLogic:
         if len(run):
             keep = bundle.head is not None and self._feature_cache_fits(bundle, len(run))
             if not keep and bundle.head is not None:
-                callbacks.log("The decoder features of this volume are too large to keep in memory: Refine will run the full model again.")
+                callbacks.log(
+                    "The decoder features of this volume are too large to keep in memory: Refine will run the full model again."
+                )
             segmenter = self._segmenter_for(bundle, device)
-            prediction = segmenter.predict(slices[run], progress=_slice_progress(callbacks, start, end, "slice"), cancel=callbacks.cancelled, keep_features=keep)
+            prediction = segmenter.predict(
+                slices[run],
+                progress=_slice_progress(callbacks, start, end, "slice"),
+                cancel=callbacks.cancelled,
+                keep_features=keep,
+            )
             labels[run] = prediction.labels
             uncertainty[run] = prediction.uncertainty
             features = prediction.features
@@ -265,12 +286,16 @@ class TEDMSlicerCoreLogic:
         callbacks.log(f"{len(run)} of {n} slices hold image content and went through the model.")
         return VolumePrediction(labels, uncertainty, features, rows)
 
-    def _reapply_head(self, bundle: Any, device: str, session: "Session", callbacks: TaskCallbacks, start: float, end: float) -> "VolumePrediction":
+    def _reapply_head(
+        self, bundle: Any, device: str, session: Session, callbacks: TaskCallbacks, start: float, end: float
+    ) -> VolumePrediction:
         """The refined head on the cached features of every slice: no UNet pass."""
         if session.features is None:
             return self._predict_slices(bundle, device, session.slices, callbacks, start, end)
         segmenter = self._segmenter_for(bundle, device)
-        prediction = segmenter.predict_from_features(session.features, progress=_slice_progress(callbacks, start, end, "slice"))
+        prediction = segmenter.predict_from_features(
+            session.features, progress=_slice_progress(callbacks, start, end, "slice")
+        )
         run = np.flatnonzero(session.feature_rows >= 0)
         shape = (session.slices.shape[0],) + session.slices.shape[2:]
         labels = np.zeros(shape, dtype=np.uint8)
@@ -279,7 +304,7 @@ class TEDMSlicerCoreLogic:
         uncertainty[run] = prediction.uncertainty[session.feature_rows[run]]
         return VolumePrediction(labels, uncertainty, session.features, session.feature_rows)
 
-    def _anchor_slices(self, session: "Session", training: Sequence[int], count: int = REFINE_ANCHOR_SLICES) -> List[int]:
+    def _anchor_slices(self, session: Session, training: Sequence[int], count: int = REFINE_ANCHOR_SLICES) -> List[int]:
         """A few slices the user did not label or correct, whose previous result Refine should keep.
 
         Spread evenly over the slices that went through the model, half of them among those
@@ -289,8 +314,10 @@ class TEDMSlicerCoreLogic:
         teaches little more than background); among the others, the slice the model was most
         sure of (least timestep disagreement).
         """
-        ran = session.feature_rows >= 0 if session.features is not None else self.backend.nonempty_slices(session.slices)
-        excluded = set(int(i) for i in training)
+        ran = (
+            session.feature_rows >= 0 if session.features is not None else self.backend.nonempty_slices(session.slices)
+        )
+        excluded = {int(i) for i in training}
         candidates = [int(i) for i in np.flatnonzero(ran) if int(i) not in excluded]
         area = (session.written_slice_labels > 0).reshape(len(session.written_slice_labels), -1).sum(axis=1)
         showing = [i for i in candidates if area[i] > 0]
@@ -319,7 +346,9 @@ class TEDMSlicerCoreLogic:
 
     def _apply(self, segmentation_node: Any, reference_node: Any, outcome: Outcome) -> Outcome:
         session = outcome.session
-        session.segment_ids = mrml_io.write_class_labels(segmentation_node, reference_node, outcome.labels_kji, session.class_names, session.class_colours)
+        session.segment_ids = mrml_io.write_class_labels(
+            segmentation_node, reference_node, outcome.labels_kji, session.class_names, session.class_colours
+        )
         self.sessions[segmentation_node.GetID() or segmentation_node.GetName()] = session
         return outcome
 
@@ -333,7 +362,14 @@ class TEDMSlicerCoreLogic:
         return session
 
     # -- Segment ----------------------------------------------------------------------------
-    def begin_segment(self, volume_nodes: Sequence[Any], model_path: str, segmentation_node: Any, axis: str = "auto", device: str = "auto") -> Job:
+    def begin_segment(
+        self,
+        volume_nodes: Sequence[Any],
+        model_path: str,
+        segmentation_node: Any,
+        axis: str = "auto",
+        device: str = "auto",
+    ) -> Job:
         """Segment the volume(s) (channels, in the model's order) into ``segmentation_node``."""
         if segmentation_node is None:
             raise UserInputError("select or create an output segmentation")
@@ -346,7 +382,9 @@ class TEDMSlicerCoreLogic:
             callbacks.progress(0.0, "loading the model")
             model = self.load_model(model_path)
             if not self.is_bundle(model):
-                raise UserInputError(f"{model_path} is a pretrained backbone, not a fitted model: label 1-3 slices and press 'Fit from labelled slices'")
+                raise UserInputError(
+                    f"{model_path} is a pretrained backbone, not a fitted model: label 1-3 slices and press 'Fit from labelled slices'"
+                )
             self._check_channels(model, arrays)
             notes = self.device_notes(device)
             for note in notes:
@@ -382,7 +420,15 @@ class TEDMSlicerCoreLogic:
 
         return Job("Segment", compute, lambda outcome: self._apply(segmentation_node, reference, outcome))
 
-    def segment(self, volume_nodes: Sequence[Any], model_path: str, segmentation_node: Any, axis: str = "auto", device: str = "auto", callbacks: Optional[TaskCallbacks] = None) -> Outcome:
+    def segment(
+        self,
+        volume_nodes: Sequence[Any],
+        model_path: str,
+        segmentation_node: Any,
+        axis: str = "auto",
+        device: str = "auto",
+        callbacks: Optional[TaskCallbacks] = None,
+    ) -> Outcome:
         return self.begin_segment(volume_nodes, model_path, segmentation_node, axis, device).run(callbacks)
 
     # -- Fit ---------------------------------------------------------------------------------
@@ -410,7 +456,9 @@ class TEDMSlicerCoreLogic:
         reference = volume_nodes[0]
         segment_ids = mrml_io.class_segment_ids(segmentation_node)
         if not segment_ids:
-            raise UserInputError(f"'{segmentation_node.GetName()}' has no segments: add one segment per structure and paint it on 1-3 slices")
+            raise UserInputError(
+                f"'{segmentation_node.GetName()}' has no segments: add one segment per structure and paint it on 1-3 slices"
+            )
         class_names = mrml_io.class_names_of(segmentation_node)
         class_colours = mrml_io.class_colours_of(segmentation_node)
         drawn_kji = mrml_io.read_class_labels(segmentation_node, reference, segment_ids)
@@ -431,10 +479,16 @@ class TEDMSlicerCoreLogic:
             drawn = self.backend.slice_arrays(drawn_kji, layout).astype(np.uint8)
             labelled = [int(i) for i in np.flatnonzero(drawn.reshape(len(drawn), -1).any(axis=1))]
             if not labelled:
-                raise UserInputError(f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 {resolved_axis} slices first")
-            callbacks.log(f"Fitting {method} on {len(labelled)} labelled slice(s): {', '.join(str(i) for i in labelled)}.")
+                raise UserInputError(
+                    f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 {resolved_axis} slices first"
+                )
+            callbacks.log(
+                f"Fitting {method} on {len(labelled)} labelled slice(s): {', '.join(str(i) for i in labelled)}."
+            )
             if len(labelled) > 10:
-                callbacks.log(f"{len(labelled)} slices carry labels and all of them are learnt from; to correct a result, use Refine instead.")
+                callbacks.log(
+                    f"{len(labelled)} slices carry labels and all of them are learnt from; to correct a result, use Refine instead."
+                )
             # The fit hooks the backbone's decoder itself: release ours first.
             self.release_segmenter()
             bundle = self.backend.fit_bundle(
@@ -478,47 +532,102 @@ class TEDMSlicerCoreLogic:
             labels_kji = self.backend.reassemble(labels, layout).astype(np.uint8)
             seconds = time.perf_counter() - tic
             callbacks.log(f"Fitted and segmented {len(slices)} slices in {seconds:.1f} s.")
-            return Outcome("fit", labels_kji, self.backend.reassemble(prediction.uncertainty, layout), session, changed_slices=labelled, seconds=seconds, notes=notes)
+            return Outcome(
+                "fit",
+                labels_kji,
+                self.backend.reassemble(prediction.uncertainty, layout),
+                session,
+                changed_slices=labelled,
+                seconds=seconds,
+                notes=notes,
+            )
 
-        return Job("Fit from labelled slices", compute, lambda outcome: self._apply(segmentation_node, reference, outcome))
+        return Job(
+            "Fit from labelled slices", compute, lambda outcome: self._apply(segmentation_node, reference, outcome)
+        )
 
-    def fit(self, volume_nodes: Sequence[Any], model_path: str, segmentation_node: Any, axis: str = "auto", device: str = "auto", method: str = "tedm", steps: Optional[int] = None, seed: int = 0, callbacks: Optional[TaskCallbacks] = None) -> Outcome:
-        return self.begin_fit(volume_nodes, model_path, segmentation_node, axis, device, method, steps, seed).run(callbacks)
+    def fit(
+        self,
+        volume_nodes: Sequence[Any],
+        model_path: str,
+        segmentation_node: Any,
+        axis: str = "auto",
+        device: str = "auto",
+        method: str = "tedm",
+        steps: Optional[int] = None,
+        seed: int = 0,
+        callbacks: Optional[TaskCallbacks] = None,
+    ) -> Outcome:
+        return self.begin_fit(volume_nodes, model_path, segmentation_node, axis, device, method, steps, seed).run(
+            callbacks
+        )
 
     # -- Refine ------------------------------------------------------------------------------
-    def begin_refine(self, segmentation_node: Any, reference_volume_node: Any, steps: Optional[int] = None, device: Optional[str] = None) -> Job:
+    def begin_refine(
+        self,
+        segmentation_node: Any,
+        reference_volume_node: Any,
+        steps: Optional[int] = None,
+        device: Optional[str] = None,
+    ) -> Job:
         """Learn from the slices corrected since the last Segment/Fit/Refine of this node."""
         session = self.session_for(segmentation_node)
         if reference_volume_node is None or reference_volume_node.GetID() != session.volume_node_ids[0]:
             raise UserInputError("the input volume changed since this segmentation was made: press Segment again")
-        if tuple(reversed(reference_volume_node.GetImageData().GetDimensions())) != tuple(session.volume.array.shape[1:]):
-            raise UserInputError("the input volume's size changed since this segmentation was made: press Segment again")
+        if tuple(reversed(reference_volume_node.GetImageData().GetDimensions())) != tuple(
+            session.volume.array.shape[1:]
+        ):
+            raise UserInputError(
+                "the input volume's size changed since this segmentation was made: press Segment again"
+            )
         segmentation = segmentation_node.GetSegmentation()
-        missing = [name for name, segment_id in zip(session.class_names[1:], session.segment_ids) if segmentation.GetSegment(segment_id) is None]
+        missing = [
+            name
+            for name, segment_id in zip(session.class_names[1:], session.segment_ids)
+            if segmentation.GetSegment(segment_id) is None
+        ]
         if missing:
-            raise UserInputError(f"segment(s) {', '.join(missing)} were removed since the last result: press Segment (or Fit) again")
+            raise UserInputError(
+                f"segment(s) {', '.join(missing)} were removed since the last result: press Segment (or Fit) again"
+            )
         edited_kji = mrml_io.read_class_labels(segmentation_node, reference_volume_node, session.segment_ids)
         device = DEVICES.get((device or session.device).lower(), device or session.device)
 
         def compute(callbacks: TaskCallbacks) -> Outcome:
             tic = time.perf_counter()
             edited = self.backend.slice_arrays(edited_kji, session.layout).astype(np.uint8)
-            changed = [int(i) for i in np.flatnonzero((edited != session.written_slice_labels).reshape(len(edited), -1).any(axis=1))]
+            changed = [
+                int(i)
+                for i in np.flatnonzero((edited != session.written_slice_labels).reshape(len(edited), -1).any(axis=1))
+            ]
             if not changed:
-                raise UserInputError("no slice differs from the last result: correct some slices with the Segment Editor, then Refine")
+                raise UserInputError(
+                    "no slice differs from the last result: correct some slices with the Segment Editor, then Refine"
+                )
             training = sorted(set(session.training_slices) | set(changed))
-            callbacks.log(f"Corrected slices: {', '.join(str(i) for i in changed)}; training on {len(training)} slice(s).")
-            kwargs: Dict[str, Any] = dict(steps=steps, device=device, progress=_slice_progress(callbacks, 0.0, 0.8, "refine step"), cancel=callbacks.cancelled)
+            callbacks.log(
+                f"Corrected slices: {', '.join(str(i) for i in changed)}; training on {len(training)} slice(s)."
+            )
+            kwargs: Dict[str, Any] = {
+                "steps": steps,
+                "device": device,
+                "progress": _slice_progress(callbacks, 0.0, 0.8, "refine step"),
+                "cancel": callbacks.cancelled,
+            }
             rows = session.feature_rows[training]
             if session.features is not None and (rows >= 0).all():
                 kwargs["features"] = session.features.select(rows.tolist()).levels  # no UNet pass at all
             anchors = self._anchor_slices(session, training)
             if anchors:
-                kwargs.update(anchor_slices=session.slices[anchors], anchor_labels=session.written_slice_labels[anchors])
+                kwargs.update(
+                    anchor_slices=session.slices[anchors], anchor_labels=session.written_slice_labels[anchors]
+                )
                 anchor_rows = session.feature_rows[anchors]
                 if session.features is not None and (anchor_rows >= 0).all():
                     kwargs["anchor_features"] = session.features.select(anchor_rows.tolist()).levels
-                callbacks.log(f"Keeping the previous result of slice(s) {', '.join(str(i) for i in anchors)} as anchors against forgetting.")
+                callbacks.log(
+                    f"Keeping the previous result of slice(s) {', '.join(str(i) for i in anchors)} as anchors against forgetting."
+                )
             bundle = self.backend.refine_bundle(session.bundle, session.slices[training], edited[training], **kwargs)
             _check_cancel(callbacks)
             prediction = self._reapply_head(bundle, device, session, callbacks, 0.8, 0.98)
@@ -549,9 +658,20 @@ class TEDMSlicerCoreLogic:
             callbacks.log(f"Refined on {len(training)} slice(s) and re-segmented the others in {seconds:.1f} s.")
             return Outcome("refine", labels_kji, None, new_session, changed_slices=changed, seconds=seconds)
 
-        return Job("Refine from corrections", compute, lambda outcome: self._apply(segmentation_node, reference_volume_node, outcome))
+        return Job(
+            "Refine from corrections",
+            compute,
+            lambda outcome: self._apply(segmentation_node, reference_volume_node, outcome),
+        )
 
-    def refine(self, segmentation_node: Any, reference_volume_node: Any, steps: Optional[int] = None, device: Optional[str] = None, callbacks: Optional[TaskCallbacks] = None) -> Outcome:
+    def refine(
+        self,
+        segmentation_node: Any,
+        reference_volume_node: Any,
+        steps: Optional[int] = None,
+        device: Optional[str] = None,
+        callbacks: Optional[TaskCallbacks] = None,
+    ) -> Outcome:
         return self.begin_refine(segmentation_node, reference_volume_node, steps, device).run(callbacks)
 
     # -- Next uncertain slice ----------------------------------------------------------------
@@ -565,7 +685,12 @@ class TEDMSlicerCoreLogic:
         ranked = [int(i) for i in order if int(i) not in training]
         if count is not None:
             ranked = ranked[: int(count)]
-        return [UncertainSlice(i, float(session.slice_uncertainty[i]), tuple(float(v) for v in session.slice_centres_ras[i])) for i in ranked]  # type: ignore[misc]
+        return [
+            UncertainSlice(
+                i, float(session.slice_uncertainty[i]), tuple(float(v) for v in session.slice_centres_ras[i])
+            )
+            for i in ranked
+        ]  # type: ignore[misc]
 
     def next_uncertain_slice(self, segmentation_node: Any) -> Optional[UncertainSlice]:
         """The most uncertain slice not yet offered since the last result (then starts over)."""
@@ -586,7 +711,12 @@ class TEDMSlicerCoreLogic:
         shape = session.volume.array.shape[1:]
         centres_ijk = []
         for axis_index in (2, 1, 0):  # i, j, k
-            index = np.broadcast_to(np.arange(shape[axis_index], dtype=np.float32).reshape([-1 if a == axis_index else 1 for a in range(3)]), shape)
+            index = np.broadcast_to(
+                np.arange(shape[axis_index], dtype=np.float32).reshape(
+                    [-1 if a == axis_index else 1 for a in range(3)]
+                ),
+                shape,
+            )
             per_slice = self.backend.slice_arrays(index, session.layout)
             centres_ijk.append(per_slice.reshape(len(per_slice), -1).mean(axis=1))
         ijk1 = np.stack(centres_ijk + [np.ones_like(centres_ijk[0])], axis=1)

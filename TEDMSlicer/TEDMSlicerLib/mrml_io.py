@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
-
-import slicer
 
 # Geometry agreement needed before two volumes are stacked as channels of one input (mm).
 GEOMETRY_TOLERANCE_MM = 1e-3
@@ -53,7 +52,7 @@ def vtk_matrix_from_numpy(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def ijk_to_ras_of(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
+def ijk_to_ras_of(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     """The node's own IJK-to-RAS (parent transforms not applied: results share the parent)."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
@@ -63,7 +62,7 @@ def ijk_to_ras_of(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # volumes
 # --------------------------------------------------------------------------------------------
-def array_from_volume_node(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
+def array_from_volume_node(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     """A copy of the voxels as ``(K, J, I)`` float32, like ``slicer.util.arrayFromVolume``.
 
     Colour (RGB/RGBA) volumes, as Slicer loads most PNG/JPG radiographs, become one grey
@@ -93,7 +92,7 @@ class VolumeArrays:
     reference_node_id: str
 
 
-def volume_arrays_from_nodes(volume_nodes: Sequence["slicer.vtkMRMLVolumeNode"]) -> VolumeArrays:
+def volume_arrays_from_nodes(volume_nodes: Sequence[slicer.vtkMRMLVolumeNode]) -> VolumeArrays:
     """Stack several volume nodes (modalities) as channels; they must share one voxel grid."""
     nodes = [n for n in volume_nodes if n is not None]
     if not nodes:
@@ -115,12 +114,14 @@ def volume_arrays_from_nodes(volume_nodes: Sequence["slicer.vtkMRMLVolumeNode"])
                 f"{difference:.3g}): resample it onto the first volume first"
             )
         if node.GetTransformNodeID() != reference.GetTransformNodeID():
-            raise GeometryError(f"volumes '{node.GetName()}' and '{reference.GetName()}' are under different transforms: harden them first")
+            raise GeometryError(
+                f"volumes '{node.GetName()}' and '{reference.GetName()}' are under different transforms: harden them first"
+            )
         channels.append(array)
     return VolumeArrays(np.stack(channels), ijk_to_ras, [n.GetName() for n in nodes], reference.GetID() or "")
 
 
-def oriented_image_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "slicer.vtkOrientedImageData":
+def oriented_image_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> slicer.vtkOrientedImageData:
     """A ``vtkOrientedImageData`` (unsigned char) holding ``array_kji`` in the grid of ``ijk_to_ras``."""
     array_kji = np.ascontiguousarray(array_kji, dtype=np.uint8)
     image = slicer.vtkOrientedImageData()
@@ -134,7 +135,7 @@ def oriented_image_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> 
     return image
 
 
-def geometry_image_of(volume_node: "slicer.vtkMRMLVolumeNode") -> "slicer.vtkOrientedImageData":
+def geometry_image_of(volume_node: slicer.vtkMRMLVolumeNode) -> slicer.vtkOrientedImageData:
     """An empty oriented image with the volume's extent and IJK-to-RAS: a grid to resample into."""
     image = slicer.vtkOrientedImageData()
     image.SetExtent(volume_node.GetImageData().GetExtent())
@@ -178,10 +179,17 @@ def normalised_colour(colour: Sequence[float]) -> Tuple[float, float, float]:
 
 
 # A readable palette for classes without a colour (Slicer's generic anatomy colours).
-DEFAULT_COLOURS = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.71, 0.86), (0.85, 0.4, 0.4), (0.56, 0.49, 0.75)]
+DEFAULT_COLOURS = [
+    (0.5, 0.68, 0.5),
+    (0.95, 0.84, 0.57),
+    (0.69, 0.48, 0.4),
+    (0.44, 0.71, 0.86),
+    (0.85, 0.4, 0.4),
+    (0.56, 0.49, 0.75),
+]
 
 
-def class_segment_ids(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> List[str]:
+def class_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> List[str]:
     """Segment ID of each foreground class (class k is entry k - 1).
 
     The IDs recorded when TEDMSlicer wrote the segmentation if present and still valid,
@@ -200,13 +208,13 @@ def class_segment_ids(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> Li
     return existing
 
 
-def class_names_of(segmentation_node: "slicer.vtkMRMLSegmentationNode", background_name: str = "background") -> List[str]:
+def class_names_of(segmentation_node: slicer.vtkMRMLSegmentationNode, background_name: str = "background") -> List[str]:
     """Class names, background first, from the segment names in class order."""
     segmentation = segmentation_node.GetSegmentation()
     return [background_name] + [segmentation.GetSegment(s).GetName() for s in class_segment_ids(segmentation_node)]
 
 
-def class_colours_of(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> List[Tuple[float, float, float]]:
+def class_colours_of(segmentation_node: slicer.vtkMRMLSegmentationNode) -> List[Tuple[float, float, float]]:
     """Segment colours (RGB in [0, 1]) in class order, background (black) first."""
     segmentation = segmentation_node.GetSegmentation()
     colours: List[Tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
@@ -216,8 +224,8 @@ def class_colours_of(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> Lis
 
 
 def prepare_segmentation_node(
-    segmentation_node: "slicer.vtkMRMLSegmentationNode",
-    reference_volume_node: "slicer.vtkMRMLVolumeNode",
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
     class_names: Sequence[str],
     class_colours: Optional[Sequence[Sequence[float]]] = None,
 ) -> List[str]:
@@ -234,10 +242,16 @@ def prepare_segmentation_node(
     # The results live in the volume's own coordinates: share its parent transform.
     segmentation_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
     segmentation = segmentation_node.GetSegmentation()
-    previous = class_segment_ids(segmentation_node) if segmentation_node.GetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE) else []
+    previous = (
+        class_segment_ids(segmentation_node) if segmentation_node.GetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE) else []
+    )
     ids: List[str] = []
     for index, name in enumerate(class_names[1:], start=1):
-        colour = normalised_colour(class_colours[index]) if class_colours and len(class_colours) > index else DEFAULT_COLOURS[(index - 1) % len(DEFAULT_COLOURS)]
+        colour = (
+            normalised_colour(class_colours[index])
+            if class_colours and len(class_colours) > index
+            else DEFAULT_COLOURS[(index - 1) % len(DEFAULT_COLOURS)]
+        )
         segment_id = previous[index - 1] if index - 1 < len(previous) else ""
         if not segment_id or segmentation.GetSegment(segment_id) is None:
             segment_id = segmentation.GetSegmentIdBySegmentName(str(name)) or ""
@@ -253,8 +267,8 @@ def prepare_segmentation_node(
 
 
 def write_class_labels(
-    segmentation_node: "slicer.vtkMRMLSegmentationNode",
-    reference_volume_node: "slicer.vtkMRMLVolumeNode",
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
     labels_kji: np.ndarray,
     class_names: Sequence[str],
     class_colours: Optional[Sequence[Sequence[float]]] = None,
@@ -275,15 +289,17 @@ def write_class_labels(
         for index, segment_id in enumerate(ids, start=1):
             mask = oriented_image_from_array((labels_kji == index).astype(np.uint8), ijk_to_ras)
             if not logic.SetBinaryLabelmapToSegment(mask, segmentation_node, segment_id, logic.MODE_REPLACE):
-                raise RuntimeError(f"could not write segment '{class_names[index]}' into '{segmentation_node.GetName()}'")
+                raise RuntimeError(
+                    f"could not write segment '{class_names[index]}' into '{segmentation_node.GetName()}'"
+                )
     finally:
         segmentation_node.EndModify(was_modifying)
     return ids
 
 
 def read_class_labels(
-    segmentation_node: "slicer.vtkMRMLSegmentationNode",
-    reference_volume_node: "slicer.vtkMRMLVolumeNode",
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
     segment_ids: Optional[Sequence[str]] = None,
 ) -> np.ndarray:
     """The segmentation as class indices ``(K, J, I)`` uint8 in the grid of the reference volume.
@@ -311,11 +327,19 @@ def read_class_labels(
         label_values.InsertNextValue(index)
     merged = slicer.vtkOrientedImageData()
     ok = segmentation_node.GenerateMergedLabelmapForAllSegments(
-        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, geometry_image_of(reference_volume_node), segment_id_array, label_values
+        merged,
+        slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+        geometry_image_of(reference_volume_node),
+        segment_id_array,
+        label_values,
     )
     if not ok:
-        raise RuntimeError(f"could not read segmentation '{segmentation_node.GetName()}' in the grid of '{reference_volume_node.GetName()}'")
+        raise RuntimeError(
+            f"could not read segmentation '{segmentation_node.GetName()}' in the grid of '{reference_volume_node.GetName()}'"
+        )
     if tuple(merged.GetExtent()) != tuple(reference_volume_node.GetImageData().GetExtent()):
-        raise GeometryError(f"segmentation read back with extent {merged.GetExtent()}, expected {reference_volume_node.GetImageData().GetExtent()}")
+        raise GeometryError(
+            f"segmentation read back with extent {merged.GetExtent()}, expected {reference_volume_node.GetImageData().GetExtent()}"
+        )
     scalars = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
     return np.array(scalars.reshape(shape), dtype=np.uint8, copy=True)

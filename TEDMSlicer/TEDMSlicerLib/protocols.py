@@ -34,7 +34,9 @@ class TaskCallbacks(Protocol):
 class SlicePredictorLike(Protocol):
     """``tedm_core.pipelines.segment.Segmenter`` as this module uses it."""
 
-    def predict(self, slices: np.ndarray, progress: Any = None, cancel: Any = None, keep_features: bool = False) -> Any: ...
+    def predict(
+        self, slices: np.ndarray, progress: Any = None, cancel: Any = None, keep_features: bool = False
+    ) -> Any: ...
 
     def predict_from_features(self, cache: Any, progress: Any = None) -> Any: ...
 
@@ -52,7 +54,9 @@ class SegmentationBackend(Protocol):
 
     def save_bundle(self, bundle: Any, path: str, overwrite: bool = False) -> str: ...
 
-    def make_volume(self, array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Sequence[str], path: Optional[str] = None) -> Any: ...
+    def make_volume(
+        self, array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Sequence[str], path: Optional[str] = None
+    ) -> Any: ...
 
     def normalised_slices(self, volume: Any, intensity: Any, axis: str) -> Tuple[np.ndarray, Any]:
         """The volume normalised as the model was trained, cut into ``(N, C, H, W)`` slices, and the layout."""

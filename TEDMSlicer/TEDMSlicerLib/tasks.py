@@ -55,7 +55,7 @@ class SilentCallbacks:
 class QueueCallbacks:
     """Callbacks usable from the worker thread: they only put events into a queue."""
 
-    def __init__(self, events: "queue.Queue[TaskEvent]", cancel_event: threading.Event) -> None:
+    def __init__(self, events: queue.Queue[TaskEvent], cancel_event: threading.Event) -> None:
         self._events = events
         self._cancel_event = cancel_event
 
@@ -83,7 +83,7 @@ class BackgroundTask:
     def __init__(self, title: str, compute: Callable[[TaskCallbacks], Any]) -> None:
         self.title = title
         self._compute = compute
-        self._events: "queue.Queue[TaskEvent]" = queue.Queue()
+        self._events: queue.Queue[TaskEvent] = queue.Queue()
         self._cancel_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.started_at: Optional[float] = None
@@ -103,8 +103,12 @@ class BackgroundTask:
     def _run(self) -> None:
         try:
             result = self._compute(self.callbacks)
-        except BaseException as error:  # noqa: BLE001 - every failure must reach the GUI, not vanish with the thread
-            self._events.put(TaskEvent("error", message=str(error) or type(error).__name__, error=error, details=traceback.format_exc()))
+        except BaseException as error:
+            self._events.put(
+                TaskEvent(
+                    "error", message=str(error) or type(error).__name__, error=error, details=traceback.format_exc()
+                )
+            )
         else:
             self._events.put(TaskEvent("done", fraction=1.0, result=result))
 

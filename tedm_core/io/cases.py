@@ -25,7 +25,14 @@ UNCERTAINTY_SUFFIX = "_uncertainty"
 
 # Outputs keep the input's format where it can hold labels; 2D images become PNG, DICOM
 # series and split-header formats become single files.
-_OUTPUT_SUFFIX = {".nii": ".nii", ".nii.gz": ".nii.gz", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
+_OUTPUT_SUFFIX = {
+    ".nii": ".nii",
+    ".nii.gz": ".nii.gz",
+    ".nrrd": ".nrrd",
+    ".nhdr": ".nrrd",
+    ".mha": ".mha",
+    ".mhd": ".mha",
+}
 
 
 @dataclass
@@ -55,7 +62,9 @@ def _output_suffix(path: Path) -> str:
     return _OUTPUT_SUFFIX.get(suffix, ".nii.gz")
 
 
-def discover_cases(input_dir: Path, output_dir: Path, channel_names: Sequence[str], include: Optional[str] = None) -> List[Case]:
+def discover_cases(
+    input_dir: Path, output_dir: Path, channel_names: Sequence[str], include: Optional[str] = None
+) -> List[Case]:
     """The cases under ``input_dir``, sorted by id (rules in the module docstring).
 
     ``include``: a glob on file names (single-channel) or folder names (multi-channel), e.g.
@@ -64,9 +73,17 @@ def discover_cases(input_dir: Path, output_dir: Path, channel_names: Sequence[st
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise InputError(input_dir, "input folder not found" if not input_dir.exists() else "is not a folder")
-    cases = _discover_multichannel(input_dir, output_dir, channel_names, include) if len(channel_names) > 1 else _discover_single(input_dir, output_dir, include)
+    cases = (
+        _discover_multichannel(input_dir, output_dir, channel_names, include)
+        if len(channel_names) > 1
+        else _discover_single(input_dir, output_dir, include)
+    )
     if not cases:
-        what = f"no case folders with files named {', '.join(channel_names)}" if len(channel_names) > 1 else "no image or volume files"
+        what = (
+            f"no case folders with files named {', '.join(channel_names)}"
+            if len(channel_names) > 1
+            else "no image or volume files"
+        )
         raise InputError(input_dir, f"{what} found{' matching ' + repr(include) if include else ''}")
     return sorted(cases, key=lambda c: c.case_id)
 
@@ -79,7 +96,9 @@ def _discover_single(input_dir: Path, output_dir: Path, include: Optional[str]) 
         rel = path.relative_to(input_dir)
         if path.is_dir():
             if is_dicom_folder(path) and (include is None or fnmatch.fnmatch(path.name, include)):
-                cases.append(Case(rel.as_posix(), [path], output_dir / rel.parent / f"{path.name}.nii.gz", is_folder=True))
+                cases.append(
+                    Case(rel.as_posix(), [path], output_dir / rel.parent / f"{path.name}.nii.gz", is_folder=True)
+                )
             continue
         suffix = volume_suffix(path)
         if suffix not in VOLUME_SUFFIXES + IMAGE_SUFFIXES or (include and not fnmatch.fnmatch(path.name, include)):
@@ -90,7 +109,9 @@ def _discover_single(input_dir: Path, output_dir: Path, include: Optional[str]) 
     return _check_unique(cases)
 
 
-def _discover_multichannel(input_dir: Path, output_dir: Path, channel_names: Sequence[str], include: Optional[str]) -> List[Case]:
+def _discover_multichannel(
+    input_dir: Path, output_dir: Path, channel_names: Sequence[str], include: Optional[str]
+) -> List[Case]:
     wanted = {name.lower(): name for name in channel_names}
     cases: List[Case] = []
     for folder in [input_dir] + sorted(p for p in input_dir.rglob("*") if p.is_dir() and not _is_hidden(p, input_dir)):
@@ -98,7 +119,11 @@ def _discover_multichannel(input_dir: Path, output_dir: Path, channel_names: Seq
             continue
         found: Dict[str, List[Path]] = {}
         for path in sorted(folder.iterdir()):
-            if path.is_file() and not path.name.startswith(".") and volume_suffix(path) in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+            if (
+                path.is_file()
+                and not path.name.startswith(".")
+                and volume_suffix(path) in VOLUME_SUFFIXES + IMAGE_SUFFIXES
+            ):
                 key = strip_suffix(path).lower()
                 if key in wanted:
                     found.setdefault(wanted[key], []).append(path)
@@ -110,7 +135,9 @@ def _discover_multichannel(input_dir: Path, output_dir: Path, channel_names: Seq
         case_id = rel.as_posix() if rel.parts else folder.name
         first = next(iter(found.values()))[0]
         suffix = _output_suffix(first) if first.is_file() else ".nii.gz"
-        output = (output_dir / rel.parent / f"{folder.name}{suffix}") if rel.parts else output_dir / f"{folder.name}{suffix}"
+        output = (
+            (output_dir / rel.parent / f"{folder.name}{suffix}") if rel.parts else output_dir / f"{folder.name}{suffix}"
+        )
         problem = None
         missing = [name for name in channel_names if name not in found]
         doubled = [name for name, paths in found.items() if len(paths) > 1]

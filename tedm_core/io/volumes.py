@@ -120,7 +120,7 @@ class Volume:
     def name(self) -> str:
         return str(self.path) if self.path is not None else "<array>"
 
-    def with_array(self, array: np.ndarray, channel_names: Optional[Sequence[str]] = None) -> "Volume":
+    def with_array(self, array: np.ndarray, channel_names: Optional[Sequence[str]] = None) -> Volume:
         """The same grid and geometry with new voxel values (e.g. the normalised intensities).
 
         ``array`` may be ``(K, J, I)`` (one channel) or ``(C, K, J, I)``.
@@ -131,7 +131,11 @@ class Volume:
         if tuple(array.shape[1:]) != self.shape:
             raise ValueError(f"new array grid {array.shape[1:]} differs from the volume's {self.shape}")
         if channel_names is None:
-            channel_names = self.channel_names if array.shape[0] == self.array.shape[0] else [f"channel{c}" for c in range(array.shape[0])]
+            channel_names = (
+                self.channel_names
+                if array.shape[0] == self.array.shape[0]
+                else [f"channel{c}" for c in range(array.shape[0])]
+            )
         return replace(self, array=array, channel_names=list(channel_names))
 
 
@@ -169,14 +173,19 @@ def read_volume(path: PathLike, require_3d: bool = False, allow_constant: bool =
     elif path.suffix.lower() in DICOM_SUFFIXES:
         raise InputError(path, "a single DICOM file; pass the folder holding the whole series")
     else:
-        raise InputError(path, f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)} or a DICOM folder")
+        raise InputError(
+            path,
+            f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)} or a DICOM folder",
+        )
     _check_values(volume, allow_constant)
     if require_3d and min(volume.shape) == 1:
         raise InputError(path, f"is a 2D image (grid {volume.shape[::-1]}) where a 3D volume is expected")
     return volume
 
 
-def read_case(paths: Sequence[PathLike], channel_names: Optional[Sequence[str]] = None, require_3d: bool = False) -> Volume:
+def read_case(
+    paths: Sequence[PathLike], channel_names: Optional[Sequence[str]] = None, require_3d: bool = False
+) -> Volume:
     """Read several files of one case (e.g. FLAIR and T1) as the channels of one volume.
 
     Every file must have the first file's grid shape and geometry (within
@@ -253,7 +262,10 @@ def _read_nifti(path: Path) -> Volume:
         if len(shape) > 3:
             extra = shape[3:]
             if any(s != 1 for s in extra):
-                raise InputError(path, f"is a {len(shape)}D image {tuple(shape)}; expected a 3D volume (split time series or vector images first)")
+                raise InputError(
+                    path,
+                    f"is a {len(shape)}D image {tuple(shape)}; expected a 3D volume (split time series or vector images first)",
+                )
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except InputError:
         raise
@@ -270,7 +282,9 @@ def _read_nifti(path: Path) -> Volume:
         raise InputError(path, f"has {data.ndim} dimensions; expected a 3D volume")
     # nibabel's array is (I, J, K); ours is (K, J, I).
     array = np.ascontiguousarray(data.transpose(2, 1, 0))[None]
-    return Volume(array, np.array(image.affine, dtype=np.float64), path, [strip_suffix(path)], "nifti", image.header.copy())
+    return Volume(
+        array, np.array(image.affine, dtype=np.float64), path, [strip_suffix(path)], "nifti", image.header.copy()
+    )
 
 
 @dataclass(frozen=True)
@@ -283,8 +297,10 @@ class ItkGeometry:
     dimension: int
 
     @classmethod
-    def from_image(cls, image: Any) -> "ItkGeometry":
-        return cls(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()), int(image.GetDimension()))
+    def from_image(cls, image: Any) -> ItkGeometry:
+        return cls(
+            tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()), int(image.GetDimension())
+        )
 
     def apply(self, image: Any) -> None:
         image.SetSpacing(self.spacing)
@@ -311,7 +327,9 @@ def itk_geometry_from_ras(ijk_to_ras: np.ndarray, dimension: int = 3) -> ItkGeom
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / spacing[None, :]
     d = dimension
-    return ItkGeometry(tuple(spacing[:d].tolist()), tuple(lps[:d, 3].tolist()), tuple(direction[:d, :d].ravel().tolist()), d)
+    return ItkGeometry(
+        tuple(spacing[:d].tolist()), tuple(lps[:d, 3].tolist()), tuple(direction[:d, :d].ravel().tolist()), d
+    )
 
 
 def _itk_to_volume(image: Any, path: Path, source_format: str) -> Volume:
@@ -321,7 +339,10 @@ def _itk_to_volume(image: Any, path: Path, source_format: str) -> Volume:
     if dimension not in (2, 3):
         raise InputError(path, f"is a {dimension}D image {tuple(image.GetSize())}; expected a 3D volume")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); expected a scalar image")
+        raise InputError(
+            path,
+            f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); expected a scalar image",
+        )
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # (K, J, I) or (J, I)
     if array.ndim == 2:
         array = array[None]
@@ -456,7 +477,11 @@ def _write_nifti(tmp: Path, data: np.ndarray, reference: Volume) -> None:
         header["intent_code"] = 0
         if len(header.get_data_shape()) != 3:
             header.set_data_shape(array.shape)
-        image = nib.Nifti1Image(array, None, header) if not isinstance(header, nib.Nifti2Header) else nib.Nifti2Image(array, None, header)
+        image = (
+            nib.Nifti1Image(array, None, header)
+            if not isinstance(header, nib.Nifti2Header)
+            else nib.Nifti2Image(array, None, header)
+        )
     else:
         image = nib.Nifti1Image(array, reference.ijk_to_ras)
         image.header.set_data_dtype(data.dtype)
@@ -469,7 +494,9 @@ def _write_nifti(tmp: Path, data: np.ndarray, reference: Volume) -> None:
 def _write_itk(tmp: Path, data: np.ndarray, reference: Volume) -> None:
     import SimpleITK as sitk
 
-    geometry = reference.native if isinstance(reference.native, ItkGeometry) else itk_geometry_from_ras(reference.ijk_to_ras)
+    geometry = (
+        reference.native if isinstance(reference.native, ItkGeometry) else itk_geometry_from_ras(reference.ijk_to_ras)
+    )
     array = data[0] if geometry.dimension == 2 else data
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     geometry.apply(image)
@@ -494,12 +521,18 @@ def _write_image2d(tmp: Path, path: Path, data: np.ndarray, is_label: bool) -> N
     image.save(tmp, format={".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}.get(suffix, "PNG"))
 
 
-def volume_from_array(array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Optional[Sequence[str]] = None) -> Volume:
+def volume_from_array(
+    array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Optional[Sequence[str]] = None
+) -> Volume:
     """A synthetic volume (tests, Slicer arrays): ``array`` is ``(K, J, I)`` or ``(C, K, J, I)``."""
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 3:
         array = array[None]
-    names = list(channel_names) if channel_names is not None else (["image"] if array.shape[0] == 1 else [f"channel{c}" for c in range(array.shape[0])])
+    names = (
+        list(channel_names)
+        if channel_names is not None
+        else (["image"] if array.shape[0] == 1 else [f"channel{c}" for c in range(array.shape[0])])
+    )
     return Volume(array, ijk_to_ras, None, names, "array", None)
 
 

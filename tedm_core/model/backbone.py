@@ -29,7 +29,9 @@ class BackboneConfig:
             raise ValueError("channels and attention_levels must have one entry per level")
         down = 2 ** (len(self.channels) - 1)
         if self.image_size % down:
-            raise ValueError(f"image_size {self.image_size} must be divisible by {down} for {len(self.channels)} levels")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by {down} for {len(self.channels)} levels"
+            )
 
     @property
     def decoder_channels(self) -> Tuple[int, ...]:
@@ -48,10 +50,10 @@ class BackboneConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "BackboneConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> BackboneConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
-    def with_(self, **changes: Any) -> "BackboneConfig":
+    def with_(self, **changes: Any) -> BackboneConfig:
         return replace(self, **changes)
 
 
@@ -67,7 +69,9 @@ PRESETS: Dict[str, BackboneConfig] = {
     # num_res_blocks + 1 blocks per level, so 1 here gives the authors' 2-down/2-up layout
     # (42.9 M parameters; theirs was 36 M with linear attention, which MONAI does not have,
     # so full attention sits at the deepest level only).
-    "paper": BackboneConfig((64, 128, 256, 512), (False, False, False, True), 1, 32, 64, image_size=128, preset="paper"),
+    "paper": BackboneConfig(
+        (64, 128, 256, 512), (False, False, False, True), 1, 32, 64, image_size=128, preset="paper"
+    ),
 }
 
 

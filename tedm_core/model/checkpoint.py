@@ -50,11 +50,13 @@ class Backbone:
         }
 
     @classmethod
-    def new(cls, config: BackboneConfig, **kwargs: Any) -> "Backbone":
+    def new(cls, config: BackboneConfig, **kwargs: Any) -> Backbone:
         return cls(config=config, unet=build_unet(config), **kwargs)
 
 
-def save_backbone(directory: Union[str, Path], backbone: Backbone, ema_state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+def save_backbone(
+    directory: Union[str, Path], backbone: Backbone, ema_state: Optional[Dict[str, torch.Tensor]] = None
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_tensors(directory / UNET_WEIGHTS, backbone.unet.state_dict())
@@ -74,7 +76,9 @@ def check_format(path: Path, data: Dict[str, Any], expected: int, what: str) -> 
         )
 
 
-def backbone_from_metadata(path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor], out_channels: Optional[int] = None) -> Backbone:
+def backbone_from_metadata(
+    path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor], out_channels: Optional[int] = None
+) -> Backbone:
     """Rebuild a backbone from its JSON description and weights.
 
     ``out_channels`` other than the input channels rebuilds the same architecture as a
@@ -105,7 +109,12 @@ def load_backbone(directory: Union[str, Path], use_ema: bool = True) -> Backbone
     """Load a pretrained backbone (EMA weights when present and ``use_ema``); nothing is unpickled."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BundleError(directory, "backbone checkpoint folder not found" if not directory.exists() else "is not a backbone checkpoint folder")
+        raise BundleError(
+            directory,
+            "backbone checkpoint folder not found" if not directory.exists() else "is not a backbone checkpoint folder",
+        )
     meta = read_json(directory / BACKBONE_JSON)
-    weights_file = directory / EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else directory / UNET_WEIGHTS
+    weights_file = (
+        directory / EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else directory / UNET_WEIGHTS
+    )
     return backbone_from_metadata(directory / BACKBONE_JSON, meta, read_tensors(weights_file))

@@ -25,10 +25,12 @@ class NoiseSchedule:
         # The scheduler casts its alphas to the sample's dtype: keep them float32 whatever autocast does.
         return self.scheduler.add_noise(x0.float(), noise.float(), timesteps).to(x0.dtype)
 
-    def sample_timesteps(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_timesteps(
+        self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (batch,), device=device, generator=generator)
 
-    def validate_timesteps(self, timesteps: "list[int] | tuple[int, ...]") -> None:
+    def validate_timesteps(self, timesteps: list[int] | tuple[int, ...]) -> None:
         bad = [t for t in timesteps if not 0 <= int(t) < self.num_train_timesteps]
         if bad:
             raise ValueError(f"timesteps {bad} are outside [0, {self.num_train_timesteps - 1}]")

@@ -66,7 +66,9 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
     rediscovered as inputs on the next run, and a mistake could overwrite the data."""
     inp, out = input_dir.resolve(), output_dir.resolve()
     if out == inp or inp in out.parents:
-        raise InputError(output_dir, f"the output folder is inside the input folder {input_dir}; choose a folder outside it")
+        raise InputError(
+            output_dir, f"the output folder is inside the input folder {input_dir}; choose a folder outside it"
+        )
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
@@ -114,7 +116,12 @@ class BatchRunner:
         tic = time.perf_counter()
         try:
             if case.problem:
-                raise InputError(case.inputs[0].parent if case.is_folder and case.inputs else (case.inputs[0] if case.inputs else case.case_id), case.problem)
+                raise InputError(
+                    case.inputs[0].parent
+                    if case.is_folder and case.inputs
+                    else (case.inputs[0] if case.inputs else case.case_id),
+                    case.problem,
+                )
             if not self.options.overwrite and all(p.is_file() for p in self.outputs_of(case)):
                 result = self._existing(case)
             else:
@@ -152,20 +159,27 @@ class BatchRunner:
         if slice_bar is not None:
             slice_bar.reset()
             slice_bar.set_description(case.case_id[-40:])
-        seg = segment_volume(self.segmenter, volume, axis=self.options.axis, progress=progress, keep_probabilities=False)
+        seg = segment_volume(
+            self.segmenter, volume, axis=self.options.axis, progress=progress, keep_probabilities=False
+        )
         # The label file last: its presence marks the case complete.
         if self.options.uncertainty:
             write_float_volume(case.uncertainty_output(), seg.uncertainty, volume)
         write_label_volume(case.output, seg.label_values(self.bundle.label_values), volume)
         return CaseResult(
-            case.case_id, "ok", slices=seg.layout.num_slices, slices_segmented=seg.slices_run,
+            case.case_id,
+            "ok",
+            slices=seg.layout.num_slices,
+            slices_segmented=seg.slices_run,
             voxels=seg.voxels_per_class(len(self.bundle.class_names)),
         )
 
     def _existing(self, case: Case) -> CaseResult:
         output = read_volume(case.output, allow_constant=True)
         classes = label_array_to_classes(output, self.bundle.label_values)
-        voxels = np.bincount(classes.ravel(), minlength=len(self.bundle.class_names))[: len(self.bundle.class_names)].tolist()
+        voxels = np.bincount(classes.ravel(), minlength=len(self.bundle.class_names))[
+            : len(self.bundle.class_names)
+        ].tolist()
         return CaseResult(case.case_id, "exists", voxels=voxels)
 
     def _metrics(self, case: Case) -> List[Dict[str, object]]:
@@ -173,7 +187,10 @@ class BatchRunner:
 
         label_path = find_label_file(case, self.options.labels_dir, self.options.label_name)
         if label_path is None:
-            raise InputError(self.options.labels_dir, f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})")
+            raise InputError(
+                self.options.labels_dir,
+                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
+            )
         truth_volume = read_volume(label_path, allow_constant=True)
         prediction_volume = read_volume(case.output, allow_constant=True)
         problem = geometry_mismatch(prediction_volume, truth_volume)
@@ -184,7 +201,16 @@ class BatchRunner:
         rows = []
         for k, name in enumerate(self.bundle.class_names[1:], start=1):
             dice, precision, recall = dice_precision_recall(prediction == k, truth == k)
-            rows.append({"case": case.case_id, "class": name, "dice": round(dice, 6), "precision": round(precision, 6), "recall": round(recall, 6), "label_file": str(label_path)})
+            rows.append(
+                {
+                    "case": case.case_id,
+                    "class": name,
+                    "dice": round(dice, 6),
+                    "precision": round(precision, 6),
+                    "recall": round(recall, 6),
+                    "label_file": str(label_path),
+                }
+            )
         return rows
 
 
@@ -204,11 +230,19 @@ def write_summary(path: Path, results: Sequence[CaseResult], class_names: Sequen
     voxel_columns = [f"voxels_{name}" for name in class_names]
     rows = []
     for r in results:
-        row: Dict[str, object] = {"case": r.case_id, "status": r.status, "seconds": r.seconds, "slices": r.slices, "slices_segmented": r.slices_segmented}
+        row: Dict[str, object] = {
+            "case": r.case_id,
+            "status": r.status,
+            "seconds": r.seconds,
+            "slices": r.slices,
+            "slices_segmented": r.slices_segmented,
+        }
         row.update({c: (r.voxels[i] if i < len(r.voxels) else "") for i, c in enumerate(voxel_columns)})
         row["error"] = r.error
         rows.append(row)
-    write_text_atomic(path, _csv_text(rows, ["case", "status", "seconds", "slices", "slices_segmented", *voxel_columns, "error"]))
+    write_text_atomic(
+        path, _csv_text(rows, ["case", "status", "seconds", "slices", "slices_segmented", *voxel_columns, "error"])
+    )
 
 
 def write_metrics(path: Path, results: Sequence[CaseResult]) -> None:

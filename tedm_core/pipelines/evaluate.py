@@ -38,7 +38,9 @@ def dice_precision_recall(prediction: np.ndarray, truth: np.ndarray) -> Tuple[fl
     return dice, precision, recall
 
 
-def per_class_metrics(prediction: np.ndarray, truth: np.ndarray, class_indices: Sequence[int]) -> Dict[int, Tuple[float, float, float]]:
+def per_class_metrics(
+    prediction: np.ndarray, truth: np.ndarray, class_indices: Sequence[int]
+) -> Dict[int, Tuple[float, float, float]]:
     """Dice, precision, recall per foreground class index of two label maps."""
     return {k: dice_precision_recall(prediction == k, truth == k) for k in class_indices}
 
@@ -80,20 +82,28 @@ class PairedComparison:
     p_value: float  # two-sided paired Wilcoxon
 
     def __str__(self) -> str:
-        return f"better on {self.better} of {self.n} images, worse on {self.worse}, paired Wilcoxon p = {self.p_value:.2g}"
+        return (
+            f"better on {self.better} of {self.n} images, worse on {self.worse}, paired Wilcoxon p = {self.p_value:.2g}"
+        )
 
 
-def compare_dice(rows_a: Sequence[Dict[str, object]], rows_b: Sequence[Dict[str, object]], class_index: int) -> PairedComparison:
+def compare_dice(
+    rows_a: Sequence[Dict[str, object]], rows_b: Sequence[Dict[str, object]], class_index: int
+) -> PairedComparison:
     """Pair two :func:`evaluate_folders` results on the images both scored, for one class."""
     dice_b = {r["image"]: float(r["dice"]) for r in rows_b if r["class"] == class_index}
-    pairs = [(float(r["dice"]), dice_b[r["image"]]) for r in rows_a if r["class"] == class_index and r["image"] in dice_b]
+    pairs = [
+        (float(r["dice"]), dice_b[r["image"]]) for r in rows_a if r["class"] == class_index and r["image"] in dice_b
+    ]
     if not pairs:
         raise ValueError("the two predictions have no scored image in common")
     a, b = np.array(pairs).T
     return PairedComparison(len(pairs), int(np.sum(a > b)), int(np.sum(a < b)), paired_wilcoxon(a, b))
 
 
-def evaluate_folders(pred_dir: Path, truth_dir: Path, label_values: Sequence[int] = (0, 255)) -> List[Dict[str, object]]:
+def evaluate_folders(
+    pred_dir: Path, truth_dir: Path, label_values: Sequence[int] = (0, 255)
+) -> List[Dict[str, object]]:
     """Per-image metrics of predicted vs ground-truth mask images, matched by file name.
 
     Every prediction whose name has a ground truth is scored (a test set is usually a subset of
@@ -112,7 +122,9 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, label_values: Sequence[int
         truth = read_label_image(truths[name], label_values)
         prediction = read_label_image(predictions[name], label_values)
         if prediction.shape != truth.shape:
-            raise InputError(predictions[name], f"shape {prediction.shape} differs from the ground truth's {truth.shape}")
+            raise InputError(
+                predictions[name], f"shape {prediction.shape} differs from the ground truth's {truth.shape}"
+            )
         for k, (d, p, r) in per_class_metrics(prediction, truth, foreground).items():
             rows.append({"image": name, "class": k, "dice": d, "precision": p, "recall": r})
     return rows

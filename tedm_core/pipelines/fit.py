@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bundle import BASELINE, ModelBundle, baseline_output_channels
+from ..choices import DEFAULT_BASELINE_STEPS, DEFAULT_HEAD_STEPS, DEFAULT_REFINE_STEPS, METHODS
 from ..errors import Cancelled
 from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import FeatureHead, HeadConfig, maps_per_chunk
@@ -32,13 +33,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
 CancelCheck = Callable[[], bool]
 
-METHODS = ("tedm", "ledm", "ledme", "step", BASELINE)
-DEFAULT_HEAD_STEPS = 300
-DEFAULT_BASELINE_STEPS = 1000
 # Refine (measured on a whole BraTS volume, `small` backbone, CPU): 40 steps at 1e-3 with 2
 # random timesteps per slice and 2 of the anchor slices per step, their loss weighted 2x (more
 # anchor weight kept the Dice on uncorrected slices higher); see benchmarks/refine_vs_segment.py.
-DEFAULT_REFINE_STEPS = 40
 DEFAULT_REFINE_LEARNING_RATE = 1e-3
 REFINE_TIMESTEPS_PER_IMAGE = 2
 REFINE_ANCHOR_WEIGHT = 2.0
@@ -60,7 +57,9 @@ class FitOptions:
     show_progress: bool = True
 
 
-def _prepare(slices: np.ndarray, labels: np.ndarray, image_size: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _prepare(
+    slices: np.ndarray, labels: np.ndarray, image_size: int, num_classes: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     slices = np.asarray(slices, dtype=np.float32)
     labels = np.asarray(labels)
     if slices.ndim != 4 or labels.shape != (slices.shape[0],) + slices.shape[2:]:
@@ -68,21 +67,33 @@ def _prepare(slices: np.ndarray, labels: np.ndarray, image_size: int, num_classe
     if len(slices) == 0:
         raise ValueError("no labelled slices to learn from")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}"
+        )
     grid, transform = to_model_grid(torch.from_numpy(slices), image_size)
     targets = labels_to_model_grid(torch.from_numpy(labels.astype(np.int64)), transform)
     return grid, targets
 
 
 @torch.no_grad()
-def extract_training_features(extractor: DecoderFeatureExtractor, grid: torch.Tensor, timesteps: Sequence[int], draws: int, device: torch.device, precision: str, chunk: int = 4) -> List[LevelFeatures]:
+def extract_training_features(
+    extractor: DecoderFeatureExtractor,
+    grid: torch.Tensor,
+    timesteps: Sequence[int],
+    draws: int,
+    device: torch.device,
+    precision: str,
+    chunk: int = 4,
+) -> List[LevelFeatures]:
     """Per noise draw, per level: (N, S, C_l, h_l, w_l) features of the labelled slices, on ``device``."""
     out: List[LevelFeatures] = []
     for draw in range(draws):
         parts = []
         for start in range(0, grid.shape[0], chunk):
             with autocast(device, precision):
-                parts.append([f.float() for f in extractor(grid[start : start + chunk].to(device), timesteps, draw=draw)])
+                parts.append(
+                    [f.float() for f in extractor(grid[start : start + chunk].to(device), timesteps, draw=draw)]
+                )
         out.append([torch.cat(level) for level in zip(*parts)])
     return out
 
@@ -113,7 +124,9 @@ def _pick_timesteps(features: LevelFeatures, count: int, generator: torch.Genera
     return [f[rows, chosen] for f in features]
 
 
-def _accumulate_loss(head: FeatureHead, features: LevelFeatures, targets: torch.Tensor, weight: float, chunk: Optional[int]) -> float:
+def _accumulate_loss(
+    head: FeatureHead, features: LevelFeatures, targets: torch.Tensor, weight: float, chunk: Optional[int]
+) -> float:
     """``weight`` x the loss of a batch, back-propagated a few maps at a time; returns its value.
 
     Exact only with frozen normalisation statistics: then the loss is a mean over independent
@@ -170,7 +183,11 @@ def train_head(
     optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     n = targets.shape[0]
-    sample_timesteps = timesteps_per_image is not None and head.config.mode == "shared" and timesteps_per_image < features[0][0].shape[1]
+    sample_timesteps = (
+        timesteps_per_image is not None
+        and head.config.mode == "shared"
+        and timesteps_per_image < features[0][0].shape[1]
+    )
     chunk = maps_per_chunk(device)
     bar = tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress)
     for step in bar:
@@ -181,7 +198,13 @@ def train_head(
         parts = [([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index), 1.0)]
         if anchor is not None:
             chosen = torch.randperm(anchor.labels.shape[0], generator=generator)[: anchor.images_per_step].to(device)
-            parts.append(([f.index_select(0, chosen) for f in anchor.features], anchor.labels.index_select(0, chosen), float(anchor.weight)))
+            parts.append(
+                (
+                    [f.index_select(0, chosen) for f in anchor.features],
+                    anchor.labels.index_select(0, chosen),
+                    float(anchor.weight),
+                )
+            )
         if sample_timesteps:
             parts = [(_pick_timesteps(f, int(timesteps_per_image), generator), t, w) for f, t, w in parts]
         optimiser.zero_grad(set_to_none=True)
@@ -190,7 +213,9 @@ def train_head(
         else:
             # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
             sizes = [t.shape[0] for _, t, _ in parts]
-            logits = head.logits([torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:]))
+            logits = head.logits(
+                [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
+            )
             total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
             total.backward()
             loss = float(total.detach())
@@ -229,7 +254,11 @@ def train_baseline(
         x, y = grid.index_select(0, index), targets.index_select(0, index)
         with autocast(device, precision):
             logits = unet(x, torch.zeros(x.shape[0], dtype=torch.long, device=device)).float()
-        loss = F.binary_cross_entropy_with_logits(logits[:, 0], y.float()) if num_classes == 2 else F.cross_entropy(logits, y)
+        loss = (
+            F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+            if num_classes == 2
+            else F.cross_entropy(logits, y)
+        )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -270,7 +299,9 @@ def fit_bundle(
     if class_colours is not None:
         colours = [tuple(int(round(float(v))) for v in colour[:3]) for colour in class_colours]  # type: ignore[misc]
         if len(colours) != len(class_names) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colours):
-            raise ValueError(f"class_colours needs one 0-255 RGB triple per class ({len(class_names)}), got {list(class_colours)}")
+            raise ValueError(
+                f"class_colours needs one 0-255 RGB triple per class ({len(class_names)}), got {list(class_colours)}"
+            )
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
@@ -281,24 +312,66 @@ def fit_bundle(
     if method == BASELINE:
         steps = options.steps or DEFAULT_BASELINE_STEPS
         unet = build_unet(backbone.config, out_channels=baseline_output_channels(len(class_names)))
-        train_baseline(unet, grid, targets, len(class_names), steps, options.learning_rate or 1e-4, device, precision, options.seed, progress=progress, cancel=cancel, show_progress=options.show_progress)
-        fitted = Backbone(config=backbone.config, unet=unet.cpu(), schedule=backbone.schedule, intensity=backbone.intensity, channel_names=list(backbone.channel_names), steps_trained=0)
+        train_baseline(
+            unet,
+            grid,
+            targets,
+            len(class_names),
+            steps,
+            options.learning_rate or 1e-4,
+            device,
+            precision,
+            options.seed,
+            progress=progress,
+            cancel=cancel,
+            show_progress=options.show_progress,
+        )
+        fitted = Backbone(
+            config=backbone.config,
+            unet=unet.cpu(),
+            schedule=backbone.schedule,
+            intensity=backbone.intensity,
+            channel_names=list(backbone.channel_names),
+            steps_trained=0,
+        )
         head = None
     else:
         steps = options.steps or DEFAULT_HEAD_STEPS
         extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule)
         config = HeadConfig.for_method(method, extractor.level_channels, len(class_names), options.timesteps)
         try:
-            features = extract_training_features(extractor, grid, config.timesteps, options.noise_draws, device, precision)
+            features = extract_training_features(
+                extractor, grid, config.timesteps, options.noise_draws, device, precision
+            )
         finally:
             extractor.close()
-        head = train_head(FeatureHead(config), features, targets, steps, options.learning_rate or DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3), options.images_per_step, options.seed, progress, cancel, options.show_progress)
+        head = train_head(
+            FeatureHead(config),
+            features,
+            targets,
+            steps,
+            options.learning_rate or DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3),
+            options.images_per_step,
+            options.seed,
+            progress,
+            cancel,
+            options.show_progress,
+        )
         head.cpu()
         fitted = backbone
         backbone.unet.cpu()
     training.update(method=method, steps=steps, seconds=round(time.perf_counter() - tic, 1))
     log.info("fitted %s on %d slices in %.1f s", method, grid.shape[0], training["seconds"])
-    return ModelBundle(method=method, backbone=fitted, head=head, class_names=class_names, label_values=label_values, class_colours=colours, axis=axis, training=training)
+    return ModelBundle(
+        method=method,
+        backbone=fitted,
+        head=head,
+        class_names=class_names,
+        label_values=label_values,
+        class_colours=colours,
+        axis=axis,
+        training=training,
+    )
 
 
 def refine_bundle(
@@ -341,7 +414,9 @@ def refine_bundle(
     tic = time.perf_counter()
     extractor: Optional[DecoderFeatureExtractor] = None
 
-    def features_of(grid_: torch.Tensor, cached: Optional[LevelFeatures], draws_: int, what: str) -> List[LevelFeatures]:
+    def features_of(
+        grid_: torch.Tensor, cached: Optional[LevelFeatures], draws_: int, what: str
+    ) -> List[LevelFeatures]:
         """The cached features when given (one draw: the inference noise), else ``draws_`` extracted."""
         nonlocal extractor
         if cached is not None:
@@ -349,7 +424,9 @@ def refine_bundle(
                 raise ValueError(f"{cached[0].shape[0]} cached feature sets for {grid_.shape[0]} {what}")
             return [[f.to(device, torch.float32) for f in cached]]
         if extractor is None:
-            extractor = DecoderFeatureExtractor(bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels)
+            extractor = DecoderFeatureExtractor(
+                bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels
+            )
         return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)
 
     anchor = None
@@ -359,20 +436,47 @@ def refine_bundle(
             anchor_grid, anchor_targets = _prepare(anchor_slices, anchor_labels, bundle.image_size, bundle.num_classes)
             # Draw 0 only: the anchor labels are the prediction made with the inference noise.
             levels = features_of(anchor_grid, anchor_features, 1, "anchor slices")[0]
-            anchor = Anchor(levels, anchor_targets, weight=REFINE_ANCHOR_WEIGHT, images_per_step=REFINE_ANCHOR_IMAGES_PER_STEP)
+            anchor = Anchor(
+                levels, anchor_targets, weight=REFINE_ANCHOR_WEIGHT, images_per_step=REFINE_ANCHOR_IMAGES_PER_STEP
+            )
     finally:
         if extractor is not None:
             extractor.close()
     head = copy.deepcopy(bundle.head)
     steps = options.steps or DEFAULT_REFINE_STEPS
     train_head(
-        head, draws, targets, steps, options.learning_rate or DEFAULT_REFINE_LEARNING_RATE, options.images_per_step, options.seed, progress, cancel, options.show_progress,
-        anchor=anchor, freeze_statistics=True, timesteps_per_image=REFINE_TIMESTEPS_PER_IMAGE,
+        head,
+        draws,
+        targets,
+        steps,
+        options.learning_rate or DEFAULT_REFINE_LEARNING_RATE,
+        options.images_per_step,
+        options.seed,
+        progress,
+        cancel,
+        options.show_progress,
+        anchor=anchor,
+        freeze_statistics=True,
+        timesteps_per_image=REFINE_TIMESTEPS_PER_IMAGE,
     )
-    training = dict(bundle.training, refined_on_slices=int(grid.shape[0]), refine_steps=steps, refine_seconds=round(time.perf_counter() - tic, 1))
+    training = dict(
+        bundle.training,
+        refined_on_slices=int(grid.shape[0]),
+        refine_steps=steps,
+        refine_seconds=round(time.perf_counter() - tic, 1),
+    )
     if anchor is not None:
         training["refine_anchor_slices"] = int(anchor.labels.shape[0])
-    return ModelBundle(bundle.method, bundle.backbone, head.cpu(), list(bundle.class_names), list(bundle.label_values), list(bundle.class_colours), bundle.axis, training)
+    return ModelBundle(
+        bundle.method,
+        bundle.backbone,
+        head.cpu(),
+        list(bundle.class_names),
+        list(bundle.label_values),
+        list(bundle.class_colours),
+        bundle.axis,
+        training,
+    )
 
 
 def _with(options: FitOptions, overrides: dict) -> FitOptions:

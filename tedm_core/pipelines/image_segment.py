@@ -35,10 +35,19 @@ def label_image(labels: np.ndarray, label_values: List[int]) -> np.ndarray:
     return values[labels].astype(dtype)
 
 
-def segment_image_folder(segmenter: Segmenter, input_dir: Path, output_dir: Path, probabilities: bool = False, uncertainty: bool = False, overwrite: bool = False) -> FolderReport:
+def segment_image_folder(
+    segmenter: Segmenter,
+    input_dir: Path,
+    output_dir: Path,
+    probabilities: bool = False,
+    uncertainty: bool = False,
+    overwrite: bool = False,
+) -> FolderReport:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if output_dir.resolve() == input_dir.resolve():
-        raise InputError(output_dir, "the output folder is the input folder; choose another so that no input can be overwritten")
+        raise InputError(
+            output_dir, "the output folder is the input folder; choose another so that no input can be overwritten"
+        )
     bundle = segmenter.bundle
     report = FolderReport()
     for path in tqdm(list_images(input_dir), desc="segmenting", unit="image"):
@@ -57,9 +66,15 @@ def segment_image_folder(segmenter: Segmenter, input_dir: Path, output_dir: Path
             classes = [1] if bundle.num_classes == 2 else range(1, bundle.num_classes)
             for k in classes:
                 suffix = "_prob" if bundle.num_classes == 2 else f"_prob_{bundle.class_names[k]}"
-                write_png(output_dir / f"{path.stem}{suffix}.png", np.round(prediction.probabilities[0, k] * 255).astype(np.uint8))
+                write_png(
+                    output_dir / f"{path.stem}{suffix}.png",
+                    np.round(prediction.probabilities[0, k] * 255).astype(np.uint8),
+                )
         if uncertainty:
-            write_png(output_dir / f"{path.stem}_uncertainty.png", np.round(np.clip(prediction.uncertainty[0] * 510, 0, 255)).astype(np.uint8))
+            write_png(
+                output_dir / f"{path.stem}_uncertainty.png",
+                np.round(np.clip(prediction.uncertainty[0] * 510, 0, 255)).astype(np.uint8),
+            )
         write_png(target, label_image(prediction.labels[0], bundle.label_values))  # last: marks the image done
         report.written += 1
     return report

@@ -17,10 +17,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
+from ..io.cases import discover_cases, find_label_file
 from ..io.images import is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
-from ..io.cases import discover_cases, find_label_file
 from .volume import read_labelled_case
 
 
@@ -30,7 +30,11 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
         if not folder.is_dir():
             raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
     mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
-    pairs = [(p, mask_by_stem[strip_suffix(p)]) for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p) and strip_suffix(p) in mask_by_stem]
+    pairs = [
+        (p, mask_by_stem[strip_suffix(p)])
+        for p in sorted(images.iterdir())
+        if p.is_file() and is_image_file(p) and strip_suffix(p) in mask_by_stem
+    ]
     if not pairs:
         raise InputError(images, f"no image has a mask of the same name in {masks}")
     return pairs
@@ -46,7 +50,11 @@ def spread_evenly(count: int, keep: int) -> List[int]:
 def holds_only_2d_images(folder: Path) -> bool:
     """True for a flat folder of PNG/JPG images (radiographs), False when it holds volumes or case folders."""
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(is_image_file(p) for p in files if is_image_file(p) or is_volume_file(p)) and not any(p.is_dir() for p in folder.iterdir())
+    return (
+        bool(files)
+        and all(is_image_file(p) for p in files if is_image_file(p) or is_volume_file(p))
+        and not any(p.is_dir() for p in folder.iterdir())
+    )
 
 
 def load_labelled_data(
@@ -72,7 +80,7 @@ def load_labelled_data(
         raise InputError(images, "give --masks DIR, or --label-name NAME for labels stored inside each case folder")
     if masks is not None and len(channel_names) == 1 and holds_only_2d_images(images):
         return _load_image_pairs(images, Path(masks), intensity, label_values, n)
-    cases = [c for c in discover_cases(images, images / ".unused", channel_names)]
+    cases = list(discover_cases(images, images / ".unused", channel_names))
     if n is not None:
         cases = _first(cases, n, images)
     all_slices, all_labels, sources = [], [], []
@@ -81,9 +89,18 @@ def load_labelled_data(
             raise InputError(case.inputs[0] if case.inputs else images, case.problem)
         label_path = find_label_file(case, Path(masks) if masks is not None else images, label_name)
         if label_path is None:
-            raise InputError(images / case.case_id, f"no label volume found for this case ({'named ' + label_name if label_name else 'in ' + str(masks)})")
-        labelled = read_labelled_case(case.inputs, label_path, intensity, label_values, axis=axis, slices=slices, channel_names=channel_names)
-        keep = spread_evenly(len(labelled.slices), slices_per_case) if slices_per_case else list(range(len(labelled.slices)))
+            raise InputError(
+                images / case.case_id,
+                f"no label volume found for this case ({'named ' + label_name if label_name else 'in ' + str(masks)})",
+            )
+        labelled = read_labelled_case(
+            case.inputs, label_path, intensity, label_values, axis=axis, slices=slices, channel_names=channel_names
+        )
+        keep = (
+            spread_evenly(len(labelled.slices), slices_per_case)
+            if slices_per_case
+            else list(range(len(labelled.slices)))
+        )
         all_slices.append(labelled.slices[keep])
         all_labels.append(labelled.labels[keep])
         sources += [f"{path}#slice{index}" for path, index in (labelled.sources[i] for i in keep)]
@@ -99,7 +116,9 @@ def _first(items: list, n: int, where: Path) -> list:
     return items[:n]
 
 
-def _load_image_pairs(images: Path, masks: Path, intensity: IntensityConfig, label_values: Sequence[int], n: Optional[int]):
+def _load_image_pairs(
+    images: Path, masks: Path, intensity: IntensityConfig, label_values: Sequence[int], n: Optional[int]
+):
     pairs = match_image_pairs(images, masks)
     if n is not None:
         pairs = _first(pairs, n, images)
@@ -119,6 +138,8 @@ def _pad_to_common_size(slices: List[np.ndarray], labels: List[np.ndarray]) -> T
     """Stack slices of different sizes by padding with background (-1 intensity, class 0)."""
     h = max(s.shape[2] for s in slices)
     w = max(s.shape[3] for s in slices)
-    padded_slices = [np.pad(s, ((0, 0), (0, 0), (0, h - s.shape[2]), (0, w - s.shape[3])), constant_values=-1.0) for s in slices]
+    padded_slices = [
+        np.pad(s, ((0, 0), (0, 0), (0, h - s.shape[2]), (0, w - s.shape[3])), constant_values=-1.0) for s in slices
+    ]
     padded_labels = [np.pad(l, ((0, 0), (0, h - l.shape[1]), (0, w - l.shape[2]))) for l in labels]
     return np.concatenate(padded_slices).astype(np.float32), np.concatenate(padded_labels).astype(np.int64)

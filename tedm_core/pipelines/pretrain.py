@@ -23,9 +23,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ..errors import BundleError
+from ..io.safe import read_tensors
 from ..model.checkpoint import Backbone, load_backbone, save_backbone
 from ..model.diffusion import NoiseSchedule
-from ..io.safe import read_tensors
 from ..runtime import autocast, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,17 @@ def _augment(batch: torch.Tensor, options: PretrainOptions, generator: torch.Gen
 
 
 def _latest_checkpoint(out: Path) -> Optional[Path]:
-    steps = sorted(p for p in (out / STEPS_DIR).glob("[0-9]*") if (p / TRAINER_STATE).is_file()) if (out / STEPS_DIR).is_dir() else []
+    steps = (
+        sorted(p for p in (out / STEPS_DIR).glob("[0-9]*") if (p / TRAINER_STATE).is_file())
+        if (out / STEPS_DIR).is_dir()
+        else []
+    )
     return steps[-1] if steps else None
 
 
-def _save_checkpoint(out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int, keep: int) -> None:
+def _save_checkpoint(
+    out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int, keep: int
+) -> None:
     """A complete checkpoint in ``out/steps/<step>/`` (renamed into place whole), mirrored at ``out/``."""
     backbone.steps_trained = step
     ema_state = ema.module.state_dict() if ema is not None else None
@@ -139,7 +145,9 @@ def pretrain(
             raise BundleError(out, "--resume: no checkpoint to resume from in this folder")
         restored = load_backbone(checkpoint, use_ema=False)
         if restored.config != backbone.config:
-            raise BundleError(checkpoint, "--resume: the checkpoint's model configuration differs from the one asked for")
+            raise BundleError(
+                checkpoint, "--resume: the checkpoint's model configuration differs from the one asked for"
+            )
         unet.load_state_dict(restored.unet.state_dict())
         state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
         optimiser.load_state_dict(state["optimiser"])
@@ -153,7 +161,13 @@ def pretrain(
     model = torch.nn.parallel.DistributedDataParallel(unet) if ddp.enabled else unet
 
     local_batch = max(1, options.batch_size // ddp.world)
-    bar = tqdm(total=options.steps, initial=start, desc="pretraining", unit="step", disable=not (options.show_progress and ddp.is_main))
+    bar = tqdm(
+        total=options.steps,
+        initial=start,
+        desc="pretraining",
+        unit="step",
+        disable=not (options.show_progress and ddp.is_main),
+    )
     seen, tic = 0, time.perf_counter()
     for step in range(start, options.steps):
         generator = torch.Generator().manual_seed((options.seed * 1_000_003 + step) * max(1, ddp.world) + ddp.rank)

@@ -37,7 +37,7 @@ class FeatureCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.levels)
 
-    def select(self, indices: Sequence[int]) -> "FeatureCache":
+    def select(self, indices: Sequence[int]) -> FeatureCache:
         index = torch.as_tensor(list(indices), dtype=torch.long)
         return FeatureCache([t.index_select(0, index) for t in self.levels], self.transform)
 
@@ -65,12 +65,23 @@ class Segmenter:
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
     """
 
-    def __init__(self, bundle: ModelBundle, device: str = "auto", batch_size: Optional[int] = None, precision: str = "auto", timesteps: Optional[Sequence[int]] = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: str = "auto",
+        batch_size: Optional[int] = None,
+        precision: str = "auto",
+        timesteps: Optional[Sequence[int]] = None,
+    ) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.timesteps = tuple(int(t) for t in timesteps) if timesteps else bundle.timesteps
-        if bundle.head is not None and bundle.head.config.mode == "concat" and set(self.timesteps) != set(bundle.timesteps):
+        if (
+            bundle.head is not None
+            and bundle.head.config.mode == "concat"
+            and set(self.timesteps) != set(bundle.timesteps)
+        ):
             raise ValueError(f"a {bundle.method} head needs exactly its timesteps {bundle.timesteps}")
         unet = bundle.backbone.unet.to(self.device).eval()
         if bundle.head is not None:
@@ -82,7 +93,9 @@ class Segmenter:
         size = bundle.image_size
         per_slice = max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * 24
         self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=4)
-        log.info("segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size)
+        log.info(
+            "segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size
+        )
 
     def close(self) -> None:
         if self.extractor is not None:
@@ -114,11 +127,19 @@ class Segmenter:
         probabilities = from_model_grid(probabilities, transform)
         return probabilities, torch.zeros_like(probabilities[:, 0])
 
-    def predict(self, slices: np.ndarray, progress: Optional[Progress] = None, cancel: Optional[CancelCheck] = None, keep_features: bool = False) -> SlicePrediction:
+    def predict(
+        self,
+        slices: np.ndarray,
+        progress: Optional[Progress] = None,
+        cancel: Optional[CancelCheck] = None,
+        keep_features: bool = False,
+    ) -> SlicePrediction:
         """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config."""
         slices = np.asarray(slices, dtype=np.float32)
         if slices.ndim != 4 or slices.shape[1] != self.bundle.backbone.config.in_channels:
-            raise ValueError(f"expected (N, {self.bundle.backbone.config.in_channels}, H, W) slices, got shape {slices.shape}")
+            raise ValueError(
+                f"expected (N, {self.bundle.backbone.config.in_channels}, H, W) slices, got shape {slices.shape}"
+            )
         grid, transform = to_model_grid(torch.from_numpy(slices), self.bundle.image_size)
         kept: List[LevelFeatures] = []
 

@@ -143,7 +143,9 @@ def label_array_to_classes(label_volume: Volume, label_values: Sequence[int]) ->
     present = np.unique(values)
     unknown = sorted(set(present.tolist()) - set(lookup))
     if unknown:
-        raise InputError(label_volume.path, f"label values {unknown[:5]} are not among the classes' values {list(label_values)}")
+        raise InputError(
+            label_volume.path, f"label values {unknown[:5]} are not among the classes' values {list(label_values)}"
+        )
     out = np.zeros(values.shape, dtype=np.int64)
     for value in present.tolist():
         out[values == value] = lookup[value]
@@ -206,18 +208,26 @@ def labelled_slices_from_volumes(
             if not chosen:
                 raise InputError(label.path, f"holds no labelled voxels; nothing to learn from ({layout.plane} slices)")
         else:
-            chosen = sorted(set(int(s) for s in slices))
+            chosen = sorted({int(s) for s in slices})
             bad = [s for s in chosen if not 0 <= s < layout.num_slices]
             if bad:
-                raise InputError(image.path, f"slice indices {bad[:5]} are outside 0..{layout.num_slices - 1} along the {layout.plane} axis")
+                raise InputError(
+                    image.path,
+                    f"slice indices {bad[:5]} are outside 0..{layout.num_slices - 1} along the {layout.plane} axis",
+                )
         label_slices = to_slices(classes, layout)
         out_slices.append(image_slices[chosen])
         out_labels.append(np.ascontiguousarray(label_slices[chosen]))
         sources.extend((image.name, int(s)) for s in chosen)
     shapes = {s.shape[-2:] for s in out_slices}
     if len(shapes) > 1:
-        raise InputError(None, f"labelled slices of different cases have different shapes {sorted(shapes)}; fit on cases of one grid size")
-    return LabelledSlices(np.concatenate(out_slices).astype(np.float32), np.concatenate(out_labels).astype(np.int64), sources)
+        raise InputError(
+            None,
+            f"labelled slices of different cases have different shapes {sorted(shapes)}; fit on cases of one grid size",
+        )
+    return LabelledSlices(
+        np.concatenate(out_slices).astype(np.float32), np.concatenate(out_labels).astype(np.int64), sources
+    )
 
 
 def read_labelled_case(
@@ -230,6 +240,11 @@ def read_labelled_case(
     channel_names: Optional[Sequence[str]] = None,
 ) -> LabelledSlices:
     """:func:`labelled_slices_from_volumes` from files: one case's modality files and its label file."""
-    image = read_case(list(image_paths), channel_names=channel_names if channel_names and len(channel_names) == len(image_paths) else None)
+    image = read_case(
+        list(image_paths),
+        channel_names=channel_names if channel_names and len(channel_names) == len(image_paths) else None,
+    )
     label = read_volume(label_path, allow_constant=True)
-    return labelled_slices_from_volumes(image, label, intensity, label_values, axis=axis, slices=slices, channel_names=channel_names)
+    return labelled_slices_from_volumes(
+        image, label, intensity, label_values, axis=axis, slices=slices, channel_names=channel_names
+    )

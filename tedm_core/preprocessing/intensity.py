@@ -47,7 +47,7 @@ class IntensityConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "IntensityConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> IntensityConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 

@@ -47,14 +47,24 @@ def from_model_grid(maps: torch.Tensor, transform: GridTransform) -> torch.Tenso
     side = transform.side
     if maps.shape[-1] != side:
         maps = F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)
-    return maps[..., transform.pad_top : transform.pad_top + transform.height, transform.pad_left : transform.pad_left + transform.width]
+    return maps[
+        ...,
+        transform.pad_top : transform.pad_top + transform.height,
+        transform.pad_left : transform.pad_left + transform.width,
+    ]
 
 
 def labels_to_model_grid(labels: torch.Tensor, transform: GridTransform) -> torch.Tensor:
     """``(N, H, W)`` integer labels -> ``(N, size, size)`` training targets (nearest; padding is background)."""
     side = transform.side
     h, w = labels.shape[-2:]
-    padded = F.pad(labels, (transform.pad_left, side - w - transform.pad_left, transform.pad_top, side - h - transform.pad_top), value=0)
+    padded = F.pad(
+        labels,
+        (transform.pad_left, side - w - transform.pad_left, transform.pad_top, side - h - transform.pad_top),
+        value=0,
+    )
     if side != transform.size:
-        padded = F.interpolate(padded[:, None].float(), size=(transform.size, transform.size), mode="nearest-exact")[:, 0]
+        padded = F.interpolate(padded[:, None].float(), size=(transform.size, transform.size), mode="nearest-exact")[
+            :, 0
+        ]
     return padded.long()

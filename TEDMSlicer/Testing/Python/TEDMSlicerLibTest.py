@@ -27,8 +27,8 @@ class TEDMSlicerLibTest(unittest.TestCase):
 
     def test_segment_round_trip_in_the_application(self):
         import numpy as np
-
         import slicer
+
         from TEDMSlicerLib import mrml_io
 
         volume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 6), dtype=np.float32), name="TEDMSlicerLibTest")
