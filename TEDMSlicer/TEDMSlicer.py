@@ -408,7 +408,8 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _pollWorker(self) -> None:
         try:
-            self.logic.worker.poll(0.0)  # never waits: reads what the worker already sent
+            # Never waits: reads what the worker already sent, for at most 20 ms.
+            self.logic.worker.poll(max_seconds=0.02, wait_seconds=0.0)
         except Exception as error:  # a broken pipe must not kill the timer silently
             logging.error("TEDMSlicer: reading the worker failed: %s", error)
         running = self.logic.worker.running
@@ -591,7 +592,7 @@ class TEDMSlicerTest(ScriptedLoadableModuleTest):
         deadline = time.monotonic() + timeout
         while logic.busy and time.monotonic() < deadline:
             slicer.app.processEvents()
-            logic.poll(0.05)
+            logic.poll(max_seconds=0.05, wait_seconds=0.05)
             if onPoll is not None:
                 onPoll()
         self.assertFalse(logic.busy, "the worker did not answer in time")

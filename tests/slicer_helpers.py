@@ -254,7 +254,7 @@ class ScriptedWorkerClient:
             return [ScriptedEvent("result", request_id, {"result": {"path": fields["path"]}})]
         return [ScriptedEvent("result", request_id, {"result": {}})]
 
-    def poll(self, max_seconds: float = 0.05):
+    def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0):
         delivered = []
         for entry in list(self._queue):
             if entry[0] > 0:

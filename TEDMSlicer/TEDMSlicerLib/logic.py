@@ -145,6 +145,10 @@ class LoggingListener:
         self.finished_operations.append(operation)
 
 
+def _ignore_event(event: Any) -> None:
+    """For requests whose answer nobody needs (close_session): the client then keeps nothing."""
+
+
 def node_is_alive(node: Any) -> bool:
     """The node is still in a scene under its ID (an ID reused by another node does not count)."""
     if node is None:
@@ -188,18 +192,20 @@ class TEDMWorkerLogic:
     def busy(self) -> bool:
         return self.running is not None
 
-    def poll(self, max_seconds: float = 0.0) -> None:
-        """Read the worker's events (at most ``max_seconds`` of waiting) and act on them.
-        Call from the GUI thread, as the widget's QTimer does."""
+    def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0) -> None:
+        """Read the worker's events and act on them: reading stops after about ``max_seconds``
+        (a large result streams in over several polls) and waits at most ``wait_seconds`` for a
+        first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
+        as Qt's event loop waits between timer ticks."""
         if self.client is not None:
-            self.client.poll(max_seconds=max_seconds)
+            self.client.poll(max_seconds=max_seconds, wait_seconds=wait_seconds)
 
     def wait(self, timeout: float = 600.0, poll_seconds: float = 0.05) -> Optional[FinishedOperation]:
         """Poll until the running operation finishes (scripts and tests; the widget uses a timer).
         Returns the last finished operation."""
         deadline = time.monotonic() + timeout
         while self.running is not None and time.monotonic() < deadline:
-            self.poll(poll_seconds)
+            self.poll(max_seconds=poll_seconds, wait_seconds=poll_seconds)
         if self.running is not None:
             raise TimeoutError(f"{self.running.title} did not finish within {timeout:.0f} s")
         finished = getattr(self.listener, "finished_operations", None)
@@ -259,7 +265,7 @@ class TEDMWorkerLogic:
         client = self.client
         if client is not None and record.generation == client.generation and client.alive:
             try:
-                client.submit("close_session", {"session": record.session_id})
+                client.submit("close_session", {"session": record.session_id}, None, on_event=_ignore_event)
             except Exception as error:  # a worker that just died: its sessions are gone anyway
                 log.debug("close_session failed: %s", error)
 
@@ -589,7 +595,6 @@ class TEDMWorkerLogic:
             if running.follow_up is not None:  # open_session answered: send the job itself
                 follow_up, running.follow_up = running.follow_up, None
                 if running.drop_reason or running.cancel_requested:
-                    self._close_unused_session(running)
                     self._finish(running, DROPPED if running.drop_reason else CANCELLED, self._dropped_text(running))
                     return
                 try:
@@ -611,6 +616,10 @@ class TEDMWorkerLogic:
 
     def _finish(self, running: RunningOperation, status: str, message: str, **details: Any) -> FinishedOperation:
         self.running = None
+        if status in (FAILED, CANCELLED, DROPPED):
+            # A session opened for this operation and never used by a result would hold the
+            # volume (and features) in the worker until it exits.
+            self._close_unused_session(running)
         finished = FinishedOperation(running.operation, running.title, status, message, running.elapsed, **details)
         if status in (DROPPED, WORKER_DIED, CANCELLED):
             self.listener.log(message)
@@ -633,7 +642,6 @@ class TEDMWorkerLogic:
                 details=details,
             )
         elif running.drop_reason:
-            self._close_unused_session(running)
             self._finish(running, DROPPED, self._dropped_text(running), error_kind=kind)
         elif kind == "cancelled":
             self._finish(running, CANCELLED, self._dropped_text(running), error_kind=kind)
@@ -653,7 +661,6 @@ class TEDMWorkerLogic:
         gone = running.drop_reason or self._nodes_gone(running)
         if gone:
             running.drop_reason = gone
-            self._close_unused_session(running)
             self._finish(running, DROPPED, self._dropped_text(running))
             return
         try:
