@@ -84,7 +84,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .model.backbone import PRESETS
     from .model.checkpoint import BACKBONE_JSON, Backbone
     from .pipelines.pretrain import PretrainOptions, pretrain
-    from .preprocessing.intensity import BRAIN_T1, MULTIMODAL_MRI, RADIOGRAPH
+    from .preprocessing.intensity import BRAIN_T1, INTENSITY_CONVENTIONS, RADIOGRAPH
 
     if (args.out / BACKBONE_JSON).exists() and not (args.resume or args.overwrite):
         raise TEDMError(
@@ -92,7 +92,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(args.seed)
     files = discover_files(args.images)
-    intensity = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}.get(args.intensity or "")
+    intensity = INTENSITY_CONVENTIONS.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
     config = PRESETS[args.preset]
