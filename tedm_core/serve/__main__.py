@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="serve the network on HOST:PORT (HOST 127.0.0.1 unless you mean other machines to connect; port 0 picks one)",
+        help="serve the network on HOST:PORT (127.0.0.1 unless other machines must connect; port 0 picks one)",
     )
     parser.add_argument(
         "--token-file",
