@@ -212,7 +212,7 @@ def test_widget_lifecycle_hooks():
     assert '"aboutToQuit()"' in source
     assert "on_scene_closed()" in ast.unparse(methods["onSceneStartClose"])
     # The worker is polled by a QTimer with a non-blocking read.
-    assert "self.logic.worker.poll(0.0)" in ast.unparse(methods["_pollWorker"])
+    assert "self.logic.worker.poll(max_seconds=0.02, wait_seconds=0.0)" in ast.unparse(methods["_pollWorker"])
 
 
 def test_self_test_never_installs():
@@ -353,3 +353,59 @@ def test_slicer_installer_prefers_pip_ensure_with_skip_list():
     installer._pip_ensure = lambda: None
     installer.install_requirements(["monai>=1.4"], dependencies.SLICER_PROVIDED)
     assert len(installs) == 1 and '"monai>=1.4"' in installs[0] and " -c " in installs[0]
+
+
+REPOSITORY = "tedm-project/tedm"  # where the extension's metadata says the repository is published
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_metadata_and_readme_urls_point_into_this_repository():
+    """Every URL of the extension's metadata and of the README resolves to a file in this
+    repository (or a heading of its README): an icon or a screenshot the Extensions Catalog
+    shows must be committed, never a placeholder."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    readme = (REPO / "README.md").read_text()
+    anchors = {_github_anchor(h) for h in re.findall(r"^#+ (.+)$", readme, flags=re.M)}
+    urls = re.findall(r"https?://[^\s\"')>\]]+", cmake + "\n" + readme)
+    assert urls, "the metadata has URLs"
+    for url in urls:
+        raw = re.match(rf"https://raw\.githubusercontent\.com/{REPOSITORY}/main/(.+)$", url)
+        blob = re.match(rf"https://github\.com/{REPOSITORY}/blob/main/([^#]+)", url)
+        home = re.match(rf"https://github\.com/{REPOSITORY}(?:#(.+))?$", url)
+        if raw or blob:
+            path = (raw or blob).group(1)
+            assert (REPO / path).is_file(), f"{url}: {path} is not in the repository"
+        elif home:
+            assert home.group(1) is None or home.group(1) in anchors, f"{url}: no such README heading"
+        else:
+            raise AssertionError(f"{url} is not a page of this repository")
+    # Images the README shows are committed too.
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
+        assert (REPO / image).is_file(), image
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        (value,) = re.findall(rf'set\({variable} "([^"]+)"\)', cmake)
+        for url in value.split():
+            assert url.endswith(".png") and url.startswith(f"https://raw.githubusercontent.com/{REPOSITORY}/main/")
+
+
+def test_screenshot_is_a_real_rendering():
+    import numpy as np
+    from PIL import Image
+
+    path = REPO / "docs" / "images" / "TEDMSlicer-screenshot.png"
+    assert path.stat().st_size < 1_000_000, "a screenshot of a few hundred KB"
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size[0] >= 800
+    assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 1000
+
+
+def test_license_is_apache_2():
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]["text"] == "Apache-2.0"

@@ -108,8 +108,6 @@ def worker_environment(settings: WorkerSettings) -> Dict[str, str]:
     if folder and settings.runs_in_slicer_python():
         parts = [folder] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != folder]
         env["PYTHONPATH"] = os.pathsep.join(parts)
-    # One interactive user: let the worker use the machine's cores, but never more threads than
-    # cores (oversubscription slowed small models >10x when Slicer also rendered).
     return env
 
 
