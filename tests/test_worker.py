@@ -288,3 +288,18 @@ def test_the_client_never_imports_torch():
     code = "import sys; import tedm_core.serve.client, tedm_core.choices; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_pretrain_a_backbone_on_the_open_volumes(client, tmp_path):
+    from tedm_core.model.checkpoint import load_backbone
+
+    array, _ = _volume(slices=6, size=32)
+    _open(client, "a", array)
+    _open(client, "b", array[::-1].copy())
+    out = tmp_path / "backbone"
+    fields = {"sessions": ["a", "b"], "out": str(out), "preset": "tiny", "steps": 3, "intensity": "brain", "axis": "k"}
+    events = []
+    assert client.request("pretrain", fields, None, TIMEOUT, events.append).result == {"path": str(out)}
+    backbone = load_backbone(out)
+    assert backbone.steps_trained == 3 and backbone.channel_names == ["image"]
+    assert any(e.kind == "progress" and "pretraining step 3/3" in e.message for e in events)
