@@ -1,7 +1,8 @@
 """``python -m tedm_core.serve`` (also ``tedm serve``): the TEDM worker process.
 
     python -m tedm_core.serve --stdio                                  # a child of the Slicer module
-    python -m tedm_core.serve --listen 127.0.0.1:8765 --token-file F   # for remote clients
+    python -m tedm_core.serve --listen 8765 --token-file F   # clients on this machine (127.0.0.1)
+    python -m tedm_core.serve --listen 0.0.0.0:8765 --token-file F   # clients on other machines
 
 See docs/worker_protocol.md.
 """
@@ -18,6 +19,7 @@ from typing import List, Optional
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 TOKEN_ENVIRONMENT_VARIABLE = "TEDM_TOKEN"
+DEFAULT_HOST = "127.0.0.1"  # never reachable from another machine unless the user names an address
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--stdio", action="store_true", help="serve the parent process over stdin/stdout (pipes)")
     where.add_argument(
         "--listen",
-        metavar="HOST:PORT",
-        help="serve the network on HOST:PORT (127.0.0.1 unless other machines must connect; port 0 picks one)",
+        metavar="[HOST:]PORT",
+        help=f"serve the network on PORT of HOST (default {DEFAULT_HOST}: this machine only; name the address "
+        "other machines reach it by to serve them; port 0 picks a free one)",
     )
     parser.add_argument(
         "--token-file",
@@ -51,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stdio:
         return serve_stdio(max_bytes)
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        print(f"--listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+    host = host or DEFAULT_HOST
+    if not port.isdigit():
+        print(f"--listen: expected [HOST:]PORT, got {args.listen!r}", file=sys.stderr)
         return 2
     token = _read_token(args.token_file)
     if token is None or len(token) < MIN_TOKEN_CHARACTERS:
