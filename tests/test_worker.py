@@ -303,3 +303,18 @@ def test_pretrain_a_backbone_on_the_open_volumes(client, tmp_path):
     backbone = load_backbone(out)
     assert backbone.steps_trained == 3 and backbone.channel_names == ["image"]
     assert any(e.kind == "progress" and "pretraining step 3/3" in e.message for e in events)
+
+
+def test_a_worker_of_another_protocol_version_is_refused_in_one_line(tmp_path):
+    """A stand-in worker that announces protocol 99 (e.g. an older tedm_core in another Python)."""
+    from tedm_core.serve.client import WorkerClient, WorkerError
+
+    script = (
+        "import sys, json, struct; h = json.dumps({'event': 'ready', 'protocol': 99, 'tedm_core': '9.9', 'arrays': []})"
+        ".encode(); m = struct.pack('>I', len(h)) + h; sys.stdout.buffer.write(struct.pack('>Q', len(m)) + m);"
+        " sys.stdout.flush(); sys.stdin.read()"
+    )
+    client = WorkerClient.start_local(log_path=tmp_path / "w.log", command=[sys.executable, "-c", script])
+    with pytest.raises(WorkerError, match="speaks protocol 99 .*this client 1") as error:
+        client.request("status", timeout=TIMEOUT)
+    assert error.value.kind == "protocol" and not client.alive

@@ -364,6 +364,9 @@ class WorkerClient:
         if self._connection is None:
             return []
         events = [self._event(message) for message in self._connection.receive(wait_seconds, max_seconds)]
+        for event in events:
+            if event.kind == "ready" and event.fields.get("protocol") != PROTOCOL_VERSION:
+                return self._refuse_incompatible(event)
         if self._connection.closed and self._handlers:
             events += self._worker_died()
         for event in events:
@@ -445,6 +448,22 @@ class WorkerClient:
         kind = str(header.pop("event", ""))
         request_id = header.pop("id", None)
         return WorkerEvent(kind, request_id, header, arrays)
+
+    def _refuse_incompatible(self, ready: WorkerEvent) -> List[WorkerEvent]:
+        message = (
+            f"the worker speaks protocol {ready.fields.get('protocol')} (tedm_core {ready.fields.get('tedm_core')}), "
+            f"this client {PROTOCOL_VERSION}: install the same tedm_core version on both sides"
+        )
+        events = [WorkerEvent("error", rid, {"kind": "protocol", "message": message}) for rid in list(self._handlers)]
+        handlers = dict(self._handlers)
+        awaited = set(self._awaited)
+        self.close(grace_s=1.0)
+        for event in events:
+            if event.request_id in awaited:
+                self._finished[event.request_id] = event
+            if handlers.get(event.request_id) is not None:
+                handlers[event.request_id](event)
+        return events
 
     def _worker_died(self) -> List[WorkerEvent]:
         message = self._connection.describe_exit()
