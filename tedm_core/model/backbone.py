@@ -8,6 +8,8 @@ from typing import Any, Dict, Tuple
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from ..choices import PRESET_NAMES
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -57,8 +59,8 @@ class BackboneConfig:
         return replace(self, **changes)
 
 
-# Measured on this project's 2-core CPU machines (fp32, batch 16, one Adam step; see
-# benchmarks/backbone_speed.py): tiny 0.33 s at 64 px; small 1.2 s at 64 px, 10.3 s at 128 px.
+# Measured on this project's 2-core CPU machines (fp32, batch 16, one Adam step; the README's
+# "method, as implemented"): tiny 0.33 s at 64 px; small 1.2 s at 64 px, 10.3 s at 128 px.
 # 128 px is therefore a GPU resolution; `small` at 64 px trains ~3,000 steps an hour on 2 cores.
 PRESETS: Dict[str, BackboneConfig] = {
     # Tests: a forward pass in milliseconds, pretraining on 20 images in seconds.
