@@ -46,7 +46,7 @@ class DecoderFeatureExtractor(torch.nn.Module):
     """Taps the outputs of a ``DiffusionModelUNet``'s decoder levels, before their upsampling.
 
     Args:
-        unet: a pretrained noise-predicting UNet (left unchanged; hooks are removed on ``close``).
+        unet: a pretrained noise-predicting UNet (left unchanged: its hooks live for one pass).
         schedule: its noise schedule.
         levels: indices of the decoder levels to tap (0 = deepest); default all.
     """
@@ -76,9 +76,6 @@ class DecoderFeatureExtractor(torch.nn.Module):
             # The level's own resolution is the upsampler's input.
             return block.upsampler.register_forward_pre_hook(lambda _m, args: keep(args[0]))
         return block.register_forward_hook(lambda _m, _args, output: keep(output))
-
-    def close(self) -> None:
-        """Nothing to release: hooks live only for the duration of a forward pass."""
 
     @property
     def level_channels(self) -> List[int]:
