@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 from typing import Callable, NoReturn, Optional
 
 from .choices import NUM_TRAIN_TIMESTEPS
@@ -95,24 +94,9 @@ def shard(text: str) -> str:
     return text.strip()
 
 
-def unique(values: list, what: str, flag: str, parser: argparse.ArgumentParser) -> None:
-    """Refuse a repeated value in a list option (two classes of one name, one channel twice)."""
-    seen = set()
-    for value in values or []:
-        key = value.lower() if isinstance(value, str) else value
-        if key in seen:
-            parser.error(f"argument {flag}: {what} {value!r} is given twice")
-        seen.add(key)
-
-
 def flag_of(setting: str) -> str:
     """The CLI spelling of a library setting: ``learning_rate`` -> ``--lr``, ``max_shift`` -> ``--shift``."""
     return _FLAGS.get(setting, "--" + setting.replace("_", "-"))
 
 
-_FLAGS = {"learning_rate": "--lr", "max_shift": "--shift", "ema_decay": "--ema", "keep_checkpoints": "--keep-checkpoints"}
-
-
-def exit_usage(prog: str, message: str) -> NoReturn:
-    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(2)
+_FLAGS = {"learning_rate": "--lr", "max_shift": "--shift", "ema_decay": "--ema"}

@@ -12,6 +12,7 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class ModelBundle:
     class_colours: List[Tuple[int, int, int]] = field(default_factory=list)
     axis: str = "axial"
     training: Dict[str, Any] = field(default_factory=dict)
+    # Where it was loaded from and a hash of its files' bytes (None for a model made in memory):
+    # outputs record which model made them (see io.outputs).
+    source: Optional[Path] = None
+    fingerprint: Optional[str] = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
@@ -103,8 +108,8 @@ class ModelBundle:
         return f"{self.method} on a {self.backbone.config.preset} backbone at {self.image_size} px; classes: {classes}; channels: {', '.join(self.channel_names)}"
 
 
-def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = False) -> Path:
-    """Write ``bundle`` to the folder ``path``: staged beside it, then renamed into place whole."""
+def check_bundle_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write a bundle where it would replace anything but a bundle (with ``overwrite``)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise BundleError(path, "already exists; choose another name or allow overwriting")
@@ -113,6 +118,12 @@ def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = F
         raise BundleError(
             path, "is not a model bundle (no bundle.json), so it is not replaced; choose a new folder for the model"
         )
+
+
+def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write ``bundle`` to the folder ``path``: staged beside it, then renamed into place whole."""
+    path = Path(path)
+    check_bundle_target(path, overwrite)
     staging = path.with_name(f".{path.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -184,9 +195,33 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             class_colours=[tuple(c) for c in meta.get("class_colours", [])],
             axis=meta.get("axis", "axial"),
             training=dict(meta.get("training", {})),
+            source=path,
+            fingerprint=_files_sha256([meta_path, path / BACKBONE_WEIGHTS, path / HEAD_WEIGHTS]),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(meta_path, f"invalid bundle description ({error})") from None
+
+
+def _files_sha256(paths: List[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(bundle: ModelBundle) -> str:
+    """The hash of the bundle's files when it was loaded, else of its weights and description."""
+    if bundle.fingerprint:
+        return bundle.fingerprint
+    digest = hashlib.sha256(repr((bundle.method, bundle.class_names, bundle.label_values, bundle.axis)).encode())
+    for module in (bundle.backbone.unet, bundle.head):
+        for name, tensor in (module.state_dict().items() if module is not None else []):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:

@@ -113,6 +113,9 @@ class ThresholdSegmenter:
             axis=axis,
         )
 
+    def provenance(self):
+        return {"model": "threshold", "model_sha256": f"threshold {self.threshold}", "timesteps": []}
+
     def predict(self, slices, progress=None, cancel=None):
         from types import SimpleNamespace
 

@@ -48,6 +48,30 @@ GEOMETRY_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
 
 
+# Image formats found beside medical data that we do not read: each is refused with a word (a
+# failing case) rather than silently left out of a cohort.
+_ANALYZE = "Analyze 7.5 (.hdr/.img) is not supported: its orientation is ambiguous; convert it to NIfTI (.nii.gz)"
+UNSUPPORTED_FORMATS = {
+    ".gif": "GIF images are not supported (palette colours, often several frames); convert it to PNG",
+    ".webp": "WebP images are not supported; convert it to PNG",
+    ".jp2": "JPEG 2000 images are not supported; convert it to PNG",
+    ".hdr": _ANALYZE,
+    ".img": _ANALYZE,
+}
+
+
+def unsupported_format(path: PathLike) -> Optional[str]:
+    """Why ``path`` (a format we know of but do not read) cannot be used; ``"skip"`` for the
+    ``.img`` half of an Analyze pair (its ``.hdr`` carries the message); ``None`` otherwise."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in UNSUPPORTED_FORMATS or path.name.startswith("."):
+        return None
+    if suffix == ".img" and any(path.with_suffix(s).exists() for s in (".hdr", ".HDR")):
+        return "skip"
+    return UNSUPPORTED_FORMATS[suffix]
+
+
 def volume_suffix(path: PathLike) -> str:
     """The format suffix of ``path`` in lower case (``.nii.gz`` counts as one), or ``""``."""
     name = Path(path).name.lower()
@@ -172,6 +196,8 @@ def read_volume(path: PathLike, require_3d: bool = False, allow_constant: bool =
         volume = _read_image2d(path)
     elif path.suffix.lower() in DICOM_SUFFIXES:
         raise InputError(path, "a single DICOM file; pass the folder holding the whole series")
+    elif unsupported_format(path):
+        raise InputError(path, UNSUPPORTED_FORMATS[path.suffix.lower()])
     else:
         raise InputError(
             path,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..bundle import ModelBundle
+from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import class_probabilities
@@ -107,6 +107,17 @@ class Segmenter:
         log.info(
             "segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size
         )
+
+    def provenance(self) -> Dict[str, object]:
+        """What decides this segmenter's outputs (the model's content and the timesteps used),
+        for the record an output folder keeps; device and precision change only float rounding."""
+        return {
+            "model": str(self.bundle.source) if self.bundle.source is not None else f"an unsaved {self.bundle.method} model",
+            "model_sha256": model_fingerprint(self.bundle),
+            "timesteps": list(self.timesteps),
+            "device": str(self.device),
+            "precision": self.precision,
+        }
 
     def close(self) -> None:
         """Give back the accelerator memory the model holds (it moves to the CPU); the

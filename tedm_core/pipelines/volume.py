@@ -74,7 +74,8 @@ def resolve_axis(volume: Volume, axis: str) -> str:
 
 
 def nonempty_slice_mask(slices: np.ndarray) -> np.ndarray:
-    """``(N, C, H, W)`` normalised slices -> bool ``(N,)``: which hold anything above background."""
+    """``(N, C, H, W)`` normalised slices -> bool ``(N,)``: which hold any voxel above background
+    (the model runs on those; pretraining's stricter rule is ``data.slices_with_enough_foreground``)."""
     return (slices.reshape(slices.shape[0], -1) > -1.0 + EMPTY_SLICE_TOLERANCE).any(axis=1)
 
 
