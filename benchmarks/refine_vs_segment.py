@@ -76,8 +76,8 @@ class PhaseClock:
     def describe(self, total: float) -> str:
         parts = [f"{name} {last - first:.2f} s" for name, (first, last) in self.phases.items() if last > first]
         return (
-            "; ".join(parts)
-            + f"; the rest (MRML read/write, diff, setup) {total - sum(l - f for f, l in self.phases.values()):.2f} s"
+            "; ".join(parts) + f"; the rest (MRML read/write, diff, setup) "
+            f"{total - sum(last - first for first, last in self.phases.values()):.2f} s"
         )
 
 
@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     segmentation.CreateDefaultDisplayNodes()
     shape = mrml_io.array_from_volume_node(volumes[0]).shape
     print(
-        f"case {args.case.name}: {shape[::-1]} voxels (IJK), channels {bundle.channel_names}; model: {bundle.describe()}"
+        f"case {args.case.name}: {shape[::-1]} voxels (IJK), channels {bundle.channel_names}; "
+        f"model: {bundle.describe()}"
     )
 
     # 1. Segment (warm-up: load the model first so that loading is not counted).
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
     session = segmented.session
     cache = session.features.nbytes / 2**20 if session.features is not None else 0.0
     print(
-        f"segment: {segment_seconds:.2f} s ({session.layout.num_slices} {session.axis} slices; feature cache {cache:.0f} MiB)"
+        f"segment: {segment_seconds:.2f} s ({session.layout.num_slices} {session.axis} slices; feature "
+        f"cache {cache:.0f} MiB)"
     )
     print(f"  phases: {segment_clock.describe(segment_seconds)}")
 
@@ -234,7 +236,8 @@ def main(argv=None) -> int:
 
     fraction = refine_seconds / segment_seconds
     print(
-        f"refine:  {refine_seconds:.2f} s (corrected slices {sorted(worst)}; trained on {refined.session.training_slices})"
+        f"refine:  {refine_seconds:.2f} s (corrected slices {sorted(worst)}; "
+        f"trained on {refined.session.training_slices})"
     )
     print(f"  phases: {refine_clock.describe(refine_seconds)}")
     print(f"Dice on the other tumour slices: {before:.3f} before, {after:.3f} after refine")

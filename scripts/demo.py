@@ -167,10 +167,12 @@ def main(argv=None) -> int:
     with open(output / "metrics.csv") as handle:
         for row in csv.DictReader(handle):
             print(
-                f"  Dice {row.get('class', '?'):>14}: {float(row['dice']):.3f}   (precision {float(row['precision']):.3f}, recall {float(row['recall']):.3f})"
+                f"  Dice {row.get('class', '?'):>14}: {float(row['dice']):.3f}   (precision "
+                f"{float(row['precision']):.3f}, recall {float(row['recall']):.3f})"
             )
     print(
-        f"  segmentation:  {segmentation}\n  uncertainty:   {next(output.rglob('*uncertainty*'), 'n/a')}\n  overlay PNG:   {overlay}\n  model bundle:  {bundle}"
+        f"  segmentation:  {segmentation}\n  uncertainty:   "
+        f"{next(output.rglob('*uncertainty*'), 'n/a')}\n  overlay PNG:   {overlay}\n  model bundle:  {bundle}"
     )
     return 0
 

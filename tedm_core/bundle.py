@@ -105,7 +105,10 @@ class ModelBundle:
 
     def describe(self) -> str:
         classes = ", ".join(self.class_names[1:])
-        return f"{self.method} on a {self.backbone.config.preset} backbone at {self.image_size} px; classes: {classes}; channels: {', '.join(self.channel_names)}"
+        return (
+            f"{self.method} on a {self.backbone.config.preset} backbone at {self.image_size} px; classes: "
+            f"{classes}; channels: {', '.join(self.channel_names)}"
+        )
 
 
 def check_bundle_target(path: Path, overwrite: bool) -> None:
@@ -218,7 +221,7 @@ def model_fingerprint(bundle: ModelBundle) -> str:
         return bundle.fingerprint
     digest = hashlib.sha256(repr((bundle.method, bundle.class_names, bundle.label_values, bundle.axis)).encode())
     for module in (bundle.backbone.unet, bundle.head):
-        for name, tensor in (module.state_dict().items() if module is not None else []):
+        for name, tensor in module.state_dict().items() if module is not None else []:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -253,9 +256,7 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
         meta_path,
         isinstance(colours, list)
         and (not colours or len(colours) == len(names))
-        and all(
-            isinstance(c, list) and len(c) == 3 and all(is_count(v, 0) and v <= 255 for v in c) for c in colours
-        ),
+        and all(isinstance(c, list) and len(c) == 3 and all(is_count(v, 0) and v <= 255 for v in c) for c in colours),
         f"class_colours must be one [r, g, b] of 0..255 per class ({len(names)})",
     )
     axis = meta.get("axis", "axial")
@@ -291,7 +292,11 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
         isinstance(hidden, list) and all(is_count(h) for h in hidden),
         f"head hidden widths must be positive integers, got {hidden!r}",
     )
-    require(meta_path, head.get("upsample", "bilinear") in ("bilinear", "nearest"), "head upsample must be bilinear or nearest")
+    require(
+        meta_path,
+        head.get("upsample", "bilinear") in ("bilinear", "nearest"),
+        "head upsample must be bilinear or nearest",
+    )
     config = meta["backbone"].get("config") if isinstance(meta["backbone"], dict) else None
     channels = config.get("channels") if isinstance(config, dict) else None
     levels = head.get("levels")

@@ -76,7 +76,8 @@ def training_slices(
 
 
 def _multichannel_cases(inputs: Sequence[Union[str, Path]], channel_names: Sequence[str]) -> List[List[Path]]:
-    """Case folders holding one file per channel name (e.g. FLAIR.nii.gz, T1.nii.gz), as the batch script groups them."""
+    """Case folders holding one file per channel name (e.g. FLAIR.nii.gz, T1.nii.gz), grouped as the batch
+    script groups them."""
     from .io.cases import discover_cases  # one grouping rule for pretraining and segmentation
 
     units: List[List[Path]] = []

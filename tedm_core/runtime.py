@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator, Optional, TypeVar
-
 import math
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 

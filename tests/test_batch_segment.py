@@ -18,7 +18,7 @@ nib = pytest.importorskip("nibabel")
 
 from conftest import REPO, ThresholdSegmenter, sphere_volume_array  # noqa: E402
 
-from tedm_core.errors import InputError, SettingError  # noqa: E402
+from tedm_core.errors import SettingError  # noqa: E402
 from tedm_core.pipelines.batch import BatchOptions, discover_cases, parse_shard, run_batch, select_shard  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "batch_segment.py"

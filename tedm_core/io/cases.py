@@ -171,9 +171,14 @@ def _discover_multichannel(
         missing = [name for name in channel_names if name not in found]
         doubled = [name for name, paths in found.items() if len(paths) > 1]
         if missing:
-            problem = f"missing modality {', '.join(missing)} (found {', '.join(n for n in channel_names if n in found)}; the model expects files named {', '.join(channel_names)})"
+            present = ", ".join(n for n in channel_names if n in found)
+            problem = (
+                f"missing modality {', '.join(missing)} (found {present}; "
+                f"the model expects files named {', '.join(channel_names)})"
+            )
         elif doubled:
-            problem = f"several files for modality {', '.join(doubled)}: {', '.join(p.name for n in doubled for p in found[n])}"
+            names = ", ".join(p.name for n in doubled for p in found[n])
+            problem = f"several files for modality {', '.join(doubled)}: {names}"
         inputs = [found[name][0] for name in channel_names if name in found]
         cases.append(Case(case_id, inputs, output, is_folder=True, problem=problem))
     return _check_unique(cases)

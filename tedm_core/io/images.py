@@ -36,7 +36,9 @@ def _open(path: Path) -> Image.Image:
         frames = getattr(image, "n_frames", 1)
         if frames > 1:
             # A multi-page TIFF or an animated PNG: reading the first page would drop the rest unseen.
-            raise InputError(path, f"holds {frames} pages/frames; expected one image (split it, or use a volume format)")
+            raise InputError(
+                path, f"holds {frames} pages/frames; expected one image (split it, or use a volume format)"
+            )
         image.load()
         return image
     except FileNotFoundError:
@@ -89,7 +91,9 @@ def _label_array(path: Path, image: Image.Image) -> np.ndarray:
         return np.asarray(image)
     rgba = np.asarray(image.convert("RGBA"))
     if rgba[..., 3].min() != rgba[..., 3].max():
-        raise InputError(path, "holds its mask in the alpha (transparency) channel; save it as an opaque grey-level PNG")
+        raise InputError(
+            path, "holds its mask in the alpha (transparency) channel; save it as an opaque grey-level PNG"
+        )
     if image.mode == "P":
         return np.asarray(image)  # palette indices are the label values (VOC-style label maps)
     red, green, blue = rgba[..., 0], rgba[..., 1], rgba[..., 2]

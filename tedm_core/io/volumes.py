@@ -277,6 +277,37 @@ def _one_line_error(error: BaseException) -> str:
     return " ".join(text.split())[:200]
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else the physical
+    memory), or ``None`` where neither can be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_declared_size(path: Path, shape: Sequence[int], components: int = 1) -> None:
+    """Refuse, from its header alone, a volume whose voxels would not fit in memory: reading it
+    would otherwise allocate until the machine swaps or the process is killed."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=object)) * max(1, int(components))
+    needed = 2 * 4 * voxels  # float32, and the reader's own copy while converting
+    available = available_memory()
+    if available is not None and needed > available:
+        grid = "x".join(str(int(s)) for s in shape)
+        raise InputError(
+            path,
+            f"declares a {grid} grid ({needed / 2**30:.1f} GiB to read as float32), more than the "
+            f"{available / 2**30:.1f} GiB of memory available; crop or resample it first",
+        )
+
+
 def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
@@ -285,18 +316,20 @@ def _read_nifti(path: Path) -> Volume:
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(path, f"is not a NIfTI image (nibabel read it as {type(image).__name__})")
         shape = image.shape
+        check_declared_size(path, shape)
         if len(shape) > 3:
             extra = shape[3:]
             if any(s != 1 for s in extra):
                 raise InputError(
                     path,
-                    f"is a {len(shape)}D image {tuple(shape)}; expected a 3D volume (split time series or vector images first)",
+                    f"is a {len(shape)}D image {tuple(shape)}; expected a 3D volume "
+                    "(split time series or vector images first)",
                 )
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except InputError:
         raise
     except MemoryError:
-        raise
+        raise InputError(path, "does not fit in the memory available; crop or resample it first") from None
     except (EOFError, zlib.error) as error:
         raise InputError(path, f"is truncated or corrupt ({_one_line_error(error)})") from None
     except Exception as error:  # nibabel raises many types (ImageFileError, OSError, ValueError...)
@@ -367,7 +400,8 @@ def _itk_to_volume(image: Any, path: Path, source_format: str) -> Volume:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             path,
-            f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); expected a scalar image",
+            f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); "
+            "expected a scalar image",
         )
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # (K, J, I) or (J, I)
     if array.ndim == 2:
@@ -387,6 +421,7 @@ def _read_itk(path: Path) -> Volume:
             size = tuple(reader.GetSize())
             if any(s != 1 for s in size[3:]):
                 raise InputError(path, f"is a {reader.GetDimension()}D image {size}; expected a 3D volume")
+        check_declared_size(path, reader.GetSize(), reader.GetNumberOfComponents())
         image = reader.Execute()
         if image.GetDimension() > 3:
             image = image[:, :, :, 0]

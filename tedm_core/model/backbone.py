@@ -8,8 +8,6 @@ from typing import Any, Dict, Tuple
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from ..choices import PRESET_NAMES
-
 
 @dataclass(frozen=True)
 class BackboneConfig:

@@ -239,7 +239,8 @@ class BatchRunner:
         if label_path is None:
             raise InputError(
                 self.options.labels_dir,
-                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
+                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>"
+                f"{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
             )
         truth_volume = read_volume(label_path, allow_constant=True)
         prediction_volume = read_volume(case.output, allow_constant=True)

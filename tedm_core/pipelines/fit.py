@@ -17,7 +17,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bundle import BASELINE, ModelBundle, baseline_output_channels
@@ -71,8 +70,6 @@ def _prepare(
         raise InputError(
             None, f"labels must be class indices in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}"
         )
-    if labels.max() == 0:
-        raise InputError(None, "every labelled pixel is background: there is no structure to learn")
     if not np.isfinite(slices).all():
         raise InputError(None, "the labelled slices hold NaN or infinite values")
     grid, transform = to_model_grid(torch.from_numpy(slices), image_size)
@@ -310,6 +307,9 @@ def fit_bundle(
     precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
     grid, targets = _prepare(slices, labels, backbone.config.image_size, len(class_names))
+    if int(np.asarray(labels).max()) == 0:
+        # (Refining may learn from all-background corrections; a model from nothing but background may not.)
+        raise InputError(None, "every labelled pixel is background: there is no structure to learn")
     tic = time.perf_counter()
     training = {"labelled_slices": int(grid.shape[0]), "seed": options.seed, "backbone_steps": backbone.steps_trained}
 

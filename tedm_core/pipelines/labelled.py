@@ -150,5 +150,5 @@ def _pad_to_common_size(slices: List[np.ndarray], labels: List[np.ndarray]) -> T
     padded_slices = [
         np.pad(s, ((0, 0), (0, 0), (0, h - s.shape[2]), (0, w - s.shape[3])), constant_values=-1.0) for s in slices
     ]
-    padded_labels = [np.pad(l, ((0, 0), (0, h - l.shape[1]), (0, w - l.shape[2]))) for l in labels]
+    padded_labels = [np.pad(lab, ((0, 0), (0, h - lab.shape[1]), (0, w - lab.shape[2]))) for lab in labels]
     return np.concatenate(padded_slices).astype(np.float32), np.concatenate(padded_labels).astype(np.int64)

@@ -128,8 +128,11 @@ def _load_trainer_state(checkpoint: Path, device: torch.device) -> dict:
         step = int(state["step"])
         optimiser = state["optimiser"]
     except Exception as error:  # a torn or foreign file: torch raises many types
-        raise BundleError(path, f"cannot be read as a trainer state ({type(error).__name__}); "
-                          "delete this step folder to resume from the one before") from None
+        raise BundleError(
+            path,
+            f"cannot be read as a trainer state ({type(error).__name__}); "
+            "delete this step folder to resume from the one before",
+        ) from None
     return {"step": step, "optimiser": optimiser}
 
 

@@ -112,7 +112,9 @@ class Segmenter:
         """What decides this segmenter's outputs (the model's content and the timesteps used),
         for the record an output folder keeps; device and precision change only float rounding."""
         return {
-            "model": str(self.bundle.source) if self.bundle.source is not None else f"an unsaved {self.bundle.method} model",
+            "model": str(self.bundle.source)
+            if self.bundle.source is not None
+            else f"an unsaved {self.bundle.method} model",
             "model_sha256": model_fingerprint(self.bundle),
             "timesteps": list(self.timesteps),
             "device": str(self.device),

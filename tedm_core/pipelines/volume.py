@@ -56,7 +56,8 @@ def check_channels(volume: Volume, channel_names: Sequence[str]) -> None:
     if volume.array.shape[0] != len(channel_names):
         raise InputError(
             volume.path,
-            f"has {volume.array.shape[0]} channel(s) ({', '.join(volume.channel_names)}); the model expects {len(channel_names)} ({', '.join(channel_names)})",
+            f"has {volume.array.shape[0]} channel(s) ({', '.join(volume.channel_names)}); "
+            f"the model expects {len(channel_names)} ({', '.join(channel_names)})",
         )
 
 
