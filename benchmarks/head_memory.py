@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Factorised first layer vs "upsample every level, concatenate, apply the MLP" (METHOD.md section 4).
+"""Factorised first layer vs "upsample every level, concatenate, apply the MLP" (docs/method.md, section 4).
 
 The features of one image's |S| timesteps are extracted once and saved; each way then runs in
 its own fresh process that loads them, so its peak memory growth is its own. The

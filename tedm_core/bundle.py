@@ -26,7 +26,15 @@ from .choices import AXES, BASELINE, METHODS, NUM_TRAIN_TIMESTEPS, canonical_met
 from .errors import BundleError
 from .heads import FeatureHead, HeadConfig
 from .io.safe import read_json, read_tensors, write_json, write_tensors
-from .model.checkpoint import Backbone, backbone_from_metadata, check_format, is_count, is_name_list, require
+from .model.checkpoint import (
+    Backbone,
+    backbone_from_metadata,
+    check_backbone_description,
+    check_format,
+    is_count,
+    is_name_list,
+    require,
+)
 from .preprocessing.intensity import IntensityConfig
 
 BUNDLE_FORMAT = 1
@@ -263,6 +271,7 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     require(meta_path, axis in AXES, f"axis must be one of {AXES}, got {axis!r}")
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
+    check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")
     if canonical_method(method) == BASELINE:
         require(meta_path, head is None, "a baseline bundle has no head, but 'head' is set")
