@@ -23,6 +23,7 @@ from .argtypes import (
 )
 from .choices import (
     AXES,
+    BASELINE,
     DEFAULT_BASELINE_STEPS,
     DEFAULT_HEAD_STEPS,
     DEFAULT_PRESET,
@@ -143,9 +144,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     refuse_overlap(args.out, [("images", folder) for folder in args.images])
     _refuse_repeats(args.channels, "channels")
     check_pretrain_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    files = discover_files(args.images)
     check_writable_folder(args.out)
     torch.manual_seed(args.seed)
-    files = discover_files(args.images)
     intensity = NAMED.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
@@ -287,6 +288,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
 
     class_names, label_values = _class_spec(args)
+    if args.timesteps and args.method == BASELINE:
+        raise SettingError("timesteps", "the supervised baseline takes no timesteps (it sees the image itself)")
     resolve_device(args.device)
     refuse_overlap(args.out, [("images", args.images), ("masks", args.masks), ("backbone", args.backbone)])
     check_bundle_target(args.out, args.overwrite)
@@ -401,6 +404,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .io.outputs import check_writable_folder
     from .pipelines.evaluate import compare_dice, evaluate_folders, same_images, summarise, write_metrics_csv
 
+    if args.pred.resolve() == args.truth.resolve():
+        raise SettingError("pred", f"{args.pred} is also the --truth folder: every score would be a perfect 1")
     if len(args.label_values) < 2 or len(set(args.label_values)) != len(args.label_values):
         raise SettingError("label_values", f"need distinct values, background first, got {args.label_values}")
     if args.csv is not None:

@@ -542,3 +542,49 @@ def test_evaluate_refuses_a_jpeg_prediction(tmp_path, capsys):
     code, lines = _run("tedm", ["evaluate", "--pred", str(pred), "--truth", str(truth)], capsys)
     line = _one_error_line(lines)
     assert code == 2 and "img0.jpg" in line and "JPEG" in line, line
+
+
+# --- every option honoured or refused ----------------------------------------------------------
+
+
+def test_options_that_would_be_ignored_are_refused(tiny_backbone_dir, tiny_bundle_dir, tmp_path, capsys):
+    images = _pngs(tmp_path / "images", 2, seed=5)
+    masks = _pngs(tmp_path / "masks", 2, seed=5, masks=True)
+    fit = ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(images), "--masks", str(masks)]
+    cases = [
+        ("tedm", [*fit, "--out", str(tmp_path / "b1"), "--method", "baseline", "--timesteps", "25"], "--timesteps"),
+        ("tedm", [*fit, "--out", str(tmp_path / "b2"), "--slices", "3"], "--slices"),
+        ("tedm", [*fit, "--out", str(tmp_path / "b3"), "--slices-per-case", "2"], "--slices-per-case"),
+        ("tedm", ["evaluate", "--pred", str(masks), "--truth", str(masks)], "--pred"),
+        (
+            "tedm",
+            ["segment", "--model", str(tiny_bundle_dir), "--input", str(images), "--output", str(tmp_path / "o1")]
+            + ["--timesteps", "25", "--uncertainty"],
+            "--uncertainty",
+        ),
+        (
+            "batch",
+            ["--model", str(tiny_bundle_dir), "--input", str(images), "--output", str(tmp_path / "o2")]
+            + ["--label-name", "GT.nii.gz"],
+            "--label-name",
+        ),
+    ]
+    for face, argv, flag in cases:
+        code, lines = _run(face, argv, capsys)
+        line = _one_error_line(lines)
+        assert code == 2 and f"argument {flag}" in line, (argv, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "masks"]  # nothing made
+
+
+@pytest.mark.parametrize("face", ["tedm", "batch", "pretrain"])
+def test_a_missing_input_leaves_no_output_folder_behind(face, tiny_bundle_dir, tmp_path, capsys):
+    missing, out = tmp_path / "no_such_folder", tmp_path / "out"
+    if face == "pretrain":
+        argv = ["pretrain", "--images", str(missing), "--out", str(out), "--preset", "tiny", "--steps", "2"]
+        code, lines = _run("tedm", argv, capsys)
+    else:
+        argv = ["--model", str(tiny_bundle_dir), "--input", str(missing), "--output", str(out)]
+        code, lines = _run(face, ["segment", *argv] if face == "tedm" else argv, capsys)
+    line = _one_error_line(lines)
+    assert code == 2 and str(missing) in line and "not found" in line, line
+    assert not out.exists()

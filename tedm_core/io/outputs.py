@@ -56,13 +56,19 @@ def refuse_overlap(output: PathLike, sources: Iterable[Tuple[str, Optional[PathL
 
 
 def check_writable_folder(folder: PathLike) -> Path:
-    """Create ``folder`` if needed and prove that files can be created in it, before any work."""
+    """Prove, before any work, that ``folder`` can hold outputs: it is a folder we can create
+    files in, or it can be created (a file is made and removed in it, or in the nearest folder
+    that exists). Nothing is left behind, so a refusal found later leaves no empty folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(folder, "is a file, not a folder; outputs need a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(folder, f"cannot be written ({existing} is a file, not a folder)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".tedm_write_test.{secrets.token_hex(4)}"
+        probe = existing / f".tedm_write_test.{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:

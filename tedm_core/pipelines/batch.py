@@ -89,8 +89,11 @@ def check_output_folder(
 ) -> None:
     """Refuse an output folder that overlaps the input, labels or model folder, is a file, or
     cannot be written: found before the model is loaded (see :mod:`tedm_core.io.outputs`)."""
+    for what, folder in (("input", input_dir), ("labels", labels_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(folder, f"{what} folder not found" if not Path(folder).exists() else "is not a folder")
     refuse_overlap(output_dir, [("input", input_dir), ("labels", labels_dir), ("model", model_dir)])
-    check_writable_folder(output_dir)
+    check_writable_folder(output_dir)  # (created when the first file is written)
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
@@ -343,9 +346,13 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
     another model's outputs) raise :class:`InputError` before any case is segmented; so does a
     write failure every later case would share (disk full, read-only), which stops the batch."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if options.labels_dir is not None and not Path(options.labels_dir).is_dir():
-        raise InputError(options.labels_dir, "labels folder not found")
     bundle = segmenter.bundle
+    if options.uncertainty and not getattr(segmenter, "gives_uncertainty", True):
+        raise SettingError(
+            "uncertainty",
+            "this model makes one prediction per pixel (a concatenating head, the baseline or a single timestep), "
+            "so there is no spread over timesteps to write",
+        )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)
     runner = BatchRunner(segmenter, options)

@@ -84,6 +84,9 @@ def load_labelled_data(
     if masks is None and label_name is None:
         raise InputError(images, "give --masks DIR, or --label-name NAME for labels stored inside each case folder")
     if masks is not None and len(channel_names) == 1 and holds_only_2d_images(images):
+        for setting, value in (("slices", slices), ("slices_per_case", slices_per_case), ("label_name", label_name)):
+            if value is not None:
+                raise SettingError(setting, f"applies to volumes only, and {images} holds 2D images")
         return _load_image_pairs(images, Path(masks), intensity, label_values, n)
     cases = list(discover_cases(images, images / ".unused", channel_names))
     if n is not None:

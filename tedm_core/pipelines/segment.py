@@ -108,6 +108,12 @@ class Segmenter:
             "segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size
         )
 
+    @property
+    def gives_uncertainty(self) -> bool:
+        """Whether predictions come from several timesteps whose spread is the uncertainty (a
+        shared head over two or more of them); otherwise the spread would be zero everywhere."""
+        return self.head is not None and self.head.config.mode == "shared" and len(self.timesteps) > 1
+
     def provenance(self) -> Dict[str, object]:
         """What decides this segmenter's outputs (the model's content and the timesteps used),
         for the record an output folder keeps; device and precision change only float rounding."""
