@@ -242,35 +242,37 @@ def pretrain(
         disable=not (options.show_progress and ddp.is_main),
     )
     seen, tic = 0, time.perf_counter()
-    for step in range(start, options.steps):
-        generator = torch.Generator().manual_seed((options.seed * 1_000_003 + step) * max(1, ddp.world) + ddp.rank)
-        index = torch.randint(0, images.shape[0], (local_batch,), generator=generator)
-        x0 = _augment(images[index], options, generator).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, schedule.num_train_timesteps, (local_batch,), generator=generator).to(device)
-        x_t = schedule.add_noise(x0, noise, t)
-        with autocast(device, precision):
-            predicted = model(x_t, t)
-        error = predicted.float() - noise
-        loss = error.abs().mean() if options.loss == "l1" else error.pow(2).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        value = float(loss.item())
-        check_finite_loss(value, step + 1, "pretraining")
-        optimiser.step()
-        if ema is not None:
-            ema.update_parameters(unet)
-        seen += local_batch * ddp.world
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen / (time.perf_counter() - tic):.1f}")
-        if on_step is not None:
-            on_step(done, value)
-        if done % options.checkpoint_every == 0 or done == options.steps:
-            if ddp.is_main:
-                _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints)
-            ddp.barrier()
-    bar.close()
+    try:  # the bar is closed on an error too, so that the error starts its own line
+        for step in range(start, options.steps):
+            generator = torch.Generator().manual_seed((options.seed * 1_000_003 + step) * max(1, ddp.world) + ddp.rank)
+            index = torch.randint(0, images.shape[0], (local_batch,), generator=generator)
+            x0 = _augment(images[index], options, generator).to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            t = torch.randint(0, schedule.num_train_timesteps, (local_batch,), generator=generator).to(device)
+            x_t = schedule.add_noise(x0, noise, t)
+            with autocast(device, precision):
+                predicted = model(x_t, t)
+            error = predicted.float() - noise
+            loss = error.abs().mean() if options.loss == "l1" else error.pow(2).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            value = float(loss.item())
+            check_finite_loss(value, step + 1, "pretraining")
+            optimiser.step()
+            if ema is not None:
+                ema.update_parameters(unet)
+            seen += local_batch * ddp.world
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen / (time.perf_counter() - tic):.1f}")
+            if on_step is not None:
+                on_step(done, value)
+            if done % options.checkpoint_every == 0 or done == options.steps:
+                if ddp.is_main:
+                    _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints)
+                ddp.barrier()
+    finally:
+        bar.close()
     unet.eval()
     if ema is not None:
         unet.load_state_dict(ema.module.state_dict())
