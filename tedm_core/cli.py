@@ -409,8 +409,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if len(args.label_values) < 2 or len(set(args.label_values)) != len(args.label_values):
         raise SettingError("label_values", f"need distinct values, background first, got {args.label_values}")
     if args.csv is not None:
-        if args.csv.is_dir():
-            raise SettingError("csv", f"{args.csv} is a folder; give the path of a .csv file to write")
+        if args.csv.is_dir() or args.csv.suffix.lower() != ".csv":
+            # Never a folder, and never an image that evaluate reads: only a .csv file is written.
+            raise SettingError("csv", f"{args.csv} is not a .csv file path; give the path of a .csv file to write")
         check_writable_folder(args.csv.parent)
     rows = evaluate_folders(args.pred, args.truth, args.label_values)
     other = None

@@ -374,6 +374,7 @@ def test_outputs_no_record_accounts_for_are_refused(cohort, tiny_bundle_dir, cap
         ("p01.png", "p01_prob.png"),
         ("p01.png", "p01_prob_lung.png"),
         ("Scan.png", "scan.png"),
+        ("scan.png", "scan.tif"),
     ],
 )
 def test_two_inputs_writing_one_file_are_refused_up_front_naming_both(names, tiny_bundle_dir, tmp_path, capsys):
@@ -528,9 +529,39 @@ def test_evaluate_csv_on_a_folder_is_one_line(tmp_path, capsys):
     truth = _pngs(tmp_path / "truth", 2, masks=True)
     folder = tmp_path / "metrics"
     folder.mkdir()
-    code, lines = _run("tedm", ["evaluate", "--pred", str(truth), "--truth", str(truth), "--csv", str(folder)], capsys)
+    pred = _pngs(tmp_path / "pred", 2, masks=True)
+    code, lines = _run("tedm", ["evaluate", "--pred", str(pred), "--truth", str(truth), "--csv", str(folder)], capsys)
     line = _one_error_line(lines)
-    assert code == 2 and "argument --csv" in line and "is a folder" in line and list(folder.iterdir()) == []
+    assert code == 2 and "argument --csv" in line and "not a .csv file" in line and list(folder.iterdir()) == []
+
+
+def test_evaluate_csv_over_a_ground_truth_image_is_refused(tmp_path, capsys):
+    truth = _pngs(tmp_path / "truth", 2, masks=True)
+    before = _snapshot(truth)
+    argv = ["evaluate", "--pred", str(truth / ".."), "--truth", str(truth), "--csv", str(truth / "img0.png")]
+    code, lines = _run("tedm", argv, capsys)
+    assert code == 2 and "argument --csv" in _one_error_line(lines) and _snapshot(truth) == before
+
+
+@pytest.mark.parametrize(
+    "mask_values, problem",
+    [((0, 1, 2), "3 different"), ((0, 128, 255), "2 different")],
+)
+def test_a_label_map_given_as_a_one_structure_mask_is_refused(mask_values, problem, tmp_path, capsys):
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    mask = np.zeros((16, 16), np.uint8)
+    for i, value in enumerate(mask_values[1:]):
+        mask[2 + 4 * i : 5 + 4 * i, 2:10] = value
+    if len(mask_values) == 3 and mask_values[1] == 1:
+        mask[14, 14] = 3
+    Image.fromarray(mask).save(truth / "m.png")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(pred / "m.png")
+    code, lines = _run("tedm", ["evaluate", "--pred", str(pred), "--truth", str(truth)], capsys)
+    line = _one_error_line(lines)
+    assert code == 2 and "m.png" in line and problem in line and "one structure" in line, line
 
 
 def test_evaluate_refuses_a_jpeg_prediction(tmp_path, capsys):
@@ -588,3 +619,24 @@ def test_a_missing_input_leaves_no_output_folder_behind(face, tiny_bundle_dir, t
     line = _one_error_line(lines)
     assert code == 2 and str(missing) in line and "not found" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("names", [("scan.nrrd", "scan.nii.gz"), ("scan.nii", "scan.nii.gz"), ("scan", "scan.nii.gz")])
+def test_two_volumes_of_one_case_id_are_refused_naming_both(names, tmp_path):
+    import SimpleITK as sitk
+
+    from tedm_core.errors import InputError
+    from tedm_core.io.cases import discover_cases
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    array = np.random.default_rng(0).uniform(1, 9, (4, 6, 6)).astype(np.float32)
+    for name in names:
+        if "." not in name:  # a DICOM series folder
+            (inp / name).mkdir()
+            (inp / name / "IM0.dcm").write_bytes(b"")
+        else:
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(inp / name))
+    with pytest.raises(InputError) as caught:
+        discover_cases(inp, tmp_path / "out", ["image"])
+    assert all(name in str(caught.value) for name in names) and "\n" not in str(caught.value)

@@ -191,11 +191,16 @@ def _check_unique(cases: List[Case]) -> List[Case]:
     as on the file systems of Windows and macOS."""
     usable = [c for c in cases if not c.problem]
     owner: Dict[str, Case] = {}
+    by_id: Dict[str, Case] = {}
     for case in usable:
         key = case.output.as_posix().lower()
         if key in owner:
             _collision(owner[key], case, case.output.name)
         owner[key] = case
+        # One case id, two files (scan.nrrd and scan.nii.gz): one summary row and one ground truth for two cases.
+        if case.case_id.lower() in by_id:
+            _collision(by_id[case.case_id.lower()], case, f"results for case {case.case_id}")
+        by_id[case.case_id.lower()] = case
     for key, case in owner.items():
         # Is this label file one of another case's maps? Strip a map tag and look for that case.
         suffix = volume_suffix(key)
@@ -213,8 +218,7 @@ def _check_unique(cases: List[Case]) -> List[Case]:
 def _collision(first: Case, second: Case, name: str) -> None:
     raise InputError(
         second.inputs[0],
-        f"would write {name}, which {first.inputs[0]} also writes (as its label file or one of its maps); "
-        "rename one of the two",
+        f"would write {name}, which {first.inputs[0]} also writes; rename one of the two",
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -74,7 +74,7 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
         raise InputError(path, "is a JPEG: lossy compression changes label values at every edge; save masks as PNG")
     array = _label_array(path, image).astype(np.int64)
     if len(label_values) == 2:
-        return (array != label_values[0]).astype(np.int64)
+        return binary_foreground(path, array, label_values[0])
     lookup = {int(v): k for k, v in enumerate(label_values)}
     unknown = sorted(set(np.unique(array).tolist()) - set(lookup))
     if unknown:
@@ -83,6 +83,22 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
     for value, index in lookup.items():
         out[array == value] = index
     return out
+
+
+def binary_foreground(path: Optional[PathLike], values: np.ndarray, background: int) -> np.ndarray:
+    """A one-structure mask as 0/1: any value but the background is the structure (masks come as
+    0/1 or 0/255). Several different non-background values are refused: merging them would
+    silently turn a label map of several structures, or a resized mask's blurred edge, into one."""
+    foreground = values != background
+    present = np.unique(values[foreground])
+    if len(present) > 1:
+        shown = ", ".join(str(int(v)) for v in present[:4]) + (", ..." if len(present) > 4 else "")
+        raise InputError(
+            path,
+            f"holds {len(present)} different non-background values ({shown}) where one structure is expected; "
+            "give each structure a class and its label value, or threshold the mask",
+        )
+    return foreground.astype(np.int64)
 
 
 def _label_array(path: Path, image: Image.Image) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import InputError
+from ..io.images import binary_foreground
 from ..io.volumes import Volume, geometry_mismatch, read_case, read_volume
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
 from ..slicing import SliceLayout, extract_slices, labelled_slice_indices, reassemble, to_slices
@@ -140,7 +141,7 @@ def label_array_to_classes(label_volume: Volume, label_values: Sequence[int]) ->
     """
     values = np.rint(label_volume.array[0]).astype(np.int64)
     if len(label_values) == 2:
-        return (values != int(label_values[0])).astype(np.int64)
+        return binary_foreground(label_volume.path, values, int(label_values[0]))
     lookup = {int(v): k for k, v in enumerate(label_values)}
     present = np.unique(values)
     unknown = sorted(set(present.tolist()) - set(lookup))
