@@ -133,14 +133,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         raise SettingError("resume", "--resume continues a run and --overwrite starts afresh: give one of them")
     resolve_device(args.device)
     config = PRESETS[args.preset]
-    levels_halve = 2 ** (len(config.channels) - 1)
-    image_size = args.image_size or config.image_size
-    if image_size % levels_halve or image_size < 4 * levels_halve:
-        raise SettingError(
-            "image_size",
-            f"{image_size}: the {args.preset} preset halves the grid {len(config.channels) - 1} times, so it needs "
-            f"a multiple of {levels_halve} of at least {4 * levels_halve}",
-        )
+    config = config.with_(
+        image_size=args.image_size or config.image_size, in_channels=len(args.channels) if args.channels else 1
+    )
     refuse_overlap(args.out, [("images", folder) for folder in args.images])
     _refuse_repeats(args.channels, "channels")
     check_pretrain_folder(args.out, resume=args.resume, overwrite=args.overwrite)
@@ -150,7 +145,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     intensity = NAMED.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
-    config = config.with_(image_size=image_size, in_channels=len(args.channels) if args.channels else 1)
     images = load_pretraining_slices(
         args.images,
         config.image_size,

@@ -125,7 +125,3 @@ def claim_output_folder(
 def is_output_folder(folder: PathLike) -> bool:
     """A folder that TEDM wrote outputs into (it holds a provenance record)."""
     return (Path(folder) / PROVENANCE_FILE).is_file()
-
-
-def existing(paths: Iterable[Path]) -> list:
-    return [p for p in paths if p.is_file()]

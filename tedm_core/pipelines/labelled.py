@@ -35,7 +35,7 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
     if len(unmatched) == len(image_files):
         raise InputError(images, f"no image has a mask of the same name in {masks}")
     if unmatched:
-        # Dropping them would change what --n counts and what the model learns, unseen.
+        # Dropping them would change what n counts and what the model learns, unseen.
         raise InputError(
             unmatched[0],
             f"has no mask of the same name in {masks} ({len(unmatched)} of {len(image_files)} images have none); "
@@ -82,7 +82,7 @@ def load_labelled_data(
     if not images.is_dir():
         raise InputError(images, "folder not found" if not images.exists() else "is not a folder")
     if masks is None and label_name is None:
-        raise InputError(images, "give --masks DIR, or --label-name NAME for labels stored inside each case folder")
+        raise SettingError("masks", "give a masks folder, or the label file name inside each case folder (label_name)")
     if masks is not None and len(channel_names) == 1 and holds_only_2d_images(images):
         for setting, value in (("slices", slices), ("slices_per_case", slices_per_case), ("label_name", label_name)):
             if value is not None:
