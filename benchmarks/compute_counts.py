@@ -73,7 +73,8 @@ def main() -> None:
         head_gmac = gmac(_Head(head, features, (args.image_size, args.image_size)), shape)
         rows.append((method, len(steps), len(steps) * truncated + head_gmac, head_gmac))
     print(
-        f"{args.preset} UNet at {args.image_size} px: one full pass N = {full:.1f} GMAC; truncated feature pass {truncated:.1f} GMAC ({100 * (1 - truncated / full):.1f} % saved)"
+        f"{args.preset} UNet at {args.image_size} px: one full pass N = {full:.1f} GMAC; truncated "
+        f"feature pass {truncated:.1f} GMAC ({100 * (1 - truncated / full):.1f} % saved)"
     )
     for method, s, total, head_gmac in rows:
         print(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Factorised first layer vs "upsample every level, concatenate, apply the MLP" (METHOD.md section 4).
+"""Factorised first layer vs "upsample every level, concatenate, apply the MLP" (docs/method.md, section 4).
 
 The features of one image's |S| timesteps are extracted once and saved; each way then runs in
 its own fresh process that loads them, so its peak memory growth is its own. The
@@ -122,14 +122,17 @@ def main() -> None:
         .item()
     )
     print(
-        f"{args.preset} backbone at {args.image_size} px, decoder channels {channels}, |S| = {len(TEDM_TIMESTEPS)} timesteps of one image"
+        f"{args.preset} backbone at {args.image_size} px, decoder channels {channels}, |S| = "
+        f"{len(TEDM_TIMESTEPS)} timesteps of one image"
     )
     print(f"largest |logit difference|: {difference:.2e}")
     print(
-        f"time         dense {dense['seconds'] * 1e3:8.1f} ms    factorised {fact['seconds'] * 1e3:8.1f} ms    ratio {dense['seconds'] / fact['seconds']:5.2f}x"
+        f"time         dense {dense['seconds'] * 1e3:8.1f} ms    factorised "
+        f"{fact['seconds'] * 1e3:8.1f} ms    ratio {dense['seconds'] / fact['seconds']:5.2f}x"
     )
     print(
-        f"peak memory  dense {dense['peak_kib'] / 1024:8.1f} MiB   factorised {fact['peak_kib'] / 1024:8.1f} MiB   ratio {dense['peak_kib'] / max(1, fact['peak_kib']):5.2f}x"
+        f"peak memory  dense {dense['peak_kib'] / 1024:8.1f} MiB   factorised "
+        f"{fact['peak_kib'] / 1024:8.1f} MiB   ratio {dense['peak_kib'] / max(1, fact['peak_kib']):5.2f}x"
     )
 
 

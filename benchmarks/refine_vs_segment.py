@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tedm_core.choices import PRESET_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = REPO.parent / "shared" / "data" / "brain" / "brats" / "Brats18_CBICA_AAB_1"
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--make-timing-bundle",
         metavar="PRESET",
-        choices=["tiny", "small", "paper"],
+        choices=PRESET_NAMES,
         help="create BUNDLE first if missing (untrained backbone: timing only)",
     )
     parser.add_argument(

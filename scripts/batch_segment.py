@@ -26,12 +26,17 @@ what is a case:
     share one grid and geometry. Other files in the folder (a ground truth, say) are ignored;
     a folder with only some of the channels fails with "missing modality ...".
 
-outputs (mirroring the inputs under --output):
+  GIF, WebP, JPEG 2000 and Analyze (.hdr/.img) files fail with the reason; multi-page TIFFs too.
+
+outputs (mirroring the inputs under --output; the same as `tedm segment`):
   in/a/b/scan.nii.gz -> out/a/b/scan.nii.gz   (NIfTI/NRRD/MHA keep their format; .mhd -> .mha,
   in/a/b/cxr.png     -> out/a/b/cxr.png        .nhdr -> .nrrd; 2D images -> PNG;
   in/a/case01/       -> out/a/case01.nii.gz    DICOM series and multi-channel case folders -> .nii.gz)
-  Label files hold the bundle's label values, on exactly the input's grid and geometry.
-  --uncertainty adds <name>_uncertainty.<ext> (float32; 16-bit PNG of value*65535 for 2D).
+  Label files hold the bundle's label values, on exactly the input's grid and geometry; a
+  one-structure model writes 0/255 into PNGs.
+  --uncertainty adds <name>_uncertainty.<ext>, --probabilities <name>_prob.<ext> (one structure)
+  or <name>_prob_<class>.<ext>: float32, or a 16-bit PNG of value*65535 for 2D.
+  .tedm_outputs.json records the model (a hash of its files) and settings that made the outputs.
   summary.csv: case, status (ok | exists | failed), seconds, slices, voxels per class, error.
   --labels DIR: the ground truth of case <id> is DIR/<id>.<any suffix>, or DIR/<id>/NAME with
   --label-name NAME (e.g. BraTS: --labels DATA --label-name GT_W.nii.gz); metrics.csv then
@@ -39,15 +44,21 @@ outputs (mirroring the inputs under --output):
   With --shard K/N the files are summary.shardKofN.csv and metrics.shardKofN.csv.
 
 robustness:
+  --output must lie apart from --input, --labels and --model, and be writable (checked first).
   Cases whose outputs exist are skipped (and still counted in summary/metrics) unless
-  --overwrite. Outputs are written atomically, the label file last, so an interrupted run
-  (even kill -9) is completed by rerunning the same command. A failing case is reported and
-  the others go on; the exit status is 1 if any case failed, 2 on a setup error.
+  --overwrite, but only when .tedm_outputs.json says this model and settings made them: an
+  output folder of another model is refused. Two inputs that would write one file are refused.
+  Outputs are written atomically, the label file last, so an interrupted run (even kill -9) is
+  completed by rerunning the same command. A failing case is reported and the others go on;
+  the exit status is 1 if any case failed, 2 on a setup error (a disk full stops the batch).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from tedm_core.argtypes import OneLineParser, device, positive_int, shard
+    from tedm_core.choices import AXES, PRECISIONS
+
+    p = OneLineParser(
         prog="batch_segment.py",
         description="Segment every case under a folder with a TEDM model bundle.",
         epilog=EPILOG,
@@ -58,26 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, type=Path, metavar="DIR", help="output folder (must not be inside --input)"
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)"
+    )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="slices per model call (default: sized to free GPU memory, 4 on CPU)",
     )
-    p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
-    )
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument(
         "--axis",
-        choices=["axial", "coronal", "sagittal", "k"],
+        choices=AXES,
         default=None,
         help="slicing axis (default: the one the bundle was fitted on)",
     )
-    p.add_argument("--overwrite", action="store_true", help="segment cases whose outputs already exist")
+    p.add_argument(
+        "--overwrite", action="store_true", help="segment cases whose outputs already exist (also another model's)"
+    )
     p.add_argument(
         "--uncertainty", action="store_true", help="also write the per-voxel spread of the per-timestep probabilities"
     )
+    p.add_argument("--probabilities", action="store_true", help="also write each structure's probability map")
     p.add_argument(
         "--labels", type=Path, metavar="DIR", help="ground-truth folder: adds metrics.csv (Dice, precision, recall)"
     )
@@ -93,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard",
+        type=shard,
         default="1/1",
         metavar="K/N",
         help="process the K-th of N deterministic parts of the cohort (K from 1; e.g. $SLURM_ARRAY_TASK_ID/8)",
@@ -106,22 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.label_name and not args.labels:
+        parser.error(
+            "argument --label-name: names the ground truth inside each case folder under --labels; give --labels"
+        )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from tedm_core.errors import TEDMError
+    from tedm_core.argtypes import flag_of
+    from tedm_core.errors import SettingError, TEDMError
 
     try:
         from tedm_core.bundle import load_bundle
         from tedm_core.pipelines.batch import BatchOptions, check_output_folder, parse_shard, run_batch
         from tedm_core.pipelines.segment import Segmenter
+        from tedm_core.runtime import resolve_device
 
-        # Cheap checks first: a wrong folder should not cost a model load.
-        check_output_folder(args.input, args.output)
+        # Cheap checks first: a wrong folder or device should not cost a model load.
+        resolve_device(args.device)
+        check_output_folder(args.input, args.output, args.labels, args.model)
         options = BatchOptions(
             overwrite=args.overwrite,
             uncertainty=args.uncertainty,
+            probabilities=args.probabilities,
             labels_dir=args.labels,
             label_name=args.label_name,
             include=args.include,
@@ -133,8 +157,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bundle = load_bundle(args.model)
         segmenter = Segmenter(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision)
         report = run_batch(segmenter, args.input, args.output, options)
+    except SettingError as error:
+        print(f"batch_segment: error: argument {flag_of(error.setting)}: {error.problem}", file=sys.stderr)
+        return 2
     except TEDMError as error:
         print(f"batch_segment: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine, not the data: disk full, permissions
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"batch_segment: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("batch_segment: interrupted; rerun the same command to complete the batch", file=sys.stderr)

@@ -25,6 +25,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from tedm_core.argtypes import device, positive_int
+from tedm_core.choices import DEFAULT_PRESET, PRESET_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("grey_matter", "white_matter")
 
@@ -84,11 +87,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=Path("tedm_demo"), help="where everything is written (default: ./tedm_demo)"
     )
-    parser.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESET_NAMES)
     parser.add_argument(
-        "--steps", type=int, default=300, help="DDPM pretraining steps (default: 300, about 6 minutes on 2 CPU cores)"
+        "--steps",
+        type=positive_int,
+        default=300,
+        help="DDPM pretraining steps (default: 300, about 6 minutes on 2 CPU cores)",
     )
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", type=device, default="auto")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = args.workdir.resolve()
@@ -167,10 +173,12 @@ def main(argv=None) -> int:
     with open(output / "metrics.csv") as handle:
         for row in csv.DictReader(handle):
             print(
-                f"  Dice {row.get('class', '?'):>14}: {float(row['dice']):.3f}   (precision {float(row['precision']):.3f}, recall {float(row['recall']):.3f})"
+                f"  Dice {row.get('class', '?'):>14}: {float(row['dice']):.3f}   (precision "
+                f"{float(row['precision']):.3f}, recall {float(row['recall']):.3f})"
             )
     print(
-        f"  segmentation:  {segmentation}\n  uncertainty:   {next(output.rglob('*uncertainty*'), 'n/a')}\n  overlay PNG:   {overlay}\n  model bundle:  {bundle}"
+        f"  segmentation:  {segmentation}\n  uncertainty:   "
+        f"{next(output.rglob('*uncertainty*'), 'n/a')}\n  overlay PNG:   {overlay}\n  model bundle:  {bundle}"
     )
     return 0
 

@@ -12,6 +12,7 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,11 +22,19 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import __version__
-from .choices import BASELINE
+from .choices import AXES, BASELINE, METHODS, NUM_TRAIN_TIMESTEPS, canonical_method
 from .errors import BundleError
 from .heads import FeatureHead, HeadConfig
 from .io.safe import read_json, read_tensors, write_json, write_tensors
-from .model.checkpoint import Backbone, backbone_from_metadata, check_format
+from .model.checkpoint import (
+    Backbone,
+    backbone_from_metadata,
+    check_backbone_description,
+    check_format,
+    is_count,
+    is_name_list,
+    require,
+)
 from .preprocessing.intensity import IntensityConfig
 
 BUNDLE_FORMAT = 1
@@ -67,6 +76,10 @@ class ModelBundle:
     class_colours: List[Tuple[int, int, int]] = field(default_factory=list)
     axis: str = "axial"
     training: Dict[str, Any] = field(default_factory=dict)
+    # Where it was loaded from and a hash of its files' bytes (None for a model made in memory):
+    # outputs record which model made them (see io.outputs).
+    source: Optional[Path] = None
+    fingerprint: Optional[str] = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
@@ -100,14 +113,28 @@ class ModelBundle:
 
     def describe(self) -> str:
         classes = ", ".join(self.class_names[1:])
-        return f"{self.method} on a {self.backbone.config.preset} backbone at {self.image_size} px; classes: {classes}; channels: {', '.join(self.channel_names)}"
+        return (
+            f"{self.method} on a {self.backbone.config.preset} backbone at {self.image_size} px; classes: "
+            f"{classes}; channels: {', '.join(self.channel_names)}"
+        )
+
+
+def check_bundle_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write a bundle where it would replace anything but a bundle (with ``overwrite``)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BundleError(path, "already exists; choose another name or allow overwriting")
+    if path.exists() and not (path / BUNDLE_JSON).is_file():
+        # Overwriting replaces the whole folder: only ever a model bundle, never a folder of data.
+        raise BundleError(
+            path, "is not a model bundle (no bundle.json), so it is not replaced; choose a new folder for the model"
+        )
 
 
 def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = False) -> Path:
     """Write ``bundle`` to the folder ``path``: staged beside it, then renamed into place whole."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise BundleError(path, "already exists; choose another name or allow overwriting")
+    check_bundle_target(path, overwrite)
     staging = path.with_name(f".{path.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -147,14 +174,11 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
     meta_path = path / BUNDLE_JSON
     meta = read_json(meta_path)
     check_format(meta_path, meta, BUNDLE_FORMAT, "bundle")
-    method = meta.get("method")
+    check_bundle_description(meta_path, meta)
+    method = canonical_method(meta["method"])
+    backbone_meta, head_meta = meta["backbone"], meta.get("head")
+    num_classes = len(meta["class_names"])
     weights = read_tensors(path / BACKBONE_WEIGHTS)
-    try:
-        backbone_meta = meta["backbone"]
-        head_meta = meta.get("head")
-        num_classes = len(meta["class_names"])
-    except (KeyError, TypeError) as error:
-        raise BundleError(meta_path, f"missing entry {error}") from None
     if method == BASELINE:
         backbone = backbone_from_metadata(
             meta_path, backbone_meta, weights, out_channels=baseline_output_channels(num_classes)
@@ -182,9 +206,122 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             class_colours=[tuple(c) for c in meta.get("class_colours", [])],
             axis=meta.get("axis", "axial"),
             training=dict(meta.get("training", {})),
+            source=path,
+            fingerprint=_files_sha256([meta_path, path / BACKBONE_WEIGHTS, path / HEAD_WEIGHTS]),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(meta_path, f"invalid bundle description ({error})") from None
+
+
+def _files_sha256(paths: List[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(bundle: ModelBundle) -> str:
+    """The hash of the bundle's files when it was loaded, else of its weights and description."""
+    if bundle.fingerprint:
+        return bundle.fingerprint
+    digest = hashlib.sha256(repr((bundle.method, bundle.class_names, bundle.label_values, bundle.axis)).encode())
+    for module in (bundle.backbone.unet, bundle.head):
+        for name, tensor in module.state_dict().items() if module is not None else []:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
+    """Every field of ``bundle.json`` checked against the others before any weight is read: an
+    edited description that contradicts itself (3 classes and a 1-output head, an unknown axis,
+    impossible label values) is refused naming the field, never turned into silent garbage."""
+    for key in ("method", "class_names", "label_values", "backbone"):
+        require(meta_path, key in meta, f"missing entry {key!r}")
+    method = meta["method"]
+    require(
+        meta_path,
+        isinstance(method, str) and canonical_method(method) in METHODS,
+        f"method must be one of {METHODS}, got {method!r}",
+    )
+    names, values = meta["class_names"], meta["label_values"]
+    require(
+        meta_path,
+        is_name_list(names) and len(names) >= 2,
+        f"class_names must list the background and at least one structure, all distinct, got {names!r}",
+    )
+    require(
+        meta_path,
+        isinstance(values, list) and len(values) == len(names) and all(is_count(v, 0) and v <= 65535 for v in values),
+        f"label_values must be one whole number in 0..65535 per class ({len(names)}), got {values!r}",
+    )
+    require(meta_path, len(set(values)) == len(values), f"label_values {values} repeat a value")
+    colours = meta.get("class_colours") or []
+    require(
+        meta_path,
+        isinstance(colours, list)
+        and (not colours or len(colours) == len(names))
+        and all(isinstance(c, list) and len(c) == 3 and all(is_count(v, 0) and v <= 255 for v in c) for c in colours),
+        f"class_colours must be one [r, g, b] of 0..255 per class ({len(names)})",
+    )
+    axis = meta.get("axis", "axial")
+    require(meta_path, axis in AXES, f"axis must be one of {AXES}, got {axis!r}")
+    require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
+    require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
+    check_backbone_description(meta_path, meta["backbone"])
+    head = meta.get("head")
+    if canonical_method(method) == BASELINE:
+        require(meta_path, head is None, "a baseline bundle has no head, but 'head' is set")
+        return
+    require(meta_path, isinstance(head, dict), f"a {method} bundle needs a 'head' object")
+    require(
+        meta_path,
+        canonical_method(str(head.get("method"))) == canonical_method(method),
+        f"head method {head.get('method')!r} differs from the bundle's method {method!r}",
+    )
+    require(
+        meta_path,
+        head.get("num_classes") == len(names),
+        f"the head has {head.get('num_classes')!r} classes but class_names lists {len(names)}",
+    )
+    timesteps = head.get("timesteps")
+    require(
+        meta_path,
+        isinstance(timesteps, list)
+        and bool(timesteps)
+        and all(is_count(t, 0) and t < NUM_TRAIN_TIMESTEPS for t in timesteps),
+        f"head timesteps must be whole numbers in 0..{NUM_TRAIN_TIMESTEPS - 1}, got {timesteps!r}",
+    )
+    hidden = head.get("hidden", [])
+    require(
+        meta_path,
+        isinstance(hidden, list) and all(is_count(h) for h in hidden),
+        f"head hidden widths must be positive integers, got {hidden!r}",
+    )
+    require(
+        meta_path,
+        head.get("upsample", "bilinear") in ("bilinear", "nearest"),
+        "head upsample must be bilinear or nearest",
+    )
+    config = meta["backbone"].get("config") if isinstance(meta["backbone"], dict) else None
+    channels = config.get("channels") if isinstance(config, dict) else None
+    levels = head.get("levels")
+    if isinstance(channels, list):
+        decoder = list(reversed(channels))
+        tapped = list(range(len(decoder))) if levels is None else levels
+        require(
+            meta_path,
+            isinstance(tapped, list) and all(is_count(i, 0) and i < len(decoder) for i in tapped),
+            f"head levels must lie in 0..{len(decoder) - 1}, got {levels!r}",
+        )
+        require(
+            meta_path,
+            head.get("level_channels") == [decoder[i] for i in sorted(set(tapped))],
+            f"head level_channels {head.get('level_channels')!r} do not match the backbone's decoder {decoder}",
+        )
 
 
 def baseline_output_channels(num_classes: int) -> int:

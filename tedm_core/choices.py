@@ -7,10 +7,21 @@ same source as the CLI's.
 
 from __future__ import annotations
 
+from typing import Dict
+
 # Fitting methods: the pixel-wise heads on diffusion features, then the supervised baseline.
+# ``probe`` is the paper's logistic probe on one timestep's features.
 BASELINE = "baseline"
-HEAD_METHODS = ("tedm", "ledm", "ledme", "step")
+HEAD_METHODS = ("tedm", "ledm", "ledme", "probe")
 METHODS = HEAD_METHODS + (BASELINE,)
+# Old names still read from bundles written before a rename (a bundle records its method).
+METHOD_ALIASES: Dict[str, str] = {"step": "probe"}
+
+
+def canonical_method(name: str) -> str:
+    """``name`` with an old alias replaced by today's method name (``step`` -> ``probe``)."""
+    return METHOD_ALIASES.get(name, name)
+
 
 # Slicing axes: anatomical planes resolved from the voxel-to-world matrix, or the array's k axis.
 AXES = ("axial", "coronal", "sagittal", "k")
@@ -18,6 +29,14 @@ AUTO = "auto"  # the model's own axis (a bundle records the plane it was fitted 
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+PRESET_NAMES = ("tiny", "small", "paper")  # model.backbone.PRESETS, kept torch-free here (checked there)
+DEFAULT_PRESET = "small"
+INTENSITIES = ("radiograph", "brain", "zscore")  # preprocessing.intensity's named conventions
+LOSSES = ("l1", "mse")
+SCHEDULES = ("cosine", "linear")
+
+# The DDPM's number of noise levels: every timestep a head or a user names lies in [0, T - 1].
+NUM_TRAIN_TIMESTEPS = 1000
 
 # Training steps of the pixel-wise head when fitting, of the supervised baseline, and of a
 # warm-started Refine (measured on a whole BraTS volume: see benchmarks/refine_vs_segment.py).

@@ -13,8 +13,33 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from . import __version__
-from .choices import AUTO, AXES, DEFAULT_REFINE_STEPS, DEVICES
-from .errors import TEDMError
+from .argtypes import (
+    OneLineParser,
+    device,
+    ema_decay,
+    flag_of,
+    label_value,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    timestep,
+)
+from .choices import (
+    AUTO,
+    AXES,
+    BASELINE,
+    DEFAULT_BASELINE_STEPS,
+    DEFAULT_HEAD_STEPS,
+    DEFAULT_PRESET,
+    DEFAULT_REFINE_STEPS,
+    INTENSITIES,
+    LOSSES,
+    METHODS,
+    PRECISIONS,
+    PRESET_NAMES,
+    SCHEDULES,
+)
+from .errors import SettingError, TEDMError
 
 log = logging.getLogger("tedm")
 
@@ -31,25 +56,27 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="CKPT_DIR", help="checkpoint folder")
     p.add_argument(
         "--preset",
-        default="small",
-        choices=["tiny", "small", "paper"],
-        help="UNet size (default: small, the CPU preset)",
+        default=DEFAULT_PRESET,
+        choices=PRESET_NAMES,
+        help=f"UNet size (default: {DEFAULT_PRESET}, the CPU preset)",
     )
-    p.add_argument("--steps", type=int, default=3000, help="total optimiser steps (default: 3000)")
-    p.add_argument("--image-size", type=int, help="model grid in pixels (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss", choices=["l1", "mse"], default="l1")
-    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--steps", type=positive_int, default=3000, help="total optimiser steps (default: 3000)")
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        help="model grid in pixels, a multiple of what the preset's levels halve (default: the preset's)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--loss", choices=LOSSES, default=LOSSES[0])
+    p.add_argument("--schedule", choices=SCHEDULES, default=SCHEDULES[0])
     p.add_argument(
         "--intensity",
-        choices=["radiograph", "brain", "zscore"],
+        choices=INTENSITIES,
         default=None,
         help="intensity normalisation (default: radiograph for 2D images, brain for volumes)",
     )
-    p.add_argument(
-        "--axis", default="axial", help="slicing axis for volumes: axial, coronal, sagittal or k (default: axial)"
-    )
+    p.add_argument("--axis", default=AXES[0], choices=AXES, help=f"slicing axis for volumes (default: {AXES[0]})")
     p.add_argument(
         "--channels",
         nargs="+",
@@ -60,49 +87,69 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "--flip", action="store_true", help="random left-right flips (off by default: anatomy is not symmetric)"
     )
     p.add_argument(
-        "--shift", type=int, default=4, help="random shifts up to this many model pixels (default: 4; 0 = off)"
+        "--shift",
+        type=non_negative_int,
+        default=4,
+        help="random shifts up to this many model pixels (default: 4; 0 = off)",
     )
-    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
-    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument(
+        "--ema", type=ema_decay, default=None, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)"
+    )
+    p.add_argument("--checkpoint-every", type=positive_int, default=250)
     p.add_argument(
         "--keep-checkpoints",
-        type=int,
+        type=non_negative_int,
         default=2,
         metavar="K",
-        help="step checkpoints kept in CKPT_DIR/steps/, the newest (default: 2; 0 keeps all, to choose one on validation images)",
+        help="step checkpoints kept in CKPT_DIR/steps/, the newest (default: 2; 0 keeps all, "
+        "to choose one on validation images)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+        "--overwrite",
+        action="store_true",
+        help="start afresh even if --out holds a checkpoint (its checkpoints are deleted)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    _add_device_options(p)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_run_pretrain)
+
+
+def _add_device_options(p: argparse.ArgumentParser, batch_size: bool = False) -> None:
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    if batch_size:
+        p.add_argument("--batch-size", type=positive_int, help="slices per model call (default: sized to memory)")
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from .data import discover_files, is_volume_file, load_pretraining_slices
+    from .io.outputs import check_writable_folder, refuse_overlap
     from .model.backbone import PRESETS
-    from .model.checkpoint import BACKBONE_JSON, Backbone
-    from .pipelines.pretrain import PretrainOptions, pretrain
-    from .preprocessing.intensity import BRAIN_T1, INTENSITY_CONVENTIONS, RADIOGRAPH
+    from .model.checkpoint import Backbone
+    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, pretrain
+    from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
+    from .runtime import resolve_device
 
-    if (args.out / BACKBONE_JSON).exists() and not (args.resume or args.overwrite):
-        raise TEDMError(
-            f"{args.out}: already holds a checkpoint; pass --resume to continue it or --overwrite to start again"
-        )
-    torch.manual_seed(args.seed)
-    files = discover_files(args.images)
-    intensity = INTENSITY_CONVENTIONS.get(args.intensity or "")
-    if intensity is None:
-        intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
+    # Every check before the images are read: a usage error costs nothing.
+    if args.resume and args.overwrite:
+        raise SettingError("resume", "--resume continues a run and --overwrite starts afresh: give one of them")
+    resolve_device(args.device)
     config = PRESETS[args.preset]
     config = config.with_(
         image_size=args.image_size or config.image_size, in_channels=len(args.channels) if args.channels else 1
     )
+    refuse_overlap(args.out, [("images", folder) for folder in args.images])
+    _refuse_repeats(args.channels, "channels")
+    check_pretrain_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    files = discover_files(args.images)
+    check_writable_folder(args.out)
+    torch.manual_seed(args.seed)
+    intensity = NAMED.get(args.intensity or "")
+    if intensity is None:
+        intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
     images = load_pretraining_slices(
         args.images,
         config.image_size,
@@ -136,8 +183,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         device=args.device,
     )
     tic = time.perf_counter()
-    pretrain(images, backbone, args.out, options, resume=args.resume)
-    print(f"pretrained {args.steps} steps in {time.perf_counter() - tic:.0f} s -> {args.out}")
+    pretrain(images, backbone, args.out, options, resume=args.resume, overwrite=args.overwrite)
+    print(f"pretrained to step {backbone.steps_trained} in {time.perf_counter() - tic:.0f} s -> {args.out}")
     return 0
 
 
@@ -160,11 +207,22 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="volumes: the label file inside each case folder instead of --masks (e.g. GT_W.nii.gz)",
     )
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="the model bundle folder to write")
-    p.add_argument("--method", default="tedm", choices=["tedm", "ledm", "ledme", "baseline", "step"])
-    p.add_argument("--n", type=int, help="use the first N labelled items in sorted file-name order (default: all)")
-    p.add_argument("--steps", type=int, help="training steps (default: 300 for heads, 1000 for the baseline)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 heads, 1e-4 baseline)")
-    p.add_argument("--timesteps", type=int, nargs="+", help="override the method's timesteps")
+    p.add_argument(
+        "--method",
+        default=METHODS[0],
+        choices=METHODS,
+        help="tedm, ledm, ledme, probe (the logistic probe on one timestep) or the supervised baseline",
+    )
+    p.add_argument(
+        "--n", type=positive_int, help="use the first N labelled items in sorted file-name order (default: all)"
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        help=f"training steps (default: {DEFAULT_HEAD_STEPS} for heads, {DEFAULT_BASELINE_STEPS} for the baseline)",
+    )
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: 1e-3 heads, 1e-2 probe, 1e-4 baseline)")
+    p.add_argument("--timesteps", type=timestep, nargs="+", help="override the method's timesteps")
     p.add_argument(
         "--classes",
         nargs="+",
@@ -174,50 +232,68 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--label-values",
-        type=int,
+        type=label_value,
         nargs="+",
         metavar="V",
         help="mask value of each class, background first (default: 0 and non-zero for one class, else 0..K)",
     )
     p.add_argument(
         "--slices",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         help="volumes only: the slice indices to learn from (default: every slice carrying labels)",
     )
     p.add_argument(
         "--slices-per-case",
-        type=int,
+        type=positive_int,
         metavar="K",
         help="volumes only: keep K of the labelled slices, spread evenly (simulates a clinician labelling K slices)",
     )
-    p.add_argument("--axis", default=None, help="volumes only: slicing axis (default: the backbone's, axial)")
+    p.add_argument("--axis", default=AXES[0], choices=AXES, help=f"volumes only: slicing axis (default: {AXES[0]})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    _add_device_options(p)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_run_fit)
 
 
+def _refuse_repeats(values: Optional[Sequence], setting: str) -> None:
+    """Two classes, channels or label values of one name are a typo, never a request."""
+    seen = set()
+    for value in values or []:
+        key = value.lower() if isinstance(value, str) else value
+        if key in seen:
+            raise SettingError(setting, f"{value!r} is given twice")
+        seen.add(key)
+
+
 def _class_spec(args: argparse.Namespace) -> Tuple[List[str], List[int]]:
+    _refuse_repeats(["background", *args.classes], "classes")
+    _refuse_repeats(args.label_values, "label_values")
     names = ["background"] + list(args.classes)
     values = list(args.label_values) if args.label_values else list(range(len(names)))
     if len(values) != len(names):
-        raise TEDMError(
-            f"--label-values: {len(values)} values for {len(names)} classes (background + {', '.join(args.classes)})"
+        raise SettingError(
+            "label_values", f"{len(values)} values for {len(names)} classes (background + {', '.join(args.classes)})"
         )
     return names, values
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from .bundle import save_bundle
+    from .bundle import check_bundle_target, save_bundle
+    from .io.outputs import check_writable_folder, refuse_overlap
     from .model.checkpoint import load_backbone
     from .pipelines.fit import fit_bundle
     from .pipelines.labelled import load_labelled_data
+    from .runtime import resolve_device
 
-    if args.out.exists() and not args.overwrite:
-        raise TEDMError(f"{args.out}: already exists; pass --overwrite to replace it")
-    backbone = load_backbone(args.backbone)
     class_names, label_values = _class_spec(args)
+    if args.timesteps and args.method == BASELINE:
+        raise SettingError("timesteps", "the supervised baseline takes no timesteps (it sees the image itself)")
+    resolve_device(args.device)
+    refuse_overlap(args.out, [("images", args.images), ("masks", args.masks), ("backbone", args.backbone)])
+    check_bundle_target(args.out, args.overwrite)
+    check_writable_folder(args.out.parent)
+    backbone = load_backbone(args.backbone)
     slices, labels, sources = load_labelled_data(
         args.images,
         args.masks,
@@ -227,7 +303,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         n=args.n,
         slices=args.slices,
         slices_per_case=args.slices_per_case,
-        axis=args.axis or "axial",
+        axis=args.axis,
         label_name=args.label_name,
     )
     log.info("fitting %s on %d labelled slices", args.method, len(slices))
@@ -242,8 +318,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
         timesteps=tuple(args.timesteps) if args.timesteps else None,
-        axis=args.axis or "axial",
+        axis=args.axis,
     )
     bundle.training["sources"] = sources
     save_bundle(bundle, args.out, overwrite=args.overwrite)
@@ -254,65 +331,50 @@ def _run_fit(args: argparse.Namespace) -> int:
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
-        help="segment images (PNG/JPG -> mask PNGs) or volumes (-> label volumes, as scripts/batch_segment.py) with a model bundle",
+        help="segment images or volumes with a model bundle (the same outputs as scripts/batch_segment.py)",
     )
     p.add_argument("--model", required=True, type=Path, metavar="BUNDLE")
-    p.add_argument("--input", required=True, type=Path, metavar="DIR")
-    p.add_argument("--output", required=True, type=Path, metavar="DIR")
-    p.add_argument("--probabilities", action="store_true", help="also write <name>_prob[_<class>].png (0-255 for 0-1)")
+    p.add_argument("--input", required=True, type=Path, metavar="DIR", help="folder of images, volumes or cases")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="a folder apart from every input")
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write <name>_prob[_<class>].<ext>: float32 volumes, 16-bit PNGs of probability x 65535",
+    )
     p.add_argument(
         "--uncertainty",
         action="store_true",
-        help="also write <name>_uncertainty.png: spread of the per-timestep probabilities (0-255 for 0-0.5)",
+        help="also write <name>_uncertainty.<ext>: spread of the per-timestep probabilities (as --probabilities)",
     )
     p.add_argument(
         "--timesteps",
-        type=int,
+        type=timestep,
         nargs="+",
-        help="predict with these of the head's timesteps only (single-step ablation)",
+        help="predict with these timesteps only (single-step ablation of a TEDM head)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (also another model's)")
+    _add_device_options(p, batch_size=True)
     p.set_defaults(func=_run_segment)
 
 
 def _run_segment(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
-    from .pipelines.image_segment import segment_image_folder
+    from .pipelines.batch import BatchOptions, check_output_folder, run_batch
     from .pipelines.segment import Segmenter
+    from .runtime import resolve_device
 
+    resolve_device(args.device)
+    check_output_folder(args.input, args.output, model_dir=args.model)  # before the model is loaded
     bundle = load_bundle(args.model)
     segmenter = Segmenter(
         bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps
     )
-    if len(bundle.channel_names) > 1 or not _holds_only_2d_images(args.input):
-        from .pipelines.batch import BatchOptions, run_batch
-
-        batch = run_batch(
-            segmenter, args.input, args.output, BatchOptions(overwrite=args.overwrite, uncertainty=args.uncertainty)
-        )
-        print(f"{batch.counts()} -> {batch.summary_path}")
-        return 1 if batch.failed else 0
-    report = segment_image_folder(
-        segmenter,
-        args.input,
-        args.output,
-        probabilities=args.probabilities,
-        uncertainty=args.uncertainty,
-        overwrite=args.overwrite,
-    )
-    print(report.summary_line())
-    for failure in report.failures:
-        print(f"tedm segment: error: {failure}", file=sys.stderr)
-    return 1 if report.failures else 0
-
-
-def _holds_only_2d_images(folder: Path) -> bool:
-    from .pipelines.labelled import holds_only_2d_images
-
-    return folder.is_dir() and holds_only_2d_images(folder)
+    options = BatchOptions(overwrite=args.overwrite, uncertainty=args.uncertainty, probabilities=args.probabilities)
+    report = run_batch(segmenter, args.input, args.output, options)
+    print(f"{report.counts()} -> {report.summary_path}")
+    for failure in report.failed:
+        print(f"tedm segment: error: {failure.error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -322,7 +384,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", type=Path, metavar="FILE", help="write per-image metrics here")
     p.add_argument(
         "--label-values",
-        type=int,
+        type=label_value,
         nargs="+",
         default=[0, 255],
         metavar="V",
@@ -338,10 +400,23 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .pipelines.evaluate import compare_dice, evaluate_folders, summarise, write_metrics_csv
+    from .io.outputs import check_writable_folder
+    from .pipelines.evaluate import compare_dice, evaluate_folders, same_images, summarise, write_metrics_csv
 
+    if args.pred.resolve() == args.truth.resolve():
+        raise SettingError("pred", f"{args.pred} is also the --truth folder: every score would be a perfect 1")
+    if len(args.label_values) < 2 or len(set(args.label_values)) != len(args.label_values):
+        raise SettingError("label_values", f"need distinct values, background first, got {args.label_values}")
+    if args.csv is not None:
+        if args.csv.is_dir() or args.csv.suffix.lower() != ".csv":
+            # Never a folder, and never an image that evaluate reads: only a .csv file is written.
+            raise SettingError("csv", f"{args.csv} is not a .csv file path; give the path of a .csv file to write")
+        check_writable_folder(args.csv.parent)
     rows = evaluate_folders(args.pred, args.truth, args.label_values)
-    other = evaluate_folders(args.compare, args.truth, args.label_values) if args.compare else None
+    other = None
+    if args.compare:
+        other = evaluate_folders(args.compare, args.truth, args.label_values)
+        same_images(rows, other, args.pred, args.compare)
     print(f"{len({r['image'] for r in rows})} images scored")
     if args.csv:
         write_metrics_csv(args.csv, rows)
@@ -349,11 +424,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         of_class = [r for r in rows if r["class"] == k]
         label = f"class {k} " if len(args.label_values) > 2 else ""
         print(
-            f"{label}Dice {summarise([r['dice'] for r in of_class])}  precision {summarise([r['precision'] for r in of_class])}  recall {summarise([r['recall'] for r in of_class])}"
+            f"{label}Dice {summarise([r['dice'] for r in of_class])}  "
+            f"precision {summarise([r['precision'] for r in of_class])}  "
+            f"recall {summarise([r['recall'] for r in of_class])}"
         )
         if other is not None:
             print(
-                f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; {args.pred} is {compare_dice(rows, other, k)}"
+                f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; "
+                f"{args.pred} is {compare_dice(rows, other, k)}"
             )
     return 0
 
@@ -377,17 +455,10 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, metavar="NEW_BUNDLE")
     p.add_argument("--output", type=Path, metavar="FILE", help="also write the refined segmentation here")
-    p.add_argument("--steps", type=_positive_int, help=f"fine-tuning steps (default {DEFAULT_REFINE_STEPS})")
+    p.add_argument("--steps", type=positive_int, help=f"fine-tuning steps (default {DEFAULT_REFINE_STEPS})")
     p.add_argument("--axis", choices=(AUTO, *AXES), default=AUTO)
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.set_defaults(func=_run_refine)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _run_refine(args: argparse.Namespace) -> int:
@@ -431,7 +502,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tedm", description="Few-shot segmentation with timestep-ensembled diffusion features (TEDM)."
     )
     parser.add_argument("--version", action="version", version=f"tedm_core {__version__}")
@@ -447,13 +518,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    prog = f"tedm {args.command}"
     try:
         return int(args.func(args) or 0)
+    except SettingError as error:
+        # The core names the setting as its API does; here it is the option the user typed.
+        print(f"{prog}: error: argument {flag_of(error.setting)}: {error.problem}", file=sys.stderr)
+        return 2
     except TEDMError as error:
-        print(f"tedm {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine, not the data: disk full, permissions, a vanished folder
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory (try fewer or smaller inputs, or --batch-size)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tedm {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

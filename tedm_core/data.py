@@ -12,30 +12,37 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .io.images import is_image_file, read_grey
+from .io.volumes import is_volume_file, unsupported_format
 from .preprocessing.intensity import IntensityConfig, normalise_intensity
 from .preprocessing.spatial import to_model_grid
 
 log = logging.getLogger(__name__)
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
-# A slice is "empty" when less than this fraction of it is above the normalised background.
+# Pretraining learns from slices showing anatomy: a slice is used when at least this fraction
+# of it is above the normalised background (stricter than segmentation's rule, which runs the
+# model on any slice holding anything: pipelines.volume.nonempty_slice_mask).
 MIN_FOREGROUND_FRACTION = 0.02
 
 
-def is_volume_file(path: Path) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(s) for s in VOLUME_SUFFIXES) and not name.startswith(".")
-
-
 def discover_files(inputs: Sequence[Union[str, Path]]) -> List[Path]:
-    """Image and volume files in the given files or folders (recursively), sorted, de-duplicated."""
+    """Image and volume files in the given files or folders (recursively), sorted, de-duplicated.
+
+    Files of an image format we do not read (GIF, Analyze ...) are named in a warning, not
+    skipped silently.
+    """
     found: List[Path] = []
     for item in inputs:
         item = Path(item)
         if item.is_file():
             found.append(item)
         elif item.is_dir():
-            found.extend(p for p in sorted(item.rglob("*")) if p.is_file() and (is_image_file(p) or is_volume_file(p)))
+            for p in sorted(item.rglob("*")):
+                if not p.is_file():
+                    continue
+                if is_image_file(p) or is_volume_file(p):
+                    found.append(p)
+                elif unsupported_format(p) not in (None, "skip"):
+                    log.warning("skipped %s: %s", p, unsupported_format(p))
         else:
             raise InputError(item, "not found")
     unique = sorted(set(found))
@@ -44,8 +51,8 @@ def discover_files(inputs: Sequence[Union[str, Path]]) -> List[Path]:
     return unique
 
 
-def nonempty_slices(slices: np.ndarray) -> np.ndarray:
-    """Indices of the ``(N, C, H, W)`` normalised slices with enough foreground to be worth learning."""
+def slices_with_enough_foreground(slices: np.ndarray) -> np.ndarray:
+    """Indices of the ``(N, C, H, W)`` normalised slices at least ``MIN_FOREGROUND_FRACTION`` foreground."""
     foreground = (slices > -0.98).mean(axis=(1, 2, 3))
     return np.flatnonzero(foreground >= MIN_FOREGROUND_FRACTION)
 
@@ -60,16 +67,17 @@ def training_slices(
     (one file per channel, same geometry); empty volume slices are dropped."""
     if len(paths) == 1 and is_image_file(paths[0]):
         return normalise_intensity(read_grey(paths[0]), intensity)[None]
-    from .io.volumes import read_case, read_volume  # the volume layer; imported lazily for image-only users
+    from .io.volumes import read_case, read_volume
     from .slicing import extract_slices
 
     volume = read_volume(paths[0]) if len(paths) == 1 else read_case(paths, channel_names)
     slices, _layout = extract_slices(volume.with_array(normalise_intensity(volume.array, intensity)), axis)
-    return slices[nonempty_slices(slices)]
+    return slices[slices_with_enough_foreground(slices)]
 
 
 def _multichannel_cases(inputs: Sequence[Union[str, Path]], channel_names: Sequence[str]) -> List[List[Path]]:
-    """Case folders holding one file per channel name (e.g. FLAIR.nii.gz, T1.nii.gz), as the batch script groups them."""
+    """Case folders holding one file per channel name (e.g. FLAIR.nii.gz, T1.nii.gz), grouped as the batch
+    script groups them."""
     from .io.cases import discover_cases  # one grouping rule for pretraining and segmentation
 
     units: List[List[Path]] = []

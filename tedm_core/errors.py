@@ -25,5 +25,20 @@ class BundleError(InputError):
     """A model bundle or backbone checkpoint is missing, damaged or of an incompatible version."""
 
 
+class SettingError(TEDMError, ValueError):
+    """A setting has a value that cannot be used. ``setting`` is its name in the library's API
+    (``device``, ``steps``, ``learning_rate``); each face says it in its own words (the CLI as
+    ``--device``), so the core never names a flag a library or Slicer user did not type."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{setting}: {self.problem}")
+
+
+class TrainingDiverged(TEDMError):
+    """The loss or the weights became NaN or infinite: the run stops rather than save them."""
+
+
 class Cancelled(TEDMError):
     """The user cancelled a long operation (Slicer's Cancel button, Ctrl-C)."""

@@ -55,7 +55,7 @@ class DecoderFeatureExtractor(torch.nn.Module):
     """Taps the outputs of a ``DiffusionModelUNet``'s decoder levels, before their upsampling.
 
     Args:
-        unet: a pretrained noise-predicting UNet (left unchanged; hooks are removed on ``close``).
+        unet: a pretrained noise-predicting UNet (left unchanged: its hooks live for one pass).
         schedule: its noise schedule.
         levels: indices of the decoder levels to tap (0 = deepest); default all.
     """
@@ -85,9 +85,6 @@ class DecoderFeatureExtractor(torch.nn.Module):
             # The level's own resolution is the upsampler's input.
             return block.upsampler.register_forward_pre_hook(lambda _m, args: keep(args[0]))
         return block.register_forward_hook(lambda _m, _args, output: keep(output))
-
-    def close(self) -> None:
-        """Nothing to release: hooks live only for the duration of a forward pass."""
 
     def _blocks(self) -> List[torch.nn.Module]:
         return [*self.unet.down_blocks, self.unet.middle_block, *self.unet.up_blocks]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import HEAD_METHODS
+from .choices import HEAD_METHODS, canonical_method
 from .features import LEDM_TIMESTEPS, TEDM_TIMESTEPS, LevelFeatures
 
 HEAD_DESIGNS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
@@ -26,7 +26,7 @@ HEAD_DESIGNS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
     "tedm": ("shared", TEDM_TIMESTEPS, (128, 32)),
     "ledm": ("concat", LEDM_TIMESTEPS, (128, 32)),
     "ledme": ("concat", TEDM_TIMESTEPS, (128, 32)),
-    "step": ("shared", (25,), ()),  # the paper's Fig. 2 step-wise logistic probe
+    "probe": ("shared", (25,), ()),  # the paper's Fig. 2 step-wise logistic probe (once named "step")
 }
 assert tuple(HEAD_DESIGNS) == HEAD_METHODS
 
@@ -49,7 +49,7 @@ class PixelMLP(nn.Module):
     The first layer is linear and upsampling is linear per channel, so applying the first layer
     to each level at its native resolution, upsampling the (hidden-width) results and summing
     equals upsampling all levels, concatenating and applying the layer (``forward_dense``), up
-    to float rounding, with far less memory (METHOD.md section 4).
+    to float rounding, with far less memory (docs/method.md, section 4).
 
     Hidden maps are kept channels-last: PyTorch's CPU bilinear upsampling is vectorised over
     channels in that layout (measured 20x faster than on NCHW tensors with 128 channels).
@@ -154,6 +154,7 @@ class HeadConfig:
     levels: Optional[Tuple[int, ...]] = None  # decoder levels tapped; None = all
 
     def __post_init__(self) -> None:
+        self.method = canonical_method(self.method)
         if self.method not in HEAD_DESIGNS:
             raise ValueError(f"unknown head method {self.method!r}; expected one of {HEAD_METHODS}")
         if self.num_classes < 2:
@@ -173,6 +174,7 @@ class HeadConfig:
         timesteps: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> HeadConfig:
+        method = canonical_method(method)
         if method not in HEAD_DESIGNS:
             raise ValueError(f"unknown head method {method!r}; expected one of {HEAD_METHODS}")
         _, default_steps, hidden = HEAD_DESIGNS[method]
@@ -197,6 +199,24 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> HeadConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of logits ``(B, K', H, W)`` against class indices ``(B, H, W)``: one output
+    (a single structure) is a sigmoid with binary cross-entropy, several a softmax with cross-entropy.
+    Heads and the supervised baseline share this rule."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], targets.float())
+    return F.cross_entropy(logits, targets)
+
+
+def class_probabilities(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Logits -> probabilities of every class, background included: one output (a single
+    structure) becomes the two classes (1 - p, p), several a softmax along ``dim``."""
+    if logits.shape[dim] == 1:
+        foreground = torch.sigmoid(logits)
+        return torch.cat([1 - foreground, foreground], dim=dim)
+    return torch.softmax(logits, dim=dim)
 
 
 class FeatureHead(nn.Module):
@@ -229,18 +249,11 @@ class FeatureHead(nn.Module):
         logits = logits.float()
         n, s = logits.shape[:2]
         flat = logits.reshape(n * s, *logits.shape[2:])
-        expanded = targets.repeat_interleave(s, dim=0)
-        if self.config.binary:
-            return F.binary_cross_entropy_with_logits(flat[:, 0], expanded.float())
-        return F.cross_entropy(flat, expanded)
+        return segmentation_loss(flat, targets.repeat_interleave(s, dim=0))
 
     def per_step_probabilities(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
         """(N, S', classes, H, W) class probabilities, background included."""
-        logits = self.logits(features, size).float()
-        if self.config.binary:
-            fg = torch.sigmoid(logits)
-            return torch.cat([1 - fg, fg], dim=2)
-        return torch.softmax(logits, dim=2)
+        return class_probabilities(self.logits(features, size).float(), dim=2)
 
     def predict(self, features: LevelFeatures, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean class probabilities (N, classes, H, W) and uncertainty (N, H, W).

@@ -4,36 +4,64 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 
+from .choices import PRECISIONS
+from .errors import SettingError, TrainingDiverged
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA device if one works, else the CPU. ``cuda`` without CUDA is an error."""
+    """``auto`` -> the first CUDA device if one works, else the CPU.
+
+    Raises :class:`SettingError` for a device that is not there (``cuda`` on a machine or a torch
+    build without CUDA, ``cuda:3`` on a one-GPU machine) or not a device name at all.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--device cuda was asked for, but PyTorch sees no CUDA device (is this a CPU build of torch?)"
-        )
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SettingError("device", f"{device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(
+                "device", f"{device} was asked for, but PyTorch sees no CUDA device (is this a CPU build of torch?)"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise SettingError("device", f"{device}: PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise SettingError("device", f"{device!r} is not supported; expected auto, cpu, cuda or cuda:N")
     return resolved
+
+
+def check_finite_loss(loss: float, step: int, what: str) -> None:
+    """Stop a training run whose loss became NaN or infinite, rather than go on and save garbage."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"{what} diverged: the loss is {loss} at step {step}; nothing from this step on was saved "
+            "(a smaller learning rate usually helps)"
+        )
+
+
+def count_non_finite(tensors) -> int:
+    """How many values of the given tensors are NaN or infinite."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
 
     fp32 on CPU by default: bf16 autocast of MONAI's UNet measured 5-30x *slower* than fp32 on
-    this project's CPUs for training (benchmarks/backbone_speed.py), although it is valid.
+    this project's CPUs for training (the README's backbone timings), although it is valid.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        raise SettingError("precision", f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -30,7 +30,8 @@ def require_shared_data(*parts: str) -> Path:
 
 
 def synthetic_disc_images(n: int, size: int = 48, seed: int = 0):
-    """Noisy images with one bright disc each, and the disc masks: (n, 1, size, size) float32 in [-1, 1], (n, size, size) int64."""
+    """Noisy images with one bright disc each, and the disc masks: (n, 1, size, size) float32 in [-1, 1],
+    (n, size, size) int64."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     images, masks = [], []
@@ -112,6 +113,9 @@ class ThresholdSegmenter:
             label_values=[0, 1],
             axis=axis,
         )
+
+    def provenance(self):
+        return {"model": "threshold", "model_sha256": f"threshold {self.threshold}", "timesteps": []}
 
     def predict(self, slices, progress=None, cancel=None):
         from types import SimpleNamespace

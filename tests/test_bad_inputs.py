@@ -298,12 +298,9 @@ def test_batch_with_broken_cases_completes_the_rest_and_overwrites_nothing(tmp_p
     for builder in (_truncated_gz, _four_d, _nan, _all_zero, _text_as_nifti, _empty_file, _corrupt_png, _text_as_nrrd):
         builder(inp)
     (inp / "good.nii.gz").unlink()  # the truncated-gz builder's helper file
-    # A finished output from an earlier run must survive untouched (no --overwrite).
-    out.mkdir()
+    # A finished output of an earlier run of the same model must survive untouched (no --overwrite).
+    run_batch(ThresholdSegmenter(), inp, out, BatchOptions(include="good3*", show_progress=False))
     existing = out / "good3.nii.gz"
-    from tedm_core.io.volumes import write_label_volume
-
-    write_label_volume(existing, np.ones((6, 16, 16), np.uint8), read_volume(inp / "good3.nii.gz"))
     before = existing.read_bytes()
 
     report = run_batch(ThresholdSegmenter(), inp, out, BatchOptions(show_progress=False))
@@ -315,6 +312,6 @@ def test_batch_with_broken_cases_completes_the_rest_and_overwrites_nothing(tmp_p
         assert "\n" not in result.error and str(inp) in result.error
     assert existing.read_bytes() == before
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["good1.nii.gz", "good2.nii.gz", "good3.nii.gz", "summary.csv"]  # no partial files
+    assert written == [".tedm_outputs.json", "good1.nii.gz", "good2.nii.gz", "good3.nii.gz", "summary.csv"]  # no .part
     rows = (out / "summary.csv").read_text().splitlines()
     assert len(rows) == 1 + len(report.results)

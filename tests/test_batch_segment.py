@@ -18,7 +18,7 @@ nib = pytest.importorskip("nibabel")
 
 from conftest import REPO, ThresholdSegmenter, sphere_volume_array  # noqa: E402
 
-from tedm_core.errors import InputError  # noqa: E402
+from tedm_core.errors import SettingError  # noqa: E402
 from tedm_core.pipelines.batch import BatchOptions, discover_cases, parse_shard, run_batch, select_shard  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "batch_segment.py"
@@ -86,7 +86,7 @@ def test_shards_partition_the_cohort():
     ]  # order-independent
     assert parse_shard("2/4") == (2, 4)
     for bad in ("0/4", "5/4", "x", "1-4"):
-        with pytest.raises(InputError, match="--shard"):
+        with pytest.raises(SettingError, match="shard"):
             parse_shard(bad)
 
 

@@ -64,7 +64,7 @@ def test_probabilities_are_resized_back_to_any_input_grid(tiny_bundle_dir):
     assert prediction.labels[:, :, 100:].sum() == 0
 
 
-@pytest.mark.parametrize("method", ["ledm", "ledme", "step", "baseline"])
+@pytest.mark.parametrize("method", ["ledm", "ledme", "probe", "baseline"])
 def test_every_method_fits_and_segments(method, tiny_backbone_dir, tmp_path):
     images, masks = synthetic_disc_images(4, size=32, seed=21)
     bundle = fit_bundle(
@@ -226,7 +226,14 @@ def test_cli_fit_segment_evaluate_end_to_end(tiny_backbone_dir, tmp_path, capsys
         )
         == 0
     )
-    assert sorted(p.name for p in out.iterdir())[:3] == ["test_00.png", "test_00_prob.png", "test_00_uncertainty.png"]
+    # The one writer's convention (README "Output files"): label file, maps beside it, a summary, a provenance record.
+    assert sorted(p.name for p in out.iterdir())[:5] == [
+        ".tedm_outputs.json",
+        "summary.csv",
+        "test_00.png",
+        "test_00_prob.png",
+        "test_00_uncertainty.png",
+    ]
     assert set(np.unique(np.asarray(Image.open(out / "test_00.png")))) <= {0, 255}
     capsys.readouterr()
     assert (

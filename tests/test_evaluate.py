@@ -92,6 +92,11 @@ def test_two_methods_are_compared_image_by_image(tmp_path, capsys):
         Image.fromarray(mask).save(folder / "only_poor.png")
     comparison = compare_dice(evaluate_folders(good, truth), evaluate_folders(poor, truth), 1)
     assert (comparison.n, comparison.better, comparison.worse) == (8, 8, 0) and comparison.p_value < 0.05
+    # The CLI prints means side by side: over different image sets they would mislead, so refused.
+    assert main(["evaluate", "--pred", str(good), "--truth", str(truth), "--compare", str(poor)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "only_poor.png only in" in err and str(poor) in err
+    (poor / "only_poor.png").unlink()
     assert main(["evaluate", "--pred", str(good), "--truth", str(truth), "--compare", str(poor)]) == 0
     assert "is better on 8 of 8 images, worse on 0, paired Wilcoxon p = " in capsys.readouterr().out
 

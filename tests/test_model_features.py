@@ -147,7 +147,8 @@ def test_fast_inference_equals_the_module_path():
 
 
 def test_chunked_refine_steps_give_the_full_batch_gradient():
-    """With frozen statistics a step's gradient, accumulated a few maps at a time, is the gradient of the whole batch's loss."""
+    """With frozen statistics a step's gradient, accumulated a few maps at a time, is the gradient of the
+    whole batch's loss."""
     from tedm_core.pipelines.fit import _accumulate_loss
 
     torch.manual_seed(0)

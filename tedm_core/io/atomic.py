@@ -1,14 +1,30 @@
-"""Atomic writes: a reader never sees a half-written output, and an interrupted run leaves none."""
+"""Atomic writes: a reader never sees a half-written output, and an interrupted run leaves none.
+
+Temporary files are named ``.<target name>.<random>.part<suffixes>`` beside their target and
+created with mode 0666 minus the umask, like any file the user writes (``tempfile.mkstemp``
+would make them 0600, and the rename would carry that mode to the output).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _temporary_beside(target: Path) -> Path:
+    suffix = "".join(target.suffixes) if target.suffixes else ""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -20,16 +36,22 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) if target.suffixes else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temporary_beside(target)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temporaries(target: PathLike) -> None:
+    """Delete the temporary files a killed run left beside ``target`` (only its own: the pattern
+    is ``atomic_path``'s). Call it only for targets no other process writes at the same time."""
+    target = Path(target)
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f".{target.name}.*.part*"):
+            stale.unlink(missing_ok=True)
 
 
 def write_text_atomic(target: PathLike, text: str) -> None:

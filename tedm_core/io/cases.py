@@ -13,15 +13,22 @@ and the CLI agree on file names.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import InputError
 from .images import IMAGE_SUFFIXES
-from .volumes import VOLUME_SUFFIXES, is_dicom_folder, strip_suffix, volume_suffix
+from .outputs import is_output_folder
+from .volumes import VOLUME_SUFFIXES, is_dicom_folder, strip_suffix, unsupported_format, volume_suffix
 
+log = logging.getLogger(__name__)
+
+# Maps written beside a case's label file: <name>_uncertainty.<ext>, <name>_prob.<ext> (one
+# structure) or <name>_prob_<class>.<ext> (several).
 UNCERTAINTY_SUFFIX = "_uncertainty"
+PROBABILITY_SUFFIX = "_prob"
 
 # Outputs keep the input's format where it can hold labels; 2D images become PNG, DICOM
 # series and split-header formats become single files.
@@ -45,10 +52,20 @@ class Case:
     is_folder: bool = False
     problem: Optional[str] = None  # found at discovery (e.g. a missing modality): the case fails
 
-    def uncertainty_output(self) -> Path:
+    def sidecar(self, tag: str) -> Path:
+        """The output beside the label file with ``tag`` after its name: ``scan_uncertainty.nii.gz``."""
         suffix = volume_suffix(self.output)
         name = self.output.name[: len(self.output.name) - len(suffix)]
-        return self.output.with_name(name + UNCERTAINTY_SUFFIX + suffix)
+        return self.output.with_name(name + tag + suffix)
+
+    def uncertainty_output(self) -> Path:
+        return self.sidecar(UNCERTAINTY_SUFFIX)
+
+    def probability_outputs(self, class_names: Sequence[str]) -> List[Path]:
+        """One map per structure (background excluded): ``_prob`` for one, ``_prob_<class>`` for several."""
+        if len(class_names) == 2:
+            return [self.sidecar(PROBABILITY_SUFFIX)]
+        return [self.sidecar(f"{PROBABILITY_SUFFIX}_{name}") for name in class_names[1:]]
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
@@ -90,21 +107,33 @@ def discover_cases(
 
 def _discover_single(input_dir: Path, output_dir: Path, include: Optional[str]) -> List[Case]:
     cases: List[Case] = []
+    skipped: List[Path] = []
     for path in sorted(input_dir.rglob("*")):
-        if _is_hidden(path, input_dir):
+        if _is_hidden(path, input_dir) or any(folder in path.parents for folder in skipped):
             continue
         rel = path.relative_to(input_dir)
         if path.is_dir():
-            if is_dicom_folder(path) and (include is None or fnmatch.fnmatch(path.name, include)):
+            if is_output_folder(path):
+                # Results of an earlier run are not radiographs to segment.
+                log.warning("skipped %s: it holds TEDM outputs (a provenance record), not inputs", path)
+                skipped.append(path)
+            elif is_dicom_folder(path) and (include is None or fnmatch.fnmatch(path.name, include)):
                 cases.append(
                     Case(rel.as_posix(), [path], output_dir / rel.parent / f"{path.name}.nii.gz", is_folder=True)
                 )
             continue
-        suffix = volume_suffix(path)
-        if suffix not in VOLUME_SUFFIXES + IMAGE_SUFFIXES or (include and not fnmatch.fnmatch(path.name, include)):
+        if include and not fnmatch.fnmatch(path.name, include):
             continue
         stem = strip_suffix(path)
         case_id = (rel.parent / stem).as_posix()
+        problem = unsupported_format(path)
+        if problem:
+            # A file of an image format we do not read fails with a word rather than vanishing.
+            if problem != "skip":
+                cases.append(Case(case_id, [path], output_dir / rel.parent / f"{stem}.nii.gz", problem=problem))
+            continue
+        if volume_suffix(path) not in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+            continue
         cases.append(Case(case_id, [path], output_dir / rel.parent / f"{stem}{_output_suffix(path)}"))
     return _check_unique(cases)
 
@@ -142,24 +171,55 @@ def _discover_multichannel(
         missing = [name for name in channel_names if name not in found]
         doubled = [name for name, paths in found.items() if len(paths) > 1]
         if missing:
-            problem = f"missing modality {', '.join(missing)} (found {', '.join(n for n in channel_names if n in found)}; the model expects files named {', '.join(channel_names)})"
+            present = ", ".join(n for n in channel_names if n in found)
+            problem = (
+                f"missing modality {', '.join(missing)} (found {present}; "
+                f"the model expects files named {', '.join(channel_names)})"
+            )
         elif doubled:
-            problem = f"several files for modality {', '.join(doubled)}: {', '.join(p.name for n in doubled for p in found[n])}"
+            names = ", ".join(p.name for n in doubled for p in found[n])
+            problem = f"several files for modality {', '.join(doubled)}: {names}"
         inputs = [found[name][0] for name in channel_names if name in found]
         cases.append(Case(case_id, inputs, output, is_folder=True, problem=problem))
     return _check_unique(cases)
 
 
 def _check_unique(cases: List[Case]) -> List[Case]:
-    """Two inputs that would write the same output (``a.nii`` and ``a.nii.gz``) both fail, clearly."""
-    by_output: Dict[Path, List[Case]] = {}
-    for case in cases:
-        by_output.setdefault(case.output, []).append(case)
-    for output, group in by_output.items():
-        if len(group) > 1:
-            for case in group:
-                case.problem = f"{len(group)} inputs would write the same output {output.name} ({', '.join(c.inputs[0].name for c in group)}); rename one"
+    """Refuse, before any work, two inputs whose outputs would collide: the same label file
+    (``a.nii`` and ``a.nii.gz``, ``scan.png`` and ``scan.jpg``), or one case's label file on
+    another's map (``p01.png`` and ``p01_uncertainty.png``). Names are compared ignoring case,
+    as on the file systems of Windows and macOS."""
+    usable = [c for c in cases if not c.problem]
+    owner: Dict[str, Case] = {}
+    by_id: Dict[str, Case] = {}
+    for case in usable:
+        key = case.output.as_posix().lower()
+        if key in owner:
+            _collision(owner[key], case, case.output.name)
+        owner[key] = case
+        # One case id, two files (scan.nrrd and scan.nii.gz): one summary row and one ground truth for two cases.
+        if case.case_id.lower() in by_id:
+            _collision(by_id[case.case_id.lower()], case, f"results for case {case.case_id}")
+        by_id[case.case_id.lower()] = case
+    for key, case in owner.items():
+        # Is this label file one of another case's maps? Strip a map tag and look for that case.
+        suffix = volume_suffix(key)
+        name = key[: len(key) - len(suffix)]
+        stems = [name[: -len(tag)] for tag in (UNCERTAINTY_SUFFIX, PROBABILITY_SUFFIX) if name.endswith(tag)]
+        tag = PROBABILITY_SUFFIX + "_"
+        stems += [name[:i] for i in range(len(name)) if name.startswith(tag, i)]
+        for stem in stems:
+            other = owner.get(stem + suffix)
+            if other is not None and other is not case:
+                _collision(other, case, case.output.name)
     return cases
+
+
+def _collision(first: Case, second: Case, name: str) -> None:
+    raise InputError(
+        second.inputs[0],
+        f"would write {name}, which {first.inputs[0]} also writes; rename one of the two",
+    )
 
 
 def find_label_file(case: Case, labels_dir: Path, label_name: Optional[str] = None) -> Optional[Path]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,11 +33,19 @@ def list_images(folder: PathLike) -> List[Path]:
 def _open(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            # A multi-page TIFF or an animated PNG: reading the first page would drop the rest unseen.
+            raise InputError(
+                path, f"holds {frames} pages/frames; expected one image (split it, or use a volume format)"
+            )
         image.load()
         return image
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise InputError(path, f"is too large to decode safely ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InputError(path, f"cannot be read as an image ({error})") from None
 
 
@@ -62,12 +70,11 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
     """
     path = Path(path)
     image = _open(path)
-    array = np.asarray(image.convert("L") if image.mode not in ("I", "I;16", "L", "P", "1") else image)
-    if array.ndim != 2:
-        raise InputError(path, f"a label image must be single-channel, got shape {array.shape}")
-    array = array.astype(np.int64)
+    if image.format == "JPEG":
+        raise InputError(path, "is a JPEG: lossy compression changes label values at every edge; save masks as PNG")
+    array = _label_array(path, image).astype(np.int64)
     if len(label_values) == 2:
-        return (array != label_values[0]).astype(np.int64)
+        return binary_foreground(path, array, label_values[0])
     lookup = {int(v): k for k, v in enumerate(label_values)}
     unknown = sorted(set(np.unique(array).tolist()) - set(lookup))
     if unknown:
@@ -76,6 +83,39 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
     for value, index in lookup.items():
         out[array == value] = index
     return out
+
+
+def binary_foreground(path: Optional[PathLike], values: np.ndarray, background: int) -> np.ndarray:
+    """A one-structure mask as 0/1: any value but the background is the structure (masks come as
+    0/1 or 0/255). Several different non-background values are refused: merging them would
+    silently turn a label map of several structures, or a resized mask's blurred edge, into one."""
+    foreground = values != background
+    present = np.unique(values[foreground])
+    if len(present) > 1:
+        shown = ", ".join(str(int(v)) for v in present[:4]) + (", ..." if len(present) > 4 else "")
+        raise InputError(
+            path,
+            f"holds {len(present)} different non-background values ({shown}) where one structure is expected; "
+            "give each structure a class and its label value, or threshold the mask",
+        )
+    return foreground.astype(np.int64)
+
+
+def _label_array(path: Path, image: Image.Image) -> np.ndarray:
+    """The label values of a mask; refuse masks whose content a channel we would drop carries."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "L", "1"):
+        return np.asarray(image)
+    rgba = np.asarray(image.convert("RGBA"))
+    if rgba[..., 3].min() != rgba[..., 3].max():
+        raise InputError(
+            path, "holds its mask in the alpha (transparency) channel; save it as an opaque grey-level PNG"
+        )
+    if image.mode == "P":
+        return np.asarray(image)  # palette indices are the label values (VOC-style label maps)
+    red, green, blue = rgba[..., 0], rgba[..., 1], rgba[..., 2]
+    if not (np.array_equal(red, green) and np.array_equal(red, blue)):
+        raise InputError(path, "is a colour image; a mask or label map must hold grey-level label values")
+    return red
 
 
 def write_png(path: PathLike, array: np.ndarray) -> None:

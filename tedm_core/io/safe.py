@@ -10,10 +10,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import BundleError
+from ..errors import BundleError, TrainingDiverged
 from .atomic import atomic_path
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+# A model's description is a few KiB; anything far larger is not one (and is not read into memory).
+MAX_JSON_BYTES = 16 * 2**20
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -27,10 +29,15 @@ def read_json(path: Path) -> Dict[str, Any]:
         raise BundleError(path, "missing file")
     if _looks_like_pickle(path):
         raise BundleError(path, "is a pickle/zip file, not JSON; refusing to load it (pickles can run code)")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise BundleError(path, f"is {size / 2**20:.0f} MiB; a model description is a few KiB, so this is not one")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BundleError(path, f"is not valid JSON ({error})") from None
+    except RecursionError:
+        raise BundleError(path, "is nested too deeply to be a model description") from None
     if not isinstance(data, dict):
         raise BundleError(path, "JSON must hold an object")
     return data
@@ -47,11 +54,23 @@ def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
     if _looks_like_pickle(path):
         raise BundleError(path, "is a pickle, not safetensors; refusing to load it (pickles can run code)")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise BundleError(path, f"is not a readable safetensors file ({error})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BundleError(
+                path, f"holds {bad} NaN or infinite weights (first in {name}): the training that wrote it diverged"
+            )
+    return tensors
 
 
 def write_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    """Save weights as safetensors, atomically; NaN or infinite weights are never written (a
+    diverged model saved over a good one would lose it)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDiverged(f"{path}: not saved: {name} holds NaN or infinite values (the training diverged)")
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))

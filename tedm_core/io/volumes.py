@@ -48,6 +48,30 @@ GEOMETRY_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
 
 
+# Image formats found beside medical data that we do not read: each is refused with a word (a
+# failing case) rather than silently left out of a cohort.
+_ANALYZE = "Analyze 7.5 (.hdr/.img) is not supported: its orientation is ambiguous; convert it to NIfTI (.nii.gz)"
+UNSUPPORTED_FORMATS = {
+    ".gif": "GIF images are not supported (palette colours, often several frames); convert it to PNG",
+    ".webp": "WebP images are not supported; convert it to PNG",
+    ".jp2": "JPEG 2000 images are not supported; convert it to PNG",
+    ".hdr": _ANALYZE,
+    ".img": _ANALYZE,
+}
+
+
+def unsupported_format(path: PathLike) -> Optional[str]:
+    """Why ``path`` (a format we know of but do not read) cannot be used; ``"skip"`` for the
+    ``.img`` half of an Analyze pair (its ``.hdr`` carries the message); ``None`` otherwise."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in UNSUPPORTED_FORMATS or path.name.startswith("."):
+        return None
+    if suffix == ".img" and any(path.with_suffix(s).exists() for s in (".hdr", ".HDR")):
+        return "skip"
+    return UNSUPPORTED_FORMATS[suffix]
+
+
 def volume_suffix(path: PathLike) -> str:
     """The format suffix of ``path`` in lower case (``.nii.gz`` counts as one), or ``""``."""
     name = Path(path).name.lower()
@@ -172,6 +196,8 @@ def read_volume(path: PathLike, require_3d: bool = False, allow_constant: bool =
         volume = _read_image2d(path)
     elif path.suffix.lower() in DICOM_SUFFIXES:
         raise InputError(path, "a single DICOM file; pass the folder holding the whole series")
+    elif unsupported_format(path):
+        raise InputError(path, UNSUPPORTED_FORMATS[path.suffix.lower()])
     else:
         raise InputError(
             path,
@@ -251,6 +277,37 @@ def _one_line_error(error: BaseException) -> str:
     return " ".join(text.split())[:200]
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else the physical
+    memory), or ``None`` where neither can be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_declared_size(path: Path, shape: Sequence[int], components: int = 1) -> None:
+    """Refuse, from its header alone, a volume whose voxels would not fit in memory: reading it
+    would otherwise allocate until the machine swaps or the process is killed."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=object)) * max(1, int(components))
+    needed = 2 * 4 * voxels  # float32, and the reader's own copy while converting
+    available = available_memory()
+    if available is not None and needed > available:
+        grid = "x".join(str(int(s)) for s in shape)
+        raise InputError(
+            path,
+            f"declares a {grid} grid ({needed / 2**30:.1f} GiB to read as float32), more than the "
+            f"{available / 2**30:.1f} GiB of memory available; crop or resample it first",
+        )
+
+
 def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
@@ -259,18 +316,20 @@ def _read_nifti(path: Path) -> Volume:
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(path, f"is not a NIfTI image (nibabel read it as {type(image).__name__})")
         shape = image.shape
+        check_declared_size(path, shape)
         if len(shape) > 3:
             extra = shape[3:]
             if any(s != 1 for s in extra):
                 raise InputError(
                     path,
-                    f"is a {len(shape)}D image {tuple(shape)}; expected a 3D volume (split time series or vector images first)",
+                    f"is a {len(shape)}D image {tuple(shape)}; expected a 3D volume "
+                    "(split time series or vector images first)",
                 )
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except InputError:
         raise
     except MemoryError:
-        raise
+        raise InputError(path, "does not fit in the memory available; crop or resample it first") from None
     except (EOFError, zlib.error) as error:
         raise InputError(path, f"is truncated or corrupt ({_one_line_error(error)})") from None
     except Exception as error:  # nibabel raises many types (ImageFileError, OSError, ValueError...)
@@ -341,7 +400,8 @@ def _itk_to_volume(image: Any, path: Path, source_format: str) -> Volume:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             path,
-            f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); expected a scalar image",
+            f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); "
+            "expected a scalar image",
         )
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # (K, J, I) or (J, I)
     if array.ndim == 2:
@@ -361,6 +421,7 @@ def _read_itk(path: Path) -> Volume:
             size = tuple(reader.GetSize())
             if any(s != 1 for s in size[3:]):
                 raise InputError(path, f"is a {reader.GetDimension()}D image {size}; expected a 3D volume")
+        check_declared_size(path, reader.GetSize(), reader.GetNumberOfComponents())
         image = reader.Execute()
         if image.GetDimension() > 3:
             image = image[:, :, :, 0]

@@ -8,6 +8,9 @@ from typing import Any, Dict, Tuple
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from ..choices import PRESET_NAMES
+from ..errors import SettingError
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -28,9 +31,11 @@ class BackboneConfig:
         if len(self.channels) != len(self.attention_levels):
             raise ValueError("channels and attention_levels must have one entry per level")
         down = 2 ** (len(self.channels) - 1)
-        if self.image_size % down:
-            raise ValueError(
-                f"image_size {self.image_size} must be divisible by {down} for {len(self.channels)} levels"
+        if self.image_size < down or self.image_size % down:
+            raise SettingError(
+                "image_size",
+                f"{self.image_size}: the UNet halves the grid {len(self.channels) - 1} times, "
+                f"so the size must be a multiple of {down}",
             )
 
     @property
@@ -57,8 +62,8 @@ class BackboneConfig:
         return replace(self, **changes)
 
 
-# Measured on this project's 2-core CPU machines (fp32, batch 16, one Adam step; see
-# benchmarks/backbone_speed.py): tiny 0.33 s at 64 px; small 1.2 s at 64 px, 10.3 s at 128 px.
+# Measured on this project's 2-core CPU machines (fp32, batch 16, one Adam step; the README's
+# "method, as implemented"): tiny 0.33 s at 64 px; small 1.2 s at 64 px, 10.3 s at 128 px.
 # 128 px is therefore a GPU resolution; `small` at 64 px trains ~3,000 steps an hour on 2 cores.
 PRESETS: Dict[str, BackboneConfig] = {
     # Tests: a forward pass in milliseconds, pretraining on 20 images in seconds.
@@ -73,6 +78,7 @@ PRESETS: Dict[str, BackboneConfig] = {
         (64, 128, 256, 512), (False, False, False, True), 1, 32, 64, image_size=128, preset="paper"
     ),
 }
+assert tuple(PRESETS) == PRESET_NAMES  # the torch-free names the faces offer (tedm_core.choices)
 
 
 def build_unet(config: BackboneConfig, out_channels: int | None = None) -> DiffusionModelUNet:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -10,6 +11,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .. import __version__
+from ..choices import SCHEDULES
 from ..errors import BundleError
 from ..io.safe import read_json, read_tensors, write_json, write_tensors
 from ..preprocessing.intensity import IntensityConfig
@@ -76,6 +78,77 @@ def check_format(path: Path, data: Dict[str, Any], expected: int, what: str) -> 
         )
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """An integer (not a bool, which JSON and Python would both accept as one) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_name_list(value: Any) -> bool:
+    """A non-empty list of distinct, non-empty strings (class or channel names)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, str) and v.strip() for v in value)
+        and len({v.lower() for v in value}) == len(value)
+    )
+
+
+def require(path: Path, condition: bool, problem: str) -> None:
+    """Refuse a model description one of whose fields is wrong, naming the field."""
+    if not condition:
+        raise BundleError(path, problem)
+
+
+def check_backbone_description(path: Path, meta: Dict[str, Any]) -> None:
+    """Every field of a backbone description, checked before anything is built from it: an edited
+    file that contradicts itself is refused here rather than producing silent garbage later."""
+    config = meta.get("config")
+    require(path, isinstance(config, dict), "backbone 'config' must be an object")
+    channels, attention = config.get("channels"), config.get("attention_levels")
+    require(
+        path,
+        isinstance(channels, list) and len(channels) >= 2 and all(is_count(c) for c in channels),
+        f"backbone channels must be a list of at least 2 positive integers, got {channels!r}",
+    )
+    require(
+        path,
+        isinstance(attention, list) and len(attention) == len(channels) and all(isinstance(a, bool) for a in attention),
+        f"backbone attention_levels must be one true/false per level ({len(channels)}), got {attention!r}",
+    )
+    for key in ("num_res_blocks", "norm_num_groups", "num_head_channels", "in_channels", "image_size"):
+        require(path, is_count(config.get(key)), f"backbone {key} must be a positive integer, got {config.get(key)!r}")
+    groups = config["norm_num_groups"]
+    require(
+        path,
+        all(c % groups == 0 for c in channels),
+        f"backbone channels {channels} are not all divisible by norm_num_groups {groups}",
+    )
+    names = meta.get("channel_names", ["image"])
+    require(path, is_name_list(names), f"channel_names must be a list of distinct names, got {names!r}")
+    require(
+        path,
+        len(names) == config["in_channels"],
+        f"{len(names)} channel_names {names} for a UNet with in_channels {config['in_channels']}",
+    )
+    schedule = meta.get("schedule", "cosine")
+    require(path, schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    require(path, is_count(meta.get("steps_trained", 0), 0), "steps_trained must be a whole number >= 0")
+    intensity = meta.get("intensity", {})
+    require(path, isinstance(intensity, dict), "intensity must be an object")
+    for key in ("lower", "upper", "zscore_scale"):
+        value = intensity.get(key, 1.0)
+        require(
+            path,
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            f"intensity {key} must be a finite number, got {value!r}",
+        )
+    require(
+        path,
+        intensity.get("lower", 0.0) < intensity.get("upper", 1.0),
+        "intensity lower must be below upper",
+    )
+
+
 def backbone_from_metadata(
     path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor], out_channels: Optional[int] = None
 ) -> Backbone:
@@ -85,6 +158,7 @@ def backbone_from_metadata(
     segmentation network (the supervised baseline).
     """
     check_format(path, meta, BACKBONE_FORMAT, "backbone")
+    check_backbone_description(path, meta)
     try:
         config = BackboneConfig.from_dict(meta["config"])
         backbone = Backbone(

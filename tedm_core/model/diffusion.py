@@ -7,8 +7,13 @@ from typing import Optional
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
+from ..choices import NUM_TRAIN_TIMESTEPS
+from ..choices import SCHEDULES as SCHEDULE_NAMES
+from ..errors import SettingError
+
+# Our schedule names -> MONAI's.
 SCHEDULES = {"cosine": "cosine", "linear": "linear_beta"}
-NUM_TRAIN_TIMESTEPS = 1000
+assert tuple(SCHEDULES) == SCHEDULE_NAMES
 
 
 class NoiseSchedule:
@@ -33,4 +38,4 @@ class NoiseSchedule:
     def validate_timesteps(self, timesteps: list[int] | tuple[int, ...]) -> None:
         bad = [t for t in timesteps if not 0 <= int(t) < self.num_train_timesteps]
         if bad:
-            raise ValueError(f"timesteps {bad} are outside [0, {self.num_train_timesteps - 1}]")
+            raise SettingError("timesteps", f"{bad} are outside the schedule's [0, {self.num_train_timesteps - 1}]")

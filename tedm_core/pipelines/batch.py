@@ -1,6 +1,12 @@
 """Headless batch segmentation of a cohort: discover cases, segment each, write mirrored outputs.
 
-The logic behind ``scripts/batch_segment.py``. Guarantees:
+The one writer of segmentation outputs, behind ``tedm segment`` and ``scripts/batch_segment.py``
+alike (the conventions are in the README's "Output files"). Guarantees:
+
+* before any case: the output folder is checked apart from every input (images, labels, model)
+  and writable, no two inputs would write one file, and the folder's provenance record
+  (``.tedm_outputs.json``) says this model and these settings made what it holds, else the run
+  is refused (unless ``overwrite``);
 
 * one failing case never stops the others; its one-line error goes to ``summary.csv``;
 * every output is written atomically (temporary file, then rename), the label file last, so
@@ -15,6 +21,7 @@ What a case is: see :mod:`tedm_core.io.cases`.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import time
@@ -25,15 +32,30 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..io.atomic import write_text_atomic
+from ..errors import InputError, SettingError
+from ..io.atomic import remove_stale_temporaries, write_text_atomic
 from ..io.cases import Case, discover_cases, find_label_file
-from ..io.volumes import Volume, geometry_mismatch, read_case, read_volume, write_float_volume, write_label_volume
+from ..io.images import IMAGE_SUFFIXES
+from ..io.outputs import check_writable_folder, claim_output_folder, refuse_overlap
+from ..io.volumes import (
+    Volume,
+    geometry_mismatch,
+    read_case,
+    read_volume,
+    volume_suffix,
+    write_float_volume,
+    write_label_volume,
+)
 from .volume import label_array_to_classes, segment_volume
 
 log = logging.getLogger(__name__)
 
 SUMMARY_EVERY_S = 30.0
+# Bumped when what an output file holds changes (values, scaling, names): outputs of another
+# convention are never taken for this one's.
+OUTPUT_CONVENTION = 1
+# A write that fails for one of these reasons fails every case after it too: the batch stops.
+FATAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass
@@ -52,6 +74,7 @@ class CaseResult:
 class BatchOptions:
     overwrite: bool = False
     uncertainty: bool = False
+    probabilities: bool = False
     labels_dir: Optional[Path] = None
     label_name: Optional[str] = None
     include: Optional[str] = None
@@ -61,14 +84,16 @@ class BatchOptions:
     show_progress: bool = True
 
 
-def check_output_folder(input_dir: Path, output_dir: Path) -> None:
-    """Refuse an output folder that is, or lies inside, the input folder: outputs would be
-    rediscovered as inputs on the next run, and a mistake could overwrite the data."""
-    inp, out = input_dir.resolve(), output_dir.resolve()
-    if out == inp or inp in out.parents:
-        raise InputError(
-            output_dir, f"the output folder is inside the input folder {input_dir}; choose a folder outside it"
-        )
+def check_output_folder(
+    input_dir: Path, output_dir: Path, labels_dir: Optional[Path] = None, model_dir: Optional[Path] = None
+) -> None:
+    """Refuse an output folder that overlaps the input, labels or model folder, is a file, or
+    cannot be written: found before the model is loaded (see :mod:`tedm_core.io.outputs`)."""
+    for what, folder in (("input", input_dir), ("labels", labels_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(folder, f"{what} folder not found" if not Path(folder).exists() else "is not a folder")
+    refuse_overlap(output_dir, [("input", input_dir), ("labels", labels_dir), ("model", model_dir)])
+    check_writable_folder(output_dir)  # (created when the first file is written)
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
@@ -76,9 +101,9 @@ def parse_shard(text: str) -> Tuple[int, int]:
     try:
         k, n = (int(x) for x in str(text).split("/"))
     except ValueError:
-        raise InputError(None, f"--shard {text!r}: expected K/N, e.g. 1/4 (K counts from 1)") from None
+        raise SettingError("shard", f"{text!r}: expected K/N, e.g. 1/4 (K counts from 1)") from None
     if not (n >= 1 and 1 <= k <= n):
-        raise InputError(None, f"--shard {text!r}: K must be within 1..N")
+        raise SettingError("shard", f"{text!r}: K must be within 1..N")
     return k, n
 
 
@@ -87,18 +112,28 @@ def select_shard(cases: Sequence[Case], shard: Tuple[int, int]) -> List[Case]:
     return [case for i, case in enumerate(sorted(cases, key=lambda c: c.case_id)) if i % n == k - 1]
 
 
-def _remove_stale_temporaries(output: Path) -> None:
-    """Temporary files a killed run left beside ``output`` (``atomic_path``'s ``.name.*.part*``)."""
-    if output.parent.is_dir():
-        for stale in output.parent.glob(f".{output.name}.*.part*"):
-            stale.unlink(missing_ok=True)
-
-
 def _one_line(case: Case, error: BaseException) -> str:
     if isinstance(error, InputError):
         return str(error)
     text = " ".join(str(error).split()) or type(error).__name__
     return f"{case.inputs[0] if case.inputs else case.case_id}: {type(error).__name__}: {text}"[:500]
+
+
+class _OutputFailure(Exception):
+    """Writing failed for a reason every later case would share (disk full, read-only): stop."""
+
+    def __init__(self, error: InputError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def file_label_values(output: Path, bundle) -> List[int]:
+    """The value each class gets in a label file: the bundle's label values, except that a one-
+    structure model writes 0/255 into 2D image formats, the masks' own convention (and visible
+    in any viewer); ``label_array_to_classes`` reads any non-zero value back as the structure."""
+    if volume_suffix(output) in IMAGE_SUFFIXES and len(bundle.class_names) == 2:
+        return [0, 255]
+    return list(bundle.label_values)
 
 
 class BatchRunner:
@@ -110,7 +145,11 @@ class BatchRunner:
         self.options = options
 
     def outputs_of(self, case: Case) -> List[Path]:
-        return ([case.uncertainty_output()] if self.options.uncertainty else []) + [case.output]
+        """Every file this case writes, the label file last (its presence marks the case done)."""
+        maps = case.probability_outputs(self.bundle.class_names) if self.options.probabilities else []
+        if self.options.uncertainty:
+            maps.append(case.uncertainty_output())
+        return [*maps, case.output]
 
     def run_case(self, case: Case, slice_bar: Optional[tqdm] = None) -> CaseResult:
         tic = time.perf_counter()
@@ -126,6 +165,8 @@ class BatchRunner:
                 result = self._existing(case)
             else:
                 result = self._segment(case, slice_bar)
+        except _OutputFailure:
+            raise
         except Exception as error:  # one case's failure, whatever it is, must not stop the batch
             log.debug("case %s failed", case.case_id, exc_info=True)
             result = CaseResult(case.case_id, "failed", error=_one_line(case, error))
@@ -148,7 +189,7 @@ class BatchRunner:
     def _segment(self, case: Case, slice_bar: Optional[tqdm]) -> CaseResult:
         volume = self._read(case)
         for output in self.outputs_of(case):
-            _remove_stale_temporaries(output)
+            remove_stale_temporaries(output)
 
         def progress(done: int, total: int) -> None:
             if slice_bar is not None:
@@ -160,12 +201,24 @@ class BatchRunner:
             slice_bar.reset()
             slice_bar.set_description(case.case_id[-40:])
         seg = segment_volume(
-            self.segmenter, volume, axis=self.options.axis, progress=progress, keep_probabilities=False
+            self.segmenter,
+            volume,
+            axis=self.options.axis,
+            progress=progress,
+            keep_probabilities=self.options.probabilities,
         )
-        # The label file last: its presence marks the case complete.
-        if self.options.uncertainty:
-            write_float_volume(case.uncertainty_output(), seg.uncertainty, volume)
-        write_label_volume(case.output, seg.label_values(self.bundle.label_values), volume)
+        try:
+            if self.options.probabilities:
+                for k, path in enumerate(case.probability_outputs(self.bundle.class_names), start=1):
+                    write_float_volume(path, seg.probabilities[k], volume)
+            if self.options.uncertainty:
+                write_float_volume(case.uncertainty_output(), seg.uncertainty, volume)
+            # The label file last: its presence marks the case complete.
+            write_label_volume(case.output, seg.label_values(file_label_values(case.output, self.bundle)), volume)
+        except OSError as error:
+            if error.errno in FATAL_WRITE_ERRNOS:
+                raise _OutputFailure(InputError(error.filename or case.output, error.strerror or str(error))) from None
+            raise
         return CaseResult(
             case.case_id,
             "ok",
@@ -189,7 +242,8 @@ class BatchRunner:
         if label_path is None:
             raise InputError(
                 self.options.labels_dir,
-                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
+                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>"
+                f"{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
             )
         truth_volume = read_volume(label_path, allow_constant=True)
         prediction_volume = read_volume(case.output, allow_constant=True)
@@ -274,26 +328,52 @@ class BatchReport:
         return {name: float(np.mean(values)) for name, values in per_class.items()}
 
 
+def provenance_record(segmenter, options: BatchOptions) -> Dict[str, object]:
+    """What made the outputs: the model (its content hash), the settings that change them, and
+    (for the reader only) where and when."""
+    record: Dict[str, object] = dict(segmenter.provenance())
+    record.update(
+        convention=OUTPUT_CONVENTION,
+        axis=options.axis or getattr(segmenter.bundle, "axis", None) or "axial",
+        written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    return record
+
+
 def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOptions) -> BatchReport:
     """Segment every case of this shard under ``input_dir`` into ``output_dir``; never raises for a
-    single case (see ``BatchReport.failed``). Setup problems (bad folders) raise :class:`InputError`."""
+    single case (see ``BatchReport.failed``). Setup problems (bad folders, colliding names,
+    another model's outputs) raise :class:`InputError` before any case is segmented; so does a
+    write failure every later case would share (disk full, read-only), which stops the batch."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    check_output_folder(input_dir, output_dir)
-    if options.labels_dir is not None and not Path(options.labels_dir).is_dir():
-        raise InputError(options.labels_dir, "labels folder not found")
     bundle = segmenter.bundle
+    if options.uncertainty and not getattr(segmenter, "gives_uncertainty", True):
+        raise SettingError(
+            "uncertainty",
+            "this model makes one prediction per pixel (a concatenating head, the baseline or a single timestep), "
+            "so there is no spread over timesteps to write",
+        )
+    check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    runner = BatchRunner(segmenter, options)
+    done = [case.output for case in cases if case.output.is_file()]
+    claim_output_folder(output_dir, provenance_record(segmenter, options), done, options.overwrite)
     summary_path = output_dir / summary_name(options.shard, "summary")
     metrics_path = output_dir / summary_name(options.shard, "metrics") if options.labels_dir is not None else None
-    runner = BatchRunner(segmenter, options)
+    for path in (summary_path, metrics_path):
+        if path is not None:
+            remove_stale_temporaries(path)  # this shard's own files: no other process writes them
     results: List[CaseResult] = []
+    completed = False
     last_write = time.monotonic()
     case_bar = tqdm(cases, desc="cases", unit="case", disable=not options.show_progress, position=0)
     slice_bar = tqdm(total=0, desc="slices", unit="slice", disable=not options.show_progress, position=1, leave=False)
     try:
         for case in case_bar:
-            result = runner.run_case(case, slice_bar)
+            try:
+                result = runner.run_case(case, slice_bar)
+            except _OutputFailure as failure:
+                raise failure.error from None
             results.append(result)
             if result.status == "failed":
                 tqdm.write(f"FAILED {result.error}")
@@ -303,11 +383,18 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
             if time.monotonic() - last_write > SUMMARY_EVERY_S:
                 write_summary(summary_path, results, bundle.class_names)
                 last_write = time.monotonic()
+        completed = True
     finally:
         slice_bar.close()
         case_bar.close()
-        # Also on Ctrl-C: what was done is recorded (the rerun completes the rest).
-        write_summary(summary_path, results, bundle.class_names)
-        if metrics_path is not None:
-            write_metrics(metrics_path, results)
+        # Also on Ctrl-C: what was done is recorded (the rerun completes the rest). When the
+        # disk is full this may fail too; the error that stopped the batch is the one to report.
+        try:
+            write_summary(summary_path, results, bundle.class_names)
+            if metrics_path is not None:
+                write_metrics(metrics_path, results)
+        except OSError as error:
+            if completed:
+                raise InputError(summary_path, f"cannot be written ({error.strerror or error})") from None
+            log.warning("could not write %s: %s", summary_path, error.strerror or error)
     return BatchReport(results, summary_path, metrics_path)

@@ -130,6 +130,19 @@ def evaluate_folders(
     return rows
 
 
+def same_images(rows_a: Sequence[Dict[str, object]], rows_b: Sequence[Dict[str, object]], pred_a, pred_b) -> None:
+    """Refuse to compare two predictions unless they scored the very same images: means over
+    different image sets side by side would mislead, and the paired test needs pairs."""
+    a, b = {r["image"] for r in rows_a}, {r["image"] for r in rows_b}
+    if a != b:
+        only_a, only_b = sorted(a - b), sorted(b - a)
+        example = f"{only_a[0]} only in {pred_a}" if only_a else f"{only_b[0]} only in {pred_b}"
+        raise InputError(
+            pred_b,
+            f"scores {len(b)} images and {pred_a} scores {len(a)}; a comparison needs the same images ({example})",
+        )
+
+
 def write_metrics_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:
     if not rows:
         return

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bundle import BASELINE, ModelBundle, baseline_output_channels
-from ..choices import DEFAULT_BASELINE_STEPS, DEFAULT_HEAD_STEPS, DEFAULT_REFINE_STEPS, METHODS
-from ..errors import Cancelled
+from ..choices import DEFAULT_BASELINE_STEPS, DEFAULT_HEAD_STEPS, DEFAULT_REFINE_STEPS, METHODS, canonical_method
+from ..errors import Cancelled, InputError, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
-from ..heads import FeatureHead, HeadConfig, maps_per_chunk
+from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, check_finite_loss, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
@@ -45,7 +45,7 @@ REFINE_ANCHOR_IMAGES_PER_STEP = 2
 # forget what it did on every other slice (Dice on the others 0.79 -> 0.00 on a BraTS volume).
 REFINE_ANCHOR_SLICES = 4
 # The logistic probe has no normalisation layer to tame raw feature scales: it needs a larger step.
-DEFAULT_HEAD_LEARNING_RATES = {"step": 1e-2}
+DEFAULT_HEAD_LEARNING_RATES = {"probe": 1e-2}
 
 
 @dataclass
@@ -69,11 +69,13 @@ def _prepare(
     if slices.ndim != 4 or labels.shape != (slices.shape[0],) + slices.shape[2:]:
         raise ValueError(f"expected slices (N, C, H, W) and labels (N, H, W); got {slices.shape} and {labels.shape}")
     if len(slices) == 0:
-        raise ValueError("no labelled slices to learn from")
+        raise InputError(None, "no labelled slices to learn from")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"labels must be class indices in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}"
+        raise InputError(
+            None, f"labels must be class indices in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}"
         )
+    if not np.isfinite(slices).all():
+        raise InputError(None, "the labelled slices hold NaN or infinite values")
     grid, transform = to_model_grid(torch.from_numpy(slices), image_size)
     targets = labels_to_model_grid(torch.from_numpy(labels.astype(np.int64)), transform)
     return grid, targets
@@ -228,40 +230,43 @@ def train_head(
         and timesteps_per_image < features[0][0].shape[1]
     )
     chunk = maps_per_chunk(device)
-    bar = tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress)
-    for step in bar:
-        if cancel is not None and cancel():
-            raise Cancelled("cancelled")
-        draw = int(torch.randint(0, len(features), (1,), generator=generator))
-        index = torch.randperm(n, generator=generator)[: min(n, images_per_step)].to(device)
-        parts = [([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index), 1.0)]
-        if anchor is not None:
-            chosen = torch.randperm(anchor.labels.shape[0], generator=generator)[: anchor.images_per_step].to(device)
-            parts.append(
-                (
-                    [f.index_select(0, chosen) for f in anchor.features],
-                    anchor.labels.index_select(0, chosen),
-                    float(anchor.weight),
+    with tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress) as bar:
+        for step in bar:
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            draw = int(torch.randint(0, len(features), (1,), generator=generator))
+            index = torch.randperm(n, generator=generator)[: min(n, images_per_step)].to(device)
+            parts = [([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index), 1.0)]
+            if anchor is not None:
+                chosen = torch.randperm(anchor.labels.shape[0], generator=generator)[: anchor.images_per_step].to(
+                    device
                 )
-            )
-        if sample_timesteps:
-            parts = [(_pick_timesteps(f, int(timesteps_per_image), generator), t, w) for f, t, w in parts]
-        optimiser.zero_grad(set_to_none=True)
-        if freeze_statistics:
-            loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
-        else:
-            # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
-            sizes = [t.shape[0] for _, t, _ in parts]
-            logits = head.logits(
-                [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
-            )
-            total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
-            total.backward()
-            loss = float(total.detach())
-        optimiser.step()
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if progress is not None:
-            progress(step + 1, steps, loss)
+                parts.append(
+                    (
+                        [f.index_select(0, chosen) for f in anchor.features],
+                        anchor.labels.index_select(0, chosen),
+                        float(anchor.weight),
+                    )
+                )
+            if sample_timesteps:
+                parts = [(_pick_timesteps(f, int(timesteps_per_image), generator), t, w) for f, t, w in parts]
+            optimiser.zero_grad(set_to_none=True)
+            if freeze_statistics:
+                loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
+            else:
+                # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
+                sizes = [t.shape[0] for _, t, _ in parts]
+                logits = head.logits(
+                    [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
+                )
+                total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
+                total.backward()
+                loss = float(total.detach())
+            check_finite_loss(loss, step + 1, "fitting the head")
+            optimiser.step()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if progress is not None:
+                progress(step + 1, steps, loss)
     return head.eval()
 
 
@@ -269,7 +274,6 @@ def train_baseline(
     unet: torch.nn.Module,
     grid: torch.Tensor,
     targets: torch.Tensor,
-    num_classes: int,
     steps: int,
     learning_rate: float,
     device: torch.device,
@@ -285,25 +289,23 @@ def train_baseline(
     optimiser = torch.optim.Adam(unet.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     grid, targets = grid.to(device), targets.to(device)
-    bar = tqdm(range(steps), desc="training baseline", unit="step", disable=not show_progress)
-    for step in bar:
-        if cancel is not None and cancel():
-            raise Cancelled("cancelled")
-        index = torch.randint(0, grid.shape[0], (min(batch_size, grid.shape[0]),), generator=generator).to(device)
-        x, y = grid.index_select(0, index), targets.index_select(0, index)
-        with autocast(device, precision):
-            logits = unet(x, torch.zeros(x.shape[0], dtype=torch.long, device=device)).float()
-        loss = (
-            F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-            if num_classes == 2
-            else F.cross_entropy(logits, y)
-        )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if progress is not None:
-            progress(step + 1, steps, float(loss.item()))
+    with tqdm(range(steps), desc="training baseline", unit="step", disable=not show_progress) as bar:
+        for step in bar:
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            index = torch.randint(0, grid.shape[0], (min(batch_size, grid.shape[0]),), generator=generator).to(device)
+            x, y = grid.index_select(0, index), targets.index_select(0, index)
+            with autocast(device, precision):
+                logits = unet(x, torch.zeros(x.shape[0], dtype=torch.long, device=device)).float()
+            loss = segmentation_loss(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            value = float(loss.item())
+            check_finite_loss(value, step + 1, "training the baseline")
+            optimiser.step()
+            bar.set_postfix(loss=f"{value:.4f}")
+            if progress is not None:
+                progress(step + 1, steps, value)
     return unet.eval()
 
 
@@ -329,9 +331,10 @@ def fit_bundle(
     per class (default: the bundle's palette). Options may be given as keywords
     (``steps=``, ``seed=``, ``device=`` ...) instead of a :class:`FitOptions`.
     """
+    method = canonical_method(method)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    options = _with(options or FitOptions(), option_overrides)
+        raise SettingError("method", f"unknown method {method!r}; expected one of {METHODS}")
+    options = _options_with(options or FitOptions(), option_overrides)
     class_names = list(class_names)
     label_values = list(label_values) if label_values is not None else list(range(len(class_names)))
     colours: List[Tuple[int, int, int]] = []
@@ -345,19 +348,22 @@ def fit_bundle(
     precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
     grid, targets = _prepare(slices, labels, backbone.config.image_size, len(class_names))
+    if int(np.asarray(labels).max()) == 0:
+        # (Refining may learn from all-background corrections; a model from nothing but background may not.)
+        raise InputError(None, "every labelled pixel is background: there is no structure to learn")
     tic = time.perf_counter()
     training = {"labelled_slices": int(grid.shape[0]), "seed": options.seed, "backbone_steps": backbone.steps_trained}
 
     if method == BASELINE:
-        steps = options.steps or DEFAULT_BASELINE_STEPS
+        steps = _setting_or_default(options.steps, DEFAULT_BASELINE_STEPS, "steps")
+        learning_rate = _setting_or_default(options.learning_rate, 1e-4, "learning_rate")
         unet = build_unet(backbone.config, out_channels=baseline_output_channels(len(class_names)))
         train_baseline(
             unet,
             grid,
             targets,
-            len(class_names),
             steps,
-            options.learning_rate or 1e-4,
+            learning_rate,
             device,
             precision,
             options.seed,
@@ -375,21 +381,19 @@ def fit_bundle(
         )
         head = None
     else:
-        steps = options.steps or DEFAULT_HEAD_STEPS
+        steps = _setting_or_default(options.steps, DEFAULT_HEAD_STEPS, "steps")
+        learning_rate = _setting_or_default(
+            options.learning_rate, DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3), "learning_rate"
+        )
         extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule)
         config = HeadConfig.for_method(method, extractor.level_channels, len(class_names), options.timesteps)
-        try:
-            features = extract_training_features(
-                extractor, grid, config.timesteps, options.noise_draws, device, precision
-            )
-        finally:
-            extractor.close()
+        features = extract_training_features(extractor, grid, config.timesteps, options.noise_draws, device, precision)
         head = train_head(
             FeatureHead(config),
             features,
             targets,
             steps,
-            options.learning_rate or DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3),
+            learning_rate,
             options.images_per_step,
             options.seed,
             progress,
@@ -446,7 +450,7 @@ def refine_bundle(
         raise ValueError("the supervised baseline cannot be refined; fit it again with the new labels")
     if (anchor_slices is None) != (anchor_labels is None):
         raise ValueError("anchor_slices and anchor_labels go together")
-    options = _with(options or FitOptions(), option_overrides)
+    options = _options_with(options or FitOptions(), option_overrides)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes)
@@ -469,26 +473,22 @@ def refine_bundle(
         return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)
 
     anchor = None
-    try:
-        draws = features_of(grid, features, options.noise_draws, "slices")
-        if anchor_slices is not None:
-            anchor_grid, anchor_targets = _prepare(anchor_slices, anchor_labels, bundle.image_size, bundle.num_classes)
-            # Draw 0 only: the anchor labels are the prediction made with the inference noise.
-            levels = features_of(anchor_grid, anchor_features, 1, "anchor slices")[0]
-            anchor = Anchor(
-                levels, anchor_targets, weight=REFINE_ANCHOR_WEIGHT, images_per_step=REFINE_ANCHOR_IMAGES_PER_STEP
-            )
-    finally:
-        if extractor is not None:
-            extractor.close()
+    labelled_features = features_of(grid, features, options.noise_draws, "slices")
+    if anchor_slices is not None:
+        anchor_grid, anchor_targets = _prepare(anchor_slices, anchor_labels, bundle.image_size, bundle.num_classes)
+        # Draw 0 only: the anchor labels are the prediction made with the inference noise.
+        levels = features_of(anchor_grid, anchor_features, 1, "anchor slices")[0]
+        anchor = Anchor(
+            levels, anchor_targets, weight=REFINE_ANCHOR_WEIGHT, images_per_step=REFINE_ANCHOR_IMAGES_PER_STEP
+        )
     head = copy.deepcopy(bundle.head)
-    steps = options.steps or DEFAULT_REFINE_STEPS
+    steps = _setting_or_default(options.steps, DEFAULT_REFINE_STEPS, "steps")
     train_head(
         head,
-        draws,
+        labelled_features,
         targets,
         steps,
-        options.learning_rate or DEFAULT_REFINE_LEARNING_RATE,
+        _setting_or_default(options.learning_rate, DEFAULT_REFINE_LEARNING_RATE, "learning_rate"),
         options.images_per_step,
         options.seed,
         progress,
@@ -518,8 +518,21 @@ def refine_bundle(
     )
 
 
-def _with(options: FitOptions, overrides: dict) -> FitOptions:
+def _options_with(options: FitOptions, overrides: dict) -> FitOptions:
+    """``options`` with the fields given as keywords replaced (``fit_bundle(..., steps=50)``)."""
     unknown = set(overrides) - set(FitOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown fit options: {sorted(unknown)}")
     return FitOptions(**{**options.__dict__, **overrides})
+
+
+def _setting_or_default(value, default, setting: str):
+    """``value`` unless it is None (then the method's default); a count or rate must be positive and finite.
+
+    ``0`` is an error rather than "the default": ``steps=0`` asked for an untrained model.
+    """
+    if value is None:
+        return default
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise SettingError(setting, f"must be a positive number, got {value!r}")
+    return value

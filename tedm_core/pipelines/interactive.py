@@ -402,7 +402,7 @@ class InteractiveSession:
 
     def _release_segmenter(self) -> None:
         if self._segmenter is not None:
-            self._segmenter.close()
+            self._segmenter.close()  # gives the GPU memory back; a new segmenter moves the model again
         self._segmenter = None
 
     def _predict(self, reporter: Reporter, start: float, end: float) -> Tuple[np.ndarray, np.ndarray, int]:

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from ..io.cases import discover_cases, find_label_file
 from ..io.images import is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
@@ -30,14 +30,18 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
         if not folder.is_dir():
             raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
     mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
-    pairs = [
-        (p, mask_by_stem[strip_suffix(p)])
-        for p in sorted(images.iterdir())
-        if p.is_file() and is_image_file(p) and strip_suffix(p) in mask_by_stem
-    ]
-    if not pairs:
+    image_files = [p for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p)]
+    unmatched = [p for p in image_files if strip_suffix(p) not in mask_by_stem]
+    if len(unmatched) == len(image_files):
         raise InputError(images, f"no image has a mask of the same name in {masks}")
-    return pairs
+    if unmatched:
+        # Dropping them would change what n counts and what the model learns, unseen.
+        raise InputError(
+            unmatched[0],
+            f"has no mask of the same name in {masks} ({len(unmatched)} of {len(image_files)} images have none); "
+            "every labelled image needs its mask",
+        )
+    return [(p, mask_by_stem[strip_suffix(p)]) for p in image_files]
 
 
 def spread_evenly(count: int, keep: int) -> List[int]:
@@ -48,13 +52,10 @@ def spread_evenly(count: int, keep: int) -> List[int]:
 
 
 def holds_only_2d_images(folder: Path) -> bool:
-    """True for a flat folder of PNG/JPG images (radiographs), False when it holds volumes or case folders."""
+    """True for a folder holding 2D images (radiographs) directly and no volume file; subfolders
+    (a notebook's checkpoints, an earlier run's results) do not change what the folder is."""
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return (
-        bool(files)
-        and all(is_image_file(p) for p in files if is_image_file(p) or is_volume_file(p))
-        and not any(p.is_dir() for p in folder.iterdir())
-    )
+    return any(is_image_file(p) for p in files) and not any(is_volume_file(p) for p in files)
 
 
 def load_labelled_data(
@@ -74,11 +75,18 @@ def load_labelled_data(
     ``n`` keeps the first n items (2D pairs or cases) in sorted name order, the paper's few-shot subsets.
     """
     images = Path(images)
+    if slices_per_case is not None and slices_per_case < 1:
+        raise SettingError("slices_per_case", f"must be at least 1, got {slices_per_case}")
+    if slices is not None and any(int(i) < 0 for i in slices):
+        raise SettingError("slices", f"slice indices count from 0, got {sorted(slices)[:3]}")
     if not images.is_dir():
         raise InputError(images, "folder not found" if not images.exists() else "is not a folder")
     if masks is None and label_name is None:
-        raise InputError(images, "give --masks DIR, or --label-name NAME for labels stored inside each case folder")
+        raise SettingError("masks", "give a masks folder, or the label file name inside each case folder (label_name)")
     if masks is not None and len(channel_names) == 1 and holds_only_2d_images(images):
+        for setting, value in (("slices", slices), ("slices_per_case", slices_per_case), ("label_name", label_name)):
+            if value is not None:
+                raise SettingError(setting, f"applies to volumes only, and {images} holds 2D images")
         return _load_image_pairs(images, Path(masks), intensity, label_values, n)
     cases = list(discover_cases(images, images / ".unused", channel_names))
     if n is not None:
@@ -110,9 +118,9 @@ def load_labelled_data(
 
 def _first(items: list, n: int, where: Path) -> list:
     if n < 1:
-        raise InputError(where, f"--n must be at least 1, got {n}")
+        raise SettingError("n", f"must be at least 1, got {n}")
     if n > len(items):
-        raise InputError(where, f"--n {n} asks for more labelled items than the {len(items)} found")
+        raise SettingError("n", f"{n} asks for more labelled items than the {len(items)} found in {where}")
     return items[:n]
 
 
@@ -128,6 +136,10 @@ def _load_image_pairs(
         label = read_label_image(mask_path, label_values)[None]
         if label.shape[1:] != image.shape[2:]:
             raise InputError(mask_path, f"mask size {label.shape[1:]} differs from its image's {image.shape[2:]}")
+        if not label.any():
+            # As for label volumes: an empty mask is far more often a wrong file or value than a
+            # deliberate "nothing here", and would teach the model to find nothing.
+            raise InputError(mask_path, f"holds no labelled pixels (every pixel is background {label_values[0]})")
         all_slices.append(image)
         all_labels.append(label)
     slices_out, labels_out = _pad_to_common_size(all_slices, all_labels)
@@ -141,5 +153,5 @@ def _pad_to_common_size(slices: List[np.ndarray], labels: List[np.ndarray]) -> T
     padded_slices = [
         np.pad(s, ((0, 0), (0, 0), (0, h - s.shape[2]), (0, w - s.shape[3])), constant_values=-1.0) for s in slices
     ]
-    padded_labels = [np.pad(l, ((0, 0), (0, h - l.shape[1]), (0, w - l.shape[2]))) for l in labels]
+    padded_labels = [np.pad(lab, ((0, 0), (0, h - lab.shape[1]), (0, w - lab.shape[2]))) for lab in labels]
     return np.concatenate(padded_slices).astype(np.float32), np.concatenate(padded_labels).astype(np.int64)

@@ -9,12 +9,13 @@ once weights and optimiser state are restored, whatever happened before the inte
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,12 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from ..errors import BundleError
+from ..choices import LOSSES
+from ..errors import BundleError, SettingError, TrainingDiverged
 from ..io.safe import read_tensors
-from ..model.checkpoint import Backbone, load_backbone, save_backbone
+from ..model.checkpoint import BACKBONE_JSON, EMA_WEIGHTS, UNET_WEIGHTS, Backbone, load_backbone, save_backbone
 from ..model.diffusion import NoiseSchedule
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, check_finite_loss, count_non_finite, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
@@ -84,19 +86,70 @@ def _augment(batch: torch.Tensor, options: PretrainOptions, generator: torch.Gen
     return batch
 
 
+def _step_checkpoints(out: Path) -> List[Path]:
+    """The complete step checkpoints in ``out/steps/``, oldest first (names are zero-padded steps)."""
+    if not (out / STEPS_DIR).is_dir():
+        return []
+    return sorted(p for p in (out / STEPS_DIR).glob("[0-9]*") if (p / TRAINER_STATE).is_file())
+
+
 def _latest_checkpoint(out: Path) -> Optional[Path]:
-    steps = (
-        sorted(p for p in (out / STEPS_DIR).glob("[0-9]*") if (p / TRAINER_STATE).is_file())
-        if (out / STEPS_DIR).is_dir()
-        else []
-    )
+    steps = _step_checkpoints(out)
     return steps[-1] if steps else None
+
+
+def check_pretrain_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: ``out`` must be a folder, hold a checkpoint to resume, or hold none
+    unless starting afresh over it is asked for."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(out, "is a file; a checkpoint folder is needed")
+    holds = (out / BACKBONE_JSON).is_file() or bool(_step_checkpoints(out))
+    if resume and _latest_checkpoint(out) is None:
+        raise BundleError(out, "holds no checkpoint to resume from")
+    if holds and not (resume or overwrite):
+        raise BundleError(out, "already holds a checkpoint; resume it, or overwrite it to start again")
+
+
+def _clear_checkpoints(out: Path) -> None:
+    """Starting afresh over an earlier run: remove its checkpoints (and only those), so that a
+    later resume or the retention policy never mistakes them for this run's."""
+    for folder in (out / STEPS_DIR).glob("[0-9]*") if (out / STEPS_DIR).is_dir() else []:
+        if (folder / BACKBONE_JSON).is_file():
+            shutil.rmtree(folder)
+    for name in (BACKBONE_JSON, UNET_WEIGHTS, EMA_WEIGHTS):
+        (out / name).unlink(missing_ok=True)
+
+
+def _load_trainer_state(checkpoint: Path, device: torch.device) -> dict:
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        step = int(state["step"])
+        optimiser = state["optimiser"]
+    except Exception as error:  # a torn or foreign file: torch raises many types
+        raise BundleError(
+            path,
+            f"cannot be read as a trainer state ({type(error).__name__}); "
+            "delete this step folder to resume from the one before",
+        ) from None
+    return {"step": step, "optimiser": optimiser}
 
 
 def _save_checkpoint(
     out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int, keep: int
 ) -> None:
-    """A complete checkpoint in ``out/steps/<step>/`` (renamed into place whole), mirrored at ``out/``."""
+    """A complete checkpoint in ``out/steps/<step>/`` (renamed into place whole), mirrored at ``out/``.
+
+    Only finite weights are saved, and retention deletes only checkpoints of earlier steps than
+    this one, after it is in place: the last good checkpoint always survives.
+    """
+    bad = count_non_finite(backbone.unet.state_dict().values())
+    if bad:
+        raise TrainingDiverged(
+            f"pretraining diverged: {bad} weights are NaN or infinite at step {step}; not saved, the last "
+            f"checkpoint in {out} is kept (a smaller learning rate usually helps)"
+        )
     backbone.steps_trained = step
     ema_state = ema.module.state_dict() if ema is not None else None
     final = out / STEPS_DIR / f"{step:08d}"
@@ -108,7 +161,7 @@ def _save_checkpoint(
     os.replace(staging, final)
     save_backbone(out, backbone, ema_state)  # the loadable copy at the top level
     if keep > 0:
-        for old in sorted(p for p in (out / STEPS_DIR).glob("[0-9]*"))[:-keep]:
+        for old in [p for p in _step_checkpoints(out) if p.name < final.name][: -(keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -119,20 +172,35 @@ def pretrain(
     options: PretrainOptions,
     resume: bool = False,
     on_step: Optional[Callable[[int, float], None]] = None,
+    overwrite: bool = False,
 ) -> Backbone:
     """Train ``backbone.unet`` to predict eps on ``images`` ((N, C, S, S) in [-1, 1]); returns it.
 
     With ``resume``, weights, optimiser state, EMA and step come from the latest checkpoint in
-    ``out`` and training continues to ``options.steps`` in total.
+    ``out`` and training continues to ``options.steps`` in total. Otherwise ``out`` must hold no
+    checkpoint, or ``overwrite`` removes the earlier run's. A NaN or infinite loss stops the run
+    with :class:`TrainingDiverged`; the checkpoints saved before stay as they are.
     """
     out = Path(out)
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        if not int(getattr(options, name)) >= 1:
+            raise SettingError(name, f"must be at least 1, got {getattr(options, name)}")
+    if not (math.isfinite(options.learning_rate) and options.learning_rate > 0):
+        raise SettingError("learning_rate", f"must be a positive finite number, got {options.learning_rate}")
+    if options.ema_decay is not None and not 0 < options.ema_decay < 1:
+        raise SettingError("ema_decay", f"must lie in (0, 1), got {options.ema_decay}")
+    if options.keep_checkpoints < 0 or options.max_shift < 0:
+        raise SettingError("keep_checkpoints" if options.keep_checkpoints < 0 else "max_shift", "must be at least 0")
+    check_pretrain_folder(out, resume, overwrite)
+    if not torch.isfinite(images).all():
+        raise SettingError("images", "the training images hold NaN or infinite values")
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     ddp = _Distributed(device)
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if options.loss not in ("l1", "mse"):
-        raise ValueError(f"unknown loss {options.loss!r}; expected l1 or mse")
+    if options.loss not in LOSSES:
+        raise SettingError("loss", f"unknown loss {options.loss!r}; expected one of {LOSSES}")
 
     unet = backbone.unet.to(device).train()
     schedule = NoiseSchedule(backbone.schedule)
@@ -141,23 +209,28 @@ def pretrain(
     start = 0
     if resume:
         checkpoint = _latest_checkpoint(out)
-        if checkpoint is None:
-            raise BundleError(out, "--resume: no checkpoint to resume from in this folder")
         restored = load_backbone(checkpoint, use_ema=False)
         if restored.config != backbone.config:
-            raise BundleError(
-                checkpoint, "--resume: the checkpoint's model configuration differs from the one asked for"
-            )
+            raise BundleError(checkpoint, "the checkpoint's model configuration differs from the one asked for")
+        state = _load_trainer_state(checkpoint, device)
+        start = state["step"]
+        if start >= options.steps:
+            raise SettingError("steps", f"{options.steps}: {checkpoint} is already at step {start}; ask for more")
         unet.load_state_dict(restored.unet.state_dict())
-        state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=True)
-        optimiser.load_state_dict(state["optimiser"])
-        start = int(state["step"])
+        try:
+            optimiser.load_state_dict(state["optimiser"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise BundleError(
+                checkpoint / TRAINER_STATE, f"optimiser state does not fit this model ({error})"
+            ) from None
         if ema is not None:
-            ema_file = checkpoint / "ema.safetensors"
+            ema_file = checkpoint / EMA_WEIGHTS
             if ema_file.is_file():
                 ema.module.load_state_dict(read_tensors(ema_file))
             ema.n_averaged.fill_(start)
         log.info("resumed from %s at step %d", checkpoint, start)
+    elif overwrite and ddp.is_main:
+        _clear_checkpoints(out)
     model = torch.nn.parallel.DistributedDataParallel(unet) if ddp.enabled else unet
 
     local_batch = max(1, options.batch_size // ddp.world)
@@ -169,33 +242,37 @@ def pretrain(
         disable=not (options.show_progress and ddp.is_main),
     )
     seen, tic = 0, time.perf_counter()
-    for step in range(start, options.steps):
-        generator = torch.Generator().manual_seed((options.seed * 1_000_003 + step) * max(1, ddp.world) + ddp.rank)
-        index = torch.randint(0, images.shape[0], (local_batch,), generator=generator)
-        x0 = _augment(images[index], options, generator).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, schedule.num_train_timesteps, (local_batch,), generator=generator).to(device)
-        x_t = schedule.add_noise(x0, noise, t)
-        with autocast(device, precision):
-            predicted = model(x_t, t)
-        error = predicted.float() - noise
-        loss = error.abs().mean() if options.loss == "l1" else error.pow(2).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        if ema is not None:
-            ema.update_parameters(unet)
-        seen += local_batch * ddp.world
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - tic):.1f}")
-        if on_step is not None:
-            on_step(done, float(loss.item()))
-        if done % options.checkpoint_every == 0 or done == options.steps:
-            if ddp.is_main:
-                _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints)
-            ddp.barrier()
-    bar.close()
+    try:  # the bar is closed on an error too, so that the error starts its own line
+        for step in range(start, options.steps):
+            generator = torch.Generator().manual_seed((options.seed * 1_000_003 + step) * max(1, ddp.world) + ddp.rank)
+            index = torch.randint(0, images.shape[0], (local_batch,), generator=generator)
+            x0 = _augment(images[index], options, generator).to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            t = torch.randint(0, schedule.num_train_timesteps, (local_batch,), generator=generator).to(device)
+            x_t = schedule.add_noise(x0, noise, t)
+            with autocast(device, precision):
+                predicted = model(x_t, t)
+            error = predicted.float() - noise
+            loss = error.abs().mean() if options.loss == "l1" else error.pow(2).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            value = float(loss.item())
+            check_finite_loss(value, step + 1, "pretraining")
+            optimiser.step()
+            if ema is not None:
+                ema.update_parameters(unet)
+            seen += local_batch * ddp.world
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen / (time.perf_counter() - tic):.1f}")
+            if on_step is not None:
+                on_step(done, value)
+            if done % options.checkpoint_every == 0 or done == options.steps:
+                if ddp.is_main:
+                    _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints)
+                ddp.barrier()
+    finally:
+        bar.close()
     unet.eval()
     if ema is not None:
         unet.load_state_dict(ema.module.state_dict())

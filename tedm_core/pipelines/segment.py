@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..bundle import ModelBundle
-from ..errors import Cancelled
+from ..bundle import ModelBundle, model_fingerprint
+from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
+from ..heads import class_probabilities
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import autocast, describe_device, map_in_chunks, plan_batch_size, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
+
+# Planning the batch from free GPU memory: one slice costs, per timestep copy, about this many
+# float32 maps of the UNet's first-level width at the model resolution (the skip connections the
+# encoder keeps for the decoder, plus a residual block's transient maps). An allowance, not a
+# measurement; a CUDA out-of-memory error halves the batch anyway (runtime.map_in_chunks).
+UNET_MAPS_PER_COPY = 24
 Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -77,12 +84,14 @@ class Segmenter:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.timesteps = tuple(int(t) for t in timesteps) if timesteps else bundle.timesteps
-        if (
-            bundle.head is not None
-            and bundle.head.config.mode == "concat"
-            and set(self.timesteps) != set(bundle.timesteps)
-        ):
-            raise ValueError(f"a {bundle.method} head needs exactly its timesteps {bundle.timesteps}")
+        if timesteps and bundle.head is None:
+            raise SettingError("timesteps", "the supervised baseline has no timesteps to choose")
+        if bundle.head is not None:
+            bundle.backbone.noise_schedule.validate_timesteps(self.timesteps)
+            if bundle.head.config.mode == "concat" and set(self.timesteps) != set(bundle.timesteps):
+                raise SettingError(
+                    "timesteps", f"a {bundle.method} head needs exactly its timesteps {list(bundle.timesteps)}"
+                )
         unet = bundle.backbone.unet.to(self.device).eval()
         if bundle.head is not None:
             self.head = bundle.head.to(self.device).eval()
@@ -91,15 +100,41 @@ class Segmenter:
             self.head, self.extractor = None, None
         self.unet = unet
         size = bundle.image_size
-        per_slice = max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * 24
+        per_slice = (
+            max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * UNET_MAPS_PER_COPY
+        )
         self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=4)
         log.info(
             "segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size
         )
 
+    @property
+    def gives_uncertainty(self) -> bool:
+        """Whether predictions come from several timesteps whose spread is the uncertainty (a
+        shared head over two or more of them); otherwise the spread would be zero everywhere."""
+        return self.head is not None and self.head.config.mode == "shared" and len(self.timesteps) > 1
+
+    def provenance(self) -> Dict[str, object]:
+        """What decides this segmenter's outputs (the model's content and the timesteps used),
+        for the record an output folder keeps; device and precision change only float rounding."""
+        return {
+            "model": str(self.bundle.source)
+            if self.bundle.source is not None
+            else f"an unsaved {self.bundle.method} model",
+            "model_sha256": model_fingerprint(self.bundle),
+            "timesteps": list(self.timesteps),
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+
     def close(self) -> None:
-        if self.extractor is not None:
-            self.extractor.close()
+        """Give back the accelerator memory the model holds (it moves to the CPU); the
+        segmenter is not used after this. The Slicer module calls it before loading another model."""
+        self.bundle.backbone.unet.cpu()
+        if self.head is not None:
+            self.head.cpu()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _features(self, grid: torch.Tensor, cancel: Optional[CancelCheck] = None) -> LevelFeatures:
@@ -119,12 +154,7 @@ class Segmenter:
         grid = grid.to(self.device)
         with autocast(self.device, self.precision):
             logits = self.unet(grid, torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)).float()
-        if self.bundle.num_classes == 2:
-            fg = torch.sigmoid(logits)
-            probabilities = torch.cat([1 - fg, fg], dim=1)
-        else:
-            probabilities = torch.softmax(logits, dim=1)
-        probabilities = from_model_grid(probabilities, transform)
+        probabilities = from_model_grid(class_probabilities(logits), transform)
         return probabilities, torch.zeros_like(probabilities[:, 0])
 
     def predict(

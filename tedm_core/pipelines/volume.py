@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import InputError
+from ..io.images import binary_foreground
 from ..io.volumes import Volume, geometry_mismatch, read_case, read_volume
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
 from ..slicing import SliceLayout, extract_slices, labelled_slice_indices, reassemble, to_slices
@@ -61,7 +62,8 @@ def check_channels(volume: Volume, channel_names: Sequence[str]) -> None:
     if volume.array.shape[0] != len(channel_names):
         raise InputError(
             volume.path,
-            f"has {volume.array.shape[0]} channel(s) ({', '.join(volume.channel_names)}); the model expects {len(channel_names)} ({', '.join(channel_names)})",
+            f"has {volume.array.shape[0]} channel(s) ({', '.join(volume.channel_names)}); "
+            f"the model expects {len(channel_names)} ({', '.join(channel_names)})",
         )
 
 
@@ -79,7 +81,8 @@ def resolve_axis(volume: Volume, axis: str) -> str:
 
 
 def nonempty_slice_mask(slices: np.ndarray) -> np.ndarray:
-    """``(N, C, H, W)`` normalised slices -> bool ``(N,)``: which hold anything above background."""
+    """``(N, C, H, W)`` normalised slices -> bool ``(N,)``: which hold any voxel above background
+    (the model runs on those; pretraining's stricter rule is ``data.slices_with_enough_foreground``)."""
     return (slices.reshape(slices.shape[0], -1) > -1.0 + EMPTY_SLICE_TOLERANCE).any(axis=1)
 
 
@@ -143,7 +146,7 @@ def label_array_to_classes(label_volume: Volume, label_values: Sequence[int]) ->
     """
     values = np.rint(label_volume.array[0]).astype(np.int64)
     if len(label_values) == 2:
-        return (values != int(label_values[0])).astype(np.int64)
+        return binary_foreground(label_volume.path, values, int(label_values[0]))
     lookup = {int(v): k for k, v in enumerate(label_values)}
     present = np.unique(values)
     unknown = sorted(set(present.tolist()) - set(lookup))

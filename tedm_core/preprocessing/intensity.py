@@ -1,6 +1,6 @@
 """Per-image (or per-volume) intensity normalisation to the [-1, 1] range the DDPM is trained on.
 
-One convention end to end (METHOD.md section 2 warns of the authors' [0, 1] vs [-1, 1] bug): the
+One convention end to end (docs/method.md, section 2, warns of the authors' [0, 1] vs [-1, 1] bug): the
 same :class:`IntensityConfig` is stored with the backbone checkpoint and copied into every bundle
 fitted on it, and every face calls :func:`normalise_intensity` with it.
 """
@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
 import numpy as np
+
+from ..choices import INTENSITIES
 
 KINDS = ("percentile", "foreground_percentile", "zscore", "fixed")
 
@@ -54,8 +56,9 @@ class IntensityConfig:
 RADIOGRAPH = IntensityConfig("percentile", 0.5, 99.5)
 BRAIN_T1 = IntensityConfig("foreground_percentile", 1.0, 99.0)
 MULTIMODAL_MRI = IntensityConfig("zscore")
-# The conventions by the names users choose them with (``tedm pretrain --intensity``, the worker).
-INTENSITY_CONVENTIONS = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}
+# The conventions a user picks by name (``tedm pretrain --intensity``).
+NAMED: Dict[str, IntensityConfig] = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}
+assert tuple(NAMED) == INTENSITIES
 
 
 def foreground_mask(channel: np.ndarray) -> np.ndarray:

@@ -274,7 +274,7 @@ class Worker:
         from ..model.checkpoint import Backbone
         from ..pipelines.pretrain import PretrainOptions, pretrain
         from ..pipelines.volume import normalise_volume
-        from ..preprocessing.intensity import INTENSITY_CONVENTIONS
+        from ..preprocessing.intensity import NAMED
         from ..preprocessing.spatial import to_model_grid
         from ..slicing import extract_slices
 
@@ -283,17 +283,15 @@ class Worker:
         if preset not in PRESETS:
             raise RequestError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
         intensity_name = _field(request, "intensity", str, "brain")
-        if intensity_name not in INTENSITY_CONVENTIONS:
-            raise RequestError(
-                f"unknown intensity {intensity_name!r}; expected one of {', '.join(INTENSITY_CONVENTIONS)}"
-            )
+        if intensity_name not in NAMED:
+            raise RequestError(f"unknown intensity {intensity_name!r}; expected one of {', '.join(NAMED)}")
         session_ids = _field(request, "sessions", list)
         sessions = [self._session({"op": "pretrain", "session": s}) for s in session_ids]
         if not sessions:
             raise RequestError("'sessions' must name at least one open session")
         steps = _positive_int(request, "steps", 1000)
         axis = _field(request, "axis", str, "axial")
-        intensity = INTENSITY_CONVENTIONS[intensity_name]
+        intensity = NAMED[intensity_name]
         config = PRESETS[preset].with_(in_channels=sessions[0].volume.array.shape[0])
         parts = []
         for session in sessions:
