@@ -122,6 +122,19 @@ def test_cancel_mid_volume_stops_within_a_second(client, tiny_bundle_dir):
     assert latency < 1.0, f"cancel took {latency:.2f} s"
     assert client.request("status").result["busy"] is None  # ready for the next job
 
+    # Closing the session a job works on (Slicer's scene closed) cancels the job too.
+    started.clear()
+    rid = client.submit(
+        "segment",
+        {"session": "big", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"},
+        on_event=lambda e: started.append(e) if e.kind == "progress" and "slice" in e.message else None,
+    )
+    while not started:
+        client.poll(wait_seconds=0.05)
+    assert client.request("close_session", {"session": "big"}).result == {"closed": True}
+    assert client.wait(rid, TIMEOUT).error_kind == "cancelled"
+    assert client.request("status").result == {"busy": None, "sessions": [], "models": [str(tiny_bundle_dir)]}
+
 
 def test_kill_minus_nine_mid_job_is_reported_and_the_worker_restarts(client, tiny_bundle_dir):
     array, _ = _volume(slices=400, size=64)

@@ -366,8 +366,11 @@ class Worker:
     def _close_session(self, request: Dict[str, Any], arrays: Arrays) -> Tuple[Dict[str, Any], None]:
         session_id = _field(request, "session", str)
         session = self.sessions.pop(session_id, None)
-        if session is not None:
-            session.close()  # a job still using it keeps its own reference and finishes
+        job = self._job
+        if job is not None and job.session == session_id:
+            job.cancel.set()  # its result has nowhere to go; the job lets go of the session as it ends
+        elif session is not None:
+            session.close()
         return {"closed": session is not None}, None
 
     def _uncertain_slices(self, request: Dict[str, Any], arrays: Arrays) -> Tuple[Dict[str, Any], None]:
