@@ -403,22 +403,10 @@ class WorkerClient:
         return event
 
     def hello(self, timeout: float = 120.0) -> Dict[str, Any]:
-        """The worker's versions; refuses a worker that speaks another protocol version."""
-        info = self.request("hello", timeout=timeout).result
-        if info.get("protocol") != PROTOCOL_VERSION:
-            raise WorkerError(
-                WorkerEvent(
-                    "error",
-                    None,
-                    {
-                        "kind": "protocol",
-                        "message": f"the worker speaks protocol {info.get('protocol')}, this client "
-                        f"{PROTOCOL_VERSION}: install the same tedm_core version on both sides",
-                    },
-                )
-            )
-        self.worker_info.update(info)
-        return info
+        """The worker's versions (python, torch, tedm_core, CUDA devices). A worker of another
+        protocol version never gets this far: its ``ready`` event is refused by :meth:`poll`."""
+        self.worker_info.update(self.request("hello", timeout=timeout).result)
+        return self.worker_info
 
     def close(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop a local worker (asked first, killed after ``grace_s``); disconnect a remote one."""
