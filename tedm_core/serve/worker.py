@@ -296,7 +296,9 @@ class Worker:
         parts = []
         for session in sessions:
             slices, _ = extract_slices(normalise_volume(session.volume, intensity), axis)
-            grid, _ = to_model_grid(torch.from_numpy(np.asarray(slices[slices_with_enough_foreground(slices)])), config.image_size)
+            grid, _ = to_model_grid(
+                torch.from_numpy(np.asarray(slices[slices_with_enough_foreground(slices)])), config.image_size
+            )
             parts.append(grid)
         images = torch.cat(parts)
         reporter.log(f"Pretraining a {preset} backbone on {images.shape[0]} slices for {steps} steps.")
