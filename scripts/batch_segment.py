@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--require-3d", action="store_true", help="fail 2D images (multi-channel models always require volumes)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (logs only; also when stderr is not a terminal)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed cases)")
     return p
 
@@ -152,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shard=parse_shard(args.shard),
             require_3d=args.require_3d,
             axis=args.axis,
-            show_progress=not args.no_progress,
+            show_progress=not args.no_progress and sys.stderr.isatty(),  # no bars in a job's log file
         )
         bundle = load_bundle(args.model)
         segmenter = Segmenter(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision)

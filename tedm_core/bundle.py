@@ -27,6 +27,7 @@ from .errors import BundleError
 from .heads import FeatureHead, HeadConfig
 from .io.safe import read_json, read_tensors, write_json, write_tensors
 from .model.checkpoint import (
+    BACKBONE_JSON,
     Backbone,
     backbone_from_metadata,
     check_backbone_description,
@@ -135,12 +136,27 @@ def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = F
     """Write ``bundle`` to the folder ``path``: staged beside it, then renamed into place whole."""
     path = Path(path)
     check_bundle_target(path, overwrite)
-    staging = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging, previous = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.previous")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
     staging.mkdir(parents=True)
-    write_tensors(staging / BACKBONE_WEIGHTS, bundle.backbone.unet.state_dict())
+    try:
+        _write_bundle_files(bundle, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    # The old bundle is moved aside, not deleted, until the new one is in place.
+    shutil.rmtree(previous, ignore_errors=True)
+    if path.exists():
+        path.rename(previous)
+    staging.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
+    return path
+
+
+def _write_bundle_files(bundle: ModelBundle, folder: Path) -> None:
+    write_tensors(folder / BACKBONE_WEIGHTS, bundle.backbone.unet.state_dict())
     if bundle.head is not None:
-        write_tensors(staging / HEAD_WEIGHTS, bundle.head.state_dict())
+        write_tensors(folder / HEAD_WEIGHTS, bundle.head.state_dict())
     meta = {
         "format": BUNDLE_FORMAT,
         "tedm_core_version": __version__,
@@ -155,11 +171,7 @@ def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = F
         "backbone": bundle.backbone.metadata(),
         "training": bundle.training,
     }
-    write_json(staging / BUNDLE_JSON, meta)
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
-    return path
+    write_json(folder / BUNDLE_JSON, meta)
 
 
 def load_bundle(path: Union[str, Path]) -> ModelBundle:
@@ -167,6 +179,8 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
     path = Path(path)
     if not path.exists():
         raise BundleError(path, "model bundle not found")
+    if path.is_dir() and not (path / BUNDLE_JSON).exists() and (path / BACKBONE_JSON).is_file():
+        raise BundleError(path, "is a pretrained backbone, not a fitted model; fit a model with it first")
     if path.is_file():
         # A single file where a bundle folder belongs: say what it is rather than trying to read it.
         read_json(path)  # raises a clear error for pickles and non-JSON files

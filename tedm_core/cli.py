@@ -369,7 +369,12 @@ def _run_segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter(
         bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps
     )
-    options = BatchOptions(overwrite=args.overwrite, uncertainty=args.uncertainty, probabilities=args.probabilities)
+    options = BatchOptions(
+        overwrite=args.overwrite,
+        uncertainty=args.uncertainty,
+        probabilities=args.probabilities,
+        show_progress=sys.stderr.isatty(),  # bars in a terminal, not in a log file
+    )
     report = run_batch(segmenter, args.input, args.output, options)
     print(f"{report.counts()} -> {report.summary_path}")
     for failure in report.failed:

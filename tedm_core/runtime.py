@@ -40,9 +40,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def check_finite_loss(loss: float, step: int, what: str) -> None:
-    """Stop a training run whose loss became NaN or infinite, rather than go on and save garbage."""
+def check_finite_loss(loss: float, step: int, what: str, before_raising: Optional[Callable[[], None]] = None) -> None:
+    """Stop a training run whose loss became NaN or infinite, rather than go on and save garbage.
+
+    ``before_raising``: e.g. a progress bar's ``close``, so that the error starts its own line.
+    """
     if not math.isfinite(loss):
+        if before_raising is not None:
+            before_raising()
         raise TrainingDiverged(
             f"{what} diverged: the loss is {loss} at step {step}; nothing from this step on was saved "
             "(a smaller learning rate usually helps)"

@@ -414,3 +414,56 @@ def test_disk_full_stops_the_batch_with_one_line(tiny_bundle_dir, tmp_path, caps
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and "y0.png" in err[0], err
     assert len(calls) == 1  # stopped at the first case, not tried on every one
     assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_bundles_are_written_with_the_umask_mode_and_replace_only_bundles(tiny_bundle_dir, tmp_path):
+    from tedm_core.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(tiny_bundle_dir)
+    old = os.umask(0o022)
+    try:
+        target = save_bundle(bundle, tmp_path / "copy")
+        save_bundle(bundle, target, overwrite=True)  # a bundle may replace a bundle
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in target.iterdir()} == {0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no staging or previous copy left
+
+
+@pytest.mark.parametrize("mistake", ["backbone_as_model", "bundle_as_backbone"])
+def test_a_backbone_and_a_bundle_are_told_apart(mistake, tiny_backbone_dir, tiny_bundle_dir, tmp_path, capsys):
+    from tedm_core.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(images / "a.png")
+    if mistake == "backbone_as_model":
+        argv = ["segment", "--model", str(tiny_backbone_dir), "--input", str(images), "--output", str(tmp_path / "o")]
+        expected = "is a pretrained backbone, not a fitted model"
+    else:
+        argv = ["fit", "--backbone", str(tiny_bundle_dir), "--images", str(images), "--masks", str(images)]
+        argv += ["--out", str(tmp_path / "b")]
+        expected = "is a fitted model bundle, not a pretrained backbone"
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_masks_folder_that_is_the_images_folder_is_refused(tmp_path):
+    from tedm_core.pipelines.labelled import match_image_pairs
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(images / "a.png")
+    with pytest.raises(InputError, match="each image would be taken for its own mask"):
+        match_image_pairs(images, images)
+
+
+def test_a_checkpoint_staged_by_a_killed_run_is_cleaned(tmp_path):
+    out = tmp_path / "ckpt"
+    _tiny_pretrain(out, steps=2)
+    stale = out / "steps" / ".00000004.partial"
+    stale.mkdir()
+    (stale / "unet.safetensors").write_bytes(b"half")
+    _tiny_pretrain(out, steps=4, resume=True)
+    assert not stale.exists() and (out / "steps" / "00000004").is_dir()

@@ -121,7 +121,7 @@ def test_ledm_concatenates_its_timesteps():
 
 
 def test_step_probe_is_logistic_regression():
-    head = FeatureHead(HeadConfig.for_method("step", [32, 32, 16], num_classes=2))
+    head = FeatureHead(HeadConfig.for_method("probe", [32, 32, 16], num_classes=2))
     assert head.config.timesteps == (25,)
     assert len(head.mlp.rest) == 0  # one linear layer: logistic regression on the features
 

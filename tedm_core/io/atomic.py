@@ -37,8 +37,12 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = _temporary_beside(target)
+    mode = tmp_path.stat().st_mode & 0o777  # the umask's, as the file was created
     try:
         yield tmp_path
+        # Some writers replace the file rather than write into it (safetensors makes it 0600):
+        # the output gets the mode any file the user creates would have.
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -187,6 +187,8 @@ def load_backbone(directory: Union[str, Path], use_ema: bool = True) -> Backbone
             directory,
             "backbone checkpoint folder not found" if not directory.exists() else "is not a backbone checkpoint folder",
         )
+    if not (directory / BACKBONE_JSON).exists() and (directory / "bundle.json").is_file():
+        raise BundleError(directory, "is a fitted model bundle, not a pretrained backbone")
     meta = read_json(directory / BACKBONE_JSON)
     weights_file = (
         directory / EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else directory / UNET_WEIGHTS

@@ -230,43 +230,41 @@ def train_head(
         and timesteps_per_image < features[0][0].shape[1]
     )
     chunk = maps_per_chunk(device)
-    with tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress) as bar:
-        for step in bar:
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled")
-            draw = int(torch.randint(0, len(features), (1,), generator=generator))
-            index = torch.randperm(n, generator=generator)[: min(n, images_per_step)].to(device)
-            parts = [([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index), 1.0)]
-            if anchor is not None:
-                chosen = torch.randperm(anchor.labels.shape[0], generator=generator)[: anchor.images_per_step].to(
-                    device
+    bar = tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress)
+    for step in bar:
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled")
+        draw = int(torch.randint(0, len(features), (1,), generator=generator))
+        index = torch.randperm(n, generator=generator)[: min(n, images_per_step)].to(device)
+        parts = [([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index), 1.0)]
+        if anchor is not None:
+            chosen = torch.randperm(anchor.labels.shape[0], generator=generator)[: anchor.images_per_step].to(device)
+            parts.append(
+                (
+                    [f.index_select(0, chosen) for f in anchor.features],
+                    anchor.labels.index_select(0, chosen),
+                    float(anchor.weight),
                 )
-                parts.append(
-                    (
-                        [f.index_select(0, chosen) for f in anchor.features],
-                        anchor.labels.index_select(0, chosen),
-                        float(anchor.weight),
-                    )
-                )
-            if sample_timesteps:
-                parts = [(_pick_timesteps(f, int(timesteps_per_image), generator), t, w) for f, t, w in parts]
-            optimiser.zero_grad(set_to_none=True)
-            if freeze_statistics:
-                loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
-            else:
-                # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
-                sizes = [t.shape[0] for _, t, _ in parts]
-                logits = head.logits(
-                    [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
-                )
-                total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
-                total.backward()
-                loss = float(total.detach())
-            check_finite_loss(loss, step + 1, "fitting the head")
-            optimiser.step()
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if progress is not None:
-                progress(step + 1, steps, loss)
+            )
+        if sample_timesteps:
+            parts = [(_pick_timesteps(f, int(timesteps_per_image), generator), t, w) for f, t, w in parts]
+        optimiser.zero_grad(set_to_none=True)
+        if freeze_statistics:
+            loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
+        else:
+            # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
+            sizes = [t.shape[0] for _, t, _ in parts]
+            logits = head.logits(
+                [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
+            )
+            total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
+            total.backward()
+            loss = float(total.detach())
+        check_finite_loss(loss, step + 1, "fitting the head", before_raising=bar.close)
+        optimiser.step()
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if progress is not None:
+            progress(step + 1, steps, loss)
     return head.eval()
 
 
@@ -289,23 +287,23 @@ def train_baseline(
     optimiser = torch.optim.Adam(unet.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     grid, targets = grid.to(device), targets.to(device)
-    with tqdm(range(steps), desc="training baseline", unit="step", disable=not show_progress) as bar:
-        for step in bar:
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled")
-            index = torch.randint(0, grid.shape[0], (min(batch_size, grid.shape[0]),), generator=generator).to(device)
-            x, y = grid.index_select(0, index), targets.index_select(0, index)
-            with autocast(device, precision):
-                logits = unet(x, torch.zeros(x.shape[0], dtype=torch.long, device=device)).float()
-            loss = segmentation_loss(logits, y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            value = float(loss.item())
-            check_finite_loss(value, step + 1, "training the baseline")
-            optimiser.step()
-            bar.set_postfix(loss=f"{value:.4f}")
-            if progress is not None:
-                progress(step + 1, steps, value)
+    bar = tqdm(range(steps), desc="training baseline", unit="step", disable=not show_progress)
+    for step in bar:
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled")
+        index = torch.randint(0, grid.shape[0], (min(batch_size, grid.shape[0]),), generator=generator).to(device)
+        x, y = grid.index_select(0, index), targets.index_select(0, index)
+        with autocast(device, precision):
+            logits = unet(x, torch.zeros(x.shape[0], dtype=torch.long, device=device)).float()
+        loss = segmentation_loss(logits, y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        value = float(loss.item())
+        check_finite_loss(value, step + 1, "training the baseline", before_raising=bar.close)
+        optimiser.step()
+        bar.set_postfix(loss=f"{value:.4f}")
+        if progress is not None:
+            progress(step + 1, steps, value)
     return unet.eval()
 
 

@@ -29,6 +29,8 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
     for folder in (images, masks):
         if not folder.is_dir():
             raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
+    if images.resolve() == masks.resolve():
+        raise InputError(masks, "is the images folder too: each image would be taken for its own mask")
     mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
     image_files = [p for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p)]
     unmatched = [p for p in image_files if strip_suffix(p) not in mask_by_stem]

@@ -231,6 +231,9 @@ def pretrain(
         log.info("resumed from %s at step %d", checkpoint, start)
     elif overwrite and ddp.is_main:
         _clear_checkpoints(out)
+    if ddp.is_main and (out / STEPS_DIR).is_dir():
+        for stale in (out / STEPS_DIR).glob(".*.partial"):  # staged by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
     model = torch.nn.parallel.DistributedDataParallel(unet) if ddp.enabled else unet
 
     local_batch = max(1, options.batch_size // ddp.world)

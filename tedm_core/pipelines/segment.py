@@ -128,13 +128,9 @@ class Segmenter:
         }
 
     def close(self) -> None:
-        """Give back the accelerator memory the model holds (it moves to the CPU); the
-        segmenter is not used after this. The Slicer module calls it before loading another model."""
-        self.bundle.backbone.unet.cpu()
-        if self.head is not None:
-            self.head.cpu()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Nothing to release: the feature hooks live for one forward pass and the model belongs
+        to the bundle (possibly shared with another segmenter). Kept only because the Slicer
+        module still calls it; remove both together."""
 
     @torch.no_grad()
     def _features(self, grid: torch.Tensor, cancel: Optional[CancelCheck] = None) -> LevelFeatures:
