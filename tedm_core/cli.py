@@ -28,7 +28,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         default="small",
-        choices=["tiny", "small", "paper"],
+        choices=["tiny", "small", "small4", "paper"],
         help="UNet size (default: small, the CPU preset)",
     )
     p.add_argument("--steps", type=int, default=3000, help="total optimiser steps (default: 3000)")
@@ -162,6 +162,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 heads, 1e-4 baseline)")
     p.add_argument("--timesteps", type=int, nargs="+", help="override the method's timesteps")
     p.add_argument(
+        "--augment",
+        choices=["none", "framing", "intensity", "framing+intensity"],
+        help="heads: augmented copies of the labelled slices, one per extra noise draw (default: the package's)",
+    )
+    p.add_argument(
         "--classes",
         nargs="+",
         default=["foreground"],
@@ -240,6 +245,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         device=args.device,
         timesteps=tuple(args.timesteps) if args.timesteps else None,
         axis=args.axis or "axial",
+        **({"augment": args.augment} if args.augment else {}),
     )
     bundle.training["sources"] = sources
     save_bundle(bundle, args.out, overwrite=args.overwrite)
