@@ -10,11 +10,12 @@ first, linear layer at native resolution: the same logits at a fraction of the m
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from .errors import Cancelled
 from .model.diffusion import NoiseSchedule
 
 TEDM_TIMESTEPS = (1, 10, 25, 50, 200, 400, 600, 800)
@@ -27,6 +28,14 @@ LevelFeatures = List[torch.Tensor]
 
 class _StopForward(Exception):
     """Raised by the last tap's hook: the decoder work after it is not needed."""
+
+
+def _cancel_hook(cancel: Callable[[], bool]) -> Callable[..., None]:
+    def check(_module: torch.nn.Module, _args: object) -> None:
+        if cancel():
+            raise Cancelled("cancelled")
+
+    return check
 
 
 def timestep_noise(shape: Sequence[int], timesteps: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:
@@ -80,15 +89,28 @@ class DecoderFeatureExtractor(torch.nn.Module):
     def close(self) -> None:
         """Nothing to release: hooks live only for the duration of a forward pass."""
 
+    def _blocks(self) -> List[torch.nn.Module]:
+        return [*self.unet.down_blocks, self.unet.middle_block, *self.unet.up_blocks]
+
     @property
     def level_channels(self) -> List[int]:
         return [int(self.unet.block_out_channels[::-1][i]) for i in self.levels]
 
     @torch.no_grad()
     def forward(
-        self, images: torch.Tensor, timesteps: Sequence[int], seed: int = INFERENCE_SEED, draw: int = 0
+        self,
+        images: torch.Tensor,
+        timesteps: Sequence[int],
+        seed: int = INFERENCE_SEED,
+        draw: int = 0,
+        cancel: Optional[Callable[[], bool]] = None,
     ) -> LevelFeatures:
-        """``images`` (N, C, H, W) in [-1, 1] -> per level (N, S, C_l, h_l, w_l)."""
+        """``images`` (N, C, H, W) in [-1, 1] -> per level (N, S, C_l, h_l, w_l).
+
+        ``cancel`` is asked before every UNet block and raises :class:`Cancelled` when it says
+        so: a batch of slices x timesteps takes seconds on a CPU, a block a few milliseconds,
+        which is what lets a worker stop a job within a second of the user's Cancel.
+        """
         self.schedule.validate_timesteps(timesteps)
         n, s = images.shape[0], len(timesteps)
         eps = timestep_noise(images.shape[1:], timesteps, seed, draw).to(images.device, images.dtype)
@@ -99,6 +121,8 @@ class DecoderFeatureExtractor(torch.nn.Module):
         # Hooks are attached for this pass only, so several extractors (or a Slicer session
         # holding one while a batch job builds another) can share one UNet safely.
         handles = [self._register_tap(i) for i in self.levels]
+        if cancel is not None:
+            handles += [block.register_forward_pre_hook(_cancel_hook(cancel)) for block in self._blocks()]
         try:
             self.unet(x_t, t)
         except _StopForward:

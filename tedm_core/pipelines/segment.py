@@ -102,9 +102,9 @@ class Segmenter:
             self.extractor.close()
 
     @torch.no_grad()
-    def _features(self, grid: torch.Tensor) -> LevelFeatures:
+    def _features(self, grid: torch.Tensor, cancel: Optional[CancelCheck] = None) -> LevelFeatures:
         with autocast(self.device, self.precision):
-            return self.extractor(grid.to(self.device), self.timesteps)
+            return self.extractor(grid.to(self.device), self.timesteps, cancel=cancel)
 
     @torch.inference_mode()
     def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
@@ -149,7 +149,7 @@ class Segmenter:
             if self.head is None:
                 result = self._baseline_predict(grid[start:stop], transform)
             else:
-                levels = self._features(grid[start:stop])
+                levels = self._features(grid[start:stop], cancel)
                 if keep_features:
                     kept.append([f.to("cpu", torch.float16) for f in levels])
                 result = self._head_predict(levels, transform)

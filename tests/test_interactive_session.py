@@ -1,0 +1,111 @@
+"""The core interactive session (segment, fit, refine, uncertain slices on one volume), with the
+tiny backbone and bundle trained on the spot, on a synthetic oblique volume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import affine_zoo
+
+
+def _sphere_volume():
+    from tedm_core.io.volumes import volume_from_array
+
+    k, j, i = np.mgrid[:12, :40, :36]
+    sphere = ((k - 6) ** 2 * 4 + (j - 20) ** 2 + (i - 18) ** 2) < 11**2
+    array = np.where(sphere, 200.0, 20.0) + np.random.default_rng(0).normal(0, 5, sphere.shape)
+    array[:2] = 0.0  # two background-only slices: never run through the model
+    sphere[:2] = False
+    return volume_from_array(array.astype(np.float32), affine_zoo()["oblique"]), sphere.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    from tedm_core.model.checkpoint import load_backbone
+
+    return load_backbone(tiny_backbone_dir)
+
+
+def test_segment_equals_the_batch_pipeline(tiny_bundle_dir):
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.interactive import InteractiveSession
+    from tedm_core.pipelines.segment import Segmenter
+    from tedm_core.pipelines.volume import segment_volume
+
+    volume, _ = _sphere_volume()
+    bundle = load_bundle(tiny_bundle_dir)
+    result = InteractiveSession(volume).segment(bundle, axis="k", device="cpu")
+    expected = segment_volume(Segmenter(bundle, device="cpu"), volume, axis="k").labels
+    np.testing.assert_array_equal(result.labels, expected)
+    assert result.labels.shape == volume.shape and result.slices_run == 10
+    assert result.class_names == ["background", "disc"]
+
+
+def test_fit_correct_refine_uncertain(backbone):
+    from tedm_core.pipelines.interactive import InteractiveSession, SessionError
+
+    volume, sphere = _sphere_volume()
+    session = InteractiveSession(volume)
+    drawn = np.zeros_like(sphere)
+    drawn[[4, 8]] = sphere[[4, 8]]
+    fitted = session.fit(backbone, drawn, ["background", "sphere"], axis="k", device="cpu", steps=30)
+    assert fitted.training_slices == [4, 8]
+    np.testing.assert_array_equal(fitted.labels[[4, 8]], sphere[[4, 8]])
+    assert not fitted.labels[:2].any()  # background-only slices are label 0
+    assert session.feature_cache_nbytes > 0
+
+    with pytest.raises(SessionError, match="no slice differs"):
+        session.refine(fitted.labels, steps=5)
+
+    edited = fitted.labels.copy()
+    edited[6] = sphere[6]
+    edited[6, 0, 0] = 1 - edited[6, 0, 0]  # a certain change, whatever the fit got right
+    refined = session.refine(edited, steps=5)
+    assert refined.changed_slices == [6]
+    assert refined.training_slices == [4, 6, 8]
+    np.testing.assert_array_equal(refined.labels[[4, 6, 8]], edited[[4, 6, 8]])
+
+    ranked = session.uncertain_slices()
+    assert {r.index for r in ranked}.isdisjoint({4, 6, 8})
+    assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+    # Slicing along k: slice n's centre is at voxel k = n, mid-plane in i and j.
+    assert ranked[0].centre_ijk == pytest.approx((17.5, 19.5, ranked[0].index))
+    first, second = session.next_uncertain_slice(), session.next_uncertain_slice()
+    assert first.index != second.index
+
+
+def test_refine_before_any_result_is_refused(backbone):
+    from tedm_core.pipelines.interactive import InteractiveSession, SessionError
+
+    volume, sphere = _sphere_volume()
+    with pytest.raises(SessionError, match="Segment"):
+        InteractiveSession(volume).refine(sphere)
+
+
+def test_labels_of_another_grid_are_refused(backbone):
+    from tedm_core.pipelines.interactive import InteractiveSession, SessionError
+
+    volume, sphere = _sphere_volume()
+    with pytest.raises(SessionError, match="label volume"):
+        InteractiveSession(volume).fit(backbone, sphere[:, :-1], ["background", "sphere"], axis="k", device="cpu")
+
+
+def test_cancel_stops_inside_the_unet(tiny_bundle_dir):
+    """Cancel is checked before every UNet block, not only between batches of slices."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.errors import Cancelled
+    from tedm_core.pipelines.interactive import InteractiveSession, Reporter
+
+    volume, _ = _sphere_volume()
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > 3  # after three blocks of the first batch's forward pass
+
+    with pytest.raises(Cancelled):
+        InteractiveSession(volume).segment(
+            load_bundle(tiny_bundle_dir), axis="k", device="cpu", reporter=Reporter(cancelled=cancelled)
+        )
+    assert len(asked) == 4
