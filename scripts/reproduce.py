@@ -196,7 +196,8 @@ class Study:
     # -- pretraining --------------------------------------------------------------------------
     def backbone_dir(self, name: str) -> Path:
         spec = self.config["backbones"][name]
-        return resolve(self.work, spec.get("path", f"backbones/{name}"))
+        # A named path is an existing run (relative to the repository); else the study's own.
+        return resolve(REPO, spec["path"]) if "path" in spec else self.work / "backbones" / name
 
     def pretrain(self) -> None:
         for name, spec in self.config.get("backbones", {}).items():
@@ -524,6 +525,22 @@ class Study:
         test_sets = c["test_sets"]
         validation = c.get("validation_sets", [])
         seeds_for = lambda n: c["seeds"] if n <= c["seeds_up_to_n"] else [0]  # noqa: E731
+        # 0. validation-only variants (augmentation, ...), never scored on the test sets; first,
+        # because they decide the defaults the rest uses.
+        for variant, spec in c.get("variants", {}).items():
+            for method in spec.get("methods", ["tedm"]):
+                for n in spec.get("n", [3]):
+                    for seed in spec.get("seeds", [0]):
+                        self.evaluate_unit(
+                            name,
+                            spec.get("checkpoint", step),
+                            method,
+                            n,
+                            seed,
+                            variant,
+                            spec.get("sets", validation),
+                            postprocess=True,
+                        )
         # 1. the main grid: methods x n x seeds, on validation and test sets.
         for n in c["n"]:
             for method in c["methods"]:
@@ -539,12 +556,12 @@ class Study:
                         postprocess=c.get("postprocess_scores", True),
                     )
         # 2. single-step ablations: the TEDM head on one step (the paper's Table 2).
-        for n in c["ablation"]["n"]:
+        for n in c.get("ablation", {}).get("n", []):
             for t in c["ablation"]["timesteps"]:
                 for seed in seeds_for(n):
                     self.evaluate_unit(name, step, "tedm", n, seed, "default", validation + test_sets, timesteps=(t,))
         # 3. step-wise logistic probes, one per timestep (the paper's Figure 2).
-        for n in c["probe"]["n"]:
+        for n in c.get("probe", {}).get("n", []):
             for t in c["probe"]["timesteps"]:
                 self.evaluate_unit(name, step, "step", n, 0, f"probe{t}", test_sets, fit_timesteps=(t,))
         # 4. the checkpoint sweep: TEDM at n (seed 0) on every listed checkpoint that exists.
@@ -555,21 +572,6 @@ class Study:
                 self.evaluate_unit(name, s, "tedm", sweep["n"], 0, "default", validation + test_sets)
             else:
                 log.warning("checkpoint sweep: %s has no step %d checkpoint (yet)", name, s)
-        # 5. validation-only variants (augmentation, ...), never scored on the test sets.
-        for variant, spec in c.get("variants", {}).items():
-            for method in spec.get("methods", ["tedm"]):
-                for n in spec.get("n", [3]):
-                    for seed in spec.get("seeds", [0]):
-                        self.evaluate_unit(
-                            name,
-                            spec.get("checkpoint", step),
-                            method,
-                            n,
-                            seed,
-                            variant,
-                            spec.get("sets", validation),
-                            postprocess=True,
-                        )
 
     # -- compute ------------------------------------------------------------------------------
     def run_compute(self) -> None:
@@ -903,7 +905,7 @@ class Report:
 
     def ablation(self, name, step, seeds_for, sets) -> None:
         c = self.config["cxr"]
-        for n in c["ablation"]["n"]:
+        for n in c.get("ablation", {}).get("n", []):
             rows = [
                 (
                     f"step {t} alone",
@@ -921,7 +923,7 @@ class Report:
     def probes(self, name, step) -> None:
         c = self.config["cxr"]
         data: Dict[Tuple[int, str], List[Tuple[int, float]]] = {}
-        for n in c["probe"]["n"]:
+        for n in c.get("probe", {}).get("n", []):
             for set_name in c["test_sets"]:
                 for t in c["probe"]["timesteps"]:
                     scores = self.per_image(name, step, "step", n, [0], f"probe{t}", set_name)
@@ -956,7 +958,7 @@ class Report:
         sets = c["test_sets"]
         fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
         for ax, set_name in zip(axes[0], sets):
-            for n in c["probe"]["n"]:
+            for n in c.get("probe", {}).get("n", []):
                 points = sorted(data.get((n, set_name), []))
                 if points:
                     ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"n = {n}")
