@@ -30,7 +30,6 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import platform
 import subprocess
@@ -620,10 +619,10 @@ class Study:
 
     def brats_fit(self, method: str, n_subjects: int):
         from tedm_core.bundle import load_bundle, save_bundle
+        from tedm_core.io.volumes import Volume
         from tedm_core.pipelines.fit import fit_bundle
         from tedm_core.pipelines.labelled import spread_evenly
         from tedm_core.pipelines.volume import labelled_slices_from_volumes
-        from tedm_core.io.volumes import Volume
 
         b = self.config["brats"]
         per_case = b.get("slices_per_case")
@@ -895,7 +894,8 @@ class Report:
                 pp = self.per_image(name, step, "tedm", n, seeds_for(n), "default", set_name, post="largest2_fill")
                 if raw and pp:
                     pp_lines.append(
-                        f"| {set_name} | {n} | {_mean_std(list(raw.values()))} | {_mean_std(list(pp.values()))} (p = {self.p_value(raw, pp):.2g}) |"
+                        f"| {set_name} | {n} | {_mean_std(list(raw.values()))} | "
+                        f"{_mean_std(list(pp.values()))} (p = {self.p_value(raw, pp):.2g}) |"
                     )
         self.lines += ["**Post-processing of TEDM (validation sets only)**", ""] + pp_lines + [""]
         self.ablation(name, step, seeds_for, sets)
@@ -944,7 +944,8 @@ class Report:
             )
         self.lines += (
             [
-                "**Step-wise logistic probes** (one logistic pixel classifier per timestep; paper's Figure 2), Dice x 100",
+                "**Step-wise logistic probes** (one logistic pixel classifier per timestep; paper's Figure 2), "
+                "Dice x 100",
                 "",
             ]
             + lines
@@ -1037,7 +1038,8 @@ class Report:
             if path.is_file():
                 d = read_json(path)
                 rows.append(
-                    f"| {preset} | {d['image_size']} | {d['parameters_m']:.1f} | {d['unet_gmac']:.2f} | {d['ledm_gmac']:.2f} | {d['tedm_gmac']:.2f} | {d['ledme_gmac']:.2f} |"
+                    f"| {preset} | {d['image_size']} | {d['parameters_m']:.1f} | {d['unet_gmac']:.2f} | "
+                    f"{d['ledm_gmac']:.2f} | {d['tedm_gmac']:.2f} | {d['ledme_gmac']:.2f} |"
                 )
         if rows:
             self.lines += (
@@ -1088,7 +1090,8 @@ class Report:
             if scratch:
                 curve["scratch"].append((k, 100 * float(np.mean(scratch))))
             lines.append(
-                f"| {k} | {_mean_std(refine)} | {_mean_std(paste)} | {_mean_std(scratch) if scratch else 'not measured'} |"
+                f"| {k} | {_mean_std(refine)} | {_mean_std(paste)} | "
+                f"{_mean_std(scratch) if scratch else 'not measured'} |"
             )
             if k in (3, 5):
                 self.summary[f"brats_refine_round{k}"] = round(100 * float(np.mean(refine)), 2)
@@ -1098,7 +1101,8 @@ class Report:
                     self.summary["brats_scratch_round5"] = round(100 * float(np.mean(scratch)), 2)
         self.lines += (
             [
-                f"**Correct-and-refine** ({len(records)} held-out subjects; 2 worst tumour slices corrected per round), whole-tumour 3D Dice x 100",
+                f"**Correct-and-refine** ({len(records)} held-out subjects; the worst tumour slices corrected "
+                "each round), whole-tumour 3D Dice x 100",
                 "",
             ]
             + lines
@@ -1155,7 +1159,8 @@ class Report:
             f"- config: `{config_path}` (copied beside this file as `config.json`)",
             f"- commit: `{git_commit()}`",
             f"- machine: {json.dumps(machine())}",
-            f"- wall time of this run: {time.perf_counter() - self.study.tic:.0f} s (units already done are skipped, so a resumed run is shorter)",
+            f"- wall time of this run: {time.perf_counter() - self.study.tic:.0f} s "
+            "(units already done are skipped, so a resumed run is shorter)",
             "",
         ]
         from tedm_core.io.atomic import write_text_atomic
