@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+CXR_PARTS = ("variants", "main", "ablation", "probes", "sweep")
 log = logging.getLogger("reproduce")
 
 
@@ -526,7 +527,8 @@ class Study:
         seeds_for = lambda n: c["seeds"] if n <= c["seeds_up_to_n"] else [0]  # noqa: E731
         # 0. validation-only variants (augmentation, ...), never scored on the test sets; first,
         # because they decide the defaults the rest uses.
-        for variant, spec in c.get("variants", {}).items():
+        parts = self.config.get("cxr_parts", CXR_PARTS)
+        for variant, spec in c.get("variants", {}).items() if "variants" in parts else ():
             for method in spec.get("methods", ["tedm"]):
                 for n in spec.get("n", [3]):
                     for seed in spec.get("seeds", [0]):
@@ -541,7 +543,7 @@ class Study:
                             postprocess=True,
                         )
         # 1. the main grid: methods x n x seeds, on validation and test sets.
-        for n in c["n"]:
+        for n in c["n"] if "main" in parts else ():
             for method in c["methods"]:
                 for seed in seeds_for(n):
                     self.evaluate_unit(
@@ -555,16 +557,16 @@ class Study:
                         postprocess=c.get("postprocess_scores", True),
                     )
         # 2. single-step ablations: the TEDM head on one step (the paper's Table 2).
-        for n in c.get("ablation", {}).get("n", []):
+        for n in c.get("ablation", {}).get("n", []) if "ablation" in parts else ():
             for t in c["ablation"]["timesteps"]:
                 for seed in seeds_for(n):
                     self.evaluate_unit(name, step, "tedm", n, seed, "default", validation + test_sets, timesteps=(t,))
         # 3. step-wise logistic probes, one per timestep (the paper's Figure 2).
-        for n in c.get("probe", {}).get("n", []):
+        for n in c.get("probe", {}).get("n", []) if "probes" in parts else ():
             for t in c["probe"]["timesteps"]:
                 self.evaluate_unit(name, step, "step", n, 0, f"probe{t}", test_sets, fit_timesteps=(t,))
         # 4. the checkpoint sweep: TEDM at n (seed 0) on every listed checkpoint that exists.
-        sweep = c.get("checkpoint_sweep", {})
+        sweep = c.get("checkpoint_sweep", {}) if "sweep" in parts else {}
         available = self.available_steps(name)
         for s in sweep.get("steps", []):
             if s in available:
@@ -1182,11 +1184,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--only", nargs="+", choices=["pretrain", "cxr", "compute", "brats", "report"], help="run only these sections"
     )
+    parser.add_argument("--cxr-parts", nargs="+", choices=CXR_PARTS, help="run only these parts of the cxr section")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: the config's, else torch's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tedm_core").setLevel(logging.WARNING)
     config = load_config(args.config, args.smoke)
+    if args.cxr_parts:
+        config["cxr_parts"] = list(args.cxr_parts)
     import torch
 
     threads = args.threads or config.get("threads")
