@@ -29,7 +29,7 @@ AUTO = "auto"  # the model's own axis (a bundle records the plane it was fitted 
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-PRESET_NAMES = ("tiny", "small", "paper")  # model.backbone.PRESETS, kept torch-free here (checked there)
+PRESET_NAMES = ("tiny", "small", "small4", "paper")  # model.backbone.PRESETS, kept torch-free here (checked there)
 DEFAULT_PRESET = "small"
 INTENSITIES = ("radiograph", "brain", "zscore")  # preprocessing.intensity's named conventions
 LOSSES = ("l1", "mse")
@@ -43,3 +43,6 @@ NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_HEAD_STEPS = 300
 DEFAULT_BASELINE_STEPS = 1000
 DEFAULT_REFINE_STEPS = 40
+
+# Head-fitting augmentation policies (preprocessing.augment.AUGMENT_POLICIES, checked there).
+AUGMENT_POLICY_NAMES = ("none", "framing", "intensity", "framing+intensity")

@@ -25,6 +25,7 @@ from .argtypes import (
     timestep,
 )
 from .choices import (
+    AUGMENT_POLICY_NAMES,
     AUTO,
     AXES,
     BASELINE,
@@ -224,6 +225,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, help="learning rate (default: 1e-3 heads, 1e-2 probe, 1e-4 baseline)")
     p.add_argument("--timesteps", type=timestep, nargs="+", help="override the method's timesteps")
     p.add_argument(
+        "--augment",
+        choices=AUGMENT_POLICY_NAMES,
+        help="heads: augmented copies of the labelled slices, one per extra noise draw (default: the package's)",
+    )
+    p.add_argument(
         "--classes",
         nargs="+",
         default=["foreground"],
@@ -321,6 +327,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         precision=args.precision,
         timesteps=tuple(args.timesteps) if args.timesteps else None,
         axis=args.axis,
+        **({"augment": args.augment} if args.augment else {}),
     )
     bundle.training["sources"] = sources
     save_bundle(bundle, args.out, overwrite=args.overwrite)

@@ -70,6 +70,10 @@ PRESETS: Dict[str, BackboneConfig] = {
     "tiny": BackboneConfig((16, 32, 32), (False, False, False), 1, 8, 16, image_size=32, preset="tiny"),
     # The CPU default: 2.7 M parameters, attention at the 16 px level only.
     "small": BackboneConfig((32, 64, 128), (False, False, True), 1, 16, 32, image_size=64, preset="small"),
+    # Four levels, as a separate implementation that held up better on other hospitals' framing
+    # (issue 10): 32-64-128-128 (4.5 M parameters), attention at the two deepest levels (8 and
+    # 16 px at 64 px input), so the deepest features see the whole chest.
+    "small4": BackboneConfig((32, 64, 128, 128), (False, False, True, True), 1, 16, 32, image_size=64, preset="small4"),
     # The paper's capacity: base 64, multipliers (1, 2, 4, 8), 128 px. MONAI's decoder has
     # num_res_blocks + 1 blocks per level, so 1 here gives the authors' 2-down/2-up layout
     # (42.9 M parameters; theirs was 36 M with linear attention, which MONAI does not have,

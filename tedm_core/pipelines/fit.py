@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
+from ..preprocessing.augment import augment_slices, resolve_policy
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
 from ..runtime import autocast, check_finite_loss, resolve_device, resolve_precision
 
@@ -59,6 +60,9 @@ class FitOptions:
     images_per_step: int = 8  # labelled slices per head step (all of them when fewer)
     timesteps: Optional[Tuple[int, ...]] = None  # override the method's default steps
     show_progress: bool = True
+    # Heads only: noise draws 1.. see augmented copies of the labelled slices (draw 0 stays the
+    # original with the inference noise); a name from preprocessing.augment.AUGMENT_POLICIES.
+    augment: str = "none"
 
 
 def _prepare(
@@ -84,24 +88,45 @@ def _prepare(
 @torch.no_grad()
 def extract_training_features(
     extractor: DecoderFeatureExtractor,
-    grid: torch.Tensor,
+    grid: Union[torch.Tensor, Sequence[torch.Tensor]],
     timesteps: Sequence[int],
     draws: int,
     device: torch.device,
     precision: str,
     chunk: int = 4,
 ) -> List[LevelFeatures]:
-    """Per noise draw, per level: (N, S, C_l, h_l, w_l) features of the labelled slices, on ``device``."""
+    """Per noise draw, per level: (N, S, C_l, h_l, w_l) features of the labelled slices, on ``device``.
+
+    ``grid`` is one (N, C, S, S) tensor for every draw, or one per draw (augmented copies).
+    """
     out: List[LevelFeatures] = []
     for draw in range(draws):
+        slices = grid if isinstance(grid, torch.Tensor) else grid[draw]
         parts = []
-        for start in range(0, grid.shape[0], chunk):
+        for start in range(0, slices.shape[0], chunk):
             with autocast(device, precision):
                 parts.append(
-                    [f.float() for f in extractor(grid[start : start + chunk].to(device), timesteps, draw=draw)]
+                    [f.float() for f in extractor(slices[start : start + chunk].to(device), timesteps, draw=draw)]
                 )
         out.append([torch.cat(level) for level in zip(*parts)])
     return out
+
+
+def augmented_draws(
+    grid: torch.Tensor, targets: torch.Tensor, draws: int, augment: str, seed: int
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The labelled slices and labels seen by each noise draw: draw 0 the originals (the inference
+    noise on the real image), draws 1.. an augmented copy each under ``augment`` (or the originals)."""
+    policy = resolve_policy(augment)
+    grids, labels = [grid], [targets]
+    for draw in range(1, draws):
+        if policy.changes_anything:
+            g, t = augment_slices(grid, targets, policy, seed=seed * 1_000_003 + draw)
+        else:
+            g, t = grid, targets
+        grids.append(g)
+        labels.append(t)
+    return grids, labels
 
 
 @dataclass
@@ -194,7 +219,7 @@ def _accumulate_loss(
 def train_head(
     head: FeatureHead,
     features: List[LevelFeatures],
-    targets: torch.Tensor,
+    targets: Union[torch.Tensor, Sequence[torch.Tensor]],
     steps: int,
     learning_rate: float = 1e-3,
     images_per_step: int = 8,
@@ -216,11 +241,17 @@ def train_head(
         at a time, which is much faster on the CPU.
     timesteps_per_image: per image and step, this many random timesteps instead of all of them
         (shared-timestep heads): an unbiased estimate of the same loss at a fraction of the cost.
+    targets: (N, H, W), or one such tensor per noise draw (augmented copies have their own labels).
     """
     device = features[0][0].device
     head.to(device)
     head.eval() if freeze_statistics else head.train()
-    targets = targets.to(device)
+    per_draw = (
+        [targets.to(device)] * len(features) if isinstance(targets, torch.Tensor) else [t.to(device) for t in targets]
+    )
+    if len(per_draw) != len(features):
+        raise ValueError(f"{len(per_draw)} target sets for {len(features)} noise draws")
+    targets = per_draw[0]
     optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     n = targets.shape[0]
@@ -236,7 +267,7 @@ def train_head(
             raise Cancelled("cancelled")
         draw = int(torch.randint(0, len(features), (1,), generator=generator))
         index = torch.randperm(n, generator=generator)[: min(n, images_per_step)].to(device)
-        parts = [([f.index_select(0, index) for f in features[draw]], targets.index_select(0, index), 1.0)]
+        parts = [([f.index_select(0, index) for f in features[draw]], per_draw[draw].index_select(0, index), 1.0)]
         if anchor is not None:
             chosen = torch.randperm(anchor.labels.shape[0], generator=generator)[: anchor.images_per_step].to(device)
             parts.append(
@@ -385,11 +416,14 @@ def fit_bundle(
         )
         extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule)
         config = HeadConfig.for_method(method, extractor.level_channels, len(class_names), options.timesteps)
-        features = extract_training_features(extractor, grid, config.timesteps, options.noise_draws, device, precision)
+        grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, options.seed)
+        features = extract_training_features(extractor, grids, config.timesteps, options.noise_draws, device, precision)
+        training["augment"] = options.augment
+        training["noise_draws"] = options.noise_draws
         head = train_head(
             FeatureHead(config),
             features,
-            targets,
+            draw_targets,
             steps,
             learning_rate,
             options.images_per_step,
