@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PRECISIONS = ("auto", "fp32", "bf16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -30,7 +31,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
 
     fp32 on CPU by default: bf16 autocast of MONAI's UNet measured 5-30x *slower* than fp32 on
-    this project's CPUs for training (benchmarks/backbone_speed.py), although it is valid.
+    this project's CPUs for training, although it is valid; on CPUs without AVX512-BF16/AMX
+    (AVX2 only) bf16 is emulated and even a plain bf16 matrix product measured ~50x slower than
+    fp32 (``benchmarks/benchmark.py`` measures both on the machine it runs on).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -39,6 +42,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def resolve_memory_format(memory_format: str, device: torch.device) -> torch.memory_format:
+    """``auto`` -> channels-last on the CPU, the stored (contiguous) layout on CUDA.
+
+    On the CPU, oneDNN's channels-last convolutions ran the `small` UNet 1.15-1.35x faster than
+    the default layout with identical outputs (``benchmarks/benchmark.py``). On CUDA,
+    channels-last pays with tensor-core convolutions (bf16), but it was never measured on this
+    project's machines, so ``auto`` leaves CUDA as it was; ``channels_last`` asks for it.
+    """
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; expected one of {MEMORY_FORMATS}")
+    if memory_format == "channels_last" or (memory_format == "auto" and device.type == "cpu"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
