@@ -29,6 +29,7 @@ AUTO = "auto"  # the model's own axis (a bundle records the plane it was fitted 
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # of the UNet's activations
 PRESET_NAMES = ("tiny", "small", "small4", "paper")  # model.backbone.PRESETS, kept torch-free here (checked there)
 DEFAULT_PRESET = "small"
 INTENSITIES = ("radiograph", "brain", "zscore")  # preprocessing.intensity's named conventions

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 
-from .choices import PRECISIONS
+from .choices import MEMORY_FORMATS, PRECISIONS
 from .errors import SettingError, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
 
     fp32 on CPU by default: bf16 autocast of MONAI's UNet measured 5-30x *slower* than fp32 on
-    this project's CPUs for training (the README's backbone timings), although it is valid.
+    this project's CPUs for training, although it is valid; on CPUs without AVX512-BF16/AMX
+    (AVX2 only) bf16 is emulated and even a plain bf16 matrix product measured ~50x slower than
+    fp32 (``benchmarks/benchmark.py`` measures both on the machine it runs on).
     """
     if precision not in PRECISIONS:
         raise SettingError("precision", f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -72,6 +74,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def resolve_memory_format(memory_format: str, device: torch.device) -> torch.memory_format:
+    """``auto`` -> channels-last on the CPU, the stored (contiguous) layout on CUDA.
+
+    On the CPU, oneDNN's channels-last convolutions ran the `small` UNet 1.15-1.35x faster than
+    the default layout with identical outputs (``benchmarks/benchmark.py``). On CUDA,
+    channels-last pays with tensor-core convolutions (bf16), but it was never measured on this
+    project's machines, so ``auto`` leaves CUDA as it was; ``channels_last`` asks for it.
+    """
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; expected one of {MEMORY_FORMATS}")
+    if memory_format == "channels_last" or (memory_format == "auto" and device.type == "cpu"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -7,9 +7,10 @@ back to the original grid before the label decision (argmax), never the labels.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +20,15 @@ from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import class_probabilities
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
-from ..runtime import autocast, describe_device, map_in_chunks, plan_batch_size, resolve_device, resolve_precision
+from ..runtime import (
+    autocast,
+    describe_device,
+    map_in_chunks,
+    plan_batch_size,
+    resolve_device,
+    resolve_memory_format,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,9 @@ class Segmenter:
             half of the free GPU memory holds, or 4 on the CPU. Halved automatically on CUDA OOM.
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
+        memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
+            or ``contiguous`` (the UNet as stored). Channels-last runs a private copy of the UNet, so
+            the bundle's own weights, shared with fitting and refining, are never changed.
     """
 
     def __init__(
@@ -79,10 +91,12 @@ class Segmenter:
         batch_size: Optional[int] = None,
         precision: str = "auto",
         timesteps: Optional[Sequence[int]] = None,
+        memory_format: str = "auto",
     ) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.memory_format = resolve_memory_format(memory_format, self.device)
         self.timesteps = tuple(int(t) for t in timesteps) if timesteps else bundle.timesteps
         if timesteps and bundle.head is None:
             raise SettingError("timesteps", "the supervised baseline has no timesteps to choose")
@@ -93,6 +107,8 @@ class Segmenter:
                     "timesteps", f"a {bundle.method} head needs exactly its timesteps {list(bundle.timesteps)}"
                 )
         unet = bundle.backbone.unet.to(self.device).eval()
+        if self.memory_format == torch.channels_last:
+            unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
         if bundle.head is not None:
             self.head = bundle.head.to(self.device).eval()
             self.extractor = DecoderFeatureExtractor(unet, bundle.backbone.noise_schedule, bundle.head.config.levels)
@@ -132,10 +148,13 @@ class Segmenter:
         to the bundle (possibly shared with another segmenter). Kept only because the Slicer
         module still calls it; remove both together."""
 
+    def _to_device(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid.to(self.device).contiguous(memory_format=self.memory_format)
+
     @torch.no_grad()
     def _features(self, grid: torch.Tensor, cancel: Optional[CancelCheck] = None) -> LevelFeatures:
         with autocast(self.device, self.precision):
-            return self.extractor(grid.to(self.device), self.timesteps, cancel=cancel)
+            return self.extractor(self._to_device(grid), self.timesteps, cancel=cancel)
 
     @torch.inference_mode()
     def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
@@ -147,7 +166,7 @@ class Segmenter:
 
     @torch.no_grad()
     def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
-        grid = grid.to(self.device)
+        grid = self._to_device(grid)
         with autocast(self.device, self.precision):
             logits = self.unet(grid, torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)).float()
         probabilities = from_model_grid(class_probabilities(logits), transform)
@@ -168,8 +187,9 @@ class Segmenter:
             )
         grid, transform = to_model_grid(torch.from_numpy(slices), self.bundle.image_size)
         kept: List[LevelFeatures] = []
+        probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
 
-        def run(start: int, stop: int):
+        def run(start: int, stop: int) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             if self.head is None:
@@ -179,31 +199,36 @@ class Segmenter:
                 if keep_features:
                     kept.append([f.to("cpu", torch.float16) for f in levels])
                 result = self._head_predict(levels, transform)
+            probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
             if progress is not None:
                 progress(stop, len(slices))
-            return [r.cpu() for r in result]
 
-        chunks = list(map_in_chunks(run, len(slices), self.batch_size))
-        probabilities = torch.cat([c[0] for c in chunks]).numpy().astype(np.float32)
-        uncertainty = torch.cat([c[1] for c in chunks]).numpy().astype(np.float32)
+        for _ in map_in_chunks(run, len(slices), self.batch_size):
+            pass
         cache = FeatureCache([torch.cat(level) for level in zip(*kept)], transform) if kept else None
         return SlicePrediction(probabilities, uncertainty, cache)
+
+    def _outputs(self, n: int, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        """Float32 probability and uncertainty arrays that every chunk writes into: no list of
+        chunks concatenated and converted at the end, which held three copies of a volume's
+        probabilities at once (``benchmarks/benchmark.py`` measures the peak memory)."""
+        h, w = (int(d) for d in shape)
+        return np.empty((n, self.bundle.num_classes, h, w), np.float32), np.empty((n, h, w), np.float32)
 
     def predict_from_features(self, cache: FeatureCache, progress: Optional[Progress] = None) -> SlicePrediction:
         """Re-apply the (possibly refined) head to cached features: no UNet pass."""
         if self.head is None:
             raise ValueError("the supervised baseline has no features to re-use")
         total = cache.levels[0].shape[0]
+        transform = cache.transform
+        probabilities, uncertainty = self._outputs(total, (transform.height, transform.width))
 
-        def run(start: int, stop: int):
-            result = self._head_predict([level[start:stop] for level in cache.levels], cache.transform)
+        def run(start: int, stop: int) -> None:
+            result = self._head_predict([level[start:stop] for level in cache.levels], transform)
+            probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
             if progress is not None:
                 progress(stop, total)
-            return [r.cpu() for r in result]
 
-        chunks = list(map_in_chunks(run, total, max(self.batch_size, 16)))
-        return SlicePrediction(
-            torch.cat([c[0] for c in chunks]).numpy().astype(np.float32),
-            torch.cat([c[1] for c in chunks]).numpy().astype(np.float32),
-            cache,
-        )
+        for _ in map_in_chunks(run, total, max(self.batch_size, 16)):
+            pass
+        return SlicePrediction(probabilities, uncertainty, cache)

@@ -1,0 +1,605 @@
+#!/usr/bin/env python
+"""TEDM against a straightforward implementation of the same method, and against the machine's fp32 peak.
+
+    python benchmarks/benchmark.py [--quick] [--json FILE] [--threads N]
+
+Everything is measured in this one run, with the same torch threads everywhere:
+
+* whole-volume segmentation of a BraTS volume (FLAIR, 240x240x155; ``--quick``: 6 of its slices)
+  and of a set of radiographs, read from and written to files, by the pipeline
+  (``Segmenter`` + ``segment_volume`` / ``segment_image_folder``) and by the straightforward
+  implementation kept in this file (one UNet call per slice and timestep, full decoder and output
+  convolution, every slice including background, every decoder level upsampled to the image
+  size and concatenated before the MLP, per-step probabilities kept for the whole volume, fp32);
+  each way runs in its own fresh process, so its peak resident memory growth is its own;
+* the UNet passes as the pipeline runs them, the DDPM training step, and a square fp32 (and
+  bf16) matrix product, interleaved, best of a few repeats each: achieved FLOP/s = ptflops MACs x 2
+  / time, over the matrix product's FLOP/s;
+* where the pipeline's time goes (``torch.profiler`` over the UNet; wall clock for IO and head);
+* Refine after two corrected slices over a full segmentation, through the calls the Slicer
+  module makes (``Segmenter.predict(keep_features=True)``, ``refine_bundle`` on cached features,
+  ``Segmenter.predict_from_features``), without MRML.
+
+Weights: the ``small`` preset at 64 px, untrained (seed 0), with a TEDM head fitted for a few
+steps on two tumour slices of the case: timings do not depend on the weights, and the fitted
+head makes the compared masks non-trivial (their Dice says whether two implementations agree,
+not how good the model is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from head_memory import _PeakRss
+
+from tedm_core.bundle import ModelBundle, load_bundle, save_bundle
+from tedm_core.features import INFERENCE_SEED, DecoderFeatureExtractor, timestep_noise
+from tedm_core.io.volumes import read_case, read_volume, write_float_volume, write_label_volume
+from tedm_core.model.backbone import PRESETS
+from tedm_core.model.checkpoint import Backbone
+from tedm_core.pipelines.fit import fit_bundle, refine_bundle
+from tedm_core.pipelines.image_segment import segment_image_folder
+from tedm_core.pipelines.segment import Segmenter
+from tedm_core.pipelines.volume import (
+    label_array_to_classes,
+    labelled_slices_from_volumes,
+    nonempty_slice_mask,
+    normalise_volume,
+    segment_volume,
+)
+from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
+from tedm_core.preprocessing.spatial import from_model_grid, to_model_grid
+from tedm_core.slicing import extract_slices, reassemble, to_slices
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+GOALS = {  # key: (comparison, goal)
+    "speedup_vs_straightforward": (">=", 3.0),
+    "memory_ratio_vs_straightforward": (">=", 5.0),
+    "dice_vs_straightforward": (">=", 0.99),
+    "pipeline_over_unet": ("<=", 1.3),
+    "refine_fraction": ("<=", 0.15),
+    "unet_fraction_of_fp32_peak": (">=", 0.8),
+    "train_fraction_of_fp32_peak": (">=", 0.5),
+    "dice_vs_fp32": (">=", 0.99),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The straightforward implementation of the same method
+
+
+class Straightforward:
+    """TEDM as one would first write it: per slice, per timestep, one UNet call (batch 1, full
+    decoder and output convolution), every decoder level upsampled to the image size and
+    concatenated, the MLP applied to that, fp32, default memory layout. Same taps, same noise
+    (``timestep_noise`` of (seed, t)) and same weights as the pipeline, so the outputs agree."""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+        self.unet = bundle.backbone.unet.eval()
+        self.schedule = bundle.backbone.noise_schedule
+        self.mlp = bundle.head.mlp.eval()
+        self.size = bundle.image_size
+        self.unet_seconds = 0.0
+        self.captured: Dict[int, torch.Tensor] = {}
+        for level, block in enumerate(self.unet.up_blocks):  # every level, before its upsampler
+            if getattr(block, "upsampler", None) is not None:
+                block.upsampler.register_forward_pre_hook(
+                    lambda _m, args, i=level: self.captured.__setitem__(i, args[0])
+                )
+            else:
+                block.register_forward_hook(lambda _m, _a, out, i=level: self.captured.__setitem__(i, out))
+
+    @torch.no_grad()
+    def per_step_probabilities(self, image: np.ndarray) -> np.ndarray:
+        """One normalised slice (C, H, W) -> per-step class probabilities (S, K, H, W) on its grid."""
+        grid, transform = to_model_grid(torch.from_numpy(np.ascontiguousarray(image[None])), self.size)
+        out = []
+        for t in self.bundle.timesteps:
+            step = torch.tensor([t])
+            x_t = self.schedule.add_noise(grid, timestep_noise(grid.shape[1:], (t,), INFERENCE_SEED), step)
+            tic = time.perf_counter()
+            self.unet(x_t, step)
+            self.unet_seconds += time.perf_counter() - tic
+            levels = [self.captured[i] for i in sorted(self.captured)]
+            logits = self.mlp.forward_dense(levels, (self.size, self.size))
+            if self.bundle.num_classes == 2:
+                fg = torch.sigmoid(logits)
+                probabilities = torch.cat([1 - fg, fg], dim=1)
+            else:
+                probabilities = torch.softmax(logits, dim=1)
+            out.append(from_model_grid(probabilities, transform)[0])
+        return torch.stack(out).numpy()
+
+    def segment_slices(self, slices: np.ndarray):
+        """(N, C, H, W) -> labels (N, H, W), uncertainty (N, H, W); all per-step maps kept."""
+        per_step = np.empty(
+            (len(slices), len(self.bundle.timesteps), self.bundle.num_classes) + slices.shape[2:], np.float32
+        )
+        for n, image in enumerate(slices):
+            per_step[n] = self.per_step_probabilities(image)
+        labels = per_step.mean(axis=1).argmax(axis=1).astype(np.uint8)
+        return labels, per_step.std(axis=1).max(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One way on one workload, in a fresh process (``--child``)
+
+
+def _timed(module: torch.nn.Module, totals: Dict[str, float], key: str) -> None:
+    """Count the wall time of ``module``'s forward calls into ``totals[key]``."""
+    forward = module.forward
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tic = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - tic
+
+    module.forward = wrapper
+
+
+def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
+    out = work / f"out_{way}_{workload}"
+    out.mkdir(exist_ok=True)
+    bundle = load_bundle(work / f"bundle_{workload}")
+    totals: Dict[str, float] = {}
+    if way == "tedm":
+        segmenter = Segmenter(bundle, device="cpu")
+        _timed(segmenter.extractor, totals, "unet")
+        _timed(segmenter.head.mlp, totals, "head")
+    else:
+        straightforward = Straightforward(bundle)
+    with _PeakRss() as memory:
+        tic = time.perf_counter()
+        if workload == "volume":
+            volume = read_case([work / "volume" / "FLAIR.nii.gz"], channel_names=["FLAIR"])
+            totals["read"] = time.perf_counter() - tic
+            if way == "tedm":
+                result = segment_volume(segmenter, volume, keep_probabilities=False)
+                labels, uncertainty = result.labels, result.uncertainty
+            else:
+                slices, layout = extract_slices(normalise_volume(volume, bundle.intensity), bundle.axis)
+                labels, uncertainty = straightforward.segment_slices(slices)
+                labels, uncertainty = reassemble(labels, layout), reassemble(uncertainty, layout)
+            before_write = time.perf_counter()
+            write_float_volume(out / "uncertainty.nii.gz", uncertainty, volume)
+            write_label_volume(out / "labels.nii.gz", labels, volume)
+            totals["write"] = time.perf_counter() - before_write
+            np.save(out / "labels.npy", labels)
+        else:
+            images = work / "cxr"
+            if way == "tedm":
+                report = segment_image_folder(segmenter, images, out, uncertainty=True, overwrite=True)
+                assert not report.failures, report.failures
+            else:
+                from tedm_core.io.images import list_images, read_grey, write_png
+                from tedm_core.pipelines.image_segment import label_image
+                from tedm_core.preprocessing.intensity import normalise_intensity
+
+                for path in list_images(images):
+                    image = normalise_intensity(read_grey(path), bundle.intensity)
+                    labels, uncertainty = straightforward.segment_slices(image[None])
+                    write_png(
+                        out / f"{path.stem}_uncertainty.png",
+                        np.round(np.clip(uncertainty[0] * 510, 0, 255)).astype(np.uint8),
+                    )
+                    write_png(out / f"{path.stem}.png", label_image(labels[0], bundle.label_values))
+        seconds = time.perf_counter() - tic
+    if way == "straightforward":
+        totals["unet"] = straightforward.unet_seconds
+    return {"seconds": seconds, "peak_mib": memory.grown_kib / 1024, **totals}
+
+
+def spawn(way: str, workload: str, work: Path, threads: int) -> Dict[str, Any]:
+    command = [sys.executable, __file__, "--child", way, workload, "--work", str(work), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{way} on {workload} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: inputs and weights
+
+
+def prepare(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
+    """The volume (all of it, or a few slices with ``--quick``), the radiographs and the two bundles."""
+    case = args.case
+    volume = read_case([case / "FLAIR.nii.gz"], channel_names=["FLAIR"])
+    truth = read_volume(case / "GT_W.nii.gz", allow_constant=True)
+    areas = (truth.array[0] > 0).reshape(truth.array.shape[1], -1).sum(axis=1)  # per file-K slice
+    top = int(np.argmax(areas))
+    fit_slices = [top, top - 8]
+    if args.slices:  # evenly spaced slices of the whole volume, plus the two the head is fitted on
+        keep = sorted(set(np.linspace(0, len(areas) - 1, args.slices).round().astype(int).tolist()) | set(fit_slices))
+        volume = replace(volume, array=volume.array[:, keep])
+        truth = replace(truth, array=truth.array[:, keep])
+        fit_slices = [keep.index(k) for k in fit_slices]
+    (work / "volume").mkdir(exist_ok=True)
+    write_float_volume(work / "volume" / "FLAIR.nii.gz", volume.array[0], volume)
+    write_label_volume(work / "volume" / "GT_W.nii.gz", truth.array[0].astype(np.uint8), truth)
+
+    cxr = work / "cxr"
+    cxr.mkdir(exist_ok=True)
+    for old in cxr.iterdir():
+        old.unlink()
+    for path in sorted((args.cxr).glob("*.png"))[-args.radiographs :]:  # the in-domain test end of the list
+        (cxr / path.name).symlink_to(path)
+
+    torch.manual_seed(0)
+    backbone = Backbone.new(PRESETS["small"], intensity=MULTIMODAL_MRI, channel_names=["FLAIR"])
+    pairs = labelled_slices_from_volumes(volume, truth, backbone.intensity, [0, 1], axis="axial", slices=fit_slices)
+    tic = time.perf_counter()
+    bundle = fit_bundle(
+        backbone, pairs.slices, pairs.labels, "tedm", ["background", "tumour"], [0, 1],
+        steps=args.head_steps, noise_draws=1, device="cpu", precision="fp32", show_progress=False,
+    )  # fmt: skip
+    fit_seconds = time.perf_counter() - tic
+    save_bundle(bundle, work / "bundle_volume", overwrite=True)
+    radiograph = replace(bundle, backbone=replace(bundle.backbone, intensity=RADIOGRAPH))
+    save_bundle(radiograph, work / "bundle_cxr", overwrite=True)
+    return {"bundle": bundle, "volume": volume, "truth": truth, "fit_seconds": fit_seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process measurements
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def gmac(module: torch.nn.Module, shape: Sequence[int]) -> float:
+    from ptflops import get_model_complexity_info
+
+    macs, _ = get_model_complexity_info(
+        module, tuple(shape), as_strings=False, print_per_layer_stat=False, verbose=False
+    )
+    return macs / 1e9
+
+
+class _OneStep(torch.nn.Module):
+    """ptflops wrapper: the pipeline's truncated pass (``full=False``) or the whole UNet, one timestep."""
+
+    def __init__(self, extractor: DecoderFeatureExtractor, full: bool) -> None:
+        super().__init__()
+        self.extractor, self.full = extractor, full
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.full:
+            return self.extractor.unet(x, torch.full((x.shape[0],), 25, dtype=torch.long))
+        return self.extractor(x, (25,))[0]
+
+
+def best_times(functions: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, float]:
+    """Each function's best wall time over ``repeats`` rounds, the functions interleaved in each
+    round, so that a change in the machine's load hits them all alike."""
+    best = {name: float("inf") for name in functions}
+    for fn in functions.values():  # warm-up: oneDNN primitive creation, allocator
+        fn()
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            tic = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - tic)
+    return best
+
+
+def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train_batch: int) -> Dict[str, Any]:
+    """UNet passes (as the pipeline runs them, and variants), training steps and matrix products."""
+    size = bundle.image_size
+    grid, _ = to_model_grid(torch.from_numpy(slices), size)
+    default = Segmenter(bundle, device="cpu")
+    contiguous = Segmenter(bundle, device="cpu", memory_format="contiguous")
+    steps = len(default.timesteps)
+    batch = min(default.batch_size, len(grid))
+    sub = grid[:batch]
+    per_map = gmac(_OneStep(contiguous.extractor, full=False), grid.shape[1:])
+    per_image_full = gmac(_OneStep(contiguous.extractor, full=True), grid.shape[1:])
+
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a[:256, :256].bfloat16(), b[:256, :256].bfloat16()  # emulated on CPUs without AVX512-BF16: kept small
+
+    def train_step_fn(memory_format: torch.memory_format) -> Callable[[], None]:
+        model = copy.deepcopy(bundle.backbone.unet).train().to(memory_format=memory_format)
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+        schedule = bundle.backbone.noise_schedule
+        x0 = grid[torch.arange(train_batch) % len(grid)].contiguous(memory_format=memory_format)
+        generator = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            noise = torch.randn(x0.shape, generator=generator).contiguous(memory_format=memory_format)
+            t = torch.randint(0, 1000, (train_batch,), generator=generator)
+            loss = F.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+
+        return step
+
+    functions = {
+        "matmul_fp32": lambda: torch.mm(a, b),
+        "matmul_bf16": lambda: torch.mm(a16, b16),
+        "unet": lambda: default._features(sub),
+        "unet_contiguous": lambda: contiguous._features(sub),
+        "unet_2_slices": lambda: default._features(grid[:2]),
+        "train_contiguous": train_step_fn(torch.contiguous_format),
+        "train_channels_last": train_step_fn(torch.channels_last),
+    }
+    if len(grid) >= 8:
+        functions["unet_8_slices"] = lambda: default._features(grid[:8])
+    best = best_times(functions, repeats)
+    peak = 2 * n**3 / best["matmul_fp32"]
+    result: Dict[str, Any] = {
+        "gmac_per_map": per_map,
+        "gmac_per_image_full_pass": per_image_full,
+        "maps_per_call": batch * steps,
+        "fp32_matmul_gflops": peak / 1e9,
+        "bf16_matmul_gflops": 2 * 256**3 / best["matmul_bf16"] / 1e9,
+        "seconds": best,
+    }
+    for name, slices_in_call in (
+        ("unet", batch),
+        ("unet_contiguous", batch),
+        ("unet_2_slices", 2),
+        ("unet_8_slices", 8),
+    ):
+        if name in best:
+            result[f"{name}_gflops"] = 2 * per_map * 1e9 * slices_in_call * steps / best[name] / 1e9
+    for name in ("train_contiguous", "train_channels_last"):
+        result[f"{name}_gflops"] = 3 * 2 * per_image_full * 1e9 * train_batch / best[name] / 1e9
+    result["unet_fraction_of_fp32_peak"] = result["unet_gflops"] * 1e9 / peak
+    # pretraining (tedm_core.pipelines.pretrain) runs the stored layout
+    result["train_fraction_of_fp32_peak"] = result["train_contiguous_gflops"] * 1e9 / peak
+
+    # Agreement of the default (fastest kept) configuration with plain fp32 (one call's slices), and
+    # what bf16 autocast would give: speed and agreement of one map (bf16 is emulated, so slow, on
+    # CPUs without AVX512-BF16/AMX).
+    result["dice_vs_fp32"] = dice(default.predict(slices[:batch]).labels, contiguous.predict(slices[:batch]).labels)
+    index = int(np.argmax([(s > -1 + 1e-6).sum() for s in slices]))
+    one = slices[index : index + 1]
+    single = {p: Segmenter(bundle, device="cpu", precision=p, timesteps=bundle.timesteps[:1]) for p in ("fp32", "bf16")}
+    grid_one, _ = to_model_grid(torch.from_numpy(one), size)
+    one_map = best_times({p: (lambda s=s: s._features(grid_one)) for p, s in single.items()}, 1)
+    result["bf16_autocast_unet_speed_vs_fp32"] = one_map["fp32"] / one_map["bf16"]
+    result["bf16_dice_vs_fp32"] = dice(single["bf16"].predict(one).labels, single["fp32"].predict(one).labels)
+    return result
+
+
+def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
+    """Share of the UNet passes' self CPU time per kind of operation (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    segmenter = Segmenter(bundle, device="cpu")
+    grid, _ = to_model_grid(torch.from_numpy(slices[: segmenter.batch_size]), bundle.image_size)
+    segmenter._features(grid)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        segmenter._features(grid)
+    kinds = {
+        "convolution": ("conv",),
+        "normalisation": ("group_norm", "batch_norm", "layer_norm"),
+        "attention": ("bmm", "baddbmm", "softmax", "scaled_dot_product", "matmul", "addmm", "linear", "mm"),
+        "activation": ("silu", "relu", "gelu"),
+        "up/downsampling": ("upsample", "interpolate"),
+    }
+    shares: Dict[str, float] = dict.fromkeys(list(kinds) + ["other (adds, copies, layout)"], 0.0)
+    total = 0.0
+    for event in prof.key_averages():
+        name, own = event.key.lower(), event.self_cpu_time_total
+        total += own
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other (adds, copies, layout)")
+        shares[kind] += own
+    return {k: v / max(total, 1e-9) for k, v in shares.items()}
+
+
+def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, Any]:
+    """Segment (keeping features) then Refine after two corrected slices, as the Slicer module does."""
+    segmenter = Segmenter(bundle, device="cpu")
+    tic = time.perf_counter()
+    slices, layout = extract_slices(normalise_volume(volume, bundle.intensity), bundle.axis)
+    run = np.flatnonzero(nonempty_slice_mask(slices))
+    prediction = segmenter.predict(slices[run], keep_features=True)
+    labels = np.zeros((len(slices),) + slices.shape[2:], np.uint8)
+    labels[run] = prediction.labels
+    reassemble(labels, layout)
+    segment_seconds = time.perf_counter() - tic
+
+    truth_slices = to_slices(label_array_to_classes(truth, [0, 1]).astype(np.uint8), layout)
+    row = {int(s): r for r, s in enumerate(run)}
+    tumour = [int(s) for s in run if truth_slices[s].any()]
+    corrected = sorted(sorted(tumour, key=lambda s: dice(labels[s], truth_slices[s]))[:2])
+    others = [int(s) for s in run if int(s) not in corrected]
+    anchors = [int(part[len(part) // 2]) for part in np.array_split(np.asarray(others), min(4, len(others)))]
+    cache = prediction.features
+    tic = time.perf_counter()
+    refined = refine_bundle(
+        bundle, slices[corrected], truth_slices[corrected],
+        features=cache.select([row[s] for s in corrected]).levels,
+        anchor_slices=slices[anchors], anchor_labels=labels[anchors],
+        anchor_features=cache.select([row[s] for s in anchors]).levels,
+        device="cpu", show_progress=False,
+    )  # fmt: skip
+    head_seconds = time.perf_counter() - tic
+    again = Segmenter(refined, device="cpu").predict_from_features(cache)
+    after = np.zeros_like(labels)
+    after[run] = again.labels
+    after[corrected] = truth_slices[corrected]
+    reassemble(after, layout)
+    refine_seconds = time.perf_counter() - tic
+    return {
+        "segment_seconds": segment_seconds,
+        "refine_seconds": refine_seconds,
+        "refine_head_training_seconds": head_seconds,
+        "slices_run": int(len(run)),
+        "feature_cache_mib": cache.nbytes / 2**20,
+        "refine_fraction": refine_seconds / segment_seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 slices, 1 radiograph, 1 repeat (minutes)")
+    parser.add_argument("--slices", type=int, help="segment this many evenly spaced slices (+2) instead of the volume")
+    parser.add_argument("--radiographs", type=int, help="how many radiographs (default 8, --quick 2)")
+    parser.add_argument("--json", type=Path, help="write the key ratios (and the details) to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads everywhere (default: torch's)")
+    parser.add_argument("--case", type=Path, default=DATA / "brain" / "brats" / "Brats18_CBICA_AAB_1")
+    parser.add_argument("--cxr", type=Path, default=DATA / "cxr" / "shenzhen" / "images")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/tedm_benchmark"), help="scratch folder (outside the repo)"
+    )
+    parser.add_argument("--refine-only", action="store_true", help="measure refine_fraction alone")
+    parser.add_argument("--child", nargs=2, metavar=("WAY", "WORKLOAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if args.child:
+        print(json.dumps(run_child(args.child[0], args.child[1], args.work)))
+        return 0
+    if not args.case.is_dir() or not args.cxr.is_dir():
+        raise SystemExit(f"data not found: {args.case} / {args.cxr} (the data lives in ../shared/data)")
+    if args.quick:
+        args.slices = args.slices or 2
+    args.radiographs = args.radiographs or (1 if args.quick else 8)
+    args.head_steps = 10 if args.quick else 50
+    repeats = 1 if args.quick else 3
+    args.work.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, load average {load_before[0]:.1f}",
+        flush=True,
+    )
+
+    setup = prepare(args, args.work)
+    bundle = setup["bundle"]
+    print(
+        f"head fitted in {setup['fit_seconds']:.1f} s; volume {setup['volume'].array.shape[1:]} (K, J, I)", flush=True
+    )
+
+    if args.refine_only:
+        refine = measure_refine(bundle, setup["volume"], setup["truth"])
+        print(json.dumps(refine))
+        if args.json:
+            args.json.write_text(
+                json.dumps({"refine_fraction": refine["refine_fraction"], "details": refine}, indent=1)
+            )
+        return 0
+    runs: Dict[str, Dict[str, Any]] = {}
+    for workload in ("volume", "cxr"):
+        for way in ("tedm", "straightforward"):
+            runs[f"{way}_{workload}"] = spawn(way, workload, args.work, threads)
+            print(
+                f"{way:15s} {workload:6s} {json.dumps({k: round(v, 2) for k, v in runs[f'{way}_{workload}'].items()})}",
+                flush=True,
+            )
+    ours_labels = np.load(args.work / "out_tedm_volume" / "labels.npy")
+    plain_labels = np.load(args.work / "out_straightforward_volume" / "labels.npy")
+    cxr_dice = [
+        dice(np.asarray(Image.open(p)), np.asarray(Image.open(args.work / "out_straightforward_cxr" / p.name)))
+        for p in sorted((args.work / "out_tedm_cxr").glob("*.png"))
+        if "_uncertainty" not in p.name
+    ]
+
+    slices, _ = extract_slices(normalise_volume(setup["volume"], bundle.intensity), bundle.axis)
+    brain = slices[nonempty_slice_mask(slices)]
+    compute = measure_compute(bundle, brain[:8], repeats, train_batch=8 if args.quick else 16)
+    profile = profile_unet(bundle, brain)
+    refine = measure_refine(bundle, setup["volume"], setup["truth"])
+    load_after = os.getloadavg()
+
+    vol, vol_plain = runs["tedm_volume"], runs["straightforward_volume"]
+    cxr, cxr_plain = runs["tedm_cxr"], runs["straightforward_cxr"]
+    speedups = {"volume": vol_plain["seconds"] / vol["seconds"], "cxr": cxr_plain["seconds"] / cxr["seconds"]}
+    memory = {
+        "volume": vol_plain["peak_mib"] / vol["peak_mib"],
+        "cxr": cxr_plain["peak_mib"] / max(cxr["peak_mib"], 1e-3),
+    }
+    dices = {"volume": dice(ours_labels, plain_labels), "cxr": float(np.mean(cxr_dice))}
+    results: Dict[str, Any] = {
+        # The smaller of the two workloads' ratios: a goal is met only if met on both.
+        "speedup_vs_straightforward": min(speedups.values()),
+        "memory_ratio_vs_straightforward": min(memory.values()),
+        "dice_vs_straightforward": min(dices.values()),
+        "pipeline_over_unet": vol["seconds"] / vol["unet"],
+        "refine_fraction": refine["refine_fraction"],
+        "unet_fraction_of_fp32_peak": compute["unet_fraction_of_fp32_peak"],
+        "train_fraction_of_fp32_peak": compute["train_fraction_of_fp32_peak"],
+        "dice_vs_fp32": compute["dice_vs_fp32"],
+    }
+    details = {
+        "quick": args.quick, "threads": threads, "cpus": os.cpu_count(), "torch": torch.__version__,
+        "load_average_before_after": [load_before[0], load_after[0]], "seconds_total": time.perf_counter() - started,
+        "speedups": speedups, "memory_ratios": memory, "dices": dices, "runs": runs, "compute": compute,
+        "unet_profile": profile, "refine": refine,
+    }  # fmt: skip
+
+    print(
+        f"\nwhere the UNet passes' time goes (torch.profiler, self CPU time, {compute['maps_per_call']} maps per call):"
+    )
+    print("  " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in profile.items()))
+    rest = vol["seconds"] - vol["read"] - vol["unet"] - vol["head"] - vol["write"]
+    print(
+        f"pipeline on the volume: read {vol['read']:.2f} s, UNet {vol['unet']:.2f} s, head {vol['head']:.2f} s, "
+        f"write {vol['write']:.2f} s, the rest (normalise, slice, resize, reassemble) {rest:.2f} s"
+    )
+    c = compute
+    print(
+        f"fp32 matmul {c['fp32_matmul_gflops']:.1f} GFLOP/s, bf16 matmul {c['bf16_matmul_gflops']:.1f} GFLOP/s; "
+        f"UNet {c['gmac_per_map']:.3f} GMAC per map (truncated), {c['gmac_per_image_full_pass']:.3f} full"
+    )
+    print(
+        f"UNet GFLOP/s: channels-last {c['unet_gflops']:.1f}, contiguous {c['unet_contiguous_gflops']:.1f} "
+        f"({c['maps_per_call']} maps per call); 2 slices per call {c['unet_2_slices_gflops']:.1f}"
+        + (f", 8 slices {c['unet_8_slices_gflops']:.1f}" if "unet_8_slices_gflops" in c else "")
+    )
+    print(
+        f"training GFLOP/s: contiguous {c['train_contiguous_gflops']:.1f}, "
+        f"channels-last {c['train_channels_last_gflops']:.1f}; bf16 autocast UNet speed vs fp32 "
+        f"{c['bf16_autocast_unet_speed_vs_fp32']:.2f}x, its Dice vs fp32 {c['bf16_dice_vs_fp32']:.3f} (one map)"
+    )
+    print(
+        f"refine: segment {refine['segment_seconds']:.1f} s ({refine['slices_run']} slices, "
+        f"cache {refine['feature_cache_mib']:.0f} MiB), refine {refine['refine_seconds']:.1f} s "
+        f"(head training {refine['refine_head_training_seconds']:.1f} s)"
+    )
+    print(f"per workload: speedup {speedups}, memory {memory}, dice {dices}")
+    print("\n| measure | value | goal | |\n|---|---|---|---|")
+    for key, value in results.items():
+        comparison, goal = GOALS[key]
+        met = value >= goal if comparison == ">=" else value <= goal
+        print(f"| {key} | {value:.3f} | {comparison} {goal} | {'met' if met else 'NOT met'} |")
+    print(
+        f"\n{time.perf_counter() - started:.0f} s in all; load average {load_before[0]:.1f} -> {load_after[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({**results, "details": details}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
