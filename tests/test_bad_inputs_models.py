@@ -393,7 +393,15 @@ def test_a_rerun_removes_the_temporaries_a_killed_run_left(tiny_bundle_dir, tmp_
     assert not list(out.glob("*.part*")) and not list(out.glob(".*.part*"))
 
 
-def test_disk_full_stops_the_batch_with_one_line(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EROFS, "Read-only file system"),
+        (errno.EACCES, "Permission denied"),
+    ],
+)
+def test_disk_full_stops_the_batch_with_one_line(code, words, tiny_bundle_dir, tmp_path, capsys, monkeypatch):
     import tedm_core.pipelines.batch as batch
     from tedm_core.cli import main
 
@@ -406,12 +414,12 @@ def test_disk_full_stops_the_batch_with_one_line(tiny_bundle_dir, tmp_path, caps
 
     def full(path, *args, **kwargs):
         calls.append(path)
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise OSError(code, words, str(path))
 
     monkeypatch.setattr(batch, "write_label_volume", full)
-    code = main(["segment", "--model", str(tiny_bundle_dir), "--input", str(images), "--output", str(tmp_path / "o")])
+    status = main(["segment", "--model", str(tiny_bundle_dir), "--input", str(images), "--output", str(tmp_path / "o")])
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (progress bars aside)
-    assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and "y0.png" in err[0], err
+    assert status == 2 and len(err) == 1 and words in err[0] and "y0.png" in err[0], err
     assert len(calls) == 1  # stopped at the first case, not tried on every one
     assert not list((tmp_path / "o").glob("*.png"))
 
