@@ -75,6 +75,10 @@ AUGMENT_POLICIES: Dict[str, AugmentPolicy] = {
 }
 
 
+# The default for fitting heads (chosen on validation, see pipelines/fit.py FitOptions.augment).
+DEFAULT_AUGMENT = "framing"
+
+
 def resolve_policy(policy: Any) -> AugmentPolicy:
     if isinstance(policy, AugmentPolicy):
         return policy
