@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CXR_PARTS = ("variants", "main", "ablation", "probes", "sweep")
+CXR_PARTS = ("variants", "main", "ablation", "probes", "sweep", "baseline")
 log = logging.getLogger("reproduce")
 
 
@@ -542,20 +542,12 @@ class Study:
                             spec.get("sets", validation),
                             postprocess=True,
                         )
-        # 1. the main grid: methods x n x seeds, on validation and test sets.
+        # 1. the main grid: methods x n x seeds, on validation and test sets; the supervised
+        # baseline (1,000 UNet training steps per fit) is its own part and runs last.
         for n in c["n"] if "main" in parts else ():
-            for method in c["methods"]:
+            for method in [m for m in c["methods"] if m != "baseline"]:
                 for seed in seeds_for(n):
-                    self.evaluate_unit(
-                        name,
-                        step,
-                        method,
-                        n,
-                        seed,
-                        "default",
-                        validation + test_sets,
-                        postprocess=c.get("postprocess_scores", True),
-                    )
+                    self.evaluate_unit(name, step, method, n, seed, "default", validation + test_sets, postprocess=True)
         # 2. single-step ablations: the TEDM head on one step (the paper's Table 2).
         for n in c.get("ablation", {}).get("n", []) if "ablation" in parts else ():
             for t in c["ablation"]["timesteps"]:
@@ -573,6 +565,11 @@ class Study:
                 self.evaluate_unit(name, s, "tedm", sweep["n"], 0, "default", validation + test_sets)
             else:
                 log.warning("checkpoint sweep: %s has no step %d checkpoint (yet)", name, s)
+
+        # 5. the supervised baseline, last: by far the most expensive fits.
+        for n in c["n"] if "baseline" in parts and "baseline" in c["methods"] else ():
+            for seed in seeds_for(n):
+                self.evaluate_unit(name, step, "baseline", n, seed, "default", validation + test_sets, postprocess=True)
 
     # -- compute ------------------------------------------------------------------------------
     def run_compute(self) -> None:

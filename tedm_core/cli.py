@@ -227,7 +227,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--augment",
         choices=AUGMENT_POLICY_NAMES,
-        help="heads: augmented copies of the labelled slices, one per extra noise draw (default: the package's)",
+        help="heads: augmented copies of the labelled slices, one per extra noise draw (default: framing)",
     )
     p.add_argument(
         "--classes",

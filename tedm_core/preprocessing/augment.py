@@ -78,6 +78,10 @@ AUGMENT_POLICIES: Dict[str, AugmentPolicy] = {
 assert tuple(AUGMENT_POLICIES) == AUGMENT_POLICY_NAMES  # the torch-free names the faces offer
 
 
+# The default for fitting heads (chosen on validation, see pipelines/fit.py FitOptions.augment).
+DEFAULT_AUGMENT = "framing"
+
+
 def resolve_policy(policy: Any) -> AugmentPolicy:
     if isinstance(policy, AugmentPolicy):
         return policy
