@@ -387,6 +387,23 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
     return result
 
 
+def measure_compile(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
+    """``torch.compile`` (inductor) of the whole UNet, channels-last, at the pipeline's maps per call:
+    the compile time and the steady-state speed against eager. (The extractor's per-pass hooks and
+    early stop would break the graph; this is the best case for compiling.)"""
+    unet = copy.deepcopy(bundle.backbone.unet).eval().to(memory_format=torch.channels_last)
+    grid, _ = to_model_grid(torch.from_numpy(slices[:4]), bundle.image_size)
+    maps = grid.repeat_interleave(len(bundle.timesteps), dim=0).contiguous(memory_format=torch.channels_last)
+    t = torch.full((maps.shape[0],), 25, dtype=torch.long)
+    with torch.no_grad():
+        tic = time.perf_counter()
+        compiled = torch.compile(unet)
+        compiled(maps, t)
+        compile_seconds = time.perf_counter() - tic
+        best = best_times({"eager": lambda: unet(maps, t), "compiled": lambda: compiled(maps, t)}, 2)
+    return {"compile_seconds": compile_seconds, "compiled_speed_vs_eager": best["eager"] / best["compiled"]}
+
+
 def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
     """Share of the UNet passes' self CPU time per kind of operation (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -472,6 +489,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/tedm_benchmark"), help="scratch folder (outside the repo)"
     )
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")
     parser.add_argument("--refine-only", action="store_true", help="measure refine_fraction alone")
     parser.add_argument("--child", nargs=2, metavar=("WAY", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -529,6 +547,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     compute = measure_compute(bundle, brain[:8], repeats, train_batch=8 if args.quick else 16)
     profile = profile_unet(bundle, brain)
     refine = measure_refine(bundle, setup["volume"], setup["truth"])
+    if args.compile:
+        compute["compile"] = measure_compile(bundle, brain)
+        print(f"torch.compile: {json.dumps(compute['compile'])}")
     load_after = os.getloadavg()
 
     vol, vol_plain = runs["tedm_volume"], runs["straightforward_volume"]
