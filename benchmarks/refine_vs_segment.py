@@ -1,17 +1,18 @@
 """Refine after two corrected slices, as a fraction of a full segmentation of the same volume.
 
-Both are measured in one run, through the Slicer module's logic on real MRML (slicer-core):
+Both are measured in one run through the TEDM worker process (``tedm serve``, the process the
+Slicer module talks to), so the times include the worker's overhead: sending the volume and the
+corrected labels, receiving the labels. With ``--in-process`` the same
+:class:`~tedm_core.pipelines.interactive.InteractiveSession` runs in this process instead.
 
-1. a BraTS volume (all of it) is read by Slicer's storage node and segmented (Segment);
-2. the two tumour slices the model got most wrong are corrected to the ground truth through
-   ``vtkSlicerSegmentEditorLogic`` (what the Segment Editor's effects call);
+1. a BraTS volume (all of it) is opened and segmented (Segment);
+2. the two tumour slices the model got most wrong are corrected to the ground truth;
 3. Refine: the corrected slices are found, the head is fine-tuned warm-started on the cached
-   decoder features and re-applied to every other slice (no UNet pass), and the result is
-   written back.
+   decoder features and re-applied to every other slice (no UNet pass).
 
-Goal: refine <= 15 % of segment. Wall times include reading and writing MRML.
+Goal: refine <= 15 % of segment.
 
-    python benchmarks/refine_vs_segment.py BUNDLE [--case DIR] [--device cpu] [--threads 2]
+    python benchmarks/refine_vs_segment.py BUNDLE [--case DIR] [--device cpu] [--threads 1] [--in-process]
 
 ``BUNDLE`` is a fitted model folder whose channels are BraTS modalities (e.g. FLAIR, or FLAIR
 and T1). With ``--make-timing-bundle PRESET`` a missing BUNDLE is first created from an
@@ -22,7 +23,7 @@ cost does not depend on the weights), its Dice scores are meaningless.
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "TEDMSlicer"))
 DEFAULT_CASE = REPO.parent / "shared" / "data" / "brain" / "brats" / "Brats18_CBICA_AAB_1"
 
 
@@ -40,45 +40,52 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def load_volume(scene, path: Path, name: str):
-    import slicer
+class InProcess:
+    """The session in this process, with the worker's request names."""
 
-    node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name)
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        raise SystemExit(f"Slicer could not read {path}")
-    return node
+    def __init__(self, volume) -> None:
+        from tedm_core.pipelines.interactive import InteractiveSession
+
+        self.session = InteractiveSession(volume)
+
+    def segment(self, bundle_path: Path, device: str):
+        from tedm_core.bundle import load_bundle
+
+        return self.session.segment(load_bundle(bundle_path), device=device).labels
+
+    def refine(self, labels: np.ndarray, steps):
+        result = self.session.refine(labels, steps=steps)
+        return result.labels, result.changed_slices
+
+    def close(self) -> None:
+        self.session.close()
 
 
-class PhaseClock:
-    """Callbacks that note when each phase (first word of the progress message) starts and ends."""
+class ThroughWorker:
+    """The session in a worker process, reached with the Slicer module's client."""
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.phases = {}
+    def __init__(self, volume, threads) -> None:
+        from tedm_core.serve.client import WorkerClient
 
-    def progress(self, fraction: float, message: str = "") -> None:
-        phase = re.split(r"\s\d", message, maxsplit=1)[0]  # "refine step 3/100, loss ..." -> "refine step"
-        now = time.perf_counter() - self.start
-        first, _last = self.phases.get(phase, (now, now))
-        self.phases[phase] = (first, now)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        self.client = WorkerClient.start_local(python=sys.executable, env=env)
+        self.client.hello()  # the worker's start (importing torch) is not part of Segment
+        self.volume = volume
 
-    def log(self, message: str) -> None:
-        pass
+    def segment(self, bundle_path: Path, device: str):
+        fields = {"session": "bench", "ijk_to_ras": self.volume.ijk_to_ras.tolist()}
+        fields["channel_names"] = list(self.volume.channel_names)
+        self.client.request("open_session", fields, {"volume": self.volume.array})
+        event = self.client.request("segment", {"session": "bench", "model": str(bundle_path), "device": device})
+        return event.arrays["labels"]
 
-    def cancelled(self) -> bool:
-        return False
+    def refine(self, labels: np.ndarray, steps):
+        fields = {"session": "bench", **({"steps": steps} if steps else {})}
+        event = self.client.request("refine", fields, {"labels": labels})
+        return event.arrays["labels"], event.result["changed_slices"]
 
-    def describe(self, total: float) -> str:
-        parts = [f"{name} {last - first:.2f} s" for name, (first, last) in self.phases.items() if last > first]
-        return (
-            "; ".join(parts)
-            + f"; the rest (MRML read/write, diff, setup) {total - sum(l - f for f, l in self.phases.values()):.2f} s"
-        )
+    def close(self) -> None:
+        self.client.close()
 
 
 def make_timing_bundle(path: Path, preset: str, case: Path, channels, device: str) -> None:
@@ -127,9 +134,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument(
-        "--refine-steps", type=int, default=None, help="head fine-tuning steps (default: the backend's)"
-    )
+    parser.add_argument("--refine-steps", type=int, default=None, help="head fine-tuning steps (default: the core's)")
     parser.add_argument(
         "--make-timing-bundle",
         metavar="PRESET",
@@ -139,16 +144,17 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--channels", nargs="+", default=None, help="channel files for --make-timing-bundle (default: FLAIR)"
     )
+    parser.add_argument("--in-process", action="store_true", help="run the session here, not in a worker process")
     args = parser.parse_args(argv)
 
     import torch
 
+    from tedm_core.bundle import load_bundle
+    from tedm_core.io.volumes import read_case, read_volume
+    from tedm_core.slicing import extract_slices, reassemble, to_slices
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    import slicer
-
-    from TEDMSlicerLib import TEDMSlicerCoreLogic, mrml_io
-
     if not args.case.is_dir():
         raise SystemExit(f"{args.case}: BraTS case folder not found (the data lives in ../shared/data)")
     if not args.bundle.exists():
@@ -158,85 +164,41 @@ def main(argv=None) -> int:
             )
         make_timing_bundle(args.bundle, args.make_timing_bundle, args.case, args.channels or ["FLAIR"], args.device)
 
-    logic = TEDMSlicerCoreLogic()
-    bundle = logic.load_model(str(args.bundle))
-    scene = slicer.vtkMRMLScene()
-    volumes = [load_volume(scene, args.case / f"{channel}.nii.gz", channel) for channel in bundle.channel_names]
-    truth = load_volume(scene, args.case / "GT_W.nii.gz", "truth")
-    truth_kji = (mrml_io.array_from_volume_node(truth) > 0).astype(np.uint8)
-    segmentation = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation)
-    segmentation.CreateDefaultDisplayNodes()
-    shape = mrml_io.array_from_volume_node(volumes[0]).shape
-    print(
-        f"case {args.case.name}: {shape[::-1]} voxels (IJK), channels {bundle.channel_names}; model: {bundle.describe()}"
-    )
+    bundle = load_bundle(args.bundle)
+    volume = read_case([args.case / f"{c}.nii.gz" for c in bundle.channel_names], channel_names=bundle.channel_names)
+    truth_kji = (read_volume(args.case / "GT_W.nii.gz", allow_constant=True).array[0] > 0).astype(np.uint8)
+    _, layout = extract_slices(volume, bundle.axis or "axial")
+    print(f"case {args.case.name}: {volume.shape[::-1]} voxels (IJK), channels {bundle.channel_names}")
+    print(f"model: {bundle.describe()}; {'in process' if args.in_process else 'through the worker process'}")
+    runner = InProcess(volume) if args.in_process else ThroughWorker(volume, args.threads)
+    try:
+        load_bundle(args.bundle)  # warm the file cache: reading the model is not part of the comparison
+        tic = time.perf_counter()
+        labels = runner.segment(args.bundle, args.device)
+        segment_seconds = time.perf_counter() - tic
+        print(f"segment: {segment_seconds:.2f} s ({layout.num_slices} slices)")
 
-    # 1. Segment (warm-up: load the model first so that loading is not counted).
-    segment_clock = PhaseClock()
-    tic = time.perf_counter()
-    segmented = logic.segment(
-        volumes, str(args.bundle), segmentation, axis="auto", device=args.device, callbacks=segment_clock
-    )
-    segment_seconds = time.perf_counter() - tic
-    session = segmented.session
-    cache = session.features.nbytes / 2**20 if session.features is not None else 0.0
-    print(
-        f"segment: {segment_seconds:.2f} s ({session.layout.num_slices} {session.axis} slices; feature cache {cache:.0f} MiB)"
-    )
-    print(f"  phases: {segment_clock.describe(segment_seconds)}")
+        # The two tumour slices the model got most wrong, corrected to the ground truth.
+        current, truth = to_slices(labels, layout), to_slices(truth_kji, layout)
+        tumour = [n for n in range(len(truth)) if truth[n].any()]
+        worst = sorted(sorted(tumour, key=lambda n: dice(current[n], truth[n]))[:2])
+        edited = current.copy()
+        edited[worst] = truth[worst]
+        edited_kji = reassemble(edited.astype(np.uint8), layout)
+        others = [n for n in tumour if n not in worst]
+        before = dice(current[others], truth[others])
 
-    # 2. Correct the two tumour slices the model got most wrong, through the Segment Editor logic.
-    current = mrml_io.read_class_labels(segmentation, volumes[0])
-    to_slices = lambda array: np.ascontiguousarray(logic.backend.slice_arrays(array, session.layout))  # noqa: E731
-    current_slices, truth_slices = to_slices(current), to_slices(truth_kji)
-    tumour = [n for n in range(len(truth_slices)) if truth_slices[n].any()]
-    worst = sorted(tumour, key=lambda n: dice(current_slices[n], truth_slices[n]))[:2]
-    editor = slicer.vtkSlicerSegmentEditorLogic()
-    editor.SetMRMLScene(scene)
-    editor_node = slicer.vtkMRMLSegmentEditorNode()
-    scene.AddNode(editor_node)
-    editor.SetSegmentEditorNode(editor_node)
-    editor.SetSegmentationNode(segmentation)
-    editor.SetSourceVolumeNode(volumes[0])
-    segment_id = session.segment_ids[0]
-    where = np.zeros(len(truth_slices), dtype=bool)
-    where[worst] = True
-    where_kji = (
-        logic.backend.reassemble(
-            np.broadcast_to(where[:, None, None], truth_slices.shape).astype(np.uint8), session.layout
-        )
-        > 0
-    )
-    ijk_to_ras = mrml_io.ijk_to_ras_of(volumes[0])
-    for mask, mode in (
-        (where_kji & (current > 0) & (truth_kji == 0), editor.ModificationModeRemove),
-        (where_kji & (truth_kji > 0) & (current == 0), editor.ModificationModeAdd),
-    ):
-        if mask.any():
-            editor.ModifySegmentByLabelmap(
-                segmentation, segment_id, mrml_io.oriented_image_from_array(mask, ijk_to_ras), mode, False, True
-            )
-    others = [n for n in tumour if n not in worst]
-    before = dice(current_slices[others], truth_slices[others])
-
-    # 3. Refine.
-    refine_clock = PhaseClock()
-    tic = time.perf_counter()
-    refined = logic.refine(
-        segmentation, volumes[0], steps=args.refine_steps, device=args.device, callbacks=refine_clock
-    )
-    refine_seconds = time.perf_counter() - tic
-    after_slices = to_slices(mrml_io.read_class_labels(segmentation, volumes[0]))
-    after = dice(after_slices[others], truth_slices[others])
-    assert refined.changed_slices == sorted(worst), (refined.changed_slices, worst)
-    assert np.array_equal(after_slices[worst], truth_slices[worst])
-
+        tic = time.perf_counter()
+        refined, changed = runner.refine(edited_kji, args.refine_steps)
+        refine_seconds = time.perf_counter() - tic
+    finally:
+        runner.close()
+    after_slices = to_slices(refined, layout)
+    assert list(changed) == worst, (changed, worst)
+    assert np.array_equal(after_slices[worst], truth[worst])
+    after = dice(after_slices[others], truth[others])
     fraction = refine_seconds / segment_seconds
-    print(
-        f"refine:  {refine_seconds:.2f} s (corrected slices {sorted(worst)}; trained on {refined.session.training_slices})"
-    )
-    print(f"  phases: {refine_clock.describe(refine_seconds)}")
+    print(f"refine:  {refine_seconds:.2f} s (corrected slices {worst})")
     print(f"Dice on the other tumour slices: {before:.3f} before, {after:.3f} after refine")
     print(f"refine / segment = {100 * fraction:.1f} % (goal <= 15 %) -> {'MET' if fraction <= 0.15 else 'NOT MET'}")
     return 0

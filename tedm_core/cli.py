@@ -1,4 +1,7 @@
-"""The ``tedm`` command line: pretrain, fit, segment, evaluate. A thin face over ``tedm_core.pipelines``."""
+"""The ``tedm`` command line: pretrain, fit, segment, refine, evaluate, serve.
+
+A thin face over ``tedm_core.pipelines``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from . import __version__
+from .choices import AUTO, AXES, DEFAULT_REFINE_STEPS, DEVICES
 from .errors import TEDMError
 
 log = logging.getLogger("tedm")
@@ -84,7 +88,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .model.backbone import PRESETS
     from .model.checkpoint import BACKBONE_JSON, Backbone
     from .pipelines.pretrain import PretrainOptions, pretrain
-    from .preprocessing.intensity import BRAIN_T1, MULTIMODAL_MRI, RADIOGRAPH
+    from .preprocessing.intensity import BRAIN_T1, INTENSITY_CONVENTIONS, RADIOGRAPH
 
     if (args.out / BACKBONE_JSON).exists() and not (args.resume or args.overwrite):
         raise TEDMError(
@@ -92,7 +96,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(args.seed)
     files = discover_files(args.images)
-    intensity = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}.get(args.intensity or "")
+    intensity = INTENSITY_CONVENTIONS.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
     config = PRESETS[args.preset]
@@ -360,6 +364,78 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_refine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "refine",
+        help="learn from corrected slices of one volume: segment it, find the slices that differ in the "
+        "corrected labels, fine-tune the head on them (as the Slicer module's Refine) and save the new model",
+    )
+    p.add_argument("--model", required=True, type=Path, metavar="BUNDLE")
+    p.add_argument(
+        "--image", required=True, type=Path, nargs="+", metavar="FILE", help="the volume (one file per channel)"
+    )
+    p.add_argument(
+        "--corrected",
+        required=True,
+        type=Path,
+        metavar="LABELS",
+        help="the model's segmentation of the image with some slices corrected (the bundle's label values)",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="NEW_BUNDLE")
+    p.add_argument("--output", type=Path, metavar="FILE", help="also write the refined segmentation here")
+    p.add_argument("--steps", type=_positive_int, help=f"fine-tuning steps (default {DEFAULT_REFINE_STEPS})")
+    p.add_argument("--axis", choices=(AUTO, *AXES), default=AUTO)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(func=_run_refine)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _run_refine(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .io.volumes import geometry_mismatch, read_case, read_volume, write_label_volume
+    from .pipelines.interactive import InteractiveSession
+    from .pipelines.volume import classes_to_label_values, label_array_to_classes
+
+    for path in (args.out, args.output):
+        if path is not None and path.exists():
+            raise TEDMError(f"{path}: already exists; refine never overwrites (choose another path)")
+    bundle = load_bundle(args.model)
+    image = read_volume(args.image[0]) if len(args.image) == 1 else read_case(args.image, bundle.channel_names)
+    corrected = read_volume(args.corrected, allow_constant=True)
+    mismatch = geometry_mismatch(image, corrected)
+    if mismatch:
+        raise TEDMError(f"{args.corrected}: not on the image's voxel grid ({mismatch})")
+    session = InteractiveSession(image)
+    first = session.segment(bundle, args.axis, args.device)
+    print(f"segmented {first.slices_run} slices along {first.axis} in {first.seconds:.1f} s")
+    refined = session.refine(label_array_to_classes(corrected, bundle.label_values), steps=args.steps)
+    print(
+        f"refined on slice(s) {', '.join(map(str, refined.changed_slices))} "
+        f"({len(refined.training_slices)} training slices) in {refined.seconds:.1f} s"
+    )
+    print(f"model -> {session.save_model(args.out)}")
+    if args.output is not None:
+        labels = classes_to_label_values(refined.labels, bundle.label_values)
+        print(f"segmentation -> {write_label_volume(args.output, labels, image)}")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve.__main__ import add_arguments, run
+
+    p = sub.add_parser(
+        "serve", help="run the worker process the 3D Slicer module talks to (pipes, or the network with a token)"
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tedm", description="Few-shot segmentation with timestep-ensembled diffusion features (TEDM)."
@@ -367,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tedm_core {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_pretrain, _add_fit, _add_segment, _add_evaluate):
+    for add in (_add_pretrain, _add_fit, _add_segment, _add_refine, _add_evaluate, _add_serve):
         add(sub)
     return parser
 

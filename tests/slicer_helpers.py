@@ -145,3 +145,144 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     total = int(a.sum() + b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+class ScriptedEvent:
+    """An event shaped like ``tedm_core.serve.client.WorkerEvent``."""
+
+    def __init__(self, kind, request_id, fields=None, arrays=None) -> None:
+        self.kind = kind
+        self.request_id = request_id
+        self.fields = dict(fields or {})
+        self.arrays = dict(arrays or {})
+
+    def __repr__(self) -> str:
+        return f"ScriptedEvent({self.kind!r}, {self.request_id!r}, {sorted(self.fields)})"
+
+
+class ScriptedWorkerClient:
+    """A worker client with the API of ``tedm_core.serve.client.WorkerClient`` whose "model"
+    thresholds the volume (label 1 where the first channel is above its mean), so that tests
+    control exactly when a job's result arrives (after ``job_polls`` polls): a scene closed, a
+    node deleted or a segmentation edited between a request and its result. The lifecycle cases
+    against a real worker process are in ``tests/test_slicer_worker.py``.
+
+    ``uncertain_slices`` answers with slice k of the volume (axis ``k``) and its centre in
+    voxel indices, as the worker does.
+    """
+
+    JOBS = ("segment", "fit", "refine", "save_model", "pretrain")
+
+    def __init__(self, job_polls: int = 2, class_names=("background", "tumour")) -> None:
+        self.job_polls = job_polls
+        self.class_names = list(class_names)
+        self.generation = 0
+        self._alive = False
+        self._ids = 0
+        self.sessions = {}  # session -> (volume (C,K,J,I), ijk_to_ras)
+        self.last_labels = {}
+        self.requests = []  # (op, fields, arrays) in the order submitted
+        self._queue = []  # [polls left, request id, on_event, events]
+        self.fail_next = {}  # op -> (kind, message): the next such request fails
+        self.closed = False
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def _start(self) -> None:
+        if not self._alive:
+            self._alive = True
+            self.generation += 1
+            self.sessions = {}
+
+    def submit(self, op, fields, arrays=None, on_event=None) -> str:
+        self._start()
+        self._ids += 1
+        request_id = f"r{self._ids}"
+        self.requests.append((op, dict(fields), dict(arrays or {})))
+        events = self._answer(op, dict(fields), dict(arrays or {}), request_id)
+        polls = self.job_polls if op in self.JOBS else 0
+        self._queue.append([polls, request_id, on_event, events])
+        return request_id
+
+    def _answer(self, op, fields, arrays, request_id):
+        if op in self.fail_next:
+            kind, message = self.fail_next.pop(op)
+            return [ScriptedEvent("error", request_id, {"kind": kind, "message": message})]
+        if op == "open_session":
+            self.sessions[fields["session"]] = (np.asarray(arrays["volume"]), np.asarray(fields["ijk_to_ras"]))
+            return [ScriptedEvent("result", request_id, {"result": {"session": fields["session"]}})]
+        if op == "close_session":
+            self.sessions.pop(fields["session"], None)
+            return [ScriptedEvent("result", request_id, {"result": {}})]
+        if fields.get("session") not in self.sessions and op not in ("cancel", "status", "hello"):
+            return [ScriptedEvent("error", request_id, {"kind": "user", "message": "unknown session"})]
+        if op in ("segment", "fit", "refine"):
+            volume = self.sessions[fields["session"]][0][0].astype(np.float32)
+            labels = (volume > volume.mean()).astype(np.uint8)
+            result = {"class_names": self.class_names, "class_colours": [[0, 0, 0], [200, 40, 40]], "axis": "k"}
+            if op == "fit":
+                drawn = np.asarray(arrays["labels"])
+                labelled = [int(k) for k in np.flatnonzero(drawn.reshape(len(drawn), -1).any(axis=1))]
+                labels[labelled] = drawn[labelled]
+                result.update(
+                    training_slices=labelled,
+                    class_names=list(fields["class_names"]),
+                    class_colours=list(fields["class_colours"]),
+                )
+            if op == "refine":
+                edited = np.asarray(arrays["labels"])
+                last = self.last_labels[fields["session"]]
+                changed = [int(k) for k in np.flatnonzero((edited != last).reshape(len(edited), -1).any(axis=1))]
+                labels[changed] = edited[changed]
+                result.update(changed_slices=changed, training_slices=changed)
+            self.last_labels[fields["session"]] = labels
+            return [
+                ScriptedEvent("progress", request_id, {"fraction": 0.5, "message": "slice 1/2"}),
+                ScriptedEvent("result", request_id, {"result": result}, {"labels": labels}),
+            ]
+        if op == "uncertain_slices":
+            volume = self.sessions[fields["session"]][0][0]
+            k, j, i = volume.shape
+            slices = [
+                {"index": index, "score": 1.0 / (1 + index), "centre_ijk": [(i - 1) / 2, (j - 1) / 2, float(index)]}
+                for index in range(k)
+            ]
+            return [ScriptedEvent("result", request_id, {"result": {"slices": slices}})]
+        if op == "save_model":
+            return [ScriptedEvent("result", request_id, {"result": {"path": fields["path"]}})]
+        return [ScriptedEvent("result", request_id, {"result": {}})]
+
+    def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0):
+        delivered = []
+        for entry in list(self._queue):
+            if entry[0] > 0:
+                entry[0] -= 1
+                continue
+            self._queue.remove(entry)
+            for event in entry[3]:
+                delivered.append(event)
+                if entry[2] is not None:
+                    entry[2](event)
+        return delivered
+
+    def cancel(self, request_id) -> None:
+        for entry in self._queue:
+            if entry[1] == request_id:
+                entry[3] = [ScriptedEvent("error", request_id, {"kind": "cancelled", "message": "cancelled"})]
+
+    def kill(self) -> None:
+        """The worker process dies: every pending request gets a ``worker_died`` error."""
+        self._alive = False
+        for entry in self._queue:
+            entry[0] = 0
+            entry[3] = [ScriptedEvent("error", entry[1], {"kind": "worker_died", "message": "exit code -9"})]
+
+    def close(self) -> None:
+        self.closed = True
+        self._alive = False
+        self._queue.clear()
+
+    def ops(self):
+        return [op for op, _, _ in self.requests]

@@ -289,7 +289,7 @@ def test_predict_from_features_equals_predict(tiny_bundle_dir):
         type(first.features)([f.float() for f in first.features.levels], first.features.transform)
     )
     rounded = Segmenter(bundle, device="cpu", batch_size=2)
-    rounded._features = lambda grid: [f.half().float() for f in Segmenter._features(rounded, grid)]
+    rounded._features = lambda grid, cancel=None: [f.half().float() for f in Segmenter._features(rounded, grid, cancel)]
     np.testing.assert_allclose(exact.probabilities, rounded.predict(images).probabilities, atol=1e-6)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import affine_zoo
 
 
@@ -109,3 +108,37 @@ def test_cancel_stops_inside_the_unet(tiny_bundle_dir):
             load_bundle(tiny_bundle_dir), axis="k", device="cpu", reporter=Reporter(cancelled=cancelled)
         )
     assert len(asked) == 4
+
+
+def test_tedm_refine_learns_from_the_corrected_slices_of_a_label_file(tiny_bundle_dir, tmp_path, capsys):
+    import nibabel as nib
+
+    from tedm_core.bundle import load_bundle
+    from tedm_core.cli import main
+    from tedm_core.io.volumes import read_volume
+    from tedm_core.pipelines.interactive import InteractiveSession
+
+    volume, sphere = _sphere_volume()
+    affine = affine_zoo()["oblique"]
+    image_path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(volume.array[0]), affine), image_path)
+    image = read_volume(image_path)
+    first = InteractiveSession(image).segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu")
+    corrected = first.labels.copy()
+    corrected[5] = sphere[5]
+    corrected[5, 0, 0] = 1 - corrected[5, 0, 0]
+    corrected_path = tmp_path / "corrected.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(corrected), affine), corrected_path)
+
+    argv = ["refine", "--model", str(tiny_bundle_dir), "--image", str(image_path), "--corrected", str(corrected_path)]
+    out = tmp_path / "refined"
+    assert (
+        main([*argv, "--out", str(out), "--output", str(tmp_path / "seg.nii.gz"), "--axis", "k", "--steps", "5"]) == 0
+    )
+    assert "refined on slice(s) 5 " in capsys.readouterr().out
+    assert (out / "bundle.json").is_file() and load_bundle(out).training["refine_steps"] == 5
+    written = np.transpose(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj))
+    np.testing.assert_array_equal(written[5], corrected[5])  # the corrected slice is kept as drawn
+    # Never overwrites: the same output again is refused in one line, exit 2.
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err

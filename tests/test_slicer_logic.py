@@ -1,22 +1,28 @@
-"""TEDMSlicer's logic against real MRML (the ``slicer-core`` wheel, plain pytest, no mocks).
+"""TEDMSlicer's logic against real MRML (the ``slicer-core`` wheel, plain pytest), driven by a
+scripted worker client with the API of ``tedm_core.serve.client.WorkerClient``.
 
-Covered: a NIfTI read by Slicer's storage node and segmented through the module equals
-``tedm_core``'s own output for the same file, voxel for voxel, in the same geometry; fitting from
-two labelled slices; two slices corrected through the Segment Editor logic, then Refine; a
-radiograph (one-slice volume, three classes); an oblique volume; several modalities as
-channels; the background task runner with Cancel.
+The scripted client decides when a result arrives, so these tests pin the lifecycle exactly: the
+output node appears only with a result; a scene closed, a node deleted or a segmentation edited
+between a request and its result; a worker that dies mid-job; next uncertain slice under a
+parent transform; colour volumes; standard terminology. The same flows against a real worker
+process (and real models) are in ``tests/test_slicer_worker.py``.
 
-Models are tiny and trained on the spot (conftest's ``tiny_backbone_dir``/``tiny_bundle_dir``),
-and the real BraTS case is cropped around its tumour into a temporary NIfTI so that the whole
-file runs in well under two minutes on two CPU cores.
+The tests poll the logic exactly as the widget's QTimer does (``logic.poll()``), never sleep.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import affine_zoo, require_shared_data, sphere_volume_array, world_centroid
-from slicer_helpers import SegmentEditor, dice, export_labelmap, import_module_lib, load_volume_node, new_segmentation
+from conftest import affine_zoo, sphere_volume_array
+from slicer_helpers import (
+    ScriptedWorkerClient,
+    SegmentEditor,
+    export_labelmap,
+    import_module_lib,
+    load_volume_node,
+    new_segmentation,
+)
 
 try:
     import slicer
@@ -33,9 +39,6 @@ pytestmark = [
     ),
 ]
 
-BRATS_CASE = ("brain", "brats", "Brats18_CBICA_AAB_1")
-STEPS = 60  # head training steps: enough for the tiny backbone, seconds on one thread
-
 
 @pytest.fixture(scope="module")
 def lib():
@@ -47,364 +50,382 @@ def scene():
     return slicer.vtkMRMLScene()
 
 
-@pytest.fixture(scope="module")
-def brats_crop(tmp_path_factory):
-    """The BraTS case cropped around its tumour (24 axial slices, 112 x 112 voxels), written as
-    NIfTI files with nibabel's slicer (the affine follows the crop exactly). Temporary files only:
-    the data set's licence forbids copying it into the repository."""
+@pytest.fixture
+def client():
+    return ScriptedWorkerClient()
+
+
+@pytest.fixture
+def logic(lib, client):
+    return lib.TEDMWorkerLogic(lambda: client)
+
+
+def _sphere_node(scene, tmp_path, affine_name="oblique", name="sphere"):
     import nibabel as nib
 
-    case = require_shared_data(*BRATS_CASE)
-    truth = nib.load(case / "GT_W.nii.gz")
-    mask = np.asarray(truth.dataobj) > 0  # nibabel order (i, j, k)
-    centre = [int(np.mean(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))))) for axis in range(3)]
-    half = (56, 56, 12)
-    window = tuple(slice(max(0, c - h), max(0, c - h) + 2 * h) for c, h in zip(centre, half))
-    out = tmp_path_factory.mktemp("brats_crop")
-    paths = {}
-    for name in ("FLAIR", "T1", "GT_W"):
-        image = nib.load(case / f"{name}.nii.gz")
-        cropped = image.slicer[window]
-        paths[name] = out / f"{name}.nii.gz"
-        nib.save(cropped, paths[name])
-    truth_kji = (np.asarray(nib.load(paths["GT_W"]).dataobj).T > 0).astype(np.uint8)
-    return {"paths": paths, "truth": truth_kji}
+    affine = affine_zoo()[affine_name]
+    centre = (affine @ np.array([12.0, 10.0, 6.0, 1.0]))[:3]
+    array = sphere_volume_array((12, 20, 24), affine, centre, 5.0).astype(np.int16)
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(array.T, affine), path)
+    return load_volume_node(scene, path, name), array
 
 
-def _two_labelled_slices(truth_kji: np.ndarray):
-    """The axial slice with most tumour and one 6 slices away (a user labels a few spread-out slices)."""
-    areas = truth_kji.sum(axis=(1, 2))
-    first = int(np.argmax(areas))
-    second = first - 6 if first - 6 >= 0 and areas[first - 6] > 0 else first + 6
-    return sorted([first, second])
-
-
-# --------------------------------------------------------------------------------------------
-# Segment: equals tedm_core's output for the same file, in the same geometry
-# --------------------------------------------------------------------------------------------
-def test_segment_nifti_equals_tedm_core(lib, scene, brats_crop, tiny_bundle_dir):
-    from tedm_core.bundle import load_bundle
-    from tedm_core.io.volumes import read_volume
-    from tedm_core.pipelines.segment import Segmenter
-    from tedm_core.pipelines.volume import segment_volume
-
-    path = brats_crop["paths"]["FLAIR"]
-    volume_node = load_volume_node(scene, path)
-    segmentation_node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation_node)
-    logic = lib.TEDMSlicerCoreLogic()
-    outcome = logic.segment([volume_node], str(tiny_bundle_dir), segmentation_node, axis="axial", device="cpu")
-
-    bundle = load_bundle(tiny_bundle_dir)
-    reference = read_volume(path)
-    expected = segment_volume(Segmenter(bundle, device="cpu"), reference, "axial", keep_probabilities=False).labels
-    assert expected.any() and not expected.all(), "the comparison needs a non-trivial segmentation"
-
-    # Geometry: Slicer's volume equals tedm_core's reading of the file.
-    assert np.allclose(lib.mrml_io.ijk_to_ras_of(volume_node), reference.ijk_to_ras, atol=1e-5)
-    # The segmentation's own reference geometry is the input volume's grid.
-    merged = slicer.vtkOrientedImageData()
-    assert segmentation_node.GenerateMergedLabelmapForAllSegments(
-        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-    )
-    assert tuple(merged.GetExtent()) == tuple(volume_node.GetImageData().GetExtent())
-    import vtk
-
-    image_to_world = vtk.vtkMatrix4x4()
-    merged.GetImageToWorldMatrix(image_to_world)
-    assert np.allclose(lib.mrml_io.numpy_from_vtk_matrix(image_to_world), reference.ijk_to_ras, atol=1e-5)
-    # Voxels, exported by Slicer's own segmentation logic: equal to tedm_core's labels.
-    voxels, ijk_to_ras = export_labelmap(scene, segmentation_node, volume_node)
-    assert np.allclose(ijk_to_ras, reference.ijk_to_ras, atol=1e-5)
-    assert np.array_equal(voxels, expected)
-    assert np.array_equal(outcome.labels_kji, expected)
-    # Named, coloured segments from the bundle.
-    segmentation = segmentation_node.GetSegmentation()
-    names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
-    assert names == list(bundle.class_names[1:])
-    colour = segmentation.GetNthSegment(0).GetColor()
-    assert np.allclose(colour, np.asarray(bundle.class_colours[1][:3]) / 255.0, atol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------
-# Fit from two labelled slices, then correct two slices in the Segment Editor and Refine
-# --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fitted_brats(lib, brats_crop, tiny_backbone_dir):
-    """A user paints the tumour on two axial slices of a fresh segmentation and presses Fit."""
-    scene = slicer.vtkMRMLScene()
-    truth = brats_crop["truth"]
-    volume_node = load_volume_node(scene, brats_crop["paths"]["FLAIR"], "FLAIR")
-    segmentation_node, (tumour_id,) = new_segmentation(scene, [("tumour", (0.9, 0.1, 0.1))])
-    editor = SegmentEditor(scene, segmentation_node, volume_node)
-    labelled = _two_labelled_slices(truth)
-    drawn = np.zeros_like(truth)
-    drawn[labelled] = truth[labelled]
-    editor.add(tumour_id, drawn > 0)
-    logic = lib.TEDMSlicerCoreLogic()
-    outcome = logic.fit(
-        [volume_node], str(tiny_backbone_dir), segmentation_node, axis="axial", device="cpu", steps=STEPS
-    )
-    after_fit, _ = export_labelmap(scene, segmentation_node, volume_node)
-    return {
-        "scene": scene,
-        "logic": logic,
-        "volume": volume_node,
-        "segmentation": segmentation_node,
-        "editor": editor,
-        "tumour_id": tumour_id,
-        "labelled": labelled,
-        "drawn": drawn,
-        "outcome": outcome,
-        "after_fit": after_fit.copy(),
-        "truth": truth,
-    }
-
-
-def _per_slice_dice(prediction: np.ndarray, truth: np.ndarray, slices):
-    return {int(k): dice(prediction[k], truth[k]) for k in slices}
-
-
-def test_fit_from_two_labelled_slices(fitted_brats):
-    f = fitted_brats
-    truth, labelled, after_fit = f["truth"], f["labelled"], f["after_fit"]
-    session = f["outcome"].session
-    assert session.layout.slice_dim == 0, "BraTS axial slices run along K"
-    assert session.training_slices == labelled
-    # The labelled slices are kept exactly as drawn...
-    assert np.array_equal(after_fit[labelled], f["drawn"][labelled])
-    # ... the user's segment keeps its ID, name and colour ...
-    segment = f["segmentation"].GetSegmentation().GetSegment(f["tumour_id"])
-    assert segment is not None and segment.GetName() == "tumour"
-    assert session.class_names == ["background", "tumour"]
-    # ... and the other slices are segmented usefully, even by a 40-step toy backbone.
-    others = [k for k in range(truth.shape[0]) if k not in labelled and truth[k].any()]
-    assert dice(after_fit[others], truth[others]) > 0.4
-
-
-def test_refine_after_two_corrected_slices(fitted_brats):
-    f = fitted_brats
-    logic, truth, labelled = f["logic"], f["truth"], f["labelled"]
-    current, _ = export_labelmap(f["scene"], f["segmentation"], f["volume"])
-    candidates = [k for k in range(truth.shape[0]) if k not in labelled and truth[k].any()]
-    before = _per_slice_dice(current, truth, candidates)
-    corrected = sorted(sorted(candidates, key=lambda k: before[k])[:2])  # the two worst slices
-    where = np.zeros(truth.shape, dtype=bool)
-    where[corrected] = True
-    f["editor"].correct([f["tumour_id"]], current, truth, where)
-
-    outcome = logic.refine(f["segmentation"], f["volume"], steps=STEPS // 2)
-    after, _ = export_labelmap(f["scene"], f["segmentation"], f["volume"])
-
-    assert outcome.changed_slices == corrected
-    assert set(corrected) <= set(outcome.session.training_slices)
-    assert outcome.session.training_slices == sorted(set(labelled) | set(corrected))
-    assert outcome.session.bundle.training.get("refined_on_slices") == 4
-    assert np.array_equal(after[corrected], truth[corrected]), "corrected slices are kept exactly as drawn"
-    assert np.array_equal(after[labelled], f["drawn"][labelled]), "labelled slices are kept exactly as drawn"
-    others = [k for k in candidates if k not in corrected]
-    assert dice(after[others], truth[others]) >= dice(current[others], truth[others]) - 0.005
-    # Refine again with nothing changed: a clear message rather than a silent no-op.
-    with pytest.raises(ValueError, match="no slice differs"):
-        logic.refine(f["segmentation"], f["volume"], steps=STEPS)
-
-
-def test_refine_needs_a_previous_result(lib, scene, brats_crop):
-    volume_node = load_volume_node(scene, brats_crop["paths"]["FLAIR"])
-    segmentation_node, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
-    with pytest.raises(lib.UserInputError, match="press Segment"):
-        lib.TEDMSlicerCoreLogic().refine(segmentation_node, volume_node)
-
-
-# --------------------------------------------------------------------------------------------
-# A radiograph: a one-slice volume, three classes
-# --------------------------------------------------------------------------------------------
-def _png_as_nrrd(png, out):
-    """What Slicer's Add Data makes of a PNG (ITK's reader: unit spacing, identity LPS), saved as
-    NRRD because the slicer-core wheel's ITK has no PNG reader."""
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(png))
-    image = sitk.JoinSeries(image)  # a 3D image with one slice, as Slicer holds every volume
-    sitk.WriteImage(image, str(out))
-    return out
-
-
-def test_radiograph_fit_then_segment(lib, scene, tiny_backbone_dir, tmp_path):
-    from PIL import Image
-
-    from tedm_core.bundle import load_bundle
-    from tedm_core.io.volumes import read_volume
-    from tedm_core.pipelines.segment import Segmenter
-    from tedm_core.pipelines.volume import segment_volume
-
-    folder = require_shared_data("cxr", "covid_gb")
-    first, second = sorted((folder / "images").glob("*.png"))[:2]
-    labels = np.asarray(Image.open(folder / "labels" / first.name)).astype(np.uint8)[None]  # (K=1, J, I)
-
-    train_node = load_volume_node(scene, _png_as_nrrd(first, tmp_path / "train.nrrd"), "train")
-    assert train_node.GetImageData().GetDimensions()[2] == 1
-    classes = [("right lung", (0.2, 0.6, 0.9)), ("left lung", (0.9, 0.6, 0.2)), ("heart", (0.8, 0.1, 0.3))]
-    segmentation_node, ids = new_segmentation(scene, classes)
-    editor = SegmentEditor(scene, segmentation_node, train_node)
-    for index, segment_id in enumerate(ids, start=1):
-        editor.add(segment_id, labels == index)
-    logic = lib.TEDMSlicerCoreLogic()
-    outcome = logic.fit([train_node], str(tiny_backbone_dir), segmentation_node, device="cpu", steps=STEPS)
-    assert outcome.session.axis == "k" and outcome.session.training_slices == [0]
-    assert np.array_equal(export_labelmap(scene, segmentation_node, train_node)[0], labels)
-
-    saved = logic.save_bundle(segmentation_node, str(tmp_path / "cxr_bundle"))
-    bundle = load_bundle(saved)
-    assert bundle.class_names == ["background", "right lung", "left lung", "heart"]
-    assert [tuple(c) for c in bundle.class_colours[1:]] == [
-        tuple(int(round(255 * v)) for v in colour) for _, colour in classes
+def _segmentations(scene):
+    return [
+        scene.GetNthNodeByClass(n, "vtkMRMLSegmentationNode")
+        for n in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))
     ]
 
-    test_node = load_volume_node(scene, _png_as_nrrd(second, tmp_path / "test.nrrd"), "test")
-    result_node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(result_node)
-    logic.segment([test_node], saved, result_node, device="cpu")
-    reference = read_volume(second)
-    assert np.allclose(lib.mrml_io.ijk_to_ras_of(test_node), reference.ijk_to_ras, atol=1e-6)
-    expected = segment_volume(Segmenter(bundle, device="cpu"), reference, keep_probabilities=False).labels
-    voxels, _ = export_labelmap(scene, result_node, test_node)
-    assert np.array_equal(voxels, expected)
-    assert len(np.unique(expected)) >= 2
+
+def _terminology(segment) -> str:
+    import vtk
+
+    value = vtk.reference("")
+    segment.GetTag("TerminologyEntry", value)
+    return str(value)
+
+
+def _run(logic, polls=50):
+    """Poll as the widget's timer does until the running operation ends."""
+    for _ in range(polls):
+        if not logic.busy:
+            break
+        logic.poll()
+    assert not logic.busy
+    return logic.listener.finished_operations[-1]
 
 
 # --------------------------------------------------------------------------------------------
-# An oblique volume
+# Segment: the node appears with the result, in the volume's exact grid
 # --------------------------------------------------------------------------------------------
-def test_oblique_volume_geometry(lib, scene, tiny_bundle_dir, tmp_path):
-    import nibabel as nib
+def test_segment_creates_the_node_only_when_the_result_arrives(lib, logic, client, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], str(tmp_path / "model"), None, axis="axial", device="cpu")
+    assert logic.busy and _segmentations(scene) == [], "no empty node while the job runs"
+    op, fields, arrays = client.requests[0]
+    assert op == "open_session"
+    assert arrays["volume"].dtype == np.int16 and arrays["volume"].shape == (1,) + array.shape
+    assert np.allclose(fields["ijk_to_ras"], lib.mrml_io.ijk_to_ras_of(volume))
+    finished = _run(logic)
+    assert finished.status == lib.DONE, finished.message
+    assert client.ops() == ["open_session", "segment"]
+    assert client.requests[1][1]["axis"] == "axial" and client.requests[1][1]["device"] == "cpu"
+    (node,) = _segmentations(scene)
+    assert finished.segmentation_node is node
+    voxels, ijk_to_ras = export_labelmap(scene, node, volume)
+    assert np.array_equal(voxels, (array > array.mean()).astype(np.uint8))
+    assert np.allclose(ijk_to_ras, lib.mrml_io.ijk_to_ras_of(volume), atol=1e-9)
+    assert logic.has_result(node)
 
-    from tedm_core.bundle import load_bundle
-    from tedm_core.io.volumes import read_volume
-    from tedm_core.pipelines.segment import Segmenter
-    from tedm_core.pipelines.volume import segment_volume
 
-    affine = affine_zoo()["oblique"]
-    shape_kji = (20, 36, 32)
-    centre = (affine @ np.array([16.0, 18.0, 10.0, 1.0]))[:3]
-    array = sphere_volume_array(shape_kji, affine, centre, radius_mm=9.0)
-    path = tmp_path / "oblique.nii.gz"
-    nib.save(nib.Nifti1Image(array.T, affine), path)
+def test_failed_or_cancelled_jobs_leave_no_node(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    client.fail_next["segment"] = ("user", "bundle.json not found in /nowhere")
+    logic.begin_segment([volume], "/nowhere", None)
+    finished = _run(logic)
+    assert finished.status == lib.FAILED and "bundle.json not found" in finished.message
+    assert _segmentations(scene) == []
 
-    volume_node = load_volume_node(scene, path)
-    reference = read_volume(path)
-    assert np.allclose(lib.mrml_io.ijk_to_ras_of(volume_node), reference.ijk_to_ras, atol=1e-4)
-    segmentation_node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation_node)
-    logic = lib.TEDMSlicerCoreLogic()
-    outcome = logic.segment([volume_node], str(tiny_bundle_dir), segmentation_node, axis="axial", device="cpu")
-    expected = segment_volume(
-        Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), reference, "axial", keep_probabilities=False
-    ).labels
-    voxels, ijk_to_ras = export_labelmap(scene, segmentation_node, volume_node)
-    assert np.array_equal(voxels, expected)
-    assert np.allclose(ijk_to_ras, lib.mrml_io.ijk_to_ras_of(volume_node), atol=1e-9)
-    # The sphere is found where it is in the world (no axis flips).
-    assert voxels.any()
-    assert np.linalg.norm(world_centroid(voxels, ijk_to_ras) - centre) < 3.0
-
-    # Next uncertain slice: ranked by disagreement, each centre on its own slice plane.
-    ranked = logic.uncertain_slices(segmentation_node)
-    scores = [s.score for s in ranked]
-    assert scores == sorted(scores, reverse=True) and len(ranked) == outcome.session.layout.num_slices
-    ras_to_ijk = np.linalg.inv(lib.mrml_io.ijk_to_ras_of(volume_node))
-    slice_voxel_axis = 2 - outcome.session.layout.slice_dim  # (K, J, I) dimension -> i/j/k
-    for candidate in ranked[:5]:
-        ijk = ras_to_ijk @ np.append(candidate.centre_ras, 1.0)
-        assert abs(ijk[slice_voxel_axis] - candidate.index) < 1e-6
-    assert logic.next_uncertain_slice(segmentation_node).index == ranked[0].index
-    assert logic.next_uncertain_slice(segmentation_node).index == ranked[1].index
+    logic.begin_segment([volume], "/model", None)
+    logic.poll()  # open_session answered, the segment job sent
+    logic.cancel()
+    finished = _run(logic)
+    assert finished.status == lib.CANCELLED and "nothing was changed" in finished.message
+    assert _segmentations(scene) == []
 
 
 # --------------------------------------------------------------------------------------------
-# Several modalities as channels
+# Lifecycle: scene closed, nodes deleted, worker died, edits during a job
 # --------------------------------------------------------------------------------------------
-def test_two_modalities_as_channels(lib, scene, brats_crop, tmp_path):
-    import torch
+def test_scene_closed_mid_job_drops_the_result(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    _run(logic)
+    old_session = client.requests[0][1]["session"]
+    logic.begin_segment([volume], "/model", segmentation)  # the same volume: the session is reused
+    assert client.ops()[-1] == "segment"
 
-    from tedm_core.model.backbone import PRESETS
-    from tedm_core.model.checkpoint import Backbone, save_backbone
-    from tedm_core.preprocessing.intensity import MULTIMODAL_MRI
+    scene.Clear(0)  # File > Close scene, while the job runs
+    logic.on_scene_closed()
+    # The new scene reuses node IDs: a node now answers to the old segmentation's ID.
+    reused, _ = new_segmentation(scene, [("other", (0.0, 1.0, 0.0))], name="new scene")
+    assert reused.GetID() == segmentation.GetID()
+    finished = _run(logic)
+    assert finished.status in (lib.DROPPED, lib.CANCELLED)
+    assert "scene was closed" in finished.message and "nothing was written" in finished.message
+    assert ("close_session", {"session": old_session}, {}) in client.requests
+    assert reused.GetSegmentation().GetNumberOfSegments() == 1
+    assert np.count_nonzero(export_labelmap(scene, reused, _sphere_node(scene, tmp_path, name="v2")[0])[0]) == 0
+    assert not logic.records
 
-    torch.manual_seed(0)
-    backbone_dir = save_backbone(
-        tmp_path / "two_channel",
-        Backbone.new(PRESETS["tiny"].with_(in_channels=2), intensity=MULTIMODAL_MRI, channel_names=["FLAIR", "T1"]),
+
+def test_result_for_a_reused_node_id_is_dropped_even_without_the_close_event(lib, logic, scene, tmp_path):
+    """A script that closes the scene without telling the logic: identity, not the ID, decides."""
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    scene.Clear(0)
+    new_volume, _ = _sphere_node(scene, tmp_path, name="again")
+    new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    assert new_volume.GetID() == volume.GetID()
+    finished = _run(logic)
+    assert finished.status == lib.DROPPED and "no longer in the scene" in finished.message
+    assert all(s.GetSegmentation().GetNumberOfSegments() == 1 for s in _segmentations(scene))
+
+
+@pytest.mark.parametrize("deleted", ["segmentation", "volume"])
+def test_node_deleted_mid_job(lib, logic, client, scene, tmp_path, deleted):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    node = segmentation if deleted == "segmentation" else volume
+    scene.RemoveNode(node)
+    logic.on_node_removed(node)
+    finished = _run(logic)
+    assert finished.status in (lib.DROPPED, lib.CANCELLED)
+    assert f"'{node.GetName()}' was deleted" in finished.message
+    if deleted == "volume":
+        assert segmentation.GetSegmentation().GetNumberOfSegments() == 1  # untouched
+    assert not logic.records
+    # The worker session opened for the dropped job was closed.
+    opened = client.requests[0][1]["session"]
+    assert opened not in client.sessions
+
+
+def test_worker_killed_mid_job(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _run(logic)
+    (segmentation,) = _segmentations(scene)
+    before, _ = export_labelmap(scene, segmentation, volume)
+    logic.begin_refine(segmentation, volume)
+    client.kill()
+    finished = _run(logic)
+    assert finished.status == lib.WORKER_DIED
+    assert finished.message.count("\n") == 0 and "restarts with the next request" in finished.message
+    assert np.array_equal(export_labelmap(scene, segmentation, volume)[0], before), "scene unchanged"
+    # Its sessions died with it: Refine asks for a new Segment, which restarts the worker.
+    with pytest.raises(lib.UserInputError, match="restarted"):
+        logic.begin_refine(segmentation, volume)
+    generation = client.generation
+    logic.begin_segment([volume], "/model", segmentation)
+    assert client.generation == generation + 1 and client.ops()[-1] == "open_session"
+    assert _run(logic).status == lib.DONE
+
+
+def test_edits_during_a_job_are_not_overwritten(lib, logic, client, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _run(logic)
+    (segmentation,) = _segmentations(scene)
+    record = logic.record_for(segmentation)
+    editor = SegmentEditor(scene, segmentation, volume)
+    current, _ = export_labelmap(scene, segmentation, volume)
+    wanted = current.copy()
+    wanted[6] = 0  # the user erases slice 6, then refines
+    editor.correct(record.segment_ids, current, wanted, np.ones_like(current, dtype=bool))
+    logic.begin_refine(segmentation, volume, steps=10)
+    assert client.requests[-1][1]["steps"] == 10
+    # While Refine runs, the user paints slice 2.
+    painted = np.zeros_like(current, dtype=bool)
+    painted[2, :3, :3] = True
+    editor.add(record.segment_ids[0], painted)
+    edited, _ = export_labelmap(scene, segmentation, volume)
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.written_to_new_node
+    assert "edited while" in finished.message
+    assert np.array_equal(export_labelmap(scene, segmentation, volume)[0], edited), "the user's edits are kept"
+    result_node = finished.segmentation_node
+    assert result_node is not segmentation and len(_segmentations(scene)) == 2
+    assert finished.changed_slices == [6]
+    assert logic.has_result(result_node) and not logic.has_result(segmentation)
+
+
+def test_refine_sends_the_edited_labels_and_writes_the_result(lib, logic, client, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _run(logic)
+    (segmentation,) = _segmentations(scene)
+    record = logic.record_for(segmentation)
+    current, _ = export_labelmap(scene, segmentation, volume)
+    wanted = current.copy()
+    wanted[5] = 0
+    wanted[7, 2:5, 2:5] = 1
+    SegmentEditor(scene, segmentation, volume).correct(
+        record.segment_ids, current, wanted, np.ones_like(current, dtype=bool)
     )
-    flair = load_volume_node(scene, brats_crop["paths"]["FLAIR"], "FLAIR")
-    t1 = load_volume_node(scene, brats_crop["paths"]["T1"], "T1")
-    segmentation_node, (tumour_id,) = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
-    truth = brats_crop["truth"]
-    labelled = _two_labelled_slices(truth)
-    drawn = np.zeros_like(truth)
-    drawn[labelled] = truth[labelled]
-    SegmentEditor(scene, segmentation_node, flair).add(tumour_id, drawn > 0)
+    logic.begin_refine(segmentation, volume)
+    op, fields, arrays = client.requests[-1]
+    assert op == "refine" and np.array_equal(arrays["labels"], wanted)
+    from tedm_core.choices import DEFAULT_REFINE_STEPS
 
-    logic = lib.TEDMSlicerCoreLogic()
-    with pytest.raises(lib.UserInputError, match="expects 2 input volume"):
-        logic.fit([flair], str(backbone_dir), segmentation_node, device="cpu", steps=2).session
-    outcome = logic.fit([flair, t1], str(backbone_dir), segmentation_node, device="cpu", steps=5)
-    assert outcome.session.slices.shape[1] == 2
-    voxels, _ = export_labelmap(scene, segmentation_node, flair)
-    assert np.array_equal(voxels[labelled], drawn[labelled])
+    assert fields["steps"] == DEFAULT_REFINE_STEPS
+    finished = _run(logic)
+    assert finished.status == lib.DONE and not finished.written_to_new_node
+    assert finished.changed_slices == [5, 7]
+    assert np.array_equal(export_labelmap(scene, segmentation, volume)[0], wanted)
 
 
-def test_channels_must_share_a_grid(lib, scene, brats_crop, tmp_path):
+def test_fit_sends_the_drawn_slices_and_class_names(lib, logic, client, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    segmentation, (tumour_id,) = new_segmentation(scene, [("tumour", (0.9, 0.1, 0.1))])
+    drawn = np.zeros(array.shape, dtype=np.uint8)
+    drawn[6] = array[6] > array.mean()
+    SegmentEditor(scene, segmentation, volume).add(tumour_id, drawn > 0)
+    logic.begin_fit([volume], "/backbone", segmentation, method="ledm", steps=25)
+    finished = _run(logic)
+    op, fields, arrays = client.requests[-1]
+    assert op == "fit" and fields["method"] == "ledm" and fields["steps"] == 25
+    assert fields["class_names"] == ["background", "tumour"]
+    assert fields["class_colours"][1] == [230, 26, 26]
+    assert np.array_equal(arrays["labels"], drawn)
+    assert finished.status == lib.DONE and finished.training_slices == [6]
+    assert finished.segmentation_node is segmentation
+    # The user's segment keeps its ID and colour, and carries the standard term of a tumour.
+    segment = segmentation.GetSegmentation().GetSegment(tumour_id)
+    assert np.allclose(segment.GetColor(), (0.9, 0.1, 0.1), atol=1 / 255)
+    assert "SCT^108369006^Neoplasm" in _terminology(segment)
+
+
+def test_fit_refuses_an_unlabelled_segmentation(lib, logic, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    with pytest.raises(lib.UserInputError, match="nothing is painted"):
+        logic.begin_fit([volume], "/backbone", segmentation)
+    assert not logic.busy
+
+
+def test_refine_needs_a_previous_result(lib, logic, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    with pytest.raises(lib.UserInputError, match="press Segment"):
+        logic.begin_refine(segmentation, volume)
+
+
+def test_one_operation_at_a_time(lib, logic, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    with pytest.raises(lib.UserInputError, match="still running"):
+        logic.begin_segment([volume], "/model", None)
+    _run(logic)
+
+
+def test_shutdown_closes_the_worker(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    logic.shutdown()
+    assert client.closed and not logic.busy and logic.client is None
+
+
+# --------------------------------------------------------------------------------------------
+# Next uncertain slice: world coordinates, parent transforms included
+# --------------------------------------------------------------------------------------------
+def test_next_uncertain_slice_under_a_parent_transform(lib, logic, client, scene, tmp_path):
+    import vtk
+
+    volume, array = _sphere_node(scene, tmp_path)
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    matrix = vtk.vtkMatrix4x4()
+    rotation = vtk.vtkTransform()
+    rotation.RotateZ(30)
+    rotation.Translate(40.0, -15.0, 7.5)
+    matrix.DeepCopy(rotation.GetMatrix())
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+
+    logic.begin_segment([volume], "/model", None)
+    _run(logic)
+    (segmentation,) = _segmentations(scene)
+    assert segmentation.GetTransformNodeID() == transform.GetID(), "the result shares the volume's transform"
+
+    logic.begin_next_uncertain_slice(segmentation)
+    first = _run(logic).uncertain_slice
+    assert first.index == 0  # the scripted worker ranks slice 0 first
+    k, j, i = array.shape
+    local = lib.mrml_io.ijk_to_ras_of(volume) @ np.array([(i - 1) / 2, (j - 1) / 2, 0.0, 1.0])
+    expected = (np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]) @ local)[:3]
+    assert np.allclose(first.centre_world, expected, atol=1e-6)
+    assert not np.allclose(first.centre_world, local[:3], atol=1.0), "the parent transform moved the point"
+    logic.begin_next_uncertain_slice(segmentation)
+    assert _run(logic).uncertain_slice.index == 1, "the next press offers the next slice"
+
+
+# --------------------------------------------------------------------------------------------
+# Colour radiographs, terminology
+# --------------------------------------------------------------------------------------------
+def test_rgb_vector_volume_becomes_bt601_luminance(lib, scene):
+    from vtk.util import numpy_support
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(1, 6, 5, 3), dtype=np.uint8)
+    node = slicer.vtkMRMLVectorVolumeNode()
+    scene.AddNode(node)
+    import vtk
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(5, 6, 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = rgb.reshape(-1, 3)
+    node.SetAndObserveImageData(image)
+    grey = lib.mrml_io.array_from_volume_node(node)
+    assert grey.shape == (1, 6, 5) and grey.dtype == np.float32
+    expected = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    assert np.allclose(grey, expected, atol=1e-4)
+    # Pillow's "L" conversion (what tedm_core does with a colour PNG) is the same rule, rounded.
+    from PIL import Image
+
+    pillow = np.asarray(Image.fromarray(rgb[0], "RGB").convert("L"), dtype=np.float32)
+    assert np.abs(grey[0] - pillow).max() <= 1.0
+    arrays = lib.mrml_io.volume_arrays_from_nodes([node])
+    assert arrays.array.shape == (1, 1, 6, 5)
+
+
+def test_terminology_codes_are_slicers(lib):
+    """Codes as in Slicer's SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json and
+    SegmentationCategoryTypeModifier-DICOM-Master.json (Slicer/Slicer, Modules/Loadable/Terminologies)."""
+    term = lib.terminology.term_for
+    assert term("Left lung").entry() == (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "~SCT^39607008^Lung~SCT^7771000^Left~~^^~^^"
+    )
+    assert term("right_lung").modifier == ("SCT", "24028007", "Right")
+    assert term("heart").type == ("SCT", "80891009", "Heart") and term("heart").colour == (206, 110, 84)
+    assert term("grey matter").type == ("SCT", "389081007", "Gray Matter")
+    assert term("White-matter").type == ("SCT", "389080008", "White Matter")
+    tumour = term("whole tumour")
+    assert tumour.category == ("SCT", "49755003", "Morphologically Altered Structure")
+    assert tumour.type == ("SCT", "108369006", "Neoplasm") and tumour.region == ("SCT", "12738006", "Brain")
+    assert term("disc") is None
+
+
+def test_segments_written_by_tedm_carry_terminology_and_its_colour(lib, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(segmentation)
+    labels = np.zeros(array.shape, dtype=np.uint8)
+    labels[3:6, 4:8, 4:8] = 1
+    labels[7:9, 4:8, 4:8] = 2
+    ids = lib.mrml_io.write_class_labels(
+        segmentation, volume, labels, ["background", "left lung", "heart"], [[0, 0, 0], [10, 20, 30], [40, 50, 60]]
+    )
+    lung = segmentation.GetSegmentation().GetSegment(ids[0])
+    assert "SCT^39607008^Lung~SCT^7771000^Left" in _terminology(lung)
+    assert np.allclose(np.array(lung.GetColor()) * 255, (197, 165, 145), atol=1e-3)
+    heart = segmentation.GetSegmentation().GetSegment(ids[1])
+    assert np.allclose(np.array(heart.GetColor()) * 255, (206, 110, 84), atol=1e-3)
+    assert np.array_equal(export_labelmap(scene, segmentation, volume)[0], labels)
+
+
+def test_channels_must_share_a_grid(lib, scene, tmp_path):
     import nibabel as nib
 
-    image = nib.load(brats_crop["paths"]["T1"])
-    affine = image.affine.copy()
+    volume, array = _sphere_node(scene, tmp_path, affine_name="ras")
+    affine = affine_zoo()["ras"].copy()
     affine[:3, 3] += 2.0  # the same voxels, 2 mm away: not the same grid
-    shifted = nib.Nifti1Image(np.asarray(image.dataobj), affine)
-    nib.save(shifted, tmp_path / "shifted.nii.gz")
-    flair = load_volume_node(scene, brats_crop["paths"]["FLAIR"])
+    nib.save(nib.Nifti1Image(array.T, affine), tmp_path / "shifted.nii.gz")
     moved = load_volume_node(scene, tmp_path / "shifted.nii.gz")
     with pytest.raises(lib.mrml_io.GeometryError, match="resample"):
-        lib.mrml_io.volume_arrays_from_nodes([flair, moved])
-
-
-# --------------------------------------------------------------------------------------------
-# Off the GUI thread: the background task runner (what the widget polls with a QTimer)
-# --------------------------------------------------------------------------------------------
-def _small_sphere_node(scene, tmp_path):
-    import nibabel as nib
-
-    affine = affine_zoo()["lps"]
-    array = sphere_volume_array((12, 24, 24), affine, (affine @ np.array([12.0, 12.0, 6.0, 1.0]))[:3], 6.0)
-    nib.save(nib.Nifti1Image(array.T, affine), tmp_path / "sphere.nii.gz")
-    return load_volume_node(scene, tmp_path / "sphere.nii.gz")
-
-
-def test_background_task_reports_progress_and_result(lib, scene, tiny_bundle_dir, tmp_path):
-    volume_node = _small_sphere_node(scene, tmp_path)
-    segmentation_node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation_node)
-    logic = lib.TEDMSlicerCoreLogic()
-    job = logic.begin_segment([volume_node], str(tiny_bundle_dir), segmentation_node, device="cpu")
-    task = lib.BackgroundTask(job.title, job.compute)
-    task.start()
-    events = task.wait(timeout=60)
-    assert events[-1].kind == "done", events[-1].details
-    fractions = [e.fraction for e in events if e.kind == "progress"]
-    assert fractions and fractions == sorted(fractions)
-    assert any(e.kind == "log" and "Segmented" in e.message for e in events)
-    job.apply(events[-1].result)  # MRML is written on the calling (GUI) thread
-    assert segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
-
-
-def test_background_task_cancel(lib, scene, tiny_bundle_dir, tmp_path):
-    volume_node = _small_sphere_node(scene, tmp_path)
-    segmentation_node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation_node)
-    job = lib.TEDMSlicerCoreLogic().begin_segment([volume_node], str(tiny_bundle_dir), segmentation_node, device="cpu")
-    task = lib.BackgroundTask(job.title, job.compute)
-    task.cancel()  # pressed before the first check: nothing is computed
-    task.start()
-    events = task.wait(timeout=60)
-    assert events[-1].kind == "error" and lib.is_cancellation(events[-1].error)
-    assert segmentation_node.GetSegmentation().GetNumberOfSegments() == 0
+        lib.mrml_io.volume_arrays_from_nodes([volume, moved])

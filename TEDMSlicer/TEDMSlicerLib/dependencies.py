@@ -1,13 +1,18 @@
-"""Installing what TEDMSlicer needs into Slicer's Python, at first use, after one confirmation.
+"""Installing what the TEDM worker needs into Slicer's Python, at first use, after one confirmation.
 
-What is needed:
+Only where the worker runs: Slicer's own process never imports torch (see ``worker_client``).
+When the worker is Slicer's Python (the default), that Python needs:
+
 - ``torch``: only ever through the PyTorch extension's ``PyTorchUtils`` (it picks the CUDA or CPU
-  build that fits the machine; a plain ``pip install torch`` would often fetch the wrong one);
-- ``tedm_core``: shipped inside the extension by the CMake build, or installed with ``--no-deps``
-  from the source tree when the module is used from a checkout (Application settings > Modules >
-  Additional module paths);
+  build that fits the machine; a plain ``pip install torch`` would often fetch the wrong one).
+  An installed torch older than :data:`TORCH_REQUIREMENT` is upgraded the same way, after the
+  same confirmation;
 - ``tedm_core``'s own requirements (:data:`REQUIREMENTS`), installed so that pip never replaces
   what Slicer ships: torch, numpy, SimpleITK and VTK (:data:`SLICER_PROVIDED`).
+
+``tedm_core`` itself is not installed: the built extension ships it, and a source checkout has
+it beside the module (``TEDMSlicerLib`` puts it on the path; the worker gets it on PYTHONPATH).
+A worker in another Python, or a remote one, brings its own packages: nothing is installed.
 
 Qt-free: the Slicer calls are behind :class:`PackageInstaller`, so the planning is testable.
 """
@@ -19,7 +24,6 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
 from .protocols import Protocol
@@ -64,55 +68,89 @@ def requirement_satisfied(requirement: str) -> bool:
     return installed is not None and (not parsed.specifier or parsed.specifier.contains(installed, prereleases=True))
 
 
-def tedm_core_source(module_dir: Path) -> Optional[Path]:
-    """The source tree holding ``tedm_core`` when the module runs from a checkout, else None."""
-    root = Path(module_dir).resolve().parent
-    if (root / "pyproject.toml").is_file() and (root / "tedm_core" / "__init__.py").is_file():
-        return root
-    return None
-
-
 @dataclass
 class DependencyPlan:
-    """What is missing, so that one confirmation can list all of it."""
+    """What is missing in the worker's Python, so that one confirmation can list all of it."""
 
     torch_missing: bool
     missing_requirements: List[str] = field(default_factory=list)
-    tedm_core_from: Optional[Path] = None  # a source tree to install tedm_core from (--no-deps)
-    tedm_core_unavailable: bool = False  # not importable and no source to install it from
+    torch_installed_version: Optional[str] = None  # set when torch is installed but too old
+    tedm_core_unavailable: bool = False  # not importable and not beside the module
+    pytorch_extension_missing: bool = False  # torch must be installed but PyTorchUtils is absent
+
+    @property
+    def torch_outdated(self) -> bool:
+        return self.torch_installed_version is not None
 
     @property
     def nothing_to_do(self) -> bool:
         return not (
-            self.torch_missing or self.missing_requirements or self.tedm_core_from or self.tedm_core_unavailable
+            self.torch_missing or self.torch_outdated or self.missing_requirements or self.tedm_core_unavailable
         )
 
     def describe(self) -> str:
-        """The confirmation text: every package that will be installed, and what is left alone."""
-        lines = ["TEDMSlicer needs these Python packages, which are not installed yet:", ""]
+        """The confirmation text: every package that will be installed or upgraded, and what is left alone."""
+        lines = ["The TEDM worker runs in Slicer's Python, which needs these packages:", ""]
         if self.torch_missing:
             lines.append(
-                f"  - torch {TORCH_REQUIREMENT} (through the PyTorch extension, which picks the CUDA or CPU build for this computer; ~1-3 GB)"
+                f"  - torch {TORCH_REQUIREMENT} (through the PyTorch extension, which picks the CUDA or CPU build "
+                "for this computer; ~1-3 GB)"
+            )
+        if self.torch_outdated:
+            lines.append(
+                f"  - torch {self.torch_installed_version} is installed, TEDM needs torch {TORCH_REQUIREMENT}: it will "
+                "be UPGRADED through the PyTorch extension. Other modules that use torch see the new version after "
+                "Slicer restarts."
             )
         lines += [f"  - {requirement}" for requirement in self.missing_requirements]
-        if self.tedm_core_from is not None:
-            lines.append(f"  - tedm_core from {self.tedm_core_from} (without dependencies)")
         lines += [
             "",
-            f"Slicer's own {', '.join(SLICER_PROVIDED)} will not be replaced.",
+            f"Slicer's own {', '.join(n for n in SLICER_PROVIDED if n != 'torch')} will not be replaced.",
             "Installation can take several minutes. Install now?",
         ]
         return "\n".join(lines)
 
+    def why_not(self) -> Optional[str]:
+        """Why the plan cannot be carried out here, or None."""
+        if self.tedm_core_unavailable:
+            return (
+                "tedm_core is neither installed nor beside the module: install the TEDMSlicer extension, or add the "
+                "TEDMSlicer folder of a complete source checkout to Slicer's module paths"
+            )
+        if (self.torch_missing or self.torch_outdated) and self.pytorch_extension_missing:
+            have = f"torch {self.torch_installed_version} is too old" if self.torch_outdated else "torch is missing"
+            return (
+                f"{have} in Slicer's Python and TEDMSlicer installs torch only through the PyTorch extension (it picks "
+                "the right CUDA/CPU build): install 'PyTorch' from the Extensions Manager and restart Slicer, or set "
+                "Advanced > Worker to a Python that has torch and tedm-core"
+            )
+        return None
 
-def plan_dependencies(module_dir: Path) -> DependencyPlan:
-    """Check (without importing torch or tedm_core) what needs installing."""
-    torch_missing = importlib.util.find_spec("torch") is None or not requirement_satisfied(f"torch{TORCH_REQUIREMENT}")
-    missing = [r for r in REQUIREMENTS if not requirement_satisfied(r)]
+
+# What does not work when the user declines the installation (shown right after "Cancel").
+DECLINED_CONSEQUENCE = (
+    "Nothing was installed. Until the packages are installed, Segment, Fit, Refine, Next uncertain slice and "
+    "Save model cannot run in Slicer's Python. Press any of them again to install, or run the worker elsewhere: "
+    "Advanced > Worker takes a Python that already has torch and tedm-core, or a remote `tedm serve` endpoint."
+)
+
+
+def plan_dependencies(worker_in_slicer_python: bool = True) -> DependencyPlan:
+    """Check (without importing torch or tedm_core) what the worker's Python lacks. A worker in
+    another Python, or a remote worker, needs nothing installed here."""
     tedm_core_importable = importlib.util.find_spec("tedm_core") is not None
-    source = None if tedm_core_importable else tedm_core_source(module_dir)
+    if not worker_in_slicer_python:
+        return DependencyPlan(False, [], tedm_core_unavailable=not tedm_core_importable)
+    torch_version = _distribution_version("torch")
+    torch_missing = torch_version is None
+    outdated = None if torch_missing or requirement_satisfied(f"torch{TORCH_REQUIREMENT}") else torch_version
+    missing = [r for r in REQUIREMENTS if not requirement_satisfied(r)]
     return DependencyPlan(
-        torch_missing, missing, source, tedm_core_unavailable=not tedm_core_importable and source is None
+        torch_missing,
+        missing,
+        torch_installed_version=outdated,
+        tedm_core_unavailable=not tedm_core_importable,
+        pytorch_extension_missing=importlib.util.find_spec("PyTorchUtils") is None,
     )
 
 
@@ -123,27 +161,20 @@ class PackageInstaller(Protocol):
 
     def install_requirements(self, requirements: Sequence[str], never_replace: Sequence[str]) -> None: ...
 
-    def install_without_dependencies(self, target: str) -> None: ...
-
 
 def install_dependencies(
     plan: DependencyPlan, installer: PackageInstaller, log: Callable[[str], None] = lambda _m: None
 ) -> None:
     """Carry out ``plan`` (after the user confirmed ``plan.describe()``). Torch first: monai needs it."""
-    if plan.tedm_core_unavailable:
-        raise RuntimeError(
-            "tedm_core is neither installed nor next to the module: install the TEDMSlicer extension, "
-            "or add the TEDMSlicer folder of a complete source checkout to Slicer's module paths"
-        )
-    if plan.torch_missing:
+    problem = plan.why_not()
+    if problem:
+        raise RuntimeError(problem)
+    if plan.torch_missing or plan.torch_outdated:
         log("Installing PyTorch through the PyTorch extension...")
         installer.install_torch(TORCH_REQUIREMENT)
     if plan.missing_requirements:
         log(f"Installing {', '.join(plan.missing_requirements)}...")
         installer.install_requirements(plan.missing_requirements, SLICER_PROVIDED)
-    if plan.tedm_core_from is not None:
-        log(f"Installing tedm_core from {plan.tedm_core_from}...")
-        installer.install_without_dependencies(str(plan.tedm_core_from))
     importlib.invalidate_caches()
 
 
@@ -162,14 +193,18 @@ class SlicerPackageInstaller:
             import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
         except ImportError:
             raise RuntimeError(
-                "TEDMSlicer needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and restart Slicer"
+                "TEDMSlicer needs the PyTorch extension: install 'PyTorch' from the Extensions Manager "
+                "and restart Slicer"
             ) from None
-        torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torch_logic.torchInstalled():
-            # Our own confirmation already listed torch: do not ask twice.
-            torch = torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=requirement)
-            if torch is None:
-                raise RuntimeError("PyTorch was not installed")
+        # Missing or too old: light-the-torch (behind installTorch) installs or upgrades to a build
+        # satisfying the requirement. Our own confirmation already listed torch: do not ask twice.
+        # installTorch imports the new torch once to report its version; the worker, a fresh
+        # process, is what uses it.
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=requirement
+        )
+        if torch is None:
+            raise RuntimeError("PyTorch was not installed")
 
     def _pip_ensure(self) -> Optional[Callable[..., Any]]:
         for module_name in ("pydeps", "packaging"):
@@ -208,9 +243,6 @@ class SlicerPackageInstaller:
             self.slicer.util.pip_install(" ".join([f'"{r}"' for r in requirements] + ["-c", f'"{constraints}"']))
         finally:
             os.unlink(constraints)
-
-    def install_without_dependencies(self, target: str) -> None:
-        self.slicer.util.pip_install(f'--no-deps "{target}"')
 
 
 def python_version_supported() -> bool:

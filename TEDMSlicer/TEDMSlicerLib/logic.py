@@ -1,735 +1,765 @@
-"""The Qt-free logic of TEDMSlicer: Segment, Fit from labelled slices, Refine from corrections,
-Next uncertain slice, Save model.
+"""The Qt-free logic of TEDMSlicer: MRML nodes <-> arrays, and requests to the TEDM worker.
 
-Every operation is split in three so that the widget can keep the GUI responsive:
+Segment, Fit from labelled slices, Refine from corrections, Next uncertain slice and Save model
+are requests to a worker process (``tedm_core.serve``; protocol in ``docs/worker_protocol.md``)
+that holds the model and, per volume, an interactive session (the decoder features of the last
+segmentation, the labels last written, the training slices). All the numerical policy lives
+there (``tedm_core.pipelines.interactive``); this module only
 
-1. ``begin_*`` (GUI thread): read the MRML nodes into numpy arrays, check the inputs;
-2. ``job.compute(callbacks)`` (any thread): all the numerical work, on arrays only;
-3. ``job.apply(result)`` (GUI thread): write the result into MRML.
+1. reads the MRML nodes into arrays and submits a request (``begin_*``, GUI thread);
+2. returns at once: ``poll()``, called by the widget's ``QTimer`` (or a script's loop), reads
+   the worker's events without blocking and reports progress and log lines;
+3. writes a result into MRML when it arrives (GUI thread), only if the nodes it belongs to are
+   still the very nodes the request was made for.
 
-``segment``, ``fit`` and ``refine`` run the three steps in a row for scripts and tests.
-
-The logic remembers, per segmentation node, what it last wrote there (a :class:`Session`): the
-model, the normalised slices, the decoder features of every slice, and the labels written. A
-user's corrections are found by comparing the segmentation, read back in the volume's grid,
-with those labels slice by slice; the corrected slices join the training slices, the head is
-fine-tuned warm-started on the cached features (with a few uncorrected slices' previous result
-as anchors, so that it does not forget the rest of the volume), and re-applied to the cached
-features of every other slice (no UNet pass), which is why Refine costs a fraction of a full
-segmentation (measured ~9 % on a whole BraTS volume on the CPU).
-Labelled and corrected slices are written back exactly as the user drew them.
+The scene can close, and nodes can be deleted, at any moment: a result whose nodes are gone (or
+whose node IDs now name other nodes, as after a scene close) is dropped with a log line. A
+segmentation the user edited while a job ran is not overwritten: the result goes into a new
+segmentation node, and the report says so. An output segmentation is created only when a
+result arrives, so a failed or cancelled job leaves no empty node behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tedm_core.choices import AUTO, AXES, DEFAULT_HEAD_STEPS, DEFAULT_REFINE_STEPS, DEVICES, HEAD_METHODS
+
 from . import mrml_io
-from .backend import TEDMCoreBackend, model_kind, physical_memory_bytes
-from .protocols import SegmentationBackend, SlicePredictorLike, TaskCallbacks
-from .tasks import SilentCallbacks
+from .protocols import OperationListener, WorkerClientLike
 
 log = logging.getLogger(__name__)
 
-AXES = ("auto", "axial", "coronal", "sagittal", "k")
-DEVICES = {"auto": "auto", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}
-METHODS = ("tedm", "ledm", "ledme", "step")
-# Decoder features are cached (float16, on the CPU) only while they take at most this share of
-# the installed memory; beyond it Refine recomputes them (a full UNet pass) instead of swapping.
-FEATURE_CACHE_MEMORY_SHARE = 0.25
-# Refine mixes this many uncorrected slices, labelled with the previous result, into its
-# training (half of them showing a structure where possible): fine-tuning on two corrected
-# slices alone can make the head forget what it did on every other slice.
-REFINE_ANCHOR_SLICES = 4
+AXIS_CHOICES = (AUTO,) + tuple(AXES)
+METHOD_CHOICES = tuple(HEAD_METHODS)
+DEVICE_CHOICES = tuple(DEVICES)
 
 
 class UserInputError(ValueError):
     """Something the user can fix (wrong selection, nothing drawn, ...): shown without a traceback."""
 
 
-def is_cancellation(error: BaseException) -> bool:
-    """True for the backend's ``Cancelled`` (the user pressed Cancel), whatever module defines it."""
-    return type(error).__name__ == "Cancelled"
-
-
-def _check_cancel(callbacks: TaskCallbacks) -> None:
-    if callbacks.cancelled():
-        try:
-            from tedm_core.errors import Cancelled
-        except ImportError:  # pragma: no cover - the backend is always present when work runs
-            raise RuntimeError("cancelled") from None
-        raise Cancelled("cancelled")
-
-
-def _slice_progress(callbacks: TaskCallbacks, start: float, end: float, what: str) -> Callable[..., None]:
-    """Adapts the backend's ``progress(done, total[, loss])`` to ``callbacks.progress`` over [start, end]."""
-
-    def report(done: int, total: int, loss: Optional[float] = None) -> None:
-        fraction = start + (end - start) * (float(done) / max(1, int(total)))
-        suffix = f", loss {loss:.4f}" if loss is not None else ""
-        callbacks.progress(fraction, f"{what} {done}/{total}{suffix}")
-
-    return report
-
-
-# ----------------------------------------------------------------------------------------------
-# results and state
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Session:
-    """What the logic last wrote into one segmentation node, kept for Refine and uncertain slices."""
-
-    volume_node_ids: List[str]
-    bundle: Any
-    device: str
-    axis: str
-    volume: Any  # tedm_core Volume (raw intensities), for cutting label arrays like the image
-    slices: np.ndarray  # (N, C, H, W) normalised model inputs
-    layout: Any
-    features: Any  # the backend's FeatureCache of the slices run through the model, or None
-    feature_rows: np.ndarray  # (N,) row of slice n in ``features``; -1 = not cached (empty slice)
-    written_slice_labels: np.ndarray  # (N, H, W) uint8: the labels written to the node, per slice
-    slice_uncertainty: np.ndarray  # (N,) mean timestep disagreement per slice
-    training_slices: List[int]  # slice indices labelled or corrected by the user
-    segment_ids: List[str]
-    class_names: List[str]
-    class_colours: List[Tuple[float, float, float]]
-    slice_centres_ras: Optional[np.ndarray] = None  # (N, 3), computed on first use
-    visited_uncertain: List[int] = field(default_factory=list)
-
-
-@dataclass
-class VolumePrediction:
-    labels: np.ndarray  # (N, H, W) uint8 class indices
-    uncertainty: np.ndarray  # (N, H, W) float32
-    features: Any
-    feature_rows: np.ndarray
-
-
-@dataclass
-class Outcome:
-    """What ``compute`` hands to ``apply``: labels in the volume's grid and the new session state."""
-
-    operation: str
-    labels_kji: np.ndarray
-    uncertainty_kji: Optional[np.ndarray]
-    session: Session
-    changed_slices: List[int] = field(default_factory=list)
-    seconds: float = 0.0
-    notes: List[str] = field(default_factory=list)
+# What a FinishedOperation's status means.
+DONE = "done"  # the result was written (or, for queries, returned)
+CANCELLED = "cancelled"  # the user pressed Cancel; nothing was written
+FAILED = "failed"  # the worker refused or failed; nothing was written
+DROPPED = "dropped"  # the result arrived for nodes that are gone; nothing was written
+WORKER_DIED = "worker_died"  # the worker process ended; nothing was written
 
 
 @dataclass
 class UncertainSlice:
     index: int  # slice index along the session's axis
     score: float  # mean timestep disagreement in the slice
-    centre_ras: Tuple[float, float, float]
+    centre_world: Tuple[float, float, float]  # RAS, parent transforms applied: where to jump
 
 
-class Job:
-    """A prepared operation: ``compute`` runs anywhere, ``apply`` on the GUI thread."""
+@dataclass
+class WorkerSessionRecord:
+    """What the worker holds for one segmentation node, and what the logic last wrote there.
 
-    def __init__(
-        self, title: str, compute: Callable[[TaskCallbacks], Outcome], apply: Callable[[Outcome], Any]
-    ) -> None:
-        self.title = title
-        self.compute = compute
-        self.apply = apply
+    Node objects are kept, not only their IDs: after a scene close, IDs are reused by new nodes,
+    and only identity tells a reused ID from the node the session belongs to.
+    """
 
-    def run(self, callbacks: Optional[TaskCallbacks] = None) -> Any:
-        return self.apply(self.compute(callbacks or SilentCallbacks()))
+    session_id: str
+    generation: int  # the worker generation holding the session
+    volume_nodes: List[Any]
+    volume_image_mtime: int  # the reference volume's voxels when the session was opened
+    segmentation_node: Any = None
+    segment_ids: List[str] = field(default_factory=list)
+    class_names: List[str] = field(default_factory=list)
+    axis: str = ""
+    training_slices: List[int] = field(default_factory=list)
+    visited_uncertain: List[int] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------
-# the logic
-# ----------------------------------------------------------------------------------------------
-class TEDMSlicerCoreLogic:
-    """Segment / fit / refine on MRML nodes. Inject ``backend`` to run against another core.
+@dataclass
+class RunningOperation:
+    """One user action in flight: one or two worker requests and where their result goes."""
+
+    operation: str  # segment, fit, refine, uncertain_slices, save_model
+    title: str
+    volume_nodes: List[Any]
+    segmentation_node: Any  # None: a new node is created when the result arrives
+    record: WorkerSessionRecord
+    segmentation_digest: Optional[str]  # the segmentation's content when the request was made
+    started_at: float = field(default_factory=time.monotonic)
+    request_id: Optional[str] = None
+    generation: int = -1
+    drop_reason: str = ""  # set when its nodes went away: the result is not written
+    cancel_requested: bool = False
+    follow_up: Optional[Callable[[], None]] = None  # the request to send after open_session
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+
+@dataclass
+class FinishedOperation:
+    """What became of one user action (reported through ``OperationListener.finished``)."""
+
+    operation: str
+    title: str
+    status: str  # DONE, CANCELLED, FAILED, DROPPED or WORKER_DIED
+    message: str
+    seconds: float
+    segmentation_node: Any = None  # where the result was written
+    written_to_new_node: bool = False  # the user edited the target meanwhile: a new node got it
+    changed_slices: List[int] = field(default_factory=list)
+    training_slices: List[int] = field(default_factory=list)
+    uncertain_slice: Optional[UncertainSlice] = None
+    saved_path: str = ""
+    error_kind: str = ""  # the worker's error kind: user, cancelled, busy, protocol, internal
+    details: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == DONE
+
+
+class LoggingListener:
+    """A listener for scripts and tests: progress and log lines to ``logging``, results kept."""
+
+    def __init__(self) -> None:
+        self.finished_operations: List[FinishedOperation] = []
+        self.lines: List[str] = []
+
+    def progress(self, fraction: float, message: str) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+        log.info("TEDMSlicer: %s", message)
+
+    def finished(self, operation: FinishedOperation) -> None:
+        self.finished_operations.append(operation)
+
+
+def _ignore_event(event: Any) -> None:
+    """For requests whose answer nobody needs (close_session): the client then keeps nothing."""
+
+
+def node_is_alive(node: Any) -> bool:
+    """The node is still in a scene under its ID (an ID reused by another node does not count)."""
+    if node is None:
+        return False
+    scene = node.GetScene()
+    node_id = node.GetID()
+    return scene is not None and node_id is not None and scene.GetNodeByID(node_id) is node
+
+
+def _image_mtime(volume_node: Any) -> int:
+    image = volume_node.GetImageData()
+    return int(image.GetMTime()) if image is not None else -1
+
+
+class TEDMWorkerLogic:
+    """Segment / fit / refine on MRML nodes through a TEDM worker.
 
     Args:
-        backend: the numerical core (default: ``tedm_core``, imported lazily).
-        feature_cache_limit_bytes: keep decoder features for Refine up to this size
-            (default: a quarter of the installed memory, at most 16 GiB).
+        client_factory: returns a started worker client (``WorkerClientLike``); called at the
+            first request, and again after ``shutdown``.
+        listener: receives progress, log lines and finished operations.
     """
 
     def __init__(
-        self, backend: Optional[SegmentationBackend] = None, feature_cache_limit_bytes: Optional[int] = None
+        self, client_factory: Callable[[], WorkerClientLike], listener: Optional[OperationListener] = None
     ) -> None:
-        self.backend: SegmentationBackend = backend or TEDMCoreBackend()
-        if feature_cache_limit_bytes is None:
-            installed = physical_memory_bytes() or 8 * 2**30
-            feature_cache_limit_bytes = int(min(16 * 2**30, installed * FEATURE_CACHE_MEMORY_SHARE))
-        self.feature_cache_limit_bytes = int(feature_cache_limit_bytes)
-        self.sessions: Dict[str, Session] = {}
-        self._models: Dict[str, Tuple[float, Any]] = {}
-        self._segmenter: Optional[SlicePredictorLike] = None
-        self._segmenter_key: Optional[Tuple[int, str]] = None
+        self._client_factory = client_factory
+        self.client: Optional[WorkerClientLike] = None
+        self.listener: OperationListener = listener or LoggingListener()
+        self.records: Dict[int, WorkerSessionRecord] = {}  # id(segmentation node) -> record
+        self.running: Optional[RunningOperation] = None
+        self._dead_generations: set = set()  # worker generations that ended (their sessions are gone)
 
-    # -- models ------------------------------------------------------------------------------
-    def load_model(self, path: str) -> Any:
-        """A bundle or a backbone, cached by path and modification time (loading takes seconds)."""
-        path = os.path.abspath(os.path.expanduser(str(path)))
-        if not path or not os.path.exists(path):
-            raise UserInputError(f"model not found: {path}")
-        marker = os.path.join(path, "bundle.json" if model_kind(path) == "bundle" else "backbone.json")
-        stamp = os.path.getmtime(marker) if os.path.exists(marker) else os.path.getmtime(path)
-        cached = self._models.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        model = self.backend.load_model(path)
-        self._models[path] = (stamp, model)
-        return model
+    # -- the worker --------------------------------------------------------------------------
+    def _worker(self) -> WorkerClientLike:
+        if self.client is None:
+            self.client = self._client_factory()
+        return self.client
 
-    @staticmethod
-    def is_bundle(model: Any) -> bool:
-        return hasattr(model, "class_names") and hasattr(model, "backbone")
+    @property
+    def busy(self) -> bool:
+        return self.running is not None
 
-    def _segmenter_for(self, bundle: Any, device: str) -> SlicePredictorLike:
-        key = (id(bundle), device)
-        if self._segmenter is not None and self._segmenter_key == key:
-            return self._segmenter
-        # One feature extractor at a time: a segmenter hooks the backbone's decoder, and refined
-        # bundles share their backbone with the bundle they came from.
-        self.release_segmenter()
-        self._segmenter = self.backend.make_segmenter(bundle, device)
-        self._segmenter_key = key
-        return self._segmenter
+    def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0) -> None:
+        """Read the worker's events and act on them: reading stops after about ``max_seconds``
+        (a large result streams in over several polls) and waits at most ``wait_seconds`` for a
+        first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
+        as Qt's event loop waits between timer ticks."""
+        if self.client is not None:
+            self.client.poll(max_seconds=max_seconds, wait_seconds=wait_seconds)
 
-    def release_segmenter(self) -> None:
-        if self._segmenter is not None:
-            self._segmenter.close()
-        self._segmenter, self._segmenter_key = None, None
+    def wait(self, timeout: float = 600.0, poll_seconds: float = 0.05) -> Optional[FinishedOperation]:
+        """Poll until the running operation finishes (scripts and tests; the widget uses a timer).
+        Returns the last finished operation."""
+        deadline = time.monotonic() + timeout
+        while self.running is not None and time.monotonic() < deadline:
+            self.poll(max_seconds=poll_seconds, wait_seconds=poll_seconds)
+        if self.running is not None:
+            raise TimeoutError(f"{self.running.title} did not finish within {timeout:.0f} s")
+        finished = getattr(self.listener, "finished_operations", None)
+        return finished[-1] if finished else None
 
-    def device_notes(self, device: str) -> List[str]:
-        return list(self.backend.device_notes(DEVICES.get(device.lower(), device)))
+    def shutdown(self) -> None:
+        """Stop the worker (module cleanup, Reload, application exit): no orphan process."""
+        if self.running is not None:
+            self.running.drop_reason = self.running.drop_reason or "the module was closed"
+        self.running = None
+        self.records.clear()
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
 
-    # -- helpers -----------------------------------------------------------------------------
-    @staticmethod
-    def resolve_axis(axis: str, model: Any, volume_shape_kji: Sequence[int]) -> str:
-        """``auto`` -> the model's axis; a single-slice volume (a radiograph) is always cut along k."""
-        axis = (axis or "auto").lower()
-        if axis not in AXES:
-            raise UserInputError(f"unknown slicing axis {axis!r}; expected one of {AXES}")
-        if int(volume_shape_kji[0]) == 1:
-            return "k"
-        if min(int(s) for s in volume_shape_kji) == 1:
-            raise UserInputError(
-                "a single-slice image must be stored with its one slice along K (as Slicer loads 2D images)"
-            )
-        if axis == "auto":
-            return str(getattr(model, "axis", None) or "axial")
-        return axis
+    def cancel(self) -> None:
+        """Ask the worker to stop the running job at its next check (within a second)."""
+        running = self.running
+        if running is None or running.cancel_requested:
+            return
+        running.cancel_requested = True
+        if running.request_id is not None and self.client is not None:
+            self.client.cancel(running.request_id)
 
-    @staticmethod
-    def _check_channels(model: Any, arrays: mrml_io.VolumeArrays) -> None:
-        backbone = model.backbone if TEDMSlicerCoreLogic.is_bundle(model) else model
-        expected = int(backbone.config.in_channels)
-        if arrays.array.shape[0] != expected:
-            names = ", ".join(getattr(backbone, "channel_names", []) or [])
-            raise UserInputError(
-                f"the model expects {expected} input volume(s) ({names}), {arrays.array.shape[0]} selected: "
-                "select one volume per channel, in the model's order"
-            )
+    # -- scene events ------------------------------------------------------------------------
+    def on_scene_closed(self) -> None:
+        """The scene is closing: every node goes (and IDs will be reused). Results in flight are
+        dropped, the worker's sessions are closed and the running job is cancelled."""
+        if self.running is not None and not self.running.drop_reason:
+            self.running.drop_reason = "the scene was closed"
+            self.cancel()
+        for record in list(self.records.values()):
+            self._close_session(record)
+        self.records.clear()
 
-    def _feature_cache_fits(self, bundle: Any, slice_count: int) -> bool:
-        """Whether the decoder features of every slice fit the cache budget (float16)."""
-        try:
-            config = bundle.backbone.config
-            timesteps = max(1, len(bundle.timesteps))
-            levels = (
-                bundle.head.config.levels
-                if bundle.head is not None and bundle.head.config.levels is not None
-                else range(len(config.channels))
-            )
-            per_step = sum(
-                config.decoder_channels[i] * (config.image_size // config.decoder_strides[i]) ** 2 for i in levels
-            )
-        except AttributeError:
-            return True
-        return per_step * timesteps * 2 * slice_count <= self.feature_cache_limit_bytes
+    def on_node_removed(self, node: Any) -> None:
+        """A node left the scene: drop what refers to it (a result in flight, a cached session)."""
+        if node is None:
+            return
+        running = self.running
+        if running is not None and not running.drop_reason:
+            if node is running.segmentation_node:
+                running.drop_reason = f"segmentation '{node.GetName()}' was deleted"
+            elif any(node is volume for volume in running.volume_nodes):
+                running.drop_reason = f"volume '{node.GetName()}' was deleted"
+            if running.drop_reason:
+                self.cancel()
+        for key, record in list(self.records.items()):
+            if node is record.segmentation_node or any(node is v for v in record.volume_nodes):
+                if running is None or running.record is not record:
+                    self._close_session(record)
+                del self.records[key]
 
-    def _predict_slices(
-        self, bundle: Any, device: str, slices: np.ndarray, callbacks: TaskCallbacks, start: float, end: float
-    ) -> VolumePrediction:
-        """Run the model on every slice that holds anything (as ``tedm_core``'s segment_volume
-        does: background-only slices are label 0 with zero uncertainty) and keep the features."""
-        run = np.flatnonzero(self.backend.nonempty_slices(slices))
-        n, height, width = slices.shape[0], slices.shape[2], slices.shape[3]
-        labels = np.zeros((n, height, width), dtype=np.uint8)
-        uncertainty = np.zeros((n, height, width), dtype=np.float32)
-        rows = np.full(n, -1, dtype=np.int64)
-        features = None
-        if len(run):
-            keep = bundle.head is not None and self._feature_cache_fits(bundle, len(run))
-            if not keep and bundle.head is not None:
-                callbacks.log(
-                    "The decoder features of this volume are too large to keep in memory: Refine will run the full model again."
+    def _close_session(self, record: WorkerSessionRecord) -> None:
+        # Frees the worker's copy of the volume and its decoder features (can be GBs). A session
+        # of an older worker generation died with that worker.
+        client = self.client
+        if client is not None and record.generation == client.generation and client.alive:
+            try:
+                client.submit("close_session", {"session": record.session_id}, None, on_event=_ignore_event)
+            except Exception as error:  # a worker that just died: its sessions are gone anyway
+                log.debug("close_session failed: %s", error)
+
+    # -- queries -----------------------------------------------------------------------------
+    def record_for(self, segmentation_node: Any) -> Optional[WorkerSessionRecord]:
+        """The live worker session behind this segmentation's last result, if any."""
+        if segmentation_node is None:
+            return None
+        record = self.records.get(id(segmentation_node))
+        if record is None or record.segmentation_node is not segmentation_node:
+            return None
+        if record.generation in self._dead_generations or (
+            self.client is not None and record.generation != self.client.generation
+        ):
+            return None  # that worker died or was restarted: its sessions are gone
+        return record
+
+    def has_result(self, segmentation_node: Any) -> bool:
+        return self.record_for(segmentation_node) is not None
+
+    def _require_record(self, segmentation_node: Any) -> WorkerSessionRecord:
+        if segmentation_node is None:
+            raise UserInputError("select the segmentation that TEDM wrote")
+        stale = self.records.get(id(segmentation_node))
+        record = self.record_for(segmentation_node)
+        if record is None:
+            if stale is not None:
+                raise UserInputError(
+                    "the TEDM worker was restarted since this result (its state is gone): press Segment (or Fit) again"
                 )
-            segmenter = self._segmenter_for(bundle, device)
-            prediction = segmenter.predict(
-                slices[run],
-                progress=_slice_progress(callbacks, start, end, "slice"),
-                cancel=callbacks.cancelled,
-                keep_features=keep,
-            )
-            labels[run] = prediction.labels
-            uncertainty[run] = prediction.uncertainty
-            features = prediction.features
-            if features is not None:
-                rows[run] = np.arange(len(run))
-        callbacks.log(f"{len(run)} of {n} slices hold image content and went through the model.")
-        return VolumePrediction(labels, uncertainty, features, rows)
-
-    def _reapply_head(
-        self, bundle: Any, device: str, session: Session, callbacks: TaskCallbacks, start: float, end: float
-    ) -> VolumePrediction:
-        """The refined head on the cached features of every slice: no UNet pass."""
-        if session.features is None:
-            return self._predict_slices(bundle, device, session.slices, callbacks, start, end)
-        segmenter = self._segmenter_for(bundle, device)
-        prediction = segmenter.predict_from_features(
-            session.features, progress=_slice_progress(callbacks, start, end, "slice")
-        )
-        run = np.flatnonzero(session.feature_rows >= 0)
-        shape = (session.slices.shape[0],) + session.slices.shape[2:]
-        labels = np.zeros(shape, dtype=np.uint8)
-        uncertainty = np.zeros(shape, dtype=np.float32)
-        labels[run] = prediction.labels[session.feature_rows[run]]
-        uncertainty[run] = prediction.uncertainty[session.feature_rows[run]]
-        return VolumePrediction(labels, uncertainty, session.features, session.feature_rows)
-
-    def _anchor_slices(self, session: Session, training: Sequence[int], count: int = REFINE_ANCHOR_SLICES) -> List[int]:
-        """A few slices the user did not label or correct, whose previous result Refine should keep.
-
-        Spread evenly over the slices that went through the model, half of them among those
-        where the previous result shows a structure (so that Refine neither forgets a structure
-        nor starts painting it everywhere). Within each stretch: among the former, the slice
-        showing the most of the structures (the most to remember; a slice showing a few voxels
-        teaches little more than background); among the others, the slice the model was most
-        sure of (least timestep disagreement).
-        """
-        ran = (
-            session.feature_rows >= 0 if session.features is not None else self.backend.nonempty_slices(session.slices)
-        )
-        excluded = {int(i) for i in training}
-        candidates = [int(i) for i in np.flatnonzero(ran) if int(i) not in excluded]
-        area = (session.written_slice_labels > 0).reshape(len(session.written_slice_labels), -1).sum(axis=1)
-        showing = [i for i in candidates if area[i] > 0]
-        empty = [i for i in candidates if area[i] == 0]
-
-        def spread(pool: List[int], k: int, score: np.ndarray) -> List[int]:
-            """The best-scoring (lowest) slice of each of ``k`` even stretches of ``pool``."""
-            if k <= 0 or not pool:
-                return []
-            stretches = np.array_split(np.asarray(pool), min(k, len(pool)))
-            return [int(part[np.argmin(score[part])]) for part in stretches]
-
-        chosen = spread(showing, count - count // 2 if empty else count, -area)
-        chosen += spread(empty, count - len(chosen), session.slice_uncertainty)
-        if len(chosen) < count:  # too few empty slices: take more of the others
-            chosen += spread([i for i in showing if i not in chosen], count - len(chosen), -area)
-        return sorted(set(chosen))
-
-    @staticmethod
-    def _colours_of(bundle: Any) -> List[Tuple[float, float, float]]:
-        return [mrml_io.normalised_colour(c) if max(c) > 0 else (0.0, 0.0, 0.0) for c in bundle.class_colours]
-
-    @staticmethod
-    def _slice_scores(uncertainty: np.ndarray) -> np.ndarray:
-        return np.asarray(uncertainty, dtype=np.float64).reshape(len(uncertainty), -1).mean(axis=1)
-
-    def _apply(self, segmentation_node: Any, reference_node: Any, outcome: Outcome) -> Outcome:
-        session = outcome.session
-        session.segment_ids = mrml_io.write_class_labels(
-            segmentation_node, reference_node, outcome.labels_kji, session.class_names, session.class_colours
-        )
-        self.sessions[segmentation_node.GetID() or segmentation_node.GetName()] = session
-        return outcome
-
-    def session_for(self, segmentation_node: Any) -> Session:
-        session = self.sessions.get(segmentation_node.GetID() or segmentation_node.GetName())
-        if session is None:
             raise UserInputError(
-                f"'{segmentation_node.GetName()}' was not segmented in this session: press Segment (or Fit) first, correct "
-                "some slices with the Segment Editor, then Refine"
+                f"'{segmentation_node.GetName()}' was not segmented in this session: press Segment (or Fit) first, "
+                "correct some slices with the Segment Editor, then Refine"
             )
-        return session
+        return record
 
-    # -- Segment ----------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------
+    def _check_idle(self) -> None:
+        if self.running is not None:
+            raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
+
+    def _segmentation_digest(self, segmentation_node: Any, reference_node: Any) -> Optional[str]:
+        """The segmentation's content in the volume's grid (every segment) and its segment IDs:
+        compared at job start and at apply to find the user's edits made in between."""
+        if segmentation_node is None:
+            return None
+        segmentation = segmentation_node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        digest = hashlib.sha1(repr(ids).encode())
+        if ids and reference_node.GetImageData() is not None:
+            # Each segment separately: a merged labelmap would hide an edit where segments overlap.
+            for segment_id in ids:
+                try:
+                    labels = mrml_io.read_class_labels(segmentation_node, reference_node, [segment_id])
+                except (mrml_io.GeometryError, RuntimeError):
+                    # Not readable in the volume's grid (another transform): the write will say so.
+                    digest.update(b"unreadable")
+                    continue
+                digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
+        return digest.hexdigest()
+
+    def _new_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> WorkerSessionRecord:
+        return WorkerSessionRecord(
+            session_id=f"slicer-{uuid.uuid4().hex[:12]}",
+            generation=-1,
+            volume_nodes=list(volume_nodes),
+            volume_image_mtime=_image_mtime(volume_nodes[0]),
+            segmentation_node=segmentation_node,
+        )
+
+    def _reusable_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> Optional[WorkerSessionRecord]:
+        """The worker session of this segmentation, if it holds these very volumes, unchanged
+        (Segment again with another model need not send the volume again)."""
+        record = self.record_for(segmentation_node)
+        if record is None or len(record.volume_nodes) != len(volume_nodes):
+            return None
+        if any(a is not b for a, b in zip(record.volume_nodes, volume_nodes)):
+            return None
+        if _image_mtime(volume_nodes[0]) != record.volume_image_mtime:
+            return None
+        return record
+
+    def _submit(self, running: RunningOperation, op: str, fields: Dict[str, Any], arrays=None) -> None:
+        client = self._worker()
+        running.request_id = client.submit(op, fields, arrays, on_event=lambda event: self._on_event(running, event))
+        running.generation = client.generation
+        if running.record.generation < 0:
+            running.record.generation = client.generation
+
+    def _start(self, running: RunningOperation, op: str, fields: Dict[str, Any], arrays=None) -> RunningOperation:
+        self.running = running
+        try:
+            self._submit(running, op, fields, arrays)
+        except Exception:
+            self.running = None
+            raise
+        self.listener.progress(0.0, f"{running.title}: sent to the worker")
+        return running
+
+    def _open_then(
+        self, running: RunningOperation, reuse: bool, volume_arrays: mrml_io.VolumeArrays, follow_up
+    ) -> RunningOperation:
+        """Open the worker session (sending the volume) unless it is reused, then send the job."""
+        if reuse:
+            self._start(running, follow_up[0], follow_up[1], follow_up[2])
+            return running
+        running.follow_up = lambda: self._submit(running, *follow_up)
+        fields = {
+            "session": running.record.session_id,
+            "ijk_to_ras": volume_arrays.ijk_to_ras.tolist(),
+            "channel_names": list(volume_arrays.channel_names),
+        }
+        return self._start(running, "open_session", fields, {"volume": volume_arrays.array})
+
     def begin_segment(
         self,
         volume_nodes: Sequence[Any],
         model_path: str,
-        segmentation_node: Any,
-        axis: str = "auto",
+        segmentation_node: Any = None,
+        axis: str = AUTO,
         device: str = "auto",
-    ) -> Job:
-        """Segment the volume(s) (channels, in the model's order) into ``segmentation_node``."""
-        if segmentation_node is None:
-            raise UserInputError("select or create an output segmentation")
+    ) -> RunningOperation:
+        """Segment the volume(s) (channels, in the model's order). With ``segmentation_node``
+        None, a new segmentation is created when the result arrives."""
+        self._check_idle()
+        if not model_path:
+            raise UserInputError("choose a model folder (a fitted model holds bundle.json)")
         arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
+        axis, device = self._checked_axis(axis), self._checked_device(device)
         reference = volume_nodes[0]
-        device = DEVICES.get(device.lower(), device)
+        reuse = self._reusable_record(volume_nodes, segmentation_node)
+        record = reuse or self._new_record(volume_nodes, segmentation_node)
+        running = RunningOperation(
+            "segment",
+            "Segment",
+            list(volume_nodes),
+            segmentation_node,
+            record,
+            self._segmentation_digest(segmentation_node, reference),
+        )
+        fields = {"session": record.session_id, "model": os.path.abspath(os.path.expanduser(model_path))}
+        fields.update(axis=axis, device=device)
+        return self._open_then(running, reuse is not None, arrays, ("segment", fields, None))
 
-        def compute(callbacks: TaskCallbacks) -> Outcome:
-            tic = time.perf_counter()
-            callbacks.progress(0.0, "loading the model")
-            model = self.load_model(model_path)
-            if not self.is_bundle(model):
-                raise UserInputError(
-                    f"{model_path} is a pretrained backbone, not a fitted model: label 1-3 slices and press 'Fit from labelled slices'"
-                )
-            self._check_channels(model, arrays)
-            notes = self.device_notes(device)
-            for note in notes:
-                callbacks.log(note)
-            resolved_axis = self.resolve_axis(axis, model, arrays.array.shape[1:])
-            volume = self.backend.make_volume(arrays.array, arrays.ijk_to_ras, arrays.channel_names)
-            slices, layout = self.backend.normalised_slices(volume, model.intensity, resolved_axis)
-            _check_cancel(callbacks)
-            prediction = self._predict_slices(model, device, slices, callbacks, 0.02, 0.98)
-            labels = prediction.labels
-            session = Session(
-                volume_node_ids=[n.GetID() for n in volume_nodes],
-                bundle=model,
-                device=device,
-                axis=resolved_axis,
-                volume=volume,
-                slices=slices,
-                layout=layout,
-                features=prediction.features,
-                feature_rows=prediction.feature_rows,
-                written_slice_labels=labels,
-                slice_uncertainty=self._slice_scores(prediction.uncertainty),
-                training_slices=[],
-                segment_ids=[],
-                class_names=list(model.class_names),
-                class_colours=self._colours_of(model),
-            )
-            labels_kji = self.backend.reassemble(labels, layout).astype(np.uint8)
-            uncertainty_kji = self.backend.reassemble(prediction.uncertainty, layout)
-            seconds = time.perf_counter() - tic
-            callbacks.log(f"Segmented {len(slices)} slices ({resolved_axis}) in {seconds:.1f} s.")
-            return Outcome("segment", labels_kji, uncertainty_kji, session, seconds=seconds, notes=notes)
-
-        return Job("Segment", compute, lambda outcome: self._apply(segmentation_node, reference, outcome))
-
-    def segment(
-        self,
-        volume_nodes: Sequence[Any],
-        model_path: str,
-        segmentation_node: Any,
-        axis: str = "auto",
-        device: str = "auto",
-        callbacks: Optional[TaskCallbacks] = None,
-    ) -> Outcome:
-        return self.begin_segment(volume_nodes, model_path, segmentation_node, axis, device).run(callbacks)
-
-    # -- Fit ---------------------------------------------------------------------------------
     def begin_fit(
         self,
         volume_nodes: Sequence[Any],
         model_path: str,
         segmentation_node: Any,
-        axis: str = "auto",
+        axis: str = AUTO,
         device: str = "auto",
         method: str = "tedm",
-        steps: Optional[int] = None,
+        steps: Optional[int] = DEFAULT_HEAD_STEPS,
         seed: int = 0,
-    ) -> Job:
-        """Fit a new model from the slices labelled in ``segmentation_node`` (one segment per class)
-        and segment every other slice; the labelled slices stay exactly as drawn.
-
-        ``model_path`` is a pretrained backbone, or a bundle whose backbone is reused.
-        """
+    ) -> RunningOperation:
+        """Fit a new model from the slices labelled in ``segmentation_node`` (one segment per
+        class) and segment every other slice; the labelled slices stay exactly as drawn.
+        ``model_path`` is a pretrained backbone, or a bundle whose backbone is reused."""
+        self._check_idle()
         if segmentation_node is None:
             raise UserInputError("select the segmentation in which you labelled 1-3 slices")
-        if method not in METHODS:
-            raise UserInputError(f"unknown method {method!r}; expected one of {METHODS}")
+        if method not in METHOD_CHOICES:
+            raise UserInputError(f"unknown method {method!r}; expected one of {METHOD_CHOICES}")
+        if not model_path:
+            raise UserInputError("choose a backbone folder (holding backbone.json) or a fitted model")
         arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
+        axis, device = self._checked_axis(axis), self._checked_device(device)
         reference = volume_nodes[0]
         segment_ids = mrml_io.class_segment_ids(segmentation_node)
         if not segment_ids:
             raise UserInputError(
-                f"'{segmentation_node.GetName()}' has no segments: add one segment per structure and paint it on 1-3 slices"
+                f"'{segmentation_node.GetName()}' has no segments: add one segment per structure "
+                "and paint it on 1-3 slices"
+            )
+        drawn = mrml_io.read_class_labels(segmentation_node, reference, segment_ids)
+        if not drawn.any():
+            raise UserInputError(
+                f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 slices first"
             )
         class_names = mrml_io.class_names_of(segmentation_node)
-        class_colours = mrml_io.class_colours_of(segmentation_node)
-        drawn_kji = mrml_io.read_class_labels(segmentation_node, reference, segment_ids)
-        device = DEVICES.get(device.lower(), device)
-
-        def compute(callbacks: TaskCallbacks) -> Outcome:
-            tic = time.perf_counter()
-            callbacks.progress(0.0, "loading the backbone")
-            model = self.load_model(model_path)
-            backbone = model.backbone if self.is_bundle(model) else model
-            self._check_channels(model, arrays)
-            notes = self.device_notes(device)
-            for note in notes:
-                callbacks.log(note)
-            resolved_axis = self.resolve_axis(axis, model if self.is_bundle(model) else None, arrays.array.shape[1:])
-            volume = self.backend.make_volume(arrays.array, arrays.ijk_to_ras, arrays.channel_names)
-            slices, layout = self.backend.normalised_slices(volume, backbone.intensity, resolved_axis)
-            drawn = self.backend.slice_arrays(drawn_kji, layout).astype(np.uint8)
-            labelled = [int(i) for i in np.flatnonzero(drawn.reshape(len(drawn), -1).any(axis=1))]
-            if not labelled:
-                raise UserInputError(
-                    f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 {resolved_axis} slices first"
-                )
-            callbacks.log(
-                f"Fitting {method} on {len(labelled)} labelled slice(s): {', '.join(str(i) for i in labelled)}."
-            )
-            if len(labelled) > 10:
-                callbacks.log(
-                    f"{len(labelled)} slices carry labels and all of them are learnt from; to correct a result, use Refine instead."
-                )
-            # The fit hooks the backbone's decoder itself: release ours first.
-            self.release_segmenter()
-            bundle = self.backend.fit_bundle(
-                backbone,
-                slices[labelled],
-                drawn[labelled],
-                method=method,
-                class_names=class_names,
-                label_values=list(range(len(class_names))),
-                class_colours=[tuple(int(round(255 * c)) for c in colour) for colour in class_colours],
-                axis=resolved_axis,
-                steps=steps,
-                seed=seed,
-                device=device,
-                progress=_slice_progress(callbacks, 0.02, 0.5, "training step"),
-                cancel=callbacks.cancelled,
-            )
-            _check_cancel(callbacks)
-            prediction = self._predict_slices(bundle, device, slices, callbacks, 0.5, 0.98)
-            labels = prediction.labels.copy()
-            labels[labelled] = drawn[labelled]  # the user's slices are kept exactly as drawn
-            scores = self._slice_scores(prediction.uncertainty)
-            scores[labelled] = 0.0
-            session = Session(
-                volume_node_ids=[n.GetID() for n in volume_nodes],
-                bundle=bundle,
-                device=device,
-                axis=resolved_axis,
-                volume=volume,
-                slices=slices,
-                layout=layout,
-                features=prediction.features,
-                feature_rows=prediction.feature_rows,
-                written_slice_labels=labels,
-                slice_uncertainty=scores,
-                training_slices=labelled,
-                segment_ids=list(segment_ids),
-                class_names=list(class_names),
-                class_colours=list(class_colours),
-            )
-            labels_kji = self.backend.reassemble(labels, layout).astype(np.uint8)
-            seconds = time.perf_counter() - tic
-            callbacks.log(f"Fitted and segmented {len(slices)} slices in {seconds:.1f} s.")
-            return Outcome(
-                "fit",
-                labels_kji,
-                self.backend.reassemble(prediction.uncertainty, layout),
-                session,
-                changed_slices=labelled,
-                seconds=seconds,
-                notes=notes,
-            )
-
-        return Job(
-            "Fit from labelled slices", compute, lambda outcome: self._apply(segmentation_node, reference, outcome)
+        colours = [[int(round(255 * c)) for c in colour] for colour in mrml_io.class_colours_of(segmentation_node)]
+        reuse = self._reusable_record(volume_nodes, segmentation_node)
+        record = reuse or self._new_record(volume_nodes, segmentation_node)
+        record.segment_ids = list(segment_ids)
+        running = RunningOperation(
+            "fit",
+            "Fit from labelled slices",
+            list(volume_nodes),
+            segmentation_node,
+            record,
+            self._segmentation_digest(segmentation_node, reference),
         )
+        fields = {
+            "session": record.session_id,
+            "model": os.path.abspath(os.path.expanduser(model_path)),
+            "method": method,
+            "class_names": class_names,
+            "class_colours": colours,
+            "axis": axis,
+            "device": device,
+            "steps": int(steps) if steps else None,
+            "seed": int(seed),
+        }
+        return self._open_then(running, reuse is not None, arrays, ("fit", fields, {"labels": drawn}))
 
-    def fit(
-        self,
-        volume_nodes: Sequence[Any],
-        model_path: str,
-        segmentation_node: Any,
-        axis: str = "auto",
-        device: str = "auto",
-        method: str = "tedm",
-        steps: Optional[int] = None,
-        seed: int = 0,
-        callbacks: Optional[TaskCallbacks] = None,
-    ) -> Outcome:
-        return self.begin_fit(volume_nodes, model_path, segmentation_node, axis, device, method, steps, seed).run(
-            callbacks
-        )
-
-    # -- Refine ------------------------------------------------------------------------------
     def begin_refine(
         self,
         segmentation_node: Any,
         reference_volume_node: Any,
-        steps: Optional[int] = None,
-        device: Optional[str] = None,
-    ) -> Job:
-        """Learn from the slices corrected since the last Segment/Fit/Refine of this node."""
-        session = self.session_for(segmentation_node)
-        if reference_volume_node is None or reference_volume_node.GetID() != session.volume_node_ids[0]:
+        steps: Optional[int] = DEFAULT_REFINE_STEPS,
+        device: str = "auto",
+    ) -> RunningOperation:
+        """Learn from the slices corrected since the last Segment/Fit/Refine of this node (the
+        worker compares the labels with what it last wrote)."""
+        self._check_idle()
+        record = self._require_record(segmentation_node)
+        if reference_volume_node is None or reference_volume_node is not record.volume_nodes[0]:
             raise UserInputError("the input volume changed since this segmentation was made: press Segment again")
-        if tuple(reversed(reference_volume_node.GetImageData().GetDimensions())) != tuple(
-            session.volume.array.shape[1:]
-        ):
+        if _image_mtime(reference_volume_node) != record.volume_image_mtime:
             raise UserInputError(
-                "the input volume's size changed since this segmentation was made: press Segment again"
+                "the input volume's voxels changed since this segmentation was made: press Segment again"
             )
         segmentation = segmentation_node.GetSegmentation()
         missing = [
             name
-            for name, segment_id in zip(session.class_names[1:], session.segment_ids)
+            for name, segment_id in zip(record.class_names[1:], record.segment_ids)
             if segmentation.GetSegment(segment_id) is None
         ]
         if missing:
             raise UserInputError(
                 f"segment(s) {', '.join(missing)} were removed since the last result: press Segment (or Fit) again"
             )
-        edited_kji = mrml_io.read_class_labels(segmentation_node, reference_volume_node, session.segment_ids)
-        device = DEVICES.get((device or session.device).lower(), device or session.device)
-
-        def compute(callbacks: TaskCallbacks) -> Outcome:
-            tic = time.perf_counter()
-            edited = self.backend.slice_arrays(edited_kji, session.layout).astype(np.uint8)
-            changed = [
-                int(i)
-                for i in np.flatnonzero((edited != session.written_slice_labels).reshape(len(edited), -1).any(axis=1))
-            ]
-            if not changed:
-                raise UserInputError(
-                    "no slice differs from the last result: correct some slices with the Segment Editor, then Refine"
-                )
-            training = sorted(set(session.training_slices) | set(changed))
-            callbacks.log(
-                f"Corrected slices: {', '.join(str(i) for i in changed)}; training on {len(training)} slice(s)."
-            )
-            kwargs: Dict[str, Any] = {
-                "steps": steps,
-                "device": device,
-                "progress": _slice_progress(callbacks, 0.0, 0.8, "refine step"),
-                "cancel": callbacks.cancelled,
-            }
-            rows = session.feature_rows[training]
-            if session.features is not None and (rows >= 0).all():
-                kwargs["features"] = session.features.select(rows.tolist()).levels  # no UNet pass at all
-            anchors = self._anchor_slices(session, training)
-            if anchors:
-                kwargs.update(
-                    anchor_slices=session.slices[anchors], anchor_labels=session.written_slice_labels[anchors]
-                )
-                anchor_rows = session.feature_rows[anchors]
-                if session.features is not None and (anchor_rows >= 0).all():
-                    kwargs["anchor_features"] = session.features.select(anchor_rows.tolist()).levels
-                callbacks.log(
-                    f"Keeping the previous result of slice(s) {', '.join(str(i) for i in anchors)} as anchors against forgetting."
-                )
-            bundle = self.backend.refine_bundle(session.bundle, session.slices[training], edited[training], **kwargs)
-            _check_cancel(callbacks)
-            prediction = self._reapply_head(bundle, device, session, callbacks, 0.8, 0.98)
-            labels = prediction.labels.copy()
-            labels[training] = edited[training]  # labelled and corrected slices stay exactly as drawn
-            scores = self._slice_scores(prediction.uncertainty)
-            scores[training] = 0.0
-            new_session = Session(
-                volume_node_ids=session.volume_node_ids,
-                bundle=bundle,
-                device=device,
-                axis=session.axis,
-                volume=session.volume,
-                slices=session.slices,
-                layout=session.layout,
-                features=prediction.features,
-                feature_rows=prediction.feature_rows,
-                written_slice_labels=labels,
-                slice_uncertainty=scores,
-                training_slices=training,
-                segment_ids=session.segment_ids,
-                class_names=session.class_names,
-                class_colours=session.class_colours,
-                slice_centres_ras=session.slice_centres_ras,
-            )
-            labels_kji = self.backend.reassemble(labels, session.layout).astype(np.uint8)
-            seconds = time.perf_counter() - tic
-            callbacks.log(f"Refined on {len(training)} slice(s) and re-segmented the others in {seconds:.1f} s.")
-            return Outcome("refine", labels_kji, None, new_session, changed_slices=changed, seconds=seconds)
-
-        return Job(
+        edited = mrml_io.read_class_labels(segmentation_node, reference_volume_node, record.segment_ids)
+        running = RunningOperation(
+            "refine",
             "Refine from corrections",
-            compute,
-            lambda outcome: self._apply(segmentation_node, reference_volume_node, outcome),
+            list(record.volume_nodes),
+            segmentation_node,
+            record,
+            self._segmentation_digest(segmentation_node, reference_volume_node),
         )
+        fields = {"session": record.session_id, "steps": int(steps) if steps else None}
+        fields["device"] = self._checked_device(device)
+        return self._start(running, "refine", fields, {"labels": edited})
 
-    def refine(
-        self,
-        segmentation_node: Any,
-        reference_volume_node: Any,
-        steps: Optional[int] = None,
-        device: Optional[str] = None,
-        callbacks: Optional[TaskCallbacks] = None,
-    ) -> Outcome:
-        return self.begin_refine(segmentation_node, reference_volume_node, steps, device).run(callbacks)
+    def begin_next_uncertain_slice(self, segmentation_node: Any) -> RunningOperation:
+        """Ask for the slices ranked by timestep disagreement; the result's ``uncertain_slice`` is
+        the most uncertain one not yet offered since the last result (then it starts over)."""
+        self._check_idle()
+        record = self._require_record(segmentation_node)
+        running = RunningOperation(
+            "uncertain_slices", "Next uncertain slice", list(record.volume_nodes), segmentation_node, record, None
+        )
+        return self._start(running, "uncertain_slices", {"session": record.session_id, "count": None})
 
-    # -- Next uncertain slice ----------------------------------------------------------------
-    def uncertain_slices(self, segmentation_node: Any, count: Optional[int] = None) -> List[UncertainSlice]:
-        """Slices ranked by timestep disagreement (most uncertain first), training slices left out."""
-        session = self.session_for(segmentation_node)
-        if session.slice_centres_ras is None:
-            session.slice_centres_ras = self._slice_centres_ras(session)
-        order = np.argsort(-session.slice_uncertainty, kind="stable")
-        training = set(session.training_slices)
-        ranked = [int(i) for i in order if int(i) not in training]
-        if count is not None:
-            ranked = ranked[: int(count)]
-        return [
-            UncertainSlice(
-                i, float(session.slice_uncertainty[i]), tuple(float(v) for v in session.slice_centres_ras[i])
-            )
-            for i in ranked
-        ]  # type: ignore[misc]
-
-    def next_uncertain_slice(self, segmentation_node: Any) -> Optional[UncertainSlice]:
-        """The most uncertain slice not yet offered since the last result (then starts over)."""
-        session = self.session_for(segmentation_node)
-        ranked = self.uncertain_slices(segmentation_node)
-        if not ranked:
-            return None
-        for candidate in ranked:
-            if candidate.index not in session.visited_uncertain:
-                session.visited_uncertain.append(candidate.index)
-                return candidate
-        session.visited_uncertain = [ranked[0].index]
-        return ranked[0]
-
-    def _slice_centres_ras(self, session: Session) -> np.ndarray:
-        """RAS centre of every slice: the slicing is applied to voxel-index arrays, so it holds
-        for any axis and any flips the backend's slicing applies."""
-        shape = session.volume.array.shape[1:]
-        centres_ijk = []
-        for axis_index in (2, 1, 0):  # i, j, k
-            index = np.broadcast_to(
-                np.arange(shape[axis_index], dtype=np.float32).reshape(
-                    [-1 if a == axis_index else 1 for a in range(3)]
-                ),
-                shape,
-            )
-            per_slice = self.backend.slice_arrays(index, session.layout)
-            centres_ijk.append(per_slice.reshape(len(per_slice), -1).mean(axis=1))
-        ijk1 = np.stack(centres_ijk + [np.ones_like(centres_ijk[0])], axis=1)
-        return (ijk1 @ np.asarray(session.volume.ijk_to_ras, dtype=np.float64).T)[:, :3]
-
-    # -- Save model --------------------------------------------------------------------------
-    def save_bundle(self, segmentation_node: Any, path: str, overwrite: bool = False) -> str:
-        """Save the model behind ``segmentation_node``'s last result (fitted or refined) as a bundle folder."""
-        session = self.session_for(segmentation_node)
+    def begin_save_model(self, segmentation_node: Any, path: str, overwrite: bool = False) -> RunningOperation:
+        """Save the model behind this segmentation's last result (fitted or refined) as a bundle folder."""
+        self._check_idle()
+        record = self._require_record(segmentation_node)
         if not path:
             raise UserInputError("choose a folder to save the model in")
-        return self.backend.save_bundle(session.bundle, os.path.abspath(os.path.expanduser(path)), overwrite=overwrite)
+        running = RunningOperation(
+            "save_model", "Save model", list(record.volume_nodes), segmentation_node, record, None
+        )
+        fields = {"session": record.session_id, "path": os.path.abspath(os.path.expanduser(path))}
+        fields["overwrite"] = bool(overwrite)
+        return self._start(running, "save_model", fields)
 
-    def forget(self, segmentation_node_id: str) -> None:
-        """Drop the cached state of a removed segmentation (its features can take GBs)."""
-        self.sessions.pop(segmentation_node_id, None)
+    def begin_pretrain(
+        self, volume_nodes: Sequence[Any], out: str, preset: str = "tiny", steps: int = 200, axis: str = "axial"
+    ) -> RunningOperation:
+        """Pretrain a backbone on the volume(s) in the worker (the self-test makes its model this
+        way, so that torch never enters Slicer's process). The result's ``saved_path`` is the folder."""
+        self._check_idle()
+        arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
+        record = self._new_record(volume_nodes, None)
+        running = RunningOperation("pretrain", "Pretrain a backbone", list(volume_nodes), None, record, None)
+        fields = {"out": os.path.abspath(os.path.expanduser(out)), "preset": preset, "steps": int(steps)}
+        fields.update(axis=self._checked_axis(axis), sessions=[record.session_id])
+        return self._open_then(running, False, arrays, ("pretrain", fields, None))
+
+    def describe_worker(self, on_description: Callable[[str], None]) -> None:
+        """Ask the worker who it is (starting it if needed); ``on_description`` gets one line
+        (its pid, torch version and devices) when the answer arrives through ``poll``."""
+
+        def on_event(event: Any) -> None:
+            if event.kind == "result":
+                result = event.fields.get("result", event.fields) or {}
+                cuda = result.get("cuda") or []
+                devices = ", ".join(str(d) for d in cuda) if cuda else "no CUDA GPU: the CPU"
+                on_description(
+                    f"Worker pid {result.get('pid', '?')}: tedm_core {result.get('tedm_core', '?')}, "
+                    f"torch {result.get('torch', '?')}, running on {devices}."
+                )
+            elif event.kind == "error":
+                on_description(f"Worker: {event.fields.get('message', 'not available')}")
+
+        self._worker().submit("hello", {}, None, on_event=on_event)
+
+    @staticmethod
+    def _checked_axis(axis: str) -> str:
+        axis = (axis or AUTO).lower()
+        if axis not in AXIS_CHOICES:
+            raise UserInputError(f"unknown slicing axis {axis!r}; expected one of {AXIS_CHOICES}")
+        return axis
+
+    @staticmethod
+    def _checked_device(device: str) -> str:
+        device = (device or "auto").lower()
+        device = {"gpu": "cuda"}.get(device, device)
+        if device not in DEVICE_CHOICES:
+            raise UserInputError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES}")
+        return device
+
+    # -- events ------------------------------------------------------------------------------
+    def _on_event(self, running: RunningOperation, event: Any) -> None:
+        if running is not self.running or event.request_id != running.request_id:
+            return  # a late event of an operation already finished (or of its open_session)
+        if event.kind == "progress":
+            fraction = float(event.fields.get("fraction", 0.0))
+            self.listener.progress(max(0.0, min(1.0, fraction)), f"{running.title}: {event.fields.get('message', '')}")
+        elif event.kind == "log":
+            self.listener.log(str(event.fields.get("message", "")))
+        elif event.kind == "error":
+            self._finish_with_error(running, event)
+        elif event.kind == "result":
+            if running.follow_up is not None:  # open_session answered: send the job itself
+                follow_up, running.follow_up = running.follow_up, None
+                if running.drop_reason or running.cancel_requested:
+                    self._finish(running, DROPPED if running.drop_reason else CANCELLED, self._dropped_text(running))
+                    return
+                try:
+                    follow_up()
+                except Exception as error:
+                    self._finish(running, FAILED, f"{running.title} could not be sent to the worker: {error}")
+                return
+            self._finish_with_result(running, event)
+
+    def _close_unused_session(self, running: RunningOperation) -> None:
+        """Close the worker session of a dropped operation unless a live record still uses it."""
+        if all(record is not running.record for record in self.records.values()):
+            self._close_session(running.record)
+
+    def _dropped_text(self, running: RunningOperation) -> str:
+        if running.drop_reason:
+            return f"{running.title}: the result was dropped because {running.drop_reason}; nothing was written."
+        return f"{running.title} cancelled after {running.elapsed:.1f} s; nothing was changed."
+
+    def _finish(self, running: RunningOperation, status: str, message: str, **details: Any) -> FinishedOperation:
+        self.running = None
+        if status in (FAILED, CANCELLED, DROPPED):
+            # A session opened for this operation and never used by a result would hold the
+            # volume (and features) in the worker until it exits.
+            self._close_unused_session(running)
+        finished = FinishedOperation(running.operation, running.title, status, message, running.elapsed, **details)
+        if status in (DROPPED, WORKER_DIED, CANCELLED):
+            self.listener.log(message)
+        self.listener.finished(finished)
+        return finished
+
+    def _finish_with_error(self, running: RunningOperation, event: Any) -> None:
+        kind = str(event.fields.get("kind", "internal"))
+        message = str(event.fields.get("message", "")) or kind
+        details = str(event.fields.get("details", "") or "")
+        if kind == "worker_died":
+            # Every session of that worker is gone; the next request starts a new worker.
+            self._dead_generations.add(running.generation)
+            self._finish(
+                running,
+                WORKER_DIED,
+                f"The TEDM worker stopped during {running.title} ({message}); nothing was changed. "
+                "It restarts with the next request.",
+                error_kind=kind,
+                details=details,
+            )
+        elif running.drop_reason:
+            self._finish(running, DROPPED, self._dropped_text(running), error_kind=kind)
+        elif kind == "cancelled":
+            self._finish(running, CANCELLED, self._dropped_text(running), error_kind=kind)
+        else:  # nothing was written, and no output node was created (that happens with a result)
+            self._finish(running, FAILED, f"{running.title} failed: {message}", error_kind=kind, details=details)
+
+    def _nodes_gone(self, running: RunningOperation) -> str:
+        for volume in running.volume_nodes:
+            if not node_is_alive(volume):
+                return "its input volume is no longer in the scene"
+        if running.segmentation_node is not None and not node_is_alive(running.segmentation_node):
+            return "its segmentation is no longer in the scene"
+        return ""
+
+    def _finish_with_result(self, running: RunningOperation, event: Any) -> None:
+        result = event.fields.get("result", event.fields) or {}
+        gone = running.drop_reason or self._nodes_gone(running)
+        if gone:
+            running.drop_reason = gone
+            self._finish(running, DROPPED, self._dropped_text(running))
+            return
+        try:
+            if running.operation in ("segment", "fit", "refine"):
+                self._apply_labels(running, result, event.arrays)
+            elif running.operation == "uncertain_slices":
+                self._apply_uncertain_slices(running, result)
+            elif running.operation in ("save_model", "pretrain"):
+                self._close_unused_session(running)
+                path = str(result.get("path", ""))
+                self._finish(running, DONE, f"{running.title}: saved to {path}", saved_path=path)
+        except Exception as error:  # MRML refused the result: say so, keep the GUI alive
+            import traceback
+
+            log.exception("TEDMSlicer: writing the result failed")
+            if self.running is running:
+                self._finish(
+                    running,
+                    FAILED,
+                    f"{running.title}: writing the result failed: {error}",
+                    details=traceback.format_exc(),
+                )
+
+    def _apply_labels(self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]) -> None:
+        reference = running.volume_nodes[0]
+        labels = np.asarray(arrays["labels"], dtype=np.uint8)
+        expected = tuple(reversed(reference.GetImageData().GetDimensions()))
+        if labels.shape != expected:
+            raise mrml_io.GeometryError(
+                f"the worker returned labels of shape {labels.shape}, expected {expected} (KJI)"
+            )
+        record = running.record
+        class_names = [str(n) for n in result.get("class_names") or record.class_names]
+        class_colours = result.get("class_colours")
+        target = running.segmentation_node
+        written_to_new_node = False
+        note = ""
+        if target is not None and running.segmentation_digest is not None:
+            if self._segmentation_digest(target, reference) != running.segmentation_digest:
+                # The user painted while the job ran: keep their work, put the result beside it.
+                written_to_new_node = True
+                note = (
+                    f" '{target.GetName()}' was edited while {running.title} ran, so the result went into a new "
+                    "segmentation instead of overwriting your edits."
+                )
+                target = None
+        previous_record = self.records.pop(id(running.segmentation_node), None) if written_to_new_node else None
+        if target is None:
+            target = self._new_segmentation_node(reference)
+        record.segment_ids = mrml_io.write_class_labels(target, reference, labels, class_names, class_colours)
+        record.class_names = class_names
+        record.segmentation_node = target
+        record.axis = str(result.get("axis", record.axis))
+        record.training_slices = [int(i) for i in result.get("training_slices", record.training_slices) or []]
+        record.visited_uncertain = []
+        if previous_record is not None and previous_record is not record:
+            self._close_session(previous_record)
+        self.records[id(target)] = record
+        seconds = float(result.get("seconds", running.elapsed))
+        changed = [int(i) for i in result.get("changed_slices", []) or []]
+        message = f"{running.title} done in {running.elapsed:.1f} s (worker {seconds:.1f} s).{note}"
+        for line in result.get("notes", []) or []:
+            self.listener.log(str(line))
+        if note:
+            self.listener.log(note.strip())
+        self._finish(
+            running,
+            DONE,
+            message,
+            segmentation_node=target,
+            written_to_new_node=written_to_new_node,
+            changed_slices=changed,
+            training_slices=list(record.training_slices),
+        )
+
+    def _new_segmentation_node(self, reference: Any) -> Any:
+        import slicer
+
+        scene = reference.GetScene()
+        node = slicer.vtkMRMLSegmentationNode()
+        node.SetName(scene.GenerateUniqueName(f"{reference.GetName()} TEDM"))
+        scene.AddNode(node)
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def _apply_uncertain_slices(self, running: RunningOperation, result: Dict[str, Any]) -> None:
+        record = running.record
+        ranked = [s for s in result.get("slices", []) or [] if int(s["index"]) not in set(record.training_slices)]
+        if not ranked:
+            self._finish(running, DONE, "Every slice was labelled or corrected.")
+            return
+        chosen = next((s for s in ranked if int(s["index"]) not in record.visited_uncertain), None)
+        if chosen is None:  # every slice offered once: start over from the most uncertain
+            record.visited_uncertain = []
+            chosen = ranked[0]
+        record.visited_uncertain.append(int(chosen["index"]))
+        centre = mrml_io.world_from_ijk(record.volume_nodes[0], chosen["centre_ijk"])
+        uncertain = UncertainSlice(int(chosen["index"]), float(chosen["score"]), centre)
+        message = (
+            f"Slice {uncertain.index}: timestep disagreement {uncertain.score:.3f}. Correct it if needed, then Refine."
+        )
+        self._finish(running, DONE, message, uncertain_slice=uncertain)

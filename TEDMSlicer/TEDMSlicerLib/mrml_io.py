@@ -25,6 +25,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from . import terminology
+
 # Geometry agreement needed before two volumes are stacked as channels of one input (mm).
 GEOMETRY_TOLERANCE_MM = 1e-3
 # Node attribute holding the segment ID of each foreground class, so that a user's renaming
@@ -59,14 +61,40 @@ def ijk_to_ras_of(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     return numpy_from_vtk_matrix(matrix)
 
 
+def world_from_ijk(volume_node: slicer.vtkMRMLVolumeNode, ijk: Sequence[float]) -> Tuple[float, float, float]:
+    """The world (RAS) position of the voxel index ``(i, j, k)``: the node's IJK-to-RAS, then every
+    transform above it. Slice views and markups live in world coordinates, so a point taken from
+    the volume's own IJK-to-RAS alone lands elsewhere as soon as the volume sits under a
+    transform (the "next uncertain slice" of a registered volume)."""
+    local = ijk_to_ras_of(volume_node) @ np.array([float(ijk[0]), float(ijk[1]), float(ijk[2]), 1.0])
+    point = [float(v) for v in local[:3]]
+    parent = volume_node.GetParentTransformNode()
+    if parent is None:
+        return (point[0], point[1], point[2])
+    to_world = vtk.vtkGeneralTransform()
+    # Non-linear transforms included: the general transform applies the whole chain.
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, to_world)
+    world = to_world.TransformPoint(point)
+    return (float(world[0]), float(world[1]), float(world[2]))
+
+
 # --------------------------------------------------------------------------------------------
 # volumes
 # --------------------------------------------------------------------------------------------
-def array_from_volume_node(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
-    """A copy of the voxels as ``(K, J, I)`` float32, like ``slicer.util.arrayFromVolume``.
+# ITU-R BT.601 luma weights (R, G, B): what DICOM's YBR_FULL colour space and Pillow's
+# ``convert("L")`` use, so a colour radiograph becomes the same grey image the models were trained
+# on when the same PNG is read by ``tedm_core`` (Pillow) from the command line.
+LUMA_BT601 = (0.299, 0.587, 0.114)
 
-    Colour (RGB/RGBA) volumes, as Slicer loads most PNG/JPG radiographs, become one grey
-    channel (mean of the colour components, alpha ignored): the models see grey images.
+
+def array_from_volume_node(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    """A copy of the voxels as ``(K, J, I)``, like ``slicer.util.arrayFromVolume``.
+
+    Scalar volumes keep their own dtype (the worker normalises intensities itself, and an int16
+    CT or MRI volume crosses the pipe at half the size of float32). Colour volumes
+    (``vtkMRMLVectorVolumeNode``: RGB or RGBA, as Slicer loads most PNG/JPG radiographs) become
+    one float32 grey channel, the BT.601 luminance of R, G, B (alpha ignored); two-component or
+    other non-colour vector volumes are refused rather than guessed at.
     """
     image = volume_node.GetImageData() if volume_node is not None else None
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
@@ -76,17 +104,21 @@ def array_from_volume_node(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     components = image.GetNumberOfScalarComponents()
     if components == 1:
-        array = scalars.reshape(shape)
-    else:
-        array = scalars.reshape(shape + (components,))[..., : min(components, 3)].astype(np.float32).mean(axis=-1)
-    return np.array(array, dtype=np.float32, copy=True)  # copy: VTK owns the original buffer
+        return np.array(scalars.reshape(shape), copy=True)  # copy: VTK owns the original buffer
+    if components not in (3, 4):
+        raise ValueError(
+            f"volume '{volume_node.GetName()}' has {components} components per voxel: only grey, RGB and RGBA images "
+            "can be segmented (extract one component with the Vector to Scalar Volume module)"
+        )
+    rgb = scalars.reshape(shape + (components,))[..., :3].astype(np.float32)
+    return (rgb @ np.asarray(LUMA_BT601, dtype=np.float32)).astype(np.float32)
 
 
 @dataclass
 class VolumeArrays:
     """Input channels in one grid, ready to become a ``tedm_core.io.volumes.Volume``."""
 
-    array: np.ndarray  # (C, K, J, I) float32
+    array: np.ndarray  # (C, K, J, I), the volumes' own dtype (float32 for colour volumes)
     ijk_to_ras: np.ndarray  # (4, 4) float64
     channel_names: List[str]
     reference_node_id: str
@@ -105,7 +137,8 @@ def volume_arrays_from_nodes(volume_nodes: Sequence[slicer.vtkMRMLVolumeNode]) -
         if array.shape != channels[0].shape:
             raise GeometryError(
                 f"volume '{node.GetName()}' has {array.shape[::-1]} voxels (IJK) but '{reference.GetName()}' has "
-                f"{channels[0].shape[::-1]}: resample it onto the first volume (module 'Resample Scalar/Vector/DWI Volume')"
+                f"{channels[0].shape[::-1]}: resample it onto the first volume "
+                "(module 'Resample Scalar/Vector/DWI Volume')"
             )
         difference = np.abs(ijk_to_ras_of(node) - ijk_to_ras).max()
         if difference > GEOMETRY_TOLERANCE_MM:
@@ -115,7 +148,8 @@ def volume_arrays_from_nodes(volume_nodes: Sequence[slicer.vtkMRMLVolumeNode]) -
             )
         if node.GetTransformNodeID() != reference.GetTransformNodeID():
             raise GeometryError(
-                f"volumes '{node.GetName()}' and '{reference.GetName()}' are under different transforms: harden them first"
+                f"volumes '{node.GetName()}' and '{reference.GetName()}' are under different transforms: "
+                "harden them first"
             )
         channels.append(array)
     return VolumeArrays(np.stack(channels), ijk_to_ras, [n.GetName() for n in nodes], reference.GetID() or "")
@@ -255,11 +289,15 @@ def prepare_segmentation_node(
         segment_id = previous[index - 1] if index - 1 < len(previous) else ""
         if not segment_id or segmentation.GetSegment(segment_id) is None:
             segment_id = segmentation.GetSegmentIdBySegmentName(str(name)) or ""
-        if not segment_id or segment_id in ids or segmentation.GetSegment(segment_id) is None:
+        created = not segment_id or segment_id in ids or segmentation.GetSegment(segment_id) is None
+        if created:
             segment_id = segmentation.AddEmptySegment("", str(name), list(colour))
         segment = segmentation.GetSegment(segment_id)
         segment.SetName(str(name))
         segment.SetColor(*colour)
+        # Standard terminology for known structures; a segment TEDMSlicer creates also takes the
+        # terminology's recommended colour, while one the user made keeps the colour they chose.
+        terminology.tag_segment(segment, str(name), use_recommended_colour=created)
         ids.append(segment_id)
     segmentation_node.SetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE, json.dumps(ids))
     segmentation_node.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps([str(n) for n in class_names]))
@@ -311,7 +349,8 @@ def read_class_labels(
     ensure_segmentation_converters()
     if segmentation_node.GetTransformNodeID() != reference_volume_node.GetTransformNodeID():
         raise GeometryError(
-            f"segmentation '{segmentation_node.GetName()}' and volume '{reference_volume_node.GetName()}' are under different "
+            f"segmentation '{segmentation_node.GetName()}' and volume '{reference_volume_node.GetName()}' "
+            "are under different "
             "transforms: harden the transforms (Data module) first"
         )
     ids = list(segment_ids) if segment_ids is not None else class_segment_ids(segmentation_node)
@@ -335,11 +374,13 @@ def read_class_labels(
     )
     if not ok:
         raise RuntimeError(
-            f"could not read segmentation '{segmentation_node.GetName()}' in the grid of '{reference_volume_node.GetName()}'"
+            f"could not read segmentation '{segmentation_node.GetName()}' "
+            f"in the grid of '{reference_volume_node.GetName()}'"
         )
     if tuple(merged.GetExtent()) != tuple(reference_volume_node.GetImageData().GetExtent()):
         raise GeometryError(
-            f"segmentation read back with extent {merged.GetExtent()}, expected {reference_volume_node.GetImageData().GetExtent()}"
+            f"segmentation read back with extent {merged.GetExtent()}, "
+            f"expected {reference_volume_node.GetImageData().GetExtent()}"
         )
     scalars = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
     return np.array(scalars.reshape(shape), dtype=np.uint8, copy=True)

@@ -1,79 +1,69 @@
 """The interfaces the Qt-free logic is written against (structural: any object with these
-methods fits, so the widget, scripts and tests inject their own)."""
+methods fits, so the widget, scripts and tests inject their own).
+
+The worker client is ``tedm_core.serve.client.WorkerClient`` in the application; the tests
+drive the logic with a real worker process and, for the lifecycle cases that need exact timing
+(a scene closed between a request and its result), with a scripted client of the same shape.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 try:  # Python 3.8+: typing.Protocol. Slicer 5.8 and older ship 3.9, newer ones 3.12.
     from typing import Protocol, runtime_checkable
 except ImportError:  # pragma: no cover
     from typing_extensions import Protocol, runtime_checkable  # type: ignore
 
-import numpy as np
+
+@runtime_checkable
+class WorkerEventLike(Protocol):
+    """One event from the worker (``tedm_core.serve.client.WorkerEvent``)."""
+
+    kind: str  # 'progress', 'log', 'result' or 'error'
+    request_id: str
+    fields: Dict[str, Any]
+    arrays: Dict[str, Any]
 
 
 @runtime_checkable
-class TaskCallbacks(Protocol):
-    """What long work reports, and how it learns that the user pressed Cancel.
+class WorkerClientLike(Protocol):
+    """What the logic needs of a worker client: submit without blocking, poll from a timer.
 
-    Called from the worker thread: implementations must not touch Qt or MRML directly.
+    ``poll`` calls each request's ``on_event`` for every event read, on the caller's thread (the
+    GUI thread in Slicer), so MRML is only ever touched there. A worker that dies answers every
+    pending request with an ``error`` event whose ``fields['kind']`` is ``worker_died``; the
+    next ``submit`` starts a new one and bumps ``generation`` (sessions of an older generation
+    are gone).
     """
 
-    def progress(self, fraction: float, message: str = "") -> None:
-        """``fraction`` of the whole operation done, in [0, 1]; ``message`` says what runs now."""
+    generation: int
 
-    def log(self, message: str) -> None:
-        """A line for the status/log display."""
+    @property
+    def alive(self) -> bool: ...
 
-    def cancelled(self) -> bool:
-        """True once the user asked to stop; checked between slice batches and training steps."""
+    def submit(
+        self,
+        op: str,
+        fields: Dict[str, Any],
+        arrays: Optional[Dict[str, Any]] = None,
+        on_event: Optional[Callable[[Any], None]] = None,
+    ) -> str: ...
 
+    def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0) -> List[Any]: ...
 
-@runtime_checkable
-class SlicePredictorLike(Protocol):
-    """``tedm_core.pipelines.segment.Segmenter`` as this module uses it."""
-
-    def predict(
-        self, slices: np.ndarray, progress: Any = None, cancel: Any = None, keep_features: bool = False
-    ) -> Any: ...
-
-    def predict_from_features(self, cache: Any, progress: Any = None) -> Any: ...
+    def cancel(self, request_id: str) -> None: ...
 
     def close(self) -> None: ...
 
 
-@runtime_checkable
-class SegmentationBackend(Protocol):
-    """The part of ``tedm_core`` the Slicer logic needs. The default implementation,
-    :class:`TEDMSlicerLib.backend.TEDMCoreBackend`, imports ``tedm_core`` lazily, so the module
-    loads in Slicer before its dependencies are installed."""
+class OperationListener(Protocol):
+    """How the logic reports to its user (the widget, a script, a test). Called on the thread that
+    calls ``poll`` (the GUI thread in Slicer)."""
 
-    def load_model(self, path: str) -> Any:
-        """A ``ModelBundle`` (folder with bundle.json) or a ``Backbone`` (folder with backbone.json)."""
+    def progress(self, fraction: float, message: str) -> None: ...
 
-    def save_bundle(self, bundle: Any, path: str, overwrite: bool = False) -> str: ...
+    def log(self, message: str) -> None: ...
 
-    def make_volume(
-        self, array: np.ndarray, ijk_to_ras: np.ndarray, channel_names: Sequence[str], path: Optional[str] = None
-    ) -> Any: ...
-
-    def normalised_slices(self, volume: Any, intensity: Any, axis: str) -> Tuple[np.ndarray, Any]:
-        """The volume normalised as the model was trained, cut into ``(N, C, H, W)`` slices, and the layout."""
-
-    def slice_arrays(self, array_kji: np.ndarray, layout: Any) -> np.ndarray:
-        """A (K, J, I) array of the same grid cut into (N, H, W) slices exactly like the image."""
-
-    def reassemble(self, per_slice: np.ndarray, layout: Any) -> np.ndarray: ...
-
-    def nonempty_slices(self, slices: np.ndarray) -> np.ndarray:
-        """bool (N,): slices holding anything but background (the others are not run through the model)."""
-
-    def make_segmenter(self, bundle: Any, device: str) -> SlicePredictorLike: ...
-
-    def fit_bundle(self, backbone: Any, slices: np.ndarray, labels: np.ndarray, **kwargs: Any) -> Any: ...
-
-    def refine_bundle(self, bundle: Any, slices: np.ndarray, labels: np.ndarray, **kwargs: Any) -> Any: ...
-
-    def device_notes(self, device: str) -> Sequence[str]:
-        """Lines to show before long work: running on the CPU, GPU memory short."""
+    def finished(self, operation: Any) -> None:
+        """``operation`` is a :class:`TEDMSlicerLib.logic.FinishedOperation`."""

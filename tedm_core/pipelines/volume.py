@@ -45,11 +45,16 @@ class VolumeSegmentation:
 
     def label_values(self, values: Sequence[int]) -> np.ndarray:
         """Labels as the bundle's file values (``values[k]`` for class k), uint8 or uint16."""
-        lookup = np.asarray(values, dtype=np.uint16 if max(values) > 255 else np.uint8)
-        return lookup[self.labels]
+        return classes_to_label_values(self.labels, values)
 
     def voxels_per_class(self, num_classes: int) -> List[int]:
         return np.bincount(self.labels.ravel(), minlength=num_classes)[:num_classes].tolist()
+
+
+def classes_to_label_values(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Class indices -> the label file values (``values[k]`` for class k), uint8 or uint16."""
+    lookup = np.asarray(values, dtype=np.uint16 if max(values) > 255 else np.uint8)
+    return lookup[labels]
 
 
 def check_channels(volume: Volume, channel_names: Sequence[str]) -> None:

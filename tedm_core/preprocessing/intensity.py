@@ -54,6 +54,8 @@ class IntensityConfig:
 RADIOGRAPH = IntensityConfig("percentile", 0.5, 99.5)
 BRAIN_T1 = IntensityConfig("foreground_percentile", 1.0, 99.0)
 MULTIMODAL_MRI = IntensityConfig("zscore")
+# The conventions by the names users choose them with (``tedm pretrain --intensity``, the worker).
+INTENSITY_CONVENTIONS = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}
 
 
 def foreground_mask(channel: np.ndarray) -> np.ndarray:

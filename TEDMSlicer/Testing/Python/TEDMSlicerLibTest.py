@@ -1,12 +1,11 @@
 """Build-tree checks of TEDMSlicerLib inside Slicer (ctest runs this file with Slicer's Python).
 
 Slicer-only facts that the slicer-core pytest suite cannot see: the Slicer application has
-registered the segmentation converters, the module's package imports without Qt, and the
-dependency plan can be computed without importing torch.
+registered the segmentation converters, the module's package imports without torch (the model
+runs in the worker process), and the dependency plan can be computed without importing torch.
 """
 
 import unittest
-from pathlib import Path
 
 
 class TEDMSlicerLibTest(unittest.TestCase):
@@ -14,16 +13,18 @@ class TEDMSlicerLibTest(unittest.TestCase):
         import sys
 
         import TEDMSlicerLib  # noqa: F401
+        from TEDMSlicerLib import worker_client  # noqa: F401
 
-        self.assertNotIn("tedm_core", sys.modules)  # imported lazily, when work starts
+        self.assertNotIn("torch", sys.modules)  # torch runs in the worker process only
 
     def test_dependency_plan(self):
         from TEDMSlicerLib import dependencies
 
-        plan = dependencies.plan_dependencies(Path(dependencies.__file__).resolve().parent.parent)
+        plan = dependencies.plan_dependencies(worker_in_slicer_python=True)
         text = plan.describe()
-        for provided in dependencies.SLICER_PROVIDED:
+        for provided in ("numpy", "SimpleITK", "vtk"):
             self.assertIn(provided, text)
+        self.assertTrue(dependencies.plan_dependencies(worker_in_slicer_python=False).nothing_to_do)
 
     def test_segment_round_trip_in_the_application(self):
         import numpy as np

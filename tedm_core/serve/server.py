@@ -1,0 +1,145 @@
+"""The worker's two transports, one protocol: pipes to a parent process, or an authenticated
+network endpoint (``multiprocessing.connection``, the token as its HMAC key)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES, Arrays, FrameReader, frame
+from .worker import Worker, error_event, ready_event, send_event
+
+log = logging.getLogger(__name__)
+READ_CHUNK = 1 << 20
+MIN_TOKEN_CHARACTERS = 16
+
+
+def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> int:
+    """Serve the parent process on stdin/stdout until it says shutdown or goes away.
+
+    The protocol owns the original stdout; anything else that writes to stdout (a library's
+    print, a warning) is sent to stderr instead, where it cannot corrupt a message. When the
+    parent dies its end of stdin closes, and the worker exits: no orphan process.
+    """
+    protocol_fd = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    stdin_fd = sys.stdin.fileno()
+    worker = Worker()
+    lock = threading.Lock()
+
+    def send(blob: bytes) -> None:
+        data = memoryview(frame(blob))
+        with lock:
+            try:
+                while data:
+                    data = data[os.write(protocol_fd, data) :]
+            except OSError:  # the parent is gone: nothing to report to
+                worker.stopping.set()
+
+    reply = _replier(send)
+    reply(ready_event(max_message_bytes), None)
+    reader = FrameReader(max_message_bytes)
+    while not worker.stopping.is_set():
+        data = os.read(stdin_fd, READ_CHUNK)
+        if not data:
+            break
+        for message in reader.feed(data):
+            worker.handle(message, reply)
+    return 0
+
+
+def serve_network(
+    host: str,
+    port: int,
+    token: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    on_listening: Optional[Callable[[Tuple[str, int]], None]] = None,
+) -> int:
+    """Serve clients that know ``token`` on ``host:port`` until one says shutdown.
+
+    Each connection is authenticated (an HMAC challenge in both directions, so the token never
+    crosses the network) in its own thread before any request is read: a client without the
+    token, or a silent one, never reaches the worker nor blocks other clients.
+    """
+    if len(token) < MIN_TOKEN_CHARACTERS:
+        raise ValueError(f"the token must have at least {MIN_TOKEN_CHARACTERS} characters")
+    key = token.encode("utf-8")
+    worker = Worker()
+    listener = Listener((host, int(port)))
+    address = listener.address
+    log.warning("tedm serve: listening on %s:%d", address[0], address[1])
+    if on_listening is not None:
+        on_listening(address)
+
+    def stop_listening() -> None:
+        worker.stopping.set()
+        # Closing a socket does not wake an accept() blocked in another thread; a connection does.
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=5):
+            pass
+
+    while True:
+        try:
+            connection = listener.accept()
+        except OSError:
+            break
+        if worker.stopping.is_set():
+            connection.close()
+            break
+        threading.Thread(
+            target=_serve_connection,
+            args=(worker, connection, key, max_message_bytes, stop_listening),
+            name="tedm connection",
+            daemon=True,
+        ).start()
+    listener.close()
+    return 0
+
+
+def _serve_connection(
+    worker: Worker, connection: Connection, key: bytes, max_message_bytes: int, stop: Callable[[], None]
+) -> None:
+    try:
+        deliver_challenge(connection, key)
+        answer_challenge(connection, key)
+    except Exception as error:
+        log.warning("tedm serve: refused a connection (%s)", type(error).__name__)
+        connection.close()
+        return
+    lock = threading.Lock()
+
+    def send(blob: bytes) -> None:
+        with lock:
+            try:
+                connection.send_bytes(blob)
+            except OSError:
+                pass  # the client went away; its requests' results have nowhere to go
+
+    reply = _replier(send)
+    reply(ready_event(max_message_bytes), None)
+    try:
+        while not worker.stopping.is_set():
+            try:
+                blob = connection.recv_bytes(max_message_bytes)
+            except EOFError:
+                break
+            except OSError as error:  # above the size cap: the stream cannot be resynchronised
+                reply(
+                    error_event(None, ValueError(f"request refused: {error} (limit {max_message_bytes} bytes)")), None
+                )
+                break
+            worker.handle(blob, reply)
+    finally:
+        connection.close()
+        if worker.stopping.is_set():
+            stop()
+
+
+def _replier(send: Callable[[bytes], None]) -> Callable[[Dict[str, Any], Optional[Arrays]], None]:
+    return lambda event, arrays: send_event(send, event, arrays)

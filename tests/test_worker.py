@@ -1,0 +1,335 @@
+"""The worker protocol against real worker processes (`python -m tedm_core.serve`): segment, fit,
+refine and uncertain slices; cancel mid-volume; kill -9 mid-job; malformed requests; the
+network endpoint and its token. The client is driven by polling, as the Slicer module's QTimer
+drives it: nothing here sleeps in Python to let a thread run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import affine_zoo
+
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMEOUT = 240
+
+
+def _volume(slices: int = 12, size: int = 40):
+    k, j, i = np.mgrid[:slices, :size, :size]
+    sphere = ((k - slices / 2) ** 2 * 4 + (j - size / 2) ** 2 + (i - size / 2) ** 2) < (size * 0.3) ** 2
+    array = np.where(sphere, 200.0, 20.0) + np.random.default_rng(0).normal(0, 5, sphere.shape)
+    return array.astype(np.int16), sphere.astype(np.uint8)
+
+
+@pytest.fixture
+def client(tmp_path):
+    from tedm_core.serve.client import WorkerClient
+
+    worker = WorkerClient.start_local(log_path=tmp_path / "worker.log", env=WORKER_ENV)
+    yield worker
+    worker.close()
+    assert not worker.alive
+
+
+def _open(client, name: str, array: np.ndarray, matrix=None) -> None:
+    matrix = affine_zoo()["oblique"] if matrix is None else matrix
+    client.request("open_session", {"session": name, "ijk_to_ras": matrix.tolist()}, {"volume": array}, TIMEOUT)
+
+
+def test_segment_fit_refine_uncertain_through_the_worker(client, tiny_bundle_dir, tiny_backbone_dir):
+    from tedm_core.bundle import load_bundle
+    from tedm_core.io.volumes import volume_from_array
+    from tedm_core.pipelines.interactive import InteractiveSession
+
+    array, sphere = _volume()
+    assert client.hello()["protocol"] == 1
+    _open(client, "s1", array)
+
+    events = []
+    segmented = client.request(
+        "segment",
+        {"session": "s1", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"},
+        None,
+        TIMEOUT,
+        events.append,
+    )
+    expected = InteractiveSession(volume_from_array(array, affine_zoo()["oblique"])).segment(
+        load_bundle(tiny_bundle_dir), axis="k", device="cpu"
+    )
+    np.testing.assert_array_equal(segmented.arrays["labels"], expected.labels)
+    assert segmented.result["class_names"] == ["background", "disc"]
+    assert any(e.kind == "progress" for e in events) and any(e.kind == "log" for e in events)
+
+    drawn = np.zeros_like(sphere)
+    drawn[[4, 8]] = sphere[[4, 8]]
+    fitted = client.request(
+        "fit",
+        {
+            "session": "s1",
+            "model": str(tiny_backbone_dir),
+            "class_names": ["background", "sphere"],
+            "axis": "k",
+            "steps": 20,
+        },
+        {"labels": drawn},
+        TIMEOUT,
+    )
+    labels = fitted.arrays["labels"]
+    assert fitted.result["training_slices"] == [4, 8]
+    np.testing.assert_array_equal(labels[[4, 8]], sphere[[4, 8]])
+
+    edited = labels.copy()
+    edited[6] = sphere[6]
+    edited[6, 0, 0] = 1 - edited[6, 0, 0]
+    refined = client.request("refine", {"session": "s1", "steps": 5}, {"labels": edited}, TIMEOUT)
+    assert refined.result["changed_slices"] == [6]
+    np.testing.assert_array_equal(refined.arrays["labels"][[4, 6, 8]], edited[[4, 6, 8]])
+
+    ranked = client.request("uncertain_slices", {"session": "s1", "count": 3}, None, TIMEOUT).result["slices"]
+    assert len(ranked) == 3 and {r["index"] for r in ranked}.isdisjoint({4, 6, 8})
+    assert ranked[0]["centre_ijk"][2] == pytest.approx(ranked[0]["index"])
+
+    saved = client.request(
+        "save_model", {"session": "s1", "path": str(client.log_path.parent / "refined")}, None, TIMEOUT
+    )
+    assert os.path.isfile(os.path.join(saved.result["path"], "bundle.json"))
+    assert client.request("close_session", {"session": "s1"}).result == {"closed": True}
+
+
+def test_cancel_mid_volume_stops_within_a_second(client, tiny_bundle_dir):
+    array, _ = _volume(slices=400, size=64)
+    _open(client, "big", array, np.eye(4))
+    started = []
+    rid = client.submit(
+        "segment",
+        {"session": "big", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"},
+        on_event=lambda e: started.append(e) if e.kind == "progress" and "slice" in e.message else None,
+    )
+    while not started:  # a few slices done: the UNet is busy in the middle of the volume
+        client.poll(wait_seconds=0.05)
+    tic = time.monotonic()
+    client.cancel(rid)
+    event = client.wait(rid, TIMEOUT)
+    latency = time.monotonic() - tic
+    assert event.kind == "error" and event.error_kind == "cancelled", event.fields
+    assert latency < 1.0, f"cancel took {latency:.2f} s"
+    assert client.request("status").result["busy"] is None  # ready for the next job
+
+    # Closing the session a job works on (Slicer's scene closed) cancels the job too.
+    events = []
+    client.submit(
+        "segment",
+        {"session": "big", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"},
+        on_event=events.append,
+    )
+    while not any(e.kind == "progress" and "slice" in e.message for e in events):
+        client.poll(wait_seconds=0.05)
+    assert client.request("close_session", {"session": "big"}).result == {"closed": True}
+    while not events[-1].final:
+        client.poll(wait_seconds=0.05)
+    assert events[-1].error_kind == "cancelled"
+    assert client.request("status").result == {"busy": None, "sessions": [], "models": [str(tiny_bundle_dir)]}
+
+
+def test_kill_minus_nine_mid_job_is_reported_and_the_worker_restarts(client, tiny_bundle_dir):
+    array, _ = _volume(slices=400, size=64)
+    _open(client, "big", array, np.eye(4))
+    rid = client.submit("segment", {"session": "big", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"})
+    first_pid, generation = client.pid, client.generation
+    client.poll(wait_seconds=0.5)
+    os.kill(first_pid, signal.SIGKILL)
+    event = client.wait(rid, TIMEOUT)
+    assert event.kind == "error" and event.error_kind == "worker_died"
+    assert "killed by signal 9" in event.message
+    assert not client.alive
+    # The next request starts a new worker; the old one's sessions are gone, said in one line.
+    status = client.request("status", timeout=TIMEOUT).result
+    assert client.generation == generation + 1 and client.pid != first_pid
+    assert status["sessions"] == []
+    from tedm_core.serve.client import WorkerError
+
+    with pytest.raises(WorkerError, match="no open session 'big'"):
+        client.request("uncertain_slices", {"session": "big"}, timeout=TIMEOUT)
+
+
+def _raw(header: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(header)) + header + payload
+
+
+MALFORMED = {
+    "not a message": b"\x00\x01",
+    "header length beyond the message": struct.pack(">I", 999) + b"{}",
+    "header not JSON": _raw(b"{op: segment"),
+    "header not UTF-8": _raw(b"\xff\xfe{}"),
+    "header a JSON list": _raw(b'["op", "status"]'),
+    "no op": _raw(b'{"id": "x1"}'),
+    "unknown op": _raw(b'{"id": "x2", "op": "format_disk"}'),
+    "op not a string": _raw(b'{"id": "x3", "op": 7}'),
+    "no id": _raw(b'{"op": "status"}'),
+    "missing field": _raw(b'{"id": "x4", "op": "segment", "model": "m"}'),
+    "field of the wrong type": _raw(b'{"id": "x5", "op": "uncertain_slices", "session": 12}'),
+    "unknown session": _raw(b'{"id": "x6", "op": "refine", "session": "nobody"}'),
+    "object dtype array": _raw(
+        b'{"id": "x7", "op": "status", "arrays": [{"name": "a", "dtype": "|O", "shape": [1]}]}', b"x" * 8
+    ),
+    "array longer than the payload": _raw(
+        b'{"id": "x8", "op": "status", "arrays": [{"name": "a", "dtype": "<f4", "shape": [100]}]}', b"\x00" * 16
+    ),
+    "negative shape": _raw(b'{"id": "x9", "op": "status", "arrays": [{"name": "a", "dtype": "<f4", "shape": [-1]}]}'),
+    "bytes after the arrays": _raw(b'{"id": "x10", "op": "status"}', b"trailing"),
+    "volume with 2 dimensions": _raw(
+        b'{"id": "x11", "op": "open_session", "session": "s", "ijk_to_ras": [[1,0,0,0],[0,1,0,0],[0,0,1,0],[0,0,0,1]],'
+        b' "arrays": [{"name": "volume", "dtype": "<f4", "shape": [2, 2]}]}',
+        b"\x00" * 16,
+    ),
+    "singular ijk_to_ras": _raw(
+        b'{"id": "x12", "op": "open_session", "session": "s", "ijk_to_ras": [[0,0,0,0],[0,0,0,0],[0,0,0,0],[0,0,0,1]],'
+        b' "arrays": [{"name": "volume", "dtype": "<f4", "shape": [1, 2, 2]}]}',
+        b"\x00" * 16,
+    ),
+    "steps not positive": _raw(b'{"id": "x13", "op": "refine", "session": "s0", "steps": -5}'),
+}
+
+
+def test_malformed_requests_get_an_error_event_and_the_worker_keeps_serving(client):
+    client.hello()
+    _open(client, "s0", _volume(slices=3, size=8)[0])
+    for name, blob in MALFORMED.items():
+        client._connection.send(blob)
+        errors = []
+        while not errors:
+            errors = [e for e in client.poll(wait_seconds=0.1) if e.kind == "error"]
+        assert errors[0].error_kind in ("protocol", "user"), (name, errors[0].fields)
+        assert "\n" not in errors[0].message, name
+        assert client.request("status", timeout=TIMEOUT).result["busy"] is None, name  # still serving
+    assert client.alive
+
+
+def _error_without_id(client):
+    while True:
+        errors = [e for e in client.poll(wait_seconds=0.1) if e.kind == "error" and e.request_id is None]
+        if errors:
+            return errors[0]
+
+
+def test_a_request_above_the_size_cap_is_refused_and_the_stream_stays_in_step(tmp_path):
+    from tedm_core.serve.client import WorkerClient, WorkerError, default_worker_command
+    from tedm_core.serve.protocol import encode_message
+
+    command = [*default_worker_command(), "--max-request-mb", "1"]
+    client = WorkerClient.start_local(log_path=tmp_path / "w.log", env=WORKER_ENV, command=command)
+    try:
+        client.hello()
+        big = {"blob": np.zeros(2 << 20, np.uint8)}
+        with pytest.raises(WorkerError, match="exceeds the worker's limit"):  # the client knows the cap
+            client.request("status", None, big, timeout=TIMEOUT)
+        client._connection.send(encode_message({"op": "status", "id": "big"}, big))  # a client that does not
+        assert "exceeds the limit" in _error_without_id(client).message
+        assert client.request("status", timeout=TIMEOUT).result["busy"] is None
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def network_worker(tmp_path):
+    token = "correct-horse-battery-staple-0123"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tedm_core.serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            str(token_file),
+            "--max-request-mb",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        env=WORKER_ENV,
+        text=True,
+    )
+    line = process.stderr.readline()  # "tedm serve: listening on 127.0.0.1:PORT"
+    assert "listening on" in line, line
+    address = line.split("listening on")[1].strip()
+    yield address, token, process
+    process.kill()
+    process.wait()
+
+
+def test_network_endpoint_refuses_a_missing_or_wrong_token(network_worker):
+    from multiprocessing.connection import AuthenticationError
+
+    from tedm_core.serve.client import WorkerClient
+
+    address, token, process = network_worker
+    with pytest.raises(AuthenticationError):
+        WorkerClient.connect(address, "wrong-token-wrong-token-wrong")
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as raw:  # no token at all: a bare request
+        raw.sendall(struct.pack("!i", 40) + _raw(b'{"id": "r", "op": "shutdown"}').ljust(40))
+        raw.settimeout(30)
+        try:
+            while raw.recv(4096):
+                pass  # the challenge, then the connection closes without any request read
+        except OSError:
+            pass
+    client = WorkerClient.connect(address, token)
+    try:
+        assert client.hello()["protocol"] == 1
+        from tedm_core.serve.protocol import encode_message
+
+        client._connection.send(encode_message({"op": "status", "id": "big"}, {"blob": np.zeros(2 << 20, np.uint8)}))
+        assert "request refused" in _error_without_id(client).message
+    finally:
+        client.close()
+    assert process.poll() is None  # refused connections never stop the worker
+    later = WorkerClient.connect(address, token)
+    assert later.request("shutdown", timeout=TIMEOUT).result == {"stopping": True}
+    later.close()
+    assert process.wait(30) == 0
+
+
+def test_the_client_never_imports_torch():
+    code = "import sys; import tedm_core.serve.client, tedm_core.choices; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_pretrain_a_backbone_on_the_open_volumes(client, tmp_path):
+    from tedm_core.model.checkpoint import load_backbone
+
+    array, _ = _volume(slices=6, size=32)
+    _open(client, "a", array)
+    _open(client, "b", array[::-1].copy())
+    out = tmp_path / "backbone"
+    fields = {"sessions": ["a", "b"], "out": str(out), "preset": "tiny", "steps": 3, "intensity": "brain", "axis": "k"}
+    events = []
+    assert client.request("pretrain", fields, None, TIMEOUT, events.append).result == {"path": str(out)}
+    backbone = load_backbone(out)
+    assert backbone.steps_trained == 3 and backbone.channel_names == ["image"]
+    assert any(e.kind == "progress" and "pretraining step 3/3" in e.message for e in events)
+
+
+def test_a_worker_of_another_protocol_version_is_refused_in_one_line(tmp_path):
+    """A stand-in worker that announces protocol 99 (e.g. an older tedm_core in another Python)."""
+    from tedm_core.serve.client import WorkerClient, WorkerError
+
+    script = (
+        "import sys, json, struct; h = json.dumps({'event': 'ready', 'protocol': 99, 'tedm_core': '9.9', 'arrays': []})"
+        ".encode(); m = struct.pack('>I', len(h)) + h; sys.stdout.buffer.write(struct.pack('>Q', len(m)) + m);"
+        " sys.stdout.flush(); sys.stdin.read()"
+    )
+    client = WorkerClient.start_local(log_path=tmp_path / "w.log", command=[sys.executable, "-c", script])
+    with pytest.raises(WorkerError, match="speaks protocol 99 .*this client 1") as error:
+        client.request("status", timeout=TIMEOUT)
+    assert error.value.kind == "protocol" and not client.alive
