@@ -401,7 +401,9 @@ def test_screenshot_is_a_real_rendering():
     assert path.stat().st_size < 1_000_000, "a screenshot of a few hundred KB"
     image = Image.open(path)
     assert image.format == "PNG" and image.size[0] >= 800
-    assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 1000
+    assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 200, (
+        "a rendering, not a placeholder"
+    )
 
 
 def test_license_is_apache_2():

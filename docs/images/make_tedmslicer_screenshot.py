@@ -8,7 +8,7 @@ through the Segment Editor's logic; the worker pretrains a small backbone on the
 uncertain slice* picks the slice shown. The segmentation is exported by Slicer's own
 segmentation logic and drawn with matplotlib in the three views (no Slicer GUI is needed).
 
-    python docs/images/make_tedmslicer_screenshot.py [--steps 300] [--threads 2]
+    python docs/images/make_tedmslicer_screenshot.py [--steps 40] [--fit-steps 100] [--threads 2]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ CLASSES = [("grey matter", (0.90, 0.62, 0.0)), ("white matter", (0.34, 0.71, 0.9
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="backbone pretraining steps in the worker")
-    parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=40, help="backbone pretraining steps in the worker")
+    parser.add_argument("--fit-steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
