@@ -18,6 +18,24 @@ REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "TEDMSlicer"
 
 
+try:
+    import slicer
+
+    HAVE_SLICER = hasattr(slicer, "vtkMRMLScene")
+except ImportError:  # the test modules using it are skipped by SLICER_TEST_MARKS
+    slicer = None
+    HAVE_SLICER = False
+
+# The marks of every test module that needs Slicer's MRML libraries (the slicer-core wheel).
+SLICER_TEST_MARKS = [
+    pytest.mark.slicer,
+    pytest.mark.skipif(
+        not HAVE_SLICER,
+        reason="slicer-core is not installed (`pip install slicer-core`): the MRML tests need Slicer's MRML libraries",
+    ),
+]
+
+
 def import_slicer_or_skip():
     """``slicer`` from the slicer-core wheel, or skip (another package is also called ``slicer``)."""
     try:

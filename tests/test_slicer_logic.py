@@ -16,28 +16,17 @@ import numpy as np
 import pytest
 from conftest import affine_zoo, sphere_volume_array
 from slicer_helpers import (
+    SLICER_TEST_MARKS,
     ScriptedWorkerClient,
     SegmentEditor,
     export_labelmap,
     import_module_lib,
     load_volume_node,
     new_segmentation,
+    slicer,
 )
 
-try:
-    import slicer
-
-    HAVE_SLICER = hasattr(slicer, "vtkMRMLScene")
-except ImportError:
-    HAVE_SLICER = False
-
-pytestmark = [
-    pytest.mark.slicer,
-    pytest.mark.skipif(
-        not HAVE_SLICER,
-        reason="slicer-core is not installed (`pip install slicer-core`): the MRML tests need Slicer's MRML libraries",
-    ),
-]
+pytestmark = SLICER_TEST_MARKS
 
 
 @pytest.fixture(scope="module")

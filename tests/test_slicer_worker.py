@@ -26,22 +26,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import affine_zoo, require_shared_data, sphere_volume_array, world_centroid
-from slicer_helpers import SegmentEditor, dice, export_labelmap, import_module_lib, load_volume_node, new_segmentation
+from slicer_helpers import (
+    SLICER_TEST_MARKS,
+    SegmentEditor,
+    dice,
+    export_labelmap,
+    import_module_lib,
+    load_volume_node,
+    new_segmentation,
+    slicer,
+)
 
-try:
-    import slicer
-
-    HAVE_SLICER = hasattr(slicer, "vtkMRMLScene")
-except ImportError:
-    HAVE_SLICER = False
-
-pytestmark = [
-    pytest.mark.slicer,
-    pytest.mark.skipif(
-        not HAVE_SLICER,
-        reason="slicer-core is not installed (`pip install slicer-core`): the MRML tests need Slicer's MRML libraries",
-    ),
-]
+pytestmark = SLICER_TEST_MARKS
 
 REPO = Path(__file__).resolve().parents[1]
 BRATS_CASE = ("brain", "brats", "Brats18_CBICA_AAB_1")
