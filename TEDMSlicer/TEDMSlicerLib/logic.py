@@ -9,8 +9,10 @@ there (``tedm_core.pipelines.interactive``); this module only
 1. reads the MRML nodes into arrays and submits a request (``begin_*``, GUI thread);
 2. returns at once: ``poll()``, called by the widget's ``QTimer`` (or a script's loop), reads
    the worker's events without blocking and reports progress and log lines;
-3. writes a result into MRML when it arrives (GUI thread), only if the nodes it belongs to are
-   still the very nodes the request was made for.
+3. writes a result into MRML when it arrives (GUI thread), one segment per poll so that no
+   timer tick holds the GUI for long, and only if the nodes it belongs to are still the very
+   nodes the request was made for. The operation ends (and is reported) when the last segment
+   is written: a new segmentation is filled outside the scene and added whole.
 
 The scene can close, and nodes can be deleted, at any moment: a result whose nodes are gone (or
 whose node IDs now name other nodes, as after a scene close) is dropped with a log line. A
