@@ -239,7 +239,11 @@ class ScriptedWorkerClient:
         if op in ("segment", "fit", "refine"):
             volume = self.sessions[fields["session"]][0][0].astype(np.float32)
             labels = (volume > volume.mean()).astype(np.uint8)
-            result = {"class_names": self.class_names, "class_colours": [[0, 0, 0], [200, 40, 40]], "axis": "k"}
+            # Several structures: the foreground of slice k is structure 1 + k mod (structures).
+            structures = np.arange(len(labels)) % (len(self.class_names) - 1) + 1
+            labels *= structures.astype(np.uint8)[:, None, None]
+            colours = [[0, 0, 0]] + [[200, 40 * n, 40] for n in range(1, len(self.class_names))]
+            result = {"class_names": self.class_names, "class_colours": colours, "axis": "k"}
             if op == "fit":
                 drawn = np.asarray(arrays["labels"])
                 labelled = [int(k) for k in np.flatnonzero(drawn.reshape(len(drawn), -1).any(axis=1))]

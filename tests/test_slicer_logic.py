@@ -418,3 +418,115 @@ def test_channels_must_share_a_grid(lib, scene, tmp_path):
     moved = load_volume_node(scene, tmp_path / "shifted.nii.gz")
     with pytest.raises(lib.mrml_io.GeometryError, match="resample"):
         lib.mrml_io.volume_arrays_from_nodes([volume, moved])
+
+
+# --------------------------------------------------------------------------------------------
+# A result goes into MRML one segment per timer tick (a full volume's segment costs 50-250 ms)
+# --------------------------------------------------------------------------------------------
+THREE_CLASSES = ("background", "core", "edema", "enhancing")
+
+
+def _poll_until_writing(logic):
+    for _ in range(50):
+        logic.poll()
+        if logic.running is not None and logic.running.write is not None:
+            return logic.running.write
+    raise AssertionError("the result never arrived")
+
+
+def test_a_new_segmentation_is_written_one_segment_per_poll_and_appears_complete(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    write = _poll_until_writing(logic)
+    labels = write.labels.copy()
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    polls = 0
+    while logic.busy:
+        assert _segmentations(scene) == [], "the node is filled outside the scene: nobody sees it half-written"
+        logic.poll()
+        polls += 1
+    assert polls == len(THREE_CLASSES), "one poll per segment, then one that adds the node"
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.DONE
+    (node,) = _segmentations(scene)
+    assert finished.segmentation_node is node and node.GetDisplayNode() is not None
+    assert np.array_equal(lib.mrml_io.read_class_labels(node, volume), labels)
+    assert lib.mrml_io.class_names_of(node) == list(THREE_CLASSES)
+    assert set(logic.timings.report()) >= {"read volume", "submit request", "poll worker", "write result piece"}
+
+
+def test_scene_closed_between_pieces_leaves_no_node(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _poll_until_writing(logic)
+    logic.poll()  # one segment written into the staged node
+    logic.on_scene_closed()
+    scene.Clear(0)
+    finished = _run(logic)
+    assert finished.status == lib.DROPPED and "scene was closed" in finished.message
+    assert _segmentations(scene) == []
+
+
+def test_cancel_while_a_result_is_written_changes_nothing(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _poll_until_writing(logic)
+    logic.cancel()  # too late to stop the job: the result is completed, not left half-written
+    finished = _run(logic)
+    assert finished.status == lib.DONE and len(_segmentations(scene)) == 1
+
+
+def test_an_edit_between_pieces_of_an_in_place_write_is_kept(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    (segmentation,) = [_run(logic).segmentation_node]
+    ids = logic.record_for(segmentation).segment_ids
+    editor = SegmentEditor(scene, segmentation, volume)
+    # The user erases slice 6 of the first structure, then segments again into the same node.
+    erase = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    erase[6] = True
+    editor.erase(ids[0], erase)
+    before = {s: lib.mrml_io.read_class_labels(segmentation, volume, [s]) for s in ids}
+    assert not before[ids[0]][6].any()
+    logic.begin_segment([volume], "/model", segmentation)
+    write = _poll_until_writing(logic)
+    assert not write.staged and write.target is segmentation
+    logic.poll()  # the first structure is written in place (slice 6 comes back)
+    assert lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]])[6].any()
+    painted = np.zeros_like(erase)
+    painted[2, :3, :3] = True
+    editor.add(ids[2], painted)  # ... and the user paints the third structure before it is written
+    users = lib.mrml_io.read_class_labels(segmentation, volume, [ids[2]])
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.written_to_new_node
+    assert "edited while the result was being written" in finished.message
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]]), before[ids[0]]), (
+        "the piece already written was put back"
+    )
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[1]]), before[ids[1]])
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[2]]), users), "the edit is kept"
+    result_node = finished.segmentation_node
+    assert result_node is not segmentation and len(_segmentations(scene)) == 2
+    assert np.array_equal(lib.mrml_io.read_class_labels(result_node, volume), write.labels)
+    assert logic.has_result(result_node) and not logic.has_result(segmentation)
+
+
+def test_an_in_place_write_without_edits_replaces_every_segment(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("core", (1.0, 0.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    write = _poll_until_writing(logic)
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
+    assert not finished.written_to_new_node and len(_segmentations(scene)) == 1
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume), write.labels)

@@ -333,3 +333,43 @@ def test_a_worker_of_another_protocol_version_is_refused_in_one_line(tmp_path):
     with pytest.raises(WorkerError, match="speaks protocol 99 .*this client 1") as error:
         client.request("status", timeout=TIMEOUT)
     assert error.value.kind == "protocol" and not client.alive
+
+
+def test_a_large_request_goes_out_in_pieces_without_blocking_the_caller(tmp_path):
+    """A GUI thread submits a 96 MB volume to a worker busy elsewhere (here: one that reads
+    nothing yet): submit and every poll return within their budget, and the request is written
+    as the worker reads it, arriving whole."""
+    from tedm_core.serve.client import WorkerClient
+    from tedm_core.serve.protocol import FrameReader, decode_message
+
+    # A stand-in worker that reads nothing until the test creates a file (a job in its way).
+    go = tmp_path / "go"
+    out = tmp_path / "received.bin"
+    script = (
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "data = sys.stdin.buffer.read()\n"
+        f"open({str(out)!r}, 'wb').write(data)\n"
+    )
+    worker = WorkerClient.start_local(
+        command=[sys.executable, "-c", script], log_path=tmp_path / "w.log", env=WORKER_ENV
+    )
+    volume = np.arange(24 << 20, dtype=np.float32).reshape(96, 512, 512)
+    started = time.monotonic()
+    worker.submit("open_session", {"session": "s"}, {"volume": volume}, on_event=lambda event: None)
+    assert time.monotonic() - started < 0.5, "submit returned without waiting for the worker"
+    assert worker.unsent_bytes > 90 << 20
+    for _ in range(3):
+        started = time.monotonic()
+        worker.poll(max_seconds=0.02)
+        assert time.monotonic() - started < 0.25, "a poll never waits long for the pipe"
+    go.touch()
+    polls = 0
+    while worker.unsent_bytes and polls < 5000:
+        worker.poll(max_seconds=0.02, wait_seconds=0.0)
+        polls += 1
+    assert worker.unsent_bytes == 0, "the request went out over the polls"
+    worker.close(grace_s=30)
+    message, shutdown = FrameReader(1 << 40).feed(out.read_bytes())  # then close() said shutdown
+    header, arrays = decode_message(message)
+    assert header["op"] == "open_session" and np.array_equal(arrays["volume"], volume)

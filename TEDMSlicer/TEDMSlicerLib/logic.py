@@ -9,8 +9,10 @@ there (``tedm_core.pipelines.interactive``); this module only
 1. reads the MRML nodes into arrays and submits a request (``begin_*``, GUI thread);
 2. returns at once: ``poll()``, called by the widget's ``QTimer`` (or a script's loop), reads
    the worker's events without blocking and reports progress and log lines;
-3. writes a result into MRML when it arrives (GUI thread), only if the nodes it belongs to are
-   still the very nodes the request was made for.
+3. writes a result into MRML when it arrives (GUI thread), one segment per poll so that no
+   timer tick holds the GUI for long, and only if the nodes it belongs to are still the very
+   nodes the request was made for. The operation ends (and is reported) when the last segment
+   is written: a new segmentation is filled outside the scene and added whole.
 
 The scene can close, and nodes can be deleted, at any moment: a result whose nodes are gone (or
 whose node IDs now name other nodes, as after a scene close) is dropped with a log line. A
@@ -21,13 +23,14 @@ result arrives, so a failed or cancelled job leaves no empty node behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,6 +86,35 @@ class WorkerSessionRecord:
 
 
 @dataclass
+class PendingWrite:
+    """A label result going into MRML one segment per poll (a segment of a full volume costs
+    50-250 ms in ``SetBinaryLabelmapToSegment``; several in one timer tick froze the GUI).
+
+    A new segmentation is filled while outside the scene and added when complete, so nobody
+    sees or edits it half-written. An existing one is written in place; a user's edit between
+    two pieces is noticed (its segments' modified times), the pieces already written are put
+    back as they were, and the result goes into a new segmentation instead.
+    """
+
+    result: Dict[str, Any]
+    labels: np.ndarray  # (K, J, I) class indices
+    class_names: List[str]
+    class_colours: Any
+    target: Any  # the node being written; outside the scene while ``staged``
+    staged: bool
+    segment_ids: List[str]
+    note: str = ""
+    written_to_new_node: bool = False
+    done: int = 0  # segments written so far
+    signature: Any = None  # the target's segment modified times after our last write (in place)
+    previous: Dict[str, np.ndarray] = field(default_factory=dict)  # in place: each segment before the write
+    # After a user's edit between pieces: the segments to put back in that node, first.
+    restore_node: Any = None
+    restore: List[str] = field(default_factory=list)
+    restore_signature: Any = None
+
+
+@dataclass
 class RunningOperation:
     """One user action in flight: one or two worker requests and where their result goes."""
 
@@ -98,6 +130,7 @@ class RunningOperation:
     drop_reason: str = ""  # set when its nodes went away: the result is not written
     cancel_requested: bool = False
     follow_up: Optional[Callable[[], None]] = None  # the request to send after open_session
+    write: Optional[PendingWrite] = None  # the result being written into MRML, piece by piece
 
     @property
     def elapsed(self) -> float:
@@ -119,6 +152,7 @@ class FinishedOperation:
     training_slices: List[int] = field(default_factory=list)
     uncertain_slice: Optional[UncertainSlice] = None
     saved_path: str = ""
+    worker_seconds: float = 0.0  # the job's own time in the worker (without transfers and MRML)
     error_kind: str = ""  # the worker's error kind: user, cancelled, busy, protocol, internal
     details: str = ""
 
@@ -163,6 +197,32 @@ def _image_mtime(volume_node: Any) -> int:
     return int(image.GetMTime()) if image is not None else -1
 
 
+class StepTimings:
+    """The longest wall time of each GUI-thread step (reading the volume, sending, polling,
+    writing a piece of a result...), so a benchmark can name the step that held the GUI."""
+
+    def __init__(self) -> None:
+        self.longest: Dict[str, float] = {}
+        self.total: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            self.longest[name] = max(seconds, self.longest.get(name, 0.0))
+            self.total[name] = self.total.get(name, 0.0) + seconds
+
+    def report(self) -> Dict[str, Dict[str, float]]:
+        """``{step: {"longest_ms", "total_ms"}}``."""
+        return {
+            name: {"longest_ms": round(1000 * self.longest[name], 1), "total_ms": round(1000 * self.total[name], 1)}
+            for name in sorted(self.longest)
+        }
+
+
 class TEDMWorkerLogic:
     """Segment / fit / refine on MRML nodes through a TEDM worker.
 
@@ -181,6 +241,7 @@ class TEDMWorkerLogic:
         self.records: Dict[int, WorkerSessionRecord] = {}  # id(segmentation node) -> record
         self.running: Optional[RunningOperation] = None
         self._dead_generations: set = set()  # worker generations that ended (their sessions are gone)
+        self.timings = StepTimings()  # the longest time each GUI-thread step took (benchmarks)
 
     # -- the worker --------------------------------------------------------------------------
     def _worker(self) -> WorkerClientLike:
@@ -197,8 +258,16 @@ class TEDMWorkerLogic:
         (a large result streams in over several polls) and waits at most ``wait_seconds`` for a
         first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
         as Qt's event loop waits between timer ticks."""
+        running = self.running
+        if running is not None and running.write is not None:
+            # One piece of MRML work per timer tick, and nothing else in that tick: the events
+            # of other requests (a close_session's answer) wait for the next one.
+            with self.timings.step("write result piece"):
+                self._advance_write(running)
+            return
         if self.client is not None:
-            self.client.poll(max_seconds=max_seconds, wait_seconds=wait_seconds)
+            with self.timings.step("poll worker"):
+                self.client.poll(max_seconds=max_seconds, wait_seconds=wait_seconds)
 
     def wait(self, timeout: float = 600.0, poll_seconds: float = 0.05) -> Optional[FinishedOperation]:
         """Poll until the running operation finishes (scripts and tests; the widget uses a timer).
@@ -224,8 +293,8 @@ class TEDMWorkerLogic:
     def cancel(self) -> None:
         """Ask the worker to stop the running job at its next check (within a second)."""
         running = self.running
-        if running is None or running.cancel_requested:
-            return
+        if running is None or running.cancel_requested or running.write is not None:
+            return  # a result being written is finished within a few ticks; stopping would leave half of it
         running.cancel_requested = True
         if running.request_id is not None and self.client is not None:
             self.client.cancel(running.request_id)
@@ -307,25 +376,31 @@ class TEDMWorkerLogic:
         if self.running is not None:
             raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
 
-    def _segmentation_digest(self, segmentation_node: Any, reference_node: Any) -> Optional[str]:
+    def _segmentation_digest(
+        self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]] = None
+    ) -> Optional[str]:
         """The segmentation's content in the volume's grid (every segment) and its segment IDs:
-        compared at job start and at apply to find the user's edits made in between."""
+        compared at job start and at apply to find the user's edits made in between.
+        ``masks``, if given, receives each readable segment's voxels (what a rollback restores)."""
         if segmentation_node is None:
             return None
-        segmentation = segmentation_node.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-        digest = hashlib.sha1(repr(ids).encode())
-        if ids and reference_node.GetImageData() is not None:
-            # Each segment separately: a merged labelmap would hide an edit where segments overlap.
-            for segment_id in ids:
-                try:
-                    labels = mrml_io.read_class_labels(segmentation_node, reference_node, [segment_id])
-                except (mrml_io.GeometryError, RuntimeError):
-                    # Not readable in the volume's grid (another transform): the write will say so.
-                    digest.update(b"unreadable")
-                    continue
-                digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
-        return digest.hexdigest()
+        with self.timings.step("segmentation digest"):
+            segmentation = segmentation_node.GetSegmentation()
+            ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+            digest = hashlib.sha1(repr(ids).encode())
+            if ids and reference_node.GetImageData() is not None:
+                # Each segment separately: a merged labelmap would hide an edit where segments overlap.
+                for segment_id in ids:
+                    try:
+                        labels = mrml_io.read_class_labels(segmentation_node, reference_node, [segment_id])
+                    except (mrml_io.GeometryError, RuntimeError):
+                        # Not readable in the volume's grid (another transform): the write will say so.
+                        digest.update(b"unreadable")
+                        continue
+                    if masks is not None:
+                        masks[segment_id] = labels
+                    digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
+            return digest.hexdigest()
 
     def _new_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> WorkerSessionRecord:
         return WorkerSessionRecord(
@@ -350,7 +425,10 @@ class TEDMWorkerLogic:
 
     def _submit(self, running: RunningOperation, op: str, fields: Dict[str, Any], arrays=None) -> None:
         client = self._worker()
-        running.request_id = client.submit(op, fields, arrays, on_event=lambda event: self._on_event(running, event))
+        with self.timings.step("submit request"):
+            running.request_id = client.submit(
+                op, fields, arrays, on_event=lambda event: self._on_event(running, event)
+            )
         running.generation = client.generation
         if running.record.generation < 0:
             running.record.generation = client.generation
@@ -393,7 +471,8 @@ class TEDMWorkerLogic:
         self._check_idle()
         if not model_path:
             raise UserInputError("choose a model folder (a fitted model holds bundle.json)")
-        arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
+        with self.timings.step("read volume"):
+            arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
         reference = volume_nodes[0]
         reuse = self._reusable_record(volume_nodes, segmentation_node)
@@ -431,7 +510,8 @@ class TEDMWorkerLogic:
             raise UserInputError(f"unknown method {method!r}; expected one of {METHOD_CHOICES}")
         if not model_path:
             raise UserInputError("choose a backbone folder (holding backbone.json) or a fitted model")
-        arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
+        with self.timings.step("read volume"):
+            arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
         reference = volume_nodes[0]
         segment_ids = mrml_io.class_segment_ids(segmentation_node)
@@ -540,7 +620,8 @@ class TEDMWorkerLogic:
         """Pretrain a backbone on the volume(s) in the worker (the self-test makes its model this
         way, so that torch never enters Slicer's process). The result's ``saved_path`` is the folder."""
         self._check_idle()
-        arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
+        with self.timings.step("read volume"):
+            arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         record = self._new_record(volume_nodes, None)
         running = RunningOperation("pretrain", "Pretrain a backbone", list(volume_nodes), None, record, None)
         fields = {"out": os.path.abspath(os.path.expanduser(out)), "preset": preset, "steps": int(steps)}
@@ -685,6 +766,7 @@ class TEDMWorkerLogic:
                 )
 
     def _apply_labels(self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]) -> None:
+        """Check the result and where it goes; the segments are written by the next polls."""
         reference = running.volume_nodes[0]
         labels = np.asarray(arrays["labels"], dtype=np.uint8)
         expected = tuple(reversed(reference.GetImageData().GetDimensions()))
@@ -692,27 +774,123 @@ class TEDMWorkerLogic:
             raise mrml_io.GeometryError(
                 f"the worker returned labels of shape {labels.shape}, expected {expected} (KJI)"
             )
-        record = running.record
-        class_names = [str(n) for n in result.get("class_names") or record.class_names]
-        class_colours = result.get("class_colours")
+        class_names = [str(n) for n in result.get("class_names") or running.record.class_names]
         target = running.segmentation_node
-        written_to_new_node = False
-        note = ""
+        previous: Dict[str, np.ndarray] = {}
+        write = None
         if target is not None and running.segmentation_digest is not None:
-            if self._segmentation_digest(target, reference) != running.segmentation_digest:
+            if self._segmentation_digest(target, reference, previous) != running.segmentation_digest:
                 # The user painted while the job ran: keep their work, put the result beside it.
-                written_to_new_node = True
-                note = (
+                write = self._staged_write(running, result, labels, class_names)
+                write.written_to_new_node = True
+                write.note = (
                     f" '{target.GetName()}' was edited while {running.title} ran, so the result went into a new "
                     "segmentation instead of overwriting your edits."
                 )
-                target = None
-        previous_record = self.records.pop(id(running.segmentation_node), None) if written_to_new_node else None
-        if target is None:
-            target = self._new_segmentation_node(reference)
-        record.segment_ids = mrml_io.write_class_labels(target, reference, labels, class_names, class_colours)
-        record.class_names = class_names
+        if write is None and target is not None:
+            ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
+            write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
+            write.previous = previous
+            write.signature = mrml_io.segments_signature(target)
+        running.write = write or self._staged_write(running, result, labels, class_names)
+
+    def _staged_write(
+        self, running: RunningOperation, result: Dict[str, Any], labels: np.ndarray, class_names: List[str]
+    ) -> PendingWrite:
+        """A write into a new segmentation node, outside the scene until it is complete."""
+        import slicer
+
+        reference = running.volume_nodes[0]
+        node = slicer.vtkMRMLSegmentationNode()
+        node.SetName(reference.GetScene().GenerateUniqueName(f"{reference.GetName()} TEDM"))
+        ids = mrml_io.prepare_segmentation_node(node, reference, class_names, result.get("class_colours"))
+        return PendingWrite(result, labels, class_names, result.get("class_colours"), node, True, ids)
+
+    def _advance_write(self, running: RunningOperation) -> None:
+        """One piece of the result: a segment written (or put back), or the write completed."""
+        write = running.write
+        reference = running.volume_nodes[0]
+        gone = running.drop_reason or self._nodes_gone(running)
+        if gone:
+            # A staged node was never in the scene: dropping it leaves nothing behind. A node
+            # written in place was deleted (or its scene closed): nothing is left to keep whole.
+            running.drop_reason = gone
+            running.write = None
+            self._finish(running, DROPPED, self._dropped_text(running))
+            return
+        try:
+            if write.restore:
+                node = write.restore_node
+                if mrml_io.segments_signature(node) == write.restore_signature:
+                    segment_id = write.restore.pop()
+                    self._write_segment(node, reference, segment_id, write.previous[segment_id])
+                    write.restore_signature = mrml_io.segments_signature(node)
+                else:  # the user is editing it again: what is left is theirs to decide
+                    write.restore = []
+            elif not write.staged and write.signature != mrml_io.segments_signature(write.target):
+                running.write = self._rewrite_after_edit(running)
+            elif write.done < len(write.segment_ids):
+                index = write.done + 1
+                mask = (write.labels == index).astype(np.uint8)
+                self._write_segment(write.target, reference, write.segment_ids[write.done], mask)
+                write.done = index
+                if not write.staged:
+                    write.signature = mrml_io.segments_signature(write.target)
+            else:
+                running.write = None
+                self._complete_write(running, write)
+        except Exception as error:  # MRML refused the result: say so, keep the GUI alive
+            import traceback
+
+            log.exception("TEDMSlicer: writing the result failed")
+            running.write = None
+            if self.running is running:
+                message = f"{running.title}: writing the result failed: {error}"
+                self._finish(running, FAILED, message, details=traceback.format_exc())
+
+    def _write_segment(self, node: Any, reference: Any, segment_id: str, mask: np.ndarray) -> None:
+        import slicer
+
+        image = mrml_io.oriented_image_from_array(mask, mrml_io.ijk_to_ras_of(reference))
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE):
+            raise RuntimeError(f"could not write segment {segment_id!r} into '{node.GetName()}'")
+
+    def _rewrite_after_edit(self, running: RunningOperation) -> PendingWrite:
+        """The user edited the segmentation between two pieces of an in-place write: the segments
+        already written that the user did not touch since are put back as they were, and the
+        whole result goes into a new segmentation, as for an edit made while the job ran."""
+        write = running.write
+        reference = running.volume_nodes[0]
+        restore = []
+        for index, segment_id in enumerate(write.segment_ids[: write.done], start=1):
+            if segment_id not in write.previous or write.target.GetSegmentation().GetSegment(segment_id) is None:
+                continue  # created by this result, or removed by the user since
+            current = mrml_io.read_class_labels(write.target, reference, [segment_id])
+            if np.array_equal(current > 0, write.labels == index):  # still exactly what was written
+                restore.append(segment_id)
+        staged = self._staged_write(running, write.result, write.labels, write.class_names)
+        staged.written_to_new_node = True
+        staged.note = (
+            f" '{write.target.GetName()}' was edited while the result was being written into it, so the result "
+            "went into a new segmentation and yours was left as you edited it."
+        )
+        staged.previous, staged.restore, staged.restore_node = write.previous, restore, write.target
+        staged.restore_signature = mrml_io.segments_signature(write.target)
+        return staged
+
+    def _complete_write(self, running: RunningOperation, write: PendingWrite) -> None:
+        reference = running.volume_nodes[0]
+        target = write.target
+        if write.staged:
+            reference.GetScene().AddNode(target)
+            target.CreateDefaultDisplayNodes()
+        record = running.record
+        previous_record = self.records.pop(id(running.segmentation_node), None) if write.written_to_new_node else None
+        record.segment_ids = list(write.segment_ids)
+        record.class_names = list(write.class_names)
         record.segmentation_node = target
+        result = write.result
         record.axis = str(result.get("axis", record.axis))
         record.training_slices = [int(i) for i in result.get("training_slices", record.training_slices) or []]
         record.visited_uncertain = []
@@ -721,30 +899,21 @@ class TEDMWorkerLogic:
         self.records[id(target)] = record
         seconds = float(result.get("seconds", running.elapsed))
         changed = [int(i) for i in result.get("changed_slices", []) or []]
-        message = f"{running.title} done in {running.elapsed:.1f} s (worker {seconds:.1f} s).{note}"
+        message = f"{running.title} done in {running.elapsed:.1f} s (worker {seconds:.1f} s).{write.note}"
         for line in result.get("notes", []) or []:
             self.listener.log(str(line))
-        if note:
-            self.listener.log(note.strip())
+        if write.note:
+            self.listener.log(write.note.strip())
         self._finish(
             running,
             DONE,
             message,
             segmentation_node=target,
-            written_to_new_node=written_to_new_node,
+            written_to_new_node=write.written_to_new_node,
             changed_slices=changed,
             training_slices=list(record.training_slices),
+            worker_seconds=seconds,
         )
-
-    def _new_segmentation_node(self, reference: Any) -> Any:
-        import slicer
-
-        scene = reference.GetScene()
-        node = slicer.vtkMRMLSegmentationNode()
-        node.SetName(scene.GenerateUniqueName(f"{reference.GetName()} TEDM"))
-        scene.AddNode(node)
-        node.CreateDefaultDisplayNodes()
-        return node
 
     def _apply_uncertain_slices(self, running: RunningOperation, result: Dict[str, Any]) -> None:
         record = running.record

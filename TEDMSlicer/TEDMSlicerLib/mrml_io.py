@@ -152,7 +152,9 @@ def volume_arrays_from_nodes(volume_nodes: Sequence[slicer.vtkMRMLVolumeNode]) -
                 "harden them first"
             )
         channels.append(array)
-    return VolumeArrays(np.stack(channels), ijk_to_ras, [n.GetName() for n in nodes], reference.GetID() or "")
+    # One channel: a view, not a second copy of the volume (hundreds of MB on the GUI thread).
+    stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)
+    return VolumeArrays(stacked, ijk_to_ras, [n.GetName() for n in nodes], reference.GetID() or "")
 
 
 def oriented_image_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> slicer.vtkOrientedImageData:
@@ -384,3 +386,18 @@ def read_class_labels(
         )
     scalars = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
     return np.array(scalars.reshape(shape), dtype=np.uint8, copy=True)
+
+
+def segments_signature(segmentation_node: slicer.vtkMRMLSegmentationNode) -> Tuple:
+    """The segment IDs and the modified time of each one's binary labelmap: it changes with every
+    edit (the Segment Editor's included), so comparing two signatures tells whether anyone wrote
+    into the segmentation in between, without reading a voxel."""
+    segmentation = segmentation_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    signature = []
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(n)
+        representation = segment.GetRepresentation(name)
+        modified = -1 if representation is None else representation.GetMTime()
+        signature.append((segmentation.GetNthSegmentID(n), segment.GetMTime(), modified))
+    return tuple(signature)

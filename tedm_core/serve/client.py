@@ -17,6 +17,7 @@ sessions of the old one are gone).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import subprocess
@@ -25,14 +26,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .protocol import PROTOCOL_VERSION, FrameReader, ProtocolError, decode_message, encode_message, frame
+from .protocol import (
+    FRAME_LENGTH,
+    PROTOCOL_VERSION,
+    FrameReader,
+    ProtocolError,
+    decode_message,
+    encode_message_parts,
+)
 
 EventHandler = Callable[["WorkerEvent"], None]
 READ_CHUNK = 1 << 20
+WRITE_CHUNK = 1 << 20
+# A pipe holds 64 KiB by default on Linux: a 100 MB volume would then need ~1,600 writes, each
+# waiting for the worker to drain the pipe. 1 MiB (the default cap of an unprivileged
+# F_SETPIPE_SZ) lets each write move 16 times more.
+PIPE_BYTES = 1 << 20
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+ only (Linux)
 SHUTDOWN_GRACE_S = 5.0
 LOG_TAIL_LINES = 5
 
@@ -94,35 +108,64 @@ class _PipeConnection:
             )
         self._out = self.process.stdout.fileno()
         self._in = self.process.stdin.fileno()
-        self._pending = bytearray()
+        self._pending: Deque[memoryview] = collections.deque()  # framed requests not yet written
         self._reader = FrameReader(max_bytes=1 << 62)  # we trust our own worker's events
         self.eof = False
         if os.name == "posix":
             os.set_blocking(self._out, False)
             os.set_blocking(self._in, False)
+            _grow_pipe(self._in)
+            _grow_pipe(self._out)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def send(self, blob: bytes) -> None:
-        self._pending += frame(blob)
-        self.flush()
+    @property
+    def unsent_bytes(self) -> int:
+        return sum(len(part) for part in self._pending)
 
-    def flush(self) -> None:
-        """Write what the pipe takes now; the rest waits for the next poll."""
+    def send(self, parts: Union[bytes, Sequence[memoryview]], budget_s: float = 0.0) -> None:
+        """Queue one message (bytes, or the buffers of :func:`encode_message_parts`, not copied)
+        and write what the pipe takes within ``budget_s``; the rest goes out with the next polls."""
+        parts = _buffers(parts)
+        self._pending.append(memoryview(FRAME_LENGTH.pack(sum(len(part) for part in parts))))
+        self._pending.extend(part for part in parts if len(part))
+        self.flush(budget_s)
+
+    def flush(self, budget_s: float = 0.0) -> None:
+        """Write queued bytes for up to ``budget_s`` (waiting for the worker to drain the pipe
+        in between), never blocking longer: a GUI thread calls this from its timer."""
+        deadline = time.monotonic() + budget_s
         while self._pending:
+            part = self._pending[0]
             try:
-                written = os.write(self._in, self._pending[: 1 << 20])
+                written = os.write(self._in, part[:WRITE_CHUNK])
             except BlockingIOError:
-                return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._wait_writable(remaining):
+                    return
+                continue
             except OSError:  # the worker is gone; poll() reports it
                 self._pending.clear()
                 return
-            del self._pending[:written]
+            if written == len(part):
+                self._pending.popleft()
+            else:
+                self._pending[0] = part[written:]
+
+    def _wait_writable(self, wait_s: float) -> bool:
+        if os.name == "posix":
+            import select
+
+            return bool(select.select([], [self._in], [], wait_s)[1])
+        return False  # Windows pipes: the next poll writes the rest
 
     def receive(self, wait_s: float, budget_s: float) -> List[Any]:
-        self.flush()
+        # Half of the poll's budget for a request still going out, the rest for events.
+        started = time.monotonic()
+        self.flush(budget_s / 2)
+        budget_s = max(0.0, budget_s - (time.monotonic() - started))
         if wait_s > 0 and not self._wait_readable(wait_s):
             return []
         messages: List[Any] = []
@@ -210,11 +253,21 @@ class _NetworkConnection:
         self.eof = False
         self.pid = None
 
-    def send(self, blob: bytes) -> None:
+    @property
+    def unsent_bytes(self) -> int:
+        return 0
+
+    def send(self, parts: Union[bytes, Sequence[memoryview]], budget_s: float = 0.0) -> None:
+        parts = _buffers(parts)
+        # multiprocessing's framing wants one buffer; a remote worker is reached over a network
+        # far slower than this copy.
         try:
-            self.connection.send_bytes(blob)
+            self.connection.send_bytes(b"".join(parts))
         except OSError:
             self.eof = True
+
+    def flush(self, budget_s: float = 0.0) -> None:
+        pass
 
     def receive(self, wait_s: float, budget_s: float) -> List[Any]:
         messages: List[Any] = []
@@ -239,6 +292,24 @@ class _NetworkConnection:
 
     def close(self, grace_s: float) -> None:
         self.connection.close()
+
+
+def _buffers(message: Union[bytes, Sequence[memoryview]]) -> List[memoryview]:
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return [memoryview(message)]
+    return list(message)
+
+
+def _grow_pipe(fd: int) -> None:
+    """Best effort: a pipe of :data:`PIPE_BYTES` (Linux); elsewhere the default stays."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", F_SETPIPE_SZ), PIPE_BYTES)
+    except (ImportError, OSError):
+        pass
 
 
 def _log_tail(path: Path) -> str:
@@ -309,6 +380,11 @@ class WorkerClient:
         return list(self._handlers)
 
     @property
+    def unsent_bytes(self) -> int:
+        """Bytes of submitted requests still waiting to be written to the worker."""
+        return 0 if self._connection is None else self._connection.unsent_bytes
+
+    @property
     def log_path(self) -> Optional[Path]:
         return getattr(self._connection, "log_path", None)
 
@@ -331,23 +407,26 @@ class WorkerClient:
                 raise ConnectionError(self._connection.describe_exit() if self._connection else "not connected")
             self._start()
         request_id = f"{self.generation}.{next(self._ids)}"
-        blob = encode_message({**dict(fields or {}), "op": op, "id": request_id}, arrays)
+        parts = encode_message_parts({**dict(fields or {}), "op": op, "id": request_id}, arrays)
+        size = sum(len(part) for part in parts)
         limit = self.worker_info.get("max_request_bytes")
-        if limit is not None and len(blob) > int(limit):
+        if limit is not None and size > int(limit):
             raise WorkerError(
                 WorkerEvent(
                     "error",
                     request_id,
                     {
                         "kind": "protocol",
-                        "message": f"a {op} request of {len(blob)} bytes exceeds the worker's limit of {limit}",
+                        "message": f"a {op} request of {size} bytes exceeds the worker's limit of {limit}",
                     },
                 )
             )
         self._handlers[request_id] = on_event
         if on_event is None:
             self._awaited.add(request_id)  # nobody else will see its end: keep it for wait()
-        self._connection.send(blob)
+        # Only what the pipe takes now: a large request goes out over the next polls, so the
+        # caller (the GUI thread) is never held while the worker reads it.
+        self._connection.send(parts, budget_s=0.0)
         return request_id
 
     def cancel(self, request_id: Optional[str] = None) -> None:
@@ -415,8 +494,8 @@ class WorkerClient:
             return
         if self._restartable and not connection.closed:
             try:
-                connection.send(encode_message({"op": "shutdown", "id": "shutdown"}))
-                connection.flush()
+                connection.send(encode_message_parts({"op": "shutdown", "id": "shutdown"}))
+                connection.flush(grace_s)
             except OSError:
                 pass
         connection.close(grace_s)

@@ -32,18 +32,29 @@ class ProtocolError(ValueError):
 
 def encode_message(header: Mapping[str, Any], arrays: Optional[Mapping[str, np.ndarray]] = None) -> bytes:
     """``header`` (JSON-serialisable) and ``arrays`` as one message."""
-    arrays = dict(arrays or {})
-    parts: List[bytes] = []
+    return b"".join(encode_message_parts(header, arrays))
+
+
+def encode_message_parts(
+    header: Mapping[str, Any], arrays: Optional[Mapping[str, np.ndarray]] = None
+) -> List[memoryview]:
+    """The message of :func:`encode_message` as a list of buffers whose concatenation it is.
+
+    The arrays' own memory is referenced, not copied (a contiguous little-endian array is sent
+    as it is), so a GUI can send a volume of hundreds of MB without first building a copy of it
+    in one step; the caller must not change the arrays until the message has been written.
+    """
+    parts: List[memoryview] = []
     described = []
-    for name, array in arrays.items():
+    for name, array in dict(arrays or {}).items():
         array = np.ascontiguousarray(array)
         check_dtype(array.dtype, name)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         described.append({"name": str(name), "dtype": array.dtype.str, "shape": list(array.shape)})
-        parts.append(array.tobytes())
+        parts.append(memoryview(array.reshape(-1)).cast("B"))
     text = json.dumps({**header, "arrays": described}, allow_nan=False).encode("utf-8")
-    return b"".join([HEADER_LENGTH.pack(len(text)), text, *parts])
+    return [memoryview(HEADER_LENGTH.pack(len(text)) + text), *parts]
 
 
 def decode_message(blob: bytes) -> Tuple[Dict[str, Any], Arrays]:

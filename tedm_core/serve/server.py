@@ -45,6 +45,8 @@ def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> int:
 
     reply = _replier(send)
     reply(ready_event(max_message_bytes), None)
+    # After `ready` (a client sees the worker alive at once), before the first request is read.
+    worker.preload()
     reader = FrameReader(max_message_bytes)
     while not worker.stopping.is_set():
         data = os.read(stdin_fd, READ_CHUNK)
@@ -72,6 +74,7 @@ def serve_network(
         raise ValueError(f"the token must have at least {MIN_TOKEN_CHARACTERS} characters")
     key = token.encode("utf-8")
     worker = Worker()
+    worker.preload()
     listener = Listener((host, int(port)))
     address = listener.address
     log.warning("tedm serve: listening on %s:%d", address[0], address[1])

@@ -104,6 +104,13 @@ class Worker:
             "pretrain": self._pretrain,
         }
 
+    def preload(self) -> None:
+        """Import what the jobs use (MONAI, the pipelines: seconds on a CPU machine) now, while
+        the client waits for the worker to start, not inside the first Segment it times."""
+        from ..bundle import load_bundle  # noqa: F401
+        from ..io.volumes import volume_from_array  # noqa: F401
+        from ..pipelines.interactive import InteractiveSession  # noqa: F401
+
     # -- entry point --------------------------------------------------------------------------------
     def handle(self, message: Any, reply: Reply) -> None:
         """One incoming message (bytes, or the ProtocolError its framing raised). Never raises."""
