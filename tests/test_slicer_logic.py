@@ -530,3 +530,119 @@ def test_an_in_place_write_without_edits_replaces_every_segment(lib, scene, tmp_
     assert finished.status == lib.DONE and finished.segmentation_node is segmentation
     assert not finished.written_to_new_node and len(_segmentations(scene)) == 1
     assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume), write.labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Each segment is written as its bounding box only, voxel for voxel what a full-extent write gives
+# --------------------------------------------------------------------------------------------
+def _three_structures(shape):
+    """Class indices 0-3 in ``shape`` (KJI): two boxes off the centre, touching different faces
+    of the grid, and class 3 empty (its segment must end up empty, not keep old voxels)."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[2:7, 3:9, 5:20] = 1
+    labels[8:, 12:, :4] = 2
+    labels[5, 15, 10] = 2  # a lone voxel far from its box: the box grows to hold it
+    return labels
+
+
+def _full_extent_write(lib, node, volume, ids, labels):
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    ijk_to_ras = lib.mrml_io.ijk_to_ras_of(volume)
+    for index, segment_id in enumerate(ids, start=1):
+        image = lib.mrml_io.oriented_image_from_array((labels == index).astype(np.uint8), ijk_to_ras)
+        assert logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE)
+
+
+@pytest.mark.parametrize("affine_name", ["ras", "flipped", "oblique", "permuted"])
+def test_cropped_segment_writes_equal_full_extent_writes(lib, scene, tmp_path, affine_name):
+    volume, array = _sphere_node(scene, tmp_path, affine_name)
+    labels = _three_structures(array.shape)
+    names = list(THREE_CLASSES)
+    image = lib.mrml_io.cropped_oriented_image_from_mask(labels == 1, lib.mrml_io.ijk_to_ras_of(volume))
+    assert image.GetExtent() == (5, 19, 3, 8, 2, 6), "only the box of class 1 (IJK extent)"
+
+    # A new node, written one-shot at full extent (the reference) and cropped (the module's way).
+    reference = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(reference)
+    _full_extent_write(lib, reference, volume, lib.mrml_io.prepare_segmentation_node(reference, volume, names), labels)
+    cropped = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(cropped)
+    lib.mrml_io.write_class_labels(cropped, volume, labels, names)
+    expected, expected_ijk_to_ras = export_labelmap(scene, reference, volume)
+    assert np.array_equal(expected, labels)
+    voxels, ijk_to_ras = export_labelmap(scene, cropped, volume)
+    assert np.array_equal(voxels, expected) and np.allclose(ijk_to_ras, expected_ijk_to_ras, atol=1e-9)
+
+    # In place, over a user's segments sharing one layer, each holding voxels everywhere.
+    user, ids = new_segmentation(scene, [(name, (1.0, 0.0, 0.0)) for name in names[1:]])
+    assert user.GetSegmentation().GetNumberOfLayers() == 1, "the shared-layer case is the one tested"
+    editor = SegmentEditor(scene, user, volume)
+    old = np.zeros(array.shape, dtype=np.uint8)
+    old[:, :, 10:] = 1
+    old[:, :4, :] = 2
+    old[::2, 8:, :3] = 3
+    for index, segment_id in enumerate(ids, start=1):
+        editor.add(segment_id, old == index)
+    assert lib.mrml_io.write_class_labels(user, volume, labels, names) == ids
+    for index, segment_id in enumerate(ids, start=1):
+        assert np.array_equal(lib.mrml_io.read_class_labels(user, volume, [segment_id]), (labels == index) * 1), (
+            f"segment {index}: the box written, nothing left of the old voxels outside it"
+        )
+    voxels, _ = export_labelmap(scene, user, volume)
+    assert np.array_equal(voxels, expected)
+
+
+def test_the_poll_receiving_a_result_only_keeps_it(lib, scene, tmp_path):
+    """The poll in which the result arrives does no MRML work (no node, no digest, no write):
+    checking the user's edits takes one tick per segment, and the writes follow, one per tick."""
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, ids = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    digests_at_start = logic.timings.total.get("segmentation digest", 0.0)
+    while logic.running.preparing is None:
+        logic.poll()
+    assert logic.running.write is None and logic.timings.total["segmentation digest"] == digests_at_start
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2, "nothing prepared in that poll"
+    ticks = 0
+    while logic.running.write is None:
+        logic.poll()
+        ticks += 1
+    assert ticks == 3, "one tick per segment read (2), then the node prepared"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
+    assert set(logic.timings.report()) >= {"prepare result", "write result piece", "segmentation digest"}
+
+
+def test_an_edit_while_the_result_is_checked_sends_it_to_a_new_node(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, array = _sphere_node(scene, tmp_path)
+    segmentation, ids = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    while logic.running.preparing is None:
+        logic.poll()
+    logic.poll()  # the first segment read, unchanged since the request
+    painted = np.zeros(array.shape, dtype=bool)
+    painted[1, :2, :2] = True
+    SegmentEditor(scene, segmentation, volume).add(ids[0], painted)  # ... and the user paints it now
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.written_to_new_node
+    assert finished.segmentation_node is not segmentation and len(_segmentations(scene)) == 2
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]]), painted * 1)
+
+
+def test_node_deleted_while_the_result_is_checked_drops_it(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    while logic.running.preparing is None:
+        logic.poll()
+    logic.poll()
+    scene.RemoveNode(segmentation)
+    logic.on_node_removed(segmentation)
+    finished = _run(logic)
+    assert finished.status == lib.DROPPED and _segmentations(scene) == []

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -110,7 +110,7 @@ class PendingWrite:
     previous: Dict[str, np.ndarray] = field(default_factory=dict)  # in place: each segment before the write
     # After a user's edit between pieces: the segments to put back in that node, first.
     restore_node: Any = None
-    restore: List[str] = field(default_factory=list)
+    restore: List[Tuple[str, int]] = field(default_factory=list)  # (segment ID, class index written there)
     restore_signature: Any = None
 
 
@@ -130,7 +130,15 @@ class RunningOperation:
     drop_reason: str = ""  # set when its nodes went away: the result is not written
     cancel_requested: bool = False
     follow_up: Optional[Callable[[], None]] = None  # the request to send after open_session
+    # A label result that arrived: checked (the user's edits) and staged one step per timer tick,
+    # so that the poll receiving it does nothing else; it then sets ``write``.
+    preparing: Optional[Iterator[None]] = None
     write: Optional[PendingWrite] = None  # the result being written into MRML, piece by piece
+
+    @property
+    def applying(self) -> bool:
+        """A result is being checked or written: the job itself is over."""
+        return self.preparing is not None or self.write is not None
 
     @property
     def elapsed(self) -> float:
@@ -259,10 +267,10 @@ class TEDMWorkerLogic:
         first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
         as Qt's event loop waits between timer ticks."""
         running = self.running
-        if running is not None and running.write is not None:
+        if running is not None and running.applying:
             # One piece of MRML work per timer tick, and nothing else in that tick: the events
             # of other requests (a close_session's answer) wait for the next one.
-            with self.timings.step("write result piece"):
+            with self.timings.step("prepare result" if running.write is None else "write result piece"):
                 self._advance_write(running)
             return
         if self.client is not None:
@@ -293,7 +301,7 @@ class TEDMWorkerLogic:
     def cancel(self) -> None:
         """Ask the worker to stop the running job at its next check (within a second)."""
         running = self.running
-        if running is None or running.cancel_requested or running.write is not None:
+        if running is None or running.cancel_requested or running.applying:
             return  # a result being written is finished within a few ticks; stopping would leave half of it
         running.cancel_requested = True
         if running.request_id is not None and self.client is not None:
@@ -376,31 +384,43 @@ class TEDMWorkerLogic:
         if self.running is not None:
             raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
 
-    def _segmentation_digest(
-        self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]] = None
-    ) -> Optional[str]:
+    def _segmentation_digest(self, segmentation_node: Any, reference_node: Any) -> Optional[str]:
         """The segmentation's content in the volume's grid (every segment) and its segment IDs:
-        compared at job start and at apply to find the user's edits made in between.
-        ``masks``, if given, receives each readable segment's voxels (what a rollback restores)."""
+        compared at job start and when the result arrives, to find the user's edits made in between."""
         if segmentation_node is None:
             return None
-        with self.timings.step("segmentation digest"):
-            segmentation = segmentation_node.GetSegmentation()
-            ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-            digest = hashlib.sha1(repr(ids).encode())
-            if ids and reference_node.GetImageData() is not None:
-                # Each segment separately: a merged labelmap would hide an edit where segments overlap.
-                for segment_id in ids:
+        steps = self._digest_steps(segmentation_node, reference_node, None)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _digest_steps(
+        self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]]
+    ) -> Generator[None, None, str]:
+        """:meth:`_segmentation_digest` one segment per step (a segment of a full volume is read in
+        10-30 ms, more under load): the generator's value is the digest. ``masks``, if given,
+        receives each readable segment's voxels (what a rollback restores)."""
+        segmentation = segmentation_node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        digest = hashlib.sha1(repr(ids).encode())
+        if ids and reference_node.GetImageData() is not None:
+            # Each segment separately: a merged labelmap would hide an edit where segments overlap.
+            for segment_id in ids:
+                with self.timings.step("segmentation digest"):
                     try:
                         labels = mrml_io.read_class_labels(segmentation_node, reference_node, [segment_id])
                     except (mrml_io.GeometryError, RuntimeError):
                         # Not readable in the volume's grid (another transform): the write will say so.
+                        labels = None
                         digest.update(b"unreadable")
-                        continue
-                    if masks is not None:
-                        masks[segment_id] = labels
-                    digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
-            return digest.hexdigest()
+                    if labels is not None:
+                        if masks is not None:
+                            masks[segment_id] = labels
+                        digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
+                yield
+        return digest.hexdigest()
 
     def _new_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> WorkerSessionRecord:
         return WorkerSessionRecord(
@@ -746,7 +766,8 @@ class TEDMWorkerLogic:
             return
         try:
             if running.operation in ("segment", "fit", "refine"):
-                self._apply_labels(running, result, event.arrays)
+                # Nothing more in the poll that received it: the next ticks check and write it.
+                running.preparing = self._prepare_write(running, result, event.arrays)
             elif running.operation == "uncertain_slices":
                 self._apply_uncertain_slices(running, result)
             elif running.operation in ("save_model", "pretrain"):
@@ -765,8 +786,12 @@ class TEDMWorkerLogic:
                     details=traceback.format_exc(),
                 )
 
-    def _apply_labels(self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]) -> None:
-        """Check the result and where it goes; the segments are written by the next polls."""
+    def _prepare_write(
+        self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]
+    ) -> Iterator[None]:
+        """Check the result and where it goes, one step per timer tick, then set ``running.write``
+        (the segments are written by the ticks after). Between steps, ``_advance_write`` checks
+        that the nodes are still there."""
         reference = running.volume_nodes[0]
         labels = np.asarray(arrays["labels"], dtype=np.uint8)
         expected = tuple(reversed(reference.GetImageData().GetDimensions()))
@@ -777,22 +802,28 @@ class TEDMWorkerLogic:
         class_names = [str(n) for n in result.get("class_names") or running.record.class_names]
         target = running.segmentation_node
         previous: Dict[str, np.ndarray] = {}
-        write = None
+        edited = False
         if target is not None and running.segmentation_digest is not None:
-            if self._segmentation_digest(target, reference, previous) != running.segmentation_digest:
+            # Read one segment per tick. An edit made while they are read (the segments' modified
+            # times change) counts as an edit during the job: the in-place write is not started.
+            signature = mrml_io.segments_signature(target)
+            digest = yield from self._digest_steps(target, reference, previous)
+            edited = digest != running.segmentation_digest or mrml_io.segments_signature(target) != signature
+        if target is not None and not edited:
+            ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
+            write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
+            write.previous = previous
+            write.signature = mrml_io.segments_signature(target)
+        else:
+            write = self._staged_write(running, result, labels, class_names)
+            if edited:
                 # The user painted while the job ran: keep their work, put the result beside it.
-                write = self._staged_write(running, result, labels, class_names)
                 write.written_to_new_node = True
                 write.note = (
                     f" '{target.GetName()}' was edited while {running.title} ran, so the result went into a new "
                     "segmentation instead of overwriting your edits."
                 )
-        if write is None and target is not None:
-            ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
-            write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
-            write.previous = previous
-            write.signature = mrml_io.segments_signature(target)
-        running.write = write or self._staged_write(running, result, labels, class_names)
+        running.write = write
 
     def _staged_write(
         self, running: RunningOperation, result: Dict[str, Any], labels: np.ndarray, class_names: List[str]
@@ -815,15 +846,23 @@ class TEDMWorkerLogic:
             # A staged node was never in the scene: dropping it leaves nothing behind. A node
             # written in place was deleted (or its scene closed): nothing is left to keep whole.
             running.drop_reason = gone
+            running.preparing = None
             running.write = None
             self._finish(running, DROPPED, self._dropped_text(running))
             return
         try:
-            if write.restore:
+            if running.preparing is not None:
+                try:
+                    next(running.preparing)
+                except StopIteration:
+                    running.preparing = None  # ``write`` is set: the next tick starts writing
+            elif write.restore:
                 node = write.restore_node
                 if mrml_io.segments_signature(node) == write.restore_signature:
-                    segment_id = write.restore.pop()
-                    self._write_segment(node, reference, segment_id, write.previous[segment_id])
+                    segment_id, index = write.restore.pop()
+                    current = mrml_io.read_class_labels(node, reference, [segment_id])
+                    if np.array_equal(current > 0, write.labels == index):  # still exactly what was written
+                        self._write_segment(node, reference, segment_id, write.previous[segment_id])
                     write.restore_signature = mrml_io.segments_signature(node)
                 else:  # the user is editing it again: what is left is theirs to decide
                     write.restore = []
@@ -831,8 +870,7 @@ class TEDMWorkerLogic:
                 running.write = self._rewrite_after_edit(running)
             elif write.done < len(write.segment_ids):
                 index = write.done + 1
-                mask = (write.labels == index).astype(np.uint8)
-                self._write_segment(write.target, reference, write.segment_ids[write.done], mask)
+                self._write_segment(write.target, reference, write.segment_ids[write.done], write.labels == index)
                 write.done = index
                 if not write.staged:
                     write.signature = mrml_io.segments_signature(write.target)
@@ -843,6 +881,7 @@ class TEDMWorkerLogic:
             import traceback
 
             log.exception("TEDMSlicer: writing the result failed")
+            running.preparing = None
             running.write = None
             if self.running is running:
                 message = f"{running.title}: writing the result failed: {error}"
@@ -851,24 +890,23 @@ class TEDMWorkerLogic:
     def _write_segment(self, node: Any, reference: Any, segment_id: str, mask: np.ndarray) -> None:
         import slicer
 
-        image = mrml_io.oriented_image_from_array(mask, mrml_io.ijk_to_ras_of(reference))
+        # Only the mask's bounding box: the write's cost follows the image's size, not the volume's.
+        image = mrml_io.cropped_oriented_image_from_mask(mask, mrml_io.ijk_to_ras_of(reference))
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         if not logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE):
             raise RuntimeError(f"could not write segment {segment_id!r} into '{node.GetName()}'")
 
     def _rewrite_after_edit(self, running: RunningOperation) -> PendingWrite:
         """The user edited the segmentation between two pieces of an in-place write: the segments
-        already written that the user did not touch since are put back as they were, and the
-        whole result goes into a new segmentation, as for an edit made while the job ran."""
+        already written that the user did not touch since are put back as they were (one per tick,
+        each checked to still hold exactly what was written), and the whole result goes into a new
+        segmentation, as for an edit made while the job ran."""
         write = running.write
-        reference = running.volume_nodes[0]
         restore = []
         for index, segment_id in enumerate(write.segment_ids[: write.done], start=1):
             if segment_id not in write.previous or write.target.GetSegmentation().GetSegment(segment_id) is None:
                 continue  # created by this result, or removed by the user since
-            current = mrml_io.read_class_labels(write.target, reference, [segment_id])
-            if np.array_equal(current > 0, write.labels == index):  # still exactly what was written
-                restore.append(segment_id)
+            restore.append((segment_id, index))
         staged = self._staged_write(running, write.result, write.labels, write.class_names)
         staged.written_to_new_node = True
         staged.note = (
