@@ -499,7 +499,8 @@ def test_an_edit_between_pieces_of_an_in_place_write_is_kept(lib, scene, tmp_pat
     logic.begin_segment([volume], "/model", segmentation)
     write = _poll_until_writing(logic)
     assert not write.staged and write.target is segmentation
-    logic.poll()  # the first structure is written in place (slice 6 comes back)
+    logic.poll()  # the first structure as it is now is kept (to put it back after an edit) ...
+    logic.poll()  # ... then written in place (slice 6 comes back)
     assert lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]])[6].any()
     painted = np.zeros_like(erase)
     painted[2, :3, :3] = True
@@ -592,56 +593,112 @@ def test_cropped_segment_writes_equal_full_extent_writes(lib, scene, tmp_path, a
     assert np.array_equal(voxels, expected)
 
 
-def test_the_poll_receiving_a_result_only_keeps_it(lib, scene, tmp_path):
-    """The poll in which the result arrives does no MRML work (no node, no digest, no write):
-    checking the user's edits takes one tick per segment, and the writes follow, one per tick."""
-    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
-    logic = lib.TEDMWorkerLogic(lambda: client)
-    volume, _ = _sphere_node(scene, tmp_path)
-    segmentation, ids = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
-    logic.begin_segment([volume], "/model", segmentation)
-    digests_at_start = logic.timings.total.get("segmentation digest", 0.0)
-    while logic.running.preparing is None:
-        logic.poll()
-    assert logic.running.write is None and logic.timings.total["segmentation digest"] == digests_at_start
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2, "nothing prepared in that poll"
-    ticks = 0
-    while logic.running.write is None:
-        logic.poll()
-        ticks += 1
-    assert ticks == 3, "one tick per segment read (2), then the node prepared"
-    finished = _run(logic)
-    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
-    assert set(logic.timings.report()) >= {"prepare result", "write result piece", "segmentation digest"}
-
-
-def test_an_edit_while_the_result_is_checked_sends_it_to_a_new_node(lib, scene, tmp_path):
+def _begin_into_two_segments(lib, scene, tmp_path):
     client = ScriptedWorkerClient(class_names=THREE_CLASSES)
     logic = lib.TEDMWorkerLogic(lambda: client)
     volume, array = _sphere_node(scene, tmp_path)
     segmentation, ids = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
+    editor = SegmentEditor(scene, segmentation, volume)
+    for n, segment_id in enumerate(ids):
+        mask = np.zeros(array.shape, dtype=bool)
+        mask[n, 2:5, 2:5] = True
+        editor.add(segment_id, mask)
     logic.begin_segment([volume], "/model", segmentation)
-    while logic.running.preparing is None:
+    return logic, volume, segmentation, ids, editor
+
+
+def _rewrite_unchanged(lib, segmentation, volume, segment_id):
+    """Write a segment's own voxels back: its modified time changes, its content does not."""
+    voxels = lib.mrml_io.read_class_labels(segmentation, volume, [segment_id])
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    image = lib.mrml_io.oriented_image_from_array(voxels, lib.mrml_io.ijk_to_ras_of(volume))
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, logic.MODE_REPLACE)
+
+
+def test_the_segmentation_is_read_during_the_job_and_the_result_kept_by_the_poll_receiving_it(lib, scene, tmp_path):
+    """No segment is read at the click: the segmentation at the request is read one segment per
+    tick while the job runs. The poll in which the result arrives does no MRML work; untouched
+    segments need no second read, so the result is staged in one tick and written after."""
+    logic, volume, segmentation, ids, _ = _begin_into_two_segments(lib, scene, tmp_path)
+    running = logic.running
+    assert running.segmentation_digest is None and "segmentation digest" not in logic.timings.longest
+    logic.poll()
+    logic.poll()
+    assert running.segmentation_digest is None, "one segment per tick"
+    logic.poll()
+    assert running.segmentation_digest is not None and running.digesting is None
+    while running.preparing is None:
         logic.poll()
-    logic.poll()  # the first segment read, unchanged since the request
-    painted = np.zeros(array.shape, dtype=bool)
+    assert running.write is None, "nothing prepared in the poll that received the result"
+    digest_time = logic.timings.total["segmentation digest"]
+    logic.poll()
+    assert running.write is not None and not running.write.staged, "untouched: staged in one tick, in place"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
+    assert not finished.written_to_new_node and logic.timings.total["segmentation digest"] == digest_time
+    assert set(logic.timings.report()) >= {"read segmentation at request", "prepare result", "write result piece"}
+
+
+def test_a_touched_but_unchanged_segmentation_is_compared_and_written_in_place(lib, scene, tmp_path):
+    logic, volume, segmentation, ids, _ = _begin_into_two_segments(lib, scene, tmp_path)
+    running = logic.running
+    while running.digesting is not None:
+        logic.poll()
+    _rewrite_unchanged(lib, segmentation, volume, ids[1])
+    while running.preparing is None:
+        logic.poll()
+    ticks = 0
+    while running.write is None:
+        logic.poll()
+        ticks += 1
+    assert ticks == 3, "touched: one tick per segment compared (2), then the node prepared"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
+    assert not finished.written_to_new_node
+
+
+def test_an_edit_while_the_result_is_checked_sends_it_to_a_new_node(lib, scene, tmp_path):
+    logic, volume, segmentation, ids, editor = _begin_into_two_segments(lib, scene, tmp_path)
+    running = logic.running
+    while running.digesting is not None:
+        logic.poll()
+    _rewrite_unchanged(lib, segmentation, volume, ids[0])  # touched: the result is compared voxel by voxel
+    while running.preparing is None:
+        logic.poll()
+    logic.poll()  # the first segment compared, unchanged since the request ...
+    painted = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
     painted[1, :2, :2] = True
-    SegmentEditor(scene, segmentation, volume).add(ids[0], painted)  # ... and the user paints it now
+    editor.add(ids[0], painted)  # ... and the user paints it now
+    users = lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]])
     finished = _run(logic)
     assert finished.status == lib.DONE and finished.written_to_new_node
+    assert f"was edited while {finished.title} ran" in finished.message
     assert finished.segmentation_node is not segmentation and len(_segmentations(scene)) == 2
-    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]]), painted * 1)
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]]), users)
+
+
+def test_an_edit_before_the_segmentation_is_read_counts_as_an_edit(lib, scene, tmp_path):
+    """Painted and erased again in the first ticks: the content at the request was not read
+    yet, so it is unknown, and the result does not overwrite the segmentation."""
+    logic, volume, segmentation, ids, editor = _begin_into_two_segments(lib, scene, tmp_path)
+    logic.poll()  # the first segment read
+    stroke = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    stroke[8, :2, :2] = True
+    editor.add(ids[1], stroke)
+    editor.erase(ids[1], stroke)
+    finished = _run(logic)
+    assert logic.listener.finished_operations[-1] is finished and finished.status == lib.DONE
+    assert finished.written_to_new_node and finished.segmentation_node is not segmentation
 
 
 def test_node_deleted_while_the_result_is_checked_drops_it(lib, scene, tmp_path):
-    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
-    logic = lib.TEDMWorkerLogic(lambda: client)
-    volume, _ = _sphere_node(scene, tmp_path)
-    segmentation, _ = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
-    logic.begin_segment([volume], "/model", segmentation)
+    logic, volume, segmentation, ids, _ = _begin_into_two_segments(lib, scene, tmp_path)
+    while logic.running.digesting is not None:
+        logic.poll()
+    _rewrite_unchanged(lib, segmentation, volume, ids[0])
     while logic.running.preparing is None:
         logic.poll()
-    logic.poll()
+    logic.poll()  # the first segment compared
     scene.RemoveNode(segmentation)
     logic.on_node_removed(segmentation)
     finished = _run(logic)

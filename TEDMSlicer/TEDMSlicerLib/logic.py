@@ -108,6 +108,7 @@ class PendingWrite:
     done: int = 0  # segments written so far
     signature: Any = None  # the target's segment modified times after our last write (in place)
     previous: Dict[str, np.ndarray] = field(default_factory=dict)  # in place: each segment before the write
+    existing: List[str] = field(default_factory=list)  # in place: the segments the node held before the result
     # After a user's edit between pieces: the segments to put back in that node, first.
     restore_node: Any = None
     restore: List[Tuple[str, int]] = field(default_factory=list)  # (segment ID, class index written there)
@@ -123,12 +124,16 @@ class RunningOperation:
     volume_nodes: List[Any]
     segmentation_node: Any  # None: a new node is created when the result arrives
     record: WorkerSessionRecord
-    segmentation_digest: Optional[str]  # the segmentation's content when the request was made
+    # The segmentation's content when the request was made: read one segment per tick during the
+    # job (``digesting``); None while unread, or if an edit came first (then it counts as edited).
+    segmentation_digest: Optional[str]
     started_at: float = field(default_factory=time.monotonic)
     request_id: Optional[str] = None
     generation: int = -1
     drop_reason: str = ""  # set when its nodes went away: the result is not written
     cancel_requested: bool = False
+    segmentation_signature: Any = None  # the segments' modified times at the request (None: no node)
+    digesting: Optional[Iterator[None]] = None
     follow_up: Optional[Callable[[], None]] = None  # the request to send after open_session
     # A label result that arrived: checked (the user's edits) and staged one step per timer tick,
     # so that the poll receiving it does nothing else; it then sets ``write``.
@@ -267,6 +272,18 @@ class TEDMWorkerLogic:
         first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
         as Qt's event loop waits between timer ticks."""
         running = self.running
+        if running is not None and running.digesting is not None and not running.applying:
+            # Reading what the segmentation holds at the request takes this tick (the client's
+            # reads and writes wait for the next one; the job runs for seconds or minutes).
+            with self.timings.step("read segmentation at request"):
+                if running.drop_reason or self._nodes_gone(running):
+                    running.digesting = None
+                else:
+                    try:
+                        next(running.digesting)
+                    except StopIteration:
+                        running.digesting = None
+            return
         if running is not None and running.applying:
             # One piece of MRML work per timer tick, and nothing else in that tick: the events
             # of other requests (a close_session's answer) wait for the next one.
@@ -384,24 +401,35 @@ class TEDMWorkerLogic:
         if self.running is not None:
             raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
 
-    def _segmentation_digest(self, segmentation_node: Any, reference_node: Any) -> Optional[str]:
-        """The segmentation's content in the volume's grid (every segment) and its segment IDs:
-        compared at job start and when the result arrives, to find the user's edits made in between."""
-        if segmentation_node is None:
-            return None
-        steps = self._digest_steps(segmentation_node, reference_node, None)
-        while True:
+    def _watch_for_edits(self, running: RunningOperation) -> None:
+        """Note the segmentation as it is at the request (its segments' modified times now, its
+        voxels over the next ticks), to find the user's edits when the result arrives. Reading
+        every segment at the click held the GUI 20-70 ms per segment of a full volume."""
+        node = running.segmentation_node
+        if node is None:
+            return
+        running.segmentation_signature = mrml_io.segments_signature(node)
+        running.digesting = self._request_digest_steps(running)
+
+    def _request_digest_steps(self, running: RunningOperation) -> Iterator[None]:
+        """Sets ``running.segmentation_digest``, one segment per step, unless the segments change
+        before all are read (the content at the request is then unknown: treated as edited)."""
+        node = running.segmentation_node
+        steps = self._digest_steps(node, running.volume_nodes[0], None)
+        while mrml_io.segments_signature(node) == running.segmentation_signature:
             try:
                 next(steps)
             except StopIteration as done:
-                return done.value
+                running.segmentation_digest = done.value
+                return
+            yield
 
     def _digest_steps(
         self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]]
     ) -> Generator[None, None, str]:
-        """:meth:`_segmentation_digest` one segment per step (a segment of a full volume is read in
-        10-30 ms, more under load): the generator's value is the digest. ``masks``, if given,
-        receives each readable segment's voxels (what a rollback restores)."""
+        """The segmentation's content in the volume's grid (every segment) and its segment IDs, one
+        segment per step (a segment of a full volume is read in 10-30 ms, more under load): the
+        generator's value is the digest. ``masks``, if given, receives each readable segment's voxels."""
         segmentation = segmentation_node.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
         digest = hashlib.sha1(repr(ids).encode())
@@ -494,7 +522,6 @@ class TEDMWorkerLogic:
         with self.timings.step("read volume"):
             arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
-        reference = volume_nodes[0]
         reuse = self._reusable_record(volume_nodes, segmentation_node)
         record = reuse or self._new_record(volume_nodes, segmentation_node)
         running = RunningOperation(
@@ -503,8 +530,9 @@ class TEDMWorkerLogic:
             list(volume_nodes),
             segmentation_node,
             record,
-            self._segmentation_digest(segmentation_node, reference),
+            None,
         )
+        self._watch_for_edits(running)
         fields = {"session": record.session_id, "model": os.path.abspath(os.path.expanduser(model_path))}
         fields.update(axis=axis, device=device)
         return self._open_then(running, reuse is not None, arrays, ("segment", fields, None))
@@ -556,8 +584,9 @@ class TEDMWorkerLogic:
             list(volume_nodes),
             segmentation_node,
             record,
-            self._segmentation_digest(segmentation_node, reference),
+            None,
         )
+        self._watch_for_edits(running)
         fields = {
             "session": record.session_id,
             "model": os.path.abspath(os.path.expanduser(model_path)),
@@ -605,8 +634,9 @@ class TEDMWorkerLogic:
             list(record.volume_nodes),
             segmentation_node,
             record,
-            self._segmentation_digest(segmentation_node, reference_volume_node),
+            None,
         )
+        self._watch_for_edits(running)
         fields = {"session": record.session_id, "steps": int(steps) if steps else None}
         fields["device"] = self._checked_device(device)
         return self._start(running, "refine", fields, {"labels": edited})
@@ -801,18 +831,24 @@ class TEDMWorkerLogic:
             )
         class_names = [str(n) for n in result.get("class_names") or running.record.class_names]
         target = running.segmentation_node
-        previous: Dict[str, np.ndarray] = {}
         edited = False
-        if target is not None and running.segmentation_digest is not None:
-            # Read one segment per tick. An edit made while they are read (the segments' modified
-            # times change) counts as an edit during the job: the in-place write is not started.
-            signature = mrml_io.segments_signature(target)
-            digest = yield from self._digest_steps(target, reference, previous)
-            edited = digest != running.segmentation_digest or mrml_io.segments_signature(target) != signature
+        if target is not None and running.segmentation_signature is not None:
+            running.digesting = None
+            if mrml_io.segments_signature(target) != running.segmentation_signature:
+                # Something touched the segments (an edit, or only a new representation such as
+                # the 3D surface): compare the voxels, one segment per tick. An edit while they are
+                # read counts as an edit during the job. Untouched segments need no voxel read.
+                edited = running.segmentation_digest is None
+                if not edited:
+                    signature = mrml_io.segments_signature(target)
+                    digest = yield from self._digest_steps(target, reference, None)
+                    edited = digest != running.segmentation_digest or mrml_io.segments_signature(target) != signature
         if target is not None and not edited:
+            segmentation = target.GetSegmentation()
+            existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
             ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
             write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
-            write.previous = previous
+            write.existing = existing
             write.signature = mrml_io.segments_signature(target)
         else:
             write = self._staged_write(running, result, labels, class_names)
@@ -870,7 +906,13 @@ class TEDMWorkerLogic:
                 running.write = self._rewrite_after_edit(running)
             elif write.done < len(write.segment_ids):
                 index = write.done + 1
-                self._write_segment(write.target, reference, write.segment_ids[write.done], write.labels == index)
+                segment_id = write.segment_ids[write.done]
+                if not write.staged and segment_id in write.existing and segment_id not in write.previous:
+                    # In place: the segment as it is now, read in a tick of its own, to put it back
+                    # if the user edits the segmentation before the last segment is written.
+                    write.previous[segment_id] = mrml_io.read_class_labels(write.target, reference, [segment_id])
+                    return
+                self._write_segment(write.target, reference, segment_id, write.labels == index)
                 write.done = index
                 if not write.staged:
                     write.signature = mrml_io.segments_signature(write.target)
