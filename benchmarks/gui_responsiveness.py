@@ -28,6 +28,7 @@ in-process run use the same number of torch threads (``--threads``), and the wor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -158,8 +159,22 @@ def segment_through_the_module(bundle: Path, case: Path, threads: int, in_proces
     poll_timer = QtCore.QTimer()
     poll_timer.setInterval(POLL_MS)
 
+    # What the GUI thread did inside the largest gaps: our own timer callbacks (the click that
+    # starts the job, each poll) and Python's garbage collections; the rest of a gap is time the
+    # process waited for a CPU.
+    busy: list = []  # (what, started, ended)
+    gc_started = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started.append(time.perf_counter())
+        elif gc_started:
+            busy.append((f"gc{info.get('generation', '?')}", gc_started.pop(), time.perf_counter()))
+
     def poll() -> None:
+        started = time.perf_counter()
         logic.poll(max_seconds=0.02, wait_seconds=0.0)  # exactly what the widget's timer calls
+        busy.append(("poll", started, time.perf_counter()))
         if not logic.busy:
             app.quit()
 
@@ -171,12 +186,15 @@ def segment_through_the_module(bundle: Path, case: Path, threads: int, in_proces
         in_process.stdin.flush()
         result["start"] = time.perf_counter()
         logic.begin_segment([volume], str(bundle), None, axis="axial", device="cpu")
+        busy.append(("begin_segment", result["start"], time.perf_counter()))
         poll_timer.start()
 
     tick_timer.start()
     QtCore.QTimer.singleShot(200, start)  # some ticks before the job, as in a running application
+    gc.callbacks.append(on_gc)
     app.exec_()
     end = time.perf_counter()
+    gc.callbacks.remove(on_gc)
     tick_timer.stop()
     poll_timer.stop()
     gui_steps = logic.timings.report()
@@ -186,7 +204,18 @@ def segment_through_the_module(bundle: Path, case: Path, threads: int, in_proces
         logic.shutdown()
         raise SystemExit(f"the worker did not segment the volume: {segmented.message}\n{segmented.details}")
     during = [t for t in ticks if t >= result["start"]]
-    gaps = np.diff([result["start"]] + during + [end]) * 1000.0
+    edges = [result["start"]] + during + [end]
+    gaps = np.diff(edges) * 1000.0
+    largest = []
+    for n in np.argsort(gaps)[::-1][:5]:
+        low, high = edges[n], edges[n + 1]
+        inside: dict = {}
+        for what, started, ended in busy:
+            overlap = min(ended, high) - max(started, low)
+            if overlap > 0:
+                inside[what] = round(inside.get(what, 0.0) + 1000.0 * overlap, 1)
+        at = round(low - result["start"], 2)
+        largest.append({"gap_ms": round(float(gaps[n]), 1), "at_s": at, "inside_ms": inside})
 
     # Refine after two corrected slices, through the module and the same worker (the features of
     # the segmentation are in the worker's session): the user's correction goes through the
@@ -214,6 +243,8 @@ def segment_through_the_module(bundle: Path, case: Path, threads: int, in_proces
         "corrected_slices": refined.changed_slices,
         "worker_startup_seconds": startup,
         "max_tick_gap_ms": float(gaps.max()),
+        "largest_tick_gaps": largest,
+        "tick_gap_p99_ms": float(np.percentile(gaps, 99)),
         "ticks": len(during),
     }
 
@@ -260,6 +291,8 @@ def main(argv=None) -> int:
         "gui_steps": module["gui_steps"],
         "worker_startup_seconds": round(module["worker_startup_seconds"], 2),
         "ticks_during_job": module["ticks"],
+        "tick_gap_p99_ms": round(module["tick_gap_p99_ms"], 1),
+        "largest_tick_gaps": module["largest_tick_gaps"],
         "threads": args.threads,
         "case": args.case.name,
         "bundle": str(bundle),
@@ -274,6 +307,8 @@ def main(argv=None) -> int:
         f"worker start-up {report['worker_startup_seconds']:.1f} s, once per session; the segmentation itself "
         f"took {report['worker_segment_seconds']:.2f} s in the worker"
     )
+    for gap in report["largest_tick_gaps"]:
+        print(f"  gap of {gap['gap_ms']:.1f} ms at {gap['at_s']:.2f} s, of which the GUI thread ran {gap['inside_ms']}")
     for name, step in report["gui_steps"].items():
         print(f"  GUI thread, {name}: longest {step['longest_ms']:.1f} ms, {step['total_ms']:.0f} ms in all")
     print(

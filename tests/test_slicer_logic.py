@@ -499,7 +499,8 @@ def test_an_edit_between_pieces_of_an_in_place_write_is_kept(lib, scene, tmp_pat
     logic.begin_segment([volume], "/model", segmentation)
     write = _poll_until_writing(logic)
     assert not write.staged and write.target is segmentation
-    logic.poll()  # the first structure is written in place (slice 6 comes back)
+    logic.poll()  # the first structure as it is now is kept (to put it back after an edit) ...
+    logic.poll()  # ... then written in place (slice 6 comes back)
     assert lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]])[6].any()
     painted = np.zeros_like(erase)
     painted[2, :3, :3] = True
@@ -530,3 +531,175 @@ def test_an_in_place_write_without_edits_replaces_every_segment(lib, scene, tmp_
     assert finished.status == lib.DONE and finished.segmentation_node is segmentation
     assert not finished.written_to_new_node and len(_segmentations(scene)) == 1
     assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume), write.labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Each segment is written as its bounding box only, voxel for voxel what a full-extent write gives
+# --------------------------------------------------------------------------------------------
+def _three_structures(shape):
+    """Class indices 0-3 in ``shape`` (KJI): two boxes off the centre, touching different faces
+    of the grid, and class 3 empty (its segment must end up empty, not keep old voxels)."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[2:7, 3:9, 5:20] = 1
+    labels[8:, 12:, :4] = 2
+    labels[5, 15, 10] = 2  # a lone voxel far from its box: the box grows to hold it
+    return labels
+
+
+def _full_extent_write(lib, node, volume, ids, labels):
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    ijk_to_ras = lib.mrml_io.ijk_to_ras_of(volume)
+    for index, segment_id in enumerate(ids, start=1):
+        image = lib.mrml_io.oriented_image_from_array((labels == index).astype(np.uint8), ijk_to_ras)
+        assert logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE)
+
+
+@pytest.mark.parametrize("affine_name", ["ras", "flipped", "oblique", "permuted"])
+def test_cropped_segment_writes_equal_full_extent_writes(lib, scene, tmp_path, affine_name):
+    volume, array = _sphere_node(scene, tmp_path, affine_name)
+    labels = _three_structures(array.shape)
+    names = list(THREE_CLASSES)
+    image = lib.mrml_io.cropped_oriented_image_from_mask(labels == 1, lib.mrml_io.ijk_to_ras_of(volume))
+    assert image.GetExtent() == (5, 19, 3, 8, 2, 6), "only the box of class 1 (IJK extent)"
+
+    # A new node, written one-shot at full extent (the reference) and cropped (the module's way).
+    reference = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(reference)
+    _full_extent_write(lib, reference, volume, lib.mrml_io.prepare_segmentation_node(reference, volume, names), labels)
+    cropped = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(cropped)
+    lib.mrml_io.write_class_labels(cropped, volume, labels, names)
+    expected, expected_ijk_to_ras = export_labelmap(scene, reference, volume)
+    assert np.array_equal(expected, labels)
+    voxels, ijk_to_ras = export_labelmap(scene, cropped, volume)
+    assert np.array_equal(voxels, expected) and np.allclose(ijk_to_ras, expected_ijk_to_ras, atol=1e-9)
+
+    # In place, over a user's segments sharing one layer, each holding voxels everywhere.
+    user, ids = new_segmentation(scene, [(name, (1.0, 0.0, 0.0)) for name in names[1:]])
+    assert user.GetSegmentation().GetNumberOfLayers() == 1, "the shared-layer case is the one tested"
+    editor = SegmentEditor(scene, user, volume)
+    old = np.zeros(array.shape, dtype=np.uint8)
+    old[:, :, 10:] = 1
+    old[:, :4, :] = 2
+    old[::2, 8:, :3] = 3
+    for index, segment_id in enumerate(ids, start=1):
+        editor.add(segment_id, old == index)
+    assert lib.mrml_io.write_class_labels(user, volume, labels, names) == ids
+    for index, segment_id in enumerate(ids, start=1):
+        assert np.array_equal(lib.mrml_io.read_class_labels(user, volume, [segment_id]), (labels == index) * 1), (
+            f"segment {index}: the box written, nothing left of the old voxels outside it"
+        )
+    voxels, _ = export_labelmap(scene, user, volume)
+    assert np.array_equal(voxels, expected)
+
+
+def _begin_into_two_segments(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, array = _sphere_node(scene, tmp_path)
+    segmentation, ids = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("other", (0.0, 1.0, 0.0))])
+    editor = SegmentEditor(scene, segmentation, volume)
+    for n, segment_id in enumerate(ids):
+        mask = np.zeros(array.shape, dtype=bool)
+        mask[n, 2:5, 2:5] = True
+        editor.add(segment_id, mask)
+    logic.begin_segment([volume], "/model", segmentation)
+    return logic, volume, segmentation, ids, editor
+
+
+def _rewrite_unchanged(lib, segmentation, volume, segment_id):
+    """Write a segment's own voxels back: its modified time changes, its content does not."""
+    voxels = lib.mrml_io.read_class_labels(segmentation, volume, [segment_id])
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    image = lib.mrml_io.oriented_image_from_array(voxels, lib.mrml_io.ijk_to_ras_of(volume))
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, logic.MODE_REPLACE)
+
+
+def test_the_segmentation_is_read_during_the_job_and_the_result_kept_by_the_poll_receiving_it(lib, scene, tmp_path):
+    """No segment is read at the click: the segmentation at the request is read one segment per
+    tick while the job runs. The poll in which the result arrives does no MRML work; untouched
+    segments need no second read, so the result is staged in one tick and written after."""
+    logic, volume, segmentation, ids, _ = _begin_into_two_segments(lib, scene, tmp_path)
+    running = logic.running
+    assert running.segmentation_digest is None and "segmentation digest" not in logic.timings.longest
+    logic.poll()
+    logic.poll()
+    assert running.segmentation_digest is None, "one segment per tick"
+    logic.poll()
+    assert running.segmentation_digest is not None and running.digesting is None
+    while running.preparing is None:
+        logic.poll()
+    assert running.write is None, "nothing prepared in the poll that received the result"
+    digest_time = logic.timings.total["segmentation digest"]
+    logic.poll()
+    assert running.write is not None and not running.write.staged, "untouched: staged in one tick, in place"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
+    assert not finished.written_to_new_node and logic.timings.total["segmentation digest"] == digest_time
+    assert set(logic.timings.report()) >= {"read segmentation at request", "prepare result", "write result piece"}
+
+
+def test_a_touched_but_unchanged_segmentation_is_compared_and_written_in_place(lib, scene, tmp_path):
+    logic, volume, segmentation, ids, _ = _begin_into_two_segments(lib, scene, tmp_path)
+    running = logic.running
+    while running.digesting is not None:
+        logic.poll()
+    _rewrite_unchanged(lib, segmentation, volume, ids[1])
+    while running.preparing is None:
+        logic.poll()
+    ticks = 0
+    while running.write is None:
+        logic.poll()
+        ticks += 1
+    assert ticks == 3, "touched: one tick per segment compared (2), then the node prepared"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is segmentation
+    assert not finished.written_to_new_node
+
+
+def test_an_edit_while_the_result_is_checked_sends_it_to_a_new_node(lib, scene, tmp_path):
+    logic, volume, segmentation, ids, editor = _begin_into_two_segments(lib, scene, tmp_path)
+    running = logic.running
+    while running.digesting is not None:
+        logic.poll()
+    _rewrite_unchanged(lib, segmentation, volume, ids[0])  # touched: the result is compared voxel by voxel
+    while running.preparing is None:
+        logic.poll()
+    logic.poll()  # the first segment compared, unchanged since the request ...
+    painted = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    painted[1, :2, :2] = True
+    editor.add(ids[0], painted)  # ... and the user paints it now
+    users = lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]])
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.written_to_new_node
+    assert f"was edited while {finished.title} ran" in finished.message
+    assert finished.segmentation_node is not segmentation and len(_segmentations(scene)) == 2
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, [ids[0]]), users)
+
+
+def test_an_edit_before_the_segmentation_is_read_counts_as_an_edit(lib, scene, tmp_path):
+    """Painted and erased again in the first ticks: the content at the request was not read
+    yet, so it is unknown, and the result does not overwrite the segmentation."""
+    logic, volume, segmentation, ids, editor = _begin_into_two_segments(lib, scene, tmp_path)
+    logic.poll()  # the first segment read
+    stroke = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    stroke[8, :2, :2] = True
+    editor.add(ids[1], stroke)
+    editor.erase(ids[1], stroke)
+    finished = _run(logic)
+    assert logic.listener.finished_operations[-1] is finished and finished.status == lib.DONE
+    assert finished.written_to_new_node and finished.segmentation_node is not segmentation
+
+
+def test_node_deleted_while_the_result_is_checked_drops_it(lib, scene, tmp_path):
+    logic, volume, segmentation, ids, _ = _begin_into_two_segments(lib, scene, tmp_path)
+    while logic.running.digesting is not None:
+        logic.poll()
+    _rewrite_unchanged(lib, segmentation, volume, ids[0])
+    while logic.running.preparing is None:
+        logic.poll()
+    logic.poll()  # the first segment compared
+    scene.RemoveNode(segmentation)
+    logic.on_node_removed(segmentation)
+    finished = _run(logic)
+    assert finished.status == lib.DROPPED and _segmentations(scene) == []

@@ -373,3 +373,30 @@ def test_a_large_request_goes_out_in_pieces_without_blocking_the_caller(tmp_path
     message, shutdown = FrameReader(1 << 40).feed(out.read_bytes())  # then close() said shutdown
     header, arrays = decode_message(message)
     assert header["op"] == "open_session" and np.array_equal(arrays["volume"], volume)
+
+
+def test_the_frame_reader_hands_over_a_whole_buffered_message_without_copying():
+    """A large result that ends the buffered bytes is handed over as the reader's own buffer (no
+    copy on the GUI thread); what the reader reads next never changes it, and messages split
+    across feeds or sharing one feed still come out whole and in order."""
+    from tedm_core.serve.protocol import FrameReader, decode_message, encode_message, frame
+
+    labels = np.arange(3 << 20, dtype=np.uint32).reshape(3, 1024, 1024)
+    big = frame(encode_message({"event": "result", "id": "1"}, {"labels": labels}))
+    small = [frame(encode_message({"event": "log", "id": str(n)})) for n in range(3)]
+    reader = FrameReader(1 << 40)
+    stream = small[0] + big + small[1] + small[2]
+    messages = []
+    for start in range(0, len(stream), 1 << 20):  # 1 MiB reads, as the client's
+        messages += reader.feed(stream[start : start + (1 << 20)])
+    decoded = [decode_message(m) for m in messages]
+    assert [h["id"] for h, _ in decoded] == ["0", "1", "1", "2"]
+    assert np.array_equal(decoded[1][1]["labels"], labels)
+
+    reader = FrameReader(1 << 40)
+    first, handed = reader.feed(small[0][:5]) + reader.feed(small[0][5:] + big[:100]) + reader.feed(big[100:])
+    assert decode_message(first)[0]["id"] == "0"
+    assert isinstance(handed, memoryview), "the last message of the buffer is not copied"
+    header, arrays = decode_message(handed)
+    reader.feed(small[1] + small[2][:7])  # the reader goes on in a buffer of its own
+    assert header["id"] == "1" and np.array_equal(arrays["labels"], labels)

@@ -9,15 +9,21 @@ there (``tedm_core.pipelines.interactive``); this module only
 1. reads the MRML nodes into arrays and submits a request (``begin_*``, GUI thread);
 2. returns at once: ``poll()``, called by the widget's ``QTimer`` (or a script's loop), reads
    the worker's events without blocking and reports progress and log lines;
-3. writes a result into MRML when it arrives (GUI thread), one segment per poll so that no
-   timer tick holds the GUI for long, and only if the nodes it belongs to are still the very
-   nodes the request was made for. The operation ends (and is reported) when the last segment
-   is written: a new segmentation is filled outside the scene and added whole.
+3. writes a result into MRML after it arrives (GUI thread), one step per poll so that no
+   timer tick holds the GUI for long (about 10-60 ms each for a 240x240x155 volume on a busy
+   2-core machine): the poll that receives the result only keeps it; the next ones check for
+   the user's edits (one segment per tick, and only if the segments' modified times changed),
+   stage the node, and write one segment each, cropped to the segment's bounding box. Each
+   step runs only if the nodes it belongs to are still the very nodes the request was made for.
+   The operation ends (and is reported) when the last segment is written: a new segmentation
+   is filled outside the scene and added whole.
 
 The scene can close, and nodes can be deleted, at any moment: a result whose nodes are gone (or
 whose node IDs now name other nodes, as after a scene close) is dropped with a log line. A
 segmentation the user edited while a job ran is not overwritten: the result goes into a new
-segmentation node, and the report says so. An output segmentation is created only when a
+segmentation node, and the report says so. What the segmentation held at the request is read
+during the job's first ticks (one segment each), not at the click; an edit made before it has
+all been read counts as an edit. An output segmentation is created only when a
 result arrives, so a failed or cancelled job leaves no empty node behind.
 """
 
@@ -30,7 +36,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -108,9 +114,10 @@ class PendingWrite:
     done: int = 0  # segments written so far
     signature: Any = None  # the target's segment modified times after our last write (in place)
     previous: Dict[str, np.ndarray] = field(default_factory=dict)  # in place: each segment before the write
+    existing: List[str] = field(default_factory=list)  # in place: the segments the node held before the result
     # After a user's edit between pieces: the segments to put back in that node, first.
     restore_node: Any = None
-    restore: List[str] = field(default_factory=list)
+    restore: List[Tuple[str, int]] = field(default_factory=list)  # (segment ID, class index written there)
     restore_signature: Any = None
 
 
@@ -123,14 +130,26 @@ class RunningOperation:
     volume_nodes: List[Any]
     segmentation_node: Any  # None: a new node is created when the result arrives
     record: WorkerSessionRecord
-    segmentation_digest: Optional[str]  # the segmentation's content when the request was made
+    # The segmentation's content when the request was made: read one segment per tick during the
+    # job (``digesting``); None while unread, or if an edit came first (then it counts as edited).
+    segmentation_digest: Optional[str]
     started_at: float = field(default_factory=time.monotonic)
     request_id: Optional[str] = None
     generation: int = -1
     drop_reason: str = ""  # set when its nodes went away: the result is not written
     cancel_requested: bool = False
+    segmentation_signature: Any = None  # the segments' modified times at the request (None: no node)
+    digesting: Optional[Iterator[None]] = None
     follow_up: Optional[Callable[[], None]] = None  # the request to send after open_session
+    # A label result that arrived: checked (the user's edits) and staged one step per timer tick,
+    # so that the poll receiving it does nothing else; it then sets ``write``.
+    preparing: Optional[Iterator[None]] = None
     write: Optional[PendingWrite] = None  # the result being written into MRML, piece by piece
+
+    @property
+    def applying(self) -> bool:
+        """A result is being checked or written: the job itself is over."""
+        return self.preparing is not None or self.write is not None
 
     @property
     def elapsed(self) -> float:
@@ -259,10 +278,22 @@ class TEDMWorkerLogic:
         first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
         as Qt's event loop waits between timer ticks."""
         running = self.running
-        if running is not None and running.write is not None:
+        if running is not None and running.digesting is not None and not running.applying:
+            # Reading what the segmentation holds at the request takes this tick (the client's
+            # reads and writes wait for the next one; the job runs for seconds or minutes).
+            with self.timings.step("read segmentation at request"):
+                if running.drop_reason or self._nodes_gone(running):
+                    running.digesting = None
+                else:
+                    try:
+                        next(running.digesting)
+                    except StopIteration:
+                        running.digesting = None
+            return
+        if running is not None and running.applying:
             # One piece of MRML work per timer tick, and nothing else in that tick: the events
             # of other requests (a close_session's answer) wait for the next one.
-            with self.timings.step("write result piece"):
+            with self.timings.step("prepare result" if running.write is None else "write result piece"):
                 self._advance_write(running)
             return
         if self.client is not None:
@@ -293,7 +324,7 @@ class TEDMWorkerLogic:
     def cancel(self) -> None:
         """Ask the worker to stop the running job at its next check (within a second)."""
         running = self.running
-        if running is None or running.cancel_requested or running.write is not None:
+        if running is None or running.cancel_requested or running.applying:
             return  # a result being written is finished within a few ticks; stopping would leave half of it
         running.cancel_requested = True
         if running.request_id is not None and self.client is not None:
@@ -376,31 +407,54 @@ class TEDMWorkerLogic:
         if self.running is not None:
             raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
 
-    def _segmentation_digest(
-        self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]] = None
-    ) -> Optional[str]:
-        """The segmentation's content in the volume's grid (every segment) and its segment IDs:
-        compared at job start and at apply to find the user's edits made in between.
-        ``masks``, if given, receives each readable segment's voxels (what a rollback restores)."""
-        if segmentation_node is None:
-            return None
-        with self.timings.step("segmentation digest"):
-            segmentation = segmentation_node.GetSegmentation()
-            ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-            digest = hashlib.sha1(repr(ids).encode())
-            if ids and reference_node.GetImageData() is not None:
-                # Each segment separately: a merged labelmap would hide an edit where segments overlap.
-                for segment_id in ids:
+    def _watch_for_edits(self, running: RunningOperation) -> None:
+        """Note the segmentation as it is at the request (its segments' modified times now, its
+        voxels over the next ticks), to find the user's edits when the result arrives. Reading
+        every segment at the click held the GUI 20-70 ms per segment of a full volume."""
+        node = running.segmentation_node
+        if node is None:
+            return
+        running.segmentation_signature = mrml_io.segments_signature(node)
+        running.digesting = self._request_digest_steps(running)
+
+    def _request_digest_steps(self, running: RunningOperation) -> Iterator[None]:
+        """Sets ``running.segmentation_digest``, one segment per step, unless the segments change
+        before all are read (the content at the request is then unknown: treated as edited)."""
+        node = running.segmentation_node
+        steps = self._digest_steps(node, running.volume_nodes[0], None)
+        while mrml_io.segments_signature(node) == running.segmentation_signature:
+            try:
+                next(steps)
+            except StopIteration as done:
+                running.segmentation_digest = done.value
+                return
+            yield
+
+    def _digest_steps(
+        self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]]
+    ) -> Generator[None, None, str]:
+        """The segmentation's content in the volume's grid (every segment) and its segment IDs, one
+        segment per step (a segment of a full volume is read in 10-30 ms, more under load): the
+        generator's value is the digest. ``masks``, if given, receives each readable segment's voxels."""
+        segmentation = segmentation_node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        digest = hashlib.sha1(repr(ids).encode())
+        if ids and reference_node.GetImageData() is not None:
+            # Each segment separately: a merged labelmap would hide an edit where segments overlap.
+            for segment_id in ids:
+                with self.timings.step("segmentation digest"):
                     try:
                         labels = mrml_io.read_class_labels(segmentation_node, reference_node, [segment_id])
                     except (mrml_io.GeometryError, RuntimeError):
                         # Not readable in the volume's grid (another transform): the write will say so.
+                        labels = None
                         digest.update(b"unreadable")
-                        continue
-                    if masks is not None:
-                        masks[segment_id] = labels
-                    digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
-            return digest.hexdigest()
+                    if labels is not None:
+                        if masks is not None:
+                            masks[segment_id] = labels
+                        digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
+                yield
+        return digest.hexdigest()
 
     def _new_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> WorkerSessionRecord:
         return WorkerSessionRecord(
@@ -474,7 +528,6 @@ class TEDMWorkerLogic:
         with self.timings.step("read volume"):
             arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
-        reference = volume_nodes[0]
         reuse = self._reusable_record(volume_nodes, segmentation_node)
         record = reuse or self._new_record(volume_nodes, segmentation_node)
         running = RunningOperation(
@@ -483,8 +536,9 @@ class TEDMWorkerLogic:
             list(volume_nodes),
             segmentation_node,
             record,
-            self._segmentation_digest(segmentation_node, reference),
+            None,
         )
+        self._watch_for_edits(running)
         fields = {"session": record.session_id, "model": os.path.abspath(os.path.expanduser(model_path))}
         fields.update(axis=axis, device=device)
         return self._open_then(running, reuse is not None, arrays, ("segment", fields, None))
@@ -536,8 +590,9 @@ class TEDMWorkerLogic:
             list(volume_nodes),
             segmentation_node,
             record,
-            self._segmentation_digest(segmentation_node, reference),
+            None,
         )
+        self._watch_for_edits(running)
         fields = {
             "session": record.session_id,
             "model": os.path.abspath(os.path.expanduser(model_path)),
@@ -585,8 +640,9 @@ class TEDMWorkerLogic:
             list(record.volume_nodes),
             segmentation_node,
             record,
-            self._segmentation_digest(segmentation_node, reference_volume_node),
+            None,
         )
+        self._watch_for_edits(running)
         fields = {"session": record.session_id, "steps": int(steps) if steps else None}
         fields["device"] = self._checked_device(device)
         return self._start(running, "refine", fields, {"labels": edited})
@@ -746,7 +802,8 @@ class TEDMWorkerLogic:
             return
         try:
             if running.operation in ("segment", "fit", "refine"):
-                self._apply_labels(running, result, event.arrays)
+                # Nothing more in the poll that received it: the next ticks check and write it.
+                running.preparing = self._prepare_write(running, result, event.arrays)
             elif running.operation == "uncertain_slices":
                 self._apply_uncertain_slices(running, result)
             elif running.operation in ("save_model", "pretrain"):
@@ -765,8 +822,12 @@ class TEDMWorkerLogic:
                     details=traceback.format_exc(),
                 )
 
-    def _apply_labels(self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]) -> None:
-        """Check the result and where it goes; the segments are written by the next polls."""
+    def _prepare_write(
+        self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]
+    ) -> Iterator[None]:
+        """Check the result and where it goes, one step per timer tick, then set ``running.write``
+        (the segments are written by the ticks after). Between steps, ``_advance_write`` checks
+        that the nodes are still there."""
         reference = running.volume_nodes[0]
         labels = np.asarray(arrays["labels"], dtype=np.uint8)
         expected = tuple(reversed(reference.GetImageData().GetDimensions()))
@@ -776,23 +837,35 @@ class TEDMWorkerLogic:
             )
         class_names = [str(n) for n in result.get("class_names") or running.record.class_names]
         target = running.segmentation_node
-        previous: Dict[str, np.ndarray] = {}
-        write = None
-        if target is not None and running.segmentation_digest is not None:
-            if self._segmentation_digest(target, reference, previous) != running.segmentation_digest:
+        edited = False
+        if target is not None and running.segmentation_signature is not None:
+            running.digesting = None
+            if mrml_io.segments_signature(target) != running.segmentation_signature:
+                # Something touched the segments (an edit, or only a new representation such as
+                # the 3D surface): compare the voxels, one segment per tick. An edit while they are
+                # read counts as an edit during the job. Untouched segments need no voxel read.
+                edited = running.segmentation_digest is None
+                if not edited:
+                    signature = mrml_io.segments_signature(target)
+                    digest = yield from self._digest_steps(target, reference, None)
+                    edited = digest != running.segmentation_digest or mrml_io.segments_signature(target) != signature
+        if target is not None and not edited:
+            segmentation = target.GetSegmentation()
+            existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+            ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
+            write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
+            write.existing = existing
+            write.signature = mrml_io.segments_signature(target)
+        else:
+            write = self._staged_write(running, result, labels, class_names)
+            if edited:
                 # The user painted while the job ran: keep their work, put the result beside it.
-                write = self._staged_write(running, result, labels, class_names)
                 write.written_to_new_node = True
                 write.note = (
                     f" '{target.GetName()}' was edited while {running.title} ran, so the result went into a new "
                     "segmentation instead of overwriting your edits."
                 )
-        if write is None and target is not None:
-            ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
-            write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
-            write.previous = previous
-            write.signature = mrml_io.segments_signature(target)
-        running.write = write or self._staged_write(running, result, labels, class_names)
+        running.write = write
 
     def _staged_write(
         self, running: RunningOperation, result: Dict[str, Any], labels: np.ndarray, class_names: List[str]
@@ -815,15 +888,23 @@ class TEDMWorkerLogic:
             # A staged node was never in the scene: dropping it leaves nothing behind. A node
             # written in place was deleted (or its scene closed): nothing is left to keep whole.
             running.drop_reason = gone
+            running.preparing = None
             running.write = None
             self._finish(running, DROPPED, self._dropped_text(running))
             return
         try:
-            if write.restore:
+            if running.preparing is not None:
+                try:
+                    next(running.preparing)
+                except StopIteration:
+                    running.preparing = None  # ``write`` is set: the next tick starts writing
+            elif write.restore:
                 node = write.restore_node
                 if mrml_io.segments_signature(node) == write.restore_signature:
-                    segment_id = write.restore.pop()
-                    self._write_segment(node, reference, segment_id, write.previous[segment_id])
+                    segment_id, index = write.restore.pop()
+                    current = mrml_io.read_class_labels(node, reference, [segment_id])
+                    if np.array_equal(current > 0, write.labels == index):  # still exactly what was written
+                        self._write_segment(node, reference, segment_id, write.previous[segment_id])
                     write.restore_signature = mrml_io.segments_signature(node)
                 else:  # the user is editing it again: what is left is theirs to decide
                     write.restore = []
@@ -831,8 +912,13 @@ class TEDMWorkerLogic:
                 running.write = self._rewrite_after_edit(running)
             elif write.done < len(write.segment_ids):
                 index = write.done + 1
-                mask = (write.labels == index).astype(np.uint8)
-                self._write_segment(write.target, reference, write.segment_ids[write.done], mask)
+                segment_id = write.segment_ids[write.done]
+                if not write.staged and segment_id in write.existing and segment_id not in write.previous:
+                    # In place: the segment as it is now, read in a tick of its own, to put it back
+                    # if the user edits the segmentation before the last segment is written.
+                    write.previous[segment_id] = mrml_io.read_class_labels(write.target, reference, [segment_id])
+                    return
+                self._write_segment(write.target, reference, segment_id, write.labels == index)
                 write.done = index
                 if not write.staged:
                     write.signature = mrml_io.segments_signature(write.target)
@@ -843,6 +929,7 @@ class TEDMWorkerLogic:
             import traceback
 
             log.exception("TEDMSlicer: writing the result failed")
+            running.preparing = None
             running.write = None
             if self.running is running:
                 message = f"{running.title}: writing the result failed: {error}"
@@ -851,24 +938,23 @@ class TEDMWorkerLogic:
     def _write_segment(self, node: Any, reference: Any, segment_id: str, mask: np.ndarray) -> None:
         import slicer
 
-        image = mrml_io.oriented_image_from_array(mask, mrml_io.ijk_to_ras_of(reference))
+        # Only the mask's bounding box: the write's cost follows the image's size, not the volume's.
+        image = mrml_io.cropped_oriented_image_from_mask(mask, mrml_io.ijk_to_ras_of(reference))
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         if not logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE):
             raise RuntimeError(f"could not write segment {segment_id!r} into '{node.GetName()}'")
 
     def _rewrite_after_edit(self, running: RunningOperation) -> PendingWrite:
         """The user edited the segmentation between two pieces of an in-place write: the segments
-        already written that the user did not touch since are put back as they were, and the
-        whole result goes into a new segmentation, as for an edit made while the job ran."""
+        already written that the user did not touch since are put back as they were (one per tick,
+        each checked to still hold exactly what was written), and the whole result goes into a new
+        segmentation, as for an edit made while the job ran."""
         write = running.write
-        reference = running.volume_nodes[0]
         restore = []
         for index, segment_id in enumerate(write.segment_ids[: write.done], start=1):
             if segment_id not in write.previous or write.target.GetSegmentation().GetSegment(segment_id) is None:
                 continue  # created by this result, or removed by the user since
-            current = mrml_io.read_class_labels(write.target, reference, [segment_id])
-            if np.array_equal(current > 0, write.labels == index):  # still exactly what was written
-                restore.append(segment_id)
+            restore.append((segment_id, index))
         staged = self._staged_write(running, write.result, write.labels, write.class_names)
         staged.written_to_new_node = True
         staged.note = (

@@ -117,7 +117,8 @@ def _array_entry(entry: Any) -> Tuple[str, np.dtype, Tuple[int, ...]]:
 class FrameReader:
     """Splits a byte stream into messages (each preceded by its 8-byte length).
 
-    ``feed`` takes whatever bytes arrived and returns the complete messages. A message above
+    ``feed`` takes whatever bytes arrived and returns the complete messages (``bytes``, or a
+    ``memoryview`` of a buffer no longer used by the reader). A message above
     ``max_bytes`` is skipped (its bytes are read and dropped, so the stream stays in step) and
     reported as a :class:`ProtocolError` in the returned list.
     """
@@ -147,6 +148,14 @@ class FrameReader:
                 continue
             end = FRAME_LENGTH.size + length
             if len(self._buffer) < end:
+                return out
+            if len(self._buffer) == end:
+                # The message is all that was buffered (a large result usually is): hand the
+                # buffer itself over instead of copying it twice (slice, then bytes), which cost
+                # a GUI timer tick tens of ms for a 9 MB label volume. A new buffer takes its place,
+                # so nothing the caller holds is ever overwritten.
+                message, self._buffer = self._buffer, bytearray()
+                out.append(memoryview(message)[FRAME_LENGTH.size :])
                 return out
             out.append(bytes(self._buffer[FRAME_LENGTH.size : end]))
             del self._buffer[:end]
