@@ -84,15 +84,31 @@ GOALS = {  # key: (comparison, goal)
 # The straightforward implementation of the same method
 
 
+def explicit_attention(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``unet`` with MONAI's default attention (softmax(QK^T)V materialised) instead of
+    the SDPA kernel ``tedm_core.model.backbone.build_unet`` switches on: the same weights."""
+    unet = copy.deepcopy(unet)
+    for module in unet.modules():
+        if hasattr(module, "use_flash_attention"):
+            module.use_flash_attention = False
+    return unet
+
+
+def plain_bundle(bundle: ModelBundle) -> ModelBundle:
+    """``bundle`` with an explicit-attention copy of its UNet (the bundle itself untouched)."""
+    return replace(bundle, backbone=replace(bundle.backbone, unet=explicit_attention(bundle.backbone.unet)))
+
+
 class Straightforward:
     """TEDM as one would first write it: per slice, per timestep, one UNet call (batch 1, full
     decoder and output convolution), every decoder level upsampled to the image size and
-    concatenated, the MLP applied to that, fp32, default memory layout. Same taps, same noise
-    (``timestep_noise`` of (seed, t)) and same weights as the pipeline, so the outputs agree."""
+    concatenated, the MLP applied to that, fp32, default memory layout, MONAI's default (explicit)
+    attention. Same taps, same noise (``timestep_noise`` of (seed, t)) and same weights as the
+    pipeline, so the outputs agree."""
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
-        self.unet = bundle.backbone.unet.eval()
+        self.unet = explicit_attention(bundle.backbone.unet).eval()
         self.schedule = bundle.backbone.noise_schedule
         self.mlp = bundle.head.mlp.eval()
         self.size = bundle.image_size
@@ -246,6 +262,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     areas = (truth.array[0] > 0).reshape(truth.array.shape[1], -1).sum(axis=1)  # per file-K slice
     top = int(np.argmax(areas))
     fit_slices = [top, top - 8]
+    whole_volume, whole_truth = volume, truth
     if args.slices:  # evenly spaced slices of the whole volume, plus the two the head is fitted on
         keep = sorted(set(np.linspace(0, len(areas) - 1, args.slices).round().astype(int).tolist()) | set(fit_slices))
         volume = replace(volume, array=volume.array[:, keep])
@@ -275,7 +292,14 @@ def prepare(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     save_bundle(bundle, work / "bundle_volume", overwrite=True)
     radiograph = replace(bundle, backbone=replace(bundle.backbone, intensity=RADIOGRAPH))
     save_bundle(radiograph, work / "bundle_cxr", overwrite=True)
-    return {"bundle": bundle, "volume": volume, "truth": truth, "fit_seconds": fit_seconds}
+    return {
+        "bundle": bundle,
+        "volume": volume,
+        "truth": truth,
+        "whole_volume": whole_volume,
+        "whole_truth": whole_truth,
+        "fit_seconds": fit_seconds,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,18 +358,21 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
     grid, _ = to_model_grid(torch.from_numpy(slices), size)
     default = Segmenter(bundle, device="cpu")
     contiguous = Segmenter(bundle, device="cpu", memory_format="contiguous")
+    # plain: the UNet as one would first run it (stored layout, MONAI's explicit attention), fp32
+    plain = Segmenter(plain_bundle(bundle), device="cpu", memory_format="contiguous")
+    explicit = Segmenter(plain_bundle(bundle), device="cpu")  # channels-last, explicit attention
     steps = len(default.timesteps)
     batch = min(default.batch_size, len(grid))
     sub = grid[:batch]
-    per_map = gmac(_OneStep(contiguous.extractor, full=False), grid.shape[1:])
-    per_image_full = gmac(_OneStep(contiguous.extractor, full=True), grid.shape[1:])
+    per_map = gmac(_OneStep(plain.extractor, full=False), grid.shape[1:])
+    per_image_full = gmac(_OneStep(plain.extractor, full=True), grid.shape[1:])
 
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     a16, b16 = a[:256, :256].bfloat16(), b[:256, :256].bfloat16()  # emulated on CPUs without AVX512-BF16: kept small
 
-    def train_step_fn(memory_format: torch.memory_format) -> Callable[[], None]:
-        model = copy.deepcopy(bundle.backbone.unet).train().to(memory_format=memory_format)
+    def train_step_fn(memory_format: torch.memory_format, unet: Optional[torch.nn.Module] = None) -> Callable[[], None]:
+        model = copy.deepcopy(unet or bundle.backbone.unet).train().to(memory_format=memory_format)
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
         schedule = bundle.backbone.noise_schedule
         x0 = grid[torch.arange(train_batch) % len(grid)].contiguous(memory_format=memory_format)
@@ -366,12 +393,15 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
         "matmul_bf16": lambda: torch.mm(a16, b16),
         "unet": lambda: default._features(sub),
         "unet_contiguous": lambda: contiguous._features(sub),
-        "unet_2_slices": lambda: default._features(grid[:2]),
+        "unet_explicit_attention": lambda: explicit._features(sub),
+        "unet_plain": lambda: plain._features(sub),
         "train_contiguous": train_step_fn(torch.contiguous_format),
         "train_channels_last": train_step_fn(torch.channels_last),
+        "train_explicit_attention": train_step_fn(torch.contiguous_format, explicit_attention(bundle.backbone.unet)),
     }
-    if len(grid) >= 8:
-        functions["unet_8_slices"] = lambda: default._features(grid[:8])
+    for slices_per_call in (2, 4):
+        if len(grid) >= slices_per_call and slices_per_call != batch:
+            functions[f"unet_{slices_per_call}_slices"] = lambda k=slices_per_call: default._features(grid[:k])
     best = best_times(functions, repeats)
     peak = 2 * n**3 / best["matmul_fp32"]
     result: Dict[str, Any] = {
@@ -385,21 +415,23 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
     for name, slices_in_call in (
         ("unet", batch),
         ("unet_contiguous", batch),
+        ("unet_explicit_attention", batch),
+        ("unet_plain", batch),
         ("unet_2_slices", 2),
-        ("unet_8_slices", 8),
+        ("unet_4_slices", 4),
     ):
         if name in best:
             result[f"{name}_gflops"] = 2 * per_map * 1e9 * slices_in_call * steps / best[name] / 1e9
-    for name in ("train_contiguous", "train_channels_last"):
+    for name in ("train_contiguous", "train_channels_last", "train_explicit_attention"):
         result[f"{name}_gflops"] = 3 * 2 * per_image_full * 1e9 * train_batch / best[name] / 1e9
     result["unet_fraction_of_fp32_peak"] = result["unet_gflops"] * 1e9 / peak
     # pretraining (tedm_core.pipelines.pretrain) runs the stored layout
     result["train_fraction_of_fp32_peak"] = result["train_contiguous_gflops"] * 1e9 / peak
 
-    # Agreement of the default (fastest kept) configuration with plain fp32 (one call's slices), and
+    # Agreement of the default (fastest kept) configuration with the plain one (these slices), and
     # what bf16 autocast would give: speed and agreement of one map (bf16 is emulated, so slow, on
     # CPUs without AVX512-BF16/AMX).
-    result["dice_vs_fp32"] = dice(default.predict(slices[:batch]).labels, contiguous.predict(slices[:batch]).labels)
+    result["dice_vs_fp32"] = dice(default.predict(slices).labels, plain.predict(slices).labels)
     index = int(np.argmax([(s > -1 + 1e-6).sum() for s in slices]))
     one = slices[index : index + 1]
     single = {p: Segmenter(bundle, device="cpu", precision=p, timesteps=bundle.timesteps[:1]) for p in ("fp32", "bf16")}
@@ -454,7 +486,9 @@ def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
 
 
 def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, Any]:
-    """Segment, then Refine after two corrected slices, through the product's own object:
+    """Segment the whole volume (whatever ``--slices`` says: Refine's cost is fixed, so its
+    fraction means something only against a whole volume's segmentation), then Refine after two
+    corrected slices, through the product's own object:
     :class:`~tedm_core.pipelines.interactive.InteractiveSession`, which the worker (``tedm serve``)
     and so the Slicer module run (as ``benchmarks/refine_vs_segment.py --in-process``). The two
     tumour slices the segmentation got most wrong are corrected to the ground truth."""
@@ -531,7 +565,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
 
     if args.refine_only:
-        refine = measure_refine(bundle, setup["volume"], setup["truth"])
+        refine = measure_refine(bundle, setup["whole_volume"], setup["whole_truth"])
         print(json.dumps(refine))
         if args.json:
             args.json.write_text(
@@ -563,7 +597,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     brain = slices[nonempty_slice_mask(slices)]
     compute = measure_compute(bundle, brain[:8], repeats, train_batch=8 if args.quick else 16)
     profile = profile_unet(bundle, brain)
-    refine = measure_refine(bundle, setup["volume"], setup["truth"])
+    refine = measure_refine(bundle, setup["whole_volume"], setup["whole_truth"])
     if args.compile:
         compute["compile"] = measure_compile(bundle, brain)
         print(f"torch.compile: {json.dumps(compute['compile'])}")
@@ -610,13 +644,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"UNet {c['gmac_per_map']:.3f} GMAC per map (truncated), {c['gmac_per_image_full_pass']:.3f} full"
     )
     print(
-        f"UNet GFLOP/s: channels-last {c['unet_gflops']:.1f}, contiguous {c['unet_contiguous_gflops']:.1f} "
-        f"({c['maps_per_call']} maps per call); 2 slices per call {c['unet_2_slices_gflops']:.1f}"
-        + (f", 8 slices {c['unet_8_slices_gflops']:.1f}" if "unet_8_slices_gflops" in c else "")
+        f"UNet GFLOP/s: default {c['unet_gflops']:.1f} ({c['maps_per_call']} maps per call; channels-last, SDPA), "
+        f"contiguous {c['unet_contiguous_gflops']:.1f}, explicit attention {c['unet_explicit_attention_gflops']:.1f}, "
+        f"plain (contiguous, explicit) {c['unet_plain_gflops']:.1f}; "
+        + ", ".join(
+            f"{k} slices per call {c[f'unet_{k}_slices_gflops']:.1f}" for k in (2, 4) if f"unet_{k}_slices_gflops" in c
+        )
     )
     print(
         f"training GFLOP/s: contiguous {c['train_contiguous_gflops']:.1f}, "
-        f"channels-last {c['train_channels_last_gflops']:.1f}; bf16 autocast UNet speed vs fp32 "
+        f"channels-last {c['train_channels_last_gflops']:.1f}, "
+        f"explicit attention {c['train_explicit_attention_gflops']:.1f}; bf16 autocast UNet speed vs fp32 "
         f"{c['bf16_autocast_unet_speed_vs_fp32']:.2f}x, its Dice vs fp32 {c['bf16_dice_vs_fp32']:.3f} (one map)"
     )
     print(

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # encoder keeps for the decoder, plus a residual block's transient maps). An allowance, not a
 # measurement; a CUDA out-of-memory error halves the batch anyway (runtime.map_in_chunks).
 UNET_MAPS_PER_COPY = 24
+# On the CPU one slice (its |S| = 8 timestep copies) per UNet call: measured on the project's
+# 2-core machines (benchmarks/benchmark.py, 1 thread) as fast per map as 2 or 4 slices per call
+# once attention runs through SDPA, and the UNet's live tensors grow ~7 MiB per map (MONAI's
+# blocks keep un-fused norm/activation copies), so 4 slices per call held ~4x the memory.
+CPU_SLICES_PER_CALL = 1
 Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -76,7 +81,8 @@ class Segmenter:
         bundle: the model.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per UNet call (each slice is run once per timestep); default: what
-            half of the free GPU memory holds, or 4 on the CPU. Halved automatically on CUDA OOM.
+            half of the free GPU memory holds, or ``CPU_SLICES_PER_CALL`` on the CPU. Halved automatically
+            on CUDA OOM.
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
         memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
@@ -119,7 +125,7 @@ class Segmenter:
         per_slice = (
             max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * UNET_MAPS_PER_COPY
         )
-        self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=4)
+        self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=CPU_SLICES_PER_CALL)
         log.info(
             "segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size
         )
