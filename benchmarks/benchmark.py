@@ -6,8 +6,8 @@
 Everything is measured in this one run, with the same torch threads everywhere:
 
 * whole-volume segmentation of a BraTS volume (FLAIR, 240x240x155; ``--quick``: 6 of its slices)
-  and of a set of radiographs, read from and written to files, by the pipeline
-  (``Segmenter`` + ``segment_volume`` / ``segment_image_folder``) and by the straightforward
+  and of a set of radiographs, read from and written to files, by the pipeline (the product's
+  batch path, ``tedm_core.pipelines.batch.run_batch``, as ``tedm segment`` runs it) and by the straightforward
   implementation kept in this file (one UNet call per slice and timestep, full decoder and output
   convolution, every slice including background, every decoder level upsampled to the image
   size and concatenated before the MLP, per-step probabilities kept for the whole volume, fp32);
@@ -16,9 +16,9 @@ Everything is measured in this one run, with the same torch threads everywhere:
   bf16) matrix product, interleaved, best of a few repeats each: achieved FLOP/s = ptflops MACs x 2
   / time, over the matrix product's FLOP/s;
 * where the pipeline's time goes (``torch.profiler`` over the UNet; wall clock for IO and head);
-* Refine after two corrected slices over a full segmentation, through the calls the Slicer
-  module makes (``Segmenter.predict(keep_features=True)``, ``refine_bundle`` on cached features,
-  ``Segmenter.predict_from_features``), without MRML.
+* Refine after two corrected slices over a full segmentation, through
+  ``tedm_core.pipelines.interactive.InteractiveSession``, the object the worker and so the Slicer
+  module run (without MRML and the worker's transport).
 
 Weights: the ``small`` preset at 64 px, untrained (seed 0), with a TEDM head fitted for a few
 steps on two tumour slices of the case: timings do not depend on the weights, and the fitted
@@ -42,25 +42,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from head_memory import _PeakRss
 
 from tedm_core.bundle import ModelBundle, load_bundle, save_bundle
 from tedm_core.features import INFERENCE_SEED, DecoderFeatureExtractor, timestep_noise
-from tedm_core.io.volumes import read_case, read_volume, write_float_volume, write_label_volume
+from tedm_core.io.volumes import read_case, read_volume, volume_suffix, write_float_volume, write_label_volume
 from tedm_core.model.backbone import PRESETS
 from tedm_core.model.checkpoint import Backbone
-from tedm_core.pipelines.fit import fit_bundle, refine_bundle
-from tedm_core.pipelines.image_segment import segment_image_folder
+from tedm_core.pipelines.fit import fit_bundle
+from tedm_core.pipelines.interactive import InteractiveSession
 from tedm_core.pipelines.segment import Segmenter
 from tedm_core.pipelines.volume import (
+    classes_to_label_values,
     label_array_to_classes,
     labelled_slices_from_volumes,
     nonempty_slice_mask,
     normalise_volume,
-    segment_volume,
+    resolve_axis,
 )
 from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
 from tedm_core.preprocessing.spatial import from_model_grid, to_model_grid
@@ -68,6 +68,9 @@ from tedm_core.slicing import extract_slices, reassemble, to_slices
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+# One timing of the fp32 peak is this many 1024x1024 products (~0.3 s): long enough not to be
+# decided by one scheduling hiccup on a shared machine, like the UNet timings it is compared with.
+MATMULS_PER_TIMING = 8
 GOALS = {  # key: (comparison, goal)
     "speedup_vs_straightforward": (">=", 3.0),
     "memory_ratio_vs_straightforward": (">=", 5.0),
@@ -84,15 +87,31 @@ GOALS = {  # key: (comparison, goal)
 # The straightforward implementation of the same method
 
 
+def explicit_attention(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``unet`` with MONAI's default attention (softmax(QK^T)V materialised) instead of
+    the SDPA kernel ``tedm_core.model.backbone.build_unet`` switches on: the same weights."""
+    unet = copy.deepcopy(unet)
+    for module in unet.modules():
+        if hasattr(module, "use_flash_attention"):
+            module.use_flash_attention = False
+    return unet
+
+
+def plain_bundle(bundle: ModelBundle) -> ModelBundle:
+    """``bundle`` with an explicit-attention copy of its UNet (the bundle itself untouched)."""
+    return replace(bundle, backbone=replace(bundle.backbone, unet=explicit_attention(bundle.backbone.unet)))
+
+
 class Straightforward:
     """TEDM as one would first write it: per slice, per timestep, one UNet call (batch 1, full
     decoder and output convolution), every decoder level upsampled to the image size and
-    concatenated, the MLP applied to that, fp32, default memory layout. Same taps, same noise
-    (``timestep_noise`` of (seed, t)) and same weights as the pipeline, so the outputs agree."""
+    concatenated, the MLP applied to that, fp32, default memory layout, MONAI's default (explicit)
+    attention. Same taps, same noise (``timestep_noise`` of (seed, t)) and same weights as the
+    pipeline, so the outputs agree."""
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
-        self.unet = bundle.backbone.unet.eval()
+        self.unet = explicit_attention(bundle.backbone.unet).eval()
         self.schedule = bundle.backbone.noise_schedule
         self.mlp = bundle.head.mlp.eval()
         self.size = bundle.image_size
@@ -156,7 +175,48 @@ def _timed(module: torch.nn.Module, totals: Dict[str, float], key: str) -> None:
     module.forward = wrapper
 
 
+def _timed_function(module: Any, name: str, totals: Dict[str, float], key: str) -> None:
+    """Count the wall time of ``module.name`` (a function the pipeline looks up there) into ``totals[key]``."""
+    function = getattr(module, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tic = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - tic
+
+    setattr(module, name, wrapper)
+
+
+def straightforward_case(straightforward: Straightforward, image: Path, out: Path, totals: Dict[str, float]) -> None:
+    """One image or volume file -> label and uncertainty files, as ``tedm segment`` names and writes them."""
+    bundle = straightforward.bundle
+    tic = time.perf_counter()
+    volume = read_case([image], channel_names=None)
+    totals["read"] = totals.get("read", 0.0) + time.perf_counter() - tic
+    slices, layout = extract_slices(normalise_volume(volume, bundle.intensity), resolve_axis(volume, bundle.axis))
+    labels, uncertainty = straightforward.segment_slices(slices)
+    labels, uncertainty = reassemble(labels, layout), reassemble(uncertainty, layout)
+    tic = time.perf_counter()
+    name = image.name[: len(image.name) - len(volume_suffix(image))]
+    suffix = ".png" if volume_suffix(image) == ".png" else ".nii.gz"
+    write_float_volume(out / f"{name}_uncertainty{suffix}", uncertainty, volume)
+    values = [0, 255] if suffix == ".png" else list(bundle.label_values)  # batch.file_label_values' rule
+    write_label_volume(out / f"{name}{suffix}", classes_to_label_values(labels, values), volume)
+    totals["write"] = totals.get("write", 0.0) + time.perf_counter() - tic
+
+
 def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
+    """One way on one workload's input folder, writing into ``out_<way>_<workload>``.
+
+    The pipeline is the product's own path: :func:`tedm_core.pipelines.batch.run_batch`, the one
+    writer behind ``tedm segment`` and ``scripts/batch_segment.py`` (reading, background slices
+    skipped, passes, head, reassembly, atomic writes). Its reads, writes, UNet and head calls are
+    timed by wrapping the functions it calls, not by changing them."""
+    from tedm_core.pipelines import batch
+
+    inputs = work / ("volume_in" if workload == "volume" else "cxr")
     out = work / f"out_{way}_{workload}"
     out.mkdir(exist_ok=True)
     bundle = load_bundle(work / f"bundle_{workload}")
@@ -165,47 +225,24 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
         segmenter = Segmenter(bundle, device="cpu")
         _timed(segmenter.extractor, totals, "unet")
         _timed(segmenter.head.mlp, totals, "head")
+        _timed_function(batch, "read_case", totals, "read")
+        _timed_function(batch, "write_float_volume", totals, "write")
+        _timed_function(batch, "write_label_volume", totals, "write")
+        options = batch.BatchOptions(overwrite=True, uncertainty=True, show_progress=False)
     else:
         straightforward = Straightforward(bundle)
     with _PeakRss() as memory:
         tic = time.perf_counter()
-        if workload == "volume":
-            volume = read_case([work / "volume" / "FLAIR.nii.gz"], channel_names=["FLAIR"])
-            totals["read"] = time.perf_counter() - tic
-            if way == "tedm":
-                result = segment_volume(segmenter, volume, keep_probabilities=False)
-                labels, uncertainty = result.labels, result.uncertainty
-            else:
-                slices, layout = extract_slices(normalise_volume(volume, bundle.intensity), bundle.axis)
-                labels, uncertainty = straightforward.segment_slices(slices)
-                labels, uncertainty = reassemble(labels, layout), reassemble(uncertainty, layout)
-            before_write = time.perf_counter()
-            write_float_volume(out / "uncertainty.nii.gz", uncertainty, volume)
-            write_label_volume(out / "labels.nii.gz", labels, volume)
-            totals["write"] = time.perf_counter() - before_write
-            np.save(out / "labels.npy", labels)
+        if way == "tedm":
+            report = batch.run_batch(segmenter, inputs, out, options)
+            assert not report.failed, [r.error for r in report.failed]
         else:
-            images = work / "cxr"
-            if way == "tedm":
-                report = segment_image_folder(segmenter, images, out, uncertainty=True, overwrite=True)
-                assert not report.failures, report.failures
-            else:
-                from tedm_core.io.images import list_images, read_grey, write_png
-                from tedm_core.pipelines.image_segment import label_image
-                from tedm_core.preprocessing.intensity import normalise_intensity
-
-                for path in list_images(images):
-                    image = normalise_intensity(read_grey(path), bundle.intensity)
-                    labels, uncertainty = straightforward.segment_slices(image[None])
-                    write_png(
-                        out / f"{path.stem}_uncertainty.png",
-                        np.round(np.clip(uncertainty[0] * 510, 0, 255)).astype(np.uint8),
-                    )
-                    write_png(out / f"{path.stem}.png", label_image(labels[0], bundle.label_values))
+            for image in sorted(inputs.iterdir()):
+                straightforward_case(straightforward, image, out, totals)
         seconds = time.perf_counter() - tic
     if way == "straightforward":
         totals["unet"] = straightforward.unet_seconds
-    return {"seconds": seconds, "peak_mib": memory.grown_kib / 1024, **totals}
+    return {"seconds": seconds, "peak_mib": memory.grown_kib / 1024, "peak_method": memory.method, **totals}
 
 
 def spawn(way: str, workload: str, work: Path, threads: int) -> Dict[str, Any]:
@@ -228,14 +265,16 @@ def prepare(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     areas = (truth.array[0] > 0).reshape(truth.array.shape[1], -1).sum(axis=1)  # per file-K slice
     top = int(np.argmax(areas))
     fit_slices = [top, top - 8]
+    whole_volume, whole_truth = volume, truth
     if args.slices:  # evenly spaced slices of the whole volume, plus the two the head is fitted on
         keep = sorted(set(np.linspace(0, len(areas) - 1, args.slices).round().astype(int).tolist()) | set(fit_slices))
         volume = replace(volume, array=volume.array[:, keep])
         truth = replace(truth, array=truth.array[:, keep])
         fit_slices = [keep.index(k) for k in fit_slices]
-    (work / "volume").mkdir(exist_ok=True)
-    write_float_volume(work / "volume" / "FLAIR.nii.gz", volume.array[0], volume)
-    write_label_volume(work / "volume" / "GT_W.nii.gz", truth.array[0].astype(np.uint8), truth)
+    # The input folder holds the image alone: for a one-channel model every volume file under
+    # it is a case (tedm_core.io.cases), so the ground truth is kept apart.
+    (work / "volume_in").mkdir(exist_ok=True)
+    write_float_volume(work / "volume_in" / "FLAIR.nii.gz", volume.array[0], volume)
 
     cxr = work / "cxr"
     cxr.mkdir(exist_ok=True)
@@ -256,11 +295,22 @@ def prepare(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     save_bundle(bundle, work / "bundle_volume", overwrite=True)
     radiograph = replace(bundle, backbone=replace(bundle.backbone, intensity=RADIOGRAPH))
     save_bundle(radiograph, work / "bundle_cxr", overwrite=True)
-    return {"bundle": bundle, "volume": volume, "truth": truth, "fit_seconds": fit_seconds}
+    return {
+        "bundle": bundle,
+        "volume": volume,
+        "truth": truth,
+        "whole_volume": whole_volume,
+        "whole_truth": whole_truth,
+        "fit_seconds": fit_seconds,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # In-process measurements
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 2) if isinstance(value, float) else value
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -311,18 +361,20 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
     grid, _ = to_model_grid(torch.from_numpy(slices), size)
     default = Segmenter(bundle, device="cpu")
     contiguous = Segmenter(bundle, device="cpu", memory_format="contiguous")
+    # plain: the UNet as one would first run it (stored layout, MONAI's explicit attention), fp32
+    plain = Segmenter(plain_bundle(bundle), device="cpu", memory_format="contiguous")
+    explicit = Segmenter(plain_bundle(bundle), device="cpu")  # channels-last, explicit attention
     steps = len(default.timesteps)
     batch = min(default.batch_size, len(grid))
-    sub = grid[:batch]
-    per_map = gmac(_OneStep(contiguous.extractor, full=False), grid.shape[1:])
-    per_image_full = gmac(_OneStep(contiguous.extractor, full=True), grid.shape[1:])
+    per_map = gmac(_OneStep(plain.extractor, full=False), grid.shape[1:])
+    per_image_full = gmac(_OneStep(plain.extractor, full=True), grid.shape[1:])
 
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     a16, b16 = a[:256, :256].bfloat16(), b[:256, :256].bfloat16()  # emulated on CPUs without AVX512-BF16: kept small
 
-    def train_step_fn(memory_format: torch.memory_format) -> Callable[[], None]:
-        model = copy.deepcopy(bundle.backbone.unet).train().to(memory_format=memory_format)
+    def train_step_fn(memory_format: torch.memory_format, unet: Optional[torch.nn.Module] = None) -> Callable[[], None]:
+        model = copy.deepcopy(unet or bundle.backbone.unet).train().to(memory_format=memory_format)
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
         schedule = bundle.backbone.noise_schedule
         x0 = grid[torch.arange(train_batch) % len(grid)].contiguous(memory_format=memory_format)
@@ -338,19 +390,29 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
 
         return step
 
+    def passes(segmenter: Segmenter, slices_per_call: int) -> Callable[[], None]:
+        """All of ``grid`` through ``segmenter``'s UNet, ``slices_per_call`` slices per call:
+        every variant does the same work, long enough (seconds) for one timing to mean something."""
+        return lambda: [
+            segmenter._features(grid[i : i + slices_per_call]) for i in range(0, len(grid), slices_per_call)
+        ]
+
     functions = {
-        "matmul_fp32": lambda: torch.mm(a, b),
+        "matmul_fp32": lambda: [torch.mm(a, b) for _ in range(MATMULS_PER_TIMING)],
         "matmul_bf16": lambda: torch.mm(a16, b16),
-        "unet": lambda: default._features(sub),
-        "unet_contiguous": lambda: contiguous._features(sub),
-        "unet_2_slices": lambda: default._features(grid[:2]),
+        "unet": passes(default, batch),
+        "unet_contiguous": passes(contiguous, batch),
+        "unet_explicit_attention": passes(explicit, batch),
+        "unet_plain": passes(plain, batch),
         "train_contiguous": train_step_fn(torch.contiguous_format),
         "train_channels_last": train_step_fn(torch.channels_last),
+        "train_explicit_attention": train_step_fn(torch.contiguous_format, explicit_attention(bundle.backbone.unet)),
     }
-    if len(grid) >= 8:
-        functions["unet_8_slices"] = lambda: default._features(grid[:8])
+    for slices_per_call in (2, 4):
+        if len(grid) >= slices_per_call and slices_per_call != batch:
+            functions[f"unet_{slices_per_call}_slices"] = passes(default, slices_per_call)
     best = best_times(functions, repeats)
-    peak = 2 * n**3 / best["matmul_fp32"]
+    peak = 2 * n**3 * MATMULS_PER_TIMING / best["matmul_fp32"]
     result: Dict[str, Any] = {
         "gmac_per_map": per_map,
         "gmac_per_image_full_pass": per_image_full,
@@ -359,24 +421,19 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
         "bf16_matmul_gflops": 2 * 256**3 / best["matmul_bf16"] / 1e9,
         "seconds": best,
     }
-    for name, slices_in_call in (
-        ("unet", batch),
-        ("unet_contiguous", batch),
-        ("unet_2_slices", 2),
-        ("unet_8_slices", 8),
-    ):
+    for name in ("unet", "unet_contiguous", "unet_explicit_attention", "unet_plain", "unet_2_slices", "unet_4_slices"):
         if name in best:
-            result[f"{name}_gflops"] = 2 * per_map * 1e9 * slices_in_call * steps / best[name] / 1e9
-    for name in ("train_contiguous", "train_channels_last"):
+            result[f"{name}_gflops"] = 2 * per_map * 1e9 * len(grid) * steps / best[name] / 1e9
+    for name in ("train_contiguous", "train_channels_last", "train_explicit_attention"):
         result[f"{name}_gflops"] = 3 * 2 * per_image_full * 1e9 * train_batch / best[name] / 1e9
     result["unet_fraction_of_fp32_peak"] = result["unet_gflops"] * 1e9 / peak
     # pretraining (tedm_core.pipelines.pretrain) runs the stored layout
     result["train_fraction_of_fp32_peak"] = result["train_contiguous_gflops"] * 1e9 / peak
 
-    # Agreement of the default (fastest kept) configuration with plain fp32 (one call's slices), and
+    # Agreement of the default (fastest kept) configuration with the plain one (these slices), and
     # what bf16 autocast would give: speed and agreement of one map (bf16 is emulated, so slow, on
     # CPUs without AVX512-BF16/AMX).
-    result["dice_vs_fp32"] = dice(default.predict(slices[:batch]).labels, contiguous.predict(slices[:batch]).labels)
+    result["dice_vs_fp32"] = dice(default.predict(slices).labels, plain.predict(slices).labels)
     index = int(np.argmax([(s > -1 + 1e-6).sum() for s in slices]))
     one = slices[index : index + 1]
     single = {p: Segmenter(bundle, device="cpu", precision=p, timesteps=bundle.timesteps[:1]) for p in ("fp32", "bf16")}
@@ -431,45 +488,36 @@ def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
 
 
 def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, Any]:
-    """Segment (keeping features) then Refine after two corrected slices, as the Slicer module does."""
-    segmenter = Segmenter(bundle, device="cpu")
+    """Segment the whole volume (whatever ``--slices`` says: Refine's cost is fixed, so its
+    fraction means something only against a whole volume's segmentation), then Refine after two
+    corrected slices, through the product's own object:
+    :class:`~tedm_core.pipelines.interactive.InteractiveSession`, which the worker (``tedm serve``)
+    and so the Slicer module run (as ``benchmarks/refine_vs_segment.py --in-process``). The two
+    tumour slices the segmentation got most wrong are corrected to the ground truth."""
+    session = InteractiveSession(volume)
     tic = time.perf_counter()
-    slices, layout = extract_slices(normalise_volume(volume, bundle.intensity), bundle.axis)
-    run = np.flatnonzero(nonempty_slice_mask(slices))
-    prediction = segmenter.predict(slices[run], keep_features=True)
-    labels = np.zeros((len(slices),) + slices.shape[2:], np.uint8)
-    labels[run] = prediction.labels
-    reassemble(labels, layout)
+    segmented = session.segment(bundle, device="cpu")
     segment_seconds = time.perf_counter() - tic
 
+    layout = session.layout
+    current = to_slices(segmented.labels, layout)
     truth_slices = to_slices(label_array_to_classes(truth, [0, 1]).astype(np.uint8), layout)
-    row = {int(s): r for r, s in enumerate(run)}
-    tumour = [int(s) for s in run if truth_slices[s].any()]
-    corrected = sorted(sorted(tumour, key=lambda s: dice(labels[s], truth_slices[s]))[:2])
-    others = [int(s) for s in run if int(s) not in corrected]
-    anchors = [int(part[len(part) // 2]) for part in np.array_split(np.asarray(others), min(4, len(others)))]
-    cache = prediction.features
+    tumour = [n for n in range(len(truth_slices)) if truth_slices[n].any()]
+    corrected = sorted(sorted(tumour, key=lambda n: dice(current[n], truth_slices[n]))[:2])
+    edited = current.copy()
+    edited[corrected] = truth_slices[corrected]
     tic = time.perf_counter()
-    refined = refine_bundle(
-        bundle, slices[corrected], truth_slices[corrected],
-        features=cache.select([row[s] for s in corrected]).levels,
-        anchor_slices=slices[anchors], anchor_labels=labels[anchors],
-        anchor_features=cache.select([row[s] for s in anchors]).levels,
-        device="cpu", show_progress=False,
-    )  # fmt: skip
-    head_seconds = time.perf_counter() - tic
-    again = Segmenter(refined, device="cpu").predict_from_features(cache)
-    after = np.zeros_like(labels)
-    after[run] = again.labels
-    after[corrected] = truth_slices[corrected]
-    reassemble(after, layout)
+    refined = session.refine(reassemble(edited, layout))
     refine_seconds = time.perf_counter() - tic
+    assert refined.changed_slices == corrected, (refined.changed_slices, corrected)
+    cache_mib = session.feature_cache_nbytes / 2**20
+    session.close()
     return {
         "segment_seconds": segment_seconds,
         "refine_seconds": refine_seconds,
-        "refine_head_training_seconds": head_seconds,
-        "slices_run": int(len(run)),
-        "feature_cache_mib": cache.nbytes / 2**20,
+        "slices_run": int(segmented.slices_run),
+        "corrected_slices": corrected,
+        "feature_cache_mib": cache_mib,
         "refine_fraction": refine_seconds / segment_seconds,
     }
 
@@ -519,7 +567,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
 
     if args.refine_only:
-        refine = measure_refine(bundle, setup["volume"], setup["truth"])
+        refine = measure_refine(bundle, setup["whole_volume"], setup["whole_truth"])
         print(json.dumps(refine))
         if args.json:
             args.json.write_text(
@@ -531,22 +579,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         for way in ("tedm", "straightforward"):
             runs[f"{way}_{workload}"] = spawn(way, workload, args.work, threads)
             print(
-                f"{way:15s} {workload:6s} {json.dumps({k: round(v, 2) for k, v in runs[f'{way}_{workload}'].items()})}",
+                f"{way:15s} {workload:6s} {json.dumps({k: _rounded(v) for k, v in runs[f'{way}_{workload}'].items()})}",
                 flush=True,
             )
-    ours_labels = np.load(args.work / "out_tedm_volume" / "labels.npy")
-    plain_labels = np.load(args.work / "out_straightforward_volume" / "labels.npy")
+
+    def label_file_dice(name: str) -> float:
+        ours = read_volume(args.work / f"out_tedm_{name}", allow_constant=True).array
+        plain = read_volume(args.work / f"out_straightforward_{name}", allow_constant=True).array
+        return dice(ours, plain)
+
+    volume_dice = label_file_dice("volume/FLAIR.nii.gz")
     cxr_dice = [
-        dice(np.asarray(Image.open(p)), np.asarray(Image.open(args.work / "out_straightforward_cxr" / p.name)))
+        label_file_dice(f"cxr/{p.name}")
         for p in sorted((args.work / "out_tedm_cxr").glob("*.png"))
         if "_uncertainty" not in p.name
     ]
 
-    slices, _ = extract_slices(normalise_volume(setup["volume"], bundle.intensity), bundle.axis)
+    slices, _ = extract_slices(normalise_volume(setup["whole_volume"], bundle.intensity), bundle.axis)
     brain = slices[nonempty_slice_mask(slices)]
+    brain = brain[np.linspace(0, len(brain) - 1, 8).round().astype(int)]  # 8 slices across the brain
     compute = measure_compute(bundle, brain[:8], repeats, train_batch=8 if args.quick else 16)
     profile = profile_unet(bundle, brain)
-    refine = measure_refine(bundle, setup["volume"], setup["truth"])
+    refine = measure_refine(bundle, setup["whole_volume"], setup["whole_truth"])
     if args.compile:
         compute["compile"] = measure_compile(bundle, brain)
         print(f"torch.compile: {json.dumps(compute['compile'])}")
@@ -559,7 +613,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "volume": vol_plain["peak_mib"] / vol["peak_mib"],
         "cxr": cxr_plain["peak_mib"] / max(cxr["peak_mib"], 1e-3),
     }
-    dices = {"volume": dice(ours_labels, plain_labels), "cxr": float(np.mean(cxr_dice))}
+    dices = {"volume": volume_dice, "cxr": float(np.mean(cxr_dice))}
     results: Dict[str, Any] = {
         # The smaller of the two workloads' ratios: a goal is met only if met on both.
         "speedup_vs_straightforward": min(speedups.values()),
@@ -593,19 +647,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"UNet {c['gmac_per_map']:.3f} GMAC per map (truncated), {c['gmac_per_image_full_pass']:.3f} full"
     )
     print(
-        f"UNet GFLOP/s: channels-last {c['unet_gflops']:.1f}, contiguous {c['unet_contiguous_gflops']:.1f} "
-        f"({c['maps_per_call']} maps per call); 2 slices per call {c['unet_2_slices_gflops']:.1f}"
-        + (f", 8 slices {c['unet_8_slices_gflops']:.1f}" if "unet_8_slices_gflops" in c else "")
+        f"UNet GFLOP/s: default {c['unet_gflops']:.1f} ({c['maps_per_call']} maps per call; channels-last, SDPA), "
+        f"contiguous {c['unet_contiguous_gflops']:.1f}, explicit attention {c['unet_explicit_attention_gflops']:.1f}, "
+        f"plain (contiguous, explicit) {c['unet_plain_gflops']:.1f}; "
+        + ", ".join(
+            f"{k} slices per call {c[f'unet_{k}_slices_gflops']:.1f}" for k in (2, 4) if f"unet_{k}_slices_gflops" in c
+        )
     )
     print(
         f"training GFLOP/s: contiguous {c['train_contiguous_gflops']:.1f}, "
-        f"channels-last {c['train_channels_last_gflops']:.1f}; bf16 autocast UNet speed vs fp32 "
+        f"channels-last {c['train_channels_last_gflops']:.1f}, "
+        f"explicit attention {c['train_explicit_attention_gflops']:.1f}; bf16 autocast UNet speed vs fp32 "
         f"{c['bf16_autocast_unet_speed_vs_fp32']:.2f}x, its Dice vs fp32 {c['bf16_dice_vs_fp32']:.3f} (one map)"
     )
     print(
         f"refine: segment {refine['segment_seconds']:.1f} s ({refine['slices_run']} slices, "
         f"cache {refine['feature_cache_mib']:.0f} MiB), refine {refine['refine_seconds']:.1f} s "
-        f"(head training {refine['refine_head_training_seconds']:.1f} s)"
+        f"(corrected slices {refine['corrected_slices']})"
     )
     print(f"per workload: speedup {speedups}, memory {memory}, dice {dices}")
     print("\n| measure | value | goal | |\n|---|---|---|---|")

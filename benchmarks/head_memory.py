@@ -44,11 +44,36 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _PeakRss:
-    """Polls the resident set size every millisecond: the peak above the level at entry.
-    (ru_maxrss is a lifetime high-water mark, set by imports and loading, so it hides this.)"""
+def _high_water_bytes() -> int:
+    """The kernel's resident-set high-water mark (VmHWM) of this process."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
-    def __enter__(self):
+
+def _reset_high_water() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _high_water_bytes() <= _rss_bytes() + 64 * 1024
+    except OSError:
+        return False
+
+
+class _PeakRss:
+    """The peak resident set size above the level at entry.
+
+    Where the kernel lets the high-water mark be reset (``/proc/self/clear_refs``), the peak is the
+    kernel's own VmHWM after the block: exact, whatever the allocation's lifetime. Elsewhere the
+    RSS is polled every millisecond, which can miss a buffer that lives shorter than a poll (or
+    while the polling thread waits for the GIL). (ru_maxrss is a lifetime high-water mark, set by
+    imports and loading, so it would hide this.) ``method`` says which was used."""
+
+    def __enter__(self) -> _PeakRss:
+        self.method = "VmHWM" if _reset_high_water() else "polled"
         self.base = self.peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -60,10 +85,12 @@ class _PeakRss:
             self.peak = max(self.peak, _rss_bytes())
             time.sleep(0.001)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
+        if self.method == "VmHWM":
+            self.peak = max(self.peak, _high_water_bytes())
 
     @property
     def grown_kib(self) -> int:

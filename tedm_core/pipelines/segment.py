@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # encoder keeps for the decoder, plus a residual block's transient maps). An allowance, not a
 # measurement; a CUDA out-of-memory error halves the batch anyway (runtime.map_in_chunks).
 UNET_MAPS_PER_COPY = 24
+# On the CPU one slice (its |S| = 8 timestep copies) per UNet call: measured on the project's
+# 2-core machines (benchmarks/benchmark.py, 1 thread) as fast per map as 2 or 4 slices per call
+# once attention runs through SDPA, and the UNet's live tensors grow ~7 MiB per map (MONAI's
+# blocks keep un-fused norm/activation copies), so 4 slices per call held ~4x the memory.
+CPU_SLICES_PER_CALL = 1
 Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -76,7 +81,8 @@ class Segmenter:
         bundle: the model.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per UNet call (each slice is run once per timestep); default: what
-            half of the free GPU memory holds, or 4 on the CPU. Halved automatically on CUDA OOM.
+            half of the free GPU memory holds, or ``CPU_SLICES_PER_CALL`` on the CPU. Halved automatically
+            on CUDA OOM.
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
         memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
@@ -119,7 +125,7 @@ class Segmenter:
         per_slice = (
             max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * UNET_MAPS_PER_COPY
         )
-        self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=4)
+        self.batch_size = plan_batch_size(batch_size, per_slice, self.device, cpu_default=CPU_SLICES_PER_CALL)
         log.info(
             "segmenting on %s, %s, %d slices per batch", describe_device(self.device), self.precision, self.batch_size
         )
@@ -180,33 +186,87 @@ class Segmenter:
         keep_features: bool = False,
     ) -> SlicePrediction:
         """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config."""
+        slices = self._check_slices(slices)
+        probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
+        kept: List[LevelFeatures] = []
+
+        def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
+            probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
+
+        transform = self._run(slices, None, write, progress, cancel, kept if keep_features else None)
+        cache = FeatureCache([torch.cat(level) for level in zip(*kept)], transform) if kept else None
+        return SlicePrediction(probabilities, uncertainty, cache)
+
+    def predict_into(
+        self,
+        slices: np.ndarray,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        uncertainty: np.ndarray,
+        progress: Optional[Progress] = None,
+        cancel: Optional[CancelCheck] = None,
+    ) -> None:
+        """Segment ``slices[rows]`` and write ``labels[rows]`` (class indices) and
+        ``uncertainty[rows]``, chunk by chunk.
+
+        What a whole-volume segmentation needs and no more: no copy of the selected slices, no
+        float probabilities of the volume, no int64 argmax of them; each chunk's probabilities
+        live only until its labels are taken (``benchmarks/benchmark.py`` measures the peak).
+        """
+        slices = self._check_slices(slices)
+        rows = np.asarray(rows, dtype=np.int64)
+
+        def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
+            probabilities, spread = result
+            labels[rows[start:stop]] = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            uncertainty[rows[start:stop]] = spread.cpu().numpy()
+
+        self._run(slices, rows, write, progress, cancel, None)
+
+    def _check_slices(self, slices: np.ndarray) -> np.ndarray:
         slices = np.asarray(slices, dtype=np.float32)
         if slices.ndim != 4 or slices.shape[1] != self.bundle.backbone.config.in_channels:
             raise ValueError(
                 f"expected (N, {self.bundle.backbone.config.in_channels}, H, W) slices, got shape {slices.shape}"
             )
-        grid, transform = to_model_grid(torch.from_numpy(slices), self.bundle.image_size)
-        kept: List[LevelFeatures] = []
-        probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
+        return slices
+
+    def _run(
+        self,
+        slices: np.ndarray,
+        rows: Optional[np.ndarray],
+        write: Callable[[int, int, Tuple[torch.Tensor, torch.Tensor]], None],
+        progress: Optional[Progress],
+        cancel: Optional[CancelCheck],
+        kept: Optional[List[LevelFeatures]],
+    ) -> GridTransform:
+        """Every chunk of ``slices`` (or of ``slices[rows]``) through the model, its
+        (probabilities, uncertainty) handed to ``write(start, stop, result)``.
+
+        Each chunk is brought to the model grid on its own: padding and resizing are per slice,
+        so the result is the same as for the whole stack at once, without a padded copy of it."""
+        total = len(slices) if rows is None else len(rows)
+        transform = to_model_grid(torch.from_numpy(slices[:1]), self.bundle.image_size)[1]
 
         def run(start: int, stop: int) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
+            chunk = slices[start:stop] if rows is None else slices[rows[start:stop]]
+            grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
             if self.head is None:
-                result = self._baseline_predict(grid[start:stop], transform)
+                result = self._baseline_predict(grid, transform)
             else:
-                levels = self._features(grid[start:stop], cancel)
-                if keep_features:
+                levels = self._features(grid, cancel)
+                if kept is not None:
                     kept.append([f.to("cpu", torch.float16) for f in levels])
                 result = self._head_predict(levels, transform)
-            probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
+            write(start, stop, result)
             if progress is not None:
-                progress(stop, len(slices))
+                progress(stop, total)
 
-        for _ in map_in_chunks(run, len(slices), self.batch_size):
+        for _ in map_in_chunks(run, total, self.batch_size):
             pass
-        cache = FeatureCache([torch.cat(level) for level in zip(*kept)], transform) if kept else None
-        return SlicePrediction(probabilities, uncertainty, cache)
+        return transform
 
     def _outputs(self, n: int, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """Float32 probability and uncertainty arrays that every chunk writes into: no list of

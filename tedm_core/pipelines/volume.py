@@ -97,8 +97,9 @@ def segment_volume(
     """Segment ``volume`` (raw intensities) slice by slice with ``segmenter``.
 
     Args:
-        segmenter: a :class:`~tedm_core.pipelines.segment.Segmenter` (anything with ``.bundle``
-            and ``.predict(slices, progress=, cancel=)`` returning probabilities/uncertainty).
+        segmenter: a :class:`~tedm_core.pipelines.segment.Segmenter` (anything with ``.bundle``,
+            ``.predict(slices, progress=, cancel=)`` returning probabilities/uncertainty and
+            ``.predict_into(slices, rows, labels, uncertainty, progress=, cancel=)``).
         axis: ``axial``, ``coronal``, ``sagittal`` or ``k``; default the bundle's.
         progress: called with (slices done, slices to run).
         keep_probabilities: return the ``(classes, K, J, I)`` probabilities (memory: 4 bytes
@@ -109,23 +110,32 @@ def segment_volume(
     """
     bundle = segmenter.bundle
     check_channels(volume, bundle.channel_names)
-    normalised = normalise_volume(volume, bundle.intensity)
-    slices, layout = extract_slices(normalised, resolve_axis(volume, axis or bundle.axis or "axial"))
+    slices, layout = extract_slices(
+        normalise_volume(volume, bundle.intensity), resolve_axis(volume, axis or bundle.axis or "axial")
+    )
     keep = np.flatnonzero(nonempty_slice_mask(slices))
     n, (h, w) = layout.num_slices, layout.slice_shape
-    num_classes = len(bundle.class_names)
-    probabilities = np.zeros((n, num_classes, h, w), dtype=np.float32)
-    probabilities[:, 0] = 1.0
-    uncertainty = np.zeros((n, h, w), dtype=np.float32)
     if progress is not None:
         progress(0, len(keep))
-    if len(keep):
-        prediction = segmenter.predict(slices[keep], progress=progress, cancel=cancel)
-        probabilities[keep] = prediction.probabilities
-        uncertainty[keep] = prediction.uncertainty
-    labels = reassemble(probabilities.argmax(axis=1).astype(np.uint8), layout)
+    uncertainty = np.zeros((n, h, w), dtype=np.float32)
+    probabilities = None
+    if keep_probabilities:
+        probabilities = np.zeros((n, len(bundle.class_names), h, w), dtype=np.float32)
+        probabilities[:, 0] = 1.0
+        if len(keep):
+            prediction = segmenter.predict(slices[keep], progress=progress, cancel=cancel)
+            probabilities[keep] = prediction.probabilities
+            uncertainty[keep] = prediction.uncertainty
+        labels = probabilities.argmax(axis=1).astype(np.uint8)
+    else:
+        # Labels straight from each chunk (uint8), no float probabilities of the volume: the
+        # batch pipeline's usual case, and a third of the memory of the above.
+        labels = np.zeros((n, h, w), dtype=np.uint8)
+        if len(keep):
+            segmenter.predict_into(slices, keep, labels, uncertainty, progress=progress, cancel=cancel)
+    del slices  # the normalised volume: not needed for reassembly
     return VolumeSegmentation(
-        labels=labels,
+        labels=reassemble(labels, layout),
         probabilities=reassemble(probabilities, layout) if keep_probabilities else None,
         uncertainty=reassemble(uncertainty, layout),
         layout=layout,

@@ -77,29 +77,52 @@ def normalise_intensity(image: np.ndarray, config: IntensityConfig) -> np.ndarra
         raise ValueError(f"expected a (C, ...) array, got shape {image.shape}")
     if not np.all(np.isfinite(image)):
         raise ValueError("image contains NaN or infinite values")
-    return np.stack([_normalise_channel(c, config) for c in image]).astype(np.float32)
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, channel in enumerate(image):
+        _normalise_channel(channel, config, out[c])
+    return out
 
 
-def _normalise_channel(channel: np.ndarray, config: IntensityConfig) -> np.ndarray:
+# The mapping is applied this many voxels at a time: the same elementwise arithmetic as on the
+# whole channel (so the same values), with float64 temporaries of a few MiB instead of several
+# copies of a whole volume (a 240x240x155 BraTS channel is 36 MB as float32, twice that as float64).
+NORMALISE_CHUNK_VOXELS = 1 << 19
+
+
+def _normalise_channel(channel: np.ndarray, config: IntensityConfig, out: np.ndarray) -> None:
+    """Normalise one channel into ``out`` (same shape, float32): statistics over the whole
+    channel, then the mapping chunk by chunk along its first axis."""
     if config.clip_min is not None or config.clip_max is not None:
         channel = np.clip(channel, config.clip_min, config.clip_max)
+    minimum = channel.min() if config.kind in ("foreground_percentile", "zscore") else None
     if config.kind == "fixed":
-        return _map_to_unit_range(channel, config.lower, config.upper)
-    if config.kind == "percentile":
+        mapping = lambda x: _map_to_unit_range(x, config.lower, config.upper)  # noqa: E731
+    elif config.kind == "percentile":
         lo, hi = np.percentile(channel, [config.lower, config.upper])
-        return _map_to_unit_range(channel, lo, hi)
-    mask = foreground_mask(channel)
-    if not mask.any():
-        raise ValueError("image is constant: nothing to normalise")
-    values = channel[mask]
-    if config.kind == "foreground_percentile":
-        lo, hi = np.percentile(values, [config.lower, config.upper])
-        out = _map_to_unit_range(channel, lo, hi)
-    else:  # zscore
-        std = float(values.std())
-        out = (channel - float(values.mean())) / (std if std > 0 else 1.0) / config.zscore_scale
-        out = np.clip(out, -1.0, 1.0)
-    return np.where(mask, out, -1.0)
+        mapping = lambda x: _map_to_unit_range(x, lo, hi)  # noqa: E731
+    else:
+        mask = foreground_mask(channel)
+        if not mask.any():
+            raise ValueError("image is constant: nothing to normalise")
+        values = channel[mask]
+        del mask
+        if config.kind == "foreground_percentile":
+            lo, hi = np.percentile(values, [config.lower, config.upper])
+            # x > minimum is foreground_mask, chunk by chunk
+            mapping = lambda x: np.where(x > minimum, _map_to_unit_range(x, lo, hi), -1.0)  # noqa: E731
+        else:  # zscore
+            mean, std = float(values.mean()), float(values.std())
+            scale = std if std > 0 else 1.0
+            mapping = lambda x: np.where(  # noqa: E731
+                x > minimum, np.clip((x - mean) / scale / config.zscore_scale, -1.0, 1.0), -1.0
+            )
+        del values
+    if channel.ndim == 0 or not channel.size:
+        out[...] = mapping(channel)
+        return
+    step = max(1, NORMALISE_CHUNK_VOXELS // max(1, channel[0].size))
+    for start in range(0, channel.shape[0], step):
+        out[start : start + step] = mapping(channel[start : start + step])
 
 
 def _map_to_unit_range(channel: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -1,0 +1,48 @@
+"""Every script in benchmarks/ must at least import and parse its arguments: they are run by hand,
+rarely, so a module they import being renamed or removed would otherwise go unnoticed.
+
+All scripts run with ``--help`` in one fresh interpreter (each as ``__main__``, with its own
+``sys.argv``), so torch and MONAI are imported once: a few seconds in all, not one import per script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "benchmarks").glob("*.py"))
+
+DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+results = {}
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+        results[script] = "returned without printing help"
+    except SystemExit as stop:
+        ok = stop.code in (0, None) and "usage" in out.getvalue().lower()
+        results[script] = "ok" if ok else f"exit {stop.code!r}: {out.getvalue()[-500:]}"
+    except BaseException:
+        results[script] = traceback.format_exc()[-2000:]
+print(json.dumps(results))
+"""
+
+
+def test_benchmark_scripts_print_help() -> None:
+    assert any(p.name == "benchmark.py" for p in SCRIPTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, *map(str, SCRIPTS)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    failed = {Path(script).name: why for script, why in results.items() if why != "ok"}
+    assert not failed, failed
+    assert len(results) == len(SCRIPTS)
