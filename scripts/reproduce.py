@@ -1167,20 +1167,38 @@ class Report:
             "brats_paste_only_round5",
             "brats_scratch_round5",
         ]
-        summary = {k: self.summary.get(k) for k in keys}  # None = not measured
-        summary.update({k: v for k, v in self.summary.items() if k not in summary})
-        summary["_note"] = "Dice x 100, p-values as numbers; null = not measured by this run"
-        summary["cxr_backbone"] = (
-            f"{self.config['cxr']['backbone']} step {self.config['cxr'].get('checkpoint')}"
-            if "cxr" in self.config
-            else None
+        # One summary.json per results folder, shared by the configs that report there (the CXR
+        # study, the BraTS study, ...): a key this run measured replaces the earlier value, a key
+        # it did not measure keeps what an earlier run wrote, and _sources says which run wrote each.
+        earlier = read_json(self.out / "summary.json") if (self.out / "summary.json").is_file() else {}
+        sources = dict(earlier.get("_sources", {}))
+        this_run = {"config": self.config.get("name", config_path.stem), "commit": git_commit()}
+        summary = {k: earlier.get(k) for k in keys}  # None = not measured by any run
+        summary.update({k: v for k, v in earlier.items() if not k.startswith("_") and k not in summary})
+        for key, value in self.summary.items():
+            summary[key] = value
+            sources[key] = this_run
+        if "cxr" in self.config:
+            summary["cxr_backbone"] = f"{self.config['cxr']['backbone']} step {self.config['cxr'].get('checkpoint')}"
+            sources["cxr_backbone"] = this_run
+        for key, value in summary.items():
+            if value is not None and key not in sources:
+                sources[key] = {"config": "an earlier run that reported here", "commit": None}
+        summary["_note"] = (
+            "Dice x 100, p-values as numbers; null = not measured by any run reported here; "
+            "_sources names the config and commit of the run that measured each key"
         )
+        summary["_sources"] = {k: sources[k] for k in summary if k in sources}
         write_json(self.out / "summary.json", summary)
+        # Each config's report and config copy under its own name, so that two studies can
+        # report into one folder (the first, default name keeps RESULTS.md and config.json).
+        report_name = self.config.get("report_name", "RESULTS")
+        config_copy = "config.json" if report_name == "RESULTS" else f"{report_name}.config.json"
         header = [
             f"# Study results ({self.config.get('name', config_path.stem)})",
             "",
             f"- command: `python scripts/reproduce.py {' '.join(argv)}`",
-            f"- config: `{config_path}` (copied beside this file as `config.json`)",
+            f"- config: `{config_path}` (copied beside this file as `{config_copy}`)",
             f"- commit: `{git_commit()}`",
             f"- machine: {json.dumps(machine())}",
             f"- wall time of this run: {time.perf_counter() - self.study.tic:.0f} s "
@@ -1189,8 +1207,8 @@ class Report:
         ]
         from tedm_core.io.atomic import write_text_atomic
 
-        write_text_atomic(self.out / "RESULTS.md", "\n".join(header + self.lines) + "\n")
-        write_json(self.out / "config.json", self.config)
+        write_text_atomic(self.out / f"{report_name}.md", "\n".join(header + self.lines) + "\n")
+        write_json(self.out / config_copy, self.config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

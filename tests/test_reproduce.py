@@ -11,11 +11,11 @@ import time
 from conftest import REPO, require_shared_data
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, config=REPO / "configs" / "paper_study.json"):
     command = [
         sys.executable,
         str(REPO / "scripts" / "reproduce.py"),
-        str(REPO / "configs" / "paper_study.json"),
+        str(config),
         "--smoke",
         "--work",
         str(tmp_path / "work"),
@@ -75,3 +75,22 @@ def test_smoke_study_runs_every_section_and_resumes(tmp_path):
     assert " fit " not in log and "Dice" not in log, log[-2000:]
     assert again < seconds
     print(f"smoke study: {seconds:.0f} s, rerun {again:.0f} s")
+    # A second study reporting into the same folder (here: the BraTS part alone, under its own
+    # report name) replaces only the keys it measured; the others keep their values and sources.
+    brats_only = json.loads((REPO / "configs" / "paper_study.json").read_text())
+    brats_only.update(name="brats_only", report_name="RESULTS_brats")
+    for config in (brats_only, brats_only["smoke"]):
+        config.pop("cxr")
+        config.pop("compute")
+    config_path = tmp_path / "brats_only.json"
+    config_path.write_text(json.dumps(brats_only))
+    before = (results / "RESULTS.md").read_text()
+    _run(tmp_path, "--only", "report", config=config_path)
+    merged = json.loads((results / "summary.json").read_text())
+    assert merged["p_tedm_vs_ledm_covid_gb_n3"] == summary["p_tedm_vs_ledm_covid_gb_n3"]
+    assert merged["_sources"]["covid_gb_tedm_n3_min_over_checkpoints"]["config"] == "paper_study"
+    # (the smoke curve stops at round 2, so the BraTS report measures no summary key of its own)
+    assert {source["config"] for source in merged["_sources"].values()} == {"paper_study"}
+    assert (results / "RESULTS.md").read_text() == before
+    assert "Correct-and-refine" in (results / "RESULTS_brats.md").read_text()
+    assert (results / "RESULTS_brats.config.json").is_file()
