@@ -705,7 +705,10 @@ class Study:
 
         b = self.config["brats"]
         spec = b["refine"]
-        for subject in subjects[spec["fit_subjects"] :][: spec.get("max_subjects")]:
+        held_out = subjects[spec["fit_subjects"] :][: spec.get("max_subjects")]
+        if spec.get("subjects"):  # a named share of them, e.g. for a second process on another core
+            held_out = [s for s in held_out if s.name in set(spec["subjects"])]
+        for subject in held_out:
             out = self.work / "brats" / "refine" / f"{subject.name}.json"
             if out.is_file():
                 continue
