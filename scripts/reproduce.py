@@ -422,7 +422,7 @@ class Study:
         every head on one backbone and one set of timesteps reads the same features."""
         from tedm_core.pipelines.segment import Segmenter
 
-        key = (backbone_key, image_set.name + fit_key, tuple(timesteps))
+        key = (backbone_key, image_set.name + fit_key, tuple(timesteps), bundle.test_time_flip)
         if key not in self._features:
             # float16, ~4 MB per image for 8 steps of `small4`: the study's sets fit in a few GB.
             while len(self._features) >= int(self.config.get("feature_cache_entries", 8)):
@@ -449,10 +449,9 @@ class Study:
         postprocess: bool = False,
     ) -> List[Dict[str, Any]]:
         """Per-image Dice, precision and recall of ``bundle`` on ``image_set`` (raw, and post-processed when asked)."""
-        import torch
 
         from tedm_core.pipelines.evaluate import dice_precision_recall
-        from tedm_core.pipelines.segment import FeatureCache, Segmenter
+        from tedm_core.pipelines.segment import Segmenter
 
         device = "cpu" if self.smoke else "auto"
         if bundle.head is None:
@@ -467,8 +466,7 @@ class Study:
 
                 base = TEDM_TIMESTEPS if set(wanted) <= set(TEDM_TIMESTEPS) else wanted
                 full = self.features(bundle, backbone_key, image_set, base, fit_key)
-                index = torch.as_tensor([base.index(t) for t in wanted])
-                cache = FeatureCache([f.index_select(1, index) for f in full.levels], full.transform)
+                cache = full.select_timesteps([base.index(t) for t in wanted])
             segmenter = Segmenter(
                 bundle, device=device, timesteps=wanted if bundle.head.config.mode == "shared" else None
             )

@@ -77,6 +77,9 @@ class ModelBundle:
     class_colours: List[Tuple[int, int, int]] = field(default_factory=list)
     axis: str = "axial"
     training: Dict[str, Any] = field(default_factory=dict)
+    # Predict every slice also mirrored left-right and average the two (chosen on validation in
+    # issue 10: see FitOptions.test_time_flip). False for bundles written before it existed.
+    test_time_flip: bool = False
     # Where it was loaded from and a hash of its files' bytes (None for a model made in memory):
     # outputs record which model made them (see io.outputs).
     source: Optional[Path] = None
@@ -167,6 +170,7 @@ def _write_bundle_files(bundle: ModelBundle, folder: Path) -> None:
         "label_values": [int(v) for v in bundle.label_values],
         "class_colours": [list(map(int, c)) for c in bundle.class_colours],
         "axis": bundle.axis,
+        "test_time_flip": bool(bundle.test_time_flip),
         "head": bundle.head.config.to_dict() if bundle.head is not None else None,
         "backbone": bundle.backbone.metadata(),
         "training": bundle.training,
@@ -220,6 +224,7 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             class_colours=[tuple(c) for c in meta.get("class_colours", [])],
             axis=meta.get("axis", "axial"),
             training=dict(meta.get("training", {})),
+            test_time_flip=bool(meta.get("test_time_flip", False)),
             source=path,
             fingerprint=_files_sha256([meta_path, path / BACKBONE_WEIGHTS, path / HEAD_WEIGHTS]),
         )
@@ -241,7 +246,8 @@ def model_fingerprint(bundle: ModelBundle) -> str:
     """The hash of the bundle's files when it was loaded, else of its weights and description."""
     if bundle.fingerprint:
         return bundle.fingerprint
-    digest = hashlib.sha256(repr((bundle.method, bundle.class_names, bundle.label_values, bundle.axis)).encode())
+    described = (bundle.method, bundle.class_names, bundle.label_values, bundle.axis, bundle.test_time_flip)
+    digest = hashlib.sha256(repr(described).encode())
     for module in (bundle.backbone.unet, bundle.head):
         for name, tensor in module.state_dict().items() if module is not None else []:
             digest.update(name.encode())
@@ -284,6 +290,7 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     axis = meta.get("axis", "axial")
     require(meta_path, axis in AXES, f"axis must be one of {AXES}, got {axis!r}")
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
+    require(meta_path, isinstance(meta.get("test_time_flip", False), bool), "test_time_flip must be true or false")
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
     check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")

@@ -230,6 +230,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="heads: augmented copies of the labelled slices, one per extra noise draw (default: framing)",
     )
     p.add_argument(
+        "--no-test-time-flip",
+        dest="test_time_flip",
+        action="store_false",
+        help="the model predicts each slice once, not also mirrored left-right (half the time)",
+    )
+    p.add_argument(
         "--classes",
         nargs="+",
         default=["foreground"],
@@ -327,6 +333,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         precision=args.precision,
         timesteps=tuple(args.timesteps) if args.timesteps else None,
         axis=args.axis,
+        test_time_flip=args.test_time_flip,
         **({"augment": args.augment} if args.augment else {}),
     )
     bundle.training["sources"] = sources

@@ -57,6 +57,7 @@ BUNDLE_EDITS = {
     "backbone_schedule_unknown": ([("backbone.schedule", "quadratic")], "schedule must be one of"),
     "intensity_lower_above_upper": ([("backbone.intensity.lower", 99.5), ("backbone.intensity.upper", 0.5)], "below"),
     "training_not_an_object": ([("training", [1, 2])], "training must be an object"),
+    "test_time_flip_not_a_bool": ([("test_time_flip", "yes")], "test_time_flip must be true or false"),
 }
 
 

@@ -278,6 +278,41 @@ def test_cli_reports_bad_input_in_one_line_with_nonzero_exit(tiny_bundle_dir, tm
     )
 
 
+def test_test_time_flip_averages_the_mirrored_prediction_voxel_for_voxel(tiny_bundle_dir, tmp_path):
+    """The mirrored slice is predicted in its own grid and mirrored back: on a non-square slice
+    (padded unevenly to the model's square grid) the result is the mean of the two predictions."""
+    bundle = load_bundle(tiny_bundle_dir)
+    assert bundle.test_time_flip  # the default of fit_bundle, recorded in the bundle
+    images, _ = synthetic_disc_images(3, size=40, seed=71)
+    wide = np.concatenate([images, np.full((3, 1, 40, 13), -1, np.float32)], axis=3)  # 40x53
+    plain = Segmenter(bundle, device="cpu", test_time_flip=False)
+    once, mirrored = plain.predict(wide), plain.predict(wide[..., ::-1].copy())
+    flipped = Segmenter(bundle, device="cpu").predict(wide, keep_features=True)
+    expected = (once.probabilities + mirrored.probabilities[..., ::-1]) / 2
+    np.testing.assert_allclose(flipped.probabilities, expected, atol=1e-6)
+    np.testing.assert_allclose(flipped.uncertainty, (once.uncertainty + mirrored.uncertainty[..., ::-1]) / 2, atol=1e-6)
+    # The whole-volume path writes the same labels; the cache re-applies both orientations.
+    labels, spread = np.zeros((3, 40, 53), np.uint8), np.zeros((3, 40, 53), np.float32)
+    Segmenter(bundle, device="cpu").predict_into(wide, np.arange(3), labels, spread)
+    assert np.array_equal(labels, flipped.labels)
+    again = Segmenter(bundle, device="cpu").predict_from_features(flipped.features)
+    np.testing.assert_allclose(again.probabilities, flipped.probabilities, atol=2e-3)
+    # Switched off at fit time, recorded, and kept through a save.
+    off = fit_bundle(
+        bundle.backbone, images, (images[:, 0] > 0).astype(np.int64), steps=2, device="cpu", test_time_flip=False
+    )
+    assert not load_bundle(save_bundle(off, tmp_path / "off")).test_time_flip
+    assert not Segmenter(off, device="cpu").test_time_flip
+
+
+def test_bundles_written_before_test_time_flip_predict_once(tiny_bundle_dir, tmp_path):
+    copy = shutil.copytree(tiny_bundle_dir, tmp_path / "old")
+    meta = json.loads((copy / "bundle.json").read_text())
+    del meta["test_time_flip"]
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    assert not load_bundle(copy).test_time_flip
+
+
 def test_predict_from_features_equals_predict(tiny_bundle_dir):
     """Re-applying the head to the cached (float16) features gives the prediction of ``predict``:
     the fast path (channels-last, a few maps at a time, BatchNorm folded) changes no result."""
@@ -292,8 +327,9 @@ def test_predict_from_features_equals_predict(tiny_bundle_dir):
     decided = np.abs(first.probabilities[:, 1] - 0.5) > 2e-3
     assert np.array_equal(again.labels[decided], first.labels[decided])
     # On exactly the features ``predict`` used, the head gives exactly its probabilities.
+    cache = first.features
     exact = segmenter.predict_from_features(
-        type(first.features)([f.float() for f in first.features.levels], first.features.transform)
+        type(cache)([f.float() for f in cache.levels], cache.transform, [f.float() for f in cache.flipped])
     )
     rounded = Segmenter(bundle, device="cpu", batch_size=2)
     rounded._features = lambda grid, cancel=None: [f.half().float() for f in Segmenter._features(rounded, grid, cancel)]

@@ -120,7 +120,8 @@ def feature_cache_bytes(bundle: ModelBundle, slice_count: int) -> int:
     levels = bundle.head.config.levels if bundle.head is not None else None
     levels = range(len(config.channels)) if levels is None else levels
     per_map = sum(config.decoder_channels[i] * (config.image_size // config.decoder_strides[i]) ** 2 for i in levels)
-    return per_map * max(1, len(bundle.timesteps)) * 2 * int(slice_count)
+    orientations = 2 if bundle.test_time_flip else 1  # the mirrored slices' features are kept too
+    return per_map * max(1, len(bundle.timesteps)) * 2 * int(slice_count) * orientations
 
 
 def device_notes(device: str) -> List[str]:

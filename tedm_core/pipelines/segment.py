@@ -53,14 +53,25 @@ class FeatureCache:
 
     levels: LevelFeatures  # per level (N, S, C_l, h_l, w_l), float16
     transform: GridTransform
+    # The same for the left-right mirrored slices, when the segmenter predicted with test-time
+    # flipping: re-applying a head then averages both, as the first prediction did.
+    flipped: Optional[LevelFeatures] = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.levels)
+        return sum(t.numel() * t.element_size() for t in self.levels + (self.flipped or []))
 
     def select(self, indices: Sequence[int]) -> FeatureCache:
+        """These slices' features."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        return FeatureCache([t.index_select(0, index) for t in self.levels], self.transform)
+        pick = lambda levels: [t.index_select(0, index) for t in levels]  # noqa: E731
+        return FeatureCache(pick(self.levels), self.transform, pick(self.flipped) if self.flipped else None)
+
+    def select_timesteps(self, positions: Sequence[int]) -> FeatureCache:
+        """These timesteps' features (positions in the cached timesteps), for every slice."""
+        index = torch.as_tensor(list(positions), dtype=torch.long)
+        pick = lambda levels: [t.index_select(1, index) for t in levels]  # noqa: E731
+        return FeatureCache(pick(self.levels), self.transform, pick(self.flipped) if self.flipped else None)
 
 
 @dataclass
@@ -88,6 +99,8 @@ class Segmenter:
         memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
             or ``contiguous`` (the UNet as stored). Channels-last runs a private copy of the UNet, so
             the bundle's own weights, shared with fitting and refining, are never changed.
+        test_time_flip: also predict every slice mirrored left-right and average the two
+            (default: what the bundle records, ``ModelBundle.test_time_flip``). Twice the work.
     """
 
     def __init__(
@@ -98,8 +111,10 @@ class Segmenter:
         precision: str = "auto",
         timesteps: Optional[Sequence[int]] = None,
         memory_format: str = "auto",
+        test_time_flip: Optional[bool] = None,
     ) -> None:
         self.bundle = bundle
+        self.test_time_flip = bool(bundle.test_time_flip if test_time_flip is None else test_time_flip)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.memory_format = resolve_memory_format(memory_format, self.device)
@@ -147,6 +162,7 @@ class Segmenter:
             "timesteps": list(self.timesteps),
             "device": str(self.device),
             "precision": self.precision,
+            "test_time_flip": self.test_time_flip,
         }
 
     def close(self) -> None:
@@ -188,13 +204,17 @@ class Segmenter:
         """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config."""
         slices = self._check_slices(slices)
         probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
-        kept: List[LevelFeatures] = []
+        kept: List[LevelFeatures] = []  # per chunk: its features, then its mirror's when flipping
 
         def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
             probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
 
         transform = self._run(slices, None, write, progress, cancel, kept if keep_features else None)
-        cache = FeatureCache([torch.cat(level) for level in zip(*kept)], transform) if kept else None
+        cache = None
+        if kept:
+            step = 2 if self.test_time_flip else 1
+            joined = lambda chunks: [torch.cat(level) for level in zip(*chunks)]  # noqa: E731
+            cache = FeatureCache(joined(kept[0::step]), transform, joined(kept[1::2]) if step == 2 else None)
         return SlicePrediction(probabilities, uncertainty, cache)
 
     def predict_into(
@@ -252,14 +272,12 @@ class Segmenter:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             chunk = slices[start:stop] if rows is None else slices[rows[start:stop]]
-            grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
-            if self.head is None:
-                result = self._baseline_predict(grid, transform)
-            else:
-                levels = self._features(grid, cancel)
-                if kept is not None:
-                    kept.append([f.to("cpu", torch.float16) for f in levels])
-                result = self._head_predict(levels, transform)
+            result = self._predict_chunk(chunk, transform, cancel, kept)
+            if self.test_time_flip:
+                # Mirrored in the image's own grid (not the padded model grid, whose padding
+                # need not be symmetric), so the mirrored result maps back voxel for voxel.
+                mirrored = self._predict_chunk(chunk[..., ::-1], transform, cancel, kept)
+                result = tuple((a + b.flip(-1)) / 2 for a, b in zip(result, mirrored))
             write(start, stop, result)
             if progress is not None:
                 progress(stop, total)
@@ -267,6 +285,23 @@ class Segmenter:
         for _ in map_in_chunks(run, total, self.batch_size):
             pass
         return transform
+
+    def _predict_chunk(
+        self,
+        chunk: np.ndarray,
+        transform: GridTransform,
+        cancel: Optional[CancelCheck],
+        kept: Optional[List[LevelFeatures]],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, uncertainty) of a chunk of slices in their own grid; its features
+        appended to ``kept`` when given."""
+        grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
+        if self.head is None:
+            return self._baseline_predict(grid, transform)
+        levels = self._features(grid, cancel)
+        if kept is not None:
+            kept.append([f.to("cpu", torch.float16) for f in levels])
+        return self._head_predict(levels, transform)
 
     def _outputs(self, n: int, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """Float32 probability and uncertainty arrays that every chunk writes into: no list of
@@ -276,7 +311,8 @@ class Segmenter:
         return np.empty((n, self.bundle.num_classes, h, w), np.float32), np.empty((n, h, w), np.float32)
 
     def predict_from_features(self, cache: FeatureCache, progress: Optional[Progress] = None) -> SlicePrediction:
-        """Re-apply the (possibly refined) head to cached features: no UNet pass."""
+        """Re-apply the (possibly refined) head to cached features: no UNet pass. Both
+        orientations are averaged when the cache holds the mirrored slices' features too."""
         if self.head is None:
             raise ValueError("the supervised baseline has no features to re-use")
         total = cache.levels[0].shape[0]
@@ -285,6 +321,9 @@ class Segmenter:
 
         def run(start: int, stop: int) -> None:
             result = self._head_predict([level[start:stop] for level in cache.levels], transform)
+            if cache.flipped is not None:
+                mirrored = self._head_predict([level[start:stop] for level in cache.flipped], transform)
+                result = tuple((a + b.flip(-1)) / 2 for a, b in zip(result, mirrored))
             probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
             if progress is not None:
                 progress(stop, total)
