@@ -801,13 +801,17 @@ class Study:
 
 
 def most_wrong_slices(labels: np.ndarray, truth: np.ndarray, exclude: Sequence[int], count: int) -> List[int]:
-    """The ``count`` slices (N, H, W) with the most wrongly labelled voxels, ``exclude`` left out,
-    ties to the lower index; slices without an error are never chosen.
+    """The ``count`` tumour slices (N, H, W) with the most wrongly labelled voxels, ``exclude``
+    left out, ties to the lower index; a slice is a tumour slice when its ground truth shows
+    tumour, and slices without an error are never chosen.
 
-    What a clinician correcting the worst slices fixes, and what moves the 3D Dice: ranked by
+    What a clinician correcting the worst slices fixes, and what moves the 3D Dice. Ranked by
     slice Dice instead, the worst slices were the tumour's first and last ones, where it is a
-    sliver of a few voxels (session 4: on CBICA_AOO all ten corrections were such slices)."""
+    sliver of a few voxels (session 4: on CBICA_AOO all ten corrections were such slices).
+    Slices without tumour are left out as the protocol says ("the worst tumour slices"): on
+    CBICA_AQN the two slices with the most errors held no tumour at all, only false positives."""
     wrong = ((labels > 0) != (truth > 0)).reshape(len(labels), -1).sum(axis=1)
+    wrong[~(truth > 0).reshape(len(truth), -1).any(axis=1)] = 0
     wrong[list(exclude)] = 0
     ranked = sorted((int(i) for i in np.flatnonzero(wrong)), key=lambda i: (-int(wrong[i]), i))
     return ranked[:count]

@@ -94,3 +94,21 @@ def test_smoke_study_runs_every_section_and_resumes(tmp_path):
     assert (results / "RESULTS.md").read_text() == before
     assert "Correct-and-refine" in (results / "RESULTS_brats.md").read_text()
     assert (results / "RESULTS_brats.config.json").is_file()
+
+
+def test_the_refine_curve_corrects_the_tumour_slices_with_the_most_wrong_voxels():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import numpy as np
+    from reproduce import most_wrong_slices
+
+    truth = np.zeros((5, 8, 8), np.uint8)
+    truth[1, :4] = 1  # 32 tumour voxels
+    truth[2, 0, 0] = 1  # a sliver: its slice Dice is 0, but it has one wrong voxel
+    truth[3, :2] = 1
+    labels = np.zeros_like(truth)
+    labels[0] = 1  # 64 false positives on a slice without tumour: not a tumour slice
+    labels[3, :2] = 1  # right
+    labels[3, 7] = 1  # 8 false positives
+    assert most_wrong_slices(labels, truth, [], 2) == [1, 3]
+    assert most_wrong_slices(labels, truth, [1], 5) == [3, 2]  # slices without an error are never chosen
+    assert most_wrong_slices(truth, truth, [], 2) == []
