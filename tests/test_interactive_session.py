@@ -61,6 +61,7 @@ def test_fit_correct_refine_uncertain(backbone):
     edited[6] = sphere[6]
     edited[6, 0, 0] = 1 - edited[6, 0, 0]  # a certain change, whatever the fit got right
     refined = session.refine(edited, steps=5)
+    assert session.bundle.training["refine_anchor_slices"] > 0  # learnt here: the result is kept
     assert refined.changed_slices == [6]
     assert refined.training_slices == [4, 6, 8]
     np.testing.assert_array_equal(refined.labels[[4, 6, 8]], edited[[4, 6, 8]])
@@ -142,3 +143,24 @@ def test_tedm_refine_learns_from_the_corrected_slices_of_a_label_file(tiny_bundl
     # Never overwrites: the same output again is refused in one line, exit 2.
     assert main([*argv, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_model_from_elsewhere_is_refined_on_the_corrections_alone(tiny_bundle_dir):
+    """A loaded model's result on this volume was never confirmed: Refine does not hold it to it."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.interactive import InteractiveSession
+
+    volume, sphere = _sphere_volume()
+    session = InteractiveSession(volume)
+    result = session.segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu")
+    edited = result.labels.copy()
+    edited[[5, 7]] = sphere[[5, 7]]
+    edited[5, 0, 0] = 1 - edited[5, 0, 0]
+    edited[7, 0, 0] = 1 - edited[7, 0, 0]
+    refined = session.refine(edited, steps=5)
+    assert "refine_anchor_slices" not in session.bundle.training
+    assert session.training_slices == [5, 7]
+    edited = refined.labels.copy()  # a second round still learns from the corrections alone
+    edited[6, 0, 0] = 1 - edited[6, 0, 0]
+    session.refine(edited, steps=5)
+    assert "refine_anchor_slices" not in session.bundle.training and session.training_slices == [5, 6, 7]

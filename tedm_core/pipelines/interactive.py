@@ -171,6 +171,9 @@ class InteractiveSession:
         self.written = np.zeros((0, 0, 0), dtype=np.uint8)  # (N, H, W) the labels last returned
         self.scores = np.zeros(0)  # (N,) mean timestep disagreement per slice
         self.training_slices: List[int] = []
+        # Whether the current model was fitted on labels of this volume (fit), rather than
+        # loaded from elsewhere (segment): only then does Refine keep its earlier result.
+        self.fitted_here = False
         self.visited_uncertain: List[int] = []
         self._segmenter: Optional[Segmenter] = None
 
@@ -235,6 +238,7 @@ class InteractiveSession:
             cancel=reporter.cancelled,
             show_progress=False,
         )
+        self.fitted_here = True
         reporter.check()
         labels, uncertainty, slices_run = self._predict(reporter, 0.5, 0.98)
         labels[labelled] = drawn_slices[labelled]  # the user's slices are kept exactly as drawn
@@ -262,7 +266,16 @@ class InteractiveSession:
             raise SessionError("no slice differs from the last result: correct some slices, then Refine")
         training = sorted(set(self.training_slices) | set(changed))
         reporter.log(f"Corrected slices: {', '.join(map(str, changed))}; training on {len(training)} slice(s).")
-        anchors = choose_anchor_slices(self.written, self.scores, self._anchor_candidates(training))
+        # The earlier result is kept on a few uncorrected slices (anchors) only when it was learnt
+        # from this volume's own labels. A model fitted elsewhere can be far off here, and holding
+        # it to its own result held its errors: on two validation BraTS subjects (issue 10,
+        # docs/results/REFINE_VALIDATION.md) mean whole-tumour Dice after 3 / 5 rounds of
+        # corrections was 75.7 / 75.8 with anchors, 88.6 / 91.0 without.
+        anchors = (
+            choose_anchor_slices(self.written, self.scores, self._anchor_candidates(training))
+            if self.fitted_here
+            else []
+        )
         if anchors:
             reporter.log(f"Keeping the previous result of slice(s) {', '.join(map(str, anchors))} against forgetting.")
         self.bundle = refine_bundle(
@@ -349,6 +362,7 @@ class InteractiveSession:
                 self._release_segmenter()
             self.bundle = model
         self.training_slices, self.visited_uncertain = [], []
+        self.fitted_here = False
         notes = device_notes(self.device)
         for note in notes:
             reporter.log(note)
