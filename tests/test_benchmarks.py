@@ -1,5 +1,5 @@
-"""Every script in benchmarks/ must at least import and parse its arguments: they are run by hand,
-rarely, so a module they import being renamed or removed would otherwise go unnoticed.
+"""Every script in benchmarks/ and scripts/experiments/ must at least import and parse its
+arguments: they are run by hand, rarely, so a module they import being renamed or removed would otherwise go unnoticed.
 
 All scripts run with ``--help`` in one fresh interpreter (each as ``__main__``, with its own
 ``sys.argv``), so torch and MONAI are imported once: a few seconds in all, not one import per script.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((REPO / "benchmarks").glob("*.py"))
+SCRIPTS = sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "scripts" / "experiments").glob("*.py"))
 
 DRIVER = r"""
 import contextlib, io, json, runpy, sys, traceback

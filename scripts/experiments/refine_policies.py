@@ -1,0 +1,147 @@
+"""Refine policies on the BraTS correct-and-refine protocol (issue 10), for choosing them on
+validation subjects: one segmentation per subject (features cached), then every policy replays
+five rounds of "correct the two worst slices to the ground truth, Refine" from the same start.
+
+    python scripts/experiments/refine_policies.py configs/brats_session.json --work runs/brats_session \
+        --subjects Brats18_CBICA_AOO_1 Brats18_CBICA_AQN_1 \
+        --policies tvoxels:anchors tvoxels:noanchor tvoxels:decay --out runs/refine_policies.json
+
+A policy is ``SELECTION:VARIANT``. Selection: ``tvoxels`` (tumour slices with the most wrong
+voxels: the study's rule, ``reproduce.most_wrong_slices``), ``voxels`` (any slice with the
+most wrong voxels), ``dice`` (the tumour slices of lowest slice Dice: session 4's rule).
+Variant (joined with ``+``): ``anchors`` (keep the earlier result on a few uncorrected slices,
+weight 2), ``noanchor`` (the corrections alone), ``decay`` (anchors weighted 2 x 2 / corrected
+slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume first),
+``stepsN`` (N refine steps), ``scratch`` (also the scratch control at rounds 3 and 5).
+Results: docs/results/REFINE_VALIDATION.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(SCRIPTS))
+import reproduce  # noqa: E402
+
+from tedm_core.pipelines import fit as fit_module  # noqa: E402
+from tedm_core.pipelines.evaluate import dice_precision_recall  # noqa: E402
+from tedm_core.pipelines.interactive import InteractiveSession  # noqa: E402
+from tedm_core.pipelines.segment import Segmenter  # noqa: E402
+from tedm_core.slicing import reassemble, to_slices  # noqa: E402
+
+
+def adapt_statistics(head, cache, rows) -> None:
+    """Re-estimate the head's BatchNorm statistics on these cached slices (AdaBN)."""
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the slices
+    head.train()
+    with torch.no_grad():
+        for r in rows:
+            head.logits([level[r : r + 1].float() for level in cache.levels], (cache.transform.size,) * 2)
+    for m in norms:
+        m.momentum = 0.1
+    head.eval()
+
+
+def worst_slices(selection: str, current, truth, corrected, count: int = 2):
+    if selection == "tvoxels":
+        return reproduce.most_wrong_slices(current, truth, corrected, count)
+    if selection == "voxels":
+        wrong = ((current > 0) != (truth > 0)).reshape(len(truth), -1).sum(axis=1)
+        wrong[corrected] = 0
+        return sorted((int(i) for i in np.flatnonzero(wrong)), key=lambda i: (-int(wrong[i]), i))[:count]
+    tumour = [int(i) for i in np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1)) if i not in corrected]
+    dice = {i: dice_precision_recall(current[i] > 0, truth[i] > 0)[0] for i in tumour}
+    return sorted(dice, key=lambda i: (dice[i], i))[:count]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--work", type=Path, required=True, help="the study's work folder (backbone, 3-slice model)")
+    parser.add_argument("--data", type=Path, default=reproduce.REPO.parent / "shared" / "data")
+    parser.add_argument("--subjects", nargs="+", required=True)
+    parser.add_argument("--policies", nargs="+", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = reproduce.load_config(args.config, False)
+    study = reproduce.Study(config, args.work, args.work / "unused_results", args.data, False)
+    spec = config["brats"]["refine"]
+    bundle = study.brats_fit("tedm", spec["fit_subjects"], spec.get("fit_slices"))
+    backbone = study.load_backbone(config["brats"]["backbone"], config["brats"].get("checkpoint"))
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for subject in (s for s in study.brats_subjects() if s.name in args.subjects):
+        volume, truth = study.brats_volume(subject)
+        session = InteractiveSession(volume)
+        tic = time.perf_counter()
+        segmented = session.segment(bundle, axis="axial", device="cpu")
+        layout = session.layout
+        truth_slices = to_slices(truth, layout)
+        start = to_slices(segmented.labels, layout).copy()
+        ran = np.flatnonzero(session.feature_rows >= 0)
+        saved = (session.bundle, session.written.copy(), session.scores.copy())
+        record = results.setdefault(subject.name, {})
+        record["start"] = dice_precision_recall(segmented.labels > 0, truth > 0)[0]
+        record["segment_seconds"] = time.perf_counter() - tic
+        for policy in args.policies:
+            if policy in record:
+                continue
+            selection, variant = policy.split(":")
+            parts = variant.split("+")
+            session.bundle, session.written, session.scores = copy.deepcopy(saved[0]), *(a.copy() for a in saved[1:])
+            session.training_slices = []
+            session.fitted_here = "anchors" in parts or "decay" in parts
+            steps = next((int(p[5:]) for p in parts if p.startswith("steps")), None)
+            current = start.copy()
+            if "adabn" in parts:
+                adapt_statistics(session.bundle.head, session.features, ran[:: max(1, len(ran) // 24)])
+                predicted = Segmenter(session.bundle, device="cpu").predict_from_features(session.features)
+                current = np.zeros_like(truth_slices)
+                current[ran] = predicted.labels[session.feature_rows[ran]]
+                session.written = current.copy()
+            rows, corrected = [], []
+            for round_index in range(1, spec["rounds"] + 1):
+                worst = worst_slices(selection, current, truth_slices, corrected, spec["slices_per_round"])
+                corrected += worst
+                edited = current.copy()
+                edited[worst] = truth_slices[worst]
+                fit_module.REFINE_ANCHOR_WEIGHT = 2.0 * 2 / len(corrected) if "decay" in parts else 2.0
+                refined = session.refine(reassemble(edited, layout), steps=steps)
+                current = to_slices(refined.labels, layout).copy()
+                pasted = start.copy()
+                pasted[corrected] = truth_slices[corrected]
+                row = {
+                    "round": round_index,
+                    "corrected": list(corrected),
+                    "truth_voxels": [int((truth_slices[i] > 0).sum()) for i in worst],
+                    "refine": dice_precision_recall(refined.labels > 0, truth > 0)[0],
+                    "paste": dice_precision_recall(reassemble(pasted, layout) > 0, truth > 0)[0],
+                    "seconds": refined.seconds,
+                }
+                if "scratch" in parts and round_index in spec.get("scratch_rounds", []):
+                    scratch = study.scratch_control(session, backbone, truth_slices, corrected)
+                    row["scratch"] = dice_precision_recall(reassemble(scratch, layout) > 0, truth > 0)[0]
+                rows.append(row)
+                print(subject.name, policy, round_index, worst, round(100 * row["refine"], 1), flush=True)
+            record[policy] = rows
+            fit_module.REFINE_ANCHOR_WEIGHT = 2.0
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+        session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
