@@ -106,8 +106,9 @@ class Straightforward:
     """TEDM as one would first write it: per slice, per timestep, one UNet call (batch 1, full
     decoder and output convolution), every decoder level upsampled to the image size and
     concatenated, the MLP applied to that, fp32, default memory layout, MONAI's default (explicit)
-    attention. Same taps, same noise (``timestep_noise`` of (seed, t)) and same weights as the
-    pipeline, so the outputs agree."""
+    attention; with the bundle's test-time flip, all of it again for the mirrored slice. Same
+    taps, same noise (``timestep_noise`` of (seed, t)) and same weights as the pipeline, so the
+    outputs agree."""
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
@@ -147,14 +148,19 @@ class Straightforward:
         return torch.stack(out).numpy()
 
     def segment_slices(self, slices: np.ndarray):
-        """(N, C, H, W) -> labels (N, H, W), uncertainty (N, H, W); all per-step maps kept."""
+        """(N, C, H, W) -> labels (N, H, W), uncertainty (N, H, W); all per-step maps kept, of
+        the mirrored slices too when the bundle predicts with a test-time flip."""
+        orientations = 2 if self.bundle.test_time_flip else 1
         per_step = np.empty(
-            (len(slices), len(self.bundle.timesteps), self.bundle.num_classes) + slices.shape[2:], np.float32
+            (len(slices), orientations, len(self.bundle.timesteps), self.bundle.num_classes) + slices.shape[2:],
+            np.float32,
         )
         for n, image in enumerate(slices):
-            per_step[n] = self.per_step_probabilities(image)
-        labels = per_step.mean(axis=1).argmax(axis=1).astype(np.uint8)
-        return labels, per_step.std(axis=1).max(axis=1)
+            per_step[n, 0] = self.per_step_probabilities(image)
+            if orientations == 2:
+                per_step[n, 1] = self.per_step_probabilities(image[..., ::-1])[..., ::-1]
+        labels = per_step.mean(axis=(1, 2)).argmax(axis=1).astype(np.uint8)
+        return labels, per_step.std(axis=2).max(axis=2).mean(axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
