@@ -1128,38 +1128,32 @@ class Report:
         if not records:
             return
         rounds = b["refine"]["rounds"]
-        lines = [
-            "| round | Refine | corrections pasted, no learning | head fitted from scratch on the corrected slices |",
-            "|---|---|---|---|",
-        ]
         start_model = f"{b['refine'].get('fit_slices') or b.get('slices_per_case') or 'all'}-slice model"
-        lines.append(f"| 0 ({start_model}) | {_mean_std([r['start_dice'] for r in records])} | | |")
-        curve = {"refine": [], "paste": [], "scratch": []}
-        for k in range(1, rounds + 1):
-            at = [r["rounds"][k - 1] for r in records if len(r["rounds"]) >= k]
-            if not at:
-                continue
-            refine = [a["refine_dice"] for a in at]
-            paste = [a["paste_only_dice"] for a in at]
-            scratch = [a["scratch_dice"] for a in at if "scratch_dice" in a]
-            curve["refine"].append((k, 100 * float(np.mean(refine))))
-            curve["paste"].append((k, 100 * float(np.mean(paste))))
-            if scratch:
-                curve["scratch"].append((k, 100 * float(np.mean(scratch))))
-            lines.append(
-                f"| {k} | {_mean_std(refine)} | {_mean_std(paste)} | "
-                f"{_mean_std(scratch) if scratch else 'not measured'} |"
-            )
-            if k in (3, 5):
-                self.summary[f"brats_refine_round{k}"] = round(100 * float(np.mean(refine)), 2)
-            if k == 5:
-                self.summary["brats_paste_only_round5"] = round(100 * float(np.mean(paste)), 2)
-                if scratch:
-                    self.summary["brats_scratch_round5"] = round(100 * float(np.mean(scratch)), 2)
+        lines, curve = self._refine_table(records, rounds, start_model, summary=True)
+        chosen_on = set(b["refine"].get("validation_subjects", []))
+        untouched = [r for r in records if r["subject"] not in chosen_on]
+        if chosen_on and untouched:
+            lines += [
+                "",
+                f"The {len(untouched)} subjects not used to choose Refine's policy "
+                f"(validation: {', '.join(sorted(chosen_on))}; docs/results/REFINE_VALIDATION.md):",
+                "",
+            ] + self._refine_table(untouched, rounds, start_model, summary=False)[0]
+        lines += ["", "Per subject (Refine / pasted / from scratch, rounds 3 and 5):", ""]
+        lines += ["| subject | start | round 3 | round 5 |", "|---|---|---|---|"]
+        for r in records:
+            cells = []
+            for k in (3, 5):
+                a = r["rounds"][k - 1] if len(r["rounds"]) >= k else None
+                scratch = f"{100 * a['scratch_dice']:.1f}" if a and "scratch_dice" in a else "-"
+                cells.append(
+                    f"{100 * a['refine_dice']:.1f} / {100 * a['paste_only_dice']:.1f} / {scratch}" if a else "-"
+                )
+            lines.append(f"| {r['subject']} | {100 * r['start_dice']:.1f} | " + " | ".join(cells) + " |")
         self.lines += (
             [
-                f"**Correct-and-refine** ({len(records)} held-out subjects; the worst tumour slices corrected "
-                "each round), whole-tumour 3D Dice x 100",
+                f"**Correct-and-refine** ({len(records)} held-out subjects; each round the two tumour slices "
+                "with the most wrongly labelled voxels are corrected), whole-tumour 3D Dice x 100",
                 "",
             ]
             + lines
@@ -1186,6 +1180,46 @@ class Report:
         with atomic_path(self.out / "refine_curve.png") as tmp:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
+
+    def _refine_table(self, records, rounds: int, start_model: str, summary: bool):
+        """Markdown rows of the refine curve's means (and paired Wilcoxon p of Refine against
+        each control), and the curve's points; ``summary``: these are the summary.json keys."""
+        from tedm_core.pipelines.evaluate import paired_wilcoxon
+
+        lines = [
+            "| round | Refine | corrections pasted, no learning | head fitted from scratch on the corrected slices |",
+            "|---|---|---|---|",
+            f"| 0 ({start_model}) | {_mean_std([r['start_dice'] for r in records])} | | |",
+        ]
+        curve: Dict[str, List[Tuple[int, float]]] = {"refine": [], "paste": [], "scratch": []}
+        for k in range(1, rounds + 1):
+            at = [r["rounds"][k - 1] for r in records if len(r["rounds"]) >= k]
+            if not at:
+                continue
+            refine = [a["refine_dice"] for a in at]
+            paste = [a["paste_only_dice"] for a in at]
+            pairs = [(a["refine_dice"], a["scratch_dice"]) for a in at if "scratch_dice" in a]
+            scratch = [p[1] for p in pairs]
+            curve["refine"].append((k, 100 * float(np.mean(refine))))
+            curve["paste"].append((k, 100 * float(np.mean(paste))))
+            scratch_cell = "not measured"
+            if scratch:
+                curve["scratch"].append((k, 100 * float(np.mean(scratch))))
+                wins = sum(a > b for a, b in pairs)
+                p_value = paired_wilcoxon([p[0] for p in pairs], scratch)
+                scratch_cell = f"{_mean_std(scratch)} (Refine better on {wins} of {len(pairs)}, p = {p_value:.2g})"
+            wins = sum(a > b for a, b in zip(refine, paste))
+            lines.append(
+                f"| {k} | {_mean_std(refine)} | {_mean_std(paste)} (Refine better on {wins} of {len(at)}, "
+                f"p = {paired_wilcoxon(refine, paste):.2g}) | {scratch_cell} |"
+            )
+            if summary and k in (3, 5):
+                self.summary[f"brats_refine_round{k}"] = round(100 * float(np.mean(refine)), 2)
+            if summary and k == 5:
+                self.summary["brats_paste_only_round5"] = round(100 * float(np.mean(paste)), 2)
+                if scratch:
+                    self.summary["brats_scratch_round5"] = round(100 * float(np.mean(scratch)), 2)
+        return lines, curve
 
     def write(self, argv: Sequence[str], config_path: Path) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
