@@ -43,6 +43,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CXR_PARTS = ("variants", "main", "ablation", "probes", "sweep", "baseline")
+
+
+def cxr_seeds(cxr: Dict[str, Any], method: str, n: int) -> List[int]:
+    """The seeds a cxr unit runs with: the config's ``seeds`` for n <= ``seeds_up_to_n``, else
+    seed 0; ``seeds_by_method`` narrows them for a method (the supervised baseline's fits cost
+    ~20 min each on a shared CPU core, so a session may run it on fewer seeds than the heads)."""
+    seeds = cxr["seeds"] if n <= cxr["seeds_up_to_n"] else [0]
+    narrowed = cxr.get("seeds_by_method", {}).get(method)
+    return [s for s in seeds if s in narrowed] if narrowed is not None else list(seeds)
+
+
 log = logging.getLogger("reproduce")
 
 
@@ -530,7 +541,6 @@ class Study:
         step = c.get("checkpoint")
         test_sets = c["test_sets"]
         validation = c.get("validation_sets", [])
-        seeds_for = lambda n: c["seeds"] if n <= c["seeds_up_to_n"] else [0]  # noqa: E731
         # 0. validation-only variants (augmentation, ...), never scored on the test sets; first,
         # because they decide the defaults the rest uses.
         parts = self.config.get("cxr_parts", CXR_PARTS)
@@ -552,12 +562,12 @@ class Study:
         # baseline (1,000 UNet training steps per fit) is its own part and runs last.
         for n in c["n"] if "main" in parts else ():
             for method in [m for m in c["methods"] if m != "baseline"]:
-                for seed in seeds_for(n):
+                for seed in cxr_seeds(c, method, n):
                     self.evaluate_unit(name, step, method, n, seed, "default", validation + test_sets, postprocess=True)
         # 2. single-step ablations: the TEDM head on one step (the paper's Table 2).
         for n in c.get("ablation", {}).get("n", []) if "ablation" in parts else ():
             for t in c["ablation"]["timesteps"]:
-                for seed in seeds_for(n):
+                for seed in cxr_seeds(c, "tedm", n):
                     self.evaluate_unit(name, step, "tedm", n, seed, "default", validation + test_sets, timesteps=(t,))
         # 3. step-wise logistic probes, one per timestep (the paper's Figure 2).
         for n in c.get("probe", {}).get("n", []) if "probes" in parts else ():
@@ -574,7 +584,7 @@ class Study:
 
         # 5. the supervised baseline, last: by far the most expensive fits.
         for n in c["n"] if "baseline" in parts and "baseline" in c["methods"] else ():
-            for seed in seeds_for(n):
+            for seed in cxr_seeds(c, "baseline", n):
                 self.evaluate_unit(name, step, "baseline", n, seed, "default", validation + test_sets, postprocess=True)
 
     # -- compute ------------------------------------------------------------------------------
@@ -902,9 +912,17 @@ class Report:
     def cxr(self) -> None:
         c = self.config["cxr"]
         name, step = c["backbone"], c.get("checkpoint")
-        seeds_for = lambda n: c["seeds"] if n <= c["seeds_up_to_n"] else [0]  # noqa: E731
         sets = c.get("validation_sets", []) + c["test_sets"]
         self.lines += ["## Chest X-ray: Dice x 100 (mean +- std over images; seeds averaged per image first)", ""]
+        self.lines += [
+            "Seeds per method and n: "
+            + "; ".join(
+                f"{self.METHOD_NAMES.get(m, m)} n = {n}: {', '.join(map(str, cxr_seeds(c, m, n)))}"
+                for m in c["methods"]
+                for n in c["n"]
+            ),
+            "",
+        ]
         tests: List[str] = ["| set | n | method | vs TEDM: Wilcoxon p | TEDM better on |", "|---|---|---|---|---|"]
         for set_name in sets:
             rows = []
@@ -912,7 +930,10 @@ class Report:
                 rows.append(
                     (
                         self.METHOD_NAMES.get(method, method),
-                        {n: self.per_image(name, step, method, n, seeds_for(n), "default", set_name) for n in c["n"]},
+                        {
+                            n: self.per_image(name, step, method, n, cxr_seeds(c, method, n), "default", set_name)
+                            for n in c["n"]
+                        },
                     )
                 )
             role = "validation, never quoted as accuracy" if set_name in c.get("validation_sets", []) else "test"
@@ -933,38 +954,46 @@ class Report:
             + [""]
         )
         for set_name, key in (("shenzhen_test", "shenzhen_tedm_n3"), ("covid_gb", "covid_gb_tedm_n3")):
-            scores = self.per_image(name, step, "tedm", 3, seeds_for(3), "default", set_name)
+            scores = self.per_image(name, step, "tedm", 3, cxr_seeds(c, "tedm", 3), "default", set_name)
             if scores:
                 self.summary[key] = round(100 * float(np.mean(list(scores.values()))), 2)
         # Post-processing, on validation sets only (it is a choice).
         pp_lines = ["| set | n | Dice raw | largest 2 components + holes filled |", "|---|---|---|---|"]
         for set_name in c.get("validation_sets", []):
             for n in c["n"]:
-                raw = self.per_image(name, step, "tedm", n, seeds_for(n), "default", set_name)
-                pp = self.per_image(name, step, "tedm", n, seeds_for(n), "default", set_name, post="largest2_fill")
+                raw = self.per_image(name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", set_name)
+                pp = self.per_image(
+                    name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", set_name, post="largest2_fill"
+                )
                 if raw and pp:
                     pp_lines.append(
                         f"| {set_name} | {n} | {_mean_std(list(raw.values()))} | "
                         f"{_mean_std(list(pp.values()))} (p = {self.p_value(raw, pp):.2g}) |"
                     )
         self.lines += ["**Post-processing of TEDM (validation sets only)**", ""] + pp_lines + [""]
-        self.ablation(name, step, seeds_for, sets)
+        self.ablation(name, step, sets)
         self.probes(name, step)
         self.sweep(name)
         self.variants(name, step)
 
-    def ablation(self, name, step, seeds_for, sets) -> None:
+    def ablation(self, name, step, sets) -> None:
         c = self.config["cxr"]
         for n in c.get("ablation", {}).get("n", []):
             rows = [
                 (
                     f"step {t} alone",
-                    {s: self.per_image(name, step, "tedm", n, seeds_for(n), "default", s, (t,)) for s in sets},
+                    {
+                        s: self.per_image(name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", s, (t,))
+                        for s in sets
+                    },
                 )
                 for t in c["ablation"]["timesteps"]
             ]
             rows.append(
-                ("TEDM (8 steps)", {s: self.per_image(name, step, "tedm", n, seeds_for(n), "default", s) for s in sets})
+                (
+                    "TEDM (8 steps)",
+                    {s: self.per_image(name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", s) for s in sets},
+                )
             )
             self.lines += self.table(
                 f"Single-step ablation, n = {n} (the TEDM head applied to one step; paper's Table 2)", rows, sets, str

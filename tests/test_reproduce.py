@@ -112,3 +112,14 @@ def test_the_refine_curve_corrects_the_tumour_slices_with_the_most_wrong_voxels(
     assert most_wrong_slices(labels, truth, [], 2) == [1, 3]
     assert most_wrong_slices(labels, truth, [1], 5) == [3, 2]  # slices without an error are never chosen
     assert most_wrong_slices(truth, truth, [], 2) == []
+
+
+def test_cxr_seeds_follow_n_and_the_per_method_narrowing():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from reproduce import cxr_seeds
+
+    cxr = {"seeds": [0, 1, 2], "seeds_up_to_n": 3, "seeds_by_method": {"baseline": [0]}}
+    assert cxr_seeds(cxr, "tedm", 3) == [0, 1, 2]
+    assert cxr_seeds(cxr, "tedm", 6) == [0]
+    assert cxr_seeds(cxr, "baseline", 3) == [0]
+    assert cxr_seeds({"seeds": [0, 1], "seeds_up_to_n": 3}, "baseline", 1) == [0, 1]
