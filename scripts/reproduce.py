@@ -866,6 +866,11 @@ class Report:
         images = sorted(set.intersection(*(set(d) for d in per_seed)))
         return {i: float(np.mean([d[i] for d in per_seed])) for i in images}
 
+    def tedm_scores(self, name, step, n: int, set_name: str, timesteps=None, post: str = "none"):
+        """TEDM's per-image Dice on one set, over the seeds the config runs it with."""
+        seeds = cxr_seeds(self.config["cxr"], "tedm", n)
+        return self.per_image(name, step, "tedm", n, seeds, "default", set_name, timesteps, post)
+
     def table(
         self, title: str, rows: List[Tuple[str, Dict[Any, Optional[Dict[str, float]]]]], columns: List[Any], column_name
     ) -> List[str]:
@@ -954,17 +959,15 @@ class Report:
             + [""]
         )
         for set_name, key in (("shenzhen_test", "shenzhen_tedm_n3"), ("covid_gb", "covid_gb_tedm_n3")):
-            scores = self.per_image(name, step, "tedm", 3, cxr_seeds(c, "tedm", 3), "default", set_name)
+            scores = self.tedm_scores(name, step, 3, set_name)
             if scores:
                 self.summary[key] = round(100 * float(np.mean(list(scores.values()))), 2)
         # Post-processing, on validation sets only (it is a choice).
         pp_lines = ["| set | n | Dice raw | largest 2 components + holes filled |", "|---|---|---|---|"]
         for set_name in c.get("validation_sets", []):
             for n in c["n"]:
-                raw = self.per_image(name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", set_name)
-                pp = self.per_image(
-                    name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", set_name, post="largest2_fill"
-                )
+                raw = self.tedm_scores(name, step, n, set_name)
+                pp = self.tedm_scores(name, step, n, set_name, post="largest2_fill")
                 if raw and pp:
                     pp_lines.append(
                         f"| {set_name} | {n} | {_mean_std(list(raw.values()))} | "
@@ -982,19 +985,11 @@ class Report:
             rows = [
                 (
                     f"step {t} alone",
-                    {
-                        s: self.per_image(name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", s, (t,))
-                        for s in sets
-                    },
+                    {s: self.tedm_scores(name, step, n, s, (t,)) for s in sets},
                 )
                 for t in c["ablation"]["timesteps"]
             ]
-            rows.append(
-                (
-                    "TEDM (8 steps)",
-                    {s: self.per_image(name, step, "tedm", n, cxr_seeds(c, "tedm", n), "default", s) for s in sets},
-                )
-            )
+            rows.append(("TEDM (8 steps)", {s: self.tedm_scores(name, step, n, s) for s in sets}))
             self.lines += self.table(
                 f"Single-step ablation, n = {n} (the TEDM head applied to one step; paper's Table 2)", rows, sets, str
             )
