@@ -52,6 +52,8 @@ def test_smoke_study_runs_every_section_and_resumes(tmp_path):
     ):
         assert key in summary  # null where the smoke sizes do not reach (n = 3, round 5)
     assert summary["covid_gb_tedm_n3_min_over_checkpoints"] is not None
+    # The report applies the checkpoint rule itself: the best mean over the validation sets.
+    assert summary["cxr_checkpoint_chosen_on_validation"] in (2, 4)
     text = (results / "RESULTS.md").read_text()
     for heading in (
         "shenzhen_test (test)",
@@ -59,6 +61,7 @@ def test_smoke_study_runs_every_section_and_resumes(tmp_path):
         "Single-step ablation",
         "Step-wise logistic probes",
         "Checkpoint sweep",
+        "Chosen on validation",
         "Compute per image",
         "BraTS",
         "Correct-and-refine",
