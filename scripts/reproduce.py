@@ -433,7 +433,13 @@ class Study:
         every head on one backbone and one set of timesteps reads the same features."""
         from tedm_core.pipelines.segment import Segmenter
 
-        key = (backbone_key, image_set.name + fit_key, tuple(timesteps), bundle.test_time_flip)
+        key = (
+            backbone_key,
+            image_set.name + fit_key,
+            tuple(timesteps),
+            bundle.test_time_flip,
+            bundle.crop_dark_borders,
+        )
         if key not in self._features:
             # float16, ~4 MB per image for 8 steps of `small4`: the study's sets fit in a few GB.
             while len(self._features) >= int(self.config.get("feature_cache_entries", 8)):

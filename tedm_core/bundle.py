@@ -80,6 +80,10 @@ class ModelBundle:
     # Predict every slice also mirrored left-right and average the two (chosen on validation in
     # issue 10: see FitOptions.test_time_flip). False for bundles written before it existed.
     test_time_flip: bool = False
+    # Crop each slice's dark border bands before the model sees it, and paste the result back
+    # (preprocessing.framing; issue 10: see FitOptions.crop_dark_borders). For 2D images only;
+    # False for bundles written before it existed.
+    crop_dark_borders: bool = False
     # Where it was loaded from and a hash of its files' bytes (None for a model made in memory):
     # outputs record which model made them (see io.outputs).
     source: Optional[Path] = None
@@ -171,6 +175,7 @@ def _write_bundle_files(bundle: ModelBundle, folder: Path) -> None:
         "class_colours": [list(map(int, c)) for c in bundle.class_colours],
         "axis": bundle.axis,
         "test_time_flip": bool(bundle.test_time_flip),
+        "crop_dark_borders": bool(bundle.crop_dark_borders),
         "head": bundle.head.config.to_dict() if bundle.head is not None else None,
         "backbone": bundle.backbone.metadata(),
         "training": bundle.training,
@@ -225,6 +230,7 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             axis=meta.get("axis", "axial"),
             training=dict(meta.get("training", {})),
             test_time_flip=bool(meta.get("test_time_flip", False)),
+            crop_dark_borders=bool(meta.get("crop_dark_borders", False)),
             source=path,
             fingerprint=_files_sha256([meta_path, path / BACKBONE_WEIGHTS, path / HEAD_WEIGHTS]),
         )
@@ -247,6 +253,8 @@ def model_fingerprint(bundle: ModelBundle) -> str:
     if bundle.fingerprint:
         return bundle.fingerprint
     described = (bundle.method, bundle.class_names, bundle.label_values, bundle.axis, bundle.test_time_flip)
+    if bundle.crop_dark_borders:  # (so that the fingerprints of bundles without it do not change)
+        described += ("crop_dark_borders",)
     digest = hashlib.sha256(repr(described).encode())
     for module in (bundle.backbone.unet, bundle.head):
         for name, tensor in module.state_dict().items() if module is not None else []:
@@ -290,7 +298,8 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     axis = meta.get("axis", "axial")
     require(meta_path, axis in AXES, f"axis must be one of {AXES}, got {axis!r}")
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
-    require(meta_path, isinstance(meta.get("test_time_flip", False), bool), "test_time_flip must be true or false")
+    for flag in ("test_time_flip", "crop_dark_borders"):
+        require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
     check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")

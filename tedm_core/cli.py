@@ -236,6 +236,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="the model predicts each slice once, not also mirrored left-right (half the time)",
     )
     p.add_argument(
+        "--crop-dark-borders",
+        action=argparse.BooleanOptionalAction,
+        help="crop each image's dark border bands (detector edges) before the model sees it and paste "
+        "the result back (default: on for radiograph backbones, off for volumes)",
+    )
+    p.add_argument(
         "--classes",
         nargs="+",
         default=["foreground"],
@@ -334,6 +340,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         timesteps=tuple(args.timesteps) if args.timesteps else None,
         axis=args.axis,
         test_time_flip=args.test_time_flip,
+        crop_dark_borders=args.crop_dark_borders,
         **({"augment": args.augment} if args.augment else {}),
     )
     bundle.training["sources"] = sources

@@ -27,6 +27,8 @@ from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
 from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_policy
+from ..preprocessing.framing import crop_dark_borders
+from ..preprocessing.intensity import RADIOGRAPH, IntensityConfig
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
 from ..runtime import autocast, check_finite_loss, resolve_device, resolve_precision
 
@@ -73,11 +75,28 @@ class FitOptions:
     # 82.5 -> 83.5 (p = 3.8e-06), on the re-framed pool images 89.8 -> 90.6 (p = 0.007), on the
     # plain pool images 91.7 -> 92.1 (p = 0.12). Twice the inference work; nnU-Net mirrors too.
     test_time_flip: bool = True
+    # The bundle's dark-border cropping (ModelBundle.crop_dark_borders, preprocessing.framing):
+    # None = on for radiograph backbones (percentile intensity, 2D images), off otherwise.
+    # Chosen on validation (issue 10; docs/results/RESULTS_cxr_session7.md).
+    crop_dark_borders: Optional[bool] = None
+
+
+def crops_dark_borders(options: FitOptions, intensity: IntensityConfig) -> bool:
+    """Whether a model fitted with ``options`` on a backbone with ``intensity`` crops dark borders."""
+    if options.crop_dark_borders is not None:
+        return bool(options.crop_dark_borders)
+    return intensity.kind == RADIOGRAPH.kind
 
 
 def _prepare(
-    slices: np.ndarray, labels: np.ndarray, image_size: int, num_classes: int
+    slices: np.ndarray,
+    labels: np.ndarray,
+    image_size: int,
+    num_classes: int,
+    crop_with: Optional[IntensityConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labelled slices and labels on the model grid; with ``crop_with`` (the model's intensity
+    normalisation), each slice's dark border bands cropped first, as the segmenter crops them."""
     slices = np.asarray(slices, dtype=np.float32)
     labels = np.asarray(labels)
     if slices.ndim != 4 or labels.shape != (slices.shape[0],) + slices.shape[2:]:
@@ -90,6 +109,8 @@ def _prepare(
         )
     if not np.isfinite(slices).all():
         raise InputError(None, "the labelled slices hold NaN or infinite values")
+    if crop_with is not None:
+        slices, labels, _ = crop_dark_borders(slices, crop_with, labels)
     grid, transform = to_model_grid(torch.from_numpy(slices), image_size)
     targets = labels_to_model_grid(torch.from_numpy(labels.astype(np.int64)), transform)
     return grid, targets
@@ -386,7 +407,10 @@ def fit_bundle(
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
-    grid, targets = _prepare(slices, labels, backbone.config.image_size, len(class_names))
+    crop = crops_dark_borders(options, backbone.intensity)
+    grid, targets = _prepare(
+        slices, labels, backbone.config.image_size, len(class_names), backbone.intensity if crop else None
+    )
     if int(np.asarray(labels).max()) == 0:
         # (Refining may learn from all-background corrections; a model from nothing but background may not.)
         raise InputError(None, "every labelled pixel is background: there is no structure to learn")
@@ -457,6 +481,7 @@ def fit_bundle(
         axis=axis,
         training=training,
         test_time_flip=options.test_time_flip,
+        crop_dark_borders=crop,
     )
 
 
@@ -496,7 +521,8 @@ def refine_bundle(
     options = _options_with(options or FitOptions(), option_overrides)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
-    grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes)
+    crop_with = bundle.intensity if bundle.crop_dark_borders else None
+    grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes, crop_with)
     tic = time.perf_counter()
     extractor: Optional[DecoderFeatureExtractor] = None
 
@@ -518,7 +544,9 @@ def refine_bundle(
     anchor = None
     labelled_features = features_of(grid, features, options.noise_draws, "slices")
     if anchor_slices is not None:
-        anchor_grid, anchor_targets = _prepare(anchor_slices, anchor_labels, bundle.image_size, bundle.num_classes)
+        anchor_grid, anchor_targets = _prepare(
+            anchor_slices, anchor_labels, bundle.image_size, bundle.num_classes, crop_with
+        )
         # Draw 0 only: the anchor labels are the prediction made with the inference noise.
         levels = features_of(anchor_grid, anchor_features, 1, "anchor slices")[0]
         anchor = Anchor(
@@ -559,6 +587,7 @@ def refine_bundle(
         bundle.axis,
         training,
         bundle.test_time_flip,
+        bundle.crop_dark_borders,
     )
 
 

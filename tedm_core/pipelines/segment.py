@@ -19,6 +19,7 @@ from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import class_probabilities
+from ..preprocessing.framing import Box, crop_dark_borders, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import (
     autocast,
@@ -56,6 +57,10 @@ class FeatureCache:
     # The same for the left-right mirrored slices, when the segmenter predicted with test-time
     # flipping: re-applying a head then averages both, as the first prediction did.
     flipped: Optional[LevelFeatures] = None
+    # Per slice, the content box its features were taken from when dark borders were cropped
+    # (preprocessing.framing), of the mirrored slices too; None: the whole slice.
+    boxes: Optional[List[Box]] = None
+    flipped_boxes: Optional[List[Box]] = None
 
     @property
     def nbytes(self) -> int:
@@ -65,13 +70,26 @@ class FeatureCache:
         """These slices' features."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
         pick = lambda levels: [t.index_select(0, index) for t in levels]  # noqa: E731
-        return FeatureCache(pick(self.levels), self.transform, pick(self.flipped) if self.flipped else None)
+        pick_boxes = lambda boxes: None if boxes is None else [boxes[i] for i in index.tolist()]  # noqa: E731
+        return FeatureCache(
+            pick(self.levels),
+            self.transform,
+            pick(self.flipped) if self.flipped else None,
+            pick_boxes(self.boxes),
+            pick_boxes(self.flipped_boxes),
+        )
 
     def select_timesteps(self, positions: Sequence[int]) -> FeatureCache:
         """These timesteps' features (positions in the cached timesteps), for every slice."""
         index = torch.as_tensor(list(positions), dtype=torch.long)
         pick = lambda levels: [t.index_select(1, index) for t in levels]  # noqa: E731
-        return FeatureCache(pick(self.levels), self.transform, pick(self.flipped) if self.flipped else None)
+        return FeatureCache(
+            pick(self.levels),
+            self.transform,
+            pick(self.flipped) if self.flipped else None,
+            self.boxes,
+            self.flipped_boxes,
+        )
 
 
 @dataclass
@@ -101,6 +119,8 @@ class Segmenter:
             the bundle's own weights, shared with fitting and refining, are never changed.
         test_time_flip: also predict every slice mirrored left-right and average the two
             (default: what the bundle records, ``ModelBundle.test_time_flip``). Twice the work.
+        crop_dark_borders: crop each slice's dark border bands first and paste its result back
+            (default: what the bundle records, ``ModelBundle.crop_dark_borders``).
     """
 
     def __init__(
@@ -112,9 +132,11 @@ class Segmenter:
         timesteps: Optional[Sequence[int]] = None,
         memory_format: str = "auto",
         test_time_flip: Optional[bool] = None,
+        crop_dark_borders: Optional[bool] = None,
     ) -> None:
         self.bundle = bundle
         self.test_time_flip = bool(bundle.test_time_flip if test_time_flip is None else test_time_flip)
+        self.crop_dark_borders = bool(bundle.crop_dark_borders if crop_dark_borders is None else crop_dark_borders)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.memory_format = resolve_memory_format(memory_format, self.device)
@@ -163,6 +185,7 @@ class Segmenter:
             "device": str(self.device),
             "precision": self.precision,
             "test_time_flip": self.test_time_flip,
+            "crop_dark_borders": self.crop_dark_borders,
         }
 
     def close(self) -> None:
@@ -204,7 +227,8 @@ class Segmenter:
         """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config."""
         slices = self._check_slices(slices)
         probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
-        kept: List[LevelFeatures] = []  # per chunk: its features, then its mirror's when flipping
+        # Per chunk: its features and content boxes, then its mirror's when flipping.
+        kept: List[Tuple[LevelFeatures, List[Box]]] = []
 
         def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
             probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
@@ -213,8 +237,15 @@ class Segmenter:
         cache = None
         if kept:
             step = 2 if self.test_time_flip else 1
-            joined = lambda chunks: [torch.cat(level) for level in zip(*chunks)]  # noqa: E731
-            cache = FeatureCache(joined(kept[0::step]), transform, joined(kept[1::2]) if step == 2 else None)
+            joined = lambda chunks: [torch.cat(level) for level in zip(*[levels for levels, _ in chunks])]  # noqa: E731
+            boxes = lambda chunks: [box for _, chunk in chunks for box in chunk] if self.crop_dark_borders else None  # noqa: E731
+            cache = FeatureCache(
+                joined(kept[0::step]),
+                transform,
+                joined(kept[1::2]) if step == 2 else None,
+                boxes(kept[0::step]),
+                boxes(kept[1::2]) if step == 2 else None,
+            )
         return SlicePrediction(probabilities, uncertainty, cache)
 
     def predict_into(
@@ -258,7 +289,7 @@ class Segmenter:
         write: Callable[[int, int, Tuple[torch.Tensor, torch.Tensor]], None],
         progress: Optional[Progress],
         cancel: Optional[CancelCheck],
-        kept: Optional[List[LevelFeatures]],
+        kept: Optional[List[Tuple[LevelFeatures, List[Box]]]],
     ) -> GridTransform:
         """Every chunk of ``slices`` (or of ``slices[rows]``) through the model, its
         (probabilities, uncertainty) handed to ``write(start, stop, result)``.
@@ -291,17 +322,31 @@ class Segmenter:
         chunk: np.ndarray,
         transform: GridTransform,
         cancel: Optional[CancelCheck],
-        kept: Optional[List[LevelFeatures]],
+        kept: Optional[List[Tuple[LevelFeatures, List[Box]]]],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, uncertainty) of a chunk of slices in their own grid; its features
-        appended to ``kept`` when given."""
+        (and the content boxes they were taken from) appended to ``kept`` when given."""
+        boxes = [full_box(chunk.shape)] * len(chunk)
+        if self.crop_dark_borders:
+            chunk, _, boxes = crop_dark_borders(chunk, self.bundle.intensity)
         grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
         if self.head is None:
-            return self._baseline_predict(grid, transform)
+            return self._uncrop(self._baseline_predict(grid, transform), boxes)
         levels = self._features(grid, cancel)
         if kept is not None:
-            kept.append([f.to("cpu", torch.float16) for f in levels])
-        return self._head_predict(levels, transform)
+            kept.append(([f.to("cpu", torch.float16) for f in levels], boxes))
+        return self._uncrop(self._head_predict(levels, transform), boxes)
+
+    def _uncrop(
+        self, result: Tuple[torch.Tensor, torch.Tensor], boxes: Optional[Sequence[Box]]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, uncertainty) of cropped slices pasted back into the slices: certain
+        background, without disagreement, outside their content boxes."""
+        if boxes is None or all(box == full_box(result[0].shape) for box in boxes):
+            return result
+        probabilities, spread = result
+        background = [1.0] + [0.0] * (probabilities.shape[1] - 1)
+        return uncrop(probabilities, boxes, background), uncrop(spread[:, None], boxes, [0.0])[:, 0]
 
     def _outputs(self, n: int, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """Float32 probability and uncertainty arrays that every chunk writes into: no list of
@@ -320,9 +365,15 @@ class Segmenter:
         probabilities, uncertainty = self._outputs(total, (transform.height, transform.width))
 
         def run(start: int, stop: int) -> None:
-            result = self._head_predict([level[start:stop] for level in cache.levels], transform)
+            part = lambda boxes: None if boxes is None else boxes[start:stop]  # noqa: E731
+            result = self._uncrop(
+                self._head_predict([level[start:stop] for level in cache.levels], transform), part(cache.boxes)
+            )
             if cache.flipped is not None:
-                mirrored = self._head_predict([level[start:stop] for level in cache.flipped], transform)
+                mirrored = self._uncrop(
+                    self._head_predict([level[start:stop] for level in cache.flipped], transform),
+                    part(cache.flipped_boxes),
+                )
                 result = tuple((a + b.flip(-1)) / 2 for a, b in zip(result, mirrored))
             probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
             if progress is not None:

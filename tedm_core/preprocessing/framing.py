@@ -1,0 +1,99 @@
+"""Dark border bands of a radiograph, cropped before the model sees it, and the crop undone after.
+
+Detector edges and collimation leave black bands at a radiograph's borders; issue 10's user
+test met a hospital whose black band fills the bottom fifth, so the chest sits higher and
+smaller than in the radiographs the head was fitted on, and the head painted lungs into the
+neck and the band. Cropping the bands and stretching the content back to the frame (the
+project's radiographs are themselves stretched to a square) shows the model the chest as it
+was framed in training; the probabilities are resized back into the content box, background
+outside it. Chosen on validation (docs/results/RESULTS_cxr_session7.md).
+
+Per slice, so only for bundles of 2D images (``ModelBundle.crop_dark_borders``): a volume's
+slices must keep one common geometry.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .intensity import IntensityConfig, normalise_intensity
+
+# A border row or column is dark when nine tenths of it (its DARK_SHARE percentile: burnt-in
+# letters and markers do not count) sit at the dark end of the normalised [-1, 1] range.
+DARK_LEVEL = -0.9
+DARK_SHARE = 90
+# Bands thinner than this share of the side are left alone (resampling a whole image for a
+# line or two of dark pixels would change it more than the band does).
+MIN_BAND = 0.02
+# Content smaller than this share of a side is not trusted as the image (an almost black image).
+MIN_CONTENT = 0.5
+
+Box = Tuple[int, int, int, int]  # top, bottom, left, right: rows top:bottom, columns left:right
+
+
+def _inner_run(dark: np.ndarray) -> Tuple[int, int]:
+    """The range between the dark runs at both ends of ``dark`` (bands below MIN_BAND ignored)."""
+    n = len(dark)
+    if dark.all():
+        return 0, n
+    start = int(np.argmin(dark))
+    stop = n - int(np.argmin(dark[::-1]))
+    start = start if start >= MIN_BAND * n else 0
+    stop = stop if n - stop >= MIN_BAND * n else n
+    return (start, stop) if stop - start >= MIN_CONTENT * n else (0, n)
+
+
+def content_box(image: np.ndarray) -> Box:
+    """The box of ``image`` ((C, H, W), normalised to [-1, 1]) inside its dark border bands."""
+    grey = np.asarray(image, dtype=np.float32).max(axis=0)
+    top, bottom = _inner_run(np.percentile(grey, DARK_SHARE, axis=1) < DARK_LEVEL)
+    left, right = _inner_run(np.percentile(grey, DARK_SHARE, axis=0) < DARK_LEVEL)
+    return top, bottom, left, right
+
+
+def full_box(shape: Sequence[int]) -> Box:
+    return 0, int(shape[-2]), 0, int(shape[-1])
+
+
+def crop_dark_borders(
+    slices: np.ndarray, intensity: IntensityConfig, labels: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, Optional[np.ndarray], List[Box]]:
+    """``slices`` (N, C, H, W) with each slice's dark bands cropped and its content stretched back
+    to (H, W) and renormalised with ``intensity`` (the bands no longer pull its percentiles);
+    ``labels`` (N, H, W), when given, cropped and stretched alike (nearest). Also each slice's box."""
+    slices = np.asarray(slices, dtype=np.float32)
+    out = slices.copy()
+    out_labels = None if labels is None else np.array(labels, copy=True)
+    boxes = [content_box(image) for image in slices]
+    h, w = slices.shape[-2:]
+    for i, box in enumerate(boxes):
+        if box == full_box(slices.shape):
+            continue
+        top, bottom, left, right = box
+        crop = torch.from_numpy(np.ascontiguousarray(slices[i : i + 1, :, top:bottom, left:right]))
+        stretched = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        out[i] = normalise_intensity(stretched.numpy(), intensity)
+        if out_labels is not None:
+            label = torch.from_numpy(np.ascontiguousarray(labels[i, top:bottom, left:right]))[None, None].float()
+            out_labels[i] = F.interpolate(label, size=(h, w), mode="nearest-exact")[0, 0].numpy().astype(labels.dtype)
+    return out, out_labels, boxes
+
+
+def uncrop(maps: torch.Tensor, boxes: Sequence[Box], outside: Sequence[float]) -> torch.Tensor:
+    """``maps`` (N, K, H, W) predicted on cropped slices -> the same on the original slices: each
+    resized (bilinear) into its box, channel k set to ``outside[k]`` around it (for probabilities,
+    certain background)."""
+    out = maps.clone()
+    h, w = maps.shape[-2:]
+    fill = torch.as_tensor(list(outside), dtype=maps.dtype, device=maps.device)[:, None, None]
+    for i, (top, bottom, left, right) in enumerate(boxes):
+        if (top, bottom, left, right) == (0, h, 0, w):
+            continue
+        inner = F.interpolate(maps[i : i + 1], size=(bottom - top, right - left), mode="bilinear", align_corners=False)
+        out[i] = fill.expand(-1, h, w)
+        out[i, :, top:bottom, left:right] = inner[0]
+    return out

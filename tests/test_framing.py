@@ -1,0 +1,125 @@
+"""Dark border bands cropped before the model sees a radiograph, and the result pasted back
+exactly where it came from (tedm_core.preprocessing.framing, ModelBundle.crop_dark_borders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import torch
+from conftest import synthetic_disc_images
+
+from tedm_core.bundle import load_bundle, save_bundle
+from tedm_core.pipelines.fit import _prepare, fit_bundle
+from tedm_core.pipelines.segment import Segmenter
+from tedm_core.preprocessing.framing import content_box, crop_dark_borders, full_box, uncrop
+from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
+
+
+def banded(images: np.ndarray, masks: np.ndarray, band_rows: int, side_columns: int = 0):
+    """The images shrunk into the top of the frame above a black band of ``band_rows`` (and
+    black columns at the sides), as issue 10's user test framed them; the masks alike."""
+    n, c, h, w = images.shape
+    inner_h, inner_w = h - band_rows, w - 2 * side_columns
+    x = torch.nn.functional.interpolate(torch.from_numpy(images), size=(inner_h, inner_w), mode="bilinear")
+    y = torch.nn.functional.interpolate(torch.from_numpy(masks[:, None]).float(), size=(inner_h, inner_w))
+    out_x = np.full_like(images, -1.0)
+    out_y = np.zeros_like(masks)
+    out_x[:, :, :inner_h, side_columns : side_columns + inner_w] = x.numpy()
+    out_y[:, :inner_h, side_columns : side_columns + inner_w] = y[:, 0].numpy().astype(masks.dtype)
+    return out_x, out_y
+
+
+def test_content_box_finds_the_dark_bands_and_ignores_thin_ones_and_burnt_in_letters():
+    images, masks = synthetic_disc_images(1, size=100, seed=3)
+    assert content_box(images[0]) == (0, 100, 0, 100)  # no band: the whole image
+    framed, _ = banded(images, masks, band_rows=20, side_columns=10)
+    framed[0, 0, 86:94, 40:46] = 1.0  # a marker letter in the band
+    assert content_box(framed[0]) == (0, 80, 10, 90)
+    thin = images.copy()
+    thin[0, 0, -1:] = -1.0  # one dark row: below MIN_BAND, left alone
+    assert content_box(thin[0]) == (0, 100, 0, 100)
+    black = np.full((1, 100, 100), -1.0, np.float32)
+    black[0, 40:60, 40:60] = 0.5  # content under half of each side: not trusted as the image
+    assert content_box(black) == (0, 100, 0, 100)
+
+
+def test_crop_then_uncrop_lands_every_label_on_its_own_pixels():
+    images, masks = synthetic_disc_images(3, size=64, seed=5)
+    framed, framed_masks = banded(images, masks, band_rows=16, side_columns=6)
+    cropped, cropped_masks, boxes = crop_dark_borders(framed, RADIOGRAPH, framed_masks)
+    assert boxes == [(0, 48, 6, 58)] * 3
+    assert cropped.shape == framed.shape and cropped.min() >= -1 and cropped.max() <= 1
+    # The content fills the frame again: the labels stretched alike, nearest-neighbour.
+    assert cropped_masks.shape == framed_masks.shape and set(np.unique(cropped_masks)) <= {0, 1}
+    one_hot = torch.from_numpy(np.stack([1 - cropped_masks, cropped_masks], axis=1).astype(np.float32))
+    back = uncrop(one_hot, boxes, [1.0, 0.0]).argmax(dim=1).numpy()
+    outside = np.ones_like(back, bool)
+    outside[:, :48, 6:58] = False
+    assert not back[outside].any()  # certain background in the band
+    # Inside the box, back where they were, up to the two nearest-neighbour resamplings' edge pixels.
+    agree = (back == framed_masks).mean()
+    assert agree > 0.99, agree
+
+
+def test_segmenter_crops_each_slice_and_pastes_its_result_back(tiny_bundle_dir):
+    """Segmenting a banded radiograph with cropping is segmenting its cropped content and pasting
+    the probabilities back into the box: the same through predict, predict_into and the feature
+    cache, with the test-time flip (each mirrored slice has its own, mirrored, box)."""
+    bundle = load_bundle(tiny_bundle_dir)
+    images, masks = synthetic_disc_images(3, size=40, seed=9)
+    framed, _ = banded(images, masks, band_rows=10, side_columns=3)
+    framed[1] = images[1]  # one slice without a band: untouched
+    cropping = Segmenter(bundle, device="cpu", crop_dark_borders=True)
+    result = cropping.predict(framed, keep_features=True)
+    cropped, _, boxes = crop_dark_borders(framed, bundle.intensity)
+    assert boxes[1] == full_box(framed.shape) and boxes[0] == (0, 30, 3, 37)
+    plain = Segmenter(bundle, device="cpu", crop_dark_borders=False).predict(cropped)
+    background = [1.0, 0.0]
+    expected = uncrop(torch.from_numpy(plain.probabilities), boxes, background).numpy()
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+    np.testing.assert_allclose(
+        result.uncertainty, uncrop(torch.from_numpy(plain.uncertainty[:, None]), boxes, [0.0])[:, 0].numpy(), atol=1e-6
+    )
+    assert not result.labels[[0, 2]][:, 30:].any() and not result.labels[[0, 2]][..., :3].any()  # the bands
+    labels, spread = np.zeros((3, 40, 40), np.uint8), np.zeros((3, 40, 40), np.float32)
+    cropping.predict_into(framed, np.arange(3), labels, spread)
+    assert np.array_equal(labels, result.labels)
+    assert result.features.boxes == boxes and len(result.features.flipped_boxes) == 3
+    again = cropping.predict_from_features(result.features)
+    np.testing.assert_allclose(again.probabilities, result.probabilities, atol=2e-3)
+    one = cropping.predict_from_features(result.features.select([2]))
+    np.testing.assert_allclose(one.probabilities, result.probabilities[2:], atol=2e-3)
+
+
+def test_cropping_is_the_default_for_radiograph_models_recorded_and_off_for_old_bundles(tiny_bundle_dir, tmp_path):
+    bundle = load_bundle(tiny_bundle_dir)
+    assert bundle.intensity.kind == RADIOGRAPH.kind and bundle.crop_dark_borders
+    assert Segmenter(bundle, device="cpu").crop_dark_borders
+    images, masks = synthetic_disc_images(2, size=32, seed=4)
+    off = fit_bundle(bundle.backbone, images, masks, steps=2, device="cpu", crop_dark_borders=False)
+    assert not load_bundle(save_bundle(off, tmp_path / "off")).crop_dark_borders
+    mri = fit_bundle(
+        replace(bundle.backbone, intensity=MULTIMODAL_MRI),
+        images,
+        masks,
+        steps=2,
+        device="cpu",
+    )
+    assert not mri.crop_dark_borders  # volumes' slices keep one geometry
+    old = shutil.copytree(tiny_bundle_dir, tmp_path / "old")
+    meta = json.loads((old / "bundle.json").read_text())
+    del meta["crop_dark_borders"]
+    (old / "bundle.json").write_text(json.dumps(meta))
+    assert not load_bundle(old).crop_dark_borders
+
+
+def test_fitting_and_refining_see_the_labelled_slices_cropped_as_the_segmenter_does():
+    images, masks = synthetic_disc_images(2, size=48, seed=6)
+    framed, framed_masks = banded(images, masks, band_rows=12)
+    grid, targets = _prepare(framed, framed_masks, 32, 2, RADIOGRAPH)
+    cropped, cropped_masks, _ = crop_dark_borders(framed, RADIOGRAPH, framed_masks)
+    same_grid, same_targets = _prepare(cropped, cropped_masks, 32, 2)
+    assert torch.equal(grid, same_grid) and torch.equal(targets, same_targets)
