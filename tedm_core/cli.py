@@ -301,7 +301,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.checkpoint import load_backbone
     from .pipelines.fit import fit_bundle
-    from .pipelines.labelled import load_labelled_data
+    from .pipelines.labelled import holds_only_2d_images, load_labelled_data
     from .runtime import resolve_device
 
     class_names, label_values = _class_spec(args)
@@ -325,6 +325,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         label_name=args.label_name,
     )
     log.info("fitting %s on %d labelled slices", args.method, len(slices))
+    from_2d_images = len(backbone.channel_names) == 1 and holds_only_2d_images(args.images)
     bundle = fit_bundle(
         backbone,
         slices,
@@ -340,7 +341,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         timesteps=tuple(args.timesteps) if args.timesteps else None,
         axis=args.axis,
         test_time_flip=args.test_time_flip,
-        crop_dark_borders=args.crop_dark_borders,
+        # Auto (None): the radiograph rule of fit_bundle, but never on the slices of volumes.
+        crop_dark_borders=False if args.crop_dark_borders is None and not from_2d_images else args.crop_dark_borders,
         **({"augment": args.augment} if args.augment else {}),
     )
     bundle.training["sources"] = sources

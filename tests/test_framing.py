@@ -123,3 +123,37 @@ def test_fitting_and_refining_see_the_labelled_slices_cropped_as_the_segmenter_d
     cropped, cropped_masks, _ = crop_dark_borders(framed, RADIOGRAPH, framed_masks)
     same_grid, same_targets = _prepare(cropped, cropped_masks, 32, 2)
     assert torch.equal(grid, same_grid) and torch.equal(targets, same_targets)
+
+
+def test_the_slices_of_a_volume_are_never_cropped_a_whole_radiograph_is(tiny_bundle_dir):
+    """A volume's slices keep one geometry: with a cropping model, segmenting a 3-slice volume
+    whose slices show dark bands gives what the same model gives without cropping; a one-slice
+    image (a radiograph) is cropped. The interactive session (the Slicer module's) follows the
+    same rule for its segmenter, its fits and its refines."""
+    from tedm_core.io.volumes import Volume
+    from tedm_core.pipelines.interactive import InteractiveSession
+    from tedm_core.pipelines.volume import segment_volume
+
+    bundle = load_bundle(tiny_bundle_dir)
+    assert bundle.crop_dark_borders
+    images, masks = synthetic_disc_images(3, size=32, seed=8)
+    framed, _ = banded(images, masks, band_rows=8, side_columns=2)
+    raw = (framed[:, 0] + 1) * 50  # raw intensities; the percentile normalisation maps them back
+
+    def volume(slices: np.ndarray) -> Volume:
+        return Volume(slices[None].astype(np.float32), np.eye(4))
+
+    cropping, plain = Segmenter(bundle, device="cpu"), Segmenter(bundle, device="cpu", crop_dark_borders=False)
+    stack = volume(raw)
+    assert np.array_equal(segment_volume(cropping, stack, "k").labels, segment_volume(plain, stack, "k").labels)
+    single = volume(raw[:1])
+    cropped = segment_volume(cropping, single, "k").labels
+    assert not cropped[..., 24:, :].any()  # nothing in the band
+    assert not np.array_equal(cropped, segment_volume(plain, single, "k").labels)
+    session = InteractiveSession(stack)
+    session.segment(bundle, axis="k", device="cpu")
+    assert not session._segmenter.crop_dark_borders and session.features.boxes is None
+    session = InteractiveSession(single)
+    session.segment(bundle, axis="k", device="cpu")
+    # (the slice is shown with its rows flipped, so the band sits at the top of the slice)
+    assert session._segmenter.crop_dark_borders and session.features.boxes == [(8, 32, 2, 30)]

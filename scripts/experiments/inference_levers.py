@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--levers", nargs="+", default=["crop", "draws2", "draws4"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", type=Path, help="also write the table here (e.g. docs/results/LEVERS.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = reproduce.load_config(args.config, smoke=False)
@@ -84,6 +85,7 @@ def main() -> int:
         tic = time.perf_counter()
         plain = Segmenter(bundle, device="cpu", crop_dark_borders=False).predict(image_set.images).probabilities
         base = dice_of(plain, image_set.masks)
+        by_draw = [plain]
         row: Dict[str, object] = {
             "plain": float(base.mean()),
             "images": len(base),
@@ -97,12 +99,11 @@ def main() -> int:
                 segmenter = Segmenter(bundle, device="cpu", crop_dark_borders=True)
                 probabilities = segmenter.predict(image_set.images).probabilities
             elif lever.startswith("draws"):
-                probabilities = plain.copy()
-                for draw in range(1, int(lever[5:])):
+                for draw in range(len(by_draw), int(lever[5:])):  # each draw predicted once for all levers
                     segmenter = DrawSegmenter(bundle, device="cpu", crop_dark_borders=False)
                     segmenter.draw = draw
-                    probabilities += segmenter.predict(image_set.images).probabilities
-                probabilities /= int(lever[5:])
+                    by_draw.append(segmenter.predict(image_set.images).probabilities)
+                probabilities = np.mean(by_draw[: int(lever[5:])], axis=0)
             else:
                 raise SystemExit(f"unknown lever {lever!r}")
             scores = dice_of(probabilities, image_set.masks)
@@ -115,8 +116,40 @@ def main() -> int:
         results[set_name] = row
         print(set_name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"checkpoint": args.checkpoint, "n": n, "results": results}, indent=2))
+    record = {"checkpoint": args.checkpoint, "n": n, "commit": reproduce.git_commit(), "results": results}
+    args.out.write_text(json.dumps(record, indent=2))
+    if args.markdown:
+        args.markdown.write_text(markdown(record, args))
     return 0
+
+
+def markdown(record: Dict[str, object], args: argparse.Namespace) -> str:
+    """The levers as a table: Dice x 100 per validation set, the paired Wilcoxon p against plain."""
+    results = record["results"]
+    sets = list(results)
+    lines = [
+        "# Inference-time levers (issue 10), validation sets only",
+        "",
+        f"- command: `python scripts/experiments/inference_levers.py {args.config} --checkpoint {args.checkpoint}"
+        f" --levers {' '.join(args.levers)} --threads {args.threads}`",
+        f"- commit: `{record['commit']}`; TEDM, n = {record['n']}, seed 0, backbone step {record['checkpoint']}",
+        "- Dice x 100 (mean over images); in brackets: paired Wilcoxon p against plain, images better / worse",
+        "",
+        "| | " + " | ".join(f"{s} ({results[s]['images']})" for s in sets) + " |",
+        "|---|" + "---|" * len(sets),
+        "| plain (flip, noise draw 0, no cropping) | "
+        + " | ".join(f"{100 * results[s]['plain']:.2f}" for s in sets)
+        + " |",
+    ]
+    for lever in args.levers:
+        cells = []
+        for s in sets:
+            r = results[s]
+            extra = f", {r['cropped_images']} cropped" if lever == "crop" else ""
+            better, worse = r[lever + "_better"], r[lever + "_worse"]
+            cells.append(f"{100 * r[lever]:.2f} (p = {r[lever + '_p']:.2g}, {better} / {worse}{extra})")
+        lines.append(f"| {lever} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

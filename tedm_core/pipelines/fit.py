@@ -76,8 +76,9 @@ class FitOptions:
     # plain pool images 91.7 -> 92.1 (p = 0.12). Twice the inference work; nnU-Net mirrors too.
     test_time_flip: bool = True
     # The bundle's dark-border cropping (ModelBundle.crop_dark_borders, preprocessing.framing):
-    # None = on for radiograph backbones (percentile intensity, 2D images), off otherwise.
-    # Chosen on validation (issue 10; docs/results/RESULTS_cxr_session7.md).
+    # None = on for radiograph backbones (percentile intensity), off otherwise; faces fitting on
+    # the slices of a volume pass False (pipelines.volume.crops_slices). Refining: None keeps the
+    # bundle's. Chosen on validation (issue 10; docs/results/RESULTS_cxr_session7.md).
     crop_dark_borders: Optional[bool] = None
 
 
@@ -521,7 +522,9 @@ def refine_bundle(
     options = _options_with(options or FitOptions(), option_overrides)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
-    crop_with = bundle.intensity if bundle.crop_dark_borders else None
+    # The bundle's cropping, unless the caller turns it off (the slices of a volume).
+    crop = bundle.crop_dark_borders if options.crop_dark_borders is None else bool(options.crop_dark_borders)
+    crop_with = bundle.intensity if crop else None
     grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes, crop_with)
     tic = time.perf_counter()
     extractor: Optional[DecoderFeatureExtractor] = None

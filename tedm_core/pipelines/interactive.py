@@ -35,7 +35,7 @@ from ..runtime import describe_device, free_device_memory, resolve_device
 from ..slicing import SliceLayout, extract_slices, reassemble, to_slices
 from .fit import choose_anchor_slices, fit_bundle, refine_bundle
 from .segment import FeatureCache, Segmenter
-from .volume import check_channels, nonempty_slice_mask, normalise_volume, resolve_axis
+from .volume import check_channels, crops_slices, nonempty_slice_mask, normalise_volume, resolve_axis
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ class InteractiveSession:
             progress=reporter.stage(0.02, 0.5, "training step"),
             cancel=reporter.cancelled,
             show_progress=False,
+            **self._cropping(),
         )
         self.fitted_here = True
         reporter.check()
@@ -291,6 +292,7 @@ class InteractiveSession:
             anchor_labels=self.written[anchors] if anchors else None,
             anchor_features=self._cached(anchors) if anchors else None,
             show_progress=False,
+            **self._cropping(),
         )
         reporter.check()
         labels, uncertainty, slices_run = self._reapply_head(reporter, 0.8, 0.98)
@@ -412,8 +414,13 @@ class InteractiveSession:
     def _segmenter_for(self, bundle: ModelBundle) -> Segmenter:
         if self._segmenter is None or self._segmenter.bundle is not bundle:
             self._release_segmenter()
-            self._segmenter = Segmenter(bundle, device=self.device)
+            self._segmenter = Segmenter(bundle, device=self.device, **self._cropping())
         return self._segmenter
+
+    def _cropping(self) -> dict:
+        """No dark-border cropping on the slices of a volume (``pipelines.volume.crops_slices``):
+        the keyword that turns it off for a segmenter, a fit or a refine, else nothing."""
+        return {} if crops_slices(self.layout.num_slices) else {"crop_dark_borders": False}
 
     def _release_segmenter(self) -> None:
         if self._segmenter is not None:

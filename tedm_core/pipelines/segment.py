@@ -223,8 +223,13 @@ class Segmenter:
         progress: Optional[Progress] = None,
         cancel: Optional[CancelCheck] = None,
         keep_features: bool = False,
+        crop_dark_borders: Optional[bool] = None,
     ) -> SlicePrediction:
-        """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config."""
+        """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config.
+
+        ``crop_dark_borders`` overrides the segmenter's for this call (False for the slices of a
+        volume, which keep one common geometry: see ``pipelines.volume.crops_slices``)."""
+        crop = self.crop_dark_borders if crop_dark_borders is None else bool(crop_dark_borders)
         slices = self._check_slices(slices)
         probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
         # Per chunk: its features and content boxes, then its mirror's when flipping.
@@ -233,12 +238,12 @@ class Segmenter:
         def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
             probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
 
-        transform = self._run(slices, None, write, progress, cancel, kept if keep_features else None)
+        transform = self._run(slices, None, write, progress, cancel, kept if keep_features else None, crop)
         cache = None
         if kept:
             step = 2 if self.test_time_flip else 1
             joined = lambda chunks: [torch.cat(level) for level in zip(*[levels for levels, _ in chunks])]  # noqa: E731
-            boxes = lambda chunks: [box for _, chunk in chunks for box in chunk] if self.crop_dark_borders else None  # noqa: E731
+            boxes = lambda chunks: [box for _, chunk in chunks for box in chunk] if crop else None  # noqa: E731
             cache = FeatureCache(
                 joined(kept[0::step]),
                 transform,
@@ -256,6 +261,7 @@ class Segmenter:
         uncertainty: np.ndarray,
         progress: Optional[Progress] = None,
         cancel: Optional[CancelCheck] = None,
+        crop_dark_borders: Optional[bool] = None,
     ) -> None:
         """Segment ``slices[rows]`` and write ``labels[rows]`` (class indices) and
         ``uncertainty[rows]``, chunk by chunk.
@@ -272,7 +278,8 @@ class Segmenter:
             labels[rows[start:stop]] = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
             uncertainty[rows[start:stop]] = spread.cpu().numpy()
 
-        self._run(slices, rows, write, progress, cancel, None)
+        crop = self.crop_dark_borders if crop_dark_borders is None else bool(crop_dark_borders)
+        self._run(slices, rows, write, progress, cancel, None, crop)
 
     def _check_slices(self, slices: np.ndarray) -> np.ndarray:
         slices = np.asarray(slices, dtype=np.float32)
@@ -290,6 +297,7 @@ class Segmenter:
         progress: Optional[Progress],
         cancel: Optional[CancelCheck],
         kept: Optional[List[Tuple[LevelFeatures, List[Box]]]],
+        crop: bool,
     ) -> GridTransform:
         """Every chunk of ``slices`` (or of ``slices[rows]``) through the model, its
         (probabilities, uncertainty) handed to ``write(start, stop, result)``.
@@ -303,11 +311,11 @@ class Segmenter:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             chunk = slices[start:stop] if rows is None else slices[rows[start:stop]]
-            result = self._predict_chunk(chunk, transform, cancel, kept)
+            result = self._predict_chunk(chunk, transform, cancel, kept, crop)
             if self.test_time_flip:
                 # Mirrored in the image's own grid (not the padded model grid, whose padding
                 # need not be symmetric), so the mirrored result maps back voxel for voxel.
-                mirrored = self._predict_chunk(chunk[..., ::-1], transform, cancel, kept)
+                mirrored = self._predict_chunk(chunk[..., ::-1], transform, cancel, kept, crop)
                 result = tuple((a + b.flip(-1)) / 2 for a, b in zip(result, mirrored))
             write(start, stop, result)
             if progress is not None:
@@ -323,11 +331,12 @@ class Segmenter:
         transform: GridTransform,
         cancel: Optional[CancelCheck],
         kept: Optional[List[Tuple[LevelFeatures, List[Box]]]],
+        crop: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, uncertainty) of a chunk of slices in their own grid; its features
         (and the content boxes they were taken from) appended to ``kept`` when given."""
         boxes = [full_box(chunk.shape)] * len(chunk)
-        if self.crop_dark_borders:
+        if crop:
             chunk, _, boxes = crop_dark_borders(chunk, self.bundle.intensity)
         grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
         if self.head is None:

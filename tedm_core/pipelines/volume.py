@@ -86,6 +86,13 @@ def nonempty_slice_mask(slices: np.ndarray) -> np.ndarray:
     return (slices.reshape(slices.shape[0], -1) > -1.0 + EMPTY_SLICE_TOLERANCE).any(axis=1)
 
 
+def crops_slices(num_slices: int) -> bool:
+    """Whether a model that crops dark borders (``ModelBundle.crop_dark_borders``) may crop the
+    slices of an image with ``num_slices`` slices along its axis: only a whole 2D image's (a
+    radiograph); the slices of a volume keep one common geometry."""
+    return num_slices == 1
+
+
 def segment_volume(
     segmenter,
     volume: Volume,
@@ -115,6 +122,9 @@ def segment_volume(
     )
     keep = np.flatnonzero(nonempty_slice_mask(slices))
     n, (h, w) = layout.num_slices, layout.slice_shape
+    # A volume's slices keep one geometry: dark borders are cropped only from whole 2D images.
+    cropping = getattr(segmenter, "crop_dark_borders", False)
+    per_call = {"crop_dark_borders": False} if cropping and not crops_slices(layout.num_slices) else {}
     if progress is not None:
         progress(0, len(keep))
     uncertainty = np.zeros((n, h, w), dtype=np.float32)
@@ -123,7 +133,7 @@ def segment_volume(
         probabilities = np.zeros((n, len(bundle.class_names), h, w), dtype=np.float32)
         probabilities[:, 0] = 1.0
         if len(keep):
-            prediction = segmenter.predict(slices[keep], progress=progress, cancel=cancel)
+            prediction = segmenter.predict(slices[keep], progress=progress, cancel=cancel, **per_call)
             probabilities[keep] = prediction.probabilities
             uncertainty[keep] = prediction.uncertainty
         labels = probabilities.argmax(axis=1).astype(np.uint8)
@@ -132,7 +142,7 @@ def segment_volume(
         # batch pipeline's usual case, and a third of the memory of the above.
         labels = np.zeros((n, h, w), dtype=np.uint8)
         if len(keep):
-            segmenter.predict_into(slices, keep, labels, uncertainty, progress=progress, cancel=cancel)
+            segmenter.predict_into(slices, keep, labels, uncertainty, progress=progress, cancel=cancel, **per_call)
     del slices  # the normalised volume: not needed for reassembly
     return VolumeSegmentation(
         labels=reassemble(labels, layout),
