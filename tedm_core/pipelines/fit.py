@@ -78,7 +78,9 @@ class FitOptions:
     # The bundle's dark-border cropping (ModelBundle.crop_dark_borders, preprocessing.framing):
     # None = on for radiograph backbones (percentile intensity), off otherwise; faces fitting on
     # the slices of a volume pass False (pipelines.volume.crops_slices). Refining: None keeps the
-    # bundle's. Chosen on validation (issue 10; docs/results/RESULTS_cxr_session7.md).
+    # bundle's. Chosen on validation (issue 10; docs/results/INFERENCE_LEVERS.md; TEDM n = 3, `small4`
+    # at 1,750 steps): the re-framed pool images 91.0 -> 91.7 (p = 0.008), covid_v7 86.0 -> 86.0
+    # (2 of 100 cropped, both better), the plain pool images unchanged (none cropped).
     crop_dark_borders: Optional[bool] = None
 
 

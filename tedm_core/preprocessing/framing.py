@@ -6,7 +6,7 @@ smaller than in the radiographs the head was fitted on, and the head painted lun
 neck and the band. Cropping the bands and stretching the content back to the frame (the
 project's radiographs are themselves stretched to a square) shows the model the chest as it
 was framed in training; the probabilities are resized back into the content box, background
-outside it. Chosen on validation (docs/results/RESULTS_cxr_session7.md).
+outside it. Chosen on validation (docs/results/INFERENCE_LEVERS.md).
 
 Per slice, so only for bundles of 2D images (``ModelBundle.crop_dark_borders``): a volume's
 slices must keep one common geometry.
