@@ -229,7 +229,7 @@ class Segmenter:
 
         ``crop_dark_borders`` overrides the segmenter's for this call (False for the slices of a
         volume, which keep one common geometry: see ``pipelines.volume.crops_slices``)."""
-        crop = self.crop_dark_borders if crop_dark_borders is None else bool(crop_dark_borders)
+        crop = self._crops(crop_dark_borders)
         slices = self._check_slices(slices)
         probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
         # Per chunk: its features and content boxes, then its mirror's when flipping.
@@ -278,8 +278,10 @@ class Segmenter:
             labels[rows[start:stop]] = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
             uncertainty[rows[start:stop]] = spread.cpu().numpy()
 
-        crop = self.crop_dark_borders if crop_dark_borders is None else bool(crop_dark_borders)
-        self._run(slices, rows, write, progress, cancel, None, crop)
+        self._run(slices, rows, write, progress, cancel, None, self._crops(crop_dark_borders))
+
+    def _crops(self, override: Optional[bool]) -> bool:
+        return self.crop_dark_borders if override is None else bool(override)
 
     def _check_slices(self, slices: np.ndarray) -> np.ndarray:
         slices = np.asarray(slices, dtype=np.float32)
