@@ -70,7 +70,7 @@ class FitOptions:
     # 91.4 (p = 0.12); adding intensity changes was worse on all three (covid_v7 81.4, p = 0.007).
     augment: str = DEFAULT_AUGMENT
     # The bundle's test-time flip (ModelBundle.test_time_flip): predict each slice also mirrored
-    # left-right and average. Chosen on validation (issue 10; docs/results/RESULTS_cxr.md, session 5;
+    # left-right and average. Chosen on validation (issue 10; docs/results/RESULTS_cxr_session6.md, session 5;
     # TEDM n = 3, `small4` at 500 steps, paired Wilcoxon against no flip): Dice on covid_v7
     # 82.5 -> 83.5 (p = 3.8e-06), on the re-framed pool images 89.8 -> 90.6 (p = 0.007), on the
     # plain pool images 91.7 -> 92.1 (p = 0.12). Twice the inference work; nnU-Net mirrors too.
