@@ -59,6 +59,7 @@ def test_smoke_study_runs_every_section_and_resumes(tmp_path):
         "shenzhen_test (test)",
         "covid_gb (test)",
         "Single-step ablation",
+        "| steps 1, 10 |",  # a subset of the 8 steps at inference, beside the single steps
         "Step-wise logistic probes",
         "Checkpoint sweep",
         "Chosen on validation",
