@@ -64,7 +64,9 @@ def main() -> int:
     parser.add_argument("--levers", nargs="+", default=["crop", "draws2", "draws4"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--markdown", type=Path, help="also write the table here (e.g. docs/results/LEVERS.md)")
+    parser.add_argument(
+        "--markdown", type=Path, help="also write the table here (e.g. docs/results/INFERENCE_LEVERS.md)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = reproduce.load_config(args.config, smoke=False)
