@@ -479,7 +479,7 @@ class Study:
         if bundle.head is None:
             prediction = Segmenter(bundle, device=device).predict(image_set.images)
         else:
-            wanted = tuple(timesteps or bundle.timesteps)
+            wanted = tuple(timesteps or bundle.prediction_timesteps)
             if bundle.head.config.mode == "concat":
                 cache = self.features(bundle, backbone_key, image_set, bundle.timesteps, fit_key)
             else:

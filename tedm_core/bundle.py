@@ -84,6 +84,10 @@ class ModelBundle:
     # (preprocessing.framing; issue 10: see FitOptions.crop_dark_borders). For 2D images only;
     # False for bundles written before it existed.
     crop_dark_borders: bool = False
+    # The timesteps whose predictions are averaged at inference, a subset of the head's (empty:
+    # all of them). The head still learns from all its timesteps (issue 10: see
+    # FitOptions.inference_timesteps). Empty for bundles written before it existed.
+    inference_timesteps: Tuple[int, ...] = ()
     # Where it was loaded from and a hash of its files' bytes (None for a model made in memory):
     # outputs record which model made them (see io.outputs).
     source: Optional[Path] = None
@@ -98,6 +102,15 @@ class ModelBundle:
             self.class_colours = default_colours(len(self.class_names))
         if (self.head is None) != (self.method == BASELINE):
             raise ValueError("a head is needed for every method except the supervised baseline")
+        self.inference_timesteps = tuple(int(t) for t in self.inference_timesteps)
+        if self.inference_timesteps and (
+            self.head is None
+            or self.head.config.mode != "shared"
+            or not set(self.inference_timesteps) <= set(self.head.config.timesteps)
+        ):
+            raise ValueError(
+                f"inference timesteps {list(self.inference_timesteps)} must be a subset of a shared head's timesteps"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -117,7 +130,13 @@ class ModelBundle:
 
     @property
     def timesteps(self) -> Tuple[int, ...]:
+        """The head's timesteps (what it learnt from)."""
         return self.head.config.timesteps if self.head is not None else ()
+
+    @property
+    def prediction_timesteps(self) -> Tuple[int, ...]:
+        """The timesteps a segmentation averages: the inference subset, else the head's."""
+        return self.inference_timesteps or self.timesteps
 
     def describe(self) -> str:
         classes = ", ".join(self.class_names[1:])
@@ -176,6 +195,7 @@ def _write_bundle_files(bundle: ModelBundle, folder: Path) -> None:
         "axis": bundle.axis,
         "test_time_flip": bool(bundle.test_time_flip),
         "crop_dark_borders": bool(bundle.crop_dark_borders),
+        "inference_timesteps": [int(t) for t in bundle.inference_timesteps],
         "head": bundle.head.config.to_dict() if bundle.head is not None else None,
         "backbone": bundle.backbone.metadata(),
         "training": bundle.training,
@@ -231,6 +251,7 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             training=dict(meta.get("training", {})),
             test_time_flip=bool(meta.get("test_time_flip", False)),
             crop_dark_borders=bool(meta.get("crop_dark_borders", False)),
+            inference_timesteps=tuple(meta.get("inference_timesteps", [])),
             source=path,
             fingerprint=_files_sha256([meta_path, path / BACKBONE_WEIGHTS, path / HEAD_WEIGHTS]),
         )
@@ -255,6 +276,8 @@ def model_fingerprint(bundle: ModelBundle) -> str:
     described = (bundle.method, bundle.class_names, bundle.label_values, bundle.axis, bundle.test_time_flip)
     if bundle.crop_dark_borders:  # (so that the fingerprints of bundles without it do not change)
         described += ("crop_dark_borders",)
+    if bundle.inference_timesteps:
+        described += tuple(bundle.inference_timesteps)
     digest = hashlib.sha256(repr(described).encode())
     for module in (bundle.backbone.unet, bundle.head):
         for name, tensor in module.state_dict().items() if module is not None else []:

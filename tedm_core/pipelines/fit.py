@@ -82,6 +82,29 @@ class FitOptions:
     # at 1,750 steps): the re-framed pool images 91.0 -> 91.7 (p = 0.008), covid_v7 86.0 -> 86.0
     # (2 of 100 cropped, both better), the plain pool images unchanged (none cropped).
     crop_dark_borders: Optional[bool] = None
+    # The head's timesteps whose predictions are averaged at inference (ModelBundle.inference_timesteps);
+    # the head still learns from all of them. None = RADIOGRAPH_INFERENCE_TIMESTEPS for TEDM on
+    # radiograph backbones, all of them otherwise; () = all of them.
+    inference_timesteps: Optional[Tuple[int, ...]] = None
+
+
+# Chosen on validation (issue 10; README "The strongest lead"; docs/results/RESULTS_cxr.md and
+# RESULTS_cxr_1750.md, ablation, 3 seeds): the 8-step TEDM head applied to {1, 10, 25, 50} against
+# all 8 steps, at the 1,250-step `small4` checkpoint: pool images +0.8 Dice (p = 5e-09), re-framed
+# +0.7 (p = 2e-08), covid_v7 +0.4 (p = 3e-05); at 1,750 steps +0.3 / +0.3 / +0.5 (p <= 2e-04).
+# Half the UNet passes. Not yet measured on brain MRI, so volumes keep all 8 steps.
+RADIOGRAPH_INFERENCE_TIMESTEPS = (1, 10, 25, 50)
+
+
+def default_inference_timesteps(
+    options: FitOptions, method: str, intensity: IntensityConfig, timesteps: Sequence[int]
+) -> Tuple[int, ...]:
+    """The inference subset a model fitted with ``options`` records (empty: all its timesteps)."""
+    if options.inference_timesteps is not None:
+        return tuple(int(t) for t in options.inference_timesteps)
+    if method == "tedm" and intensity.kind == RADIOGRAPH.kind and set(RADIOGRAPH_INFERENCE_TIMESTEPS) <= set(timesteps):
+        return RADIOGRAPH_INFERENCE_TIMESTEPS
+    return ()
 
 
 def crops_dark_borders(options: FitOptions, intensity: IntensityConfig) -> bool:
@@ -420,6 +443,7 @@ def fit_bundle(
     tic = time.perf_counter()
     training = {"labelled_slices": int(grid.shape[0]), "seed": options.seed, "backbone_steps": backbone.steps_trained}
 
+    inference_timesteps: Tuple[int, ...] = ()
     if method == BASELINE:
         steps = _setting_or_default(options.steps, DEFAULT_BASELINE_STEPS, "steps")
         learning_rate = _setting_or_default(options.learning_rate, 1e-4, "learning_rate")
@@ -457,6 +481,7 @@ def fit_bundle(
         features = extract_training_features(extractor, grids, config.timesteps, options.noise_draws, device, precision)
         training["augment"] = options.augment
         training["noise_draws"] = options.noise_draws
+        inference_timesteps = default_inference_timesteps(options, method, backbone.intensity, config.timesteps)
         head = train_head(
             FeatureHead(config),
             features,
@@ -485,6 +510,7 @@ def fit_bundle(
         training=training,
         test_time_flip=options.test_time_flip,
         crop_dark_borders=crop,
+        inference_timesteps=inference_timesteps,
     )
 
 
@@ -593,6 +619,7 @@ def refine_bundle(
         training,
         bundle.test_time_flip,
         bundle.crop_dark_borders,
+        bundle.inference_timesteps,
     )
 
 

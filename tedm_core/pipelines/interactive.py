@@ -121,7 +121,7 @@ def feature_cache_bytes(bundle: ModelBundle, slice_count: int) -> int:
     levels = range(len(config.channels)) if levels is None else levels
     per_map = sum(config.decoder_channels[i] * (config.image_size // config.decoder_strides[i]) ** 2 for i in levels)
     orientations = 2 if bundle.test_time_flip else 1  # the mirrored slices' features are kept too
-    return per_map * max(1, len(bundle.timesteps)) * 2 * int(slice_count) * orientations
+    return per_map * max(1, len(bundle.prediction_timesteps)) * 2 * int(slice_count) * orientations
 
 
 def device_notes(device: str) -> List[str]:

@@ -140,7 +140,7 @@ class Segmenter:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.memory_format = resolve_memory_format(memory_format, self.device)
-        self.timesteps = tuple(int(t) for t in timesteps) if timesteps else bundle.timesteps
+        self.timesteps = tuple(int(t) for t in timesteps) if timesteps else bundle.prediction_timesteps
         if timesteps and bundle.head is None:
             raise SettingError("timesteps", "the supervised baseline has no timesteps to choose")
         if bundle.head is not None:

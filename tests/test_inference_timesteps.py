@@ -1,0 +1,56 @@
+"""A TEDM head learns from all its timesteps but may average the predictions of a subset at
+inference (ModelBundle.inference_timesteps): the default for radiograph models, recorded in
+the bundle, refused when it is not a subset of a shared head's timesteps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import synthetic_disc_images
+
+from tedm_core.bundle import load_bundle, save_bundle
+from tedm_core.errors import BundleError
+from tedm_core.pipelines.fit import RADIOGRAPH_INFERENCE_TIMESTEPS, fit_bundle
+from tedm_core.pipelines.segment import Segmenter
+from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
+
+
+def test_radiograph_tedm_models_average_the_low_steps_and_record_it(tiny_bundle_dir, tmp_path):
+    backbone = load_bundle(tiny_bundle_dir).backbone
+    assert backbone.intensity.kind == RADIOGRAPH.kind
+    images, masks = synthetic_disc_images(2, size=32, seed=12)
+    tedm = fit_bundle(backbone, images, masks, steps=2, device="cpu")
+    assert tedm.inference_timesteps == RADIOGRAPH_INFERENCE_TIMESTEPS
+    assert len(tedm.timesteps) == 8  # the head still learns from all eight
+    loaded = load_bundle(save_bundle(tedm, tmp_path / "tedm"))
+    assert loaded.inference_timesteps == RADIOGRAPH_INFERENCE_TIMESTEPS
+    segmenter = Segmenter(loaded, device="cpu")
+    assert segmenter.timesteps == RADIOGRAPH_INFERENCE_TIMESTEPS
+    assert segmenter.provenance()["timesteps"] == list(RADIOGRAPH_INFERENCE_TIMESTEPS)
+    # The same prediction as asking a model without the field for those steps.
+    everything = replace(loaded, inference_timesteps=())
+    assert Segmenter(everything, device="cpu").timesteps == loaded.timesteps
+    subset = Segmenter(everything, device="cpu", timesteps=RADIOGRAPH_INFERENCE_TIMESTEPS).predict(images)
+    np.testing.assert_allclose(segmenter.predict(images).probabilities, subset.probabilities, atol=1e-6)
+    # Other methods, volumes' backbones and an explicit empty subset keep every step.
+    assert fit_bundle(backbone, images, masks, "ledm", steps=2, device="cpu").inference_timesteps == ()
+    brain = replace(backbone, intensity=MULTIMODAL_MRI)
+    assert fit_bundle(brain, images, masks, steps=2, device="cpu").inference_timesteps == ()
+    assert fit_bundle(backbone, images, masks, steps=2, device="cpu", inference_timesteps=()).inference_timesteps == ()
+
+
+def test_bundles_without_the_field_use_every_step_and_a_wrong_subset_is_refused(tiny_bundle_dir, tmp_path):
+    old = shutil.copytree(tiny_bundle_dir, tmp_path / "old")
+    meta = json.loads((old / "bundle.json").read_text())
+    meta.pop("inference_timesteps", None)
+    (old / "bundle.json").write_text(json.dumps(meta))
+    bundle = load_bundle(old)
+    assert bundle.inference_timesteps == () and bundle.prediction_timesteps == bundle.timesteps
+    meta["inference_timesteps"] = [1, 999]
+    (old / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="subset"):
+        load_bundle(old)
