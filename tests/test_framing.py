@@ -14,7 +14,7 @@ from conftest import synthetic_disc_images
 from tedm_core.bundle import load_bundle, save_bundle
 from tedm_core.pipelines.fit import _prepare, fit_bundle
 from tedm_core.pipelines.segment import Segmenter
-from tedm_core.preprocessing.framing import content_box, crop_dark_borders, full_box, uncrop
+from tedm_core.preprocessing.framing import content_box, crop_to_content, full_box, uncrop
 from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
 
 
@@ -49,7 +49,7 @@ def test_content_box_finds_the_dark_bands_and_ignores_thin_ones_and_burnt_in_let
 def test_crop_then_uncrop_lands_every_label_on_its_own_pixels():
     images, masks = synthetic_disc_images(3, size=64, seed=5)
     framed, framed_masks = banded(images, masks, band_rows=16, side_columns=6)
-    cropped, cropped_masks, boxes = crop_dark_borders(framed, RADIOGRAPH, framed_masks)
+    cropped, cropped_masks, boxes = crop_to_content(framed, RADIOGRAPH, framed_masks)
     assert boxes == [(0, 48, 6, 58)] * 3
     assert cropped.shape == framed.shape and cropped.min() >= -1 and cropped.max() <= 1
     # The content fills the frame again: the labels stretched alike, nearest-neighbour.
@@ -74,7 +74,7 @@ def test_segmenter_crops_each_slice_and_pastes_its_result_back(tiny_bundle_dir):
     framed[1] = images[1]  # one slice without a band: untouched
     cropping = Segmenter(bundle, device="cpu", crop_dark_borders=True)
     result = cropping.predict(framed, keep_features=True)
-    cropped, _, boxes = crop_dark_borders(framed, bundle.intensity)
+    cropped, _, boxes = crop_to_content(framed, bundle.intensity)
     assert boxes[1] == full_box(framed.shape) and boxes[0] == (0, 30, 3, 37)
     plain = Segmenter(bundle, device="cpu", crop_dark_borders=False).predict(cropped)
     background = [1.0, 0.0]
@@ -120,7 +120,7 @@ def test_fitting_and_refining_see_the_labelled_slices_cropped_as_the_segmenter_d
     images, masks = synthetic_disc_images(2, size=48, seed=6)
     framed, framed_masks = banded(images, masks, band_rows=12)
     grid, targets = _prepare(framed, framed_masks, 32, 2, RADIOGRAPH)
-    cropped, cropped_masks, _ = crop_dark_borders(framed, RADIOGRAPH, framed_masks)
+    cropped, cropped_masks, _ = crop_to_content(framed, RADIOGRAPH, framed_masks)
     same_grid, same_targets = _prepare(cropped, cropped_masks, 32, 2)
     assert torch.equal(grid, same_grid) and torch.equal(targets, same_targets)
 

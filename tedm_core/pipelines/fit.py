@@ -27,7 +27,7 @@ from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
 from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_policy
-from ..preprocessing.framing import crop_dark_borders
+from ..preprocessing.framing import crop_to_content
 from ..preprocessing.intensity import RADIOGRAPH, IntensityConfig
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
 from ..runtime import autocast, check_finite_loss, resolve_device, resolve_precision
@@ -136,7 +136,7 @@ def _prepare(
     if not np.isfinite(slices).all():
         raise InputError(None, "the labelled slices hold NaN or infinite values")
     if crop_with is not None:
-        slices, labels, _ = crop_dark_borders(slices, crop_with, labels)
+        slices, labels, _ = crop_to_content(slices, crop_with, labels)
     grid, transform = to_model_grid(torch.from_numpy(slices), image_size)
     targets = labels_to_model_grid(torch.from_numpy(labels.astype(np.int64)), transform)
     return grid, targets

@@ -19,7 +19,7 @@ from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import class_probabilities
-from ..preprocessing.framing import Box, crop_dark_borders, full_box, uncrop
+from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import (
     autocast,
@@ -339,7 +339,7 @@ class Segmenter:
         (and the content boxes they were taken from) appended to ``kept`` when given."""
         boxes = [full_box(chunk.shape)] * len(chunk)
         if crop:
-            chunk, _, boxes = crop_dark_borders(chunk, self.bundle.intensity)
+            chunk, _, boxes = crop_to_content(chunk, self.bundle.intensity)
         grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
         if self.head is None:
             return self._uncrop(self._baseline_predict(grid, transform), boxes)

@@ -59,7 +59,7 @@ def full_box(shape: Sequence[int]) -> Box:
     return 0, int(shape[-2]), 0, int(shape[-1])
 
 
-def crop_dark_borders(
+def crop_to_content(
     slices: np.ndarray, intensity: IntensityConfig, labels: Optional[np.ndarray] = None
 ) -> Tuple[np.ndarray, Optional[np.ndarray], List[Box]]:
     """``slices`` (N, C, H, W) with each slice's dark bands cropped and its content stretched back
