@@ -10,13 +10,14 @@ first, linear layer at native resolution: the same logits at a fraction of the m
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from .errors import Cancelled
 from .model.diffusion import NoiseSchedule
+from .runtime import resolve_inference_precision
 
 TEDM_TIMESTEPS = (1, 10, 25, 50, 200, 400, 600, 800)
 LEDM_TIMESTEPS = (50, 150, 250)
@@ -49,6 +50,11 @@ def timestep_noise(shape: Sequence[int], timesteps: Sequence[int], seed: int, dr
         generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw) * 10_007 + int(t))
         noise.append(torch.randn(tuple(shape), generator=generator))
     return torch.stack(noise)
+
+
+def module_shape(module: torch.nn.Module) -> Hashable:
+    """What decides a module's speed, not its values: its class and its parameters' shapes."""
+    return (type(module).__name__,) + tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
 
 
 class DecoderFeatureExtractor(torch.nn.Module):
@@ -92,6 +98,23 @@ class DecoderFeatureExtractor(torch.nn.Module):
     @property
     def level_channels(self) -> List[int]:
         return [int(self.unet.block_out_channels[::-1][i]) for i in self.levels]
+
+    def pass_precision(
+        self,
+        precision: str,
+        device: torch.device,
+        image_size: int,
+        timesteps: Sequence[int],
+        slices: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> str:
+        """The precision of this extractor's passes (:func:`runtime.resolve_inference_precision`):
+        ``auto`` on a CPU with native bf16 times one pass of ``slices`` slices x ``timesteps``
+        of a ``image_size`` grid in fp32 and bf16."""
+        images = torch.zeros(slices, self.unet.in_channels, image_size, image_size, device=device)
+        images = images.contiguous(memory_format=memory_format)
+        key = (module_shape(self.unet), self.levels, images.shape, len(timesteps), str(memory_format))
+        return resolve_inference_precision(precision, device, lambda: self(images, timesteps), key)
 
     @torch.no_grad()
     def forward(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Callable, Iterator, Optional, TypeVar
+import time
+from typing import Callable, Dict, Hashable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -62,10 +63,11 @@ def count_non_finite(tensors) -> int:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
 
-    fp32 on CPU by default: bf16 autocast of MONAI's UNet measured 5-30x *slower* than fp32 on
-    this project's CPUs for training, although it is valid; on CPUs without AVX512-BF16/AMX
-    (AVX2 only) bf16 is emulated and even a plain bf16 matrix product measured ~50x slower than
-    fp32 (``benchmarks/benchmark.py`` measures both on the machine it runs on).
+    fp32 on CPU by default, for training: bf16 autocast of MONAI's UNet measured 5-30x *slower*
+    than fp32 on this project's CPUs for training, although it is valid; on CPUs without
+    AVX512-BF16/AMX (AVX2 only) bf16 is emulated and even a plain bf16 matrix product measured
+    ~50x slower than fp32 (``benchmarks/benchmark.py`` measures both on the machine it runs on).
+    Gradient-free passes choose by measuring: :func:`resolve_inference_precision`.
     """
     if precision not in PRECISIONS:
         raise SettingError("precision", f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -74,6 +76,59 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX). Elsewhere
+    bf16 is emulated: a bf16 matrix product measured ~50x slower than fp32 on AVX2-only CPUs."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+# Per process: the precision measured fastest for one kind of UNet pass (see below).
+_MEASURED_PRECISION: Dict[Hashable, str] = {}
+# bf16 must beat fp32 by this much to be chosen: its outputs differ from fp32's in the last
+# digits (Dice ~0.999), which is worth a clear gain, not a tie decided by timing noise.
+BF16_MIN_GAIN = 1.2
+
+
+def resolve_inference_precision(
+    precision: str, device: torch.device, timed_pass: Callable[[], None], key: Hashable
+) -> str:
+    """The precision of gradient-free UNet passes (segmenting, extracting features to fit on).
+
+    ``auto``: bf16 on CUDA cards that support it. On a CPU with native bf16 the two are
+    *measured*, not assumed: ``timed_pass`` (one representative pass under ``autocast``) runs
+    in fp32 and in bf16, and bf16 is kept only if it is at least ``BF16_MIN_GAIN`` x faster.
+    On this project's AVX512-BF16 machines bf16 autocast ran the `small` UNet ~1.5-1.8x faster
+    than fp32 (``benchmarks/benchmark.py``), yet on AMX machines it measured 0.76-0.83x (issue
+    11), so no rule by CPU flags holds for both. The answer is kept per ``key`` (the model's
+    shape, input size, layout, threads) for the life of the process, so a session or batch
+    measures once (about a second) and every later call agrees with the first.
+    """
+    if precision != "auto" or device.type != "cpu":
+        return resolve_precision(precision, device)
+    if not cpu_has_native_bf16():
+        return "fp32"
+    key = (key, torch.get_num_threads())
+    if key not in _MEASURED_PRECISION:
+        _MEASURED_PRECISION[key] = _faster_precision(device, timed_pass)
+        log.info("UNet passes on this CPU: %s measured faster", _MEASURED_PRECISION[key])
+    return _MEASURED_PRECISION[key]
+
+
+def _faster_precision(device: torch.device, timed_pass: Callable[[], None], repeats: int = 3) -> str:
+    best = {}
+    for precision in ("fp32", "bf16"):
+        with autocast(device, precision):
+            timed_pass()  # warm-up: oneDNN creates its kernels for the new shapes and types
+            times = []
+            for _ in range(repeats):
+                tic = time.perf_counter()
+                timed_pass()
+                times.append(time.perf_counter() - tic)
+        best[precision] = min(times)
+    return "bf16" if best["fp32"] >= BF16_MIN_GAIN * best["bf16"] else "fp32"
 
 
 def resolve_memory_format(memory_format: str, device: torch.device) -> torch.memory_format:

@@ -478,6 +478,7 @@ def fit_bundle(
         extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule)
         config = HeadConfig.for_method(method, extractor.level_channels, len(class_names), options.timesteps)
         grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, options.seed)
+        precision = extractor.pass_precision(options.precision, device, backbone.config.image_size, config.timesteps)
         features = extract_training_features(extractor, grids, config.timesteps, options.noise_draws, device, precision)
         training["augment"] = options.augment
         training["noise_draws"] = options.noise_draws
@@ -549,7 +550,6 @@ def refine_bundle(
         raise ValueError("anchor_slices and anchor_labels go together")
     options = _options_with(options or FitOptions(), option_overrides)
     device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
     # The bundle's cropping, unless the caller turns it off (the slices of a volume).
     crop = bundle.crop_dark_borders if options.crop_dark_borders is None else bool(options.crop_dark_borders)
     crop_with = bundle.intensity if crop else None
@@ -570,6 +570,7 @@ def refine_bundle(
             extractor = DecoderFeatureExtractor(
                 bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels
             )
+        precision = extractor.pass_precision(options.precision, device, bundle.image_size, bundle.timesteps)
         return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)
 
     anchor = None

@@ -1,0 +1,88 @@
+"""The precision of gradient-free UNet passes: measured on the CPU, not assumed, and agreeing with fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_disc_images
+
+from tedm_core import runtime
+from tedm_core.bundle import load_bundle
+from tedm_core.pipelines.evaluate import dice_precision_recall
+from tedm_core.pipelines.segment import Segmenter
+
+
+class FakeClock:
+    """Stands in for ``time.perf_counter``: a pass advances it by what its precision costs."""
+
+    def __init__(self, fp32_seconds: float, bf16_seconds: float) -> None:
+        self.now, self.cost = 0.0, {"fp32": fp32_seconds, "bf16": bf16_seconds}
+        self.passes = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run_pass(self) -> None:
+        self.passes += 1
+        self.now += self.cost["bf16" if torch.is_autocast_enabled("cpu") else "fp32"]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    def make(fp32_seconds: float, bf16_seconds: float, native_bf16: bool = True) -> FakeClock:
+        fake = FakeClock(fp32_seconds, bf16_seconds)
+        monkeypatch.setattr(runtime.time, "perf_counter", fake)
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+        monkeypatch.setattr(runtime, "_MEASURED_PRECISION", {})
+        return fake
+
+    return make
+
+
+CPU = torch.device("cpu")
+
+
+def test_bf16_is_chosen_only_when_measured_clearly_faster(clock):
+    fast = clock(fp32_seconds=2.0, bf16_seconds=1.0)
+    assert runtime.resolve_inference_precision("auto", CPU, fast.run_pass, key="a") == "bf16"
+    assert fast.passes == 8  # warm-up and 3 timed passes per precision
+    # A tie (within BF16_MIN_GAIN) keeps fp32: its outputs are the reference.
+    tie = clock(fp32_seconds=1.1, bf16_seconds=1.0)
+    assert runtime.resolve_inference_precision("auto", CPU, tie.run_pass, key="a") == "fp32"
+    slow = clock(fp32_seconds=1.0, bf16_seconds=1.3)
+    assert runtime.resolve_inference_precision("auto", CPU, slow.run_pass, key="a") == "fp32"
+
+
+def test_the_measurement_is_made_once_per_key(clock):
+    fake = clock(fp32_seconds=2.0, bf16_seconds=1.0)
+    for _ in range(3):
+        assert runtime.resolve_inference_precision("auto", CPU, fake.run_pass, key="model A") == "bf16"
+    assert fake.passes == 8
+    runtime.resolve_inference_precision("auto", CPU, fake.run_pass, key="model B")
+    assert fake.passes == 16
+
+
+def test_no_measurement_where_bf16_is_emulated_or_the_precision_is_given(clock):
+    emulated = clock(fp32_seconds=2.0, bf16_seconds=1.0, native_bf16=False)
+    assert runtime.resolve_inference_precision("auto", CPU, emulated.run_pass, key="a") == "fp32"
+    for given in ("fp32", "bf16"):
+        assert runtime.resolve_inference_precision(given, CPU, emulated.run_pass, key="a") == given
+    assert emulated.passes == 0
+
+
+def test_a_bf16_segmenter_agrees_with_fp32(tiny_bundle_dir):
+    """What the measured choice may switch on: labels within Dice 0.99 of fp32's, recorded."""
+    bundle = load_bundle(tiny_bundle_dir)
+    images, _ = synthetic_disc_images(4, size=32, seed=5)
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        segmenter = Segmenter(bundle, device="cpu", precision=precision)
+        assert segmenter.provenance()["precision"] == precision
+        outputs[precision] = segmenter.predict(images)
+    fp32, bf16 = outputs["fp32"], outputs["bf16"]
+    assert fp32.labels.any()
+    for a, b in zip(bf16.labels, fp32.labels):
+        assert dice_precision_recall(a == 1, b == 1)[0] >= 0.99
+    assert np.abs(bf16.probabilities - fp32.probabilities).max() < 0.05
+    assert bf16.probabilities.dtype == np.float32
