@@ -56,7 +56,7 @@ robustness:
 
 def build_parser() -> argparse.ArgumentParser:
     from tedm_core.argtypes import OneLineParser, device, positive_int, shard
-    from tedm_core.choices import AXES, PRECISIONS
+    from tedm_core.choices import AXES, PRECISION_HELP, PRECISIONS
 
     p = OneLineParser(
         prog="batch_segment.py",
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="slices per model call (default: sized to free GPU memory, 4 on CPU)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument(
         "--axis",
         choices=AXES,

@@ -36,6 +36,7 @@ from .choices import (
     INTENSITIES,
     LOSSES,
     METHODS,
+    PRECISION_HELP,
     PRECISIONS,
     PRESET_NAMES,
     SCHEDULES,
@@ -118,7 +119,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _add_device_options(p: argparse.ArgumentParser, batch_size: bool = False) -> None:
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     if batch_size:
         p.add_argument("--batch-size", type=positive_int, help="slices per model call (default: sized to memory)")
 

@@ -112,7 +112,8 @@ class Segmenter:
         batch_size: slices per UNet call (each slice is run once per timestep); default: what
             half of the free GPU memory holds, or ``CPU_SLICES_PER_CALL`` on the CPU. Halved automatically
             on CUDA OOM.
-        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 on CUDA; on a CPU measured, see
+            :func:`~tedm_core.runtime.resolve_inference_precision`), ``fp32`` or ``bf16``.
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
         memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
             or ``contiguous`` (the UNet as stored). Channels-last runs a private copy of the UNet, so
