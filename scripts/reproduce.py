@@ -129,12 +129,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> Dict[str, Any]:
     import torch
 
+    from tedm_core.runtime import cpu_has_native_bf16
+
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
+        # where it is, UNet passes may run in bf16 (measured per process; a result's precision)
+        "native_bf16": cpu_has_native_bf16(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
