@@ -228,7 +228,7 @@ class Segmenter:
         # time, which saves a full-size float32 copy of the chunk. The head runs in the precision
         # measured for the UNet: bf16 halves the bytes its bilinear upsampling moves, and its 1x1
         # convolutions go to oneDNN (fp32 ones with few maps go to an MKL matrix product, which
-        # runs AVX2 code on AMD CPUs); 1.8x on the head of `small` (session 8, AVX512-BF16).
+        # runs AVX2 code on AMD CPUs); benchmarks/benchmark.py prints the head's speed against fp32.
         with autocast(self.device, self.precision):
             probabilities, uncertainty = self.head.predict([f.to(self.device) for f in levels], size)
         return from_model_grid(probabilities, transform), from_model_grid(uncertainty[:, None], transform)[:, 0]
