@@ -520,6 +520,14 @@ class Study:
         tag = "" if timesteps is None else "_t" + "-".join(str(t) for t in timesteps)
         return bundle_path / "metrics" / f"{set_name}{tag}.csv"
 
+    @staticmethod
+    def scored(metrics: Path, postprocess: bool) -> bool:
+        """Whether ``metrics`` holds what is asked: the post-processed rows too when ``postprocess``
+        (the checkpoint sweep scores without them, and the grid may find its unit already there)."""
+        if not metrics.is_file():
+            return False
+        return not postprocess or any(r.get("post") == "largest2_fill" for r in read_rows(metrics))
+
     def evaluate_unit(
         self, backbone_name, step, method, n, seed, variant, sets, timesteps=None, fit_timesteps=None, postprocess=False
     ) -> None:
@@ -529,7 +537,8 @@ class Study:
         todo = [
             s
             for s in sets
-            if not self.metrics_path(path, s, timesteps).is_file() and (pool_left > 0 or not s.startswith("validation"))
+            if not self.scored(self.metrics_path(path, s, timesteps), postprocess)
+            and (pool_left > 0 or not s.startswith("validation"))
         ]
         if not todo:
             return
@@ -1014,7 +1023,9 @@ class Report:
                 )
                 for steps in map(ablation_steps, c["ablation"]["timesteps"])
             ]
-            rows.append(("TEDM (8 steps)", {s: self.tedm_scores(name, step, n, s) for s in sets}))
+            rows.append(
+                ("TEDM (as fitted, with its inference steps)", {s: self.tedm_scores(name, step, n, s) for s in sets})
+            )
             self.lines += self.table(
                 f"Single-step ablation, n = {n} (the TEDM head, fitted on its 8 steps, applied to one step or a "
                 "subset; paper's Table 2)",
