@@ -57,6 +57,29 @@ def module_shape(module: torch.nn.Module) -> Hashable:
     return (type(module).__name__,) + tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
 
 
+def measured_pass_precision(
+    unet: torch.nn.Module,
+    run: Callable[[torch.Tensor], object],
+    precision: str,
+    device: torch.device,
+    image_size: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    key: Hashable = (),
+) -> str:
+    """:func:`runtime.resolve_inference_precision` for gradient-free passes of ``unet``: ``auto``
+    on a CPU with native bf16 times ``run`` on one blank ``image_size`` slice in fp32 and bf16,
+    once per process for this model shape, layout and ``key``."""
+    images = torch.zeros(1, unet.in_channels, image_size, image_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
+
+    @torch.no_grad()
+    def one_pass() -> None:
+        run(images)
+
+    full_key = (module_shape(unet), images.shape, str(memory_format), key)
+    return resolve_inference_precision(precision, device, one_pass, full_key)
+
+
 class DecoderFeatureExtractor(torch.nn.Module):
     """Taps the outputs of a ``DiffusionModelUNet``'s decoder levels, before their upsampling.
 
@@ -105,16 +128,19 @@ class DecoderFeatureExtractor(torch.nn.Module):
         device: torch.device,
         image_size: int,
         timesteps: Sequence[int],
-        slices: int = 1,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> str:
-        """The precision of this extractor's passes (:func:`runtime.resolve_inference_precision`):
-        ``auto`` on a CPU with native bf16 times one pass of ``slices`` slices x ``timesteps``
-        of a ``image_size`` grid in fp32 and bf16."""
-        images = torch.zeros(slices, self.unet.in_channels, image_size, image_size, device=device)
-        images = images.contiguous(memory_format=memory_format)
-        key = (module_shape(self.unet), self.levels, images.shape, len(timesteps), str(memory_format))
-        return resolve_inference_precision(precision, device, lambda: self(images, timesteps), key)
+        """The precision of this extractor's passes: :func:`measured_pass_precision` of one
+        slice x ``timesteps``."""
+        return measured_pass_precision(
+            self.unet,
+            lambda images: self(images, timesteps),
+            precision,
+            device,
+            image_size,
+            memory_format,
+            key=(self.levels, len(timesteps)),
+        )
 
     @torch.no_grad()
     def forward(

@@ -86,3 +86,29 @@ def test_a_bf16_segmenter_agrees_with_fp32(tiny_bundle_dir):
         assert dice_precision_recall(a == 1, b == 1)[0] >= 0.99
     assert np.abs(bf16.probabilities - fp32.probabilities).max() < 0.05
     assert bf16.probabilities.dtype == np.float32
+
+
+def test_the_baseline_measures_its_own_pass(clock, monkeypatch, tiny_backbone_dir):
+    """The supervised baseline has no feature extractor: its full UNet pass is what is timed
+    (each real pass also advances the fake clock by its precision's cost)."""
+    import tedm_core.features as features
+    from tedm_core.model.checkpoint import load_backbone
+    from tedm_core.pipelines.fit import fit_bundle
+
+    images, masks = synthetic_disc_images(2, size=32, seed=3)
+    bundle = fit_bundle(
+        load_backbone(tiny_backbone_dir), images, masks, "baseline", ["background", "disc"], [0, 1],
+        steps=5, device="cpu", show_progress=False,
+    )  # fmt: skip
+    fake = clock(fp32_seconds=2.0, bf16_seconds=1.0)
+    measure = runtime.resolve_inference_precision
+    monkeypatch.setattr(
+        features,
+        "resolve_inference_precision",
+        lambda precision, device, timed_pass, key: measure(
+            precision, device, lambda: (timed_pass(), fake.run_pass()), key
+        ),
+    )
+    segmenter = Segmenter(bundle, device="cpu")
+    assert segmenter.precision == "bf16" and fake.passes == 8
+    assert segmenter.predict(images).labels.shape == (2, 32, 32)

@@ -17,7 +17,7 @@ import torch
 
 from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
-from ..features import DecoderFeatureExtractor, LevelFeatures, module_shape
+from ..features import DecoderFeatureExtractor, LevelFeatures, measured_pass_precision
 from ..heads import class_probabilities
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
@@ -27,7 +27,6 @@ from ..runtime import (
     map_in_chunks,
     plan_batch_size,
     resolve_device,
-    resolve_inference_precision,
     resolve_memory_format,
 )
 
@@ -176,16 +175,10 @@ class Segmenter:
             return self.extractor.pass_precision(
                 precision, self.device, size, self.timesteps, memory_format=self.memory_format
             )
-        images = torch.zeros(1, self.unet.in_channels, size, size, device=self.device)
-        images = images.contiguous(memory_format=self.memory_format)
         step = torch.zeros(1, dtype=torch.long, device=self.device)
-
-        @torch.no_grad()
-        def one_pass() -> None:
-            self.unet(images, step)
-
-        key = (module_shape(self.unet), images.shape, str(self.memory_format))
-        return resolve_inference_precision(precision, self.device, one_pass, key)
+        return measured_pass_precision(
+            self.unet, lambda images: self.unet(images, step), precision, self.device, size, self.memory_format
+        )
 
     @property
     def gives_uncertainty(self) -> bool:
