@@ -100,8 +100,8 @@ def resolve_inference_precision(
     ``auto``: bf16 on CUDA cards that support it. On a CPU with native bf16 the two are
     *measured*, not assumed: ``timed_pass`` (one representative pass under ``autocast``) runs
     in fp32 and in bf16, and bf16 is kept only if it is at least ``BF16_MIN_GAIN`` x faster.
-    On this project's AVX512-BF16 machines bf16 autocast ran the `small` UNet ~1.5-1.8x faster
-    than fp32 (``benchmarks/benchmark.py``), yet on AMX machines it measured 0.76-0.83x (issue
+    On this project's AVX512-BF16 machine bf16 autocast ran the `small` UNet 1.56x faster than
+    fp32 (``benchmarks/benchmark.py``: 215.9 against 138.8 GFLOP/s), yet on AMX machines it measured 0.76-0.83x (issue
     11), so no rule by CPU flags holds for both. The answer is kept per ``key`` (the model's
     shape, input size, layout, threads) for the life of the process, so a session or batch
     measures once (about a second) and every later call agrees with the first.

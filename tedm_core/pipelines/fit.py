@@ -88,10 +88,12 @@ class FitOptions:
     inference_timesteps: Optional[Tuple[int, ...]] = None
 
 
-# Chosen on validation (issue 10; README "The strongest lead"; docs/results/RESULTS_cxr.md and
-# RESULTS_cxr_1750.md, ablation, 3 seeds): the 8-step TEDM head applied to {1, 10, 25, 50} against
-# all 8 steps, at the 1,250-step `small4` checkpoint: pool images +0.8 Dice (p = 5e-09), re-framed
-# +0.7 (p = 2e-08), covid_v7 +0.4 (p = 3e-05); at 1,750 steps +0.3 / +0.3 / +0.5 (p <= 2e-04).
+# Chosen on validation (issue 10; README "Adopted at the end of session 7";
+# docs/results/RESULTS_cxr_session7.md and RESULTS_cxr_1750.md, ablation, 3 seeds): the 8-step TEDM
+# head applied to {1, 10, 25, 50} against all 8 steps, at the 1,250-step `small4` checkpoint: pool
+# images +0.8 Dice (p = 5e-09), re-framed +0.7 (p = 2e-08), covid_v7 +0.4 (p = 3e-05); at 1,750
+# steps +0.3 / +0.3 / +0.5 (p <= 2e-04). Session 8's new pretraining (RESULTS_cxr.md, ablation)
+# agreed: 92.5 / 92.1 / 83.5 against 91.7 / 91.4 / 83.0 for all 8 steps.
 # Half the UNet passes. Not yet measured on brain MRI, so volumes keep all 8 steps.
 RADIOGRAPH_INFERENCE_TIMESTEPS = (1, 10, 25, 50)
 
