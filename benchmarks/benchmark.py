@@ -11,7 +11,8 @@ Everything is measured in this one run, with the same torch threads everywhere:
   implementation kept in this file (one UNet call per slice and timestep, full decoder and output
   convolution, every slice including background, every decoder level upsampled to the image
   size and concatenated before the MLP, per-step probabilities kept for the whole volume, fp32);
-  each way runs in its own fresh process, so its peak resident memory growth is its own;
+  each way runs in its own fresh process, so its peak resident memory growth is its own (measured
+  in a second run with a fixed glibc mmap threshold, so that it is the live peak: see ``spawn``);
 * the UNet passes as the pipeline runs them, the DDPM training step, and a square fp32 (and
   bf16) matrix product, interleaved, best of a few repeats each: achieved FLOP/s = ptflops MACs x 2
   / time, over the matrix product's FLOP/s;
@@ -38,6 +39,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+from unittest import mock
 
 import numpy as np
 import torch
@@ -89,7 +91,7 @@ GOALS = {  # key: (comparison, goal)
 # The straightforward implementation of the same method
 
 
-def explicit_attention(unet: torch.nn.Module) -> torch.nn.Module:
+def explicit_attention_copy(unet: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``unet`` with MONAI's default attention (softmax(QK^T)V materialised) instead of
     the SDPA kernel ``tedm_core.model.backbone.build_unet`` switches on: the same weights."""
     unet = copy.deepcopy(unet)
@@ -101,7 +103,7 @@ def explicit_attention(unet: torch.nn.Module) -> torch.nn.Module:
 
 def plain_bundle(bundle: ModelBundle) -> ModelBundle:
     """``bundle`` with an explicit-attention copy of its UNet (the bundle itself untouched)."""
-    return replace(bundle, backbone=replace(bundle.backbone, unet=explicit_attention(bundle.backbone.unet)))
+    return replace(bundle, backbone=replace(bundle.backbone, unet=explicit_attention_copy(bundle.backbone.unet)))
 
 
 class Straightforward:
@@ -114,7 +116,7 @@ class Straightforward:
 
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
-        self.unet = explicit_attention(bundle.backbone.unet).eval()
+        self.unet = explicit_attention_copy(bundle.backbone.unet).eval()
         self.schedule = bundle.backbone.noise_schedule
         self.mlp = bundle.head.mlp.eval()
         self.size = bundle.image_size
@@ -255,9 +257,18 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
     return {"seconds": seconds, "peak_mib": memory.grown_kib / 1024, "peak_method": memory.method, **totals}
 
 
-def spawn(way: str, workload: str, work: Path, threads: int) -> Dict[str, Any]:
+# glibc raises its mmap threshold whenever a large block is freed; blocks of that size then come
+# from the heap and stay resident after they are freed, so the resident peak depends on the
+# allocation history: 5-41 MiB between identical runs of the radiograph workload (session 9).
+# With a fixed threshold every block above it is mapped and returned to the system when freed,
+# so the resident peak is the live peak (38.1-38.4 MiB over three runs). Allocation gets slower
+# (page faults), so the timed runs keep glibc's default and the memory is measured in a second run.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def spawn(way: str, workload: str, work: Path, threads: int, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     command = [sys.executable, __file__, "--child", way, workload, "--work", str(work), "--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         raise SystemExit(f"{way} on {workload} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -422,6 +433,16 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
             segmenter._features(grid[i : i + slices_per_call]) for i in range(0, len(grid), slices_per_call)
         ]
 
+    def sdpa_passes(segmenter: Segmenter, slices_per_call: int) -> Callable[[], None]:
+        """``passes`` with SDPA attention even where the pipeline uses the explicit kind (bf16 on a CPU)."""
+        run = passes(segmenter, slices_per_call)
+
+        def call() -> None:
+            with mock.patch("tedm_core.features.explicit_attention_pays", lambda _device: False):
+                run()
+
+        return call
+
     # the head on the same slices' features, in the default precision and in fp32
     features = {"head": (default, default._features(grid)), "head_fp32": (fp32, fp32._features(grid))}
 
@@ -431,13 +452,16 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
         "conv_fp32": lambda: [F.conv2d(conv_in, conv_weight, padding=1) for _ in range(MATMULS_PER_TIMING)],
         "unet": passes(default, batch),
         "unet_fp32": passes(fp32, batch),
+        "unet_sdpa": sdpa_passes(default, batch),
         **{name: (lambda seg=seg, f=f: seg._head_predict(f, transform)) for name, (seg, f) in features.items()},
         "unet_contiguous": passes(contiguous, batch),
         "unet_explicit_attention": passes(explicit, batch),
         "unet_plain": passes(plain, batch),
         "train_contiguous": train_step_fn(torch.contiguous_format),
         "train_channels_last": train_step_fn(torch.channels_last),
-        "train_explicit_attention": train_step_fn(torch.contiguous_format, explicit_attention(bundle.backbone.unet)),
+        "train_explicit_attention": train_step_fn(
+            torch.contiguous_format, explicit_attention_copy(bundle.backbone.unet)
+        ),
         # reported, not used: pretraining stays fp32 until a bf16 backbone is shown to be as good
         "train_bf16_autocast": train_step_fn(torch.channels_last, precision="bf16"),
     }
@@ -459,7 +483,7 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
         "bf16_matmul_gflops": 2 * 256**3 / best["matmul_bf16"] / 1e9,
         "seconds": best,
     }
-    variants = ("unet", "unet_fp32", "unet_contiguous", "unet_explicit_attention", "unet_plain")
+    variants = ("unet", "unet_sdpa", "unet_fp32", "unet_contiguous", "unet_explicit_attention", "unet_plain")
     for name in variants + ("unet_2_slices", "unet_4_slices"):
         if name in best:
             result[f"{name}_gflops"] = 2 * per_map * 1e9 * len(grid) * steps / best[name] / 1e9
@@ -621,7 +645,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs: Dict[str, Dict[str, Any]] = {}
     for workload in ("volume", "cxr"):
         for way in ("tedm", "straightforward"):
-            runs[f"{way}_{workload}"] = spawn(way, workload, args.work, threads)
+            timed = spawn(way, workload, args.work, threads)
+            memory_run = spawn(way, workload, args.work, threads, FIXED_MMAP_THRESHOLD)
+            runs[f"{way}_{workload}"] = {
+                **timed, "peak_mib": memory_run["peak_mib"], "peak_mib_default_malloc": timed["peak_mib"]
+            }  # fmt: skip
             print(
                 f"{way:15s} {workload:6s} {json.dumps({k: _rounded(v) for k, v in runs[f'{way}_{workload}'].items()})}",
                 flush=True,
@@ -686,17 +714,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"write {vol['write']:.2f} s, the rest (normalise, slice, resize, reassemble) {rest:.2f} s"
     )
     c = compute
+    attention = "explicit" if c["precision"] == "bf16" else "SDPA"  # runtime.explicit_attention_pays
     print(
         f"fp32 peak {c['fp32_peak_gflops']:.1f} GFLOP/s (the faster of torch.mm {c['fp32_matmul_gflops']:.1f} and a "
         f"3x3 convolution {c['fp32_conv_gflops']:.1f}), bf16 matmul {c['bf16_matmul_gflops']:.1f} GFLOP/s; "
         f"UNet {c['gmac_per_map']:.3f} GMAC per map (truncated), {c['gmac_per_image_full_pass']:.3f} full"
     )
     print(
-        f"UNet GFLOP/s: default {c['unet_gflops']:.1f} ({c['maps_per_call']} maps per call; channels-last, SDPA, "
-        f"{c['precision']} as measured faster; the head {c['head_speed_vs_fp32']:.2f}x its fp32 speed), "
-        f"fp32 {c['unet_fp32_gflops']:.1f}, "
+        f"UNet GFLOP/s: default {c['unet_gflops']:.1f} ({c['maps_per_call']} maps per call; channels-last, "
+        f"{c['precision']} as measured faster, with {attention} attention; the head {c['head_speed_vs_fp32']:.2f}x "
+        f"its fp32 speed), the default with SDPA {c['unet_sdpa_gflops']:.1f}, fp32 {c['unet_fp32_gflops']:.1f}, "
         f"fp32 contiguous {c['unet_contiguous_gflops']:.1f}, "
-        f"explicit attention {c['unet_explicit_attention_gflops']:.1f}, "
+        f"fp32 explicit attention {c['unet_explicit_attention_gflops']:.1f}, "
         f"plain (contiguous, explicit) {c['unet_plain_gflops']:.1f}; "
         + ", ".join(
             f"{k} slices per call {c[f'unet_{k}_slices_gflops']:.1f}" for k in (2, 4) if f"unet_{k}_slices_gflops" in c

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import best_times, explicit_attention
+from benchmark import best_times, explicit_attention_copy
 
 from tedm_core.choices import PRESET_NAMES
 from tedm_core.model.backbone import PRESETS
@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     variants = {
         "sdpa, stored layout (default)": train_step(backbone, unet, args.batch_size, torch.contiguous_format),
         "explicit attention, stored layout": train_step(
-            backbone, explicit_attention(unet), args.batch_size, torch.contiguous_format
+            backbone, explicit_attention_copy(unet), args.batch_size, torch.contiguous_format
         ),
         "sdpa, channels-last": train_step(backbone, unet, args.batch_size, torch.channels_last),
     }

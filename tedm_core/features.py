@@ -16,8 +16,9 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from .errors import Cancelled
+from .model.backbone import explicit_attention
 from .model.diffusion import NoiseSchedule
-from .runtime import resolve_inference_precision
+from .runtime import explicit_attention_pays, resolve_inference_precision
 
 TEDM_TIMESTEPS = (1, 10, 25, 50, 200, 400, 600, 800)
 LEDM_TIMESTEPS = (50, 150, 250)
@@ -170,7 +171,8 @@ class DecoderFeatureExtractor(torch.nn.Module):
         if cancel is not None:
             handles += [block.register_forward_pre_hook(_cancel_hook(cancel)) for block in self._blocks()]
         try:
-            self.unet(x_t, t)
+            with explicit_attention(self.unet, explicit_attention_pays(images.device)):
+                self.unet(x_t, t)
         except _StopForward:
             pass
         finally:

@@ -112,3 +112,38 @@ def test_the_baseline_measures_its_own_pass(clock, monkeypatch, tiny_backbone_di
     segmenter = Segmenter(bundle, device="cpu")
     assert segmenter.precision == "bf16" and fake.passes == 8
     assert segmenter.predict(images).labels.shape == (2, 32, 32)
+
+
+def test_bf16_passes_on_the_cpu_use_explicit_attention_and_leave_the_unet_as_it_was():
+    """Under CPU bf16 autocast the extractor's pass runs MONAI's explicit attention (measured
+    faster there), in fp32 SDPA; either way the same features, and the shared UNet's flags are
+    restored after the pass, even when the pass stops early at the last tapped level."""
+    from tedm_core.features import TEDM_TIMESTEPS, DecoderFeatureExtractor
+    from tedm_core.model.backbone import PRESETS, build_unet, explicit_attention
+    from tedm_core.model.diffusion import NoiseSchedule
+
+    torch.manual_seed(0)
+    unet = build_unet(PRESETS["small"]).eval()
+    attention = [m for m in unet.modules() if hasattr(m, "use_flash_attention")]
+    assert attention and all(m.use_flash_attention for m in attention)
+    seen = []
+    attention[0].register_forward_pre_hook(lambda module, _args: seen.append(module.use_flash_attention))
+    extractor = DecoderFeatureExtractor(unet, NoiseSchedule())
+    images = torch.rand(1, 1, 64, 64) * 2 - 1
+    cpu = torch.device("cpu")
+
+    assert not runtime.explicit_attention_pays(cpu)
+    fp32 = extractor(images, TEDM_TIMESTEPS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert runtime.explicit_attention_pays(cpu)
+        bf16 = extractor(images, TEDM_TIMESTEPS[:2])
+    assert seen == [True, False]
+    assert all(m.use_flash_attention for m in attention)
+    for a, b in zip(bf16, fp32):
+        assert ((a.float() - b).norm() / b.norm()) < 0.02
+
+    with explicit_attention(unet):
+        explicit = extractor(images, TEDM_TIMESTEPS[:2])
+    assert all(m.use_flash_attention for m in attention)
+    for a, b in zip(explicit, fp32):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -111,6 +112,22 @@ def build_unet(config: BackboneConfig, out_channels: int | None = None) -> Diffu
         num_head_channels=config.num_head_channels,
         **options,
     )
+
+
+@contextlib.contextmanager
+def explicit_attention(unet: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
+    """For the passes inside the block, MONAI's explicit softmax(QK^T)V instead of SDPA (the
+    same function of the same weights); the modules' flags are restored after it, as the feature
+    extractor's hooks are, so a UNet shared between callers is left as it was."""
+    modules = [m for m in unet.modules() if hasattr(m, "use_flash_attention")] if enabled else []
+    saved = [m.use_flash_attention for m in modules]
+    for module in modules:
+        module.use_flash_attention = False
+    try:
+        yield unet
+    finally:
+        for module, flag in zip(modules, saved):
+            module.use_flash_attention = flag
 
 
 def count_parameters(module: torch.nn.Module) -> int:

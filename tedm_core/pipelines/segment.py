@@ -19,11 +19,13 @@ from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures, measured_pass_precision
 from ..heads import class_probabilities
+from ..model.backbone import explicit_attention
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import (
     autocast,
     describe_device,
+    explicit_attention_pays,
     map_in_chunks,
     plan_batch_size,
     resolve_device,
@@ -175,9 +177,8 @@ class Segmenter:
             return self.extractor.pass_precision(
                 precision, self.device, size, self.timesteps, memory_format=self.memory_format
             )
-        step = torch.zeros(1, dtype=torch.long, device=self.device)
         return measured_pass_precision(
-            self.unet, lambda images: self.unet(images, step), precision, self.device, size, self.memory_format
+            self.unet, self._baseline_logits, precision, self.device, size, self.memory_format
         )
 
     @property
@@ -226,11 +227,16 @@ class Segmenter:
             probabilities, uncertainty = self.head.predict([f.to(self.device) for f in levels], size)
         return from_model_grid(probabilities, transform), from_model_grid(uncertainty[:, None], transform)[:, 0]
 
+    def _baseline_logits(self, grid: torch.Tensor) -> torch.Tensor:
+        step = torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)
+        with explicit_attention(self.unet, explicit_attention_pays(self.device)):
+            return self.unet(grid, step)
+
     @torch.no_grad()
     def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
         grid = self._to_device(grid)
         with autocast(self.device, self.precision):
-            logits = self.unet(grid, torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)).float()
+            logits = self._baseline_logits(grid).float()
         probabilities = from_model_grid(class_probabilities(logits), transform)
         return probabilities, torch.zeros_like(probabilities[:, 0])
 
