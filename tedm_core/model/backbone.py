@@ -97,7 +97,9 @@ def build_unet(config: BackboneConfig, out_channels: int | None = None) -> Diffu
     ``use_flash_attention``): the same function of the same weights (features within 1.1e-6 of
     the explicit softmax(QK^T)V), without materialising the attention matrix, which measured
     1.3x faster for the `small` UNet's inference on the project's CPUs and needs less memory
-    (``benchmarks/benchmark.py`` measures both). A flag of the modules, not of the weights:
+    (``benchmarks/benchmark.py`` measures both). That holds in fp32; bf16 passes on a CPU
+    switch to the explicit kind for their duration (:func:`explicit_attention`,
+    ``runtime.explicit_attention_pays``). A flag of the modules, not of the weights:
     checkpoints are unchanged.
     """
     options = {"use_flash_attention": True} if "use_flash_attention" in _UNET_PARAMETERS else {}
