@@ -261,7 +261,7 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
 # from the heap and stay resident after they are freed, so the resident peak depends on the
 # allocation history: 5-41 MiB between identical runs of the radiograph workload (session 9).
 # With a fixed threshold every block above it is mapped and returned to the system when freed,
-# so the resident peak is the live peak (38.1-38.4 MiB over three runs). Allocation gets slower
+# so the resident peak is the live peak (one radiograph: 38.1-38.4 MiB in three runs). Allocation gets slower
 # (page faults), so the timed runs keep glibc's default and the memory is measured in a second run.
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
