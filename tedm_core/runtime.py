@@ -162,9 +162,11 @@ def explicit_attention_pays(device: torch.device) -> bool:
     beyond noise; ``benchmarks/benchmark.py`` prints the default against SDPA), while in fp32
     SDPA is the faster (``model.backbone.build_unet``). CUDA keeps SDPA (its fused kernels are
     the reason it exists)."""
-    return (
-        device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    )
+    if device.type != "cpu":
+        return False
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
 
 
 def free_device_memory(device: torch.device) -> Optional[int]:
