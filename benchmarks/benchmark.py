@@ -13,6 +13,7 @@ Everything is measured in this one run, with the same torch threads everywhere:
   size and concatenated before the MLP, per-step probabilities kept for the whole volume, fp32);
   each way runs in its own fresh process, so its peak resident memory growth is its own (measured
   in a second run with a fixed glibc mmap threshold, so that it is the live peak: see ``spawn``);
+  the radiographs are timed in five alternating rounds and each way's median counts;
 * the UNet passes as the pipeline runs them, the DDPM training step, and a square fp32 (and
   bf16) matrix product, interleaved, best of a few repeats each: achieved FLOP/s = ptflops MACs x 2
   / time, over the matrix product's FLOP/s;
@@ -264,6 +265,12 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
 # so the resident peak is the live peak (one radiograph: 38.1-38.4 MiB in three runs). Allocation gets slower
 # (page faults), so the timed runs keep glibc's default and the memory is measured in a second run.
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+# Timed runs per way and workload (the median counts). On this project's shared virtual
+# machines one run of the radiograph workload varied 2.36-2.98 s (pipeline) and 5.21-6.91 s
+# (straightforward) in five alternating pairs, enough to move the ratio from 2.4 to 3.1 between
+# full runs (session 9); five rounds of it cost ~45 s. The volume's straightforward run takes
+# two minutes, so it runs once (it varied 114-130 s over three full runs).
+TIMING_ROUNDS = {"volume": 1, "cxr": 5}
 
 
 def spawn(way: str, workload: str, work: Path, threads: int, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
@@ -595,7 +602,7 @@ def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, An
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 slices, 1 radiograph, 1 repeat (minutes)")
+    parser.add_argument("--quick", action="store_true", help="4 slices, 1 radiograph, 1 repeat and round (minutes)")
     parser.add_argument("--slices", type=int, help="segment this many evenly spaced slices (+2) instead of the volume")
     parser.add_argument("--radiographs", type=int, help="how many radiographs (default 8, --quick 2)")
     parser.add_argument("--json", type=Path, help="write the key ratios (and the details) to this file")
@@ -643,13 +650,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         return 0
     runs: Dict[str, Dict[str, Any]] = {}
+    ways = ("tedm", "straightforward")
     for workload in ("volume", "cxr"):
-        for way in ("tedm", "straightforward"):
-            timed = spawn(way, workload, args.work, threads)
+        # Timed runs alternate between the two ways; each way's median run counts.
+        rounds = TIMING_ROUNDS[workload] if not args.quick else 1
+        timed: Dict[str, List[Dict[str, Any]]] = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way in ways:
+                timed[way].append(spawn(way, workload, args.work, threads))
+        for way in ways:
+            median = sorted(timed[way], key=lambda run: run["seconds"])[rounds // 2]
             memory_run = spawn(way, workload, args.work, threads, FIXED_MMAP_THRESHOLD)
             runs[f"{way}_{workload}"] = {
-                **timed, "peak_mib": memory_run["peak_mib"], "peak_mib_default_malloc": timed["peak_mib"]
-            }  # fmt: skip
+                **median,
+                "seconds_of_each_round": [run["seconds"] for run in timed[way]],
+                "peak_mib": memory_run["peak_mib"],
+                "peak_mib_default_malloc": median["peak_mib"],
+            }
             print(
                 f"{way:15s} {workload:6s} {json.dumps({k: _rounded(v) for k, v in runs[f'{way}_{workload}'].items()})}",
                 flush=True,
