@@ -159,9 +159,10 @@ def explicit_attention_pays(device: torch.device) -> bool:
     softmax(QK^T)V, whose two batched matrix products run natively in bf16: for the `small`
     UNet at 64 px (8 maps per call) the whole pass ran 1.01-1.12x faster on the project's
     AVX512-BF16 machine (session 9: median 1.05 over six interleaved rounds, 1.10-1.12 in single
-    runs, 1.00-1.07 inside the full benchmark runs; never slower beyond noise; ``benchmarks/benchmark.py`` prints the default against SDPA), while in fp32
-    SDPA is the faster (``model.backbone.build_unet``). CUDA keeps SDPA (its fused kernels are
-    the reason it exists)."""
+    runs, 1.00-1.07 inside the full benchmark runs; never slower beyond noise;
+    ``benchmarks/benchmark.py`` prints the default against SDPA), while in fp32 SDPA is the
+    faster (``model.backbone.build_unet``). CUDA keeps SDPA (its fused kernels are the reason it
+    exists)."""
     if device.type != "cpu":
         return False
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
