@@ -340,6 +340,29 @@ def test_outputs_of_another_model_are_never_taken_for_this_ones(face, cohort, ti
     assert json.loads((out / PROVENANCE_FILE).read_text())["model"] == str(other_bundle)
 
 
+@pytest.mark.parametrize("face", ["tedm", "batch"])
+def test_a_resumed_run_in_another_precision_keeps_the_earlier_runs_on_record(face, cohort, tiny_bundle_dir, capsys):
+    """Precision changes only rounding, so a resumed batch may differ in it (``auto`` is timed in
+    each process); the folder's record then names both, never only the last run's."""
+    images, _ = cohort
+    out = images.parent / "pred"
+
+    def segment(*extra: str):
+        argv = ["--model", str(tiny_bundle_dir), "--input", str(images), "--output", str(out), *extra]
+        return _run(face, ["segment", *argv] if face == "tedm" else [*argv, "--no-progress"], capsys)
+
+    assert segment("--precision", "fp32")[0] == 0
+    assert "earlier_runs" not in json.loads((out / PROVENANCE_FILE).read_text())
+    assert segment("--precision", "fp32")[0] == 0  # the same settings: nothing to add
+    assert "earlier_runs" not in json.loads((out / PROVENANCE_FILE).read_text())
+    assert segment("--precision", "bf16")[0] == 0
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    assert record["precision"] == "bf16"
+    assert [(run["device"], run["precision"]) for run in record["earlier_runs"]] == [("cpu", "fp32")]
+    assert segment("--precision", "bf16", "--overwrite")[0] == 0  # every output replaced: one run again
+    assert "earlier_runs" not in json.loads((out / PROVENANCE_FILE).read_text())
+
+
 def test_other_timesteps_are_other_settings(cohort, tiny_bundle_dir, capsys):
     images, _ = cohort
     out = images.parent / "pred"

@@ -25,6 +25,11 @@ PROVENANCE_FILE = ".tedm_outputs.json"
 # The fields of a provenance record that decide the outputs' content; the others (device, when)
 # are kept for the reader only.
 IDENTITY_FIELDS = ("convention", "model_sha256", "timesteps", "axis")
+# Reader-only fields in which the runs writing one folder may differ: a resumed batch on another
+# machine, or one whose `auto` precision was measured the other way (a timing can tip between
+# processes). Its record keeps the earlier runs' values, so it never passes the outputs already
+# there off as made its way.
+RUN_FIELDS = ("device", "precision")
 
 
 def _real(path: PathLike) -> Path:
@@ -118,8 +123,15 @@ def claim_output_folder(
                 f"already holds {existing_outputs[0].name} (and {len(existing_outputs) - 1} more outputs) with no "
                 f"{PROVENANCE_FILE} saying which model made them; write to another folder, or overwrite them",
             )
-    if old != dict(record):
-        write_text_atomic(folder / PROVENANCE_FILE, json.dumps(dict(record), indent=2, sort_keys=True) + "\n")
+    record = dict(record)
+    if old and existing_outputs and not overwrite:
+        earlier = [run for run in old.get("earlier_runs", []) if isinstance(run, dict)]
+        if any(old.get(key) != record.get(key) for key in RUN_FIELDS):
+            earlier.append({key: old.get(key) for key in (*RUN_FIELDS, "written")})
+        if earlier:
+            record["earlier_runs"] = earlier
+    if old != record:
+        write_text_atomic(folder / PROVENANCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def is_output_folder(folder: PathLike) -> bool:
