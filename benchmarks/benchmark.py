@@ -52,7 +52,7 @@ from head_memory import _PeakRss
 from tedm_core.bundle import ModelBundle, load_bundle, save_bundle
 from tedm_core.features import INFERENCE_SEED, DecoderFeatureExtractor, timestep_noise
 from tedm_core.io.volumes import read_case, read_volume, volume_suffix, write_float_volume, write_label_volume
-from tedm_core.model.backbone import PRESETS
+from tedm_core.model.backbone import PRESETS, attention_modules
 from tedm_core.model.checkpoint import Backbone
 from tedm_core.pipelines.fit import fit_bundle
 from tedm_core.pipelines.interactive import InteractiveSession
@@ -96,9 +96,8 @@ def explicit_attention_copy(unet: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``unet`` with MONAI's default attention (softmax(QK^T)V materialised) instead of
     the SDPA kernel ``tedm_core.model.backbone.build_unet`` switches on: the same weights."""
     unet = copy.deepcopy(unet)
-    for module in unet.modules():
-        if hasattr(module, "use_flash_attention"):
-            module.use_flash_attention = False
+    for module in attention_modules(unet):
+        module.use_flash_attention = False
     return unet
 
 

@@ -10,7 +10,7 @@ first, linear layer at native resolution: the same logits at a fraction of the m
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, List, Optional, Sequence
+from typing import Callable, ContextManager, Dict, Hashable, List, Optional, Sequence
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -51,6 +51,12 @@ def timestep_noise(shape: Sequence[int], timesteps: Sequence[int], seed: int, dr
         generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw) * 10_007 + int(t))
         noise.append(torch.randn(tuple(shape), generator=generator))
     return torch.stack(noise)
+
+
+def pass_attention(unet: torch.nn.Module, device: torch.device) -> ContextManager[torch.nn.Module]:
+    """The attention kind of a gradient-free pass of ``unet`` about to run on ``device``: explicit
+    under CPU bf16 autocast (``runtime.explicit_attention_pays``), else the UNet's own (SDPA)."""
+    return explicit_attention(unet, explicit_attention_pays(device))
 
 
 def module_shape(module: torch.nn.Module) -> Hashable:
@@ -171,7 +177,7 @@ class DecoderFeatureExtractor(torch.nn.Module):
         if cancel is not None:
             handles += [block.register_forward_pre_hook(_cancel_hook(cancel)) for block in self._blocks()]
         try:
-            with explicit_attention(self.unet, explicit_attention_pays(images.device)):
+            with pass_attention(self.unet, images.device):
                 self.unet(x_t, t)
         except _StopForward:
             pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -116,12 +116,17 @@ def build_unet(config: BackboneConfig, out_channels: int | None = None) -> Diffu
     )
 
 
+def attention_modules(unet: torch.nn.Module) -> List[torch.nn.Module]:
+    """MONAI's attention blocks of ``unet``: the modules with a ``use_flash_attention`` flag."""
+    return [m for m in unet.modules() if hasattr(m, "use_flash_attention")]
+
+
 @contextlib.contextmanager
 def explicit_attention(unet: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
     """For the passes inside the block, MONAI's explicit softmax(QK^T)V instead of SDPA (the
     same function of the same weights); the modules' flags are restored after it, as the feature
     extractor's hooks are, so a UNet shared between callers is left as it was."""
-    modules = [m for m in unet.modules() if hasattr(m, "use_flash_attention")] if enabled else []
+    modules = attention_modules(unet) if enabled else []
     saved = [m.use_flash_attention for m in modules]
     for module in modules:
         module.use_flash_attention = False

@@ -17,15 +17,13 @@ import torch
 
 from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
-from ..features import DecoderFeatureExtractor, LevelFeatures, measured_pass_precision
+from ..features import DecoderFeatureExtractor, LevelFeatures, measured_pass_precision, pass_attention
 from ..heads import class_probabilities
-from ..model.backbone import explicit_attention
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import (
     autocast,
     describe_device,
-    explicit_attention_pays,
     map_in_chunks,
     plan_batch_size,
     resolve_device,
@@ -229,7 +227,7 @@ class Segmenter:
 
     def _baseline_logits(self, grid: torch.Tensor) -> torch.Tensor:
         step = torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)
-        with explicit_attention(self.unet, explicit_attention_pays(self.device)):
+        with pass_attention(self.unet, self.device):
             return self.unet(grid, step)
 
     @torch.no_grad()
