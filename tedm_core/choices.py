@@ -50,4 +50,4 @@ DEFAULT_BASELINE_STEPS = 1000
 DEFAULT_REFINE_STEPS = 40
 
 # Head-fitting augmentation policies (preprocessing.augment.AUGMENT_POLICIES, checked there).
-AUGMENT_POLICY_NAMES = ("none", "framing", "intensity", "framing+intensity")
+AUGMENT_POLICY_NAMES = ("none", "framing", "intensity", "framing+intensity", "framing+opacity")

@@ -53,6 +53,21 @@ def test_zooming_out_shrinks_the_labelled_area_consistently():
     assert x[:, 0][y == 1].mean() > 0.2 and x[:, 0][y == 0].mean() < 0
 
 
+def test_opacities_brighten_only_inside_the_structure_and_keep_its_labels():
+    from scipy.ndimage import binary_dilation
+
+    images, masks = _discs()
+    images = -images  # a dark structure in bright surroundings, as a lung on a radiograph
+    x, y = augment_slices(images, masks, AugmentPolicy(opacity=1.0, opacity_strength=(0.8, 0.8)), seed=0)
+    assert torch.equal(y, masks)
+    change = (x - images)[:, 0]
+    assert (change >= 0).all() and x.max() <= images.max()  # towards the surroundings' brightness, no further
+    near = torch.from_numpy(binary_dilation(masks.numpy(), np.ones((1, 7, 7), bool)))
+    assert (change[~near] == 0).all()
+    assert change[masks == 1].mean() > 0.05
+    assert torch.equal(augment_slices(images, masks, AugmentPolicy(opacity=0.0), seed=0)[0], images)
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown augmentation"):
         resolve_policy("sideways")

@@ -86,6 +86,9 @@ class FitOptions:
     # the head still learns from all of them. None = RADIOGRAPH_INFERENCE_TIMESTEPS for TEDM on
     # radiograph backbones, all of them otherwise; () = all of them.
     inference_timesteps: Optional[Tuple[int, ...]] = None
+    # Heads only: after fitting, replace the BatchNorm running statistics (an exponential average
+    # dominated by the last ~20 steps' random draws) by their average over every draw and image.
+    precise_statistics: bool = False
 
 
 # Chosen on validation (issue 10; README "Adopted at the end of session 7";
@@ -289,6 +292,7 @@ def train_head(
     anchor: Optional[Anchor] = None,
     freeze_statistics: bool = False,
     timesteps_per_image: Optional[int] = None,
+    precise_statistics: bool = False,
 ) -> FeatureHead:
     """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices.
 
@@ -355,7 +359,31 @@ def train_head(
         bar.set_postfix(loss=f"{loss:.4f}")
         if progress is not None:
             progress(step + 1, steps, loss)
+    if precise_statistics and not freeze_statistics:
+        recompute_statistics(head, features, images_per_step, tuple(targets.shape[-2:]))
     return head.eval()
+
+
+def recompute_statistics(
+    head: FeatureHead, features: List[LevelFeatures], images_per_step: int, size: Tuple[int, int]
+) -> None:
+    """Set the head's BatchNorm running statistics to the mean of their batch statistics over
+    every noise draw and labelled image, in batches of ``images_per_step`` images as training
+    saw them ("precise BatchNorm", Wu & Johnson 2021). The exponential running average keeps
+    mostly the last ~20 steps, so which random draws (augmented copies) came last would
+    otherwise decide how the head normalises every image it predicts."""
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    head.train()
+    with torch.no_grad():
+        for levels in features:
+            for start in range(0, levels[0].shape[0], images_per_step):
+                head.logits([f[start : start + images_per_step] for f in levels], size)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def train_baseline(
@@ -496,7 +524,9 @@ def fit_bundle(
             progress,
             cancel,
             options.show_progress,
+            precise_statistics=options.precise_statistics,
         )
+        training["precise_statistics"] = options.precise_statistics
         head.cpu()
         fitted = backbone
         backbone.unet.cpu()

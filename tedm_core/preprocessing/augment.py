@@ -31,6 +31,10 @@ class AugmentPolicy:
     border: probability of a black band along one random side, of up to ``border_width`` of the side;
         the labels under it become background (nothing can be seen there).
     gamma, contrast, brightness: intensity changes (gamma on [0, 1], then a linear map around 0).
+    opacity: probability of smooth random patches inside the labelled structure that are blended
+        towards the brightness of the surrounding tissue by a factor drawn from ``opacity_strength``
+        (consolidation or ground glass in a lung), the labels unchanged: three clear lungs
+        otherwise teach a head that lung is what is dark.
     """
 
     scale: Tuple[float, float] = (1.0, 1.0)
@@ -40,6 +44,8 @@ class AugmentPolicy:
     gamma: Tuple[float, float] = (1.0, 1.0)
     contrast: Tuple[float, float] = (1.0, 1.0)
     brightness: float = 0.0
+    opacity: float = 0.0
+    opacity_strength: Tuple[float, float] = (0.3, 0.9)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -63,6 +69,7 @@ class AugmentPolicy:
             or self.gamma != (1.0, 1.0)
             or self.contrast != (1.0, 1.0)
             or self.brightness > 0
+            or self.opacity > 0
         )
 
 
@@ -74,6 +81,7 @@ AUGMENT_POLICIES: Dict[str, AugmentPolicy] = {
     "framing": AugmentPolicy(**_FRAMING),
     "intensity": AugmentPolicy(**_INTENSITY),
     "framing+intensity": AugmentPolicy(**_FRAMING, **_INTENSITY),
+    "framing+opacity": AugmentPolicy(**_FRAMING, opacity=0.5),
 }
 assert tuple(AUGMENT_POLICIES) == AUGMENT_POLICY_NAMES  # the torch-free names the faces offer
 
@@ -143,4 +151,29 @@ def augment_slices(
         changed = (unit * 2.0 - 1.0) * contrast[:, None, None, None] + brightness[:, None, None, None]
         # Black borders and padding stay black: they are what a detector band looks like.
         x = torch.where(background, x, changed.clamp(-1.0, 1.0))
+    if policy.opacity > 0:
+        x = _opacities(x, y, policy, generator)
     return x.to(slices.dtype), y
+
+
+# Patches of a smooth random field: Gaussian noise on this coarse grid, upsampled bicubically,
+# becomes a few blobs of a sixth to a third of the side.
+_OPACITY_GRID = 6
+
+
+def _opacities(x: torch.Tensor, y: torch.Tensor, policy: AugmentPolicy, generator: torch.Generator) -> torch.Tensor:
+    n, side = x.shape[0], x.shape[-1]
+    use = (torch.rand(n, generator=generator) < policy.opacity).float()
+    strength = _uniform(*policy.opacity_strength, n, generator) * use
+    field = F.interpolate(
+        torch.randn(n, 1, _OPACITY_GRID, _OPACITY_GRID, generator=generator),
+        size=(side, side),
+        mode="bicubic",
+        align_corners=False,
+    )
+    blobs = torch.sigmoid(4.0 * (field - 0.5))
+    # Soft-edged structure mask, so that a patch fades out at the structure's border.
+    inside = F.avg_pool2d((y[:, None] > 0).float(), 5, stride=1, padding=2, count_include_pad=False)
+    tissue = torch.quantile(x.flatten(1), 0.8, dim=1)  # what an opacity looks like: the body's brightness
+    weight = strength[:, None, None, None] * blobs * inside
+    return x + weight * (tissue[:, None, None, None] - x).clamp(min=0.0)
