@@ -343,6 +343,16 @@ class Study:
         rng = np.random.default_rng(seed)
         return sorted(pool[i] for i in rng.choice(len(pool), size=n, replace=False))
 
+    def labelled_pool_images(self, names: Sequence[str], intensity) -> Tuple[np.ndarray, np.ndarray]:
+        """Pool images (normalised with ``intensity``) and their masks (0 / 255), to fit on."""
+        from tedm_core.io.images import read_grey, read_label_image
+        from tedm_core.preprocessing.intensity import normalise_intensity
+
+        root = resolve(self.data, self.config["cxr"]["data"]) / "shenzhen"
+        images = np.stack([normalise_intensity(read_grey(root / "images" / f), intensity) for f in names])
+        masks = np.stack([read_label_image(root / "masks" / f, [0, 255]) for f in names])
+        return images, masks
+
     def image_set(self, name: str, intensity, fit_names: Sequence[str] = ()) -> Optional[ImageSet]:
         """Test sets by name; ``validation`` (pool minus the fitted images) and ``validation_framed``
         depend on the fit subset."""
@@ -400,14 +410,7 @@ class Study:
             return load_bundle(path)
         backbone = self.load_backbone(backbone_name, step)
         fit_names = self.fit_subset(n, seed)
-        root = resolve(self.data, c["data"])
-        from tedm_core.io.images import read_grey, read_label_image
-        from tedm_core.preprocessing.intensity import normalise_intensity
-
-        images = np.stack(
-            [normalise_intensity(read_grey(root / "shenzhen" / "images" / f), backbone.intensity) for f in fit_names]
-        )
-        masks = np.stack([read_label_image(root / "shenzhen" / "masks" / f, [0, 255]) for f in fit_names])
+        images, masks = self.labelled_pool_images(fit_names, backbone.intensity)
         options = dict(c.get("fit", {}))
         options.update(c.get("variants", {}).get(variant, {}).get("fit", {}))
         if method == "baseline":
