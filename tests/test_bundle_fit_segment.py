@@ -419,3 +419,35 @@ def test_fit_bundle_takes_class_colours(tiny_backbone_dir):
             device="cpu",
             show_progress=False,
         )
+
+
+def test_precise_statistics_average_the_batch_statistics_of_every_draw(tiny_backbone_dir):
+    """The head's BatchNorm running statistics become the mean over draws of each draw's batch
+    statistics, whatever the exponential average had kept; the momentum is restored; the fit records it."""
+    import copy
+
+    from tedm_core.heads import FeatureHead, HeadConfig
+    from tedm_core.pipelines.fit import recompute_statistics
+
+    torch.manual_seed(0)
+    head = FeatureHead(HeadConfig.for_method("tedm", [4, 8], 2, timesteps=[1, 10]))
+    draws = [[torch.randn(3, 2, 4, 8, 8) * scale, torch.randn(3, 2, 8, 4, 4) * scale] for scale in (1.0, 5.0)]
+    norm = head.mlp.rest[1]
+    expected = []
+    probe = copy.deepcopy(head).train()
+    hook = probe.mlp.rest[1].register_forward_hook(lambda _m, args, _o: expected.append(args[0].mean(dim=(0, 2, 3))))
+    with torch.no_grad():
+        for levels in draws:
+            probe.logits(levels, (16, 16))
+    hook.remove()
+    norm.running_mean.fill_(100.0)  # what a last, unrepresentative draw might have left
+    recompute_statistics(head, draws, images_per_step=8, size=(16, 16))
+    assert torch.allclose(norm.running_mean, torch.stack(expected).mean(dim=0), atol=1e-5)
+    assert norm.momentum == 0.1
+
+    images, masks = synthetic_disc_images(2, size=32, seed=2)
+    bundle = fit_bundle(
+        load_backbone(tiny_backbone_dir), images, masks, "tedm", ["background", "disc"],
+        steps=3, device="cpu", show_progress=False, precise_statistics=True,
+    )  # fmt: skip
+    assert bundle.training["precise_statistics"] is True
