@@ -359,7 +359,7 @@ class Study:
         from tedm_core.io.images import read_grey, read_label_image
         from tedm_core.preprocessing.intensity import normalise_intensity
 
-        key = (name, ",".join(fit_names) if name.startswith("validation") else "")
+        key = (name, self.fit_key(name, fit_names))
         if key in self._sets:
             return self._sets[key]
         root = resolve(self.data, self.config["cxr"]["data"])
@@ -478,6 +478,40 @@ class Study:
             )
         return self._features[key]
 
+    @staticmethod
+    def fit_key(set_name: str, fit_names: Sequence[str]) -> str:
+        """What a set's cached features depend on beside its name: the validation sets are the pool
+        images a fit did not use, so they differ with the fit subset."""
+        return ",".join(fit_names) if set_name.startswith("validation") else ""
+
+    def predict(
+        self,
+        bundle,
+        backbone_key: str,
+        image_set: ImageSet,
+        timesteps: Optional[Tuple[int, ...]] = None,
+        fit_key: str = "",
+    ):
+        """``bundle``'s prediction (``SlicePrediction``) on ``image_set``, from the study's feature
+        cache: every head on one backbone and set reads the same features."""
+        from tedm_core.pipelines.segment import Segmenter
+
+        device = "cpu" if self.smoke else "auto"
+        if bundle.head is None:
+            return Segmenter(bundle, device=device).predict(image_set.images)
+        wanted = tuple(timesteps or bundle.prediction_timesteps)
+        if bundle.head.config.mode == "concat":
+            cache = self.features(bundle, backbone_key, image_set, bundle.timesteps, fit_key)
+        else:
+            # Shared heads (TEDM, single steps, probes) read a subset of the 8 TEDM steps' features.
+            from tedm_core.features import TEDM_TIMESTEPS
+
+            base = TEDM_TIMESTEPS if set(wanted) <= set(TEDM_TIMESTEPS) else wanted
+            full = self.features(bundle, backbone_key, image_set, base, fit_key)
+            cache = full.select_timesteps([base.index(t) for t in wanted])
+        segmenter = Segmenter(bundle, device=device, timesteps=wanted if bundle.head.config.mode == "shared" else None)
+        return segmenter.predict_from_features(cache)
+
     def score(
         self,
         bundle,
@@ -488,28 +522,9 @@ class Study:
         postprocess: bool = False,
     ) -> List[Dict[str, Any]]:
         """Per-image Dice, precision and recall of ``bundle`` on ``image_set`` (raw, and post-processed when asked)."""
-
         from tedm_core.pipelines.evaluate import dice_precision_recall
-        from tedm_core.pipelines.segment import Segmenter
 
-        device = "cpu" if self.smoke else "auto"
-        if bundle.head is None:
-            prediction = Segmenter(bundle, device=device).predict(image_set.images)
-        else:
-            wanted = tuple(timesteps or bundle.prediction_timesteps)
-            if bundle.head.config.mode == "concat":
-                cache = self.features(bundle, backbone_key, image_set, bundle.timesteps, fit_key)
-            else:
-                # Shared heads (TEDM, single steps, probes) read a subset of the 8 TEDM steps' features.
-                from tedm_core.features import TEDM_TIMESTEPS
-
-                base = TEDM_TIMESTEPS if set(wanted) <= set(TEDM_TIMESTEPS) else wanted
-                full = self.features(bundle, backbone_key, image_set, base, fit_key)
-                cache = full.select_timesteps([base.index(t) for t in wanted])
-            segmenter = Segmenter(
-                bundle, device=device, timesteps=wanted if bundle.head.config.mode == "shared" else None
-            )
-            prediction = segmenter.predict_from_features(cache)
+        prediction = self.predict(bundle, backbone_key, image_set, timesteps, fit_key)
         labels = prediction.labels
         variants = [("none", labels)] + ([("largest2_fill", postprocess_lungs(labels))] if postprocess else [])
         rows = []
@@ -552,7 +567,7 @@ class Study:
             image_set = self.image_set(set_name, bundle.intensity, fit_names)
             if image_set is None:
                 continue
-            fit_key = ",".join(fit_names) if set_name.startswith("validation") else ""
+            fit_key = self.fit_key(set_name, fit_names)
             tic = time.perf_counter()
             rows = self.score(
                 bundle, backbone_key, image_set, tuple(timesteps) if timesteps else None, fit_key, postprocess

@@ -26,10 +26,8 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(SCRIPTS))
 import reproduce  # noqa: E402
 
-from tedm_core.features import TEDM_TIMESTEPS  # noqa: E402
 from tedm_core.pipelines.evaluate import dice_precision_recall  # noqa: E402
 from tedm_core.pipelines.fit import fit_bundle  # noqa: E402
-from tedm_core.pipelines.segment import Segmenter  # noqa: E402
 
 
 def main() -> int:
@@ -68,14 +66,8 @@ def main() -> int:
         ]
         for set_name in c["validation_sets"]:
             image_set = study.image_set(set_name, own.intensity, fit_names)
-            fit_key = ",".join(fit_names) if set_name.startswith("validation") else ""
-            wanted = tuple(own.prediction_timesteps)
-            cache = study.features(own, key, image_set, TEDM_TIMESTEPS, fit_key)
-            cache = cache.select_timesteps([TEDM_TIMESTEPS.index(t) for t in wanted])
-            probabilities = [
-                Segmenter(b, device="auto", timesteps=wanted).predict_from_features(cache).probabilities
-                for b in bundles
-            ]
+            fit_key = study.fit_key(set_name, fit_names)
+            probabilities = [study.predict(b, key, image_set, fit_key=fit_key).probabilities for b in bundles]
             scored = {f"fit seed {s}": p for s, p in zip(seeds, probabilities)}
             scored["ensemble"] = np.mean(probabilities, axis=0)
             dice = {
