@@ -12,7 +12,9 @@ most wrong voxels), ``dice`` (the tumour slices of lowest slice Dice: session 4'
 Variant (joined with ``+``): ``anchors`` (keep the earlier result on a few uncorrected slices,
 weight 2), ``noanchor`` (the corrections alone), ``decay`` (anchors weighted 2 x 2 / corrected
 slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume first),
-``stepsN`` (N refine steps), ``scratch`` (also the scratch control at rounds 3 and 5).
+``stepsN`` (N refine steps), ``scratch`` (also the scratch control at rounds 3 and 5),
+``diceloss`` (Refine's loss: binary cross-entropy plus MONAI's soft Dice per map), ``ownstats``
+(after Refine, the head's BatchNorm statistics recomputed on the slices it was refined on).
 Results: docs/results/REFINE_VALIDATION.md.
 """
 
@@ -32,6 +34,7 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(SCRIPTS))
 import reproduce  # noqa: E402
 
+from tedm_core import heads  # noqa: E402
 from tedm_core.pipelines import fit as fit_module  # noqa: E402
 from tedm_core.pipelines.evaluate import dice_precision_recall  # noqa: E402
 from tedm_core.pipelines.interactive import InteractiveSession  # noqa: E402
@@ -52,6 +55,41 @@ def adapt_statistics(head, cache, rows) -> None:
     for m in norms:
         m.momentum = 0.1
     head.eval()
+
+
+def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice, per map (the ``diceloss`` variant)."""
+    from monai.losses import DiceLoss
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets.float())
+    return bce + DiceLoss(sigmoid=True)(logits, targets[:, None].float())
+
+
+class RefineVariant:
+    """Swaps Refine's loss and/or recomputes the head's statistics after it, for one call."""
+
+    def __init__(self, parts) -> None:
+        self.dice = "diceloss" in parts
+        self.own_stats = "ownstats" in parts
+
+    def __enter__(self):
+        self.saved = heads.segmentation_loss, fit_module.train_head
+        original = fit_module.train_head
+
+        def train_head(head, features, targets, steps, *args, **kwargs):
+            head = original(head, features, targets, steps, *args, **kwargs)
+            if self.own_stats:
+                size = tuple((targets if isinstance(targets, torch.Tensor) else targets[0]).shape[-2:])
+                fit_module.recompute_statistics(head, features, 8, size)
+            return head.eval()
+
+        if self.dice:
+            heads.segmentation_loss = dice_bce_loss
+        fit_module.train_head = train_head
+        return self
+
+    def __exit__(self, *exc) -> None:
+        heads.segmentation_loss, fit_module.train_head = self.saved
 
 
 def worst_slices(selection: str, current, truth, corrected, count: int = 2):
@@ -118,7 +156,8 @@ def main() -> int:
                 edited = current.copy()
                 edited[worst] = truth_slices[worst]
                 fit_module.REFINE_ANCHOR_WEIGHT = 2.0 * 2 / len(corrected) if "decay" in parts else 2.0
-                refined = session.refine(reassemble(edited, layout), steps=steps)
+                with RefineVariant(parts):
+                    refined = session.refine(reassemble(edited, layout), steps=steps)
                 current = to_slices(refined.labels, layout).copy()
                 pasted = start.copy()
                 pasted[corrected] = truth_slices[corrected]
