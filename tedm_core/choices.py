@@ -44,13 +44,10 @@ SCHEDULES = ("cosine", "linear")
 NUM_TRAIN_TIMESTEPS = 1000
 
 # Training steps of the pixel-wise head when fitting, of the supervised baseline, and of a
-# warm-started Refine. Refine's 120 (40 before session 11) were chosen on two validation BraTS
-# subjects with its Dice term (docs/results/REFINE_VALIDATION.md): whole-tumour Dice after 5
-# rounds of corrections 91.6 against 88.9 with 40 steps and cross-entropy alone. A step draws at
-# most 8 slices, so the extra steps cost ~1 s after the first two corrected slices.
+# warm-started Refine (measured on a whole BraTS volume: see benchmarks/refine_vs_segment.py).
 DEFAULT_HEAD_STEPS = 300
 DEFAULT_BASELINE_STEPS = 1000
-DEFAULT_REFINE_STEPS = 120
+DEFAULT_REFINE_STEPS = 40
 
 # Head-fitting augmentation policies (preprocessing.augment.AUGMENT_POLICIES, checked there).
 AUGMENT_POLICY_NAMES = ("none", "framing", "intensity", "framing+intensity", "framing+opacity")

@@ -12,7 +12,7 @@ convolutions; no hidden layers gives the logistic probe). What differs is how ti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,28 +220,6 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, targets)
 
 
-def segmentation_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """:func:`segmentation_loss` plus MONAI's soft Dice loss of the structures (background left
-    out when there are several classes), per map and averaged over maps, as nnU-Net trains.
-
-    Refine's loss. Its corrected slices are few and the structure on them can be a sliver of a
-    few voxels among thousands the model painted: cross-entropy alone is ruled by the background
-    there, the Dice term by the structure. On two validation BraTS subjects (issue 10,
-    docs/results/REFINE_VALIDATION.md) it raised whole-tumour Dice after 3 / 5 rounds of
-    corrections. Per map, so that a batch split into chunks (``fit._accumulate_loss``) sums to
-    the same loss."""
-    from monai.losses import DiceLoss  # heavy import, only where a Refine runs
-
-    if logits.shape[1] == 1:
-        dice = DiceLoss(sigmoid=True)(logits, targets[:, None].float())
-    else:
-        dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False)(logits, targets[:, None])
-    return segmentation_loss(logits, targets) + dice
-
-
-Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def class_probabilities(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Logits -> probabilities of every class, background included: one output (a single
     structure) becomes the two classes (1 - p, p), several a softmax along ``dim``."""
@@ -272,21 +250,16 @@ class FeatureHead(nn.Module):
         out = self.mlp(flat, size)
         return out.reshape(n, s, *out.shape[1:])
 
-    def loss(
-        self, features: LevelFeatures, targets: torch.Tensor, criterion: Criterion = segmentation_loss
-    ) -> torch.Tensor:
+    def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
         """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
-        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:])), targets, criterion)
+        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:])), targets)
 
-    def loss_from_logits(
-        self, logits: torch.Tensor, targets: torch.Tensor, criterion: Criterion = segmentation_loss
-    ) -> torch.Tensor:
-        """The loss of ``logits`` (N, S', K, H, W) against targets (N, H, W), every (image,
-        timestep) map a sample of ``criterion``."""
+    def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` (N, S', K, H, W) against targets (N, H, W): mean over everything."""
         logits = logits.float()
         n, s = logits.shape[:2]
         flat = logits.reshape(n * s, *logits.shape[2:])
-        return criterion(flat, targets.repeat_interleave(s, dim=0))
+        return segmentation_loss(flat, targets.repeat_interleave(s, dim=0))
 
     def per_step_probabilities(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
         """(N, S', classes, H, W) class probabilities, background included."""

@@ -146,40 +146,19 @@ def test_fast_inference_equals_the_module_path():
     torch.testing.assert_close(fast, reference.detach().contiguous(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_classes", [2, 3])
-@pytest.mark.parametrize("criterion", ["cross-entropy", "cross-entropy + Dice"])
-def test_chunked_refine_steps_give_the_full_batch_gradient(num_classes, criterion):
+def test_chunked_refine_steps_give_the_full_batch_gradient():
     """With frozen statistics a step's gradient, accumulated a few maps at a time, is the gradient of the
-    whole batch's loss; Refine's Dice term is per map, so this holds for it too."""
-    from tedm_core.heads import segmentation_dice_loss, segmentation_loss
+    whole batch's loss."""
     from tedm_core.pipelines.fit import _accumulate_loss
 
-    function = segmentation_loss if criterion == "cross-entropy" else segmentation_dice_loss
     torch.manual_seed(0)
-    head = FeatureHead(HeadConfig.for_method("tedm", [32, 32, 16], num_classes=num_classes)).eval()
+    head = FeatureHead(HeadConfig.for_method("tedm", [32, 32, 16], num_classes=3)).eval()
     features = [torch.randn(3, 8, c, s, s) for c, s in ((32, 8), (32, 16), (16, 32))]
-    targets = torch.randint(0, num_classes, (3, 32, 32))
-    loss = 2.0 * head.loss(features, targets, function)
+    targets = torch.randint(0, 3, (3, 32, 32))
+    loss = 2.0 * head.loss(features, targets)
     expected = torch.autograd.grad(loss, list(head.parameters()))
     head.zero_grad()
-    value = _accumulate_loss(head, features, targets, 2.0, chunk=2, criterion=function)
+    value = _accumulate_loss(head, features, targets, 2.0, chunk=2)
     assert abs(value - float(loss.detach())) < 1e-5
     for parameter, grad in zip(head.parameters(), expected):
         torch.testing.assert_close(parameter.grad, grad, rtol=1e-4, atol=1e-6)
-
-
-def test_the_dice_term_rewards_the_structure_where_cross_entropy_hardly_sees_it():
-    """A sliver of structure among thousands of background pixels: missing it costs cross-entropy
-    almost nothing, the Dice term nearly all it can (what Refine's corrections can look like)."""
-    from tedm_core.heads import segmentation_dice_loss, segmentation_loss
-
-    targets = torch.zeros(1, 64, 64, dtype=torch.long)
-    targets[0, 30:33, 30:33] = 1
-    missed = torch.full((1, 1, 64, 64), -10.0)
-    found = missed.clone()
-    found[0, 0, 30:33, 30:33] = 10.0
-    cross_entropy_gain = float(segmentation_loss(missed, targets) - segmentation_loss(found, targets))
-    dice_gain = (
-        float(segmentation_dice_loss(missed, targets) - segmentation_dice_loss(found, targets)) - cross_entropy_gain
-    )
-    assert cross_entropy_gain < 0.05 and dice_gain > 0.9

@@ -13,9 +13,8 @@ Variant (joined with ``+``): ``anchors`` (keep the earlier result on a few uncor
 weight 2), ``noanchor`` (the corrections alone), ``decay`` (anchors weighted 2 x 2 / corrected
 slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume first),
 ``stepsN`` (N refine steps), ``scratch`` (also the scratch control at rounds 3 and 5),
-``bceloss`` (Refine's loss without its Dice term: cross-entropy alone, Refine before session 11;
-the session-11 runs named the Dice term ``diceloss``), ``ownstats`` (after Refine, the head's
-BatchNorm statistics recomputed on the slices it was refined on).
+``diceloss`` (Refine's loss: binary cross-entropy plus MONAI's soft Dice per map), ``ownstats``
+(after Refine, the head's BatchNorm statistics recomputed on the slices it was refined on).
 Results: docs/results/REFINE_VALIDATION.md.
 """
 
@@ -58,15 +57,23 @@ def adapt_statistics(head, cache, rows) -> None:
     head.eval()
 
 
+def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice, per map (the ``diceloss`` variant)."""
+    from monai.losses import DiceLoss
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets.float())
+    return bce + DiceLoss(sigmoid=True)(logits, targets[:, None].float())
+
+
 class RefineVariant:
     """Swaps Refine's loss and/or recomputes the head's statistics after it, for one call."""
 
     def __init__(self, parts) -> None:
-        self.cross_entropy_only = "bceloss" in parts
+        self.dice = "diceloss" in parts
         self.own_stats = "ownstats" in parts
 
     def __enter__(self):
-        self.saved = fit_module.segmentation_dice_loss, fit_module.train_head
+        self.saved = heads.segmentation_loss, fit_module.train_head
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
@@ -76,13 +83,13 @@ class RefineVariant:
                 fit_module.recompute_statistics(head, features, 8, size)
             return head.eval()
 
-        if self.cross_entropy_only:
-            fit_module.segmentation_dice_loss = heads.segmentation_loss
+        if self.dice:
+            heads.segmentation_loss = dice_bce_loss
         fit_module.train_head = train_head
         return self
 
     def __exit__(self, *exc) -> None:
-        fit_module.segmentation_dice_loss, fit_module.train_head = self.saved
+        heads.segmentation_loss, fit_module.train_head = self.saved
 
 
 def worst_slices(selection: str, current, truth, corrected, count: int = 2):

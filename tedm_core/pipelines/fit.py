@@ -23,7 +23,7 @@ from ..bundle import BASELINE, ModelBundle, baseline_output_channels
 from ..choices import DEFAULT_BASELINE_STEPS, DEFAULT_HEAD_STEPS, DEFAULT_REFINE_STEPS, METHODS, canonical_method
 from ..errors import Cancelled, InputError, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
-from ..heads import Criterion, FeatureHead, HeadConfig, maps_per_chunk, segmentation_dice_loss, segmentation_loss
+from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
 from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_policy
@@ -36,10 +36,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
 CancelCheck = Callable[[], bool]
 
-# Refine (measured on a whole BraTS volume, `small` backbone, CPU): steps at 1e-3 with 2
+# Refine (measured on a whole BraTS volume, `small` backbone, CPU): 40 steps at 1e-3 with 2
 # random timesteps per slice and 2 of the anchor slices per step, their loss weighted 2x (more
 # anchor weight kept the Dice on uncorrected slices higher); see benchmarks/refine_vs_segment.py.
-# Its loss adds a soft Dice term (heads.segmentation_dice_loss), its step count is choices.DEFAULT_REFINE_STEPS.
 DEFAULT_REFINE_LEARNING_RATE = 1e-3
 REFINE_TIMESTEPS_PER_IMAGE = 2
 REFINE_ANCHOR_WEIGHT = 2.0
@@ -257,12 +256,7 @@ def choose_anchor_slices(
 
 
 def _accumulate_loss(
-    head: FeatureHead,
-    features: LevelFeatures,
-    targets: torch.Tensor,
-    weight: float,
-    chunk: Optional[int],
-    criterion: Criterion = segmentation_loss,
+    head: FeatureHead, features: LevelFeatures, targets: torch.Tensor, weight: float, chunk: Optional[int]
 ) -> float:
     """``weight`` x the loss of a batch, back-propagated a few maps at a time; returns its value.
 
@@ -281,8 +275,7 @@ def _accumulate_loss(
     total = 0.0
     for start in range(0, units, step):
         stop = min(units, start + step)
-        part = head.loss([f[start:stop] for f in features], targets[start:stop], criterion)
-        part = part * (weight * (stop - start) / units)
+        part = head.loss([f[start:stop] for f in features], targets[start:stop]) * (weight * (stop - start) / units)
         part.backward()
         total += float(part.detach())
     return total
@@ -303,7 +296,6 @@ def train_head(
     freeze_statistics: bool = False,
     timesteps_per_image: Optional[int] = None,
     precise_statistics: bool = False,
-    criterion: Criterion = segmentation_loss,
 ) -> FeatureHead:
     """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices.
 
@@ -316,7 +308,6 @@ def train_head(
     timesteps_per_image: per image and step, this many random timesteps instead of all of them
         (shared-timestep heads): an unbiased estimate of the same loss at a fraction of the cost.
     targets: (N, H, W), or one such tensor per noise draw (augmented copies have their own labels).
-    criterion: the loss of one batch of maps (Refine's adds a Dice term, ``heads.segmentation_dice_loss``).
     """
     device = features[0][0].device
     head.to(device)
@@ -356,16 +347,14 @@ def train_head(
             parts = [(_pick_timesteps(f, int(timesteps_per_image), generator), t, w) for f, t, w in parts]
         optimiser.zero_grad(set_to_none=True)
         if freeze_statistics:
-            loss = sum(_accumulate_loss(head, f, t, w, chunk, criterion) for f, t, w in parts)
+            loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
         else:
             # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
             sizes = [t.shape[0] for _, t, _ in parts]
             logits = head.logits(
                 [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
             )
-            total = sum(
-                w * head.loss_from_logits(part, t, criterion) for part, (_, t, w) in zip(logits.split(sizes), parts)
-            )
+            total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
             total.backward()
             loss = float(total.detach())
         check_finite_loss(loss, step + 1, "fitting the head", before_raising=bar.close)
@@ -646,12 +635,10 @@ def refine_bundle(
         anchor=anchor,
         freeze_statistics=True,
         timesteps_per_image=REFINE_TIMESTEPS_PER_IMAGE,
-        criterion=segmentation_dice_loss,
     )
     training = dict(
         bundle.training,
         refined_on_slices=int(grid.shape[0]),
-        refine_loss="cross-entropy + soft Dice",
         refine_steps=steps,
         refine_seconds=round(time.perf_counter() - tic, 1),
     )
