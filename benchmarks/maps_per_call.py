@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Live peak memory of one radiograph's UNet passes against the maps per UNet call (issue 11).
+
+    python benchmarks/benchmark.py --quick        # writes the bundle this reads
+    python benchmarks/maps_per_call.py [--bundle /tmp/tedm_benchmark/bundle_cxr]
+
+One 64 px radiograph grid and its mirror, |S| timesteps each, go through the segmenter's
+extractor (its precision, memory layout and attention) in calls of 1, 2, 4 or 8 maps. Each
+setting runs in its own fresh process with glibc's mmap threshold fixed, as benchmark.py's memory
+runs, so the peak is what the passes hold live. It answers one question: whether fewer maps per
+call could bring the radiographs' ``memory_ratio_vs_straightforward`` to 5 (the straightforward
+way holds ~40 MiB there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import FIXED_MMAP_THRESHOLD
+from head_memory import _PeakRss
+
+from tedm_core.bundle import load_bundle
+from tedm_core.pipelines.segment import Segmenter
+from tedm_core.runtime import autocast
+
+
+def peak_of_one_radiograph(bundle: Path, maps_per_call: int) -> float:
+    """MiB of resident memory the passes add at their peak, in this process."""
+    torch.set_num_threads(1)
+    segmenter = Segmenter(load_bundle(bundle), device="cpu")
+    timesteps = list(segmenter.timesteps)
+    grid = torch.rand(1, 1, segmenter.bundle.image_size, segmenter.bundle.image_size) * 2 - 1
+    with _PeakRss() as memory:
+        for image in (grid, grid.flip(-1)):
+            for start in range(0, len(timesteps), maps_per_call):
+                with autocast(segmenter.device, segmenter.precision):
+                    segmenter.extractor(segmenter._to_device(image), timesteps[start : start + maps_per_call])
+    return memory.grown_kib / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("/tmp/tedm_benchmark/bundle_cxr"))
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(peak_of_one_radiograph(args.bundle, args.child)))
+        return 0
+    if not args.bundle.is_dir():
+        raise SystemExit(f"{args.bundle}: no bundle there; run python benchmarks/benchmark.py --quick first")
+    print("| maps per UNet call | live peak (MiB) |\n|---|---|")
+    for maps in (1, 2, 4, 8):
+        command = [sys.executable, __file__, "--bundle", str(args.bundle), "--child", str(maps)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **FIXED_MMAP_THRESHOLD})
+        if done.returncode:
+            raise SystemExit(done.stderr[-2000:])
+        print(f"| {maps} | {float(done.stdout.strip().splitlines()[-1]):.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
