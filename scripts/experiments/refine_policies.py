@@ -66,30 +66,33 @@ def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class RefineVariant:
-    """Swaps Refine's loss and/or recomputes the head's statistics after it, for one call."""
+    """A policy's changes to one Refine call (its loss, the anchor weight, the head's statistics
+    after it), undone when the call returns."""
 
-    def __init__(self, parts) -> None:
+    def __init__(self, parts, corrected_count: int) -> None:
         self.dice = "diceloss" in parts
         self.own_stats = "ownstats" in parts
+        self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
 
     def __enter__(self):
-        self.saved = heads.segmentation_loss, fit_module.train_head
+        self.saved = heads.segmentation_loss, fit_module.train_head, fit_module.REFINE_ANCHOR_WEIGHT
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
             head = original(head, features, targets, steps, *args, **kwargs)
             if self.own_stats:
                 size = tuple((targets if isinstance(targets, torch.Tensor) else targets[0]).shape[-2:])
-                fit_module.recompute_statistics(head, features, 8, size)
+                fit_module.recompute_statistics(head, features, fit_module.FitOptions().images_per_step, size)
             return head.eval()
 
         if self.dice:
             heads.segmentation_loss = dice_bce_loss
         fit_module.train_head = train_head
+        fit_module.REFINE_ANCHOR_WEIGHT = self.anchor_weight
         return self
 
     def __exit__(self, *exc) -> None:
-        heads.segmentation_loss, fit_module.train_head = self.saved
+        heads.segmentation_loss, fit_module.train_head, fit_module.REFINE_ANCHOR_WEIGHT = self.saved
 
 
 def worst_slices(selection: str, current, truth, corrected, count: int = 2):
@@ -155,8 +158,7 @@ def main() -> int:
                 corrected += worst
                 edited = current.copy()
                 edited[worst] = truth_slices[worst]
-                fit_module.REFINE_ANCHOR_WEIGHT = 2.0 * 2 / len(corrected) if "decay" in parts else 2.0
-                with RefineVariant(parts):
+                with RefineVariant(parts, len(corrected)):
                     refined = session.refine(reassemble(edited, layout), steps=steps)
                 current = to_slices(refined.labels, layout).copy()
                 pasted = start.copy()
@@ -175,7 +177,6 @@ def main() -> int:
                 rows.append(row)
                 print(subject.name, policy, round_index, worst, round(100 * row["refine"], 1), flush=True)
             record[policy] = rows
-            fit_module.REFINE_ANCHOR_WEIGHT = 2.0
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))
         session.close()
