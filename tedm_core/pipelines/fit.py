@@ -92,6 +92,17 @@ class FitOptions:
     # 0-2): covid_v7 +0.3 Dice (p = 4e-14), the pool images +0.0. Not yet the default: it changes
     # every head of the study's grid, to be refitted together with a head ensemble (README).
     precise_statistics: bool = False
+    # Heads only: the learning rate over the steps, "constant" or "cosine" (annealed to zero,
+    # torch's CosineAnnealingLR); and whether the head keeps the equal average of its weights over
+    # the second half of the steps (stochastic weight averaging, Izmailov et al. 2018, with
+    # torch.optim.swa_utils; its BatchNorm statistics recomputed as precise_statistics does).
+    # Both target the fit seed's spread out of domain (README, "Session 10"). Measured on
+    # validation in session 12 (README "Session 12").
+    learning_rate_schedule: str = "constant"
+    average_weights: bool = False
+
+
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 
 
 # Chosen on validation (issue 10; README "Adopted at the end of session 7";
@@ -296,6 +307,8 @@ def train_head(
     freeze_statistics: bool = False,
     timesteps_per_image: Optional[int] = None,
     precise_statistics: bool = False,
+    learning_rate_schedule: str = "constant",
+    average_weights: bool = False,
 ) -> FeatureHead:
     """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices.
 
@@ -308,7 +321,13 @@ def train_head(
     timesteps_per_image: per image and step, this many random timesteps instead of all of them
         (shared-timestep heads): an unbiased estimate of the same loss at a fraction of the cost.
     targets: (N, H, W), or one such tensor per noise draw (augmented copies have their own labels).
+    learning_rate_schedule, average_weights: see :class:`FitOptions` (averaging implies
+        recomputing the statistics, which the averaged weights' running statistics do not match).
     """
+    if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+        raise SettingError(
+            "learning_rate_schedule", f"must be one of {', '.join(LEARNING_RATE_SCHEDULES)}, got {learning_rate_schedule!r}"
+        )
     device = features[0][0].device
     head.to(device)
     head.eval() if freeze_statistics else head.train()
@@ -319,6 +338,12 @@ def train_head(
         raise ValueError(f"{len(per_draw)} target sets for {len(features)} noise draws")
     targets = per_draw[0]
     optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, steps))
+        if learning_rate_schedule == "cosine"
+        else None
+    )
+    averaged = torch.optim.swa_utils.AveragedModel(head) if average_weights else None
     generator = torch.Generator().manual_seed(seed)
     n = targets.shape[0]
     sample_timesteps = (
@@ -359,10 +384,18 @@ def train_head(
             loss = float(total.detach())
         check_finite_loss(loss, step + 1, "fitting the head", before_raising=bar.close)
         optimiser.step()
+        if schedule is not None:
+            schedule.step()
+        if averaged is not None and step >= steps // 2:
+            averaged.update_parameters(head)
         bar.set_postfix(loss=f"{loss:.4f}")
         if progress is not None:
             progress(step + 1, steps, loss)
-    if precise_statistics and not freeze_statistics:
+    if averaged is not None and int(averaged.n_averaged) > 0:
+        with torch.no_grad():
+            for mine, mean in zip(head.parameters(), averaged.module.parameters()):
+                mine.copy_(mean)
+    if (precise_statistics or averaged is not None) and not freeze_statistics:
         recompute_statistics(head, features, images_per_step, tuple(targets.shape[-2:]))
     return head.eval()
 
@@ -528,8 +561,12 @@ def fit_bundle(
             cancel,
             options.show_progress,
             precise_statistics=options.precise_statistics,
+            learning_rate_schedule=options.learning_rate_schedule,
+            average_weights=options.average_weights,
         )
         training["precise_statistics"] = options.precise_statistics
+        training["learning_rate_schedule"] = options.learning_rate_schedule
+        training["average_weights"] = options.average_weights
         head.cpu()
         fitted = backbone
         backbone.unet.cpu()
