@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="the study's seeds (draws)")
     parser.add_argument("--extra-seeds", type=int, default=2, help="fit seeds per draw beside the study's own")
     parser.add_argument("--work", type=Path, help="the study's work folder (default: the config's)")
+    parser.add_argument(
+        "--variant", default="default", help="one of the config's cxr variants: its fit options for every head"
+    )
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -53,15 +56,18 @@ def main() -> int:
     name, step = c["backbone"], c.get("checkpoint")
     key = f"{name}@{step}"
     results: Dict[str, Dict[str, List[float]]] = {}
+    options: Dict[str, object] = {}
     rows = []
     for draw in args.draws:
         fit_names = study.fit_subset(args.n, draw)
-        own = study.fit(name, step, "tedm", args.n, draw)
+        own = study.fit(name, step, "tedm", args.n, draw, args.variant)
+        options = dict(c.get("fit", {}))  # as reproduce.Study.fit merges them
+        options.update(c.get("variants", {}).get(args.variant, {}).get("fit", {}))
         images, masks = study.labelled_pool_images(fit_names, own.intensity)
         seeds = [draw] + [100 * k + draw for k in range(1, args.extra_seeds + 1)]
         classes, values = ["background", "lung"], [0, 255]
         bundles = [own] + [
-            fit_bundle(own.backbone, images, masks, "tedm", classes, values, seed=s, show_progress=False)
+            fit_bundle(own.backbone, images, masks, "tedm", classes, values, seed=s, show_progress=False, **options)
             for s in seeds[1:]
         ]
         for set_name in c["validation_sets"]:
@@ -88,8 +94,9 @@ def main() -> int:
     args.out.with_suffix(".json").write_text(json.dumps(results))
     header = (
         f"# TEDM heads on the same labelled images, other fit seeds (validation sets only)\n\n"
-        f"`python scripts/experiments/fit_seeds.py {args.config} --out {args.out}`; backbone {key}, "
-        f"n = {args.n}; commit `{reproduce.git_commit()}`. Dice x 100; the first fit seed of each draw is the "
+        f"`python scripts/experiments/fit_seeds.py {args.config} --variant {args.variant} --out {args.out}`; "
+        f"backbone {key}, n = {args.n}; fit options: {options or 'the defaults'}; "
+        f"commit `{reproduce.git_commit()}`. Dice x 100; the first fit seed of each draw is the "
         f"study's own bundle; ensemble = the heads' probabilities averaged; p: paired Wilcoxon, ensemble "
         f"against the study's own head.\n\n"
         "| draw | set | Dice per fit seed | spread | ensemble | ensemble - study's head |\n|---|---|---|---|---|---|\n"

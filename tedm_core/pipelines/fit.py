@@ -325,9 +325,8 @@ def train_head(
         recomputing the statistics, which the averaged weights' running statistics do not match).
     """
     if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
-        raise SettingError(
-            "learning_rate_schedule", f"must be one of {', '.join(LEARNING_RATE_SCHEDULES)}, got {learning_rate_schedule!r}"
-        )
+        choices = ", ".join(LEARNING_RATE_SCHEDULES)
+        raise SettingError("learning_rate_schedule", f"must be one of {choices}, got {learning_rate_schedule!r}")
     device = features[0][0].device
     head.to(device)
     head.eval() if freeze_statistics else head.train()
