@@ -48,6 +48,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_HEAD_STEPS = 300
 DEFAULT_BASELINE_STEPS = 1000
 DEFAULT_REFINE_STEPS = 40
+# The head's learning rate over its steps (pipelines.fit.FitOptions.learning_rate_schedule).
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 
 # Head-fitting augmentation policies (preprocessing.augment.AUGMENT_POLICIES, checked there).
 AUGMENT_POLICY_NAMES = ("none", "framing", "intensity", "framing+intensity", "framing+opacity")

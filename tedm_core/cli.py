@@ -34,6 +34,7 @@ from .choices import (
     DEFAULT_PRESET,
     DEFAULT_REFINE_STEPS,
     INTENSITIES,
+    LEARNING_RATE_SCHEDULES,
     LOSSES,
     METHODS,
     PRECISION_HELP,
@@ -231,6 +232,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="heads: augmented copies of the labelled slices, one per extra noise draw (default: framing)",
     )
     p.add_argument(
+        "--lr-schedule",
+        choices=LEARNING_RATE_SCHEDULES,
+        help="heads: the learning rate over the steps (default: cosine for radiograph backbones, constant otherwise)",
+    )
+    p.add_argument(
         "--no-test-time-flip",
         dest="test_time_flip",
         action="store_false",
@@ -336,6 +342,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         label_values,
         steps=args.steps,
         learning_rate=args.lr,
+        learning_rate_schedule=args.lr_schedule,
         seed=args.seed,
         device=args.device,
         precision=args.precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import shutil
@@ -424,8 +425,6 @@ def test_fit_bundle_takes_class_colours(tiny_backbone_dir):
 def test_precise_statistics_average_the_batch_statistics_of_every_draw(tiny_backbone_dir):
     """The head's BatchNorm running statistics become the mean over draws of each draw's batch
     statistics, whatever the exponential average had kept; the momentum is restored; the fit records it."""
-    import copy
-
     from tedm_core.heads import FeatureHead, HeadConfig
     from tedm_core.pipelines.fit import recompute_statistics
 
@@ -451,3 +450,73 @@ def test_precise_statistics_average_the_batch_statistics_of_every_draw(tiny_back
         steps=3, device="cpu", show_progress=False, precise_statistics=True,
     )  # fmt: skip
     assert bundle.training["precise_statistics"] is True
+
+
+def _tiny_head_problem():
+    from tedm_core.heads import FeatureHead, HeadConfig
+
+    torch.manual_seed(0)
+    levels = [torch.randn(4, 2, 4, 8, 8), torch.randn(4, 2, 8, 4, 4)]
+    targets = (torch.rand(4, 16, 16) > 0.5).long()
+    return (lambda: FeatureHead(HeadConfig.for_method("tedm", [4, 8], 2, timesteps=[1, 10]))), levels, targets
+
+
+def test_weight_averaging_keeps_the_mean_of_the_second_half_of_the_steps():
+    """With ``average_weights`` the head ends with the equal average of its weights after steps
+    3-6 of 6 (the trajectory itself is the constant-rate one), and BatchNorm statistics that
+    were recomputed for those averaged weights."""
+    from tedm_core.pipelines.fit import recompute_statistics, train_head
+
+    new_head, levels, targets = _tiny_head_problem()
+    seen = []
+    start = new_head()
+    plain = copy.deepcopy(start)
+    train_head(
+        plain, [levels], targets, steps=6,
+        progress=lambda step, _total, _loss: seen.append([p.detach().clone() for p in plain.parameters()]),
+    )  # fmt: skip
+    averaged = train_head(copy.deepcopy(start), [levels], targets, steps=6, average_weights=True)
+    for k, parameter in enumerate(averaged.parameters()):
+        assert torch.allclose(parameter, torch.stack([s[k] for s in seen[3:]]).mean(dim=0), atol=1e-6)
+    expected = copy.deepcopy(averaged)
+    recompute_statistics(expected, [levels], images_per_step=8, size=(16, 16))
+    assert torch.allclose(averaged.mlp.rest[1].running_mean, expected.mlp.rest[1].running_mean)
+
+
+def test_cosine_schedule_anneals_the_steps_and_unknown_schedules_are_refused(tiny_backbone_dir):
+    """Under the cosine schedule the first step moves the weights as far as a constant rate's
+    first step and the last one barely; a misspelt schedule is refused; cosine is the default on
+    radiograph backbones only (measured there), and the fit records the schedule it used."""
+    from tedm_core.errors import SettingError
+    from tedm_core.pipelines.fit import FitOptions, default_learning_rate_schedule, train_head
+    from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
+
+    new_head, levels, targets = _tiny_head_problem()
+    start = new_head()
+
+    def step_sizes(schedule):
+        head = copy.deepcopy(start)
+        trail = [torch.cat([p.detach().flatten() for p in head.parameters()])]
+        record = lambda *_: trail.append(torch.cat([p.detach().flatten() for p in head.parameters()]))  # noqa: E731
+        train_head(head, [levels], targets, steps=20, progress=record, learning_rate_schedule=schedule)
+        return [float((b - a).abs().max()) for a, b in zip(trail, trail[1:])]
+
+    constant, cosine = step_sizes("constant"), step_sizes("cosine")
+    assert cosine[0] == pytest.approx(constant[0], rel=1e-4)
+    assert cosine[-1] < 0.05 * constant[-1]
+    with pytest.raises(SettingError, match="learning_rate_schedule"):
+        train_head(new_head(), [levels], targets, steps=1, learning_rate_schedule="linear")
+
+    assert default_learning_rate_schedule(FitOptions(), RADIOGRAPH) == "cosine"
+    assert default_learning_rate_schedule(FitOptions(), MULTIMODAL_MRI) == "constant"
+    assert default_learning_rate_schedule(FitOptions(learning_rate_schedule="constant"), RADIOGRAPH) == "constant"
+
+    backbone = load_backbone(tiny_backbone_dir)
+    assert backbone.intensity == RADIOGRAPH
+    images, masks = synthetic_disc_images(2, size=32, seed=2)
+    for given, recorded in ((None, "cosine"), ("constant", "constant")):
+        bundle = fit_bundle(
+            backbone, images, masks, "tedm", ["background", "disc"],
+            steps=2, device="cpu", show_progress=False, learning_rate_schedule=given,
+        )  # fmt: skip
+        assert bundle.training["learning_rate_schedule"] == recorded
