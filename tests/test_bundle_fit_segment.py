@@ -210,6 +210,12 @@ def test_cli_fit_segment_evaluate_end_to_end(tiny_backbone_dir, tmp_path, capsys
         == 0
     )
     assert load_bundle(bundle).training["labelled_slices"] == 3
+    assert load_bundle(bundle).training["learning_rate_schedule"] == "cosine"  # a radiograph backbone's default
+    constant = tmp_path / "bundle_constant"
+    fit_args = ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path / "train/images")]
+    fit_args += ["--masks", str(tmp_path / "train/masks"), "--steps", "2", "--lr-schedule", "constant"]
+    assert main(fit_args + ["--out", str(constant)]) == 0
+    assert load_bundle(constant).training["learning_rate_schedule"] == "constant"
     out = tmp_path / "pred"
     assert (
         main(

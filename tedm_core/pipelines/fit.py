@@ -95,7 +95,7 @@ class FitOptions:
     inference_timesteps: Optional[Tuple[int, ...]] = None
     # Heads only: after fitting, replace the BatchNorm running statistics (an exponential average
     # dominated by the last ~20 steps' random draws) by their average over every draw and image.
-    # Measured on validation (issue 10, session 10; RESULTS_cxr.md "precisebn"; TEDM n = 3, seeds
+    # Measured on validation (issue 10, session 10; RESULTS_cxr_session10.md "precisebn"; TEDM n = 3, seeds
     # 0-2): covid_v7 +0.3 Dice (p = 4e-14), the pool images +0.0. Not yet the default: it changes
     # every head of the study's grid, to be refitted together with a head ensemble (README).
     precise_statistics: bool = False
@@ -131,7 +131,7 @@ def default_learning_rate_schedule(options: FitOptions, intensity: IntensityConf
 # docs/results/RESULTS_cxr_session7.md and RESULTS_cxr_1750.md, ablation, 3 seeds): the 8-step TEDM
 # head applied to {1, 10, 25, 50} against all 8 steps, at the 1,250-step `small4` checkpoint: pool
 # images +0.8 Dice (p = 5e-09), re-framed +0.7 (p = 2e-08), covid_v7 +0.4 (p = 3e-05); at 1,750
-# steps +0.3 / +0.3 / +0.5 (p <= 2e-04). Session 8's new pretraining (RESULTS_cxr.md, ablation)
+# steps +0.3 / +0.3 / +0.5 (p <= 2e-04). Session 8's new pretraining (RESULTS_cxr_session10.md, ablation)
 # agreed: 92.5 / 92.1 / 83.5 against 91.7 / 91.4 / 83.0 for all 8 steps.
 # Half the UNet passes. Not yet measured on brain MRI, so volumes keep all 8 steps.
 RADIOGRAPH_INFERENCE_TIMESTEPS = (1, 10, 25, 50)
