@@ -115,8 +115,10 @@ class FitOptions:
 # covid_v7 83.47 -> 84.58 (+1.11, p = 1.4e-16, 92 of 100 images better), the pool images 92.50 ->
 # 92.46 (p = 0.87), re-framed 92.12 -> 92.08 (p = 0.69). With the rate held constant the head
 # ends on a noisy iterate, and out of domain that luck of the fit cost up to 2.3 points (README,
-# "Session 10"); the poor draw gained most (80.8 -> 83.0). Weight averaging (+0.75) and precise
-# BatchNorm statistics (+0.34; nothing on top of cosine) did less.
+# "Session 10"); the poor draw gained most (80.8 -> 83.0), every one of 9 heads (3 fit seeds per
+# draw) gained on covid_v7, and over 12 backbone checkpoints (first draw) it gained +0.25 on
+# average. Weight averaging (+0.75) and precise BatchNorm statistics (+0.34; nothing on top of
+# cosine) did less.
 RADIOGRAPH_LEARNING_RATE_SCHEDULE = "cosine"
 
 
