@@ -390,6 +390,18 @@ class Study:
         suffix = "" if variant == "default" else f"_{variant}"
         return self.work / "cxr" / "bundles" / where / f"{method}_n{n}_s{seed}{suffix}"
 
+    def fit_options(self, method: str, variant: str = "default") -> Dict[str, Any]:
+        """The ``fit_bundle`` options of ``method``: the config's ``fit``, then the variant's."""
+        c = self.config["cxr"]
+        options = dict(c.get("fit", {}))
+        options.update(c.get("variants", {}).get(variant, {}).get("fit", {}))
+        if method == "baseline":
+            return {"steps": options["baseline_steps"]} if "baseline_steps" in options else {}
+        options.pop("baseline_steps", None)
+        if method == "probe" and "probe_steps" in c:
+            options["steps"] = c["probe_steps"]
+        return options
+
     def fit(
         self,
         backbone_name: str,
@@ -404,24 +416,15 @@ class Study:
         from tedm_core.bundle import load_bundle, save_bundle
         from tedm_core.pipelines.fit import fit_bundle
 
-        c = self.config["cxr"]
         path = self.bundle_dir(backbone_name, step, method, n, seed, variant)
         if (path / "bundle.json").is_file():
             return load_bundle(path)
         backbone = self.load_backbone(backbone_name, step)
         fit_names = self.fit_subset(n, seed)
         images, masks = self.labelled_pool_images(fit_names, backbone.intensity)
-        options = dict(c.get("fit", {}))
-        options.update(c.get("variants", {}).get(variant, {}).get("fit", {}))
-        if method == "baseline":
-            options = {k: v for k, v in options.items() if k in ("baseline_steps",)}
-            options = {"steps": options["baseline_steps"]} if "baseline_steps" in options else {}
-        else:
-            options.pop("baseline_steps", None)
+        options = self.fit_options(method, variant)
         if timesteps is not None:
             options["timesteps"] = tuple(timesteps)
-        if method == "probe" and "probe_steps" in c:
-            options["steps"] = c["probe_steps"]
         tic = time.perf_counter()
         bundle = fit_bundle(
             backbone,

@@ -56,13 +56,11 @@ def main() -> int:
     name, step = c["backbone"], c.get("checkpoint")
     key = f"{name}@{step}"
     results: Dict[str, Dict[str, List[float]]] = {}
-    options: Dict[str, object] = {}
+    options = study.fit_options("tedm", args.variant)  # what the study's own bundle was fitted with
     rows = []
     for draw in args.draws:
         fit_names = study.fit_subset(args.n, draw)
         own = study.fit(name, step, "tedm", args.n, draw, args.variant)
-        options = dict(c.get("fit", {}))  # as reproduce.Study.fit merges them
-        options.update(c.get("variants", {}).get(args.variant, {}).get("fit", {}))
         images, masks = study.labelled_pool_images(fit_names, own.intensity)
         seeds = [draw] + [100 * k + draw for k in range(1, args.extra_seeds + 1)]
         classes, values = ["background", "lung"], [0, 255]
