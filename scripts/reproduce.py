@@ -255,9 +255,9 @@ class Study:
         from tedm_core.model.backbone import PRESETS
         from tedm_core.model.checkpoint import Backbone
         from tedm_core.pipelines.pretrain import PretrainOptions, _latest_checkpoint, pretrain
-        from tedm_core.preprocessing.intensity import BRAIN_T1, MULTIMODAL_MRI, RADIOGRAPH
+        from tedm_core.preprocessing.intensity import NAMED
 
-        intensity = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}[spec["intensity"]]
+        intensity = NAMED[spec["intensity"]]
         channels = spec.get("channels")
         config = PRESETS[spec["preset"]].with_(
             image_size=spec.get("image_size") or PRESETS[spec["preset"]].image_size,

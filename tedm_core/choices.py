@@ -36,7 +36,7 @@ PRECISION_HELP = (
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # of the UNet's activations
 PRESET_NAMES = ("tiny", "small", "small4", "paper")  # model.backbone.PRESETS, kept torch-free here (checked there)
 DEFAULT_PRESET = "small"
-INTENSITIES = ("radiograph", "brain", "zscore")  # preprocessing.intensity's named conventions
+INTENSITIES = ("radiograph", "radiograph-equalised", "brain", "zscore")  # preprocessing.intensity's named conventions
 LOSSES = ("l1", "mse")
 SCHEDULES = ("cosine", "linear")
 

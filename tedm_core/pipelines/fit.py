@@ -35,7 +35,7 @@ from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
 from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_policy
 from ..preprocessing.framing import crop_to_content
-from ..preprocessing.intensity import RADIOGRAPH, IntensityConfig
+from ..preprocessing.intensity import IntensityConfig, is_radiograph
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
 from ..runtime import autocast, check_finite_loss, resolve_device, resolve_precision
 
@@ -126,7 +126,7 @@ def default_learning_rate_schedule(options: FitOptions, intensity: IntensityConf
     """The head's learning-rate schedule a fit with ``options`` uses and records."""
     if options.learning_rate_schedule is not None:
         return options.learning_rate_schedule
-    return RADIOGRAPH_LEARNING_RATE_SCHEDULE if intensity.kind == RADIOGRAPH.kind else "constant"
+    return RADIOGRAPH_LEARNING_RATE_SCHEDULE if is_radiograph(intensity) else "constant"
 
 
 # Chosen on validation (issue 10; README "Adopted at the end of session 7";
@@ -145,7 +145,7 @@ def default_inference_timesteps(
     """The inference subset a model fitted with ``options`` records (empty: all its timesteps)."""
     if options.inference_timesteps is not None:
         return tuple(int(t) for t in options.inference_timesteps)
-    if method == "tedm" and intensity.kind == RADIOGRAPH.kind and set(RADIOGRAPH_INFERENCE_TIMESTEPS) <= set(timesteps):
+    if method == "tedm" and is_radiograph(intensity) and set(RADIOGRAPH_INFERENCE_TIMESTEPS) <= set(timesteps):
         return RADIOGRAPH_INFERENCE_TIMESTEPS
     return ()
 
@@ -154,7 +154,7 @@ def crops_dark_borders(options: FitOptions, intensity: IntensityConfig) -> bool:
     """Whether a model fitted with ``options`` on a backbone with ``intensity`` crops dark borders."""
     if options.crop_dark_borders is not None:
         return bool(options.crop_dark_borders)
-    return intensity.kind == RADIOGRAPH.kind
+    return is_radiograph(intensity)
 
 
 def _prepare(

@@ -8,13 +8,19 @@ fitted on it, and every face calls :func:`normalise_intensity` with it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
 from ..choices import INTENSITIES
 
-KINDS = ("percentile", "foreground_percentile", "zscore", "fixed")
+KINDS = ("percentile", "equalise", "foreground_percentile", "zscore", "fixed")
+# The whole-image kinds meant for radiographs: a model on a backbone with one of them takes the
+# radiograph defaults (pipelines.fit: dark-border cropping, the cosine head schedule, the
+# inference timesteps).
+RADIOGRAPH_KINDS = ("percentile", "equalise")
+# Bins of the "equalise" histogram: one per grey level of an 8-bit image.
+EQUALISE_BINS = 256
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,9 @@ class IntensityConfig:
     kind:
         ``percentile``: the ``lower``/``upper`` percentiles of the whole image map to -1/1
         (radiographs: robust to each hospital's windowing).
+        ``equalise``: histogram equalisation of the whole image (``EQUALISE_BINS`` bins over its
+        range, the cumulative histogram rescaled to [-1, 1]; the darkest bin maps to -1): robust
+        to each hospital's tone curve too, not only to its window. ``lower``/``upper`` unused.
         ``foreground_percentile``: the same, computed inside the foreground (voxels above
         ``clip_min`` and non-zero), after clipping to [clip_min, clip_max] when given (brain T1,
         as the paper did for UK Biobank).
@@ -55,10 +64,21 @@ class IntensityConfig:
 
 RADIOGRAPH = IntensityConfig("percentile", 0.5, 99.5)
 BRAIN_T1 = IntensityConfig("foreground_percentile", 1.0, 99.0)
+RADIOGRAPH_EQUALISED = IntensityConfig("equalise")
 MULTIMODAL_MRI = IntensityConfig("zscore")
 # The conventions a user picks by name (``tedm pretrain --intensity``).
-NAMED: Dict[str, IntensityConfig] = {"radiograph": RADIOGRAPH, "brain": BRAIN_T1, "zscore": MULTIMODAL_MRI}
+NAMED: Dict[str, IntensityConfig] = {
+    "radiograph": RADIOGRAPH,
+    "radiograph-equalised": RADIOGRAPH_EQUALISED,
+    "brain": BRAIN_T1,
+    "zscore": MULTIMODAL_MRI,
+}
 assert tuple(NAMED) == INTENSITIES
+
+
+def is_radiograph(config: IntensityConfig) -> bool:
+    """Whether ``config`` is one of the whole-image radiograph conventions (``RADIOGRAPH_KINDS``)."""
+    return config.kind in RADIOGRAPH_KINDS
 
 
 def foreground_mask(channel: np.ndarray) -> np.ndarray:
@@ -100,6 +120,8 @@ def _normalise_channel(channel: np.ndarray, config: IntensityConfig, out: np.nda
     elif config.kind == "percentile":
         lo, hi = np.percentile(channel, [config.lower, config.upper])
         mapping = lambda x: _map_to_unit_range(x, lo, hi)  # noqa: E731
+    elif config.kind == "equalise":
+        mapping = _equalisation(channel)
     else:
         mask = foreground_mask(channel)
         if not mask.any():
@@ -123,6 +145,24 @@ def _normalise_channel(channel: np.ndarray, config: IntensityConfig, out: np.nda
     step = max(1, NORMALISE_CHUNK_VOXELS // max(1, channel[0].size))
     for start in range(0, channel.shape[0], step):
         out[start : start + step] = mapping(channel[start : start + step])
+
+
+def _equalisation(channel: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The histogram equalisation of ``channel`` as a mapping to [-1, 1], to apply chunk by chunk.
+
+    Written here rather than calling MONAI's ``equalize_hist`` (what ``HistogramNormalize`` runs)
+    because that computes and applies in one call over the whole array (float64 copies of a whole
+    volume) and bins differently when scikit-image is installed (integer bins for integer input),
+    so a model's inputs would depend on the environment. The arithmetic is the same: the
+    cumulative histogram rescaled to the output range, interpolated at the bin centres."""
+    lo, hi = float(channel.min()), float(channel.max())
+    if not hi > lo:
+        return lambda x: np.full(np.shape(x), -1.0, dtype=np.float32)
+    counts, edges = np.histogram(channel, bins=EQUALISE_BINS, range=(lo, hi))
+    cumulative = np.cumsum(counts, dtype=np.float64)
+    levels = (cumulative - cumulative[0]) / (cumulative[-1] - cumulative[0]) * 2.0 - 1.0
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    return lambda x: np.interp(x, centres, levels).astype(np.float32)
 
 
 def _map_to_unit_range(channel: np.ndarray, lo: float, hi: float) -> np.ndarray:
