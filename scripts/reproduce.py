@@ -464,6 +464,7 @@ class Study:
             tuple(timesteps),
             bundle.test_time_flip,
             bundle.crop_dark_borders,
+            bundle.head.config.levels,
         )
         if key not in self._features:
             # float16, ~4 MB per image for 8 steps of `small4`: the study's sets fit in a few GB.

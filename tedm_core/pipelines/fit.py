@@ -108,6 +108,9 @@ class FitOptions:
     # statistics recomputed as precise_statistics does. Measured with the cosine schedule's
     # variants (session 12): covid_v7 +0.75 against cosine's +1.11. Not the default.
     average_weights: bool = False
+    # Heads only: the decoder levels the head reads (0 = deepest; ModelBundle.head.config.levels);
+    # None = all of them.
+    levels: Optional[Tuple[int, ...]] = None
 
 
 # Chosen on validation (issue 10, session 12; README "Session 12"; TEDM n = 3, the study's three
@@ -564,8 +567,14 @@ def fit_bundle(
         learning_rate = _setting_or_default(
             options.learning_rate, DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3), "learning_rate"
         )
-        extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule)
-        config = HeadConfig.for_method(method, extractor.level_channels, len(class_names), options.timesteps)
+        extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule, options.levels)
+        config = HeadConfig.for_method(
+            method,
+            extractor.level_channels,
+            len(class_names),
+            options.timesteps,
+            levels=None if options.levels is None else extractor.levels,
+        )
         grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, options.seed)
         precision = extractor.pass_precision(options.precision, device, backbone.config.image_size, config.timesteps)
         features = extract_training_features(extractor, grids, config.timesteps, options.noise_draws, device, precision)
