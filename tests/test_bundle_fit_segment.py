@@ -535,9 +535,8 @@ def test_a_head_on_some_decoder_levels_keeps_them_through_saving_and_segmenting(
 
     backbone = load_backbone(tiny_backbone_dir)
     images, masks = synthetic_disc_images(2, size=32, seed=4)
-    bundle = fit_bundle(
-        backbone, images, masks, "tedm", ["background", "disc"], steps=2, device="cpu", show_progress=False, levels=[1, 0],
-    )  # fmt: skip
+    fit = {"steps": 2, "device": "cpu", "show_progress": False}
+    bundle = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], levels=[1, 0], **fit)
     assert bundle.head.config.levels == (0, 1)
     assert len(bundle.head.config.level_channels) == 2
     save_bundle(bundle, tmp_path / "b")
