@@ -529,22 +529,23 @@ def test_cosine_schedule_anneals_the_steps_and_unknown_schedules_are_refused(tin
 
 
 def test_a_head_on_some_decoder_levels_keeps_them_through_saving_and_segmenting(tiny_backbone_dir, tmp_path):
-    """``levels`` picks the decoder levels a head reads; the bundle records them, and the
-    segmenter taps only those (its features have one tensor per chosen level)."""
+    """``levels`` picks the decoder levels a head reads and ``hidden`` its widths; the bundle
+    records both, and the segmenter taps only those levels (one feature tensor per level)."""
     from tedm_core.pipelines.segment import Segmenter
 
     backbone = load_backbone(tiny_backbone_dir)
     images, masks = synthetic_disc_images(2, size=32, seed=4)
     fit = {"steps": 2, "device": "cpu", "show_progress": False}
-    bundle = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], levels=[1, 0], **fit)
-    assert bundle.head.config.levels == (0, 1)
+    bundle = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], levels=[1, 0], hidden=[24, 8], **fit)
+    assert bundle.head.config.levels == (0, 1) and bundle.head.config.hidden == (24, 8)
     assert len(bundle.head.config.level_channels) == 2
     save_bundle(bundle, tmp_path / "b")
     loaded = load_bundle(tmp_path / "b")
-    assert loaded.head.config.levels == (0, 1)
+    assert loaded.head.config.levels == (0, 1) and loaded.head.config.hidden == (24, 8)
     prediction = Segmenter(loaded, device="cpu").predict(images, keep_features=True)
     assert prediction.labels.shape == masks.shape and len(prediction.features.levels) == 2
     every = fit_bundle(
         backbone, images, masks, "tedm", ["background", "disc"], steps=2, device="cpu", show_progress=False
     )
     assert every.head.config.levels is None and len(every.head.config.level_channels) == 3
+    assert every.head.config.hidden == (128, 32)

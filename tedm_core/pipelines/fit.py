@@ -111,6 +111,8 @@ class FitOptions:
     # Heads only: the decoder levels the head reads (0 = deepest; ModelBundle.head.config.levels);
     # None = all of them.
     levels: Optional[Tuple[int, ...]] = None
+    # Heads only: the widths of the head's hidden layers; None = the method's design (heads.HEAD_DESIGNS).
+    hidden: Optional[Tuple[int, ...]] = None
 
 
 # Chosen on validation (issue 10, session 12; README "Session 12"; TEDM n = 3, the study's three
@@ -574,6 +576,7 @@ def fit_bundle(
             len(class_names),
             options.timesteps,
             levels=None if options.levels is None else extractor.levels,
+            **({} if options.hidden is None else {"hidden": tuple(options.hidden)}),
         )
         grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, options.seed)
         precision = extractor.pass_precision(options.precision, device, backbone.config.image_size, config.timesteps)

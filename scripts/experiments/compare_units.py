@@ -1,0 +1,71 @@
+"""Compare the study's per-image Dice of two sets of units, paired by image (issue 10).
+
+``scripts/reproduce.py`` compares a variant with the default inside one work folder; this
+compares units anywhere, e.g. the same head fitted on two backbones pretrained with different
+intensity conventions, each in its own work folder. A unit is a fitted bundle folder of a
+study (``WORK/cxr/bundles/<backbone>_<step>/<method>_n<n>_s<seed>[_<variant>]``); each side's
+seeds are averaged per image first, as the study's tables do, then a paired Wilcoxon test is
+run per set::
+
+    python scripts/experiments/compare_units.py \\
+        --a runs/s13_pct/cxr/bundles/cxr_small4_1250/tedm_n3_s{0,1,2} \\
+        --b runs/s13_eq/cxr/bundles/cxr_small4_1250/tedm_n3_s{0,1,2} \\
+        --sets validation validation_framed covid_v7_val
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from tedm_core.pipelines.evaluate import paired_wilcoxon
+
+
+def per_image_dice(units: Sequence[Path], set_name: str, post: str = "none") -> Dict[str, float]:
+    """Dice per image on ``set_name``, averaged over ``units`` (seeds); only images every unit scored."""
+    scores: Dict[str, List[float]] = {}
+    for unit in units:
+        path = unit / "metrics" / f"{set_name}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no metrics for {set_name} (has the unit been scored on it?)")
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row["post"] == post:
+                    scores.setdefault(row["image"], []).append(float(row["dice"]))
+    return {image: float(np.mean(v)) for image, v in scores.items() if len(v) == len(units)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", nargs="+", type=Path, required=True, help="units of the reference (seeds)")
+    parser.add_argument("--b", nargs="+", type=Path, required=True, help="units of the alternative (seeds)")
+    parser.add_argument("--sets", nargs="+", required=True)
+    parser.add_argument("--post", default="none", help="post-processing rows to compare (default: none)")
+    args = parser.parse_args(argv)
+    print("| set | images | A | B | B - A | p (paired Wilcoxon) | B better on |")
+    print("|---|---|---|---|---|---|---|")
+    for set_name in args.sets:
+        try:
+            a, b = per_image_dice(args.a, set_name, args.post), per_image_dice(args.b, set_name, args.post)
+        except FileNotFoundError as error:
+            print(f"compare_units: {error}", file=sys.stderr)
+            return 1
+        common = sorted(set(a) & set(b))
+        if not common:
+            print(f"compare_units: {set_name}: the two sides share no image", file=sys.stderr)
+            return 1
+        x, y = np.array([a[k] for k in common]), np.array([b[k] for k in common])
+        print(
+            f"| {set_name} | {len(common)} | {100 * x.mean():.2f} | {100 * y.mean():.2f} | {100 * (y - x).mean():+.2f} "
+            f"| {paired_wilcoxon(list(y), list(x)):.2g} | {int((y > x).sum())} of {len(common)} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
