@@ -5,7 +5,9 @@ compares units anywhere, e.g. the same head fitted on two backbones pretrained w
 intensity conventions, each in its own work folder. A unit is a fitted bundle folder of a
 study (``WORK/cxr/bundles/<backbone>_<step>/<method>_n<n>_s<seed>[_<variant>]``); each side's
 seeds are averaged per image first, as the study's tables do, then a paired Wilcoxon test is
-run per set::
+run per set. Precision and recall are printed beside Dice because covid_v7's masks include the
+lung behind the heart: a change that only makes the predicted lungs larger gains Dice there by
+that convention (recall up, precision down) while losing it on the pool images::
 
     python scripts/experiments/compare_units.py \\
         --a runs/s13_pct/cxr/bundles/cxr_small4_1250/tedm_n3_s{0,1,2} \\
@@ -26,8 +28,8 @@ import numpy as np
 from tedm_core.pipelines.evaluate import paired_wilcoxon
 
 
-def per_image_dice(units: Sequence[Path], set_name: str, post: str = "none") -> Dict[str, float]:
-    """Dice per image on ``set_name``, averaged over ``units`` (seeds); only images every unit scored."""
+def per_image(units: Sequence[Path], set_name: str, post: str = "none", metric: str = "dice") -> Dict[str, float]:
+    """``metric`` per image on ``set_name``, averaged over ``units`` (seeds); only images every unit scored."""
     scores: Dict[str, List[float]] = {}
     for unit in units:
         path = unit / "metrics" / f"{set_name}.csv"
@@ -36,8 +38,13 @@ def per_image_dice(units: Sequence[Path], set_name: str, post: str = "none") -> 
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["post"] == post:
-                    scores.setdefault(row["image"], []).append(float(row["dice"]))
+                    scores.setdefault(row["image"], []).append(float(row[metric]))
     return {image: float(np.mean(v)) for image, v in scores.items() if len(v) == len(units)}
+
+
+def _mean(units: Sequence[Path], set_name: str, post: str, metric: str, images: Sequence[str]) -> str:
+    values = per_image(units, set_name, post, metric)
+    return f"{100 * np.mean([values[k] for k in images]):.1f}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -47,11 +54,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sets", nargs="+", required=True)
     parser.add_argument("--post", default="none", help="post-processing rows to compare (default: none)")
     args = parser.parse_args(argv)
-    print("| set | images | A | B | B - A | p (paired Wilcoxon) | B better on |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| set | images | Dice A | Dice B | B - A | p (paired Wilcoxon) | B better on "
+        "| precision A / B | recall A / B |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for set_name in args.sets:
         try:
-            a, b = per_image_dice(args.a, set_name, args.post), per_image_dice(args.b, set_name, args.post)
+            a, b = (per_image(units, set_name, args.post) for units in (args.a, args.b))
         except FileNotFoundError as error:
             print(f"compare_units: {error}", file=sys.stderr)
             return 1
@@ -62,7 +72,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         x, y = np.array([a[k] for k in common]), np.array([b[k] for k in common])
         print(
             f"| {set_name} | {len(common)} | {100 * x.mean():.2f} | {100 * y.mean():.2f} | {100 * (y - x).mean():+.2f} "
-            f"| {paired_wilcoxon(list(y), list(x)):.2g} | {int((y > x).sum())} of {len(common)} |"
+            f"| {paired_wilcoxon(list(y), list(x)):.2g} | {int((y > x).sum())} of {len(common)} "
+            + "".join(
+                f"| {_mean(args.a, set_name, args.post, m, common)} / {_mean(args.b, set_name, args.post, m, common)} "
+                for m in ("precision", "recall")
+            )
+            + "|"
         )
     return 0
 

@@ -64,6 +64,11 @@ class IntensityConfig:
 
 RADIOGRAPH = IntensityConfig("percentile", 0.5, 99.5)
 BRAIN_T1 = IntensityConfig("foreground_percentile", 1.0, 99.0)
+# Measured on validation (issue 10, session 13; docs/results/VALIDATION_session13.md): a `small4`
+# backbone pretrained on equalised radiographs, against the same pretraining on RADIOGRAPH (both
+# at 1,250 steps, TEDM n = 3, seeds 0-2): the pool images -0.43 Dice (p = 0.03), re-framed -0.48
+# (p = 0.01), covid_v7 -0.87 (p = 0.002). So RADIOGRAPH stays the default for 2D images; this
+# one is offered for radiographs whose tone curves differ more than these hospitals' do.
 RADIOGRAPH_EQUALISED = IntensityConfig("equalise")
 MULTIMODAL_MRI = IntensityConfig("zscore")
 # The conventions a user picks by name (``tedm pretrain --intensity``).
