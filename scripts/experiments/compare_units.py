@@ -27,10 +27,13 @@ import numpy as np
 
 from tedm_core.pipelines.evaluate import paired_wilcoxon
 
+METRICS = ("dice", "precision", "recall")
 
-def per_image(units: Sequence[Path], set_name: str, post: str = "none", metric: str = "dice") -> Dict[str, float]:
-    """``metric`` per image on ``set_name``, averaged over ``units`` (seeds); only images every unit scored."""
-    scores: Dict[str, List[float]] = {}
+
+def per_image(units: Sequence[Path], set_name: str, post: str = "none") -> Dict[str, Dict[str, float]]:
+    """Each metric per image on ``set_name``, averaged over ``units`` (seeds); only images every
+    unit scored."""
+    scores: Dict[str, Dict[str, List[float]]] = {m: {} for m in METRICS}
     for unit in units:
         path = unit / "metrics" / f"{set_name}.csv"
         if not path.is_file():
@@ -38,13 +41,12 @@ def per_image(units: Sequence[Path], set_name: str, post: str = "none", metric: 
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["post"] == post:
-                    scores.setdefault(row["image"], []).append(float(row[metric]))
-    return {image: float(np.mean(v)) for image, v in scores.items() if len(v) == len(units)}
-
-
-def _mean(units: Sequence[Path], set_name: str, post: str, metric: str, images: Sequence[str]) -> str:
-    values = per_image(units, set_name, post, metric)
-    return f"{100 * np.mean([values[k] for k in images]):.1f}"
+                    for m in METRICS:
+                        scores[m].setdefault(row["image"], []).append(float(row[m]))
+    return {
+        m: {image: float(np.mean(v)) for image, v in by_image.items() if len(v) == len(units)}
+        for m, by_image in scores.items()
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -65,16 +67,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except FileNotFoundError as error:
             print(f"compare_units: {error}", file=sys.stderr)
             return 1
-        common = sorted(set(a) & set(b))
+        common = sorted(set(a["dice"]) & set(b["dice"]))
         if not common:
             print(f"compare_units: {set_name}: the two sides share no image", file=sys.stderr)
             return 1
-        x, y = np.array([a[k] for k in common]), np.array([b[k] for k in common])
+        x, y = (np.array([side["dice"][k] for k in common]) for side in (a, b))
         print(
             f"| {set_name} | {len(common)} | {100 * x.mean():.2f} | {100 * y.mean():.2f} | {100 * (y - x).mean():+.2f} "
             f"| {paired_wilcoxon(list(y), list(x)):.2g} | {int((y > x).sum())} of {len(common)} "
             + "".join(
-                f"| {_mean(args.a, set_name, args.post, m, common)} / {_mean(args.b, set_name, args.post, m, common)} "
+                f"| {100 * np.mean([a[m][k] for k in common]):.1f} / {100 * np.mean([b[m][k] for k in common]):.1f} "
                 for m in ("precision", "recall")
             )
             + "|"
