@@ -188,7 +188,8 @@ class HeadConfig:
         if method not in HEAD_DESIGNS:
             raise ValueError(f"unknown head method {method!r}; expected one of {HEAD_METHODS}")
         _, default_steps, hidden = HEAD_DESIGNS[method]
-        kwargs.setdefault("hidden", hidden)
+        if kwargs.get("hidden") is None:  # not given, or None: the method's design
+            kwargs["hidden"] = hidden
         return cls(method, tuple(timesteps or default_steps), tuple(level_channels), num_classes, **kwargs)
 
     @property

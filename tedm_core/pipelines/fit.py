@@ -576,7 +576,7 @@ def fit_bundle(
             len(class_names),
             options.timesteps,
             levels=None if options.levels is None else extractor.levels,
-            **({} if options.hidden is None else {"hidden": tuple(options.hidden)}),
+            hidden=options.hidden,
         )
         grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, options.seed)
         precision = extractor.pass_precision(options.precision, device, backbone.config.image_size, config.timesteps)
