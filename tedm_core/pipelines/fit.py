@@ -113,6 +113,9 @@ class FitOptions:
     levels: Optional[Tuple[int, ...]] = None
     # Heads only: the widths of the head's hidden layers; None = the method's design (heads.HEAD_DESIGNS).
     hidden: Optional[Tuple[int, ...]] = None
+    # Heads only: per image and step, this many random timesteps of the head's instead of all of
+    # them (train_head's unbiased estimate of the same loss, what Refine uses); None = all.
+    timesteps_per_image: Optional[int] = None
 
 
 # Chosen on validation (issue 10, session 12; README "Session 12"; TEDM n = 3, the study's three
@@ -599,7 +602,9 @@ def fit_bundle(
             precise_statistics=options.precise_statistics,
             learning_rate_schedule=schedule,
             average_weights=options.average_weights,
+            timesteps_per_image=options.timesteps_per_image,
         )
+        training["timesteps_per_image"] = options.timesteps_per_image
         training["precise_statistics"] = options.precise_statistics
         training["learning_rate_schedule"] = schedule
         training["average_weights"] = options.average_weights
