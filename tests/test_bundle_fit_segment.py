@@ -549,3 +549,6 @@ def test_a_head_on_some_decoder_levels_keeps_them_through_saving_and_segmenting(
     )
     assert every.head.config.levels is None and len(every.head.config.level_channels) == 3
     assert every.head.config.hidden == (128, 32)
+    assert every.training["timesteps_per_image"] is None
+    sampled = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], timesteps_per_image=2, **fit)
+    assert sampled.training["timesteps_per_image"] == 2
