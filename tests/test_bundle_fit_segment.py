@@ -531,6 +531,8 @@ def test_cosine_schedule_anneals_the_steps_and_unknown_schedules_are_refused(tin
 def test_a_head_on_some_decoder_levels_keeps_them_through_saving_and_segmenting(tiny_backbone_dir, tmp_path):
     """``levels`` picks the decoder levels a head reads and ``hidden`` its widths; the bundle
     records both, and the segmenter taps only those levels (one feature tensor per level)."""
+    from tedm_core.errors import SettingError
+    from tedm_core.pipelines.fit import RADIOGRAPH_TIMESTEPS_PER_IMAGE
     from tedm_core.pipelines.segment import Segmenter
 
     backbone = load_backbone(tiny_backbone_dir)
@@ -549,6 +551,9 @@ def test_a_head_on_some_decoder_levels_keeps_them_through_saving_and_segmenting(
     )
     assert every.head.config.levels is None and len(every.head.config.level_channels) == 3
     assert every.head.config.hidden == (128, 32)
-    assert every.training["timesteps_per_image"] is None
-    sampled = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], timesteps_per_image=2, **fit)
-    assert sampled.training["timesteps_per_image"] == 2
+    # the radiograph default (the tiny backbone is a radiograph one); 0 asks for all timesteps
+    assert every.training["timesteps_per_image"] == RADIOGRAPH_TIMESTEPS_PER_IMAGE
+    every_step = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], timesteps_per_image=0, **fit)
+    assert every_step.training["timesteps_per_image"] is None
+    with pytest.raises(SettingError, match="timesteps_per_image"):
+        fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], timesteps_per_image=-1, **fit)

@@ -9,10 +9,12 @@ import tedm_core.preprocessing.intensity as intensity
 from tedm_core.pipelines.fit import (
     RADIOGRAPH_INFERENCE_TIMESTEPS,
     RADIOGRAPH_LEARNING_RATE_SCHEDULE,
+    RADIOGRAPH_TIMESTEPS_PER_IMAGE,
     FitOptions,
     crops_dark_borders,
     default_inference_timesteps,
     default_learning_rate_schedule,
+    default_timesteps_per_image,
 )
 from tedm_core.preprocessing.intensity import (
     MULTIMODAL_MRI,
@@ -82,6 +84,9 @@ def test_named_conventions_round_trip_and_equalised_takes_the_radiograph_default
         assert default_learning_rate_schedule(options, config) == RADIOGRAPH_LEARNING_RATE_SCHEDULE
         timesteps = (1, 10, 25, 50, 200, 400, 600, 800)
         assert default_inference_timesteps(options, "tedm", config, timesteps) == RADIOGRAPH_INFERENCE_TIMESTEPS
+        assert default_timesteps_per_image(options, "tedm", config) == RADIOGRAPH_TIMESTEPS_PER_IMAGE
+        assert default_timesteps_per_image(options, "ledm", config) is None
     assert not is_radiograph(MULTIMODAL_MRI) and not crops_dark_borders(options, MULTIMODAL_MRI)
+    assert default_timesteps_per_image(options, "tedm", MULTIMODAL_MRI) is None
     with pytest.raises(ValueError, match="unknown intensity"):
         IntensityConfig("histogram")
