@@ -237,6 +237,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="heads: the learning rate over the steps (default: cosine for radiograph backbones, constant otherwise)",
     )
     p.add_argument(
+        "--timesteps-per-image",
+        type=non_negative_int,
+        help="TEDM: random timesteps per image at each head step (default: 2 for radiograph backbones, all "
+        "otherwise; 0 = all)",
+    )
+    p.add_argument(
         "--no-test-time-flip",
         dest="test_time_flip",
         action="store_false",
@@ -343,6 +349,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         steps=args.steps,
         learning_rate=args.lr,
         learning_rate_schedule=args.lr_schedule,
+        timesteps_per_image=args.timesteps_per_image,
         seed=args.seed,
         device=args.device,
         precision=args.precision,

@@ -214,8 +214,10 @@ def test_cli_fit_segment_evaluate_end_to_end(tiny_backbone_dir, tmp_path, capsys
     constant = tmp_path / "bundle_constant"
     fit_args = ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path / "train/images")]
     fit_args += ["--masks", str(tmp_path / "train/masks"), "--steps", "2", "--lr-schedule", "constant"]
-    assert main(fit_args + ["--out", str(constant)]) == 0
+    assert main(fit_args + ["--out", str(constant), "--timesteps-per-image", "0"]) == 0
     assert load_bundle(constant).training["learning_rate_schedule"] == "constant"
+    assert load_bundle(constant).training["timesteps_per_image"] is None  # 0 = every timestep
+    assert load_bundle(bundle).training["timesteps_per_image"] == 2  # a radiograph backbone's default
     out = tmp_path / "pred"
     assert (
         main(
