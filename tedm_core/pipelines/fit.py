@@ -167,7 +167,10 @@ def default_inference_timesteps(
 # one core). The gain is the lighter fit, not the sampling itself: 1,200 such steps (as many maps
 # as before) gave the old numbers back (pool -0.10, covid_v7 +0.01). Unlike 150 steps over every
 # timestep (pool -1.3, larger masks), it leaves the masks' size alone (precision on covid_v7 89.6
-# -> 89.8, recall 81.5 -> 82.5). Not yet measured on brain MRI, so volumes keep every timestep.
+# -> 89.8, recall 81.5 -> 82.5). Over the rest of the grid (README "Session 13") the out-of-domain
+# gain held at n = 1 and 40, not at 6 and 12 (covid_v7 -0.1, -0.7), and in domain it cost 0.1-0.6
+# at every n: kept for the few-shot end (n <= 3) and the fit's speed. Not yet measured on brain
+# MRI, so volumes keep every timestep.
 RADIOGRAPH_TIMESTEPS_PER_IMAGE = 2
 
 
