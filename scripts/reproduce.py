@@ -896,6 +896,13 @@ class Report:
         self.out = study.results
         self.lines: List[str] = []
         self.summary: Dict[str, Any] = {}
+        # Each unit's metrics file, read once: the tables ask it for Dice, precision and recall.
+        self._rows: Dict[Path, List[Dict[str, Any]]] = {}
+
+    def rows(self, path: Path) -> List[Dict[str, Any]]:
+        if path not in self._rows:
+            self._rows[path] = read_rows(path)
+        return self._rows[path]
 
     def per_image(
         self,
@@ -919,7 +926,7 @@ class Report:
             )
             if not path.is_file():
                 return None
-            rows = [r for r in read_rows(path) if r.get("post", "none") == post]
+            rows = [r for r in self.rows(path) if r.get("post", "none") == post]
             per_seed.append({r["image"]: r[metric] for r in rows})
         images = sorted(set.intersection(*(set(d) for d in per_seed)))
         return {i: float(np.mean([d[i] for d in per_seed])) for i in images}

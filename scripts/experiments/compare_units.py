@@ -18,14 +18,17 @@ that convention (recall up, precision down) while losing it on the pool images::
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tedm_core.pipelines.evaluate import paired_wilcoxon
+SCRIPTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(SCRIPTS))
+from reproduce import read_rows  # noqa: E402
+
+from tedm_core.pipelines.evaluate import paired_wilcoxon  # noqa: E402
 
 METRICS = ("dice", "precision", "recall")
 
@@ -38,11 +41,10 @@ def per_image(units: Sequence[Path], set_name: str, post: str = "none") -> Dict[
         path = unit / "metrics" / f"{set_name}.csv"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no metrics for {set_name} (has the unit been scored on it?)")
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row["post"] == post:
-                    for m in METRICS:
-                        scores[m].setdefault(row["image"], []).append(float(row[m]))
+        for row in read_rows(path):
+            if row["post"] == post:
+                for m in METRICS:
+                    scores[m].setdefault(row["image"], []).append(row[m])
     return {
         m: {image: float(np.mean(v)) for image, v in by_image.items() if len(v) == len(units)}
         for m, by_image in scores.items()
