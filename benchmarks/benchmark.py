@@ -118,7 +118,7 @@ class Straightforward:
         self.bundle = bundle
         self.unet = explicit_attention_copy(bundle.backbone.unet).eval()
         self.schedule = bundle.backbone.noise_schedule
-        self.mlp = bundle.head.mlp.eval()
+        self.mlps = [mlp.eval() for mlp in bundle.head.member_mlps]
         self.size = bundle.image_size
         self.unet_seconds = 0.0
         self.captured: Dict[int, torch.Tensor] = {}
@@ -142,13 +142,14 @@ class Straightforward:
             self.unet(x_t, step)
             self.unet_seconds += time.perf_counter() - tic
             levels = [self.captured[i] for i in sorted(self.captured)]
-            logits = self.mlp.forward_dense(levels, (self.size, self.size))
-            if self.bundle.num_classes == 2:
-                fg = torch.sigmoid(logits)
-                probabilities = torch.cat([1 - fg, fg], dim=1)
-            else:
-                probabilities = torch.softmax(logits, dim=1)
-            out.append(from_model_grid(probabilities, transform)[0])
+            for mlp in self.mlps:  # an ensemble head's members: each one's maps count as steps
+                logits = mlp.forward_dense(levels, (self.size, self.size))
+                if self.bundle.num_classes == 2:
+                    fg = torch.sigmoid(logits)
+                    probabilities = torch.cat([1 - fg, fg], dim=1)
+                else:
+                    probabilities = torch.softmax(logits, dim=1)
+                out.append(from_model_grid(probabilities, transform)[0])
         return torch.stack(out).numpy()
 
     def segment_slices(self, slices: np.ndarray):
@@ -156,7 +157,8 @@ class Straightforward:
         the mirrored slices too when the bundle predicts with a test-time flip."""
         orientations = 2 if self.bundle.test_time_flip else 1
         per_step = np.empty(
-            (len(slices), orientations, len(self.bundle.timesteps), self.bundle.num_classes) + slices.shape[2:],
+            (len(slices), orientations, len(self.bundle.timesteps) * len(self.mlps), self.bundle.num_classes)
+            + slices.shape[2:],
             np.float32,
         )
         for n, image in enumerate(slices):
@@ -235,7 +237,8 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
     if way == "tedm":
         segmenter = Segmenter(bundle, device="cpu")
         _timed(segmenter.extractor, totals, "unet")
-        _timed(segmenter.head.mlp, totals, "head")
+        for mlp in segmenter.head.member_mlps:
+            _timed(mlp, totals, "head")
         _timed_function(batch, "read_case", totals, "read")
         _timed_function(batch, "write_float_volume", totals, "write")
         _timed_function(batch, "write_label_volume", totals, "write")

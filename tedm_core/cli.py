@@ -243,6 +243,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         "otherwise; 0 = all)",
     )
     p.add_argument(
+        "--members",
+        type=positive_int,
+        help="heads fitted with different seeds on the same images and averaged (default: 3 for TEDM on "
+        "radiograph backbones, 1 otherwise)",
+    )
+    p.add_argument(
         "--no-test-time-flip",
         dest="test_time_flip",
         action="store_false",
@@ -350,6 +356,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         learning_rate_schedule=args.lr_schedule,
         timesteps_per_image=args.timesteps_per_image,
+        members=args.members,
         seed=args.seed,
         device=args.device,
         precision=args.precision,

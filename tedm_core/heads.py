@@ -7,6 +7,9 @@ convolutions; no hidden layers gives the logistic probe). What differs is how ti
   training loss is the mean over timesteps, the prediction the mean of per-step probabilities,
   and their spread is a free uncertainty map.
 - ``concat`` (LEDM, LEDMe): the MLP sees the timesteps' features concatenated.
+
+A head may hold several such MLPs (``HeadConfig.members``), fitted with different seeds on the
+same labelled images; their per-step probabilities are averaged with the timesteps' (an ensemble).
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ class HeadConfig:
     hidden: Tuple[int, ...] = (128, 32)
     upsample: str = "bilinear"
     levels: Optional[Tuple[int, ...]] = None  # decoder levels tapped; None = all
+    members: int = 1  # MLPs averaged (an ensemble of heads fitted with different seeds)
 
     def __post_init__(self) -> None:
         self.method = canonical_method(self.method)
@@ -174,6 +178,8 @@ class HeadConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.levels is not None:
             self.levels = tuple(int(i) for i in self.levels)
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"members must be a whole number of at least 1, got {self.members!r}")
 
     @classmethod
     def for_method(
@@ -231,25 +237,45 @@ def class_probabilities(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 class FeatureHead(nn.Module):
-    """A :class:`PixelMLP` plus the rule for combining timesteps given by ``config.mode``."""
+    """:class:`PixelMLP` (one per ensemble member) plus the rule for combining timesteps given by
+    ``config.mode``.
+
+    The first member is ``mlp`` and the others ``extra_members``, so that a one-member head has
+    the same weights' names as before ensembles existed (its bundles load in older versions)."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
         factor = len(config.timesteps) if config.mode == "concat" else 1
-        self.mlp = PixelMLP(
-            [c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample
-        )
+
+        def member() -> PixelMLP:
+            return PixelMLP([c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample)
+
+        self.mlp = member()
+        self.extra_members = nn.ModuleList(member() for _ in range(config.members - 1))
+
+    @property
+    def member_mlps(self) -> List[PixelMLP]:
+        return [self.mlp, *self.extra_members]
 
     def logits(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
-        """features: per level (N, S, C_l, h, w) -> logits (N, S', K, H, W); S' = S (shared) or 1 (concat)."""
+        """features: per level (N, S, C_l, h, w) -> logits (N, M x S', K, H, W): S' = S (shared) or 1
+        (concat) per member, the M members one after the other."""
         n, s = features[0].shape[:2]
         if self.config.mode == "concat":
             flat = [f.reshape(n, s * f.shape[2], *f.shape[3:]) for f in features]
-            return self.mlp(flat, size).unsqueeze(1)
+            return torch.stack([mlp(flat, size) for mlp in self.member_mlps], dim=1)
         flat = [f.reshape(n * s, *f.shape[2:]) for f in features]
-        out = self.mlp(flat, size)
-        return out.reshape(n, s, *out.shape[1:])
+        outs = [out.reshape(n, s, *out.shape[1:]) for out in (mlp(flat, size) for mlp in self.member_mlps)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def load_members(self, heads: Sequence[FeatureHead]) -> FeatureHead:
+        """Take the weights of one-member heads of the same design, one per member, in order."""
+        if len(heads) != self.config.members:
+            raise ValueError(f"{len(heads)} heads for {self.config.members} members")
+        for mine, other in zip(self.member_mlps, heads):
+            mine.load_state_dict(other.mlp.state_dict())
+        return self
 
     def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
         """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
@@ -269,8 +295,9 @@ class FeatureHead(nn.Module):
     def predict(self, features: LevelFeatures, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean class probabilities (N, classes, H, W) and uncertainty (N, H, W).
 
-        Uncertainty is the standard deviation over timesteps of the per-step probabilities,
-        the largest over classes (zero for concat heads, which give one prediction).
+        Uncertainty is the standard deviation over timesteps (and ensemble members) of the
+        per-step probabilities, the largest over classes (zero for a one-member concat head,
+        which gives one prediction).
         """
         per_step = self.per_step_probabilities(features, size)
         mean = per_step.mean(dim=1)

@@ -214,8 +214,10 @@ def test_cli_fit_segment_evaluate_end_to_end(tiny_backbone_dir, tmp_path, capsys
     constant = tmp_path / "bundle_constant"
     fit_args = ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path / "train/images")]
     fit_args += ["--masks", str(tmp_path / "train/masks"), "--steps", "2", "--lr-schedule", "constant"]
-    assert main(fit_args + ["--out", str(constant), "--timesteps-per-image", "0"]) == 0
+    assert main(fit_args + ["--out", str(constant), "--timesteps-per-image", "0", "--members", "1"]) == 0
     assert load_bundle(constant).training["learning_rate_schedule"] == "constant"
+    assert load_bundle(constant).head.config.members == 1
+    assert load_bundle(bundle).head.config.members == 3  # a radiograph backbone's default
     assert load_bundle(constant).training["timesteps_per_image"] is None  # 0 = every timestep
     assert load_bundle(bundle).training["timesteps_per_image"] == 2  # a radiograph backbone's default
     out = tmp_path / "pred"
@@ -559,3 +561,39 @@ def test_a_head_on_some_decoder_levels_keeps_them_through_saving_and_segmenting(
     assert every_step.training["timesteps_per_image"] is None
     with pytest.raises(SettingError, match="timesteps_per_image"):
         fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], timesteps_per_image=-1, **fit)
+
+
+def test_an_ensemble_fit_is_its_one_head_fits_with_spaced_seeds(tiny_backbone_dir, tmp_path):
+    """TEDM on a radiograph backbone fits RADIOGRAPH_ENSEMBLE_MEMBERS heads by default; member k
+    is exactly the one-head fit with seed + 100 k (so member 0 is the one-head model), and the
+    members survive saving, loading and Refine."""
+    from tedm_core.errors import SettingError
+    from tedm_core.pipelines.fit import RADIOGRAPH_ENSEMBLE_MEMBERS, refine_bundle
+    from tedm_core.pipelines.segment import Segmenter
+
+    backbone = load_backbone(tiny_backbone_dir)
+    images, masks = synthetic_disc_images(2, size=32, seed=4)
+    fit = {"steps": 3, "device": "cpu", "show_progress": False, "seed": 5}
+    ensemble = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], **fit)
+    assert ensemble.head.config.members == RADIOGRAPH_ENSEMBLE_MEMBERS == 3
+    assert ensemble.training["members"] == 3 and ensemble.training["member_seeds"] == [5, 105, 205]
+    for k, seed in enumerate(ensemble.training["member_seeds"]):
+        alone = fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], members=1, **{**fit, "seed": seed})
+        assert alone.head.config.members == 1 and alone.training["members"] == 1
+        for name, tensor in alone.head.mlp.state_dict().items():
+            assert torch.equal(tensor, ensemble.head.member_mlps[k].state_dict()[name]), (k, name)
+    assert not torch.equal(ensemble.head.mlp.first[0].weight, ensemble.head.extra_members[0].first[0].weight)
+    save_bundle(ensemble, tmp_path / "b")
+    loaded = load_bundle(tmp_path / "b")
+    assert loaded.head.config.members == 3
+    before = Segmenter(ensemble, device="cpu").predict(images)
+    after = Segmenter(loaded, device="cpu").predict(images)
+    np.testing.assert_array_equal(before.labels, after.labels)
+    refined = refine_bundle(loaded, images, masks, steps=2, device="cpu", show_progress=False)
+    assert refined.head.config.members == 3
+    assert not torch.equal(refined.head.extra_members[1].first[0].weight, loaded.head.extra_members[1].first[0].weight)
+    # other methods keep one head; the setting is checked
+    ledm = fit_bundle(backbone, images, masks, "ledm", ["background", "disc"], **fit)
+    assert ledm.head.config.members == 1
+    with pytest.raises(SettingError, match="members"):
+        fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], members=0, **fit)

@@ -109,6 +109,37 @@ def test_tedm_head_averages_per_step_probabilities_and_reports_their_spread():
         assert head.predict(same, (32, 32))[1].abs().max() < 1e-6
 
 
+def test_an_ensemble_head_averages_its_members_and_a_one_member_head_keeps_its_weight_names():
+    """Members' per-step maps follow each other; the prediction is their mean over members and
+    timesteps, the uncertainty their spread; a one-member head's weights are named as before
+    ensembles existed (``mlp.*``), so its bundles stay readable by older versions."""
+    torch.manual_seed(0)
+    single = HeadConfig.for_method("tedm", [32, 32, 16], num_classes=2)
+    assert single.members == 1 and all(k.startswith("mlp.") for k in FeatureHead(single).state_dict())
+    members = [FeatureHead(single).eval() for _ in range(3)]
+    for k, member in enumerate(members):  # distinct BatchNorm statistics too
+        for norm in (m for m in member.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.running_mean.normal_(0, 0.1 * (k + 1))
+    ensemble = FeatureHead(HeadConfig.for_method("tedm", [32, 32, 16], num_classes=2, members=3))
+    ensemble.load_members(members).eval()
+    features = _extractor()(torch.rand(2, 1, 32, 32) * 2 - 1, single.timesteps)
+    with torch.no_grad():
+        per_member = [m.per_step_probabilities(features, (32, 32)) for m in members]
+        per_step = ensemble.per_step_probabilities(features, (32, 32))
+        mean, spread = ensemble.predict(features, (32, 32))
+    assert per_step.shape == (2, 3 * 8, 2, 32, 32)
+    torch.testing.assert_close(per_step, torch.cat(per_member, dim=1))
+    torch.testing.assert_close(mean, torch.stack([p.mean(1) for p in per_member]).mean(0))
+    torch.testing.assert_close(spread, per_step[:, :, 1].std(1, unbiased=False))
+    with pytest.raises(ValueError, match="2 heads for 3 members"):
+        ensemble.load_members(members[:2])
+    with pytest.raises(ValueError, match="members"):
+        HeadConfig.for_method("tedm", [32], num_classes=2, members=0)
+    # LEDM's one prediction per member
+    ledm = FeatureHead(HeadConfig.for_method("ledm", [32, 32, 16], num_classes=2, members=2))
+    assert ledm.logits([f[:, :3] for f in features], (32, 32)).shape == (2, 2, 1, 32, 32)
+
+
 def test_ledm_concatenates_its_timesteps():
     config = HeadConfig.for_method("ledm", [32, 32, 16], num_classes=4)
     head = FeatureHead(config)

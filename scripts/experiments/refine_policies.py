@@ -14,7 +14,9 @@ weight 2), ``noanchor`` (the corrections alone), ``decay`` (anchors weighted 2 x
 slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume first),
 ``stepsN`` (N refine steps), ``scratch`` (also the scratch control at rounds 3 and 5),
 ``diceloss`` (Refine's loss: binary cross-entropy plus MONAI's soft Dice per map), ``ownstats``
-(after Refine, the head's BatchNorm statistics recomputed on the slices it was refined on).
+(after Refine, the head's BatchNorm statistics recomputed on the slices it was refined on),
+``cosine`` (Refine's learning rate annealed to zero over its steps, as radiograph fits do since
+session 12, instead of held constant).
 Results: docs/results/REFINE_VALIDATION.md.
 """
 
@@ -72,6 +74,7 @@ class RefineVariant:
     def __init__(self, parts, corrected_count: int) -> None:
         self.dice = "diceloss" in parts
         self.own_stats = "ownstats" in parts
+        self.cosine = "cosine" in parts
         self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
 
     def __enter__(self):
@@ -79,6 +82,8 @@ class RefineVariant:
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
+            if self.cosine:
+                kwargs["learning_rate_schedule"] = "cosine"
             head = original(head, features, targets, steps, *args, **kwargs)
             if self.own_stats:
                 size = tuple((targets if isinstance(targets, torch.Tensor) else targets[0]).shape[-2:])

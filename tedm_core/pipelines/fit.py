@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -117,6 +117,11 @@ class FitOptions:
     # them (train_head's unbiased estimate of the same loss, what Refine uses). None =
     # RADIOGRAPH_TIMESTEPS_PER_IMAGE for TEDM on radiograph backbones, all otherwise; 0 = all.
     timesteps_per_image: Optional[int] = None
+    # Heads only: how many heads to fit on the same labelled images, with the seeds seed, seed +
+    # 100, seed + 200 ... (initial weights, augmented copies, batches and timesteps all follow the
+    # seed), kept as one ensemble head whose members' per-step probabilities are averaged. None =
+    # RADIOGRAPH_ENSEMBLE_MEMBERS for TEDM on radiograph backbones, one otherwise.
+    members: Optional[int] = None
 
 
 # Chosen on validation (issue 10, session 12; README "Session 12"; TEDM n = 3, the study's three
@@ -181,6 +186,27 @@ def default_timesteps_per_image(options: FitOptions, method: str, intensity: Int
             raise SettingError("timesteps_per_image", f"must be 0 (all) or more, got {options.timesteps_per_image}")
         return int(options.timesteps_per_image) or None
     return RADIOGRAPH_TIMESTEPS_PER_IMAGE if method == "tedm" and is_radiograph(intensity) else None
+
+
+# Chosen on validation (issue 10, session 14; docs/results/FIT_SEEDS_session14.md; TEDM n = 3, the
+# study's three draws, `small4` at 1,250 steps, with the two-timestep cosine fit above, paired
+# Wilcoxon of the three-head ensemble against its first head alone, which is the one-head fit): covid_v7
+# -0.1 / +0.8 / +0.6 (draws 0 / 1 / 2; p = 0.028 / 8e-10 / 4e-4), the pool images and re-framed
+# pool images -0.0 to +0.0 (p >= 0.14). Heads fitted on the same images with other seeds differ by
+# up to 1.4 points out of domain (2.3 with the constant rate, session 10): the ensemble takes out
+# that luck of one fit. Three times the head's share of fitting, Refine and prediction (README
+# "Performance"); not yet measured on brain MRI, so volumes keep one head.
+RADIOGRAPH_ENSEMBLE_MEMBERS = 3
+MEMBER_SEED_STRIDE = 100
+
+
+def default_members(options: FitOptions, method: str, intensity: IntensityConfig) -> int:
+    """How many heads a fit with ``options`` averages (its ``HeadConfig.members``)."""
+    if options.members is not None:
+        if isinstance(options.members, bool) or not isinstance(options.members, int) or options.members < 1:
+            raise SettingError("members", f"must be a whole number of at least 1, got {options.members!r}")
+        return options.members
+    return RADIOGRAPH_ENSEMBLE_MEMBERS if method == "tedm" and is_radiograph(intensity) else 1
 
 
 def crops_dark_borders(options: FitOptions, intensity: IntensityConfig) -> bool:
@@ -598,6 +624,7 @@ def fit_bundle(
             options.learning_rate, DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3), "learning_rate"
         )
         extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule, options.levels)
+        members = default_members(options, method, backbone.intensity)
         config = HeadConfig.for_method(
             method,
             extractor.level_channels,
@@ -605,31 +632,45 @@ def fit_bundle(
             options.timesteps,
             levels=None if options.levels is None else extractor.levels,
             hidden=options.hidden,
+            members=members,
         )
         timesteps_per_image = default_timesteps_per_image(options, method, backbone.intensity)
-        grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, options.seed)
         precision = extractor.pass_precision(options.precision, device, backbone.config.image_size, config.timesteps)
-        features = extract_training_features(extractor, grids, config.timesteps, options.noise_draws, device, precision)
         training["augment"] = options.augment
         training["noise_draws"] = options.noise_draws
         inference_timesteps = default_inference_timesteps(options, method, backbone.intensity, config.timesteps)
         schedule = default_learning_rate_schedule(options, backbone.intensity)
-        head = train_head(
-            FeatureHead(config),
-            features,
-            draw_targets,
-            steps,
-            learning_rate,
-            options.images_per_step,
-            options.seed,
-            progress,
-            cancel,
-            options.show_progress,
-            precise_statistics=options.precise_statistics,
-            learning_rate_schedule=schedule,
-            average_weights=options.average_weights,
-            timesteps_per_image=timesteps_per_image,
-        )
+        member_seeds = [options.seed + MEMBER_SEED_STRIDE * k for k in range(members)]
+        fitted = []
+        for k, seed in enumerate(member_seeds):
+            # Each member is the one-head fit with its own seed: its augmented copies, then its weights.
+            grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, seed)
+            features = extract_training_features(
+                extractor, grids, config.timesteps, options.noise_draws, device, precision
+            )
+            torch.manual_seed(seed)
+            fitted.append(
+                train_head(
+                    FeatureHead(replace(config, members=1)),
+                    features,
+                    draw_targets,
+                    steps,
+                    learning_rate,
+                    options.images_per_step,
+                    seed,
+                    _member_progress(progress, k, members),
+                    cancel,
+                    options.show_progress,
+                    precise_statistics=options.precise_statistics,
+                    learning_rate_schedule=schedule,
+                    average_weights=options.average_weights,
+                    timesteps_per_image=timesteps_per_image,
+                )
+            )
+            del features
+        head = fitted[0] if members == 1 else FeatureHead(config).load_members(fitted).eval()
+        training["members"] = members
+        training["member_seeds"] = member_seeds
         training["timesteps_per_image"] = timesteps_per_image
         training["precise_statistics"] = options.precise_statistics
         training["learning_rate_schedule"] = schedule
@@ -761,6 +802,13 @@ def refine_bundle(
         bundle.crop_dark_borders,
         bundle.inference_timesteps,
     )
+
+
+def _member_progress(progress: Optional[Progress], member: int, members: int) -> Optional[Progress]:
+    """``progress`` over all members' steps, for the fit of member ``member`` (0-based)."""
+    if progress is None or members == 1:
+        return progress
+    return lambda step, total, loss: progress(member * total + step, members * total, loss)
 
 
 def _options_with(options: FitOptions, overrides: dict) -> FitOptions:
