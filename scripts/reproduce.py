@@ -1381,7 +1381,8 @@ class Report:
         # it did not measure keeps what an earlier run wrote, and _sources says which run wrote each.
         earlier = read_json(self.out / "summary.json") if (self.out / "summary.json").is_file() else {}
         sources = dict(earlier.get("_sources", {}))
-        this_run = {"config": self.config.get("name", config_path.stem), "commit": git_commit()}
+        commit = git_commit()  # before this report writes anything into the repository
+        this_run = {"config": self.config.get("name", config_path.stem), "commit": commit}
         summary = {k: earlier.get(k) for k in keys}  # None = not measured by any run
         summary.update({k: v for k, v in earlier.items() if not k.startswith("_") and k not in summary})
         for key, value in self.summary.items():
@@ -1408,7 +1409,7 @@ class Report:
             "",
             f"- command: `python scripts/reproduce.py {' '.join(argv)}`",
             f"- config: `{config_path}` (copied beside this file as `{config_copy}`)",
-            f"- commit: `{git_commit()}`",
+            f"- commit: `{commit}`",
             f"- machine: {json.dumps(machine())}",
             f"- wall time of this run: {time.perf_counter() - self.study.tic:.0f} s "
             "(units already done are skipped, so a resumed run is shorter)",
