@@ -249,7 +249,9 @@ class FeatureHead(nn.Module):
         factor = len(config.timesteps) if config.mode == "concat" else 1
 
         def member() -> PixelMLP:
-            return PixelMLP([c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample)
+            return PixelMLP(
+                [c * factor for c in config.level_channels], config.num_outputs, config.hidden, config.upsample
+            )
 
         self.mlp = member()
         self.extra_members = nn.ModuleList(member() for _ in range(config.members - 1))
