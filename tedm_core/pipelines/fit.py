@@ -191,8 +191,9 @@ def default_timesteps_per_image(options: FitOptions, method: str, intensity: Int
 # Chosen on validation (issue 10, session 14; docs/results/FIT_SEEDS_session14.md; TEDM n = 3, the
 # study's three draws, `small4` at 1,250 steps, with the two-timestep cosine fit above, paired
 # Wilcoxon of the three-head ensemble against its first head alone, which is the one-head fit): covid_v7
-# -0.1 / +0.8 / +0.6 (draws 0 / 1 / 2; p = 0.028 / 8e-10 / 4e-4), the pool images and re-framed
-# pool images -0.0 to +0.0 (p >= 0.14). Heads fitted on the same images with other seeds differ by
+# 85.37 -> 85.78 (+0.41, p = 1.1e-06 over the 300 image-draws; -0.1 / +0.8 / +0.6 per draw, precision
+# 89.8 -> 90.7, so not larger masks), the pool images and re-framed pool images +0.01 / +0.02
+# (p = 0.32 / 0.24), +0.25 against a head of any one seed. Heads fitted on the same images with other seeds differ by
 # up to 1.4 points out of domain (2.3 with the constant rate, session 10): the ensemble takes out
 # that luck of one fit. Three times the head's share of fitting, Refine and prediction (README
 # "Performance"); not yet measured on brain MRI, so volumes keep one head.
@@ -722,7 +723,7 @@ def refine_bundle(
 
     The head's normalisation statistics stay frozen and each step sees a couple of random
     timesteps per slice: with the defaults, refining costs ~100x fewer head evaluations
-    than fitting.
+    than fitting. A several-head model's heads learn together, from the same steps.
     """
     if bundle.head is None:
         raise ValueError("the supervised baseline cannot be refined; fit it again with the new labels")
