@@ -597,3 +597,19 @@ def test_an_ensemble_fit_is_its_one_head_fits_with_spaced_seeds(tiny_backbone_di
     assert ledm.head.config.members == 1
     with pytest.raises(SettingError, match="members"):
         fit_bundle(backbone, images, masks, "tedm", ["background", "disc"], members=0, **fit)
+
+
+def test_ensemble_cost_benchmark_writes_the_first_head_alone(tiny_bundle_dir, tmp_path):
+    """benchmarks/ensemble_cost.py compares a model with its first head alone: the same weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ensemble_cost.py"
+    spec = importlib.util.spec_from_file_location("ensemble_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.write_first_head(tiny_bundle_dir, tmp_path / "first") == 3  # the radiograph default
+    several, first = load_bundle(tiny_bundle_dir), load_bundle(tmp_path / "first")
+    assert first.head.config.members == 1 and first.fingerprint != several.fingerprint
+    for name, tensor in first.head.state_dict().items():
+        assert torch.equal(tensor, several.head.state_dict()[name])
