@@ -254,13 +254,15 @@ def extract_training_features(
     device: torch.device,
     precision: str,
     chunk: int = 4,
+    first_draw: int = 0,
 ) -> List[LevelFeatures]:
     """Per noise draw, per level: (N, S, C_l, h_l, w_l) features of the labelled slices, on ``device``.
 
     ``grid`` is one (N, C, S, S) tensor for every draw, or one per draw (augmented copies).
+    ``first_draw``: start there (the earlier draws' features are known already).
     """
     out: List[LevelFeatures] = []
-    for draw in range(draws):
+    for draw in range(first_draw, draws):
         slices = grid if isinstance(grid, torch.Tensor) else grid[draw]
         parts = []
         for start in range(0, slices.shape[0], chunk):
@@ -643,12 +645,17 @@ def fit_bundle(
         schedule = default_learning_rate_schedule(options, backbone.intensity)
         member_seeds = [options.seed + MEMBER_SEED_STRIDE * k for k in range(members)]
         fitted = []
+        originals: Optional[LevelFeatures] = None  # draw 0 (the slices as labelled) is every member's
         for k, seed in enumerate(member_seeds):
             # Each member is the one-head fit with its own seed: its augmented copies, then its weights.
             grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, seed)
             features = extract_training_features(
-                extractor, grids, config.timesteps, options.noise_draws, device, precision
+                extractor, grids, config.timesteps, options.noise_draws, device, precision, first_draw=int(k > 0)
             )
+            if originals is None:
+                originals = features[0]
+            else:
+                features.insert(0, originals)
             torch.manual_seed(seed)
             fitted.append(
                 train_head(
@@ -669,6 +676,7 @@ def fit_bundle(
                 )
             )
             del features
+        del originals
         head = fitted[0] if members == 1 else FeatureHead(config).load_members(fitted).eval()
         training["members"] = members
         training["member_seeds"] = member_seeds
