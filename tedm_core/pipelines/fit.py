@@ -193,10 +193,13 @@ def default_timesteps_per_image(options: FitOptions, method: str, intensity: Int
 # Wilcoxon of the three-head ensemble against its first head alone, which is the one-head fit): covid_v7
 # 85.37 -> 85.78 (+0.41, p = 1.1e-06 over the 300 image-draws; -0.1 / +0.8 / +0.6 per draw, precision
 # 89.8 -> 90.7, so not larger masks), the pool images and re-framed pool images +0.01 / +0.02
-# (p = 0.32 / 0.24), +0.25 against a head of any one seed. Heads fitted on the same images with other seeds differ by
-# up to 1.4 points out of domain (2.3 with the constant rate, session 10): the ensemble takes out
-# that luck of one fit. Three times the head's share of fitting, Refine and prediction (README
-# "Performance"); not yet measured on brain MRI, so volumes keep one head.
+# (p = 0.32 / 0.24), +0.25 against a head of any one seed; at the 2,500 steps the study then chose
+# (FIT_SEEDS_session14_2500.md) pool +0.32, covid_v7 +0.64 (p = 1.3e-15), and five heads another
+# +0.28 on covid_v7 (p = 3.1e-15; not adopted yet, README "Session 14"). Heads fitted on the same
+# images with other seeds differ by up to 1.4 points out of domain (2.3 with the constant rate,
+# session 10): the ensemble takes out that luck of one fit. Three times the head's share of
+# fitting, Refine and prediction (README "Performance": tedm segment on radiographs 1.17x); not
+# yet measured on brain MRI, so volumes keep one head.
 RADIOGRAPH_ENSEMBLE_MEMBERS = 3
 MEMBER_SEED_STRIDE = 100
 
