@@ -647,18 +647,15 @@ def fit_bundle(
         inference_timesteps = default_inference_timesteps(options, method, backbone.intensity, config.timesteps)
         schedule = default_learning_rate_schedule(options, backbone.intensity)
         member_seeds = [options.seed + MEMBER_SEED_STRIDE * k for k in range(members)]
+        # Draw 0 (the slices as labelled, the inference noise) is the same for every member.
+        originals = extract_training_features(extractor, grid, config.timesteps, 1, device, precision)[0]
         fitted = []
-        originals: Optional[LevelFeatures] = None  # draw 0 (the slices as labelled) is every member's
         for k, seed in enumerate(member_seeds):
             # Each member is the one-head fit with its own seed: its augmented copies, then its weights.
             grids, draw_targets = augmented_draws(grid, targets, options.noise_draws, options.augment, seed)
-            features = extract_training_features(
-                extractor, grids, config.timesteps, options.noise_draws, device, precision, first_draw=int(k > 0)
+            features = [originals] + extract_training_features(
+                extractor, grids, config.timesteps, options.noise_draws, device, precision, first_draw=1
             )
-            if originals is None:
-                originals = features[0]
-            else:
-                features.insert(0, originals)
             torch.manual_seed(seed)
             fitted.append(
                 train_head(
