@@ -18,8 +18,11 @@ nib = pytest.importorskip("nibabel")
 
 from conftest import REPO, synthetic_disc_images  # noqa: E402
 
+from tedm_core.bundle import save_bundle  # noqa: E402
 from tedm_core.cli import main as tedm_main  # noqa: E402
 from tedm_core.io.outputs import PROVENANCE_FILE  # noqa: E402
+from tedm_core.model.checkpoint import load_backbone  # noqa: E402
+from tedm_core.pipelines.fit import fit_bundle  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "batch_segment.py"
 
@@ -601,9 +604,23 @@ def test_evaluate_refuses_a_jpeg_prediction(tmp_path, capsys):
 # --- every option honoured or refused ----------------------------------------------------------
 
 
-def test_options_that_would_be_ignored_are_refused(tiny_backbone_dir, tiny_bundle_dir, tmp_path, capsys):
+def test_options_that_would_be_ignored_are_refused(
+    tiny_backbone_dir, tiny_bundle_dir, tmp_path, tmp_path_factory, capsys
+):
     images = _pngs(tmp_path / "images", 2, seed=5)
     masks = _pngs(tmp_path / "masks", 2, seed=5, masks=True)
+    # One head on one timestep makes one prediction per pixel: no spread to write (the
+    # fixture's three heads have one even on a single step).
+    one_head = save_bundle(
+        fit_bundle(
+            load_backbone(tiny_backbone_dir),
+            *synthetic_disc_images(2, size=32, seed=5),
+            steps=2,
+            device="cpu",
+            members=1,
+        ),
+        tmp_path_factory.mktemp("one_head") / "model",
+    )
     fit = ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(images), "--masks", str(masks)]
     cases = [
         ("tedm", [*fit, "--out", str(tmp_path / "b1"), "--method", "baseline", "--timesteps", "25"], "--timesteps"),
@@ -612,7 +629,7 @@ def test_options_that_would_be_ignored_are_refused(tiny_backbone_dir, tiny_bundl
         ("tedm", ["evaluate", "--pred", str(masks), "--truth", str(masks)], "--pred"),
         (
             "tedm",
-            ["segment", "--model", str(tiny_bundle_dir), "--input", str(images), "--output", str(tmp_path / "o1")]
+            ["segment", "--model", str(one_head), "--input", str(images), "--output", str(tmp_path / "o1")]
             + ["--timesteps", "25", "--uncertainty"],
             "--uncertainty",
         ),

@@ -13,13 +13,14 @@ import pytest
 from conftest import synthetic_disc_images
 
 from tedm_core.bundle import load_bundle, save_bundle
-from tedm_core.errors import BundleError
+from tedm_core.errors import BundleError, SettingError
+from tedm_core.pipelines.batch import BatchOptions, run_batch
 from tedm_core.pipelines.fit import RADIOGRAPH_INFERENCE_TIMESTEPS, fit_bundle
 from tedm_core.pipelines.segment import Segmenter
 from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
 
 
-def test_radiograph_tedm_models_average_the_low_steps_and_record_it(tiny_bundle_dir, tmp_path):
+def test_radiograph_tedm_models_predict_with_the_recorded_steps(tiny_bundle_dir, tmp_path):
     backbone = load_bundle(tiny_bundle_dir).backbone
     assert backbone.intensity.kind == RADIOGRAPH.kind
     images, masks = synthetic_disc_images(2, size=32, seed=12)
@@ -54,3 +55,18 @@ def test_bundles_without_the_field_use_every_step_and_a_wrong_subset_is_refused(
     (old / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="subset"):
         load_bundle(old)
+
+
+def test_one_step_has_an_uncertainty_map_only_from_several_heads(tiny_bundle_dir, tmp_path):
+    backbone = load_bundle(tiny_bundle_dir).backbone
+    images, masks = synthetic_disc_images(2, size=32, seed=13)
+    one_step = {"steps": 2, "device": "cpu", "inference_timesteps": (1,)}
+    single = Segmenter(fit_bundle(backbone, images, masks, members=1, **one_step), device="cpu")
+    assert single.timesteps == (1,) and not single.gives_uncertainty
+    assert float(single.predict(images).uncertainty.max()) == 0.0
+    with pytest.raises(SettingError, match="uncertainty"):
+        run_batch(single, tmp_path / "in", tmp_path / "out", BatchOptions(uncertainty=True))
+    ensemble = Segmenter(fit_bundle(backbone, images, masks, members=3, **one_step), device="cpu")
+    assert ensemble.timesteps == (1,) and ensemble.gives_uncertainty
+    # The spread of the three heads' probabilities on the one step.
+    assert float(ensemble.predict(images).uncertainty.max()) > 0.0
