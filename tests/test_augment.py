@@ -93,4 +93,4 @@ def test_fit_with_augmentation_records_it(tiny_backbone_dir):
     )
     assert bundle.training["augment"] == "framing+intensity"
     assert bundle.training["noise_draws"] == 3
-    assert np.isfinite(sum(float(p.sum()) for p in bundle.head.parameters()))
+    assert np.isfinite(sum(float(p.detach().sum()) for p in bundle.head.parameters()))

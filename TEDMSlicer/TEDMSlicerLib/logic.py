@@ -67,7 +67,7 @@ WORKER_DIED = "worker_died"  # the worker process ended; nothing was written
 @dataclass
 class UncertainSlice:
     index: int  # slice index along the session's axis
-    score: float  # mean timestep disagreement in the slice
+    score: float  # mean prediction disagreement in the slice
     centre_world: Tuple[float, float, float]  # RAS, parent transforms applied: where to jump
 
 
@@ -648,7 +648,7 @@ class TEDMWorkerLogic:
         return self._start(running, "refine", fields, {"labels": edited})
 
     def begin_next_uncertain_slice(self, segmentation_node: Any) -> RunningOperation:
-        """Ask for the slices ranked by timestep disagreement; the result's ``uncertain_slice`` is
+        """Ask for the slices ranked by prediction disagreement; the result's ``uncertain_slice`` is
         the most uncertain one not yet offered since the last result (then it starts over)."""
         self._check_idle()
         record = self._require_record(segmentation_node)
@@ -1015,6 +1015,7 @@ class TEDMWorkerLogic:
         centre = mrml_io.world_from_ijk(record.volume_nodes[0], chosen["centre_ijk"])
         uncertain = UncertainSlice(int(chosen["index"]), float(chosen["score"]), centre)
         message = (
-            f"Slice {uncertain.index}: timestep disagreement {uncertain.score:.3f}. Correct it if needed, then Refine."
+            f"Slice {uncertain.index}: prediction disagreement {uncertain.score:.3f}. "
+            "Correct it if needed, then Refine."
         )
         self._finish(running, DONE, message, uncertain_slice=uncertain)

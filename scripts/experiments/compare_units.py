@@ -13,6 +13,10 @@ that convention (recall up, precision down) while losing it on the pool images::
         --a runs/s13_pct/cxr/bundles/cxr_small4_1250/tedm_n3_s{0,1,2} \\
         --b runs/s13_eq/cxr/bundles/cxr_small4_1250/tedm_n3_s{0,1,2} \\
         --sets validation validation_framed covid_v7_val
+
+``--a-timesteps`` / ``--b-timesteps`` read a side's single-step ablation scores instead (the
+study's ``SET_t1.csv`` for ``1``, ``SET_t1-10-25-50.csv`` for ``1 10 25 50``): the same units
+predicting with other timesteps.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from tedm_core.pipelines.evaluate import paired_wilcoxon  # noqa: E402
 METRICS = ("dice", "precision", "recall")
 
 
-def per_image(units: Sequence[Path], set_name: str, post: str = "none") -> Dict[str, Dict[str, float]]:
+def per_image(
+    units: Sequence[Path], set_name: str, post: str = "none", timesteps: Optional[Sequence[int]] = None
+) -> Dict[str, Dict[str, float]]:
     """Each metric per image on ``set_name``, averaged over ``units`` (seeds); only images every
-    unit scored."""
+    unit scored. ``timesteps``: the units' ablation scores on those timesteps, not their own."""
     scores: Dict[str, Dict[str, List[float]]] = {m: {} for m in METRICS}
+    tag = "" if not timesteps else "_t" + "-".join(str(t) for t in timesteps)  # reproduce.Study.metrics_path
     for unit in units:
-        path = unit / "metrics" / f"{set_name}.csv"
+        path = unit / "metrics" / f"{set_name}{tag}.csv"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no metrics for {set_name} (has the unit been scored on it?)")
         for row in read_rows(path):
@@ -57,6 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--b", nargs="+", type=Path, required=True, help="units of the alternative (seeds)")
     parser.add_argument("--sets", nargs="+", required=True)
     parser.add_argument("--post", default="none", help="post-processing rows to compare (default: none)")
+    parser.add_argument("--a-timesteps", nargs="+", type=int, help="side A's ablation scores on these timesteps")
+    parser.add_argument("--b-timesteps", nargs="+", type=int, help="side B's ablation scores on these timesteps")
     args = parser.parse_args(argv)
     print(
         "| set | images | Dice A | Dice B | B - A | p (paired Wilcoxon) | B better on "
@@ -65,7 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for set_name in args.sets:
         try:
-            a, b = (per_image(units, set_name, args.post) for units in (args.a, args.b))
+            a, b = (
+                per_image(units, set_name, args.post, steps)
+                for units, steps in ((args.a, args.a_timesteps), (args.b, args.b_timesteps))
+            )
         except FileNotFoundError as error:
             print(f"compare_units: {error}", file=sys.stderr)
             return 1

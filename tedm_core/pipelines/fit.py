@@ -147,11 +147,12 @@ def default_learning_rate_schedule(options: FitOptions, intensity: IntensityConf
 # chose {1, 10, 25, 50} in session 7 (README "Adopted at the end of session 7": the one-head, 8-step
 # fit applied to them against all 8 steps, pool +0.8, covid_v7 +0.4 at 1,250 steps). Session 15
 # (README "Session 15"; TEDM n = 3 with today's three heads and two-timestep cosine fit, the study's
-# three draws, `small4` at 2,500 steps, paired Wilcoxon per image and draw against {1, 10, 25, 50}):
-# step 1 alone, pool 92.87 -> 92.91 (p = 0.11), re-framed 92.57 -> 92.60 (p = 0.18), covid_v7
-# 85.63 -> 85.81 (+0.18, p = 5e-13, 219 of 300 better; precision 93.6 -> 92.3, recall 79.5 -> 80.8,
-# so slightly larger masks); at 1,250 steps +0.10 / +0.11 / -0.02. Under it the rule still picks
-# the 2,500-step checkpoint (three seeds: 90.46 against 90.35 at 2,250 and 90.21 at 1,250). A
+# three draws, `small4` at 2,500 steps, the same units' ablation scores paired per image, seeds
+# averaged; scripts/experiments/compare_units.py --b-timesteps 1): step 1 alone against {1, 10, 25,
+# 50}, pool 92.79 -> 92.86 (p = 0.13), re-framed 92.48 -> 92.53 (p = 0.22), covid_v7 85.63 -> 85.81
+# (+0.18, p = 1.2e-06, 79 of 100 better; precision 93.6 -> 92.3, recall 79.5 -> 80.8,
+# so slightly larger masks); at 1,250 steps +0.09 / +0.10 / -0.02. Under it the rule still picks
+# the 2,500-step checkpoint (three seeds, compare_units' means: 90.40 against 90.31 at 2,250, 90.12 at 1,250). A
 # quarter of the UNet passes of {1, 10, 25, 50}; the three heads' spread on that step is the
 # uncertainty map (Segmenter.gives_uncertainty). The head still learns from all 8 steps: it is the
 # shared training that carries the method's robustness (a head *fitted* on low steps only lost 1.2
@@ -335,7 +336,7 @@ def choose_anchor_slices(
     """The slices whose previous result a Refine should keep (its :class:`Anchor`).
 
     ``labels`` (N, H, W) are the previous result of every slice, ``uncertainty`` (N,) its mean
-    timestep disagreement per slice, ``candidates`` the slices that may serve (ran through the
+    prediction disagreement per slice, ``candidates`` the slices that may serve (ran through the
     model, not labelled or corrected by the user). Spread evenly over the candidates, half of
     them among those where the previous result shows a structure, so that Refine neither
     forgets a structure nor starts painting it everywhere. Within each stretch: among the

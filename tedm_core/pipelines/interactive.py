@@ -97,7 +97,7 @@ class SessionResult:
 @dataclass
 class UncertainSlice:
     index: int  # slice index along the session's axis
-    score: float  # mean timestep disagreement in the slice
+    score: float  # mean prediction disagreement in the slice
     centre_ijk: Tuple[float, float, float]  # voxel coordinates of the slice's centre
 
 
@@ -140,7 +140,7 @@ def device_notes(device: str) -> List[str]:
 
 
 def slice_scores(uncertainty: np.ndarray) -> np.ndarray:
-    """(N, H, W) timestep disagreement -> (N,) its mean per slice."""
+    """(N, H, W) spread of the per-timestep (and per-head) predictions -> (N,) its mean per slice."""
     return np.asarray(uncertainty, dtype=np.float64).reshape(len(uncertainty), -1).mean(axis=1)
 
 
@@ -169,7 +169,7 @@ class InteractiveSession:
         self.features: Optional[FeatureCache] = None
         self.feature_rows = np.zeros(0, dtype=np.int64)  # row of slice n in features; -1: not cached
         self.written = np.zeros((0, 0, 0), dtype=np.uint8)  # (N, H, W) the labels last returned
-        self.scores = np.zeros(0)  # (N,) mean timestep disagreement per slice
+        self.scores = np.zeros(0)  # (N,) mean prediction disagreement per slice
         self.training_slices: List[int] = []
         # Whether the current model was fitted on labels of this volume (fit), rather than
         # loaded from elsewhere (segment): only then does Refine keep its earlier result.
@@ -309,7 +309,7 @@ class InteractiveSession:
         return [int(i) for i in np.flatnonzero(differs)]
 
     def uncertain_slices(self, count: Optional[int] = None) -> List[UncertainSlice]:
-        """Slices ranked by timestep disagreement (most uncertain first), training slices left out."""
+        """Slices ranked by prediction disagreement (most uncertain first), training slices left out."""
         self._require_result()
         centres = self._slice_centres_ijk()
         training = set(self.training_slices)
