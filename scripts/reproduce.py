@@ -218,6 +218,17 @@ def reframe(
     return out_x, out_y
 
 
+@dataclass
+class CheckpointChoice:
+    """What the checkpoint rule saw and chose (``Study.choose_checkpoint``)."""
+
+    chosen: int
+    seed0: Dict[int, float]  # validation mean per checkpoint, seed 0
+    tied: List[int]  # checkpoints within the tie margin of the best seed-0 mean
+    over_seeds: Dict[int, float]  # validation mean over the tie seeds, per tied checkpoint
+    seeds_missing: bool = False  # tied, but not every tie seed scored yet
+
+
 class Study:
     def __init__(self, config: Dict[str, Any], work: Path, results: Path, data: Path, smoke: bool) -> None:
         self.config = config
@@ -230,6 +241,7 @@ class Study:
         self._features: Dict[Tuple[str, str, Tuple[int, ...]], Any] = {}
         self._backbones: Dict[str, Any] = {}
         self._volumes: Dict[Path, Any] = {}
+        self._rows: Dict[Path, List[Dict[str, Any]]] = {}
 
     # -- pretraining --------------------------------------------------------------------------
     def backbone_dir(self, name: str) -> Path:
@@ -314,6 +326,73 @@ class Study:
         if not steps_dir.is_dir():
             return []
         return sorted(int(p.name) for p in steps_dir.iterdir() if p.name.isdigit() and (p / "backbone.json").is_file())
+
+    # -- reading scores -----------------------------------------------------------------------
+    def rows(self, path: Path) -> List[Dict[str, Any]]:
+        """A unit's metrics file, read once: the tables ask it for Dice, precision and recall."""
+        if path not in self._rows:
+            self._rows[path] = read_rows(path)
+        return self._rows[path]
+
+    def per_image(
+        self,
+        backbone: str,
+        step,
+        method: str,
+        n: int,
+        seeds: Iterable[int],
+        variant: str,
+        set_name: str,
+        timesteps=None,
+        post: str = "none",
+        metric: str = "dice",
+    ) -> Optional[Dict[str, float]]:
+        """Per-image ``metric`` (Dice, precision, recall) averaged over seeds, on the images every
+        seed scored (None when any seed's metrics are missing)."""
+        per_seed = []
+        for seed in seeds:
+            path = self.metrics_path(self.bundle_dir(backbone, step, method, n, seed, variant), set_name, timesteps)
+            if not path.is_file():
+                return None
+            rows = [r for r in self.rows(path) if r.get("post", "none") == post]
+            per_seed.append({r["image"]: r[metric] for r in rows})
+        images = sorted(set.intersection(*(set(d) for d in per_seed)))
+        return {i: float(np.mean([d[i] for d in per_seed])) for i in images}
+
+    def validation_mean(self, name: str, step: int, n: int, seeds: Sequence[int]) -> Optional[float]:
+        """The checkpoint rule's score: TEDM's mean Dice x 100 on each validation set (seeds
+        averaged per image), then the mean over the sets, each weighing the same (None until
+        every set is scored for every seed)."""
+        means = []
+        for set_name in self.config["cxr"].get("validation_sets", []):
+            scores = self.per_image(name, step, "tedm", n, seeds, "default", set_name)
+            if not scores:
+                return None
+            means.append(100 * float(np.mean(list(scores.values()))))
+        return float(np.mean(means)) if means else None
+
+    def choose_checkpoint(self) -> Optional[CheckpointChoice]:
+        """The checkpoint sweep's choice: the highest seed-0 validation mean; where other
+        checkpoints come within the sweep's ``tie_margin`` of it (one fit's luck moves the mean
+        by more than a few hundredths), the highest mean over ``tie_seeds`` among them."""
+        c = self.config["cxr"]
+        sweep = c.get("checkpoint_sweep")
+        if not sweep:
+            return None
+        n = sweep["n"]
+        first = {s: self.validation_mean(c["backbone"], s, n, [0]) for s in sweep["steps"]}
+        first = {s: v for s, v in first.items() if v is not None}
+        if not first:
+            return None
+        best = max(first, key=first.get)
+        margin, seeds = float(sweep.get("tie_margin", 0.0)), list(sweep.get("tie_seeds", [0]))
+        tied = sorted(s for s, v in first.items() if v >= first[best] - margin)
+        if len(tied) == 1 or seeds == [0]:
+            return CheckpointChoice(best, first, tied, {})
+        over_seeds = {s: self.validation_mean(c["backbone"], s, n, seeds) for s in tied}
+        if any(v is None for v in over_seeds.values()):
+            return CheckpointChoice(best, first, tied, {}, seeds_missing=True)
+        return CheckpointChoice(max(over_seeds, key=over_seeds.get), first, tied, over_seeds)
 
     # -- chest X-ray data -----------------------------------------------------------------------
     def cxr_names(self) -> Dict[str, List[str]]:
@@ -637,6 +716,11 @@ class Study:
                 self.evaluate_unit(name, s, "tedm", sweep["n"], 0, "default", validation + test_sets)
             else:
                 log.warning("checkpoint sweep: %s has no step %d checkpoint (yet)", name, s)
+        # ... and where checkpoints tie on seed 0, the tie seeds at each of them, validation sets only.
+        choice = self.choose_checkpoint() if sweep else None
+        for s in choice.tied if choice and len(choice.tied) > 1 else ():
+            for seed in sweep.get("tie_seeds", [0]):
+                self.evaluate_unit(name, s, "tedm", sweep["n"], seed, "default", validation)
 
         # 5. the supervised baseline, last: by far the most expensive fits.
         for n in c["n"] if "baseline" in parts and "baseline" in c["methods"] else ():
@@ -896,40 +980,7 @@ class Report:
         self.out = study.results
         self.lines: List[str] = []
         self.summary: Dict[str, Any] = {}
-        # Each unit's metrics file, read once: the tables ask it for Dice, precision and recall.
-        self._rows: Dict[Path, List[Dict[str, Any]]] = {}
-
-    def rows(self, path: Path) -> List[Dict[str, Any]]:
-        if path not in self._rows:
-            self._rows[path] = read_rows(path)
-        return self._rows[path]
-
-    def per_image(
-        self,
-        backbone: str,
-        step,
-        method: str,
-        n: int,
-        seeds: Iterable[int],
-        variant: str,
-        set_name: str,
-        timesteps=None,
-        post: str = "none",
-        metric: str = "dice",
-    ) -> Optional[Dict[str, float]]:
-        """Per-image ``metric`` (Dice, precision, recall) averaged over seeds (None when any seed's
-        metrics are missing)."""
-        per_seed = []
-        for seed in seeds:
-            path = self.study.metrics_path(
-                self.study.bundle_dir(backbone, step, method, n, seed, variant), set_name, timesteps
-            )
-            if not path.is_file():
-                return None
-            rows = [r for r in self.rows(path) if r.get("post", "none") == post]
-            per_seed.append({r["image"]: r[metric] for r in rows})
-        images = sorted(set.intersection(*(set(d) for d in per_seed)))
-        return {i: float(np.mean([d[i] for d in per_seed])) for i in images}
+        self.per_image = study.per_image
 
     def tedm_scores(self, name, step, n: int, set_name: str, timesteps=None, post: str = "none"):
         """TEDM's per-image Dice on one set, over the seeds the config runs it with."""
@@ -1130,16 +1181,15 @@ class Report:
         validation = c.get("validation_sets", [])
         header = validation + ["mean of the validation sets"] + c["test_sets"]
         lines = ["| backbone step | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
-        covid, validation_mean = {}, {}
+        covid = {}
+        choice = self.study.choose_checkpoint()
+        validation_mean = choice.seed0 if choice else {}
         for s in sweep["steps"]:
             scores = {
                 v: self.per_image(name, s, "tedm", sweep["n"], [0], "default", v) for v in validation + c["test_sets"]
             }
             means = {v: 100 * float(np.mean(list(x.values()))) for v, x in scores.items() if x}
             cell = {v: _mean_std(list(x.values())) if x else "not measured" for v, x in scores.items()}
-            # The checkpoint rule: the mean over the validation sets, each weighing the same.
-            if validation and all(v in means for v in validation):
-                validation_mean[s] = float(np.mean([means[v] for v in validation]))
             cell["mean of the validation sets"] = (
                 f"{validation_mean[s]:.2f}" if s in validation_mean else "not measured"
             )
@@ -1150,14 +1200,25 @@ class Report:
         self.lines += (
             [f"**Checkpoint sweep**: TEDM, n = {sweep['n']}, seed 0, per backbone checkpoint", ""] + lines + [""]
         )
-        if validation_mean:
-            chosen = max(validation_mean, key=validation_mean.get)
+        if choice:
+            rule = f"the highest mean over {', '.join(validation)}"
+            if len(choice.tied) > 1:
+                seeds = ", ".join(map(str, sweep.get("tie_seeds", [0])))
+                rule += (
+                    f"; {', '.join(map(str, choice.tied))} came within {sweep.get('tie_margin', 0)} of the best on "
+                    f"seed 0, so among them the highest mean over seeds {seeds}"
+                )
+                if choice.over_seeds:
+                    rule += " (" + ", ".join(f"{s}: {v:.2f}" for s, v in choice.over_seeds.items()) + ")"
+                elif choice.seeds_missing:
+                    rule += " (not all scored yet: seed 0's best stands for now)"
+            shown = choice.over_seeds.get(choice.chosen, validation_mean[choice.chosen])
             self.lines += [
-                f"Chosen on validation (the highest mean over {', '.join(validation)}): step {chosen} "
-                f"({validation_mean[chosen]:.2f}); the study's checkpoint is {c.get('checkpoint')}.",
+                f"Chosen on validation ({rule}): step {choice.chosen} ({shown:.2f}); "
+                f"the study's checkpoint is {c.get('checkpoint')}.",
                 "",
             ]
-            self.summary["cxr_checkpoint_chosen_on_validation"] = chosen
+            self.summary["cxr_checkpoint_chosen_on_validation"] = choice.chosen
         if covid:
             # The issue's key is the minimum over its checkpoints (``min_from_step``: 1,500 to the
             # last), given only when every one of them was measured, never over a subset; the
