@@ -1420,6 +1420,9 @@ class Report:
         return lines, curve
 
     def write(self, argv: Sequence[str], config_path: Path) -> None:
+        # Before this report writes anything into the repository (its plots are written by the
+        # sections below), or every report written into docs/results would say "+dirty".
+        commit = git_commit()
         self.out.mkdir(parents=True, exist_ok=True)
         for section in (self.cxr, self.compute, self.brats):
             try:
@@ -1442,7 +1445,6 @@ class Report:
         # it did not measure keeps what an earlier run wrote, and _sources says which run wrote each.
         earlier = read_json(self.out / "summary.json") if (self.out / "summary.json").is_file() else {}
         sources = dict(earlier.get("_sources", {}))
-        commit = git_commit()  # before this report writes anything into the repository
         this_run = {"config": self.config.get("name", config_path.stem), "commit": commit}
         summary = {k: earlier.get(k) for k in keys}  # None = not measured by any run
         summary.update({k: v for k, v in earlier.items() if not k.startswith("_") and k not in summary})
