@@ -617,8 +617,10 @@ class Study:
                 rows.append({"image": name, "post": post, "dice": d, "precision": pr, "recall": r})
         return rows
 
-    def metrics_path(self, bundle_path: Path, set_name: str, timesteps: Optional[Sequence[int]] = None) -> Path:
-        tag = "" if timesteps is None else "_t" + "-".join(str(t) for t in timesteps)
+    @staticmethod
+    def metrics_path(bundle_path: Path, set_name: str, timesteps: Optional[Sequence[int]] = None) -> Path:
+        """A unit's per-image scores on ``set_name``; with ``timesteps``, its ablation on those steps."""
+        tag = "" if not timesteps else "_t" + "-".join(str(t) for t in timesteps)
         return bundle_path / "metrics" / f"{set_name}{tag}.csv"
 
     @staticmethod
@@ -980,12 +982,11 @@ class Report:
         self.out = study.results
         self.lines: List[str] = []
         self.summary: Dict[str, Any] = {}
-        self.per_image = study.per_image
 
     def tedm_scores(self, name, step, n: int, set_name: str, timesteps=None, post: str = "none"):
         """TEDM's per-image Dice on one set, over the seeds the config runs it with."""
         seeds = cxr_seeds(self.config["cxr"], "tedm", n)
-        return self.per_image(name, step, "tedm", n, seeds, "default", set_name, timesteps, post)
+        return self.study.per_image(name, step, "tedm", n, seeds, "default", set_name, timesteps, post)
 
     def table(
         self, title: str, rows: List[Tuple[str, Dict[Any, Optional[Dict[str, float]]]]], columns: List[Any], column_name
@@ -1052,7 +1053,7 @@ class Report:
                     (
                         self.METHOD_NAMES.get(method, method),
                         {
-                            n: self.per_image(name, step, method, n, cxr_seeds(c, method, n), "default", set_name)
+                            n: self.study.per_image(name, step, method, n, cxr_seeds(c, method, n), "default", set_name)
                             for n in c["n"]
                         },
                     )
@@ -1122,7 +1123,7 @@ class Report:
         for n in c.get("probe", {}).get("n", []):
             for set_name in c["test_sets"]:
                 for t in c["probe"]["timesteps"]:
-                    scores = self.per_image(name, step, "probe", n, [0], f"probe{t}", set_name)
+                    scores = self.study.per_image(name, step, "probe", n, [0], f"probe{t}", set_name)
                     if scores:
                         data.setdefault((n, set_name), []).append((t, float(np.mean(list(scores.values())))))
         if not data:
@@ -1186,7 +1187,8 @@ class Report:
         validation_mean = choice.seed0 if choice else {}
         for s in sweep["steps"]:
             scores = {
-                v: self.per_image(name, s, "tedm", sweep["n"], [0], "default", v) for v in validation + c["test_sets"]
+                v: self.study.per_image(name, s, "tedm", sweep["n"], [0], "default", v)
+                for v in validation + c["test_sets"]
             }
             means = {v: 100 * float(np.mean(list(x.values()))) for v, x in scores.items() if x}
             cell = {v: _mean_std(list(x.values())) if x else "not measured" for v, x in scores.items()}
@@ -1245,9 +1247,9 @@ class Report:
                         cells = []
                         for set_name in sets:
                             unit = (name, spec.get("checkpoint", step), method, n, spec.get("seeds", [0]))
-                            scores = self.per_image(*unit, variant, set_name, post=post)
+                            scores = self.study.per_image(*unit, variant, set_name, post=post)
                             # Against the study's defaults on the same checkpoint, seeds and images.
-                            default = self.per_image(*unit, "default", set_name, post="none")
+                            default = self.study.per_image(*unit, "default", set_name, post="none")
                             p = self.p_value(scores, default)
                             against = (
                                 f" ({100 * (np.mean(list(scores.values())) - np.mean(list(default.values()))):+.1f}"
@@ -1276,8 +1278,8 @@ class Report:
         """Precision and recall x 100 of a variant against the default on the same images."""
         parts = []
         for metric in ("precision", "recall"):
-            mine = self.per_image(*unit, variant, set_name, post=post, metric=metric)
-            default = self.per_image(*unit, "default", set_name, post="none", metric=metric)
+            mine = self.study.per_image(*unit, variant, set_name, post=post, metric=metric)
+            default = self.study.per_image(*unit, "default", set_name, post="none", metric=metric)
             common = sorted(set(mine) & set(default))
             parts.append(
                 f"{metric} {100 * np.mean([mine[k] for k in common]):.1f}"

@@ -45,3 +45,20 @@ def test_a_unit_without_the_sets_metrics_is_named(tmp_path):
         text=True,
     )
     assert done.returncode == 1 and "missing/metrics/val.csv" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_side_can_read_the_units_ablation_scores(tmp_path):
+    """``--b-timesteps 1`` compares the same units on step 1 alone (the study's ``SET_t1.csv``)."""
+    unit = _unit(tmp_path / "u0", {"x": 0.80, "y": 0.90})
+    with (unit / "metrics" / "val_t1.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["image", "post", "dice", "precision", "recall"])
+        writer.writeheader()
+        writer.writerows(
+            {"image": i, "post": "none", "dice": d, "precision": d, "recall": 1.0}
+            for i, d in (("x", 0.90), ("y", 0.95))
+        )
+    argv = ["--a", str(unit), "--b", str(unit), "--b-timesteps", "1", "--sets", "val"]
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.strip().splitlines()[-1].split("|")
+    assert [c.strip() for c in row[1:6]] == ["val", "2", "85.00", "92.50", "+7.50"]

@@ -30,7 +30,7 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(SCRIPTS))
-from reproduce import read_rows  # noqa: E402
+from reproduce import Study, read_rows  # noqa: E402
 
 from tedm_core.pipelines.evaluate import paired_wilcoxon  # noqa: E402
 
@@ -43,9 +43,8 @@ def per_image(
     """Each metric per image on ``set_name``, averaged over ``units`` (seeds); only images every
     unit scored. ``timesteps``: the units' ablation scores on those timesteps, not their own."""
     scores: Dict[str, Dict[str, List[float]]] = {m: {} for m in METRICS}
-    tag = "" if not timesteps else "_t" + "-".join(str(t) for t in timesteps)  # reproduce.Study.metrics_path
     for unit in units:
-        path = unit / "metrics" / f"{set_name}{tag}.csv"
+        path = Study.metrics_path(unit, set_name, timesteps)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no metrics for {set_name} (has the unit been scored on it?)")
         for row in read_rows(path):
