@@ -135,7 +135,7 @@ class Straightforward:
         """One normalised slice (C, H, W) -> per-step class probabilities (S, K, H, W) on its grid."""
         grid, transform = to_model_grid(torch.from_numpy(np.ascontiguousarray(image[None])), self.size)
         out = []
-        for t in self.bundle.timesteps:
+        for t in self.bundle.prediction_timesteps:  # the steps the pipeline predicts with
             step = torch.tensor([t])
             x_t = self.schedule.add_noise(grid, timestep_noise(grid.shape[1:], (t,), INFERENCE_SEED), step)
             tic = time.perf_counter()
@@ -157,7 +157,7 @@ class Straightforward:
         the mirrored slices too when the bundle predicts with a test-time flip."""
         orientations = 2 if self.bundle.test_time_flip else 1
         per_step = np.empty(
-            (len(slices), orientations, len(self.bundle.timesteps) * len(self.mlps), self.bundle.num_classes)
+            (len(slices), orientations, len(self.bundle.prediction_timesteps) * len(self.mlps), self.bundle.num_classes)
             + slices.shape[2:],
             np.float32,
         )

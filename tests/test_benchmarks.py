@@ -46,3 +46,28 @@ def test_benchmark_scripts_print_help() -> None:
     failed = {Path(script).name: why for script, why in results.items() if why != "ok"}
     assert not failed, failed
     assert len(results) == len(SCRIPTS)
+
+
+def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbone_dir) -> None:
+    """benchmarks/benchmark.py's reference implementation runs the steps the bundle predicts with
+    (a radiograph model's step 1 and its three heads, each slice also mirrored): fp32 against fp32,
+    the same labels and uncertainty as ``Segmenter``."""
+    import importlib.util
+
+    import numpy as np
+    from conftest import synthetic_disc_images
+
+    from tedm_core.model.checkpoint import load_backbone
+    from tedm_core.pipelines.fit import fit_bundle
+    from tedm_core.pipelines.segment import Segmenter
+
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, steps=5, device="cpu", crop_dark_borders=False)
+    assert bundle.prediction_timesteps == (1,) and bundle.head.config.members == 3 and bundle.test_time_flip
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "benchmarks" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    labels, uncertainty = benchmark.Straightforward(bundle).segment_slices(images)
+    prediction = Segmenter(bundle, device="cpu", precision="fp32").predict(images)
+    np.testing.assert_array_equal(labels, prediction.probabilities.argmax(axis=1))
+    np.testing.assert_allclose(uncertainty, prediction.uncertainty, atol=1e-5)
