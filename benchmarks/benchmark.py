@@ -51,6 +51,7 @@ from head_memory import _PeakRss
 
 from tedm_core.bundle import ModelBundle, load_bundle, save_bundle
 from tedm_core.features import INFERENCE_SEED, DecoderFeatureExtractor, timestep_noise
+from tedm_core.heads import class_probabilities
 from tedm_core.io.volumes import read_case, read_volume, volume_suffix, write_float_volume, write_label_volume
 from tedm_core.model.backbone import PRESETS, attention_modules
 from tedm_core.model.checkpoint import Backbone
@@ -143,12 +144,7 @@ class Straightforward:
             self.unet_seconds += time.perf_counter() - tic
             levels = [self.captured[i] for i in sorted(self.captured)]
             for mlp in self.mlps:  # an ensemble head's members: each one's maps count as steps
-                logits = mlp.forward_dense(levels, (self.size, self.size))
-                if self.bundle.num_classes == 2:
-                    fg = torch.sigmoid(logits)
-                    probabilities = torch.cat([1 - fg, fg], dim=1)
-                else:
-                    probabilities = torch.softmax(logits, dim=1)
+                probabilities = class_probabilities(mlp.forward_dense(levels, (self.size, self.size)))
                 out.append(from_model_grid(probabilities, transform)[0])
         return torch.stack(out).numpy()
 
