@@ -260,6 +260,11 @@ class FeatureHead(nn.Module):
     def member_mlps(self) -> List[PixelMLP]:
         return [self.mlp, *self.extra_members]
 
+    def maps_per_prediction(self, timesteps: int) -> int:
+        """How many probability maps :meth:`predict` averages (and spreads) on ``timesteps`` steps:
+        one per step and member (shared), one per member (concat)."""
+        return (timesteps if self.config.mode == "shared" else 1) * self.config.members
+
     def logits(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
         """features: per level (N, S, C_l, h, w) -> logits (N, M x S', K, H, W): S' = S (shared) or 1
         (concat) per member, the M members one after the other."""

@@ -70,3 +70,10 @@ def test_one_step_has_an_uncertainty_map_only_from_several_heads(tiny_bundle_dir
     assert ensemble.timesteps == (1,) and ensemble.gives_uncertainty
     # The spread of the three heads' probabilities on the one step.
     assert float(ensemble.predict(images).uncertainty.max()) > 0.0
+    # A concatenating head gives one map per head: a map of spread only with several heads.
+    for members, spread in ((1, False), (2, True)):
+        ledm = Segmenter(
+            fit_bundle(backbone, images, masks, "ledm", steps=2, device="cpu", members=members), device="cpu"
+        )
+        assert ledm.gives_uncertainty == spread
+        assert (float(ledm.predict(images).uncertainty.max()) > 0.0) == spread

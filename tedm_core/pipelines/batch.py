@@ -350,8 +350,8 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
     if options.uncertainty and not getattr(segmenter, "gives_uncertainty", True):
         raise SettingError(
             "uncertainty",
-            "this model makes one prediction per pixel (a concatenating head, the baseline, or one head on "
-            "a single timestep), so there is no spread over timesteps or heads to write",
+            "this model makes one prediction per pixel (the baseline, or one head that concatenates its timesteps or "
+            "predicts on a single one), so there is no spread over timesteps or heads to write",
         )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)

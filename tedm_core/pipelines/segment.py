@@ -182,11 +182,9 @@ class Segmenter:
     @property
     def gives_uncertainty(self) -> bool:
         """Whether predictions come from several maps whose spread is the uncertainty (a shared
-        head over two or more timesteps, or an ensemble of heads on one); otherwise the spread
-        would be zero everywhere."""
-        if self.head is None or self.head.config.mode != "shared":
-            return False
-        return len(self.timesteps) * self.head.config.members > 1
+        head over two or more timesteps, or several heads); otherwise the spread would be zero
+        everywhere."""
+        return self.head is not None and self.head.maps_per_prediction(len(self.timesteps)) > 1
 
     def provenance(self) -> Dict[str, object]:
         """What decides this segmenter's outputs (the model's content and the timesteps used),
