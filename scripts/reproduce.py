@@ -774,11 +774,13 @@ class Study:
             truth = truth[crop[0] : crop[1]]
         return volume, truth
 
-    def brats_fit(self, method: str, n_subjects: int, per_case: Optional[int] = None):
-        """``method`` fitted on the tumour slices of the first ``n_subjects`` subjects: all of them,
-        or ``per_case`` of each (default: the config's ``slices_per_case``), spread through the
-        tumour's interior as a clinician would pick them (not its first and last slice, where
-        the tumour is a sliver)."""
+    def brats_fit(
+        self, method: str, n_subjects: int, per_case: Optional[int] = None, subjects: Optional[List[Path]] = None
+    ):
+        """``method`` fitted on the tumour slices of the first ``n_subjects`` subjects (or of
+        ``subjects``, named in the bundle's folder): all of them, or ``per_case`` of each (default:
+        the config's ``slices_per_case``), spread through the tumour's interior as a clinician
+        would pick them (not its first and last slice, where the tumour is a sliver)."""
         from tedm_core.bundle import load_bundle, save_bundle
         from tedm_core.io.volumes import Volume
         from tedm_core.pipelines.fit import fit_bundle
@@ -786,12 +788,13 @@ class Study:
 
         b = self.config["brats"]
         per_case = per_case or b.get("slices_per_case")
-        path = self.work / "brats" / "bundles" / f"{method}_{n_subjects}subj_{per_case or 'all'}slices"
+        fitted_on = f"{n_subjects}subj" if subjects is None else "+".join(s.name for s in subjects)
+        path = self.work / "brats" / "bundles" / f"{method}_{fitted_on}_{per_case or 'all'}slices"
         if (path / "bundle.json").is_file():
             return load_bundle(path)
         backbone = self.load_backbone(b["backbone"], b.get("checkpoint"))
         slices, labels = [], []
-        for subject in self.brats_subjects()[:n_subjects]:
+        for subject in self.brats_subjects()[:n_subjects] if subjects is None else subjects:
             volume, truth = self.brats_volume(subject)
             label_volume = Volume(truth[None].astype(np.float32), volume.ijk_to_ras, subject / b["label"])
             labelled = labelled_slices_from_volumes(

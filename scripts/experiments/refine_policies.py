@@ -16,7 +16,10 @@ slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume 
 ``diceloss`` (Refine's loss: binary cross-entropy plus MONAI's soft Dice per map), ``ownstats``
 (after Refine, the head's BatchNorm statistics recomputed on the slices it was refined on),
 ``cosine`` (Refine's learning rate annealed to zero over its steps, as radiograph fits do since
-session 12, instead of held constant).
+session 12, instead of held constant), ``persliceN`` (N refine steps per slice trained on, at
+least the default 40: 40 for the first two corrections, 120 after ten).
+``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
+validation episodes from the same validation subjects: session 16).
 Results: docs/results/REFINE_VALIDATION.md.
 """
 
@@ -120,12 +123,16 @@ def main() -> int:
     parser.add_argument("--subjects", nargs="+", required=True)
     parser.add_argument("--policies", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fit-subject", help="the start model's subject (default: the config's first)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = reproduce.load_config(args.config, False)
     study = reproduce.Study(config, args.work, args.work / "unused_results", args.data, False)
     spec = config["brats"]["refine"]
-    bundle = study.brats_fit("tedm", spec["fit_subjects"], spec.get("fit_slices"))
+    fit_on = [s for s in study.brats_subjects() if s.name == args.fit_subject] if args.fit_subject else None
+    if fit_on == [] or (args.fit_subject and args.fit_subject in args.subjects):
+        parser.error(f"--fit-subject {args.fit_subject}: not a subject of the data, or among --subjects")
+    bundle = study.brats_fit("tedm", spec["fit_subjects"], spec.get("fit_slices"), subjects=fit_on)
     backbone = study.load_backbone(config["brats"]["backbone"], config["brats"].get("checkpoint"))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for subject in (s for s in study.brats_subjects() if s.name in args.subjects):
@@ -150,6 +157,7 @@ def main() -> int:
             session.training_slices = []
             session.fitted_here = "anchors" in parts or "decay" in parts
             steps = next((int(p[5:]) for p in parts if p.startswith("steps")), None)
+            per_slice = next((int(p[8:]) for p in parts if p.startswith("perslice")), None)
             current = start.copy()
             if "adabn" in parts:
                 adapt_statistics(session.bundle.head, session.features, ran[:: max(1, len(ran) // 24)])
@@ -163,6 +171,8 @@ def main() -> int:
                 corrected += worst
                 edited = current.copy()
                 edited[worst] = truth_slices[worst]
+                if per_slice:
+                    steps = max(fit_module.DEFAULT_REFINE_STEPS, per_slice * len(corrected))
                 with RefineVariant(parts, len(corrected)):
                     refined = session.refine(reassemble(edited, layout), steps=steps)
                 current = to_slices(refined.labels, layout).copy()
