@@ -56,7 +56,7 @@ robustness:
 
 def build_parser() -> argparse.ArgumentParser:
     from tedm_core.argtypes import OneLineParser, device, positive_int, shard
-    from tedm_core.choices import AXES, PRECISION_HELP, PRECISIONS
+    from tedm_core.choices import AXES, NO_POSTPROCESS_HELP, PRECISION_HELP, PRECISIONS
 
     p = OneLineParser(
         prog="batch_segment.py",
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="slicing axis (default: the one the bundle was fitted on)",
     )
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help=NO_POSTPROCESS_HELP)
     p.add_argument(
         "--overwrite", action="store_true", help="segment cases whose outputs already exist (also another model's)"
     )
@@ -157,7 +158,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             show_progress=not args.no_progress and sys.stderr.isatty(),  # no bars in a job's log file
         )
         bundle = load_bundle(args.model)
-        segmenter = Segmenter(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision)
+        segmenter = Segmenter(
+            bundle,
+            device=args.device,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            postprocess=None if args.postprocess else False,
+        )
         report = run_batch(segmenter, args.input, args.output, options)
     except SettingError as error:
         print(f"batch_segment: error: argument {flag_of(error.setting)}: {error.problem}", file=sys.stderr)

@@ -170,21 +170,6 @@ class ImageSet:
     names: List[str]
 
 
-def postprocess_lungs(labels: np.ndarray, components: int = 2) -> np.ndarray:
-    """Keep the ``components`` largest connected foreground regions and fill their holes
-    (nnU-Net's anatomy post-processing, tested on validation before it is adopted)."""
-    from scipy import ndimage
-
-    out = np.zeros_like(labels)
-    for i, mask in enumerate(labels > 0):
-        regions, count = ndimage.label(mask)
-        if count:
-            sizes = ndimage.sum(mask, regions, index=range(1, count + 1))
-            keep = np.argsort(sizes)[::-1][:components] + 1
-            out[i] = ndimage.binary_fill_holes(np.isin(regions, keep))
-    return out.astype(labels.dtype)
-
-
 def interior_positions(count: int, keep: int) -> List[int]:
     """``keep`` of ``count`` ordered positions, evenly spaced inside the run: for 3 of 60 tumour
     slices, the quarter, middle and three-quarter slices."""
@@ -242,6 +227,7 @@ class Study:
         self._backbones: Dict[str, Any] = {}
         self._volumes: Dict[Path, Any] = {}
         self._rows: Dict[Path, List[Dict[str, Any]]] = {}
+        self._outputs: Dict[Path, str] = {}
 
     # -- pretraining --------------------------------------------------------------------------
     def backbone_dir(self, name: str) -> Path:
@@ -334,6 +320,15 @@ class Study:
             self._rows[path] = read_rows(path)
         return self._rows[path]
 
+    def output_post(self, bundle_dir: Path) -> str:
+        """Which of a unit's rows are its output as ``tedm segment`` writes it: "rule" when its
+        bundle records anatomy post-processing (``ModelBundle.component_rule``), else "none"."""
+        if bundle_dir not in self._outputs:
+            meta_path = bundle_dir / "bundle.json"
+            meta = read_json(meta_path) if meta_path.is_file() else {}
+            self._outputs[bundle_dir] = "rule" if meta.get("component_rule") else "none"
+        return self._outputs[bundle_dir]
+
     def per_image(
         self,
         backbone: str,
@@ -344,17 +339,20 @@ class Study:
         variant: str,
         set_name: str,
         timesteps=None,
-        post: str = "none",
+        post: Optional[str] = None,
         metric: str = "dice",
     ) -> Optional[Dict[str, float]]:
         """Per-image ``metric`` (Dice, precision, recall) averaged over seeds, on the images every
-        seed scored (None when any seed's metrics are missing)."""
+        seed scored (None when any seed's metrics are missing). ``post``: "none" (raw), "rule"
+        (anatomy post-processing), or None: each unit's output (``output_post``)."""
         per_seed = []
         for seed in seeds:
-            path = self.metrics_path(self.bundle_dir(backbone, step, method, n, seed, variant), set_name, timesteps)
+            unit = self.bundle_dir(backbone, step, method, n, seed, variant)
+            path = self.metrics_path(unit, set_name, timesteps)
             if not path.is_file():
                 return None
-            rows = [r for r in self.rows(path) if r.get("post", "none") == post]
+            wanted = post or self.output_post(unit)
+            rows = [r for r in self.rows(path) if r.get("post", "none") == wanted]
             per_seed.append({r["image"]: r[metric] for r in rows})
         images = sorted(set.intersection(*(set(d) for d in per_seed)))
         return {i: float(np.mean([d[i] for d in per_seed])) for i in images}
@@ -602,14 +600,21 @@ class Study:
         image_set: ImageSet,
         timesteps: Optional[Tuple[int, ...]] = None,
         fit_key: str = "",
-        postprocess: bool = False,
+        fit_names: Sequence[str] = (),
     ) -> List[Dict[str, Any]]:
-        """Per-image Dice, precision and recall of ``bundle`` on ``image_set`` (raw, and post-processed when asked)."""
+        """Per-image Dice, precision and recall of ``bundle`` on ``image_set``: raw (post "none")
+        and post-processed by the anatomy rule (post "rule": the bundle's, or for a model that
+        records none, the rule its labelled images ``fit_names`` give, so that every method's
+        post-processing is measured on validation)."""
         from tedm_core.pipelines.evaluate import dice_precision_recall
+        from tedm_core.postprocessing import ComponentRule
 
         prediction = self.predict(bundle, backbone_key, image_set, timesteps, fit_key)
         labels = prediction.labels
-        variants = [("none", labels)] + ([("largest2_fill", postprocess_lungs(labels))] if postprocess else [])
+        rule = bundle.component_rule or ComponentRule.learn(
+            self.labelled_pool_images(fit_names, bundle.intensity)[1], bundle.num_classes
+        )
+        variants = [("none", labels), ("rule", rule.apply(labels))]
         rows = []
         for post, predicted in variants:
             for name, p, t in zip(image_set.names, predicted, image_set.masks):
@@ -624,15 +629,13 @@ class Study:
         return bundle_path / "metrics" / f"{set_name}{tag}.csv"
 
     @staticmethod
-    def scored(metrics: Path, postprocess: bool) -> bool:
-        """Whether ``metrics`` holds what is asked: the post-processed rows too when ``postprocess``
-        (the checkpoint sweep scores without them, and the grid may find its unit already there)."""
-        if not metrics.is_file():
-            return False
-        return not postprocess or any(r.get("post") == "largest2_fill" for r in read_rows(metrics))
+    def scored(metrics: Path) -> bool:
+        """Whether ``metrics`` holds both kinds of rows (files of studies before session 16 hold no
+        "rule" rows: scored again)."""
+        return metrics.is_file() and any(r.get("post") == "rule" for r in read_rows(metrics))
 
     def evaluate_unit(
-        self, backbone_name, step, method, n, seed, variant, sets, timesteps=None, fit_timesteps=None, postprocess=False
+        self, backbone_name, step, method, n, seed, variant, sets, timesteps=None, fit_timesteps=None
     ) -> None:
         """Fit (if needed) and score on every set that has no metrics file yet."""
         path = self.bundle_dir(backbone_name, step, method, n, seed, variant)
@@ -640,7 +643,7 @@ class Study:
         todo = [
             s
             for s in sets
-            if not self.scored(self.metrics_path(path, s, timesteps), postprocess)
+            if not self.scored(self.metrics_path(path, s, timesteps))
             and (pool_left > 0 or not s.startswith("validation"))
         ]
         if not todo:
@@ -655,10 +658,11 @@ class Study:
             fit_key = self.fit_key(set_name, fit_names)
             tic = time.perf_counter()
             rows = self.score(
-                bundle, backbone_key, image_set, tuple(timesteps) if timesteps else None, fit_key, postprocess
+                bundle, backbone_key, image_set, tuple(timesteps) if timesteps else None, fit_key, fit_names
             )
             write_rows(self.metrics_path(path, set_name, timesteps), rows)
-            dice = [r["dice"] for r in rows if r["post"] == "none"]
+            output = "rule" if bundle.component_rule is not None else "none"
+            dice = [r["dice"] for r in rows if r["post"] == output]
             log.info(
                 "%s n=%d s=%d %s %s%s: Dice %.1f +- %.1f (%.0f s)",
                 method,
@@ -693,14 +697,13 @@ class Study:
                             seed,
                             variant,
                             spec.get("sets", validation),
-                            postprocess=True,
                         )
         # 1. the main grid: methods x n x seeds, on validation and test sets; the supervised
         # baseline (1,000 UNet training steps per fit) is its own part and runs last.
         for n in c["n"] if "main" in parts else ():
             for method in [m for m in c["methods"] if m != "baseline"]:
                 for seed in cxr_seeds(c, method, n):
-                    self.evaluate_unit(name, step, method, n, seed, "default", validation + test_sets, postprocess=True)
+                    self.evaluate_unit(name, step, method, n, seed, "default", validation + test_sets)
         # 2. single-step ablations: the TEDM head on one step (the paper's Table 2).
         for n in c.get("ablation", {}).get("n", []) if "ablation" in parts else ():
             for steps in map(ablation_steps, c["ablation"]["timesteps"]):
@@ -727,7 +730,7 @@ class Study:
         # 5. the supervised baseline, last: by far the most expensive fits.
         for n in c["n"] if "baseline" in parts and "baseline" in c["methods"] else ():
             for seed in cxr_seeds(c, "baseline", n):
-                self.evaluate_unit(name, step, "baseline", n, seed, "default", validation + test_sets, postprocess=True)
+                self.evaluate_unit(name, step, "baseline", n, seed, "default", validation + test_sets)
 
     # -- compute ------------------------------------------------------------------------------
     def run_compute(self) -> None:
@@ -986,7 +989,7 @@ class Report:
         self.lines: List[str] = []
         self.summary: Dict[str, Any] = {}
 
-    def tedm_scores(self, name, step, n: int, set_name: str, timesteps=None, post: str = "none"):
+    def tedm_scores(self, name, step, n: int, set_name: str, timesteps=None, post: Optional[str] = None):
         """TEDM's per-image Dice on one set, over the seeds the config runs it with."""
         seeds = cxr_seeds(self.config["cxr"], "tedm", n)
         return self.study.per_image(name, step, "tedm", n, seeds, "default", set_name, timesteps, post)
@@ -1082,18 +1085,27 @@ class Report:
             scores = self.tedm_scores(name, step, 3, set_name)
             if scores:
                 self.summary[key] = round(100 * float(np.mean(list(scores.values()))), 2)
-        # Post-processing, on validation sets only (it is a choice).
-        pp_lines = ["| set | n | Dice raw | largest 2 components + holes filled |", "|---|---|---|---|"]
-        for set_name in c.get("validation_sets", []):
-            for n in c["n"]:
-                raw = self.tedm_scores(name, step, n, set_name)
-                pp = self.tedm_scores(name, step, n, set_name, post="largest2_fill")
-                if raw and pp:
-                    pp_lines.append(
-                        f"| {set_name} | {n} | {_mean_std(list(raw.values()))} | "
-                        f"{_mean_std(list(pp.values()))} (p = {self.p_value(raw, pp):.2g}) |"
-                    )
-        self.lines += ["**Post-processing of TEDM (validation sets only)**", ""] + pp_lines + [""]
+        # Post-processing, on validation sets only: the choice per method (FitOptions.postprocess).
+        pp_lines = [
+            "| method | set | n | Dice raw | anatomy rule: the labelled masks' regions kept, holes filled |",
+            "|---|---|---|---|---|",
+        ]
+        for method in c["methods"]:
+            for set_name in c.get("validation_sets", []):
+                for n in c["n"]:
+                    unit = (name, step, method, n, cxr_seeds(c, method, n), "default", set_name)
+                    raw, pp = self.study.per_image(*unit, post="none"), self.study.per_image(*unit, post="rule")
+                    if raw and pp:
+                        difference = 100 * (np.mean(list(pp.values())) - np.mean(list(raw.values())))
+                        pp_lines.append(
+                            f"| {method} | {set_name} | {n} | {_mean_std(list(raw.values()))} | "
+                            f"{_mean_std(list(pp.values()))} ({difference:+.2f}, p = {self.p_value(raw, pp):.2g}) |"
+                        )
+        self.lines += [
+            "**Anatomy post-processing (validation sets only)**: TEDM, LEDM and LEDMe fitted on radiographs record "
+            "it (their tables above are post-processed), the baseline does not (raw above).",
+            "",
+        ] + pp_lines + [""]  # fmt: skip
         self.ablation(name, step, sets)
         self.probes(name, step)
         self.sweep(name)
@@ -1246,7 +1258,7 @@ class Report:
         for variant, spec in c["variants"].items():
             for method in spec.get("methods", ["tedm"]):
                 for n in spec.get("n", [3]):
-                    for post in ("none", "largest2_fill"):
+                    for post in ("none", "rule"):
                         cells = []
                         for set_name in sets:
                             unit = (name, spec.get("checkpoint", step), method, n, spec.get("seeds", [0]))

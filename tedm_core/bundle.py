@@ -36,6 +36,7 @@ from .model.checkpoint import (
     is_name_list,
     require,
 )
+from .postprocessing import ComponentRule
 from .preprocessing.intensity import IntensityConfig
 
 BUNDLE_FORMAT = 1
@@ -88,6 +89,10 @@ class ModelBundle:
     # all of them). The head still learns from all its timesteps (issue 10: see
     # FitOptions.inference_timesteps). Empty for bundles written before it existed.
     inference_timesteps: Tuple[int, ...] = ()
+    # Anatomy post-processing learnt from the labelled masks (postprocessing.ComponentRule), for
+    # whole 2D images only (issue 10: see FitOptions.postprocess). None for bundles written
+    # before it existed, and for models without it.
+    component_rule: Optional[ComponentRule] = None
     # Where it was loaded from and a hash of its files' bytes (None for a model made in memory):
     # outputs record which model made them (see io.outputs).
     source: Optional[Path] = None
@@ -111,6 +116,8 @@ class ModelBundle:
             raise ValueError(
                 f"inference timesteps {list(self.inference_timesteps)} must be a subset of a shared head's timesteps"
             )
+        if self.component_rule is not None and len(self.component_rule.max_regions) != len(self.class_names) - 1:
+            raise ValueError("component_rule needs one entry per structure (every class but the background)")
 
     @property
     def num_classes(self) -> int:
@@ -196,6 +203,7 @@ def _write_bundle_files(bundle: ModelBundle, folder: Path) -> None:
         "test_time_flip": bool(bundle.test_time_flip),
         "crop_dark_borders": bool(bundle.crop_dark_borders),
         "inference_timesteps": [int(t) for t in bundle.inference_timesteps],
+        "component_rule": bundle.component_rule.to_dict() if bundle.component_rule is not None else None,
         "head": bundle.head.config.to_dict() if bundle.head is not None else None,
         "backbone": bundle.backbone.metadata(),
         "training": bundle.training,
@@ -252,6 +260,7 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             test_time_flip=bool(meta.get("test_time_flip", False)),
             crop_dark_borders=bool(meta.get("crop_dark_borders", False)),
             inference_timesteps=tuple(meta.get("inference_timesteps", [])),
+            component_rule=ComponentRule.from_dict(meta["component_rule"]) if meta.get("component_rule") else None,
             source=path,
             fingerprint=_files_sha256([meta_path, path / BACKBONE_WEIGHTS, path / HEAD_WEIGHTS]),
         )
@@ -278,6 +287,8 @@ def model_fingerprint(bundle: ModelBundle) -> str:
         described += ("crop_dark_borders",)
     if bundle.inference_timesteps:
         described += tuple(bundle.inference_timesteps)
+    if bundle.component_rule is not None:
+        described += (bundle.component_rule,)
     digest = hashlib.sha256(repr(described).encode())
     for module in (bundle.backbone.unet, bundle.head):
         for name, tensor in module.state_dict().items() if module is not None else []:
@@ -323,6 +334,16 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
     for flag in ("test_time_flip", "crop_dark_borders"):
         require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
+    if meta.get("component_rule") is not None:
+        try:
+            rule = ComponentRule.from_dict(meta["component_rule"])
+        except ValueError as error:
+            raise BundleError(meta_path, f"component_rule is invalid ({error})") from None
+        require(
+            meta_path,
+            len(rule.max_regions) == len(names) - 1,
+            f"component_rule needs one entry per structure ({len(names) - 1}), got {len(rule.max_regions)}",
+        )
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
     check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")

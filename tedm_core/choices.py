@@ -33,6 +33,10 @@ PRECISION_HELP = (
     "auto: bf16 on CUDA; on a CPU fp32, except gradient-free UNet passes (segmenting, features to fit on), "
     "which run in bf16 where this CPU has native bf16 and measures it >= 1.2x faster"
 )
+NO_POSTPROCESS_HELP = (
+    "whole 2D images keep the model's raw labels, without the anatomy post-processing its bundle records "
+    "(at most as many regions per structure as its labelled masks had, holes filled where they had none)"
+)
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # of the UNet's activations
 PRESET_NAMES = ("tiny", "small", "small4", "paper")  # model.backbone.PRESETS, kept torch-free here (checked there)
 DEFAULT_PRESET = "small"

@@ -37,6 +37,7 @@ from .choices import (
     LEARNING_RATE_SCHEDULES,
     LOSSES,
     METHODS,
+    NO_POSTPROCESS_HELP,
     PRECISION_HELP,
     PRECISIONS,
     PRESET_NAMES,
@@ -261,6 +262,13 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         "the result back (default: on for radiograph backbones, off for volumes)",
     )
     p.add_argument(
+        "--postprocess",
+        action=argparse.BooleanOptionalAction,
+        help="learn from the labelled masks how many connected regions each structure has and whether it "
+        "has holes, and post-process whole 2D images' predictions to match (default: on for TEDM, LEDM and "
+        "LEDMe on radiograph backbones)",
+    )
+    p.add_argument(
         "--classes",
         nargs="+",
         default=["foreground"],
@@ -365,6 +373,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         test_time_flip=args.test_time_flip,
         # Auto (None): the radiograph rule of fit_bundle, but never on the slices of volumes.
         crop_dark_borders=False if args.crop_dark_borders is None and not from_2d_images else args.crop_dark_borders,
+        postprocess=False if args.postprocess is None and not from_2d_images else args.postprocess,
         **({"augment": args.augment} if args.augment else {}),
     )
     bundle.training["sources"] = sources
@@ -397,6 +406,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="predict with these timesteps only (single-step ablation of a TEDM head)",
     )
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help=NO_POSTPROCESS_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (also another model's)")
     _add_device_options(p, batch_size=True)
     p.set_defaults(func=_run_segment)
@@ -412,7 +422,12 @@ def _run_segment(args: argparse.Namespace) -> int:
     check_output_folder(args.input, args.output, model_dir=args.model)  # before the model is loaded
     bundle = load_bundle(args.model)
     segmenter = Segmenter(
-        bundle, device=args.device, batch_size=args.batch_size, precision=args.precision, timesteps=args.timesteps
+        bundle,
+        device=args.device,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        timesteps=args.timesteps,
+        postprocess=None if args.postprocess else False,
     )
     options = BatchOptions(
         overwrite=args.overwrite,

@@ -33,6 +33,7 @@ from ..features import DecoderFeatureExtractor, LevelFeatures
 from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
+from ..postprocessing import ComponentRule
 from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_policy
 from ..preprocessing.framing import crop_to_content
 from ..preprocessing.intensity import IntensityConfig, is_radiograph
@@ -84,11 +85,15 @@ class FitOptions:
     test_time_flip: bool = True
     # The bundle's dark-border cropping (ModelBundle.crop_dark_borders, preprocessing.framing):
     # None = on for radiograph backbones (percentile intensity), off otherwise; faces fitting on
-    # the slices of a volume pass False (pipelines.volume.crops_slices). Refining: None keeps the
+    # the slices of a volume pass False (pipelines.volume.is_whole_2d_image). Refining: None keeps the
     # bundle's. Chosen on validation (issue 10; docs/results/INFERENCE_LEVERS.md; TEDM n = 3, `small4`
     # at 1,750 steps): the re-framed pool images 91.0 -> 91.7 (p = 0.008), covid_v7 86.0 -> 86.0
     # (2 of 100 cropped, both better), the plain pool images unchanged (none cropped).
     crop_dark_borders: Optional[bool] = None
+    # The bundle's anatomy post-processing (ModelBundle.component_rule, postprocessing): learnt
+    # from the labelled masks, applied to whole 2D images. None = POSTPROCESSED_METHODS on
+    # radiograph backbones; refining keeps the bundle's, widened by the corrections.
+    postprocess: Optional[bool] = None
     # The head's timesteps whose predictions are averaged at inference (ModelBundle.inference_timesteps);
     # the head still learns from all of them. None = RADIOGRAPH_INFERENCE_TIMESTEPS for TEDM on
     # radiograph backbones, all of them otherwise; () = all of them.
@@ -218,6 +223,25 @@ def default_members(options: FitOptions, method: str, intensity: IntensityConfig
             raise SettingError("members", f"must be a whole number of at least 1, got {options.members!r}")
         return options.members
     return RADIOGRAPH_ENSEMBLE_MEMBERS if method == "tedm" and is_radiograph(intensity) else 1
+
+
+# Anatomy post-processing (at most as many regions per structure as the labelled masks had, holes
+# filled where they had none: for the Shenzhen lungs, the two largest regions and no holes) was
+# chosen on validation (issue 10, session 16; docs/results/RESULTS_cxr_session15.md and README,
+# the study's units at 2,500 steps, seeds averaged per image, paired Wilcoxon against the raw
+# output). TEDM at n = 1 / 3 / 6 / 12: covid_v7 +0.03 / +0.15 / +0.20 / +0.45 (p <= 9e-05), the
+# pool images +0.04 to +0.11 (worse on at most 1 of the 28-40 images at n >= 3); LEDM and LEDMe +0.01 to
+# +0.19 on every set and n. The supervised baseline lost out of domain (covid_v7 -0.9 / -1.0 at
+# n = 1 / 3: its fragmented lungs lose real regions), so it keeps its raw output; the probes are
+# a diagnostic and stay raw too.
+POSTPROCESSED_METHODS = ("tedm", "ledm", "ledme")
+
+
+def learns_component_rule(options: FitOptions, method: str, intensity: IntensityConfig) -> bool:
+    """Whether a model fitted with ``options`` records an anatomy post-processing rule."""
+    if options.postprocess is not None:
+        return bool(options.postprocess)
+    return method in POSTPROCESSED_METHODS and is_radiograph(intensity)
 
 
 def crops_dark_borders(options: FitOptions, intensity: IntensityConfig) -> bool:
@@ -696,6 +720,11 @@ def fit_bundle(
         backbone.unet.cpu()
     training.update(method=method, steps=steps, seconds=round(time.perf_counter() - tic, 1))
     log.info("fitted %s on %d slices in %.1f s", method, grid.shape[0], training["seconds"])
+    rule = (
+        ComponentRule.learn(labels, len(class_names))
+        if learns_component_rule(options, method, backbone.intensity)
+        else None
+    )
     return ModelBundle(
         method=method,
         backbone=fitted,
@@ -708,6 +737,7 @@ def fit_bundle(
         test_time_flip=options.test_time_flip,
         crop_dark_borders=crop,
         inference_timesteps=inference_timesteps,
+        component_rule=rule,
     )
 
 
@@ -805,6 +835,10 @@ def refine_bundle(
     )
     if anchor is not None:
         training["refine_anchor_slices"] = int(anchor.labels.shape[0])
+    rule = None if options.postprocess is False else bundle.component_rule
+    if rule is not None:
+        # The corrections are true anatomy too: a structure drawn with more regions widens the rule.
+        rule = rule.merged(ComponentRule.learn(labels, bundle.num_classes))
     return ModelBundle(
         bundle.method,
         bundle.backbone,
@@ -817,6 +851,7 @@ def refine_bundle(
         bundle.test_time_flip,
         bundle.crop_dark_borders,
         bundle.inference_timesteps,
+        component_rule=rule,
     )
 
 

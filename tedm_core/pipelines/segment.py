@@ -121,6 +121,9 @@ class Segmenter:
             (default: what the bundle records, ``ModelBundle.test_time_flip``). Twice the work.
         crop_dark_borders: crop each slice's dark border bands first and paste its result back
             (default: what the bundle records, ``ModelBundle.crop_dark_borders``).
+        postprocess: False: no anatomy post-processing of whole 2D images' labels (default: the
+            bundle's ``ModelBundle.component_rule``, kept as ``component_rule``; applied by
+            ``pipelines.volume.segment_volume``, never to raw probabilities).
     """
 
     def __init__(
@@ -133,8 +136,10 @@ class Segmenter:
         memory_format: str = "auto",
         test_time_flip: Optional[bool] = None,
         crop_dark_borders: Optional[bool] = None,
+        postprocess: Optional[bool] = None,
     ) -> None:
         self.bundle = bundle
+        self.component_rule = None if postprocess is False else bundle.component_rule
         self.test_time_flip = bool(bundle.test_time_flip if test_time_flip is None else test_time_flip)
         self.crop_dark_borders = bool(bundle.crop_dark_borders if crop_dark_borders is None else crop_dark_borders)
         self.device = resolve_device(device)
@@ -199,6 +204,7 @@ class Segmenter:
             "precision": self.precision,
             "test_time_flip": self.test_time_flip,
             "crop_dark_borders": self.crop_dark_borders,
+            "postprocess": self.component_rule.to_dict() if self.component_rule is not None else None,
         }
 
     def close(self) -> None:
@@ -250,7 +256,7 @@ class Segmenter:
         """``slices`` (N, C, H, W) float32, normalised with the bundle's intensity config.
 
         ``crop_dark_borders`` overrides the segmenter's for this call (False for the slices of a
-        volume, which keep one common geometry: see ``pipelines.volume.crops_slices``)."""
+        volume, which keep one common geometry: see ``pipelines.volume.is_whole_2d_image``)."""
         crop = self._crops(crop_dark_borders)
         slices = self._check_slices(slices)
         probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])

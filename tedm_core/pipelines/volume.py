@@ -86,10 +86,12 @@ def nonempty_slice_mask(slices: np.ndarray) -> np.ndarray:
     return (slices.reshape(slices.shape[0], -1) > -1.0 + EMPTY_SLICE_TOLERANCE).any(axis=1)
 
 
-def crops_slices(num_slices: int) -> bool:
-    """Whether a model that crops dark borders (``ModelBundle.crop_dark_borders``) may crop the
-    slices of an image with ``num_slices`` slices along its axis: only a whole 2D image's (a
-    radiograph); the slices of a volume keep one common geometry."""
+def is_whole_2d_image(num_slices: int) -> bool:
+    """Whether an image with ``num_slices`` slices along its axis is one whole 2D image (a
+    radiograph), the only kind whose slice may be cropped of dark borders
+    (``ModelBundle.crop_dark_borders``: a volume's slices keep one common geometry) and
+    post-processed as anatomy (``ModelBundle.component_rule``: a volume's slices cut a 3D
+    structure into any number of 2D regions)."""
     return num_slices == 1
 
 
@@ -124,7 +126,7 @@ def segment_volume(
     n, (h, w) = layout.num_slices, layout.slice_shape
     # A volume's slices keep one geometry: dark borders are cropped only from whole 2D images.
     cropping = getattr(segmenter, "crop_dark_borders", False)
-    per_call = {"crop_dark_borders": False} if cropping and not crops_slices(layout.num_slices) else {}
+    per_call = {"crop_dark_borders": False} if cropping and not is_whole_2d_image(layout.num_slices) else {}
     if progress is not None:
         progress(0, len(keep))
     uncertainty = np.zeros((n, h, w), dtype=np.float32)
@@ -143,6 +145,9 @@ def segment_volume(
         labels = np.zeros((n, h, w), dtype=np.uint8)
         if len(keep):
             segmenter.predict_into(slices, keep, labels, uncertainty, progress=progress, cancel=cancel, **per_call)
+    rule = getattr(segmenter, "component_rule", None)
+    if rule is not None and is_whole_2d_image(n):
+        labels = rule.apply(labels)
     del slices  # the normalised volume: not needed for reassembly
     return VolumeSegmentation(
         labels=reassemble(labels, layout),
