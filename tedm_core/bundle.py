@@ -301,6 +301,22 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     """Every field of ``bundle.json`` checked against the others before any weight is read: an
     edited description that contradicts itself (3 classes and a 1-output head, an unknown axis,
     impossible label values) is refused naming the field, never turned into silent garbage."""
+    _check_model_description(meta_path, meta)
+    if meta.get("component_rule") is not None:
+        try:
+            rule = ComponentRule.from_dict(meta["component_rule"])
+        except ValueError as error:
+            raise BundleError(meta_path, f"component_rule is invalid ({error})") from None
+        structures = len(meta["class_names"]) - 1
+        require(
+            meta_path,
+            len(rule.max_regions) == structures,
+            f"component_rule needs one entry per structure ({structures}), got {len(rule.max_regions)}",
+        )
+
+
+def _check_model_description(meta_path: Path, meta: Dict[str, Any]) -> None:
+    """The classes, the backbone and the head."""
     for key in ("method", "class_names", "label_values", "backbone"):
         require(meta_path, key in meta, f"missing entry {key!r}")
     method = meta["method"]
@@ -334,16 +350,6 @@ def check_bundle_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
     for flag in ("test_time_flip", "crop_dark_borders"):
         require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
-    if meta.get("component_rule") is not None:
-        try:
-            rule = ComponentRule.from_dict(meta["component_rule"])
-        except ValueError as error:
-            raise BundleError(meta_path, f"component_rule is invalid ({error})") from None
-        require(
-            meta_path,
-            len(rule.max_regions) == len(names) - 1,
-            f"component_rule needs one entry per structure ({len(names) - 1}), got {len(rule.max_regions)}",
-        )
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
     check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")

@@ -82,7 +82,7 @@ def test_radiograph_models_record_the_rule_and_the_baseline_volumes_and_old_bund
     assert bundle.component_rule == ComponentRule((1,), (True,))
     assert load_bundle(save_bundle(bundle, tmp_path / "again")).component_rule == bundle.component_rule
     images, masks = synthetic_disc_images(2, size=32, seed=4)
-    common = dict(steps=2, device="cpu", show_progress=False)
+    common = {"steps": 2, "device": "cpu", "show_progress": False}
     assert fit_bundle(bundle.backbone, images, masks, "baseline", **common).component_rule is None
     assert fit_bundle(bundle.backbone, images, masks, postprocess=False, **common).component_rule is None
     mri = fit_bundle(replace(bundle.backbone, intensity=MULTIMODAL_MRI), images, masks, **common)
