@@ -149,3 +149,48 @@ def test_a_whole_2d_image_is_post_processed_the_slices_of_a_volume_never(tiny_bu
     assert np.array_equal(session.segment(bundle, axis="k", device="cpu").labels, processed)
     session = InteractiveSession(stack)
     assert np.array_equal(session.segment(bundle, axis="k", device="cpu").labels, raw_stack)
+
+
+def test_the_command_line_fits_the_rule_segments_with_it_and_never_mixes_raw_outputs_in(
+    tiny_backbone_dir, tmp_path, capsys
+):
+    """``tedm fit`` on radiographs records the rule, ``tedm segment`` writes post-processed
+    masks and records it; the same folder is refused to a ``--no-postprocess`` run (a resumed
+    batch must not mix raw and post-processed outputs), a new folder gets the raw labels."""
+    from PIL import Image
+
+    from tedm_core.cli import main
+    from tedm_core.io.outputs import read_provenance
+
+    images_dir, masks_dir, test_dir = tmp_path / "images", tmp_path / "masks", tmp_path / "test"
+    for folder in (images_dir, masks_dir, test_dir):
+        folder.mkdir()
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    for i in range(3):
+        Image.fromarray(((images[i, 0] + 1) * 127.5).astype(np.uint8)).save(images_dir / f"c{i}.png")
+        Image.fromarray((masks[i] * 255).astype(np.uint8)).save(masks_dir / f"c{i}.png")
+    test, _ = synthetic_disc_images(2, size=32, seed=11)
+    test[:, :, 25:31, 1:7] = 0.6  # a second bright blob, apart from the disc
+    for i in range(2):
+        Image.fromarray(((test[i, 0] + 1) * 127.5).astype(np.uint8)).save(test_dir / f"t{i}.png")
+    bundle_dir = tmp_path / "bundle"
+    fit = ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(images_dir), "--masks", str(masks_dir)]
+    assert main(fit + ["--out", str(bundle_dir), "--steps", "30", "--device", "cpu"]) == 0
+    assert load_bundle(bundle_dir).component_rule == ComponentRule((1,), (True,))
+    segment = ["segment", "--model", str(bundle_dir), "--input", str(test_dir), "--device", "cpu"]
+    assert main(segment + ["--output", str(tmp_path / "out")]) == 0
+    assert read_provenance(tmp_path / "out")["postprocess"] == {"max_regions": [1], "fill_holes": [True]}
+    capsys.readouterr()
+    assert main(segment + ["--output", str(tmp_path / "out"), "--no-postprocess"]) != 0
+    err = capsys.readouterr().err
+    assert "postprocess" in err and "out" in err
+    assert main(segment + ["--output", str(tmp_path / "raw"), "--no-postprocess"]) == 0
+    assert read_provenance(tmp_path / "raw")["postprocess"] is None
+    raw_regions = []
+    for i in range(2):
+        processed = np.array(Image.open(next((tmp_path / "out").glob(f"t{i}*.png")))) > 0
+        raw = np.array(Image.open(next((tmp_path / "raw").glob(f"t{i}*.png")))) > 0
+        raw_regions.append(regions(raw))
+        assert regions(processed) <= 1
+        assert np.array_equal(processed, ComponentRule((1,), (True,)).apply(raw.astype(np.uint8)) > 0)
+    assert max(raw_regions) >= 2  # the model painted the second blob: there was something to remove

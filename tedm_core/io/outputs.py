@@ -24,7 +24,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 PROVENANCE_FILE = ".tedm_outputs.json"
 # The fields of a provenance record that decide the outputs' content; the others (device, when)
 # are kept for the reader only.
-IDENTITY_FIELDS = ("convention", "model_sha256", "timesteps", "axis")
+IDENTITY_FIELDS = ("convention", "model_sha256", "timesteps", "axis", "postprocess")
 # Reader-only fields in which the runs writing one folder may differ: a resumed batch on another
 # machine, or one whose `auto` precision was measured the other way (a timing can tip between
 # processes). Its record keeps the earlier runs' values, so it never passes the outputs already
