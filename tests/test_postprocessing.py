@@ -149,6 +149,14 @@ def test_a_whole_2d_image_is_post_processed_the_slices_of_a_volume_never(tiny_bu
     assert np.array_equal(session.segment(bundle, axis="k", device="cpu").labels, processed)
     session = InteractiveSession(stack)
     assert np.array_equal(session.segment(bundle, axis="k", device="cpu").labels, raw_stack)
+    # A model fitted in the session on a volume records no rule; on a whole 2D image it does.
+    drawn = np.zeros(raw_stack.shape, np.uint8)
+    drawn[1, 10:20, 10:20] = 1
+    session.fit(bundle.backbone, drawn, ["background", "disc"], axis="k", device="cpu", steps=2)
+    assert session.bundle.component_rule is None
+    session = InteractiveSession(single)
+    session.fit(bundle.backbone, drawn[1:2], ["background", "disc"], axis="k", device="cpu", steps=2)
+    assert session.bundle.component_rule == ComponentRule((1,), (True,))
 
 
 def test_the_command_line_fits_the_rule_segments_with_it_and_never_mixes_raw_outputs_in(

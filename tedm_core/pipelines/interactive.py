@@ -237,7 +237,7 @@ class InteractiveSession:
             progress=reporter.stage(0.02, 0.5, "training step"),
             cancel=reporter.cancelled,
             show_progress=False,
-            **self._cropping(),
+            **self._per_image_options(),
         )
         self.fitted_here = True
         reporter.check()
@@ -292,7 +292,7 @@ class InteractiveSession:
             anchor_labels=self.written[anchors] if anchors else None,
             anchor_features=self._cached(anchors) if anchors else None,
             show_progress=False,
-            **self._cropping(),
+            **self._per_image_options(),
         )
         reporter.check()
         labels, uncertainty, slices_run = self._reapply_head(reporter, 0.8, 0.98)
@@ -414,13 +414,16 @@ class InteractiveSession:
     def _segmenter_for(self, bundle: ModelBundle) -> Segmenter:
         if self._segmenter is None or self._segmenter.bundle is not bundle:
             self._release_segmenter()
-            self._segmenter = Segmenter(bundle, device=self.device, **self._cropping())
+            self._segmenter = Segmenter(bundle, device=self.device, **self._per_image_options())
         return self._segmenter
 
-    def _cropping(self) -> dict:
-        """No dark-border cropping on the slices of a volume (``pipelines.volume.is_whole_2d_image``):
-        the keyword that turns it off for a segmenter, a fit or a refine, else nothing."""
-        return {} if is_whole_2d_image(self.layout.num_slices) else {"crop_dark_borders": False}
+    def _per_image_options(self) -> dict:
+        """No dark-border cropping and no anatomy post-processing on the slices of a volume
+        (``pipelines.volume.is_whole_2d_image``): the keywords that turn them off for a segmenter,
+        a fit or a refine (so a model fitted here on a volume records no rule), else nothing."""
+        if is_whole_2d_image(self.layout.num_slices):
+            return {}
+        return {"crop_dark_borders": False, "postprocess": False}
 
     def _release_segmenter(self) -> None:
         if self._segmenter is not None:
