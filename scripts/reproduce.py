@@ -1102,8 +1102,9 @@ class Report:
                             f"{_mean_std(list(pp.values()))} ({difference:+.2f}, p = {self.p_value(raw, pp):.2g}) |"
                         )
         self.lines += [
-            "**Anatomy post-processing (validation sets only)**: TEDM, LEDM and LEDMe fitted on radiographs record "
-            "it (their tables above are post-processed), the baseline does not (raw above).",
+            "**Anatomy post-processing (validation sets only)**: the tables above show each model's output, "
+            "post-processed where its bundle records the rule (by default TEDM, LEDM and LEDMe on radiographs: "
+            "pipelines.fit.POSTPROCESSED_METHODS), raw otherwise.",
             "",
         ] + pp_lines + [""]  # fmt: skip
         self.ablation(name, step, sets)
