@@ -233,7 +233,7 @@ def test_widget_defaults_come_from_tedm_core_choices():
             for item in node.body:
                 if isinstance(item, ast.AnnAssign) and item.value is not None:
                     defaults[item.target.id] = ast.unparse(item.value)
-    assert defaults["refineSteps"] == "DEFAULT_REFINE_STEPS" and choices.DEFAULT_REFINE_STEPS == 40
+    assert defaults["refineSteps"] == "DEFAULT_REFINE_STEPS" and choices.DEFAULT_REFINE_STEPS == 120
     assert defaults["fitSteps"] == "DEFAULT_HEAD_STEPS"
     from TEDMSlicerLib import logic
 

@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
 CancelCheck = Callable[[], bool]
 
-# Refine (measured on a whole BraTS volume, `small` backbone, CPU): 40 steps at 1e-3 with 2
-# random timesteps per slice and 2 of the anchor slices per step, their loss weighted 2x (more
-# anchor weight kept the Dice on uncorrected slices higher); see benchmarks/refine_vs_segment.py.
+# Refine (measured on a whole BraTS volume, `small` backbone, CPU): DEFAULT_REFINE_STEPS steps
+# (40 until session 16) at 1e-3 with 2 random timesteps per slice and 2 of the anchor slices per
+# step, their loss weighted 2x (more anchor weight kept the Dice on uncorrected slices higher);
+# see benchmarks/refine_vs_segment.py.
 DEFAULT_REFINE_LEARNING_RATE = 1e-3
 REFINE_TIMESTEPS_PER_IMAGE = 2
 REFINE_ANCHOR_WEIGHT = 2.0
