@@ -228,13 +228,13 @@ def default_members(options: FitOptions, method: str, intensity: IntensityConfig
 
 # Anatomy post-processing (at most as many regions per structure as the labelled masks had, holes
 # filled where they had none: for the Shenzhen lungs, the two largest regions and no holes) was
-# chosen on validation (issue 10, session 16; docs/results/RESULTS_cxr_session15.md and README,
-# the study's units at 2,500 steps, seeds averaged per image, paired Wilcoxon against the raw
-# output). TEDM at n = 1 / 3 / 6 / 12: covid_v7 +0.03 / +0.15 / +0.20 / +0.45 (p <= 9e-05), the
-# pool images +0.04 to +0.11 (worse on at most 1 of the 28-40 images at n >= 3); LEDM and LEDMe +0.01 to
-# +0.19 on every set and n. The supervised baseline lost out of domain (covid_v7 -0.9 / -1.0 at
-# n = 1 / 3: its fragmented lungs lose real regions), so it keeps its raw output; the probes are
-# a diagnostic and stay raw too.
+# chosen on validation (issue 10, session 16; docs/results/RESULTS_cxr_session16.md, "Anatomy
+# post-processing": the study's units at 2,500 steps, seeds averaged per image, paired Wilcoxon
+# against the raw output). TEDM at n = 1 / 3 / 6 / 12: covid_v7 +0.03 / +0.15 / +0.20 / +0.45
+# (p <= 9e-05), the pool images +0.02 to +0.09; LEDM and LEDMe +0.01 to +0.19 on every set and n;
+# none of the three lower anywhere. The supervised baseline lost out of domain (covid_v7 -0.9 /
+# -1.0 at n = 1 / 3: its fragmented lungs lose real regions), so it keeps its raw output; the
+# probes are a diagnostic and stay raw too.
 POSTPROCESSED_METHODS = ("tedm", "ledm", "ledme")
 
 
