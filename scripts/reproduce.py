@@ -1338,7 +1338,8 @@ class Report:
                     cells[n] = {r["image"]: r["dice"] for r in read_rows(path)}
             rows.append((self.METHOD_NAMES.get(method, method), cells))
         self.lines += ["## BraTS whole tumour, 3D Dice x 100 on the held-out subjects", ""]
-        self.lines += self.table("BraTS", rows, b["n_subjects"], lambda n: f"{n} labelled subject(s)")
+        if rows:  # (a curve-only config fits no methods)
+            self.lines += self.table("BraTS", rows, b["n_subjects"], lambda n: f"{n} labelled subject(s)")
         refine_dir = self.study.work / "brats" / "refine"
         records = [read_json(p) for p in sorted(refine_dir.glob("*.json"))] if refine_dir.is_dir() else []
         if not records:
