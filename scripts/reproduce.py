@@ -600,20 +600,14 @@ class Study:
         image_set: ImageSet,
         timesteps: Optional[Tuple[int, ...]] = None,
         fit_key: str = "",
-        fit_names: Sequence[str] = (),
+        rule=None,
     ) -> List[Dict[str, Any]]:
         """Per-image Dice, precision and recall of ``bundle`` on ``image_set``: raw (post "none")
-        and post-processed by the anatomy rule (post "rule": the bundle's, or for a model that
-        records none, the rule its labelled images ``fit_names`` give, so that every method's
-        post-processing is measured on validation)."""
+        and post-processed by the anatomy ``rule`` (post "rule": ``Study.anatomy_rule``)."""
         from tedm_core.pipelines.evaluate import dice_precision_recall
-        from tedm_core.postprocessing import ComponentRule
 
         prediction = self.predict(bundle, backbone_key, image_set, timesteps, fit_key)
         labels = prediction.labels
-        rule = bundle.component_rule or ComponentRule.learn(
-            self.labelled_pool_images(fit_names, bundle.intensity)[1], bundle.num_classes
-        )
         variants = [("none", labels), ("rule", rule.apply(labels))]
         rows = []
         for post, predicted in variants:
@@ -621,6 +615,16 @@ class Study:
                 d, pr, r = dice_precision_recall(p > 0, t > 0)
                 rows.append({"image": name, "post": post, "dice": d, "precision": pr, "recall": r})
         return rows
+
+    def anatomy_rule(self, bundle, fit_names: Sequence[str]):
+        """The rule a unit's "rule" rows apply: its bundle's, or for a model that records none, the
+        rule its labelled images ``fit_names`` give, so that every method's post-processing is
+        measured on validation."""
+        from tedm_core.postprocessing import ComponentRule
+
+        if bundle.component_rule is not None:
+            return bundle.component_rule
+        return ComponentRule.learn(self.labelled_pool_images(fit_names, bundle.intensity)[1], bundle.num_classes)
 
     @staticmethod
     def metrics_path(bundle_path: Path, set_name: str, timesteps: Optional[Sequence[int]] = None) -> Path:
@@ -650,6 +654,7 @@ class Study:
             return
         bundle = self.fit(backbone_name, step, method, n, seed, variant, fit_timesteps)
         fit_names = self.fit_subset(n, seed)
+        rule = self.anatomy_rule(bundle, fit_names)
         backbone_key = f"{backbone_name}@{step}"
         for set_name in todo:
             image_set = self.image_set(set_name, bundle.intensity, fit_names)
@@ -657,9 +662,7 @@ class Study:
                 continue
             fit_key = self.fit_key(set_name, fit_names)
             tic = time.perf_counter()
-            rows = self.score(
-                bundle, backbone_key, image_set, tuple(timesteps) if timesteps else None, fit_key, fit_names
-            )
+            rows = self.score(bundle, backbone_key, image_set, tuple(timesteps) if timesteps else None, fit_key, rule)
             write_rows(self.metrics_path(path, set_name, timesteps), rows)
             output = "rule" if bundle.component_rule is not None else "none"
             dice = [r["dice"] for r in rows if r["post"] == output]
