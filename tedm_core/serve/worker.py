@@ -43,8 +43,10 @@ def preload_job_imports() -> None:
     torch._dynamo too: torch's optimizers import it when the first one is built (cProfile: 1.5-2 s
     inside the first Refine after a loaded model's Segment). Measured in session 16, one thread,
     BraTS CBICA_AAB (whole volume) with the benchmark's model, four pairs: first Refine 8.0 / 8.2 /
-    8.5 / 7.7 s without, 8.0 / 6.0 / 6.2 / 7.6 s with this preload (/tmp script; the worker's
-    InteractiveSession in one process, as ``tedm serve`` runs it)."""
+    8.5 / 7.7 s without, 8.0 / 6.0 / 6.2 / 7.6 s with this preload (an ad-hoc script: a loaded
+    model's Segment, then Refine after two corrected slices, through InteractiveSession as the
+    worker runs it; ``benchmarks/benchmark.py --refine-only`` fits its model first, so it never
+    paid this import)."""
     import torch._dynamo  # noqa: F401
 
     from ..bundle import load_bundle  # noqa: F401
