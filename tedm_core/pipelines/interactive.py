@@ -35,7 +35,14 @@ from ..runtime import describe_device, free_device_memory, resolve_device
 from ..slicing import SliceLayout, extract_slices, reassemble, to_slices
 from .fit import choose_anchor_slices, fit_bundle, refine_bundle
 from .segment import FeatureCache, Segmenter
-from .volume import check_channels, is_whole_2d_image, nonempty_slice_mask, normalise_volume, resolve_axis
+from .volume import (
+    as_anatomy,
+    check_channels,
+    is_whole_2d_image,
+    nonempty_slice_mask,
+    normalise_volume,
+    resolve_axis,
+)
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +463,7 @@ class InteractiveSession:
                 self.features = prediction.features
                 self.feature_rows[run] = np.arange(len(run))
         reporter.log(f"{len(run)} of {n} slices hold image content and went through the model.")
-        return self._as_anatomy(labels, bundle), uncertainty, int(len(run))
+        return as_anatomy(labels, self._segmenter_for(bundle), n), uncertainty, int(len(run))
 
     def _reapply_head(self, reporter: Reporter, start: float, end: float) -> Tuple[np.ndarray, np.ndarray, int]:
         """The refined head on the cached features of every slice: no UNet pass."""
@@ -471,13 +478,7 @@ class InteractiveSession:
         uncertainty = np.zeros((n, height, width), dtype=np.float32)
         labels[run] = prediction.labels[self.feature_rows[run]]
         uncertainty[run] = prediction.uncertainty[self.feature_rows[run]]
-        return self._as_anatomy(labels, self.bundle), uncertainty, int(len(run))
-
-    def _as_anatomy(self, labels: np.ndarray, bundle: ModelBundle) -> np.ndarray:
-        """A whole 2D image's labels post-processed by the model's rule (``ModelBundle.component_rule``,
-        as ``segment_volume`` does); a volume's slices as they are."""
-        rule = bundle.component_rule
-        return rule.apply(labels) if rule is not None and is_whole_2d_image(self.layout.num_slices) else labels
+        return as_anatomy(labels, self._segmenter_for(self.bundle), n), uncertainty, int(len(run))
 
     def _cached(self, indices: Sequence[int]):
         """The cached features of these slices (per level), or None when any is not cached."""

@@ -95,6 +95,14 @@ def is_whole_2d_image(num_slices: int) -> bool:
     return num_slices == 1
 
 
+def as_anatomy(labels: np.ndarray, segmenter, num_slices: int) -> np.ndarray:
+    """``labels`` (N, H, W) of an image with ``num_slices`` slices, post-processed by the
+    segmenter's anatomy rule (``Segmenter.component_rule``) when the image is one whole 2D image;
+    a volume's slices as they are."""
+    rule = getattr(segmenter, "component_rule", None)
+    return rule.apply(labels) if rule is not None and is_whole_2d_image(num_slices) else labels
+
+
 def segment_volume(
     segmenter,
     volume: Volume,
@@ -145,9 +153,7 @@ def segment_volume(
         labels = np.zeros((n, h, w), dtype=np.uint8)
         if len(keep):
             segmenter.predict_into(slices, keep, labels, uncertainty, progress=progress, cancel=cancel, **per_call)
-    rule = getattr(segmenter, "component_rule", None)
-    if rule is not None and is_whole_2d_image(n):
-        labels = rule.apply(labels)
+    labels = as_anatomy(labels, segmenter, n)
     del slices  # the normalised volume: not needed for reassembly
     return VolumeSegmentation(
         labels=reassemble(labels, layout),
