@@ -23,6 +23,7 @@ from torch import nn
 
 from .choices import HEAD_METHODS, canonical_method
 from .features import LEDM_TIMESTEPS, TEDM_TIMESTEPS, LevelFeatures
+from .runtime import active_autocast_dtype
 
 HEAD_DESIGNS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
     # method: (how timesteps reach the MLP, default timesteps, hidden widths)
@@ -91,33 +92,46 @@ class PixelMLP(nn.Module):
             return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def _first_layer(
-        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], accumulate_in_place: bool
-    ) -> torch.Tensor:
-        """The summed per-level projections at ``size``, channels-last (N, hidden, *size)."""
+    def _first_layer(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """The summed per-level projections at ``size``, channels-last (N, hidden, *size).
+
+        Summed in place, under autograd too: neither the upsampling nor the convolution needs
+        its output for its gradient (an out-of-place sum took a sixth of Refine's training)."""
         hidden = None
-        dtype = self.first[0].weight.dtype
+        # Under autocast the convolutions compute in autocast's dtype (bf16): converting the
+        # features straight to it gives them the same values (float16 and bfloat16 values are
+        # exact in float32) and writes half the bytes of a float32 copy that autocast would
+        # convert again (re-applying a refined head to a BraTS volume's cached features, one
+        # thread: copies 1.3 -> s; see README, Performance, "Session 17").
+        dtype = active_autocast_dtype(levels[0].device.type) or self.first[0].weight.dtype
         for conv, feats in zip(self.first, levels):
             # One copy does both the dtype change (float16 caches) and the layout change; none
-            # when the features come channels-last float32 from the UNet already.
+            # when the features come channels-last in that dtype from the UNet already.
             if feats.dtype != dtype or not feats.is_contiguous(memory_format=torch.channels_last):
                 feats = torch.empty(
                     feats.shape, dtype=dtype, device=feats.device, memory_format=torch.channels_last
                 ).copy_(feats)
             projected = self._resize(conv(feats), size)
-            if hidden is None:
-                hidden = projected
-            elif accumulate_in_place:
-                hidden.add_(projected)
-            else:
-                hidden = hidden + projected
+            hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
 
     def forward(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """levels: (N, C_l, h_l, w_l) each -> logits (N, K, *size)."""
-        if not self.training and not torch.is_grad_enabled():
+        if self.training:
+            return self.rest(self._first_layer(levels, size)).contiguous()
+        if not torch.is_grad_enabled():
             return self._predict_logits(levels, size)
-        return self.rest(self._first_layer(levels, size, accumulate_in_place=False)).contiguous()
+        # Eval mode with gradients (Refine's frozen statistics): BatchNorm is an affine map, so it
+        # is folded into the next convolution as at inference, and autograd differentiates the
+        # folding. The same gradients up to float rounding, without BatchNorm's passes over the
+        # hidden maps, forwards and backwards (a third of Refine's training, session 17).
+        return self._rest_folded(self._first_layer(levels, size), self.folded_layers()).contiguous()
+
+    @staticmethod
+    def _rest_folded(hidden: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        for weight, bias in layers:
+            hidden = F.conv2d(hidden.relu_(), weight[:, :, None, None], bias)
+        return hidden
 
     def folded_layers(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """The layers after the first as (weight (out, in), bias) pairs, each eval-mode BatchNorm
@@ -141,9 +155,7 @@ class PixelMLP(nn.Module):
         layers = self.folded_layers()
         outputs = []
         for start in range(0, total, chunk):
-            out = self._first_layer([f[start : start + chunk] for f in levels], size, accumulate_in_place=True)
-            for weight, bias in layers:
-                out = F.conv2d(out.relu_(), weight[:, :, None, None], bias)
+            out = self._rest_folded(self._first_layer([f[start : start + chunk] for f in levels], size), layers)
             outputs.append(out.contiguous())
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -309,7 +321,10 @@ class FeatureHead(nn.Module):
         per_step = self.per_step_probabilities(features, size)
         mean = per_step.mean(dim=1)
         if per_step.shape[1] > 1:
-            spread = per_step.std(dim=1, unbiased=False).amax(dim=1)
+            # Written out, not Tensor.std: torch's CPU std over this middle dimension took 29 ms
+            # for 16 slices x 8 steps of a 64 x 64 two-class head, this 1 ms (one thread, session
+            # 17), the same values to 6e-8.
+            spread = (per_step - mean[:, None]).square_().mean(dim=1).sqrt_().amax(dim=1)
         else:
             spread = torch.zeros_like(mean[:, 0])
         return mean, spread

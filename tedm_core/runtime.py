@@ -163,11 +163,18 @@ def explicit_attention_pays(device: torch.device) -> bool:
     ``benchmarks/benchmark.py`` prints the default against SDPA), while in fp32 SDPA is the
     faster (``model.backbone.build_unet``). CUDA keeps SDPA (its fused kernels are the reason it
     exists)."""
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and active_autocast_dtype("cpu") == torch.bfloat16
+
+
+def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device_type`` right now, or ``None`` outside autocast."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    elif device_type == "cpu":
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    else:
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
 
 
 def free_device_memory(device: torch.device) -> Optional[int]:

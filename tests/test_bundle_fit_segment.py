@@ -347,6 +347,24 @@ def test_predict_from_features_equals_predict(tiny_bundle_dir):
     np.testing.assert_allclose(exact.probabilities, rounded.predict(images).probabilities, atol=1e-6)
 
 
+def test_bf16_passes_cache_their_features_exactly_and_channels_last(tiny_bundle_dir):
+    """A bf16 segmenter caches the UNet's bf16 features as they are (no float16 rounding), each
+    map channels-last, so re-applying the head reads them without a copy and gives exactly the
+    probabilities ``predict`` gave."""
+    bundle = load_bundle(tiny_bundle_dir)
+    images, _ = synthetic_disc_images(5, size=40, seed=62)
+    segmenter = Segmenter(bundle, device="cpu", batch_size=2, precision="bf16")
+    first = segmenter.predict(images, keep_features=True)
+    cache = first.features
+    for level in cache.levels + cache.flipped:
+        assert level.dtype == torch.bfloat16
+        n, s, c, h, w = level.shape
+        assert level[:3].reshape(3 * s, c, h, w).is_contiguous(memory_format=torch.channels_last)
+    again = segmenter.predict_from_features(cache)
+    np.testing.assert_array_equal(again.probabilities, first.probabilities)
+    np.testing.assert_array_equal(again.uncertainty, first.uncertainty)
+
+
 def test_refine_with_anchor_keeps_the_other_slices(tiny_bundle_dir):
     """Two slices 'corrected' to empty: refined on them alone, the head forgets the discs on
     every other slice; with a few uncorrected slices' previous result as anchor, it keeps them."""

@@ -172,7 +172,7 @@ def test_fast_inference_equals_the_module_path():
                 module.bias.uniform_(-0.5, 0.5)
         fast = mlp(levels, (32, 32))
     with torch.enable_grad():
-        reference = mlp.rest(mlp._first_layer(levels, (32, 32), accumulate_in_place=False))
+        reference = mlp.rest(mlp._first_layer(levels, (32, 32)))
     assert fast.shape == (5, 3, 32, 32) and fast.is_contiguous()
     torch.testing.assert_close(fast, reference.detach().contiguous(), rtol=1e-4, atol=1e-5)
 
@@ -193,3 +193,39 @@ def test_chunked_refine_steps_give_the_full_batch_gradient():
     assert abs(value - float(loss.detach())) < 1e-5
     for parameter, grad in zip(head.parameters(), expected):
         torch.testing.assert_close(parameter.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_statistics_training_folds_batchnorm_with_the_same_gradients():
+    """Eval mode with gradients (Refine) folds BatchNorm into the next convolution: the logits and
+    every parameter's gradient (BatchNorm's weight and bias included) are those of the layers run
+    one by one, with non-trivial running statistics."""
+    torch.manual_seed(0)
+    levels = [torch.randn(4, 128, 8, 8), torch.randn(4, 64, 16, 16), torch.randn(4, 32, 32, 32)]
+    mlp = PixelMLP([128, 64, 32], num_outputs=3).eval()
+    with torch.no_grad():
+        for module in mlp.rest:
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    target = torch.randn(4, 3, 32, 32)
+
+    def logits_and_gradients(run):
+        mlp.zero_grad()
+        logits = run()
+        (logits * target).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in mlp.parameters()]
+
+    folded, folded_grads = logits_and_gradients(lambda: mlp(levels, (32, 32)))
+    plain, plain_grads = logits_and_gradients(lambda: mlp.rest(mlp._first_layer(levels, (32, 32))))
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
+    assert len(folded_grads) == len(plain_grads) == len(list(mlp.parameters()))
+    for mine, theirs in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    running = [m.running_mean.clone() for m in mlp.rest if isinstance(m, torch.nn.BatchNorm2d)]
+    mlp(levels, (32, 32))
+    assert all(
+        torch.equal(a, m.running_mean)
+        for a, m in zip(running, [m for m in mlp.rest if isinstance(m, torch.nn.BatchNorm2d)])
+    )

@@ -2,8 +2,8 @@
 corrections, and rank the slices the model is least sure of.
 
 An :class:`InteractiveSession` remembers what it last produced for its volume: the model, the
-normalised slices, the decoder features of every slice that went through the UNet (float16, on
-the CPU), the labels it returned and the training slices. A user's corrections are found by
+normalised slices, the decoder features of every slice that went through the UNet (two bytes a value,
+on the CPU), the labels it returned and the training slices. A user's corrections are found by
 comparing an edited label volume with those labels slice by slice; the corrected slices join
 the training slices, the head is fine-tuned warm-started on the cached features (with a few
 uncorrected slices' previous result as anchors against forgetting) and re-applied to the
@@ -46,7 +46,7 @@ from .volume import (
 
 log = logging.getLogger(__name__)
 
-# Decoder features are cached (float16, on the CPU) only while they take at most this share of
+# Decoder features are cached (two bytes a value, on the CPU) only while they take at most this share of
 # the installed memory, and never more than the cap; beyond it Refine runs the UNet again.
 FEATURE_CACHE_MEMORY_SHARE = 0.25
 FEATURE_CACHE_CAP_BYTES = 16 * 2**30
@@ -122,7 +122,7 @@ def default_feature_cache_limit() -> int:
 
 
 def feature_cache_bytes(bundle: ModelBundle, slice_count: int) -> int:
-    """float16 bytes of the decoder features the head reads, for ``slice_count`` slices."""
+    """Bytes of the cached (two-byte) decoder features the head reads, for ``slice_count`` slices."""
     config = bundle.backbone.config
     levels = bundle.head.config.levels if bundle.head is not None else None
     levels = range(len(config.channels)) if levels is None else levels

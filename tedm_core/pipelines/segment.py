@@ -46,12 +46,38 @@ Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
 
+def cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The two-byte dtype features of ``dtype`` are cached in: bf16 as is, anything else float16."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def join_maps(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Chunks of (n, S, C, h, w) features joined along the slices, each (slice, timestep) map
+    channels-last, so that the head's (n * S, C, h, w) view of a few slices needs no copy.
+
+    ``torch.cat`` would return them contiguous, and re-applying a refined head to a BraTS
+    volume's cache then spent a fifth of its time converting them back (session 17: copies
+    1.03 of 4.95 s, one thread, torch.profiler; README, Performance)."""
+    n, s, c, h, w = parts[0].shape
+    total = sum(p.shape[0] for p in parts)
+    joined = torch.empty((total, s, h, w, c), dtype=parts[0].dtype, device=parts[0].device).permute(0, 1, 4, 2, 3)
+    start = 0
+    for part in parts:
+        joined[start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
+    return joined
+
+
 @dataclass
 class FeatureCache:
-    """Decoder features of segmented slices (on the CPU, half precision), kept so that a
-    refined head can be re-applied without running the UNet again."""
+    """Decoder features of segmented slices (on the CPU, two bytes a value), kept so that a
+    refined head can be re-applied without running the UNet again.
 
-    levels: LevelFeatures  # per level (N, S, C_l, h_l, w_l), float16
+    bf16 passes' features are kept as they came (bf16: exact), fp32 passes' as float16; each
+    (slice, timestep) map channels-last, as the UNet gave it and the head reads it: re-applying
+    a head then converts nothing (see :func:`cache_features`)."""
+
+    levels: LevelFeatures  # per level (N, S, C_l, h_l, w_l), bfloat16 or float16
     transform: GridTransform
     # The same for the left-right mirrored slices, when the segmenter predicted with test-time
     # flipping: re-applying a head then averages both, as the first prediction did.
@@ -223,7 +249,7 @@ class Segmenter:
     @torch.inference_mode()
     def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
         size = (transform.size, transform.size)
-        # Features stay in their dtype (float16 when cached): the head converts a few maps at a
+        # Features stay in their dtype (two bytes when cached): the head converts a few maps at a
         # time, which saves a full-size float32 copy of the chunk. The head runs in the precision
         # measured for the UNet: bf16 halves the bytes its bilinear upsampling moves, and its 1x1
         # convolutions go to oneDNN (fp32 ones with few maps go to an MKL matrix product, which
@@ -270,7 +296,7 @@ class Segmenter:
         cache = None
         if kept:
             step = 2 if self.test_time_flip else 1
-            joined = lambda chunks: [torch.cat(level) for level in zip(*[levels for levels, _ in chunks])]  # noqa: E731
+            joined = lambda chunks: [join_maps(level) for level in zip(*[levels for levels, _ in chunks])]  # noqa: E731
             boxes = lambda chunks: [box for _, chunk in chunks for box in chunk] if crop else None  # noqa: E731
             cache = FeatureCache(
                 joined(kept[0::step]),
@@ -373,7 +399,7 @@ class Segmenter:
             return self._uncrop(self._baseline_predict(grid, transform), boxes)
         levels = self._features(grid, cancel)
         if kept is not None:
-            kept.append(([f.to("cpu", torch.float16) for f in levels], boxes))
+            kept.append(([f.to("cpu", cache_dtype(f.dtype)) for f in levels], boxes))
         return self._uncrop(self._head_predict(levels, transform), boxes)
 
     def _uncrop(
