@@ -75,7 +75,7 @@ class FeatureCache:
 
     bf16 passes' features are kept as they came (bf16: exact), fp32 passes' as float16; each
     (slice, timestep) map channels-last, as the UNet gave it and the head reads it: re-applying
-    a head then converts nothing (see :func:`cache_features`)."""
+    a head then converts nothing (:func:`cache_dtype`, :func:`join_maps`)."""
 
     levels: LevelFeatures  # per level (N, S, C_l, h_l, w_l), bfloat16 or float16
     transform: GridTransform

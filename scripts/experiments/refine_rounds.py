@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Rounds of correct-and-refine on one labelled volume, to compare code versions or seeds.
+
+Two episodes through :class:`~tedm_core.pipelines.interactive.InteractiveSession` (what the
+worker, and so the Slicer module, runs), one thread:
+
+- ``loaded``: Segment with the model, then ``--rounds`` rounds of Refine;
+- ``fitted``: a head fitted in the session on three labelled slices (at 30, 50 and 70 % of the
+  slices holding labels; Refine then keeps anchors), then the same rounds.
+
+Each round corrects the two slices whose labels agree least with the reference (mean Dice over
+the classes, among slices holding labels and not yet learnt from) and refines. Prints Dice
+against the reference and Refine's time per round; ``--save`` keeps every round's labels and
+``--compare A.npz B.npz`` prints the Dice between two such runs, round by round.
+
+    python scripts/experiments/refine_rounds.py --model tedm_demo/bundle \\
+        --image tedm_demo/train/images/mni152.nii.gz --labels tedm_demo/train/labels/mni152.nii.gz --save a.npz
+    python scripts/experiments/refine_rounds.py --compare a.npz b.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from tedm_core.bundle import load_bundle
+from tedm_core.io.volumes import read_volume
+from tedm_core.pipelines import interactive
+from tedm_core.pipelines.interactive import InteractiveSession, SessionResult
+from tedm_core.slicing import reassemble, slice_layout, to_slices
+
+FITTED_AT = (0.3, 0.5, 0.7)
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
+    scores = [2 * ((a == c) & (b == c)).sum() / max(1, (a == c).sum() + (b == c).sum()) for c in range(1, classes)]
+    return float(np.mean(scores))
+
+
+def run_rounds(
+    session: InteractiveSession, result: SessionResult, truth: np.ndarray, classes: int, rounds: int, name: str
+) -> Dict[str, np.ndarray]:
+    saved = {f"{name}_r0": result.labels}
+    print(f"{name}: Dice {100 * mean_dice(result.labels, truth, classes):.2f}", flush=True)
+    truth_slices = to_slices(truth, session.layout)
+    labels = result.labels
+    for round_ in range(1, rounds + 1):
+        current = to_slices(labels, session.layout)
+        candidates = [n for n in range(len(current)) if truth_slices[n].any() and n not in session.training_slices]
+        worst = sorted(sorted(candidates, key=lambda n: mean_dice(current[n], truth_slices[n], classes))[:2])
+        current[worst] = truth_slices[worst]
+        tic = time.perf_counter()
+        labels = session.refine(reassemble(current, session.layout)).labels
+        seconds = time.perf_counter() - tic
+        saved[f"{name}_r{round_}"] = labels
+        print(
+            f"{name} round {round_}: corrected {worst}, Dice {100 * mean_dice(labels, truth, classes):.2f}, "
+            f"refine {seconds:.1f} s",
+            flush=True,
+        )
+    return saved
+
+
+def compare(first: Path, second: Path) -> None:
+    a, b = np.load(first), np.load(second)
+    for key in a.files:
+        if key in b.files:
+            classes = int(max(a[key].max(), b[key].max())) + 1
+            differing = int((a[key] != b[key]).sum())
+            print(f"{key}: Dice between the two {mean_dice(a[key], b[key], classes):.4f}, voxels differing {differing}")
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a model bundle folder")
+    parser.add_argument("--image", type=Path, help="the volume")
+    parser.add_argument("--labels", type=Path, help="its reference labels (class indices)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=None, help="Refine's random draws from this seed (default 0)")
+    parser.add_argument("--episodes", nargs="+", choices=("loaded", "fitted"), default=["loaded", "fitted"])
+    parser.add_argument("--save", type=Path, help="keep every round's labels here (.npz)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two saved runs")
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return 0
+    if not (args.model and args.image and args.labels):
+        parser.error("--model, --image and --labels are needed (or --compare)")
+    torch.set_num_threads(1)
+    if args.seed is not None:
+        refine_bundle = interactive.refine_bundle
+        interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, "seed": args.seed})
+    bundle = load_bundle(args.model)
+    volume = read_volume(args.image)
+    truth = read_volume(args.labels, allow_constant=True).array.astype(np.uint8)
+    truth = truth.reshape(truth.shape[-3:])
+    classes = bundle.num_classes
+    saved: Dict[str, np.ndarray] = {}
+    if "loaded" in args.episodes:
+        session = InteractiveSession(volume)
+        saved.update(run_rounds(session, session.segment(bundle, device="cpu"), truth, classes, args.rounds, "loaded"))
+    if "fitted" in args.episodes:
+        layout = slice_layout(volume.ijk_to_ras, volume.shape, bundle.axis)
+        truth_slices = to_slices(truth, layout)
+        holding = [n for n in range(len(truth_slices)) if truth_slices[n].any()]
+        picked = [holding[int(len(holding) * f)] for f in FITTED_AT]
+        drawn = np.zeros_like(truth_slices)
+        drawn[picked] = truth_slices[picked]
+        session = InteractiveSession(volume)
+        fitted = session.fit(
+            bundle, reassemble(drawn, layout), list(bundle.class_names), axis=bundle.axis, device="cpu"
+        )
+        saved.update(run_rounds(session, fitted, truth, classes, args.rounds, "fitted"))
+    if args.save:
+        np.savez_compressed(args.save, **saved)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
