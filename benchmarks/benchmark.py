@@ -31,6 +31,7 @@ not how good the model is).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -45,6 +46,7 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from head_memory import _PeakRss
@@ -536,7 +538,6 @@ def measure_compile(bundle: ModelBundle, slices: np.ndarray, precision: str) -> 
 
 def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
     """Share of the UNet passes' self CPU time per kind of operation (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
 
     segmenter = Segmenter(bundle, device="cpu")
     grid, _ = to_model_grid(torch.from_numpy(slices[: segmenter.batch_size]), bundle.image_size)
@@ -560,7 +561,7 @@ def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
     return {k: v / max(total, 1e-9) for k, v in shares.items()}
 
 
-def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, Any]:
+def measure_refine(bundle: ModelBundle, volume: Any, truth: Any, profile_ops: bool = False) -> Dict[str, Any]:
     """Segment the whole volume (whatever ``--slices`` says: Refine's cost is fixed, so its
     fraction means something only against a whole volume's segmentation), then Refine after two
     corrected slices, through the product's own object:
@@ -587,9 +588,15 @@ def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, An
         if message.startswith("refine step") and fraction >= 0.8:
             trained_at.append(time.perf_counter())
 
-    tic = time.perf_counter()
-    refined = session.refine(reassemble(edited, layout), reporter=Reporter(progress=note_progress))
-    refine_seconds = time.perf_counter() - tic
+    # With profile_ops the Refine runs under torch.profiler, which slows it: its times then only
+    # say where the time goes, not how much there is.
+    profiler = profile(activities=[ProfilerActivity.CPU]) if profile_ops else contextlib.nullcontext()
+    with profiler:
+        tic = time.perf_counter()
+        refined = session.refine(reassemble(edited, layout), reporter=Reporter(progress=note_progress))
+        refine_seconds = time.perf_counter() - tic
+    if profile_ops:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     train_seconds = trained_at[0] - tic if trained_at else float("nan")
     assert refined.changed_slices == corrected, (refined.changed_slices, corrected)
     cache_mib = session.feature_cache_nbytes / 2**20
@@ -603,6 +610,7 @@ def measure_refine(bundle: ModelBundle, volume: Any, truth: Any) -> Dict[str, An
         "corrected_slices": corrected,
         "feature_cache_mib": cache_mib,
         "refine_fraction": refine_seconds / segment_seconds,
+        "profiled": profile_ops,
     }
 
 
@@ -623,6 +631,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")
     parser.add_argument("--refine-only", action="store_true", help="measure refine_fraction alone")
+    parser.add_argument(
+        "--profile-refine", action="store_true", help="with --refine-only: where Refine's time goes (torch.profiler)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("WAY", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
@@ -651,7 +662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
 
     if args.refine_only:
-        refine = measure_refine(bundle, setup["whole_volume"], setup["whole_truth"])
+        refine = measure_refine(bundle, setup["whole_volume"], setup["whole_truth"], args.profile_refine)
         print(json.dumps(refine))
         if args.json:
             args.json.write_text(
