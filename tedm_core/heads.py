@@ -96,13 +96,13 @@ class PixelMLP(nn.Module):
         """The summed per-level projections at ``size``, channels-last (N, hidden, *size).
 
         Summed in place, under autograd too: neither the upsampling nor the convolution needs
-        its output for its gradient (an out-of-place sum took a sixth of Refine's training)."""
+        its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s)."""
         hidden = None
         # Under autocast the convolutions compute in autocast's dtype (bf16): converting the
         # features straight to it gives them the same values (float16 and bfloat16 values are
         # exact in float32) and writes half the bytes of a float32 copy that autocast would
-        # convert again (re-applying a refined head to a BraTS volume's cached float16 features,
-        # one thread: 5.7 -> 5.2 s; README, Performance, "Session 17").
+        # convert again (with the cache below kept channels-last in bf16, a Refine's copies went
+        # 1.59 -> 0.33 s: `benchmarks/benchmark.py --refine-only --profile-refine`, session 17).
         dtype = active_autocast_dtype(levels[0].device.type) or self.first[0].weight.dtype
         for conv, feats in zip(self.first, levels):
             # One copy does both the dtype change (float16 caches) and the layout change; none
@@ -124,7 +124,7 @@ class PixelMLP(nn.Module):
         # Eval mode with gradients (Refine's frozen statistics): BatchNorm is an affine map, so it
         # is folded into the next convolution as at inference, and autograd differentiates the
         # folding. The same gradients up to float rounding, without BatchNorm's passes over the
-        # hidden maps, forwards and backwards (a third of Refine's training, session 17).
+        # hidden maps, forwards and backwards (0.28 s of a Refine, session 17).
         return self._rest_folded(self._first_layer(levels, size), self.folded_layers()).contiguous()
 
     @staticmethod
@@ -322,8 +322,9 @@ class FeatureHead(nn.Module):
         mean = per_step.mean(dim=1)
         if per_step.shape[1] > 1:
             # Written out, not Tensor.std: torch's CPU std over this middle dimension took 29 ms
-            # for 16 slices x 8 steps of a 64 x 64 two-class head, this 1 ms (one thread, session
-            # 17), the same values to 6e-8.
+            # for 16 slices x 8 steps of a 64 x 64 two-class head, this 1 ms, the same values to
+            # 6e-8 (timed side by side, one thread; a Refine spent 0.39 s in std: `benchmarks/
+            # benchmark.py --refine-only --profile-refine`, session 17).
             spread = (per_step - mean[:, None]).square_().mean(dim=1).sqrt_().amax(dim=1)
         else:
             spread = torch.zeros_like(mean[:, 0])
