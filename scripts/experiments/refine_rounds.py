@@ -9,7 +9,9 @@ worker, and so the Slicer module, runs), one thread:
   slices holding labels; Refine then keeps anchors), then the same rounds.
 
 Each round corrects the two slices whose labels agree least with the reference (mean Dice over
-the classes, among slices holding labels and not yet learnt from) and refines. Prints Dice
+the classes, among slices holding labels and not yet learnt from) and refines; with ``--correction
+erase-false-positives`` it erases, on the two slices with the most of them, only the voxels
+labelled where the reference has background. Prints Dice
 against the reference and Refine's time per round; ``--save`` keeps every round's labels and
 ``--compare A.npz B.npz`` prints the Dice between two such runs, round by round.
 
@@ -42,8 +44,28 @@ def mean_dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
     return float(np.mean(scores))
 
 
+def correct(current: np.ndarray, truth: np.ndarray, classes: int, exclude: List[int], how: str) -> List[int]:
+    """Correct two slices of ``current`` (N, H, W) in place, as ``how`` says; returns which."""
+    if how == "worst":
+        candidates = [n for n in range(len(current)) if truth[n].any() and n not in exclude]
+        chosen = sorted(sorted(candidates, key=lambda n: mean_dice(current[n], truth[n], classes))[:2])
+        current[chosen] = truth[chosen]
+        return chosen
+    false_positives = ((current > 0) & (truth == 0)).reshape(len(current), -1).sum(axis=1)
+    false_positives[list(exclude)] = 0
+    chosen = sorted(int(n) for n in np.argsort(-false_positives, kind="stable")[:2])
+    current[chosen] = np.where(truth[chosen] == 0, 0, current[chosen])
+    return chosen
+
+
 def run_rounds(
-    session: InteractiveSession, result: SessionResult, truth: np.ndarray, classes: int, rounds: int, name: str
+    session: InteractiveSession,
+    result: SessionResult,
+    truth: np.ndarray,
+    classes: int,
+    rounds: int,
+    name: str,
+    how: str = "worst",
 ) -> Dict[str, np.ndarray]:
     saved = {f"{name}_r0": result.labels}
     print(f"{name}: Dice {100 * mean_dice(result.labels, truth, classes):.2f}", flush=True)
@@ -51,9 +73,7 @@ def run_rounds(
     labels = result.labels
     for round_ in range(1, rounds + 1):
         current = to_slices(labels, session.layout)
-        candidates = [n for n in range(len(current)) if truth_slices[n].any() and n not in session.training_slices]
-        worst = sorted(sorted(candidates, key=lambda n: mean_dice(current[n], truth_slices[n], classes))[:2])
-        current[worst] = truth_slices[worst]
+        worst = correct(current, truth_slices, classes, session.training_slices, how)
         tic = time.perf_counter()
         labels = session.refine(reassemble(current, session.layout)).labels
         seconds = time.perf_counter() - tic
@@ -81,6 +101,8 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--image", type=Path, help="the volume")
     parser.add_argument("--labels", type=Path, help="its reference labels (class indices)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--correction", choices=("worst", "erase-false-positives"), default="worst")
+    parser.add_argument("--steps", type=int, default=None, help="Refine's steps (default: the core's)")
     parser.add_argument("--seed", type=int, default=None, help="Refine's random draws from this seed (default 0)")
     parser.add_argument("--episodes", nargs="+", choices=("loaded", "fitted"), default=["loaded", "fitted"])
     parser.add_argument("--save", type=Path, help="keep every round's labels here (.npz)")
@@ -92,9 +114,10 @@ def main(argv: List[str] = None) -> int:
     if not (args.model and args.image and args.labels):
         parser.error("--model, --image and --labels are needed (or --compare)")
     torch.set_num_threads(1)
-    if args.seed is not None:
+    overrides = {key: value for key, value in (("seed", args.seed), ("steps", args.steps)) if value is not None}
+    if overrides:  # the session passes neither: Refine's random draws and steps as asked
         refine_bundle = interactive.refine_bundle
-        interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, "seed": args.seed})
+        interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, **overrides})
     bundle = load_bundle(args.model)
     volume = read_volume(args.image)
     truth = read_volume(args.labels, allow_constant=True).array.astype(np.uint8)
@@ -103,7 +126,8 @@ def main(argv: List[str] = None) -> int:
     saved: Dict[str, np.ndarray] = {}
     if "loaded" in args.episodes:
         session = InteractiveSession(volume)
-        saved.update(run_rounds(session, session.segment(bundle, device="cpu"), truth, classes, args.rounds, "loaded"))
+        segmented = session.segment(bundle, device="cpu")
+        saved.update(run_rounds(session, segmented, truth, classes, args.rounds, "loaded", args.correction))
     if "fitted" in args.episodes:
         layout = slice_layout(volume.ijk_to_ras, volume.shape, bundle.axis)
         truth_slices = to_slices(truth, layout)
@@ -115,7 +139,7 @@ def main(argv: List[str] = None) -> int:
         fitted = session.fit(
             bundle, reassemble(drawn, layout), list(bundle.class_names), axis=bundle.axis, device="cpu"
         )
-        saved.update(run_rounds(session, fitted, truth, classes, args.rounds, "fitted"))
+        saved.update(run_rounds(session, fitted, truth, classes, args.rounds, "fitted", args.correction))
     if args.save:
         np.savez_compressed(args.save, **saved)
     return 0
