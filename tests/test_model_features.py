@@ -157,12 +157,8 @@ def test_step_probe_is_logistic_regression():
     assert len(head.mlp.rest) == 0  # one linear layer: logistic regression on the features
 
 
-def test_fast_inference_equals_the_module_path():
-    """Eval-mode inference (channels-last, a few maps at a time, BatchNorm folded into the next
-    convolution) equals running the layers one by one, with non-trivial normalisation statistics."""
-    torch.manual_seed(0)
-    levels = [torch.randn(5, 128, 8, 8).half(), torch.randn(5, 64, 16, 16).half(), torch.randn(5, 32, 32, 32).half()]
-    mlp = PixelMLP([128, 64, 32], num_outputs=3).eval()
+def _with_non_trivial_batchnorm(mlp: PixelMLP) -> PixelMLP:
+    """Random running statistics and affine parameters in every BatchNorm (fresh ones are identities)."""
     with torch.no_grad():
         for module in mlp.rest:
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -170,6 +166,16 @@ def test_fast_inference_equals_the_module_path():
                 module.running_var.uniform_(0.5, 2)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
+    return mlp
+
+
+def test_fast_inference_equals_the_module_path():
+    """Eval-mode inference (channels-last, a few maps at a time, BatchNorm folded into the next
+    convolution) equals running the layers one by one, with non-trivial normalisation statistics."""
+    torch.manual_seed(0)
+    levels = [torch.randn(5, 128, 8, 8).half(), torch.randn(5, 64, 16, 16).half(), torch.randn(5, 32, 32, 32).half()]
+    mlp = _with_non_trivial_batchnorm(PixelMLP([128, 64, 32], num_outputs=3).eval())
+    with torch.no_grad():
         fast = mlp(levels, (32, 32))
     with torch.enable_grad():
         reference = mlp.rest(mlp._first_layer(levels, (32, 32)))
@@ -201,14 +207,7 @@ def test_frozen_statistics_training_folds_batchnorm_with_the_same_gradients():
     one by one, with non-trivial running statistics."""
     torch.manual_seed(0)
     levels = [torch.randn(4, 128, 8, 8), torch.randn(4, 64, 16, 16), torch.randn(4, 32, 32, 32)]
-    mlp = PixelMLP([128, 64, 32], num_outputs=3).eval()
-    with torch.no_grad():
-        for module in mlp.rest:
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-1, 1)
-                module.running_var.uniform_(0.5, 2)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
+    mlp = _with_non_trivial_batchnorm(PixelMLP([128, 64, 32], num_outputs=3).eval())
     target = torch.randn(4, 3, 32, 32)
 
     def logits_and_gradients(run):
