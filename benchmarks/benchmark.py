@@ -20,7 +20,8 @@ Everything is measured in this one run, with the same torch threads everywhere:
 * where the pipeline's time goes (``torch.profiler`` over the UNet; wall clock for IO and head);
 * Refine after two corrected slices over a full segmentation, through
   ``tedm_core.pipelines.interactive.InteractiveSession``, the object the worker and so the Slicer
-  module run (without MRML and the worker's transport).
+  module run (without MRML and the worker's transport), split into training the head and
+  re-applying it (``--profile-refine``: that Refine under ``torch.profiler``).
 
 Weights: the ``small`` preset at 64 px, untrained (seed 0), with a TEDM head fitted for a few
 steps on two tumour slices of the case: timings do not depend on the weights, and the fitted
