@@ -58,7 +58,7 @@ def join_maps(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     ``torch.cat`` would return them contiguous, and re-applying a refined head to a BraTS
     volume's cache then spent a fifth of its time converting them back (session 17, one thread:
     ``benchmarks/benchmark.py --refine-only --profile-refine``; README, Performance)."""
-    n, s, c, h, w = parts[0].shape
+    _, s, c, h, w = parts[0].shape
     total = sum(p.shape[0] for p in parts)
     joined = torch.empty((total, s, h, w, c), dtype=parts[0].dtype, device=parts[0].device).permute(0, 1, 4, 2, 3)
     start = 0
