@@ -42,7 +42,7 @@ def test_segment_equals_the_batch_pipeline(tiny_bundle_dir):
 
 
 def test_fit_correct_refine_uncertain(backbone):
-    from tedm_core.pipelines.interactive import InteractiveSession, SessionError
+    from tedm_core.pipelines.interactive import InteractiveSession, Reporter, SessionError
 
     volume, sphere = _sphere_volume()
     session = InteractiveSession(volume)
@@ -60,8 +60,10 @@ def test_fit_correct_refine_uncertain(backbone):
     edited = fitted.labels.copy()
     edited[6] = sphere[6]
     edited[6, 0, 0] = 1 - edited[6, 0, 0]  # a certain change, whatever the fit got right
-    refined = session.refine(edited, steps=5)
+    logged = []
+    refined = session.refine(edited, steps=5, reporter=Reporter(log=logged.append))
     assert session.bundle.training["refine_anchor_slices"] > 0  # learnt here: the result is kept
+    assert not any("corrections alone" in line for line in logged), logged
     assert refined.changed_slices == [6]
     assert refined.training_slices == [4, 6, 8]
     np.testing.assert_array_equal(refined.labels[[4, 6, 8]], edited[[4, 6, 8]])
@@ -146,9 +148,10 @@ def test_tedm_refine_learns_from_the_corrected_slices_of_a_label_file(tiny_bundl
 
 
 def test_a_model_from_elsewhere_is_refined_on_the_corrections_alone(tiny_bundle_dir):
-    """A loaded model's result on this volume was never confirmed: Refine does not hold it to it."""
+    """A loaded model's result on this volume was never confirmed: Refine does not hold it to it,
+    and says so in the log (it can make other slices worse)."""
     from tedm_core.bundle import load_bundle
-    from tedm_core.pipelines.interactive import InteractiveSession
+    from tedm_core.pipelines.interactive import InteractiveSession, Reporter
 
     volume, sphere = _sphere_volume()
     session = InteractiveSession(volume)
@@ -157,9 +160,11 @@ def test_a_model_from_elsewhere_is_refined_on_the_corrections_alone(tiny_bundle_
     edited[[5, 7]] = sphere[[5, 7]]
     edited[5, 0, 0] = 1 - edited[5, 0, 0]
     edited[7, 0, 0] = 1 - edited[7, 0, 0]
-    refined = session.refine(edited, steps=5)
+    logged = []
+    refined = session.refine(edited, steps=5, reporter=Reporter(log=logged.append))
     assert "refine_anchor_slices" not in session.bundle.training
     assert session.training_slices == [5, 7]
+    assert any("learns from your corrections alone" in line for line in logged), logged
     edited = refined.labels.copy()  # a second round still learns from the corrections alone
     edited[6, 0, 0] = 1 - edited[6, 0, 0]
     session.refine(edited, steps=5)

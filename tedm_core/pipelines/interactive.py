@@ -286,6 +286,13 @@ class InteractiveSession:
         )
         if anchors:
             reporter.log(f"Keeping the previous result of slice(s) {', '.join(map(str, anchors))} against forgetting.")
+        elif not self.fitted_here:
+            # Measured on the demo's model (README, correct-and-refine, session 17): corrections
+            # can make a loaded model's other slices worse; the user should know what to do then.
+            reporter.log(
+                "This model was not fitted on this volume, so Refine learns from your corrections alone; "
+                "if other slices get worse, Segment again with the saved model or fit from a few labelled slices."
+            )
         self.bundle = refine_bundle(
             bundle,
             self.slices[training],
