@@ -539,7 +539,6 @@ def measure_compile(bundle: ModelBundle, slices: np.ndarray, precision: str) -> 
 
 def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
     """Share of the UNet passes' self CPU time per kind of operation (torch.profiler)."""
-
     segmenter = Segmenter(bundle, device="cpu")
     grid, _ = to_model_grid(torch.from_numpy(slices[: segmenter.batch_size]), bundle.image_size)
     segmenter._features(grid)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ def run_rounds(
     rounds: int,
     name: str,
     how: str = "worst",
+    steps: Optional[int] = None,
 ) -> Dict[str, np.ndarray]:
     saved = {f"{name}_r0": result.labels}
     print(f"{name}: Dice {100 * mean_dice(result.labels, truth, classes):.2f}", flush=True)
@@ -75,7 +76,7 @@ def run_rounds(
         current = to_slices(labels, session.layout)
         worst = correct(current, truth_slices, classes, session.training_slices, how)
         tic = time.perf_counter()
-        labels = session.refine(reassemble(current, session.layout)).labels
+        labels = session.refine(reassemble(current, session.layout), steps=steps).labels
         seconds = time.perf_counter() - tic
         saved[f"{name}_r{round_}"] = labels
         print(
@@ -95,7 +96,7 @@ def compare(first: Path, second: Path) -> None:
             print(f"{key}: Dice between the two {mean_dice(a[key], b[key], classes):.4f}, voxels differing {differing}")
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a model bundle folder")
     parser.add_argument("--image", type=Path, help="the volume")
@@ -114,10 +115,9 @@ def main(argv: List[str] = None) -> int:
     if not (args.model and args.image and args.labels):
         parser.error("--model, --image and --labels are needed (or --compare)")
     torch.set_num_threads(1)
-    overrides = {key: value for key, value in (("seed", args.seed), ("steps", args.steps)) if value is not None}
-    if overrides:  # the session passes neither: Refine's random draws and steps as asked
+    if args.seed is not None:  # the session passes no seed: Refine's random draws from this one
         refine_bundle = interactive.refine_bundle
-        interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, **overrides})
+        interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, "seed": args.seed})
     bundle = load_bundle(args.model)
     volume = read_volume(args.image)
     truth = read_volume(args.labels, allow_constant=True).array.astype(np.uint8)
@@ -127,7 +127,7 @@ def main(argv: List[str] = None) -> int:
     if "loaded" in args.episodes:
         session = InteractiveSession(volume)
         segmented = session.segment(bundle, device="cpu")
-        saved.update(run_rounds(session, segmented, truth, classes, args.rounds, "loaded", args.correction))
+        saved.update(run_rounds(session, segmented, truth, classes, args.rounds, "loaded", args.correction, args.steps))
     if "fitted" in args.episodes:
         layout = slice_layout(volume.ijk_to_ras, volume.shape, bundle.axis)
         truth_slices = to_slices(truth, layout)
@@ -139,7 +139,7 @@ def main(argv: List[str] = None) -> int:
         fitted = session.fit(
             bundle, reassemble(drawn, layout), list(bundle.class_names), axis=bundle.axis, device="cpu"
         )
-        saved.update(run_rounds(session, fitted, truth, classes, args.rounds, "fitted", args.correction))
+        saved.update(run_rounds(session, fitted, truth, classes, args.rounds, "fitted", args.correction, args.steps))
     if args.save:
         np.savez_compressed(args.save, **saved)
     return 0

@@ -37,23 +37,6 @@ class RequestError(ProtocolError):
     """A request whose fields or arrays are missing or of the wrong kind."""
 
 
-def preload_job_imports() -> None:
-    """Import what the jobs use (MONAI, the pipelines: seconds on a CPU machine) now, while the
-    client waits for the worker to start, not inside the first Segment, Fit or Refine it times.
-    torch._dynamo too: torch's optimizers import it when the first one is built (cProfile: 1.5-2 s
-    inside the first Refine after a loaded model's Segment). Measured in session 16, one thread,
-    BraTS CBICA_AAB (whole volume) with the benchmark's model, four pairs: first Refine 8.0 / 8.2 /
-    8.5 / 7.7 s without, 8.0 / 6.0 / 6.2 / 7.6 s with this preload (an ad-hoc script: a loaded
-    model's Segment, then Refine after two corrected slices, through InteractiveSession as the
-    worker runs it; ``benchmarks/benchmark.py --refine-only`` fits its model first, so it never
-    paid this import)."""
-    import torch._dynamo  # noqa: F401
-
-    from ..bundle import load_bundle  # noqa: F401
-    from ..io.volumes import volume_from_array  # noqa: F401
-    from ..pipelines.interactive import InteractiveSession  # noqa: F401
-
-
 @dataclass
 class RunningJob:
     request_id: str
@@ -122,8 +105,20 @@ class Worker:
         }
 
     def preload(self) -> None:
-        """See :func:`preload_job_imports`."""
-        preload_job_imports()
+        """Import what the jobs use (MONAI, the pipelines: seconds on a CPU machine) now, while the
+        client waits for the worker to start, not inside the first Segment, Fit or Refine it times.
+        torch._dynamo too: torch's optimizers import it when the first one is built (cProfile: 1.5-2 s
+        inside the first Refine after a loaded model's Segment). Measured in session 16, one thread,
+        BraTS CBICA_AAB (whole volume) with the benchmark's model, four pairs: first Refine 8.0 / 8.2 /
+        8.5 / 7.7 s without, 8.0 / 6.0 / 6.2 / 7.6 s with this preload (an ad-hoc script: a loaded
+        model's Segment, then Refine after two corrected slices, through InteractiveSession as the
+        worker runs it; ``benchmarks/benchmark.py --refine-only`` fits its model first, so it never
+        paid this import)."""
+        import torch._dynamo  # noqa: F401
+
+        from ..bundle import load_bundle  # noqa: F401
+        from ..io.volumes import volume_from_array  # noqa: F401
+        from ..pipelines.interactive import InteractiveSession  # noqa: F401
 
     # -- entry point --------------------------------------------------------------------------------
     def handle(self, message: Any, reply: Reply) -> None:
