@@ -17,7 +17,9 @@ slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume 
 (after Refine, the head's BatchNorm statistics recomputed on the slices it was refined on),
 ``cosine`` (Refine's learning rate annealed to zero over its steps, as radiograph fits do since
 session 12, instead of held constant), ``persliceN`` (N refine steps per slice trained on, at
-least the default 40: 40 for the first two corrections, 120 after ten).
+least the default 40: 40 for the first two corrections, 120 after ten), ``pullX`` (Refine's head
+pulled back to its start weights with L2-SP strength X when it keeps no anchors: session 18),
+``weightX`` (the anchors' loss weight X instead of 2).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
 Results: docs/results/REFINE_VALIDATION.md.
@@ -79,9 +81,16 @@ class RefineVariant:
         self.own_stats = "ownstats" in parts
         self.cosine = "cosine" in parts
         self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
+        self.anchor_weight = next((float(p[6:]) for p in parts if p.startswith("weight")), self.anchor_weight)
+        self.pull = next((float(p[4:]) for p in parts if p.startswith("pull")), fit_module.REFINE_PULL_TO_START)
 
     def __enter__(self):
-        self.saved = heads.segmentation_loss, fit_module.train_head, fit_module.REFINE_ANCHOR_WEIGHT
+        self.saved = (
+            heads.segmentation_loss,
+            fit_module.train_head,
+            fit_module.REFINE_ANCHOR_WEIGHT,
+            fit_module.REFINE_PULL_TO_START,
+        )
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
@@ -97,10 +106,16 @@ class RefineVariant:
             heads.segmentation_loss = dice_bce_loss
         fit_module.train_head = train_head
         fit_module.REFINE_ANCHOR_WEIGHT = self.anchor_weight
+        fit_module.REFINE_PULL_TO_START = self.pull
         return self
 
     def __exit__(self, *exc) -> None:
-        heads.segmentation_loss, fit_module.train_head, fit_module.REFINE_ANCHOR_WEIGHT = self.saved
+        (
+            heads.segmentation_loss,
+            fit_module.train_head,
+            fit_module.REFINE_ANCHOR_WEIGHT,
+            fit_module.REFINE_PULL_TO_START,
+        ) = self.saved
 
 
 def worst_slices(selection: str, current, truth, corrected, count: int = 2):
@@ -155,7 +170,7 @@ def main() -> int:
             parts = variant.split("+")
             session.bundle, session.written, session.scores = copy.deepcopy(saved[0]), *(a.copy() for a in saved[1:])
             session.training_slices = []
-            session.fitted_here = "anchors" in parts or "decay" in parts
+            session.fitted_here = "anchors" in parts or "decay" in parts or any(p.startswith("weight") for p in parts)
             steps = next((int(p[5:]) for p in parts if p.startswith("steps")), None)
             per_slice = next((int(p[8:]) for p in parts if p.startswith("perslice")), None)
             current = start.copy()

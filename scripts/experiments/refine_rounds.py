@@ -12,7 +12,8 @@ Each round corrects the two slices whose labels agree least with the reference (
 the classes, among slices holding labels and not yet learnt from) and refines; with ``--correction
 erase-false-positives`` it erases, on the two slices with the most of them, only the voxels
 labelled where the reference has background. Prints Dice
-against the reference and Refine's time per round; ``--save`` keeps every round's labels and
+against the reference and Refine's time per round. ``--pull`` and ``--loaded-anchors`` try guards
+against forgetting for the loaded model (README, correct-and-refine, session 18); ``--save`` keeps every round's labels and
 ``--compare A.npz B.npz`` prints the Dice between two such runs, round by round.
 
     python scripts/experiments/refine_rounds.py --model tedm_demo/bundle \\
@@ -32,7 +33,7 @@ import torch
 
 from tedm_core.bundle import load_bundle
 from tedm_core.io.volumes import read_volume
-from tedm_core.pipelines import interactive
+from tedm_core.pipelines import fit, interactive
 from tedm_core.pipelines.interactive import InteractiveSession, SessionResult
 from tedm_core.slicing import reassemble, slice_layout, to_slices
 
@@ -105,6 +106,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--correction", choices=("worst", "erase-false-positives"), default="worst")
     parser.add_argument("--steps", type=int, default=None, help="Refine's steps (default: the core's)")
     parser.add_argument("--seed", type=int, default=None, help="Refine's random draws from this seed (default 0)")
+    parser.add_argument("--pull", type=float, help="Refine's pull to its start weights when it keeps no anchors (L2-SP)")
+    parser.add_argument(
+        "--loaded-anchors", type=float, metavar="WEIGHT", help="anchors for the loaded model too, their loss weighted so"
+    )
     parser.add_argument("--episodes", nargs="+", choices=("loaded", "fitted"), default=["loaded", "fitted"])
     parser.add_argument("--save", type=Path, help="keep every round's labels here (.npz)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two saved runs")
@@ -118,6 +123,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seed is not None:  # the session passes no seed: Refine's random draws from this one
         refine_bundle = interactive.refine_bundle
         interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, "seed": args.seed})
+    if args.pull is not None:
+        fit.REFINE_PULL_TO_START = args.pull
+    if args.loaded_anchors is not None:
+        fit.REFINE_ANCHOR_WEIGHT = args.loaded_anchors
     bundle = load_bundle(args.model)
     volume = read_volume(args.image)
     truth = read_volume(args.labels, allow_constant=True).array.astype(np.uint8)
@@ -127,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "loaded" in args.episodes:
         session = InteractiveSession(volume)
         segmented = session.segment(bundle, device="cpu")
+        session.fitted_here = args.loaded_anchors is not None
         saved.update(run_rounds(session, segmented, truth, classes, args.rounds, "loaded", args.correction, args.steps))
     if "fitted" in args.episodes:
         layout = slice_layout(volume.ijk_to_ras, volume.shape, bundle.axis)

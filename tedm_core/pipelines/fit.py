@@ -56,6 +56,9 @@ REFINE_ANCHOR_IMAGES_PER_STEP = 2
 # training (see choose_anchor_slices): fine-tuning on two corrected slices alone made the head
 # forget what it did on every other slice (Dice on the others 0.79 -> 0.00 on a BraTS volume).
 REFINE_ANCHOR_SLICES = 4
+# Strength of the pull of Refine's head weights back to where it started (L2-SP, ``train_head``'s
+# ``pull_to_start``) when no anchors are kept; 0: none.
+REFINE_PULL_TO_START = 0.0
 # The logistic probe has no normalisation layer to tame raw feature scales: it needs a larger step.
 DEFAULT_HEAD_LEARNING_RATES = {"probe": 1e-2}
 
@@ -437,6 +440,7 @@ def train_head(
     precise_statistics: bool = False,
     learning_rate_schedule: str = "constant",
     average_weights: bool = False,
+    pull_to_start: float = 0.0,
 ) -> FeatureHead:
     """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices.
 
@@ -451,6 +455,9 @@ def train_head(
     targets: (N, H, W), or one such tensor per noise draw (augmented copies have their own labels).
     learning_rate_schedule, average_weights: see :class:`FitOptions` (averaging implies
         recomputing the statistics, which the averaged weights' running statistics do not match).
+    pull_to_start: the strength ``lambda`` of L2-SP (Li et al., ICML 2018): the loss gains
+        ``lambda / 2`` x the squared distance of the weights from those training started from, so
+        a fine-tuned head moves only as far from its old behaviour as the new labels ask for.
     """
     if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
         choices = ", ".join(LEARNING_RATE_SCHEDULES)
@@ -471,6 +478,7 @@ def train_head(
         else None
     )
     averaged = torch.optim.swa_utils.AveragedModel(head) if average_weights else None
+    start = [p.detach().clone() for p in head.parameters()] if pull_to_start > 0 else None
     generator = torch.Generator().manual_seed(seed)
     n = targets.shape[0]
     sample_timesteps = (
@@ -504,6 +512,11 @@ def train_head(
             total.backward()
             loss = float(total.detach())
         check_finite_loss(loss, step + 1, "fitting the head", before_raising=bar.close)
+        if start is not None:
+            # The penalty's gradient added once per step (the loss above may be several backwards).
+            for weight, origin in zip(head.parameters(), start):
+                if weight.grad is not None:
+                    weight.grad.add_(weight.detach() - origin, alpha=pull_to_start)
         optimiser.step()
         if schedule is not None:
             schedule.step()
@@ -828,6 +841,7 @@ def refine_bundle(
         anchor=anchor,
         freeze_statistics=True,
         timesteps_per_image=REFINE_TIMESTEPS_PER_IMAGE,
+        pull_to_start=REFINE_PULL_TO_START if anchor is None else 0.0,
     )
     training = dict(
         bundle.training,
