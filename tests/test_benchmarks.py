@@ -71,3 +71,23 @@ def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbo
     prediction = Segmenter(bundle, device="cpu", precision="fp32").predict(images)
     np.testing.assert_array_equal(labels, prediction.probabilities.argmax(axis=1))
     np.testing.assert_allclose(uncertainty, prediction.uncertainty, atol=1e-5)
+
+
+def test_the_int8_way_computes_the_convolution() -> None:
+    """benchmarks/int8_pass.py's int8 convolution (oneDNN) gives the float convolution's output to
+    int8 rounding, in bf16: what it times is the same work."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("int8_pass", REPO / "benchmarks" / "int8_pass.py")
+    int8_pass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(int8_pass)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1, stride=2)
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x)
+        got = int8_pass.Int8Conv2d(conv, float(x.abs().max()))(x)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert float((got.float() - expected).norm() / expected.norm()) < 0.03

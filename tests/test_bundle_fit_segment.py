@@ -511,6 +511,33 @@ def test_weight_averaging_keeps_the_mean_of_the_second_half_of_the_steps():
     assert torch.allclose(averaged.mlp.rest[1].running_mean, expected.mlp.rest[1].running_mean)
 
 
+def test_pull_to_start_keeps_the_head_near_its_start_weights(monkeypatch):
+    """L2-SP: the stronger the pull, the nearer the fine-tuned head stays to the weights it started
+    from; with a pull each step adds ``pull x (weights - start)`` to the gradient, once (not once
+    per chunk of the frozen-statistics loss)."""
+    from tedm_core.pipelines.fit import train_head
+
+    new_head, levels, targets = _tiny_head_problem()
+    start = new_head()
+
+    def distance(pull: float, steps: int = 30) -> float:
+        head = train_head(copy.deepcopy(start), [levels], targets, steps, freeze_statistics=True, pull_to_start=pull)
+        return float(sum(((a - b) ** 2).sum() for a, b in zip(head.parameters(), start.parameters())).detach())
+
+    free, weak, strong = distance(0.0), distance(0.1), distance(10.0)
+    assert strong < weak < free
+
+    # The penalty joins the gradient once per step, however many backward passes the loss took.
+    from tedm_core.pipelines import fit
+
+    def pulled(maps_per_chunk):
+        monkeypatch.setattr(fit, "maps_per_chunk", lambda _device: maps_per_chunk)
+        head = train_head(copy.deepcopy(start), [levels], targets, 5, freeze_statistics=True, pull_to_start=1.0)
+        return torch.cat([p.detach().flatten() for p in head.parameters()])
+
+    torch.testing.assert_close(pulled(1), pulled(None), atol=1e-5, rtol=1e-4)
+
+
 def test_cosine_schedule_anneals_the_steps_and_unknown_schedules_are_refused(tiny_backbone_dir):
     """Under the cosine schedule the first step moves the weights as far as a constant rate's
     first step and the last one barely; a misspelt schedule is refused; cosine is the default on

@@ -11,10 +11,10 @@ worker, and so the Slicer module, runs), one thread:
 Each round corrects the two slices whose labels agree least with the reference (mean Dice over
 the classes, among slices holding labels and not yet learnt from) and refines; with ``--correction
 erase-false-positives`` it erases, on the two slices with the most of them, only the voxels
-labelled where the reference has background. Prints Dice
-against the reference and Refine's time per round. ``--pull`` and ``--loaded-anchors`` try guards
-against forgetting for the loaded model (README, correct-and-refine, session 18); ``--save`` keeps every round's labels and
-``--compare A.npz B.npz`` prints the Dice between two such runs, round by round.
+labelled where the reference has background. Prints Dice against the reference and Refine's time
+per round. ``--pull`` and ``--loaded-anchors`` try guards against forgetting for the loaded model
+(README, correct-and-refine, session 18); ``--save`` keeps every round's labels and ``--compare
+A.npz B.npz`` prints the Dice between two such runs, round by round.
 
     python scripts/experiments/refine_rounds.py --model tedm_demo/bundle \\
         --image tedm_demo/train/images/mni152.nii.gz --labels tedm_demo/train/labels/mni152.nii.gz --save a.npz
@@ -106,9 +106,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--correction", choices=("worst", "erase-false-positives"), default="worst")
     parser.add_argument("--steps", type=int, default=None, help="Refine's steps (default: the core's)")
     parser.add_argument("--seed", type=int, default=None, help="Refine's random draws from this seed (default 0)")
-    parser.add_argument("--pull", type=float, help="Refine's pull to its start weights when it keeps no anchors (L2-SP)")
     parser.add_argument(
-        "--loaded-anchors", type=float, metavar="WEIGHT", help="anchors for the loaded model too, their loss weighted so"
+        "--pull", type=float, help="Refine's pull to its start weights when it keeps no anchors (L2-SP)"
+    )
+    parser.add_argument(
+        "--loaded-anchors",
+        type=float,
+        metavar="WEIGHT",
+        help="anchors for the loaded model too, their loss weighted so",
     )
     parser.add_argument("--episodes", nargs="+", choices=("loaded", "fitted"), default=["loaded", "fitted"])
     parser.add_argument("--save", type=Path, help="keep every round's labels here (.npz)")
