@@ -19,6 +19,8 @@ slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume 
 session 12, instead of held constant), ``persliceN`` (N refine steps per slice trained on, at
 least the default 40: 40 for the first two corrections, 120 after ten), ``pullX`` (Refine's head
 pulled back to its start weights with L2-SP strength X when it keeps no anchors: session 18),
+``pulldecayX`` (the same with strength X x 2 / the slices corrected so far: a prior that yields as
+corrections accumulate),
 ``weightX`` (the anchors' loss weight X instead of 2).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
@@ -82,7 +84,9 @@ class RefineVariant:
         self.cosine = "cosine" in parts
         self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
         self.anchor_weight = next((float(p[6:]) for p in parts if p.startswith("weight")), self.anchor_weight)
-        self.pull = next((float(p[4:]) for p in parts if p.startswith("pull")), fit_module.REFINE_PULL_TO_START)
+        self.pull = next((float(p[4:]) for p in parts if p.startswith("pull") and p[4:5].isdigit()), None)
+        self.pull = next((float(p[9:]) * 2 / corrected_count for p in parts if p.startswith("pulldecay")), self.pull)
+        self.pull = fit_module.REFINE_PULL_TO_START if self.pull is None else self.pull
 
     def __enter__(self):
         self.saved = (
