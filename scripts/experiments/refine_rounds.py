@@ -12,7 +12,7 @@ Each round corrects the two slices whose labels agree least with the reference (
 the classes, among slices holding labels and not yet learnt from) and refines; with ``--correction
 erase-false-positives`` it erases, on the two slices with the most of them, only the voxels
 labelled where the reference has background. Prints Dice against the reference and Refine's time
-per round. ``--pull`` and ``--loaded-anchors`` try guards against forgetting for the loaded model
+per round. ``--pull`` (``--pull-decay``) and ``--loaded-anchors`` try guards against forgetting for the loaded model
 (README, correct-and-refine, session 18); ``--save`` keeps every round's labels and ``--compare
 A.npz B.npz`` prints the Dice between two such runs, round by round.
 
@@ -109,6 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--pull", type=float, help="Refine's pull to its start weights when it keeps no anchors (L2-SP)"
     )
+    parser.add_argument("--pull-decay", action="store_true", help="--pull x 2 / the slices Refine learns from")
     parser.add_argument(
         "--loaded-anchors",
         type=float,
@@ -130,6 +131,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, "seed": args.seed})
     if args.pull is not None:
         fit.REFINE_PULL_TO_START = args.pull
+    if args.pull_decay:
+        refine = interactive.refine_bundle
+
+        def refine_with_decaying_pull(bundle, slices, *rest, **options):
+            fit.REFINE_PULL_TO_START = args.pull * 2 / len(slices)
+            return refine(bundle, slices, *rest, **options)
+
+        interactive.refine_bundle = refine_with_decaying_pull
     if args.loaded_anchors is not None:
         fit.REFINE_ANCHOR_WEIGHT = args.loaded_anchors
     bundle = load_bundle(args.model)
