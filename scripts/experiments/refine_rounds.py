@@ -12,9 +12,9 @@ Each round corrects the two slices whose labels agree least with the reference (
 the classes, among slices holding labels and not yet learnt from) and refines; with ``--correction
 erase-false-positives`` it erases, on the two slices with the most of them, only the voxels
 labelled where the reference has background. Prints Dice against the reference and Refine's time
-per round. ``--pull`` (``--pull-decay``) and ``--loaded-anchors`` try guards against forgetting for the loaded model
-(README, correct-and-refine, session 18); ``--save`` keeps every round's labels and ``--compare
-A.npz B.npz`` prints the Dice between two such runs, round by round.
+per round. ``--pull`` (``--pull-decay``) and ``--loaded-anchors`` try guards against forgetting
+for the loaded model (docs/results/REFINE_VALIDATION.md, session 18); ``--save`` keeps every
+round's labels and ``--compare A.npz B.npz`` prints the Dice between two such runs, round by round.
 
     python scripts/experiments/refine_rounds.py --model tedm_demo/bundle \\
         --image tedm_demo/train/images/mni152.nii.gz --labels tedm_demo/train/labels/mni152.nii.gz --save a.npz
@@ -125,6 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not (args.model and args.image and args.labels):
         parser.error("--model, --image and --labels are needed (or --compare)")
+    if args.pull_decay and args.pull is None:
+        parser.error("--pull-decay needs --pull")
     torch.set_num_threads(1)
     if args.seed is not None:  # the session passes no seed: Refine's random draws from this one
         refine_bundle = interactive.refine_bundle

@@ -57,7 +57,9 @@ REFINE_ANCHOR_IMAGES_PER_STEP = 2
 # forget what it did on every other slice (Dice on the others 0.79 -> 0.00 on a BraTS volume).
 REFINE_ANCHOR_SLICES = 4
 # Strength of the pull of Refine's head weights back to where it started (L2-SP, ``train_head``'s
-# ``pull_to_start``) when no anchors are kept; 0: none.
+# ``pull_to_start``) when no anchors are kept; 0: none. Measured in session 18: it stopped a loaded
+# model's first-round collapses but cost 1.4-2.2 Dice after five rounds of corrections on the BraTS
+# validation episodes (docs/results/REFINE_VALIDATION.md), so it is off; the experiments set it.
 REFINE_PULL_TO_START = 0.0
 # The logistic probe has no normalisation layer to tame raw feature scales: it needs a larger step.
 DEFAULT_HEAD_LEARNING_RATES = {"probe": 1e-2}

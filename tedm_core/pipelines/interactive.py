@@ -278,7 +278,9 @@ class InteractiveSession:
         # from this volume's own labels. A model fitted elsewhere can be far off here, and holding
         # it to its own result held its errors: on two validation BraTS subjects (issue 10,
         # docs/results/REFINE_VALIDATION.md) mean whole-tumour Dice after 3 / 5 rounds of
-        # corrections was 75.7 / 75.8 with anchors, 88.6 / 91.0 without.
+        # corrections was 75.7 / 75.8 with anchors, 88.6 / 91.0 without. Pulling the head towards
+        # the loaded weights instead (L2-SP, fit.REFINE_PULL_TO_START) stopped first-round
+        # collapses but cost 1.4-2.2 Dice after five rounds (session 18): not used either.
         anchors = (
             choose_anchor_slices(self.written, self.scores, self._anchor_candidates(training))
             if self.fitted_here
