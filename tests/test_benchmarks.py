@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "scripts" / "experiments").glob("*.py"))
 
@@ -73,6 +75,7 @@ def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbo
     np.testing.assert_allclose(uncertainty, prediction.uncertainty, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning")
 def test_the_int8_way_computes_the_convolution() -> None:
     """benchmarks/int8_pass.py's int8 convolution (oneDNN) gives the float convolution's output to
     int8 rounding, in bf16: what it times is the same work."""
