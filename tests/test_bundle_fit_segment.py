@@ -515,6 +515,7 @@ def test_pull_to_start_keeps_the_head_near_its_start_weights(monkeypatch):
     """L2-SP: the stronger the pull, the nearer the fine-tuned head stays to the weights it started
     from; with a pull each step adds ``pull x (weights - start)`` to the gradient, once (not once
     per chunk of the frozen-statistics loss)."""
+    from tedm_core.pipelines import fit
     from tedm_core.pipelines.fit import train_head
 
     new_head, levels, targets = _tiny_head_problem()
@@ -528,8 +529,6 @@ def test_pull_to_start_keeps_the_head_near_its_start_weights(monkeypatch):
     assert strong < weak < free
 
     # The penalty joins the gradient once per step, however many backward passes the loss took.
-    from tedm_core.pipelines import fit
-
     def pulled(maps_per_chunk):
         monkeypatch.setattr(fit, "maps_per_chunk", lambda _device: maps_per_chunk)
         head = train_head(copy.deepcopy(start), [levels], targets, 5, freeze_statistics=True, pull_to_start=1.0)

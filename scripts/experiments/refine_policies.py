@@ -74,6 +74,12 @@ def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return bce + DiceLoss(sigmoid=True)(logits, targets[:, None].float())
 
 
+def number_of(parts, prefix: str, default=None):
+    """The number of the part named ``prefix`` + a number (``steps120`` -> 120.0), else ``default``."""
+    values = (p[len(prefix) :] for p in parts if p.startswith(prefix))
+    return next((float(value) for value in values if value[:1].isdigit()), default)
+
+
 class RefineVariant:
     """A policy's changes to one Refine call (its loss, the anchor weight, the head's statistics
     after it), undone when the call returns."""
@@ -83,10 +89,10 @@ class RefineVariant:
         self.own_stats = "ownstats" in parts
         self.cosine = "cosine" in parts
         self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
-        self.anchor_weight = next((float(p[6:]) for p in parts if p.startswith("weight")), self.anchor_weight)
-        self.pull = next((float(p[4:]) for p in parts if p.startswith("pull") and p[4:5].isdigit()), None)
-        self.pull = next((float(p[9:]) * 2 / corrected_count for p in parts if p.startswith("pulldecay")), self.pull)
-        self.pull = fit_module.REFINE_PULL_TO_START if self.pull is None else self.pull
+        self.anchor_weight = number_of(parts, "weight", self.anchor_weight)
+        decaying = number_of(parts, "pulldecay")
+        pull = number_of(parts, "pull", fit_module.REFINE_PULL_TO_START)
+        self.pull = pull if decaying is None else decaying * 2 / corrected_count
 
     def __enter__(self):
         self.saved = (
@@ -174,9 +180,10 @@ def main() -> int:
             parts = variant.split("+")
             session.bundle, session.written, session.scores = copy.deepcopy(saved[0]), *(a.copy() for a in saved[1:])
             session.training_slices = []
-            session.fitted_here = "anchors" in parts or "decay" in parts or any(p.startswith("weight") for p in parts)
-            steps = next((int(p[5:]) for p in parts if p.startswith("steps")), None)
-            per_slice = next((int(p[8:]) for p in parts if p.startswith("perslice")), None)
+            session.fitted_here = "anchors" in parts or "decay" in parts or number_of(parts, "weight") is not None
+            steps = number_of(parts, "steps")
+            steps = None if steps is None else int(steps)  # Refine's steps are a count
+            per_slice = number_of(parts, "perslice")
             current = start.copy()
             if "adabn" in parts:
                 adapt_statistics(session.bundle.head, session.features, ran[:: max(1, len(ran) // 24)])
@@ -191,7 +198,7 @@ def main() -> int:
                 edited = current.copy()
                 edited[worst] = truth_slices[worst]
                 if per_slice:
-                    steps = max(fit_module.DEFAULT_REFINE_STEPS, per_slice * len(corrected))
+                    steps = max(fit_module.DEFAULT_REFINE_STEPS, int(per_slice) * len(corrected))
                 with RefineVariant(parts, len(corrected)):
                     refined = session.refine(reassemble(edited, layout), steps=steps)
                 current = to_slices(refined.labels, layout).copy()
