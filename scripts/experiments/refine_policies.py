@@ -20,7 +20,7 @@ session 12, instead of held constant), ``persliceN`` (N refine steps per slice t
 least the default 40: 40 for the first two corrections, 120 after ten), ``pullX`` (Refine's head
 pulled back to its start weights with L2-SP strength X when it keeps no anchors: session 18),
 ``pulldecayX`` (the same with strength X x 2 / the slices corrected so far: a prior that yields as
-corrections accumulate),
+corrections accumulate), ``pullfirstX`` (strength X for the first two corrected slices, none after),
 ``weightX`` (the anchors' loss weight X instead of 2).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
@@ -93,6 +93,9 @@ class RefineVariant:
         decaying = number_of(parts, "pulldecay")
         pull = number_of(parts, "pull", fit_module.REFINE_PULL_TO_START)
         self.pull = pull if decaying is None else decaying * 2 / corrected_count
+        first = number_of(parts, "pullfirst")
+        if first is not None:
+            self.pull = first if corrected_count <= 2 else 0.0
 
     def __enter__(self):
         self.saved = (
