@@ -387,6 +387,7 @@ def test_refine_with_anchor_keeps_the_other_slices(tiny_bundle_dir):
         **common,
     )
     assert anchored.training["refine_anchor_slices"] == 4
+    assert anchored.training["refine_pull_to_start"] == 0.0  # anchors guard it: no pull
     plain_dice = _mean_dice(
         Segmenter(plain, device="cpu").predict_from_features(first.features).labels[others], masks[others]
     )

@@ -149,8 +149,10 @@ def test_tedm_refine_learns_from_the_corrected_slices_of_a_label_file(tiny_bundl
 
 def test_a_model_from_elsewhere_is_refined_on_the_corrections_alone(tiny_bundle_dir):
     """A loaded model's result on this volume was never confirmed: Refine does not hold it to it,
-    and says so in the log (it can make other slices worse)."""
+    and says so in the log (it can make other slices worse); its first Refine, on two slices, is
+    held near the loaded weights instead."""
     from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines import fit
     from tedm_core.pipelines.interactive import InteractiveSession, Reporter
 
     volume, sphere = _sphere_volume()
@@ -165,7 +167,10 @@ def test_a_model_from_elsewhere_is_refined_on_the_corrections_alone(tiny_bundle_
     assert "refine_anchor_slices" not in session.bundle.training
     assert session.training_slices == [5, 7]
     assert any("learns from your corrections alone" in line for line in logged), logged
-    edited = refined.labels.copy()  # a second round still learns from the corrections alone
-    edited[6, 0, 0] = 1 - edited[6, 0, 0]
+    # Two corrected slices alone: the head is held near the loaded weights (L2-SP, session 18).
+    assert session.bundle.training["refine_pull_to_start"] == fit.REFINE_PULL_TO_START > 0
+    edited = refined.labels.copy()  # a second round still learns from the corrections alone,
+    edited[6, 0, 0] = 1 - edited[6, 0, 0]  # and with three slices freely
     session.refine(edited, steps=5)
     assert "refine_anchor_slices" not in session.bundle.training and session.training_slices == [5, 6, 7]
+    assert session.bundle.training["refine_pull_to_start"] == 0.0

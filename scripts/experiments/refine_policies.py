@@ -18,7 +18,8 @@ slices), ``adabn`` (the head's BatchNorm statistics re-estimated on this volume 
 ``cosine`` (Refine's learning rate annealed to zero over its steps, as radiograph fits do since
 session 12, instead of held constant), ``persliceN`` (N refine steps per slice trained on, at
 least the default 40: 40 for the first two corrections, 120 after ten), ``pullX`` (Refine's head
-pulled back to its start weights with L2-SP strength X when it keeps no anchors: session 18),
+pulled back to its start weights with L2-SP strength X at every Refine that keeps no anchors;
+session 18, whose adopted rule, ``pullfirst0.1``, is today's Refine; ``nopull``: none, as before),
 ``pulldecayX`` (the same with strength X x 2 / the slices corrected so far: a prior that yields as
 corrections accumulate), ``pullfirstX`` (strength X for the first two corrected slices, none after),
 ``weightX`` (the anchors' loss weight X instead of 2).
@@ -90,10 +91,11 @@ class RefineVariant:
         self.cosine = "cosine" in parts
         self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
         self.anchor_weight = number_of(parts, "weight", self.anchor_weight)
-        decaying = number_of(parts, "pulldecay")
-        pull = number_of(parts, "pull", fit_module.REFINE_PULL_TO_START)
-        self.pull = pull if decaying is None else decaying * 2 / corrected_count
-        first = number_of(parts, "pullfirst")
+        # This call's pull (None: the core's rule, a pull for the first corrected slices only).
+        self.pull = 0.0 if "nopull" in parts else number_of(parts, "pull")
+        decaying, first = number_of(parts, "pulldecay"), number_of(parts, "pullfirst")
+        if decaying is not None:
+            self.pull = decaying * 2 / corrected_count
         if first is not None:
             self.pull = first if corrected_count <= 2 else 0.0
 
@@ -103,6 +105,7 @@ class RefineVariant:
             fit_module.train_head,
             fit_module.REFINE_ANCHOR_WEIGHT,
             fit_module.REFINE_PULL_TO_START,
+            fit_module.REFINE_PULL_UNTIL_SLICES,
         )
         original = fit_module.train_head
 
@@ -119,7 +122,8 @@ class RefineVariant:
             heads.segmentation_loss = dice_bce_loss
         fit_module.train_head = train_head
         fit_module.REFINE_ANCHOR_WEIGHT = self.anchor_weight
-        fit_module.REFINE_PULL_TO_START = self.pull
+        if self.pull is not None:
+            fit_module.REFINE_PULL_TO_START, fit_module.REFINE_PULL_UNTIL_SLICES = self.pull, sys.maxsize
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,6 +132,7 @@ class RefineVariant:
             fit_module.train_head,
             fit_module.REFINE_ANCHOR_WEIGHT,
             fit_module.REFINE_PULL_TO_START,
+            fit_module.REFINE_PULL_UNTIL_SLICES,
         ) = self.saved
 
 

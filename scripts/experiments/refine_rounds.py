@@ -24,6 +24,7 @@ round's labels and ``--compare A.npz B.npz`` prints the Dice between two such ru
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -131,8 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seed is not None:  # the session passes no seed: Refine's random draws from this one
         refine_bundle = interactive.refine_bundle
         interactive.refine_bundle = lambda *a, **k: refine_bundle(*a, **{**k, "seed": args.seed})
-    if args.pull is not None:
-        fit.REFINE_PULL_TO_START = args.pull
+    if args.pull is not None:  # at every Refine, not only the core's first (0: no pull, as before session 18)
+        fit.REFINE_PULL_TO_START, fit.REFINE_PULL_UNTIL_SLICES = args.pull, sys.maxsize
     if args.pull_decay:
         refine = interactive.refine_bundle
 

@@ -278,9 +278,8 @@ class InteractiveSession:
         # from this volume's own labels. A model fitted elsewhere can be far off here, and holding
         # it to its own result held its errors: on two validation BraTS subjects (issue 10,
         # docs/results/REFINE_VALIDATION.md) mean whole-tumour Dice after 3 / 5 rounds of
-        # corrections was 75.7 / 75.8 with anchors, 88.6 / 91.0 without. Pulling the head towards
-        # the loaded weights instead (L2-SP, fit.REFINE_PULL_TO_START) stopped first-round
-        # collapses but cost 1.4-2.2 Dice after five rounds (session 18): not used either.
+        # corrections was 75.7 / 75.8 with anchors, 88.6 / 91.0 without. Its first Refine is held
+        # near the loaded weights instead (refine_bundle, fit.REFINE_PULL_TO_START: session 18).
         anchors = (
             choose_anchor_slices(self.written, self.scores, self._anchor_candidates(training))
             if self.fitted_here
@@ -292,8 +291,9 @@ class InteractiveSession:
             # Measured on the demo's model (README, correct-and-refine, session 17): corrections
             # can make a loaded model's other slices worse; the user should know what to do then.
             reporter.log(
-                "This model was not fitted on this volume, so Refine learns from your corrections alone; "
-                "if other slices get worse, Segment again with the saved model or fit from a few labelled slices."
+                "This model was not fitted on this volume, so Refine learns from your corrections alone "
+                "(from the first two, staying near the model); if other slices get worse, Segment again "
+                "with the saved model or fit from a few labelled slices."
             )
         self.bundle = refine_bundle(
             bundle,
