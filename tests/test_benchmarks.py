@@ -37,6 +37,16 @@ print(json.dumps(results))
 """
 
 
+def _benchmark_module(name: str):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_scripts_print_help() -> None:
     assert any(p.name == "benchmark.py" for p in SCRIPTS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -54,7 +64,6 @@ def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbo
     """benchmarks/benchmark.py's reference implementation runs the steps the bundle predicts with
     (a radiograph model's step 1 and its three heads, each slice also mirrored): fp32 against fp32,
     the same labels and uncertainty as ``Segmenter``."""
-    import importlib.util
 
     import numpy as np
     from conftest import synthetic_disc_images
@@ -66,9 +75,7 @@ def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbo
     images, masks = synthetic_disc_images(3, size=32, seed=2)
     bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, steps=5, device="cpu", crop_dark_borders=False)
     assert bundle.prediction_timesteps == (1,) and bundle.head.config.members == 3 and bundle.test_time_flip
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "benchmarks" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _benchmark_module("benchmark")
     labels, uncertainty = benchmark.Straightforward(bundle).segment_slices(images)
     prediction = Segmenter(bundle, device="cpu", precision="fp32").predict(images)
     np.testing.assert_array_equal(labels, prediction.probabilities.argmax(axis=1))
@@ -79,13 +86,10 @@ def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbo
 def test_the_int8_way_computes_the_convolution() -> None:
     """benchmarks/int8_pass.py's int8 convolution (oneDNN) gives the float convolution's output to
     int8 rounding, in bf16: what it times is the same work."""
-    import importlib.util
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("int8_pass", REPO / "benchmarks" / "int8_pass.py")
-    int8_pass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(int8_pass)
+    int8_pass = _benchmark_module("int8_pass")
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 24, 3, padding=1, stride=2)
     x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)

@@ -91,13 +91,13 @@ class RefineVariant:
         self.cosine = "cosine" in parts
         self.anchor_weight = 2.0 * 2 / corrected_count if "decay" in parts else fit_module.REFINE_ANCHOR_WEIGHT
         self.anchor_weight = number_of(parts, "weight", self.anchor_weight)
-        # This call's pull (None: the core's rule, a pull for the first corrected slices only).
+        # This call's pull at any number of slices (None: the core's rule, a pull for the first
+        # REFINE_PULL_UNTIL_SLICES slices only, whose strength ``pullfirstX`` sets).
         self.pull = 0.0 if "nopull" in parts else number_of(parts, "pull")
-        decaying, first = number_of(parts, "pulldecay"), number_of(parts, "pullfirst")
+        decaying = number_of(parts, "pulldecay")
         if decaying is not None:
             self.pull = decaying * 2 / corrected_count
-        if first is not None:
-            self.pull = first if corrected_count <= 2 else 0.0
+        self.first_pull = number_of(parts, "pullfirst")
 
     def __enter__(self):
         self.saved = (
@@ -124,6 +124,8 @@ class RefineVariant:
         fit_module.REFINE_ANCHOR_WEIGHT = self.anchor_weight
         if self.pull is not None:
             fit_module.REFINE_PULL_TO_START, fit_module.REFINE_PULL_UNTIL_SLICES = self.pull, sys.maxsize
+        elif self.first_pull is not None:
+            fit_module.REFINE_PULL_TO_START = self.first_pull
         return self
 
     def __exit__(self, *exc) -> None:
