@@ -347,6 +347,35 @@ def test_predict_from_features_equals_predict(tiny_bundle_dir):
     np.testing.assert_allclose(exact.probabilities, rounded.predict(images).probabilities, atol=1e-6)
 
 
+@pytest.mark.parametrize("fail_on_call", [1, 2], ids=["in the head", "in the mirrored pass"])
+def test_an_out_of_memory_retry_keeps_one_cache_row_per_slice(tiny_bundle_dir, fail_on_call):
+    """A GPU out-of-memory error halfway through a chunk (after its features were computed: in the
+    head, or in the mirrored pass of test-time flipping) makes the chunk run again at half the size.
+    Its features must be cached once, or every later row of the cache belongs to another slice and
+    Refine puts each slice's result on its neighbour. The error is raised on the CPU with the text
+    of torch's CUDA error, which is what ``runtime.map_in_chunks`` recognises."""
+    bundle = load_bundle(tiny_bundle_dir)
+    assert bundle.test_time_flip
+    images, _ = synthetic_disc_images(6, size=40, seed=67)
+    expected = Segmenter(bundle, device="cpu", batch_size=4).predict(images, keep_features=True)
+    segmenter = Segmenter(bundle, device="cpu", batch_size=4)
+    real_head, calls = segmenter._head_predict, []
+
+    def failing_head(levels, transform):
+        calls.append(levels[0].shape[0])
+        if len(calls) == fail_on_call:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_head(levels, transform)
+
+    segmenter._head_predict = failing_head
+    first = segmenter.predict(images, keep_features=True)
+    assert calls[fail_on_call - 1] == 4 and calls[fail_on_call] == 2  # the chunk was retried at half the size
+    assert first.features.levels[0].shape[0] == len(images) == first.features.flipped[0].shape[0]
+    np.testing.assert_allclose(first.probabilities, expected.probabilities, atol=1e-5)
+    again = Segmenter(bundle, device="cpu").predict_from_features(first.features)
+    np.testing.assert_allclose(again.probabilities, expected.probabilities, atol=2e-3)
+
+
 def test_bf16_passes_cache_their_features_exactly_and_channels_last(tiny_bundle_dir):
     """A bf16 segmenter caches the UNet's bf16 features as they are (no float16 rounding), each
     map channels-last, so re-applying the head reads them without a copy and gives exactly the

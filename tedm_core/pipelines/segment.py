@@ -367,13 +367,19 @@ class Segmenter:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             chunk = slices[start:stop] if rows is None else slices[rows[start:stop]]
-            result = self._predict_chunk(chunk, transform, cancel, kept, crop)
+            # The chunk's features reach ``kept`` only once its result is written: an out-of-memory
+            # error anywhere in the chunk makes map_in_chunks retry it, and features kept before
+            # that would be kept twice, shifting every later cache row off its slice.
+            features: Optional[List[Tuple[LevelFeatures, List[Box]]]] = None if kept is None else []
+            result = self._predict_chunk(chunk, transform, cancel, features, crop)
             if self.test_time_flip:
                 # Mirrored in the image's own grid (not the padded model grid, whose padding
                 # need not be symmetric), so the mirrored result maps back voxel for voxel.
-                mirrored = self._predict_chunk(chunk[..., ::-1], transform, cancel, kept, crop)
+                mirrored = self._predict_chunk(chunk[..., ::-1], transform, cancel, features, crop)
                 result = tuple((a + b.flip(-1)) / 2 for a, b in zip(result, mirrored))
             write(start, stop, result)
+            if kept is not None:
+                kept.extend(features)
             if progress is not None:
                 progress(stop, total)
 
