@@ -174,3 +174,37 @@ def test_a_model_from_elsewhere_is_refined_on_the_corrections_alone(tiny_bundle_
     session.refine(edited, steps=5)
     assert "refine_anchor_slices" not in session.bundle.training and session.training_slices == [5, 6, 7]
     assert session.bundle.training["refine_pull_to_start"] == 0.0
+
+
+def test_a_cancelled_or_failed_operation_leaves_the_session_as_it_was(tiny_bundle_dir, backbone):
+    """A Fit along another axis, cancelled after it re-cut the volume, must not leave the last
+    result beside the new slicing (Refine would compare slices cut along two axes); a Segment
+    cancelled after it dropped the feature cache must leave a session that still refines."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.errors import Cancelled
+    from tedm_core.pipelines.interactive import InteractiveSession, Reporter
+
+    volume, sphere = _sphere_volume()
+    bundle = load_bundle(tiny_bundle_dir)
+    session = InteractiveSession(volume)
+    first = session.segment(bundle, axis="k", device="cpu")
+    edited = first.labels.copy()
+    edited[6] = 1 - edited[6]
+    always = Reporter(cancelled=lambda: True)
+
+    with pytest.raises(Cancelled):
+        session.fit(backbone, sphere, ["background", "sphere"], axis="coronal", device="cpu", steps=5, reporter=always)
+    assert session.axis == first.axis and session.bundle is bundle
+    assert session.changed_slices(edited) == [6]
+    assert session.feature_cache_nbytes > 0  # the Fit did not get as far as dropping the cache
+
+    asked = []
+    inside_the_unet = Reporter(cancelled=lambda: asked.append(1) or len(asked) > 3)
+    with pytest.raises(Cancelled):
+        session.segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu", reporter=inside_the_unet)
+    assert session.bundle is bundle and session.feature_cache_nbytes == 0
+    assert session.changed_slices(edited) == [6]
+    refined = session.refine(edited, steps=3)  # the UNet runs again for the slices Refine needs
+    assert refined.changed_slices == [6] and refined.training_slices == [6]
+    np.testing.assert_array_equal(refined.labels[6], edited[6])
+    assert refined.labels.shape == volume.shape

@@ -16,12 +16,13 @@ benchmarks all use this one object.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -152,6 +153,37 @@ def slice_scores(uncertainty: np.ndarray) -> np.ndarray:
 
 
 Model = Union[ModelBundle, Backbone]
+Operation = TypeVar("Operation", bound=Callable[..., "SessionResult"])
+
+
+def all_or_nothing(operation: Operation) -> Operation:
+    """A session operation that, when it fails or is cancelled, leaves the session as it was.
+
+    An operation changes the session step by step (axis, slices, model, features, result), and
+    Refine compares the user's labels with the last result cut along the session's axis: a Fit
+    cancelled after it re-cut the volume along another axis left the old result beside the new
+    slicing, so Refine took unchanged slices for corrections (or failed to broadcast). Everything
+    but the feature cache is restored from references (no copy). The cache is dropped before a new
+    one is computed, to keep one in memory, not two: when the failed operation had dropped it,
+    Refine runs the UNet again for the slices it needs."""
+
+    @functools.wraps(operation)
+    def run(session: InteractiveSession, *args, **kwargs):
+        saved = {k: v for k, v in vars(session).items() if k not in ("features", "feature_rows")}
+        feature_rows = session.feature_rows
+        try:
+            return operation(session, *args, **kwargs)
+        except BaseException:
+            features_kept = session._feature_generation == saved["_feature_generation"]
+            vars(session).update(saved)
+            if features_kept:
+                session.feature_rows = feature_rows
+            else:
+                session.features = None
+                session.feature_rows = np.full(0 if session.slices is None else len(session.slices), -1, np.int64)
+            raise
+
+    return run  # type: ignore[return-value]
 
 
 class InteractiveSession:
@@ -175,6 +207,7 @@ class InteractiveSession:
         self.layout: Optional[SliceLayout] = None
         self.features: Optional[FeatureCache] = None
         self.feature_rows = np.zeros(0, dtype=np.int64)  # row of slice n in features; -1: not cached
+        self._feature_generation = 0  # counts the caches dropped (all_or_nothing)
         self.written = np.zeros((0, 0, 0), dtype=np.uint8)  # (N, H, W) the labels last returned
         self.scores = np.zeros(0)  # (N,) mean prediction disagreement per slice
         self.training_slices: List[int] = []
@@ -185,6 +218,7 @@ class InteractiveSession:
         self._segmenter: Optional[Segmenter] = None
 
     # -- the three operations -------------------------------------------------------------------
+    @all_or_nothing
     def segment(
         self, bundle: ModelBundle, axis: str = AUTO, device: str = "auto", reporter: Optional[Reporter] = None
     ) -> SessionResult:
@@ -198,6 +232,7 @@ class InteractiveSession:
         self._remember(labels, uncertainty, [])
         return self._result("segment", tic, slices_run, notes=notes)
 
+    @all_or_nothing
     def fit(
         self,
         model: Model,
@@ -253,6 +288,7 @@ class InteractiveSession:
         self._remember(labels, uncertainty, labelled)
         return self._result("fit", tic, slices_run, changed=labelled, notes=notes)
 
+    @all_or_nothing
     def refine(
         self,
         edited: np.ndarray,
@@ -455,6 +491,7 @@ class InteractiveSession:
         labels = np.zeros((n, height, width), dtype=np.uint8)
         uncertainty = np.zeros((n, height, width), dtype=np.float32)
         self.features, self.feature_rows = None, np.full(n, -1, dtype=np.int64)
+        self._feature_generation += 1
         if len(run):
             keep = bundle.head is not None and feature_cache_bytes(bundle, len(run)) <= self.feature_cache_limit_bytes
             if bundle.head is not None and not keep:
