@@ -111,6 +111,20 @@ def slice_layout(ijk_to_ras: np.ndarray, grid: Tuple[int, int, int], axis: str =
     )
 
 
+def plane_across(ijk_to_ras: np.ndarray, dim: int) -> str:
+    """The ``axis`` that cuts across dimension ``dim`` of a ``(K, J, I)`` array: ``k`` for K,
+    else the anatomical plane whose normal that voxel axis is assigned to (``io_orientation`` is
+    one to one, so :func:`slice_layout` then cuts exactly that dimension)."""
+    from nibabel.orientations import io_orientation
+
+    if dim == 0:
+        return "k"
+    world = io_orientation(np.asarray(ijk_to_ras, dtype=np.float64))[2 - int(dim), 0]
+    if np.isnan(world):
+        raise ValueError("the voxel-to-world matrix is degenerate: cannot tell the anatomical axes apart")
+    return _PLANE_NAMES[int(world)]
+
+
 def to_slices(array: np.ndarray, layout: SliceLayout) -> np.ndarray:
     """``(..., K, J, I)`` -> ``(N, ..., H, W)`` following ``layout`` (a view when possible)."""
     array = np.asarray(array)

@@ -170,3 +170,27 @@ def test_brats_resaved_in_another_orientation(tmp_path):
     back, _ = _reoriented(np.asarray(out_b.dataobj), out_b.affine, "".join(nib.aff2axcodes(original.affine)))
     assert np.array_equal(back.transpose(2, 1, 0), seg_a)
     np.testing.assert_allclose(world_centroid(seg_a, original.affine), world_centroid(seg_b, out_b.affine), atol=1e-3)
+
+
+@pytest.mark.parametrize("singleton_dim", [0, 1, 2], ids=["K", "J", "I"])
+@pytest.mark.parametrize("name", ["oblique", "lps"])
+def test_a_single_slice_is_one_image_whichever_axis_holds_it(tiny_bundle_dir, name, singleton_dim):
+    """One coronal or sagittal slice saved from a volume (J or I of length 1) is one 2D image, as
+    a radiograph (K of length 1) is: cut along the model's axis it became one-voxel-thin strips."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.interactive import InteractiveSession
+
+    shape = [20, 18, 16]
+    shape[singleton_dim] = 1
+    rng = np.random.default_rng(singleton_dim)
+    raw = rng.uniform(0, 100, size=shape).astype(np.float32)
+    volume = volume_from_array(raw, AFFINES[name])
+    segmenter = ThresholdSegmenter()
+    result = segment_volume(segmenter, volume, axis="axial")
+    assert result.layout.num_slices == 1 and result.layout.slice_dim == singleton_dim
+    assert segmenter.slices_seen == 1
+    assert np.array_equal(result.labels, (raw > 50).astype(np.uint8))  # every voxel back on itself
+    session = InteractiveSession(volume)  # the Slicer worker's path: it refused J or I before
+    segmented = session.segment(load_bundle(tiny_bundle_dir), device="cpu")
+    assert segmented.slices_run == 1 and segmented.labels.shape == volume.shape
+    assert session.layout.slice_dim == singleton_dim

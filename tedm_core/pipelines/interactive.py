@@ -434,11 +434,6 @@ class InteractiveSession:
         axis = (axis or AUTO).lower()
         if axis not in AXES + (AUTO,):
             raise SessionError(f"unknown slicing axis {axis!r}; expected {AUTO} or one of {', '.join(AXES)}")
-        shape = self.volume.shape
-        if min(shape) == 1 and shape[0] != 1:
-            raise SessionError(
-                "a single-slice image must be stored with its one slice along K (as Slicer loads 2D images)"
-            )
         return resolve_axis(self.volume, (model_axis or "axial") if axis == AUTO else axis)
 
     def _prepare_slices(self, intensity) -> None:

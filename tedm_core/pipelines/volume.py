@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..io.images import binary_foreground
 from ..io.volumes import Volume, geometry_mismatch, read_case, read_volume
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
-from ..slicing import SliceLayout, extract_slices, labelled_slice_indices, reassemble, to_slices
+from ..slicing import SliceLayout, extract_slices, labelled_slice_indices, plane_across, reassemble, to_slices
 
 Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -76,8 +76,16 @@ def normalise_volume(volume: Volume, intensity: IntensityConfig) -> Volume:
 
 
 def resolve_axis(volume: Volume, axis: str) -> str:
-    """A single-slice image (radiograph, 2D file) is always cut along its own K axis."""
-    return "k" if volume.shape[0] == 1 else axis
+    """A single-slice image is always cut across its one slice, whichever axis holds it: K for a
+    radiograph or a 2D file, J or I for one coronal or sagittal slice saved from a volume (cut
+    along ``axis`` it would become one-voxel-thin strips, each resized to the model's grid)."""
+    singleton = [dim for dim in range(3) if volume.shape[dim] == 1]
+    if not singleton:
+        return axis
+    try:
+        return plane_across(volume.ijk_to_ras, singleton[0])
+    except ValueError as error:
+        raise InputError(volume.path, str(error)) from None
 
 
 def nonempty_slice_mask(slices: np.ndarray) -> np.ndarray:
