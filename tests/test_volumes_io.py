@@ -186,3 +186,19 @@ def test_volume_from_array_and_with_array():
     assert other.array.shape == (2, 3, 4, 5) and np.array_equal(other.ijk_to_ras, volume.ijk_to_ras)
     with pytest.raises(ValueError):
         volume.with_array(np.zeros((3, 4, 6)))
+
+
+def test_a_label_volume_of_fractional_values_is_refused_not_rounded(tmp_path):
+    """A soft or interpolated mask (0/0.45 rounds to empty, a blurred edge of 0.3/0.7 to a
+    thresholded one) is refused naming the file; whole numbers stored as floats are read as they are."""
+    from tedm_core.io.volumes import read_volume, volume_from_array
+    from tedm_core.pipelines.volume import label_array_to_classes
+
+    mask = np.zeros((4, 6, 5), np.float32)
+    mask[1:3, 2:4, 1:4] = 1.0
+    whole = volume_from_array(mask, affine_zoo()["oblique"])
+    assert label_array_to_classes(whole, [0, 1]).sum() == mask.sum()
+    nib.save(nib.Nifti1Image((mask * 0.45).transpose(2, 1, 0), affine_zoo()["oblique"]), tmp_path / "soft.nii.gz")
+    soft = read_volume(tmp_path / "soft.nii.gz", allow_constant=True)
+    with pytest.raises(InputError, match=r"soft\.nii\.gz.*not whole numbers \(12 voxels, e\.g\. 0\.45\)"):
+        label_array_to_classes(soft, [0, 1])

@@ -183,7 +183,19 @@ def label_array_to_classes(label_volume: Volume, label_values: Sequence[int]) ->
     Two classes: any value other than the background's is foreground (masks stored as 0/1,
     0/255 ...). More classes: each value must be one of ``label_values``.
     """
-    values = np.rint(label_volume.array[0]).astype(np.int64)
+    array = label_volume.array[0]
+    values = np.rint(array)
+    fractional = values != array  # NaN too
+    if fractional.any():
+        # A soft or interpolated mask (0.45 at an edge) rounded to class values would pass as a
+        # different ground truth, or as an empty one, without a word.
+        raise InputError(
+            label_volume.path,
+            f"holds label values that are not whole numbers ({int(fractional.sum())} voxels, e.g. "
+            f"{float(array[fractional][0]):g}): a label file holds class values; threshold a soft or resampled mask "
+            "first (nearest-neighbour when resampling)",
+        )
+    values = values.astype(np.int64)
     if len(label_values) == 2:
         return binary_foreground(label_volume.path, values, int(label_values[0]))
     lookup = {int(v): k for k, v in enumerate(label_values)}
