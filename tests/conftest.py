@@ -174,7 +174,8 @@ def world_centroid(labels_kji: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray
 
 
 def affine_zoo():
-    """Named voxel-to-RAS matrices: RAS, LPS, flipped, anisotropic, oblique (rotated + anisotropic + LPS-like)."""
+    """Named voxel-to-RAS matrices: RAS, LPS, flipped, anisotropic, oblique (rotated + anisotropic + LPS-like),
+    permuted, left-handed oblique."""
     from scipy.spatial.transform import Rotation
 
     def make(linear, origin):
@@ -191,4 +192,7 @@ def affine_zoo():
         "anisotropic": make(np.diag([0.9, 1.3, 2.5]), [-15.0, -22.0, -30.0]),
         "oblique": make(rot @ np.diag([-1.1, -0.8, 2.2]), [14.5, 3.25, -21.0]),
         "permuted": make(np.array([[0.0, 0.0, 1.2], [-1.0, 0.0, 0.0], [0.0, -1.5, 0.0]]), [-20.0, 20.0, 25.0]),
+        # Left-handed (determinant < 0, as FSL's radiological LAS storage): ITK and Slicer then
+        # store the volume with K reversed, so a mistake in handedness cannot hide behind a rotation.
+        "left_handed": make(rot.T @ np.diag([-0.9, 1.2, 1.7]), [10.0, -12.0, 30.0]),
     }
