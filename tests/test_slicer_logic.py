@@ -136,8 +136,10 @@ def test_scene_closed_mid_job_drops_the_result(lib, logic, client, scene, tmp_pa
     logic.begin_segment([volume], "/model", segmentation)  # the same volume: the session is reused
     assert client.ops()[-1] == "segment"
 
-    scene.Clear(0)  # File > Close scene, while the job runs
+    # File > Close scene while the job runs, in Slicer's order: StartCloseEvent (the widget calls
+    # on_scene_closed), the nodes go (no NodeRemovedEvent reaches on_node_removed), EndCloseEvent.
     logic.on_scene_closed()
+    scene.Clear(0)
     # The new scene reuses node IDs: a node now answers to the old segmentation's ID.
     reused, _ = new_segmentation(scene, [("other", (0.0, 1.0, 0.0))], name="new scene")
     assert reused.GetID() == segmentation.GetID()
@@ -850,3 +852,133 @@ def test_segment_again_resends_volumes_that_changed(lib, logic, client, scene, t
     volume, ijk_to_ras = client.sessions[session]
     assert np.array_equal(volume[1], lib.mrml_io.array_from_volume_node(t1))
     assert np.allclose(ijk_to_ras, lib.mrml_io.ijk_to_ras_of(flair))
+
+
+# --------------------------------------------------------------------------------------------
+# A hung worker, a worker that died while idle, the worker's description, shutdown
+# --------------------------------------------------------------------------------------------
+class _Clock:
+    """``time`` for the logic with a monotonic clock the test moves (a hung worker is told by the
+    time Cancel stays unanswered; a test does not wait seconds for it)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.monotonic()
+        self.perf_counter = time.perf_counter
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _timer_ticks(logic, clock, ticks, seconds_per_tick=0.05):
+    """The widget's QTimer: poll(0.02, 0) every 50 ms while the logic needs polling."""
+    for _ in range(ticks):
+        if not logic.needs_polling():
+            return True
+        logic.poll(max_seconds=0.02, wait_seconds=0.0)
+        clock.now += seconds_per_tick
+    return not logic.needs_polling()
+
+
+@pytest.fixture
+def clock(lib, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(lib.logic, "time", clock)
+    return clock
+
+
+def test_a_hung_worker_is_stopped_when_it_does_not_answer_cancel(lib, logic, client, scene, tmp_path, clock):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _timer_ticks(logic, clock, 3)
+    client.hang()
+    assert not _timer_ticks(logic, clock, 200), "a hung worker never ends the job by itself"
+    logic.cancel()
+    seconds = lib.logic.CANCEL_ANSWER_TIMEOUT_S
+    assert not _timer_ticks(logic, clock, int(seconds / 0.05) - 2), "not before the timeout"
+    assert _timer_ticks(logic, clock, 10), "stopped a few ticks after the timeout"
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "did not answer Cancel" in finished.message
+    assert "next request starts a new worker" in finished.message and finished.message in logic.listener.lines
+    assert client.close_calls == [0.0] and logic.client is None and _segmentations(scene) == []
+
+    generation = client.generation
+    logic.begin_segment([volume], "/model", None)
+    assert client.generation == generation + 1 and client.ops()[-1] == "open_session"
+    assert _timer_ticks(logic, clock, 20) and logic.listener.finished_operations[-1].status == lib.DONE
+
+
+def test_cancel_pressed_twice_stops_a_hung_worker_at_once(lib, logic, client, scene, tmp_path, clock):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    _timer_ticks(logic, clock, 5)
+    client.hang()
+    logic.cancel()
+    logic.cancel()
+    assert not logic.busy and not logic.needs_polling()
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "Cancel was pressed again" in finished.message
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1 and not logic.has_result(segmentation)
+
+
+def test_a_worker_that_answers_cancel_is_left_to_finish_its_step(lib, scene, tmp_path, clock):
+    client = ScriptedWorkerClient(job_polls=400)  # a long step: the job ends 20 s after Cancel
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _timer_ticks(logic, clock, 3)
+    logic.cancel()
+    assert _timer_ticks(logic, clock, 1000)
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "did not answer" not in finished.message
+    assert client.close_calls == [] and client.alive
+
+
+def test_a_worker_that_died_while_idle_is_restarted_by_the_next_request(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    node = _run(logic).segmentation_node
+    assert logic.has_result(node)
+    client.kill()  # no timer runs while idle: nobody polls the client
+    assert not logic.has_result(node), "its sessions are gone"
+    logic.begin_segment([volume], "/model", node)
+    assert client.ops()[-1] == "open_session", "a new worker gets the volume"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is node, finished.message
+    assert logic.has_result(node)
+
+
+def test_the_workers_description_is_polled_for_without_an_operation(lib, logic, client, clock):
+    seen = []
+    assert not logic.needs_polling()
+    logic.describe_worker(seen.append)
+    assert not logic.busy and logic.needs_polling(), "the timer keeps running for the answer"
+    assert _timer_ticks(logic, clock, 5)
+    assert len(seen) == 1 and seen[0].startswith("Worker pid")
+    client.hang()
+    logic.describe_worker(seen.append)
+    assert not _timer_ticks(logic, clock, 50) and len(seen) == 1
+    logic.shutdown()
+    assert not logic.needs_polling()
+
+
+def test_shutdown_closes_every_session_and_reports_the_running_operation(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    other, _ = _sphere_node(scene, tmp_path, name="other")
+    logic.begin_segment([volume], "/model", None)
+    first = _run(logic).segmentation_node
+    logic.begin_segment([other], "/model", None)
+    second = _run(logic).segmentation_node
+    sessions = {logic.record_for(first).session_id, logic.record_for(second).session_id}
+    logic.begin_refine(first, volume)
+    logic.poll()
+    logic.shutdown()
+    assert not logic.busy and client.closed and logic.client is None
+    closed = {fields["session"] for op, fields, _ in client.requests if op == "close_session"}
+    assert closed == sessions
+    assert client.ops()[-3] == "cancel" and client.requests[-3][1]["target"]
+    finished = logic.listener.finished_operations[-1]
+    assert finished.operation == "refine" and finished.status == lib.CANCELLED
+    assert "stopped" in finished.message and "nothing was written" in finished.message

@@ -375,8 +375,10 @@ def test_scene_closed_mid_job(lib, logic, scene, brats_crop, tiny_bundle_dir):
     segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
     logic.begin_segment([volume], str(tiny_bundle_dir), segmentation, axis="axial", device="cpu")
     _until_progress(logic)
-    scene.Clear(0)
+    # Slicer's order: StartCloseEvent (the widget calls on_scene_closed), then the nodes go
+    # (on_node_removed is not called for them), then EndCloseEvent.
     logic.on_scene_closed()
+    scene.Clear(0)
     reused, _ = new_segmentation(scene, [("mine", (0.0, 1.0, 0.0))], name="after close")
     finished = _finish(logic)
     assert finished.status in (lib.DROPPED, lib.CANCELLED), finished.message
