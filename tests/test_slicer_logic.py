@@ -982,3 +982,14 @@ def test_shutdown_closes_every_session_and_reports_the_running_operation(lib, lo
     finished = logic.listener.finished_operations[-1]
     assert finished.operation == "refine" and finished.status == lib.CANCELLED
     assert "stopped" in finished.message and "nothing was written" in finished.message
+
+
+def test_a_worker_still_starting_gets_longer_to_answer_cancel(lib, logic, client, scene, tmp_path, clock):
+    volume, _ = _sphere_node(scene, tmp_path)
+    client.hang()  # nothing answered yet: it may be importing torch
+    logic.begin_segment([volume], "/model", None)
+    logic.cancel()
+    assert not _timer_ticks(logic, clock, int(2 * lib.logic.CANCEL_ANSWER_TIMEOUT_S / 0.05))
+    ticks = int(lib.logic.CANCEL_ANSWER_TIMEOUT_STARTING_S / 0.05)
+    assert _timer_ticks(logic, clock, ticks) and client.close_calls == [0.0]
+    assert "did not answer Cancel within 60 s" in logic.listener.finished_operations[-1].message

@@ -55,6 +55,10 @@ DEVICE_CHOICES = tuple(DEVICES)
 # one that has not answered within this time (counted by the polls, from when the request has
 # left this process) is hung, and is stopped.
 CANCEL_ANSWER_TIMEOUT_S = 5.0
+# A worker that has not yet answered anything of this operation may still be starting (it reads
+# no request while it imports torch: 6-7 s on a busy machine, more from a cold disk) or reading
+# the volume, so it gets longer before it counts as hung.
+CANCEL_ANSWER_TIMEOUT_STARTING_S = 60.0
 
 
 class UserInputError(ValueError):
@@ -147,6 +151,7 @@ class RunningOperation:
     # the request is still queued behind a large upload), and whether it answered.
     cancel_waiting_since: Optional[float] = None
     cancel_acknowledged: bool = False
+    worker_answered: bool = False  # the worker answered a request of this operation: it is up and reading
     # Fit: the segments the classes were read from, so the result goes back into exactly those.
     class_segment_ids: Optional[List[str]] = None
     segmentation_signature: Any = None  # the segments' modified times at the request (None: no node)
@@ -290,11 +295,19 @@ class TEDMWorkerLogic:
         client = client or self.client
         return None if client is None else (self._clients_made, client.generation)
 
-    def _note_dead_worker(self) -> None:
+    def _note_dead_worker(self, read: bool = False) -> None:
         """A worker that ended while nobody polled (it died between jobs) is only seen by asking the
-        client: its sessions are gone, and the next request starts a new worker."""
+        client: its sessions are gone, and the next request starts a new worker. ``read``: first
+        read what the worker sent, without waiting (a client may only notice the end of its pipe so)."""
         client = self.client
-        if client is None or client.alive:
+        if client is None:
+            return
+        if read and self.running is None:
+            try:
+                client.poll(max_seconds=0.0, wait_seconds=0.0)
+            except Exception as error:
+                log.debug("reading the idle worker failed: %s", error)
+        if client.alive:
             return
         self._dead_generations.add(self._generation_key(client))
         if self.running is not None:
@@ -438,8 +451,9 @@ class TEDMWorkerLogic:
         if self.client is not None and getattr(self.client, "unsent_bytes", 0):
             running.cancel_waiting_since = now  # still queued behind the upload: the worker cannot have read it
             return
-        if running.cancel_waiting_since is not None and now - running.cancel_waiting_since > CANCEL_ANSWER_TIMEOUT_S:
-            self._stop_worker(running, f"the worker did not answer Cancel within {CANCEL_ANSWER_TIMEOUT_S:.0f} s")
+        timeout = CANCEL_ANSWER_TIMEOUT_S if running.worker_answered else CANCEL_ANSWER_TIMEOUT_STARTING_S
+        if running.cancel_waiting_since is not None and now - running.cancel_waiting_since > timeout:
+            self._stop_worker(running, f"the worker did not answer Cancel within {timeout:.0f} s")
 
     def _stop_worker(self, running: RunningOperation, why: str) -> None:
         """End the running operation without the worker: stop (or disconnect from) the worker, whose
@@ -532,6 +546,7 @@ class TEDMWorkerLogic:
     def _check_idle(self) -> None:
         if self.running is not None:
             raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
+        self._note_dead_worker(read=True)  # before any session is chosen for reuse
 
     def _watch_for_edits(self, running: RunningOperation) -> None:
         """Note the segmentation as it is at the request (its segments' modified times now, its
@@ -862,6 +877,7 @@ class TEDMWorkerLogic:
     def _on_event(self, running: RunningOperation, event: Any) -> None:
         if running is not self.running or event.request_id != running.request_id:
             return  # a late event of an operation already finished (or of its open_session)
+        running.worker_answered = True
         if event.kind == "progress":
             fraction = float(event.fields.get("fraction", 0.0))
             self.listener.progress(max(0.0, min(1.0, fraction)), f"{running.title}: {event.fields.get('message', '')}")
