@@ -993,3 +993,15 @@ def test_a_worker_still_starting_gets_longer_to_answer_cancel(lib, logic, client
     ticks = int(lib.logic.CANCEL_ANSWER_TIMEOUT_STARTING_S / 0.05)
     assert _timer_ticks(logic, clock, ticks) and client.close_calls == [0.0]
     assert "did not answer Cancel within 60 s" in logic.listener.finished_operations[-1].message
+
+
+def test_a_scene_closed_after_cancel_does_not_stop_the_worker(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    logic.poll()
+    logic.cancel()
+    logic.on_scene_closed()  # not a second press of Cancel
+    scene.Clear(0)
+    finished = _run(logic)
+    assert finished.status in (lib.DROPPED, lib.CANCELLED) and "worker was stopped" not in finished.message
+    assert client.close_calls == [] and client.alive

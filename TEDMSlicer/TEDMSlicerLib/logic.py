@@ -432,6 +432,14 @@ class TEDMWorkerLogic:
         if running.cancel_requested:
             self._stop_worker(running, "Cancel was pressed again")
             return
+        self._request_cancel()
+
+    def _request_cancel(self) -> None:
+        """Ask the worker to stop the running job, once (a scene closed after the user's Cancel
+        must not count as a second press)."""
+        running = self.running
+        if running is None or running.applying or running.cancel_requested:
+            return
         running.cancel_requested = True
         running.cancel_waiting_since = time.monotonic()
         if running.request_id is None or self.client is None:
@@ -480,7 +488,7 @@ class TEDMWorkerLogic:
         dropped, the worker's sessions are closed and the running job is cancelled."""
         if self.running is not None and not self.running.drop_reason:
             self.running.drop_reason = "the scene was closed"
-            self.cancel()
+            self._request_cancel()
         for record in list(self.records.values()):
             self._close_session(record)
         self.records.clear()
@@ -496,7 +504,7 @@ class TEDMWorkerLogic:
             elif any(node is volume for volume in running.volume_nodes):
                 running.drop_reason = f"volume '{node.GetName()}' was deleted"
             if running.drop_reason:
-                self.cancel()
+                self._request_cancel()
         for key, record in list(self.records.items()):
             if node is record.segmentation_node or any(node is v for v in record.volume_nodes):
                 if running is None or running.record is not record:
