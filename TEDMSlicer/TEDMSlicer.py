@@ -205,6 +205,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         # Before the nodes go: results in flight are dropped, worker sessions closed.
         self.logic.worker.on_scene_closed()
+        self._pollWhileNeeded()  # the close_session answers are read by the timer
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -215,6 +216,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNodeRemoved(self, caller, event, node) -> None:
         if node is not None and self.logic is not None:
             self.logic.worker.on_node_removed(node)
+            self._pollWhileNeeded()
             self._updateButtons()
 
     def initializeParameterNode(self) -> None:
@@ -255,11 +257,10 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onRestartWorker(self) -> None:
-        if self.logic.worker.busy:
-            slicer.util.warningDisplay(_("Wait for the running job to finish, or Cancel it, first."))
-            return
+        # Allowed while a job runs: it is how a user gets out of a hung worker. The running
+        # operation is reported as stopped (through onOperationFinished) and nothing is written.
         self.onWorkerSettingsChanged()
-        self.logic.worker.shutdown()  # the next request starts the worker with the new settings
+        self.logic.worker.shutdown(reason="the worker was restarted")  # the next request uses the new settings
         if not self._ensureReady():
             return
         try:
@@ -267,7 +268,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:
             self.ui.workerStatusLabel.text = _("The worker could not start: {error}").format(error=error)
             return
-        self._pollTimer.start()
+        self._pollWhileNeeded()
 
     def _showWorkerDescription(self, text: str) -> None:
         self.ui.workerStatusLabel.text = text
@@ -308,11 +309,8 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setBusy(self, busy: bool) -> None:
         self.ui.cancelButton.enabled = busy
         self.ui.progressBar.visible = busy
-        for widget in (
-            self.ui.inputsCollapsibleButton,
-            self.ui.settingsCollapsibleButton,
-            self.ui.workerCollapsibleButton,
-        ):
+        # The worker section stays enabled: "Apply and restart worker" stops a hung worker.
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.settingsCollapsibleButton):
             widget.enabled = not busy
         self._updateButtons()
 
@@ -397,14 +395,24 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onCancel(self) -> None:
-        if self.logic.worker.busy:
-            self.logic.worker.cancel()
-            self._setStatus(_("Cancelling at the next slice batch or training step..."))
+        running = self.logic.worker.running
+        if running is None:
+            return
+        again = running.cancel_requested
+        self.logic.worker.cancel()  # pressed again: stops the worker itself
+        if not again and self.logic.worker.running is running:
+            self._setStatus(
+                _("Cancelling at the next slice batch or training step... (press Cancel again to stop the worker)")
+            )
 
     # -- the worker's events, on the GUI thread --------------------------------------------------
     def _setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
         slicer.util.showStatusMessage(text, 3000)
+
+    def _pollWhileNeeded(self) -> None:
+        if self._pollTimer is not None and self.logic.worker.needs_polling() and not self._pollTimer.isActive():
+            self._pollTimer.start()
 
     def _pollWorker(self) -> None:
         try:
@@ -413,10 +421,12 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:  # a broken pipe must not kill the timer silently
             logging.error("TEDMSlicer: reading the worker failed: %s", error)
         running = self.logic.worker.running
-        if running is None:
-            self._pollTimer.stop()
-        else:
+        if running is not None:
             self.ui.elapsedLabel.text = _("{seconds:.0f} s").format(seconds=running.elapsed)
+        # Answers of requests that are no operation (the worker's description, close_session) are
+        # read too: the timer stops only when nothing is left to read.
+        if not self.logic.worker.needs_polling():
+            self._pollTimer.stop()
 
     def onWorkerProgress(self, fraction: float, message: str) -> None:
         self.ui.progressBar.value = int(round(1000 * fraction))
@@ -663,7 +673,9 @@ class TEDMSlicerTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Cancel: no node is left behind")
             nodesBefore = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
             logic.begin_segment([volume], saved.saved_path, None, axis="k", device="cpu")
-            cancelled = self._wait(logic, onPoll=logic.cancel)
+            logic.poll(max_seconds=0.05, wait_seconds=0.05)
+            logic.cancel()  # once: pressed again, Cancel stops the worker itself
+            cancelled = self._wait(logic)
             self.assertIn(cancelled.status, (CANCELLED, DONE))  # a tiny volume may finish first
             if cancelled.status == CANCELLED:
                 self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), nodesBefore)

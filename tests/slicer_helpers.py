@@ -186,7 +186,10 @@ class ScriptedWorkerClient:
     against a real worker process are in ``tests/test_slicer_worker.py``.
 
     ``uncertain_slices`` answers with slice k of the volume (axis ``k``) and its centre in
-    voxel indices, as the worker does.
+    voxel indices, as the worker does. ``cancel`` (the method, or a submitted ``cancel`` request
+    naming its ``target``) makes the target's answer a ``cancelled`` error. Like the real client,
+    it starts its worker when made; ``kill`` makes that worker die, ``hang`` makes it stop
+    answering anything (a deadlock, a hung driver), and ``close`` stops it.
     """
 
     JOBS = ("segment", "fit", "refine", "save_model", "pretrain")
@@ -203,14 +206,28 @@ class ScriptedWorkerClient:
         self._queue = []  # [polls left, request id, on_event, events]
         self.fail_next = {}  # op -> (kind, message): the next such request fails
         self.closed = False
+        self.close_calls = []  # the grace_s of each close()
+        self.hung = False
+        self._start()
 
     @property
     def alive(self) -> bool:
         return self._alive
 
+    @property
+    def pending(self):
+        """Requests sent and not yet answered (as ``WorkerClient.pending``)."""
+        return [entry[1] for entry in self._queue]
+
+    @property
+    def unsent_bytes(self) -> int:
+        return 0
+
     def _start(self) -> None:
         if not self._alive:
             self._alive = True
+            self.closed = False
+            self.hung = False
             self.generation += 1
             self.sessions = {}
 
@@ -219,6 +236,8 @@ class ScriptedWorkerClient:
         self._ids += 1
         request_id = f"r{self._ids}"
         self.requests.append((op, dict(fields), dict(arrays or {})))
+        if op == "cancel" and not self.hung:
+            self.cancel(fields.get("target"))
         events = self._answer(op, dict(fields), dict(arrays or {}), request_id)
         polls = self.job_polls if op in self.JOBS else 0
         self._queue.append([polls, request_id, on_event, events])
@@ -278,6 +297,8 @@ class ScriptedWorkerClient:
 
     def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0):
         delivered = []
+        if self.hung:
+            return delivered  # alive, reads nothing and answers nothing
         for entry in list(self._queue):
             if entry[0] > 0:
                 entry[0] -= 1
@@ -301,9 +322,17 @@ class ScriptedWorkerClient:
             entry[0] = 0
             entry[3] = [ScriptedEvent("error", entry[1], {"kind": "worker_died", "message": "exit code -9"})]
 
-    def close(self) -> None:
+    def hang(self) -> None:
+        """The worker stops reading and answering (alive, silent): only stopping it ends that."""
+        self.hung = True
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop the worker (the real client asks it, then kills it after ``grace_s``); pending
+        requests are forgotten without an answer, as the real client's are."""
+        self.close_calls.append(grace_s)
         self.closed = True
         self._alive = False
+        self.hung = False
         self._queue.clear()
 
     def ops(self):

@@ -136,8 +136,10 @@ def test_scene_closed_mid_job_drops_the_result(lib, logic, client, scene, tmp_pa
     logic.begin_segment([volume], "/model", segmentation)  # the same volume: the session is reused
     assert client.ops()[-1] == "segment"
 
-    scene.Clear(0)  # File > Close scene, while the job runs
+    # File > Close scene while the job runs, in Slicer's order: StartCloseEvent (the widget calls
+    # on_scene_closed), the nodes go (no NodeRemovedEvent reaches on_node_removed), EndCloseEvent.
     logic.on_scene_closed()
+    scene.Clear(0)
     # The new scene reuses node IDs: a node now answers to the old segmentation's ID.
     reused, _ = new_segmentation(scene, [("other", (0.0, 1.0, 0.0))], name="new scene")
     assert reused.GetID() == segmentation.GetID()
@@ -703,3 +705,303 @@ def test_node_deleted_while_the_result_is_checked_drops_it(lib, scene, tmp_path)
     logic.on_node_removed(segmentation)
     finished = _run(logic)
     assert finished.status == lib.DROPPED and _segmentations(scene) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The user's own segments, renames and colours in a segmentation TEDM wrote
+# --------------------------------------------------------------------------------------------
+def _names(node):
+    segmentation = node.GetSegmentation()
+    return {segmentation.GetNthSegmentID(n): segmentation.GetNthSegment(n).GetName() for n in range(len(_ids(node)))}
+
+
+def _ids(node):
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
+def test_segment_again_leaves_a_segment_the_user_added_alone(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=("background", "grey", "white"))
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    node = _run(logic).segmentation_node
+    grey_id, white_id = _ids(node)
+    # The user deletes 'grey', adds a segment of their own and paints it.
+    mine = node.GetSegmentation().AddEmptySegment("", "my notes", [0.0, 0.0, 1.0])
+    notes = np.zeros(array.shape, dtype=bool)
+    notes[0, :4, :4] = True
+    SegmentEditor(scene, node, volume).add(mine, notes)
+    node.GetSegmentation().RemoveSegment(grey_id)
+
+    logic.begin_segment([volume], "/model", node)
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is node
+    names = _names(node)
+    assert names[mine] == "my notes" and names[white_id] == "white"
+    assert np.array_equal(lib.mrml_io.read_class_labels(node, volume, [mine]) > 0, notes), "the user's voxels"
+    (new_grey,) = [s for s, name in names.items() if name == "grey"]
+    assert new_grey not in (mine, white_id), "the deleted class gets a new segment"
+    labels = lib.mrml_io.read_class_labels(node, volume, [new_grey, white_id])
+    assert np.array_equal(labels, client.last_labels[logic.record_for(node).session_id])
+
+
+def test_an_unrecorded_segment_is_only_taken_for_a_class_of_its_name(lib, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    node, (notes_id, white_id) = new_segmentation(scene, [("notes", (0.0, 0.0, 1.0)), ("white", (0.1, 0.2, 0.3))])
+    ids = lib.mrml_io.prepare_segmentation_node(node, volume, ["background", "grey", "white"])
+    assert ids[1] == white_id and ids[0] not in (notes_id, white_id)
+    assert _names(node)[notes_id] == "notes"
+    assert np.allclose(node.GetSegmentation().GetSegment(white_id).GetColor(), (0.1, 0.2, 0.3))
+
+
+def test_refine_keeps_the_users_rename_and_colour(lib, logic, client, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    node = _run(logic).segmentation_node
+    (segment_id,) = _ids(node)
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    segment.SetName("left tumour (checked)")
+    segment.SetColor(0.0, 1.0, 0.0)
+    corrected = np.zeros(array.shape, dtype=bool)
+    corrected[2, :3, :3] = True
+    SegmentEditor(scene, node, volume).add(segment_id, corrected)
+    logic.begin_refine(node, volume)
+    assert _run(logic).status == lib.DONE
+    logic.begin_segment([volume], "/model", node)
+    assert _run(logic).status == lib.DONE
+    assert _ids(node) == [segment_id]
+    assert segment.GetName() == "left tumour (checked)" and segment.GetColor() == (0.0, 1.0, 0.0)
+
+
+def test_fit_in_a_tedm_segmentation_learns_a_segment_the_user_added(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=("background", "grey"))
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    node = _run(logic).segmentation_node
+    (grey_id,) = _ids(node)
+    csf_id = node.GetSegmentation().AddEmptySegment("", "csf", [0.0, 0.0, 1.0])
+    csf = np.zeros(array.shape, dtype=bool)
+    csf[3, 2:6, 2:6] = True
+    SegmentEditor(scene, node, volume).add(csf_id, csf)
+    drawn = lib.mrml_io.read_class_labels(node, volume, [grey_id, csf_id])
+
+    logic.begin_fit([volume], "/backbone", node)
+    finished = _run(logic)
+    op, fields, arrays = client.requests[-1]
+    assert op == "fit" and fields["class_names"] == ["background", "grey", "csf"]
+    assert np.array_equal(arrays["labels"], drawn) and set(np.unique(arrays["labels"][csf])) == {2}
+    assert any("grey, csf" in line for line in logic.listener.lines), logic.listener.lines
+    assert finished.status == lib.DONE and finished.segmentation_node is node
+    assert _ids(node) == [grey_id, csf_id], "the result goes back into the very segments painted"
+    result = lib.mrml_io.read_class_labels(node, volume, [grey_id, csf_id])
+    assert np.array_equal(result[3], drawn[3]), "the labelled slice stays as drawn"
+    assert logic.record_for(node).segment_ids == [grey_id, csf_id]
+
+
+def test_fit_names_segments_with_nothing_painted(lib, logic, client, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    node, (tumour_id, _) = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0)), ("notes", (0.0, 0.0, 1.0))])
+    drawn = np.zeros(array.shape, dtype=bool)
+    drawn[6, 4:8, 4:8] = True
+    SegmentEditor(scene, node, volume).add(tumour_id, drawn)
+    logic.begin_fit([volume], "/backbone", node)
+    _run(logic)
+    assert any("notes have no painted voxel" in line for line in logic.listener.lines), logic.listener.lines
+
+
+# --------------------------------------------------------------------------------------------
+# A worker session is reused only for the very voxels and geometry it holds, every channel
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", ["second channel voxels", "second channel image replaced", "first channel geometry"])
+def test_segment_again_resends_volumes_that_changed(lib, logic, client, scene, tmp_path, change):
+    from vtk.util import numpy_support
+
+    flair, _ = _sphere_node(scene, tmp_path, name="flair")
+    t1, _ = _sphere_node(scene, tmp_path, name="t1")
+    logic.begin_segment([flair, t1], "/model", None)
+    node = _run(logic).segmentation_node
+    first_session = logic.record_for(node).session_id
+    logic.begin_segment([flair, t1], "/model", node)  # nothing changed: the session is reused
+    _run(logic)
+    assert client.ops() == ["open_session", "segment", "segment"]
+
+    if change == "second channel voxels":
+        numpy_support.vtk_to_numpy(t1.GetImageData().GetPointData().GetScalars())[:] = 0
+        t1.GetImageData().Modified()
+    elif change == "second channel image replaced":
+        import vtk
+
+        image = vtk.vtkImageData()
+        image.DeepCopy(t1.GetImageData())
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = 0
+        t1.SetAndObserveImageData(image)
+    else:
+        spacing = flair.GetSpacing()
+        flair.SetSpacing(spacing[0] * 2, spacing[1], spacing[2])
+        t1.SetSpacing(spacing[0] * 2, spacing[1], spacing[2])
+    with pytest.raises(lib.UserInputError, match="changed"):
+        logic.begin_refine(node, flair)
+    logic.begin_segment([flair, t1], "/model", node)
+    finished = _run(logic)
+    assert finished.status == lib.DONE
+    assert client.ops()[3:5] == ["open_session", "segment"] and "close_session" in client.ops()[5:]
+    session = logic.record_for(node).session_id
+    assert session != first_session and first_session not in client.sessions
+    volume, ijk_to_ras = client.sessions[session]
+    assert np.array_equal(volume[1], lib.mrml_io.array_from_volume_node(t1))
+    assert np.allclose(ijk_to_ras, lib.mrml_io.ijk_to_ras_of(flair))
+
+
+# --------------------------------------------------------------------------------------------
+# A hung worker, a worker that died while idle, the worker's description, shutdown
+# --------------------------------------------------------------------------------------------
+class _Clock:
+    """``time`` for the logic with a monotonic clock the test moves (a hung worker is told by the
+    time Cancel stays unanswered; a test does not wait seconds for it)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.monotonic()
+        self.perf_counter = time.perf_counter
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _timer_ticks(logic, clock, ticks, seconds_per_tick=0.05):
+    """The widget's QTimer: poll(0.02, 0) every 50 ms while the logic needs polling."""
+    for _ in range(ticks):
+        if not logic.needs_polling():
+            return True
+        logic.poll(max_seconds=0.02, wait_seconds=0.0)
+        clock.now += seconds_per_tick
+    return not logic.needs_polling()
+
+
+@pytest.fixture
+def clock(lib, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(lib.logic, "time", clock)
+    return clock
+
+
+def test_a_hung_worker_is_stopped_when_it_does_not_answer_cancel(lib, logic, client, scene, tmp_path, clock):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _timer_ticks(logic, clock, 3)
+    client.hang()
+    assert not _timer_ticks(logic, clock, 200), "a hung worker never ends the job by itself"
+    logic.cancel()
+    seconds = lib.logic.CANCEL_ANSWER_TIMEOUT_S
+    assert not _timer_ticks(logic, clock, int(seconds / 0.05) - 2), "not before the timeout"
+    assert _timer_ticks(logic, clock, 10), "stopped a few ticks after the timeout"
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "did not answer Cancel" in finished.message
+    assert "next request starts a new worker" in finished.message and finished.message in logic.listener.lines
+    assert client.close_calls == [0.0] and logic.client is None and _segmentations(scene) == []
+
+    generation = client.generation
+    logic.begin_segment([volume], "/model", None)
+    assert client.generation == generation + 1 and client.ops()[-1] == "open_session"
+    assert _timer_ticks(logic, clock, 20) and logic.listener.finished_operations[-1].status == lib.DONE
+
+
+def test_cancel_pressed_twice_stops_a_hung_worker_at_once(lib, logic, client, scene, tmp_path, clock):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    logic.begin_segment([volume], "/model", segmentation)
+    _timer_ticks(logic, clock, 5)
+    client.hang()
+    logic.cancel()
+    logic.cancel()
+    assert not logic.busy and not logic.needs_polling()
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "Cancel was pressed again" in finished.message
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1 and not logic.has_result(segmentation)
+
+
+def test_a_worker_that_answers_cancel_is_left_to_finish_its_step(lib, scene, tmp_path, clock):
+    client = ScriptedWorkerClient(job_polls=400)  # a long step: the job ends 20 s after Cancel
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _timer_ticks(logic, clock, 3)
+    logic.cancel()
+    assert _timer_ticks(logic, clock, 1000)
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "did not answer" not in finished.message
+    assert client.close_calls == [] and client.alive
+
+
+def test_a_worker_that_died_while_idle_is_restarted_by_the_next_request(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    node = _run(logic).segmentation_node
+    assert logic.has_result(node)
+    client.kill()  # no timer runs while idle: nobody polls the client
+    assert not logic.has_result(node), "its sessions are gone"
+    logic.begin_segment([volume], "/model", node)
+    assert client.ops()[-1] == "open_session", "a new worker gets the volume"
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.segmentation_node is node, finished.message
+    assert logic.has_result(node)
+
+
+def test_the_workers_description_is_polled_for_without_an_operation(lib, logic, client, clock):
+    seen = []
+    assert not logic.needs_polling()
+    logic.describe_worker(seen.append)
+    assert not logic.busy and logic.needs_polling(), "the timer keeps running for the answer"
+    assert _timer_ticks(logic, clock, 5)
+    assert len(seen) == 1 and seen[0].startswith("Worker pid")
+    client.hang()
+    logic.describe_worker(seen.append)
+    assert not _timer_ticks(logic, clock, 50) and len(seen) == 1
+    logic.shutdown()
+    assert not logic.needs_polling()
+
+
+def test_shutdown_closes_every_session_and_reports_the_running_operation(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    other, _ = _sphere_node(scene, tmp_path, name="other")
+    logic.begin_segment([volume], "/model", None)
+    first = _run(logic).segmentation_node
+    logic.begin_segment([other], "/model", None)
+    second = _run(logic).segmentation_node
+    sessions = {logic.record_for(first).session_id, logic.record_for(second).session_id}
+    logic.begin_refine(first, volume)
+    logic.poll()
+    logic.shutdown()
+    assert not logic.busy and client.closed and logic.client is None
+    closed = {fields["session"] for op, fields, _ in client.requests if op == "close_session"}
+    assert closed == sessions
+    assert client.ops()[-3] == "cancel" and client.requests[-3][1]["target"]
+    finished = logic.listener.finished_operations[-1]
+    assert finished.operation == "refine" and finished.status == lib.CANCELLED
+    assert "stopped" in finished.message and "nothing was written" in finished.message
+
+
+def test_a_worker_still_starting_gets_longer_to_answer_cancel(lib, logic, client, scene, tmp_path, clock):
+    volume, _ = _sphere_node(scene, tmp_path)
+    client.hang()  # nothing answered yet: it may be importing torch
+    logic.begin_segment([volume], "/model", None)
+    logic.cancel()
+    assert not _timer_ticks(logic, clock, int(2 * lib.logic.CANCEL_ANSWER_TIMEOUT_S / 0.05))
+    ticks = int(lib.logic.CANCEL_ANSWER_TIMEOUT_STARTING_S / 0.05)
+    assert _timer_ticks(logic, clock, ticks) and client.close_calls == [0.0]
+    assert "did not answer Cancel within 60 s" in logic.listener.finished_operations[-1].message
+
+
+def test_a_scene_closed_after_cancel_does_not_stop_the_worker(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    logic.poll()
+    logic.cancel()
+    logic.on_scene_closed()  # not a second press of Cancel
+    scene.Clear(0)
+    finished = _run(logic)
+    assert finished.status in (lib.DROPPED, lib.CANCELLED) and "worker was stopped" not in finished.message
+    assert client.close_calls == [] and client.alive

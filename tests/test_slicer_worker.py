@@ -375,8 +375,10 @@ def test_scene_closed_mid_job(lib, logic, scene, brats_crop, tiny_bundle_dir):
     segmentation, _ = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
     logic.begin_segment([volume], str(tiny_bundle_dir), segmentation, axis="axial", device="cpu")
     _until_progress(logic)
-    scene.Clear(0)
+    # Slicer's order: StartCloseEvent (the widget calls on_scene_closed), then the nodes go
+    # (on_node_removed is not called for them), then EndCloseEvent.
     logic.on_scene_closed()
+    scene.Clear(0)
     reused, _ = new_segmentation(scene, [("mine", (0.0, 1.0, 0.0))], name="after close")
     finished = _finish(logic)
     assert finished.status in (lib.DROPPED, lib.CANCELLED), finished.message
@@ -407,7 +409,7 @@ def test_worker_killed_mid_job_then_restarted(lib, logic, scene, brats_crop, tin
     segmentation = first.segmentation_node
     before, _ = export_labelmap(scene, segmentation, volume)
     nodes_before = scene.GetNumberOfNodes()
-    old_pid, old_generation = logic.client.pid, logic.client.generation
+    old_client, old_pid, old_generation = logic.client, logic.client.pid, logic.client.generation
 
     logic.begin_segment([volume], str(tiny_bundle_dir), segmentation, axis="axial", device="cpu")
     _until_progress(logic)
@@ -422,7 +424,10 @@ def test_worker_killed_mid_job_then_restarted(lib, logic, scene, brats_crop, tin
     logic.begin_segment([volume], str(tiny_bundle_dir), segmentation, axis="axial", device="cpu")
     again = _finish(logic)
     assert again.status == lib.DONE, again.message
-    assert logic.client.generation == old_generation + 1 and logic.client.pid != old_pid
+    # A new worker (the dead one's client is closed and replaced: a remote worker is reconnected the same way).
+    assert (
+        logic.client is not old_client or logic.client.generation == old_generation + 1
+    ) and logic.client.pid != old_pid
     with pytest.raises(ProcessLookupError):
         os.kill(old_pid, 0)  # reaped: no zombie left behind either
 
@@ -453,3 +458,53 @@ def _sphere_file(tmp_path):
     array = sphere_volume_array((12, 24, 24), affine, (affine @ np.array([12.0, 12.0, 6.0, 1.0]))[:3], 6.0)
     nib.save(nib.Nifti1Image(array.T, affine), tmp_path / "sphere.nii.gz")
     return tmp_path / "sphere.nii.gz"
+
+
+def _wait_until_exited(pid, timeout=10.0):
+    """Until the process has ended (a zombie counts: its parent, the client, reaps it later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(")")[-1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)  # waiting for the OS, not for the worker's work
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_killed_while_idle_is_restarted_by_the_next_request(lib, logic, scene, brats_crop, tiny_bundle_dir):
+    volume = load_volume_node(scene, brats_crop["paths"]["FLAIR"])
+    logic.begin_segment([volume], str(tiny_bundle_dir), None, axis="axial", device="cpu")
+    segmentation = _finish(logic).segmentation_node
+    old_pid = logic.client.pid
+    os.kill(old_pid, signal.SIGKILL)  # between jobs: no timer polls, nobody reads the pipe
+    _wait_until_exited(old_pid)
+    logic.begin_segment([volume], str(tiny_bundle_dir), segmentation, axis="axial", device="cpu")
+    again = _finish(logic)
+    assert again.status == lib.DONE, again.message
+    assert logic.client.pid != old_pid and logic.has_result(segmentation)
+
+
+def test_a_hung_worker_process_is_stopped_by_a_second_cancel(lib, scene, tmp_path):
+    from tedm_core.serve.client import WorkerClient
+
+    hung = [sys.executable, "-c", "import time; time.sleep(600)"]  # never reads, never answers
+    module_logic = lib.TEDMWorkerLogic(lambda: WorkerClient.start_local(command=hung, log_path=tmp_path / "w.log"))
+    volume = load_volume_node(scene, _sphere_file(tmp_path))
+    module_logic.begin_segment([volume], str(tmp_path / "model"), None, device="cpu")
+    pid = module_logic.client.pid
+    for _ in range(5):  # the widget's timer ticks
+        module_logic.poll(max_seconds=0.02, wait_seconds=0.0)
+    module_logic.cancel()
+    module_logic.poll(max_seconds=0.02, wait_seconds=0.0)
+    assert module_logic.busy
+    module_logic.cancel()
+    assert not module_logic.busy and not module_logic.needs_polling()
+    finished = module_logic.listener.finished_operations[-1]
+    assert finished.status == lib.CANCELLED and "worker was stopped" in finished.message
+    _wait_until_exited(pid)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped by close(grace_s=0)
+    module_logic.shutdown()

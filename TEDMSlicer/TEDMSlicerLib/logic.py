@@ -51,6 +51,15 @@ AXIS_CHOICES = (AUTO,) + tuple(AXES)
 METHOD_CHOICES = tuple(HEAD_METHODS)
 DEVICE_CHOICES = tuple(DEVICES)
 
+# A worker reads Cancel on a thread of its own and answers it at once, whatever its job is doing;
+# one that has not answered within this time (counted by the polls, from when the request has
+# left this process) is hung, and is stopped.
+CANCEL_ANSWER_TIMEOUT_S = 5.0
+# A worker that has not yet answered anything of this operation may still be starting (it reads
+# no request while it imports torch: 6-7 s on a busy machine, more from a cold disk) or reading
+# the volume, so it gets longer before it counts as hung.
+CANCEL_ANSWER_TIMEOUT_STARTING_S = 60.0
+
 
 class UserInputError(ValueError):
     """Something the user can fix (wrong selection, nothing drawn, ...): shown without a traceback."""
@@ -80,9 +89,9 @@ class WorkerSessionRecord:
     """
 
     session_id: str
-    generation: int  # the worker generation holding the session
+    generation: Any  # the worker generation holding the session (see ``_generation_key``); None: not sent
     volume_nodes: List[Any]
-    volume_image_mtime: int  # the reference volume's voxels when the session was opened
+    volume_state: Tuple  # every channel's voxels and geometry when the session was opened (``_volume_state``)
     segmentation_node: Any = None
     segment_ids: List[str] = field(default_factory=list)
     class_names: List[str] = field(default_factory=list)
@@ -135,9 +144,16 @@ class RunningOperation:
     segmentation_digest: Optional[str]
     started_at: float = field(default_factory=time.monotonic)
     request_id: Optional[str] = None
-    generation: int = -1
+    generation: Any = None
     drop_reason: str = ""  # set when its nodes went away: the result is not written
     cancel_requested: bool = False
+    # When the worker was last seen not yet answering the Cancel request (its clock restarts while
+    # the request is still queued behind a large upload), and whether it answered.
+    cancel_waiting_since: Optional[float] = None
+    cancel_acknowledged: bool = False
+    worker_answered: bool = False  # the worker answered a request of this operation: it is up and reading
+    # Fit: the segments the classes were read from, so the result goes back into exactly those.
+    class_segment_ids: Optional[List[str]] = None
     segmentation_signature: Any = None  # the segments' modified times at the request (None: no node)
     digesting: Optional[Iterator[None]] = None
     follow_up: Optional[Callable[[], None]] = None  # the request to send after open_session
@@ -211,9 +227,18 @@ def node_is_alive(node: Any) -> bool:
     return scene is not None and node_id is not None and scene.GetNodeByID(node_id) is node
 
 
-def _image_mtime(volume_node: Any) -> int:
-    image = volume_node.GetImageData()
-    return int(image.GetMTime()) if image is not None else -1
+def _volume_state(volume_nodes: Sequence[Any]) -> Tuple:
+    """What a worker session's copy of the volumes depends on, per channel: the image object
+    (replacing a node's image keeps its node), the voxels' modified time (a filter writing into
+    it) and the IJK-to-RAS (spacing, origin, directions change nothing in the image)."""
+    state = []
+    for node in volume_nodes:
+        image = node.GetImageData()
+        address = image.GetAddressAsString("vtkImageData") if image is not None else ""
+        mtime = int(image.GetMTime()) if image is not None else -1
+        matrix = tuple(float(v) for v in mrml_io.ijk_to_ras_of(node).reshape(-1))
+        state.append((address, mtime, matrix))
+    return tuple(state)
 
 
 class StepTimings:
@@ -260,17 +285,60 @@ class TEDMWorkerLogic:
         self.records: Dict[int, WorkerSessionRecord] = {}  # id(segmentation node) -> record
         self.running: Optional[RunningOperation] = None
         self._dead_generations: set = set()  # worker generations that ended (their sessions are gone)
+        # Clients made by the factory so far: a new client counts its generations from 1 again, so a
+        # generation is only known with the client it belongs to.
+        self._clients_made = 0
         self.timings = StepTimings()  # the longest time each GUI-thread step took (benchmarks)
 
     # -- the worker --------------------------------------------------------------------------
+    def _generation_key(self, client: Optional[WorkerClientLike] = None) -> Any:
+        client = client or self.client
+        return None if client is None else (self._clients_made, client.generation)
+
+    def _note_dead_worker(self, read: bool = False) -> None:
+        """A worker that ended while nobody polled (it died between jobs) is only seen by asking the
+        client: its sessions are gone, and the next request starts a new worker. ``read``: first
+        read what the worker sent, without waiting (a client may only notice the end of its pipe so)."""
+        client = self.client
+        if client is None:
+            return
+        if read and self.running is None:
+            try:
+                client.poll(max_seconds=0.0, wait_seconds=0.0)
+            except Exception as error:
+                log.debug("reading the idle worker failed: %s", error)
+        if client.alive:
+            return
+        self._dead_generations.add(self._generation_key(client))
+        if self.running is not None:
+            return  # its poll reports the death to the running operation
+        self.client = None
+        try:
+            client.close(grace_s=0.0)  # reaps the process; a remote worker is reconnected by the factory
+        except Exception as error:
+            log.debug("closing a dead worker client failed: %s", error)
+
     def _worker(self) -> WorkerClientLike:
+        self._note_dead_worker()
         if self.client is None:
             self.client = self._client_factory()
+            self._clients_made += 1
         return self.client
 
     @property
     def busy(self) -> bool:
         return self.running is not None
+
+    def needs_polling(self) -> bool:
+        """Whether ``poll`` has something to do: a running operation, or requests of no operation
+        whose answers are still to be read (a worker's description, close_session) or sent. The
+        widget's timer runs while this holds."""
+        if self.running is not None:
+            return True
+        client = self.client
+        if client is None:
+            return False
+        return bool(getattr(client, "pending", None)) or bool(getattr(client, "unsent_bytes", 0))
 
     def poll(self, max_seconds: float = 0.05, wait_seconds: float = 0.0) -> None:
         """Read the worker's events and act on them: reading stops after about ``max_seconds``
@@ -278,6 +346,8 @@ class TEDMWorkerLogic:
         first event. The widget's QTimer calls this with no waiting; a script's loop may wait,
         as Qt's event loop waits between timer ticks."""
         running = self.running
+        if running is not None and running.cancel_requested and (running.digesting is not None or running.applying):
+            running.cancel_waiting_since = time.monotonic()  # the client is not read in this tick
         if running is not None and running.digesting is not None and not running.applying:
             # Reading what the segmentation holds at the request takes this tick (the client's
             # reads and writes wait for the next one; the job runs for seconds or minutes).
@@ -299,6 +369,9 @@ class TEDMWorkerLogic:
         if self.client is not None:
             with self.timings.step("poll worker"):
                 self.client.poll(max_seconds=max_seconds, wait_seconds=wait_seconds)
+        running = self.running
+        if running is not None and running.cancel_requested and not running.cancel_acknowledged:
+            self._check_cancel_answered(running)
 
     def wait(self, timeout: float = 600.0, poll_seconds: float = 0.05) -> Optional[FinishedOperation]:
         """Poll until the running operation finishes (scripts and tests; the widget uses a timer).
@@ -311,24 +384,103 @@ class TEDMWorkerLogic:
         finished = getattr(self.listener, "finished_operations", None)
         return finished[-1] if finished else None
 
-    def shutdown(self) -> None:
-        """Stop the worker (module cleanup, Reload, application exit): no orphan process."""
-        if self.running is not None:
-            self.running.drop_reason = self.running.drop_reason or "the module was closed"
-        self.running = None
-        self.records.clear()
+    def shutdown(self, reason: str = "the TEDM worker was stopped") -> None:
+        """Stop the worker (module cleanup, Reload, application exit, *Apply and restart worker*):
+        no orphan process. The worker's sessions are closed first (a remote worker outlives this
+        connection and would keep them), and a running operation is reported as ended."""
+        running, self.running = self.running, None
         client, self.client = self.client, None
         if client is not None:
-            client.close()
+            if running is not None and running.request_id is not None and not running.applying:
+                self._send_quietly(client, "cancel", {"target": running.request_id})
+            if client.alive:
+                key = self._generation_key(client)
+                sessions = {id(r): r for r in self.records.values()}
+                if running is not None:
+                    sessions[id(running.record)] = running.record
+                for record in sessions.values():
+                    if record.generation == key:
+                        self._send_quietly(client, "close_session", {"session": record.session_id})
+        self.records.clear()
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if running is not None:
+                # A result being written is dropped too: the module is going away.
+                running.drop_reason = running.drop_reason or reason
+                running.preparing, running.write, running.digesting = None, None, None
+                message = f"{running.title} stopped: {running.drop_reason}; nothing was written."
+                self._finish(running, CANCELLED, message)
+
+    @staticmethod
+    def _send_quietly(client: WorkerClientLike, op: str, fields: Dict[str, Any]) -> None:
+        # Requests whose answer nobody waits for, sent without waiting (the client queues what the
+        # pipe or socket does not take at once).
+        try:
+            client.submit(op, fields, None, on_event=_ignore_event)
+        except Exception as error:  # a worker that just died: its sessions and jobs are gone anyway
+            log.debug("%s failed: %s", op, error)
 
     def cancel(self) -> None:
-        """Ask the worker to stop the running job at its next check (within a second)."""
+        """Ask the worker to stop the running job at its next check (within a second). Pressed
+        again, or unanswered by the worker for ``CANCEL_ANSWER_TIMEOUT_S``, it stops the worker
+        itself (a hung worker never reads the request); the next request starts a new one."""
         running = self.running
-        if running is None or running.cancel_requested or running.applying:
+        if running is None or running.applying:
             return  # a result being written is finished within a few ticks; stopping would leave half of it
+        if running.cancel_requested:
+            self._stop_worker(running, "Cancel was pressed again")
+            return
+        self._request_cancel()
+
+    def _request_cancel(self) -> None:
+        """Ask the worker to stop the running job, once (a scene closed after the user's Cancel
+        must not count as a second press)."""
+        running = self.running
+        if running is None or running.applying or running.cancel_requested:
+            return
         running.cancel_requested = True
-        if running.request_id is not None and self.client is not None:
-            self.client.cancel(running.request_id)
+        running.cancel_waiting_since = time.monotonic()
+        if running.request_id is None or self.client is None:
+            running.cancel_acknowledged = True  # nothing was sent yet: nothing to wait for
+            return
+
+        def on_answer(event: Any) -> None:
+            running.cancel_acknowledged = True
+
+        try:
+            self.client.submit("cancel", {"target": running.request_id}, None, on_event=on_answer)
+        except Exception as error:  # the worker is gone: its death is reported by the next poll
+            log.debug("cancel failed: %s", error)
+
+    def _check_cancel_answered(self, running: RunningOperation) -> None:
+        now = time.monotonic()
+        if self.client is not None and getattr(self.client, "unsent_bytes", 0):
+            running.cancel_waiting_since = now  # still queued behind the upload: the worker cannot have read it
+            return
+        timeout = CANCEL_ANSWER_TIMEOUT_S if running.worker_answered else CANCEL_ANSWER_TIMEOUT_STARTING_S
+        if running.cancel_waiting_since is not None and now - running.cancel_waiting_since > timeout:
+            self._stop_worker(running, f"the worker did not answer Cancel within {timeout:.0f} s")
+
+    def _stop_worker(self, running: RunningOperation, why: str) -> None:
+        """End the running operation without the worker: stop (or disconnect from) the worker, whose
+        sessions then count as gone."""
+        client, self.client = self.client, None
+        if client is not None:
+            self._dead_generations.add(self._generation_key(client))
+            try:
+                client.close(grace_s=0.0)  # killed at once: a hung worker would not read a shutdown request
+            except Exception as error:
+                log.debug("stopping the worker failed: %s", error)
+        status = DROPPED if running.drop_reason else CANCELLED
+        reason = f" ({running.drop_reason})" if running.drop_reason else ""
+        self._finish(
+            running,
+            status,
+            f"{running.title} stopped after {running.elapsed:.1f} s{reason}: {why}, so the TEDM worker was stopped; "
+            "nothing was written. The next request starts a new worker.",
+        )
 
     # -- scene events ------------------------------------------------------------------------
     def on_scene_closed(self) -> None:
@@ -336,7 +488,7 @@ class TEDMWorkerLogic:
         dropped, the worker's sessions are closed and the running job is cancelled."""
         if self.running is not None and not self.running.drop_reason:
             self.running.drop_reason = "the scene was closed"
-            self.cancel()
+            self._request_cancel()
         for record in list(self.records.values()):
             self._close_session(record)
         self.records.clear()
@@ -352,7 +504,7 @@ class TEDMWorkerLogic:
             elif any(node is volume for volume in running.volume_nodes):
                 running.drop_reason = f"volume '{node.GetName()}' was deleted"
             if running.drop_reason:
-                self.cancel()
+                self._request_cancel()
         for key, record in list(self.records.items()):
             if node is record.segmentation_node or any(node is v for v in record.volume_nodes):
                 if running is None or running.record is not record:
@@ -363,11 +515,8 @@ class TEDMWorkerLogic:
         # Frees the worker's copy of the volume and its decoder features (can be GBs). A session
         # of an older worker generation died with that worker.
         client = self.client
-        if client is not None and record.generation == client.generation and client.alive:
-            try:
-                client.submit("close_session", {"session": record.session_id}, None, on_event=_ignore_event)
-            except Exception as error:  # a worker that just died: its sessions are gone anyway
-                log.debug("close_session failed: %s", error)
+        if client is not None and record.generation == self._generation_key(client) and client.alive:
+            self._send_quietly(client, "close_session", {"session": record.session_id})
 
     # -- queries -----------------------------------------------------------------------------
     def record_for(self, segmentation_node: Any) -> Optional[WorkerSessionRecord]:
@@ -377,9 +526,8 @@ class TEDMWorkerLogic:
         record = self.records.get(id(segmentation_node))
         if record is None or record.segmentation_node is not segmentation_node:
             return None
-        if record.generation in self._dead_generations or (
-            self.client is not None and record.generation != self.client.generation
-        ):
+        self._note_dead_worker()
+        if record.generation in self._dead_generations or record.generation != self._generation_key():
             return None  # that worker died or was restarted: its sessions are gone
         return record
 
@@ -406,6 +554,7 @@ class TEDMWorkerLogic:
     def _check_idle(self) -> None:
         if self.running is not None:
             raise UserInputError(f"{self.running.title} is still running: wait for it, or press Cancel")
+        self._note_dead_worker(read=True)  # before any session is chosen for reuse
 
     def _watch_for_edits(self, running: RunningOperation) -> None:
         """Note the segmentation as it is at the request (its segments' modified times now, its
@@ -459,9 +608,9 @@ class TEDMWorkerLogic:
     def _new_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> WorkerSessionRecord:
         return WorkerSessionRecord(
             session_id=f"slicer-{uuid.uuid4().hex[:12]}",
-            generation=-1,
+            generation=None,
             volume_nodes=list(volume_nodes),
-            volume_image_mtime=_image_mtime(volume_nodes[0]),
+            volume_state=_volume_state(volume_nodes),
             segmentation_node=segmentation_node,
         )
 
@@ -473,8 +622,8 @@ class TEDMWorkerLogic:
             return None
         if any(a is not b for a, b in zip(record.volume_nodes, volume_nodes)):
             return None
-        if _image_mtime(volume_nodes[0]) != record.volume_image_mtime:
-            return None
+        if _volume_state(volume_nodes) != record.volume_state:
+            return None  # the worker's copy is stale: a new session gets the volumes as they are now
         return record
 
     def _submit(self, running: RunningOperation, op: str, fields: Dict[str, Any], arrays=None) -> None:
@@ -483,9 +632,9 @@ class TEDMWorkerLogic:
             running.request_id = client.submit(
                 op, fields, arrays, on_event=lambda event: self._on_event(running, event)
             )
-        running.generation = client.generation
-        if running.record.generation < 0:
-            running.record.generation = client.generation
+        running.generation = self._generation_key(client)
+        if running.record.generation is None:
+            running.record.generation = running.generation
 
     def _start(self, running: RunningOperation, op: str, fields: Dict[str, Any], arrays=None) -> RunningOperation:
         self.running = running
@@ -568,7 +717,9 @@ class TEDMWorkerLogic:
             arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
         reference = volume_nodes[0]
-        segment_ids = mrml_io.class_segment_ids(segmentation_node)
+        # Every segment is a class, in the Segment Editor's order, whoever made it: a segment the user
+        # added to a segmentation TEDM wrote is a new structure to learn, not background.
+        segment_ids = mrml_io.all_segment_ids(segmentation_node)
         if not segment_ids:
             raise UserInputError(
                 f"'{segmentation_node.GetName()}' has no segments: add one segment per structure "
@@ -579,11 +730,15 @@ class TEDMWorkerLogic:
             raise UserInputError(
                 f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 slices first"
             )
-        class_names = mrml_io.class_names_of(segmentation_node)
-        colours = [[int(round(255 * c)) for c in colour] for colour in mrml_io.class_colours_of(segmentation_node)]
+        class_names = mrml_io.class_names_of(segmentation_node, segment_ids=segment_ids)
+        colours = [
+            [int(round(255 * c)) for c in colour]
+            for colour in mrml_io.class_colours_of(segmentation_node, segment_ids=segment_ids)
+        ]
+        present = set(np.unique(drawn).tolist())
+        unpainted = [name for index, name in enumerate(class_names[1:], start=1) if index not in present]
         reuse = self._reusable_record(volume_nodes, segmentation_node)
         record = reuse or self._new_record(volume_nodes, segmentation_node)
-        record.segment_ids = list(segment_ids)
         running = RunningOperation(
             "fit",
             "Fit from labelled slices",
@@ -592,6 +747,7 @@ class TEDMWorkerLogic:
             record,
             None,
         )
+        running.class_segment_ids = list(segment_ids)
         self._watch_for_edits(running)
         fields = {
             "session": record.session_id,
@@ -604,7 +760,15 @@ class TEDMWorkerLogic:
             "steps": int(steps) if steps else None,
             "seed": int(seed),
         }
-        return self._open_then(running, reuse is not None, arrays, ("fit", fields, {"labels": drawn}))
+        started = self._open_then(running, reuse is not None, arrays, ("fit", fields, {"labels": drawn}))
+        learnt = ", ".join(class_names[1:])
+        self.listener.log(f"Fit learns {len(class_names) - 1} structure(s), one per segment: {learnt}.")
+        if unpainted:
+            self.listener.log(
+                f"Segment(s) {', '.join(unpainted)} have no painted voxel (or are hidden under later segments): "
+                "Fit learns them from nothing. Paint them, or delete them, and Fit again."
+            )
+        return started
 
     def begin_refine(
         self,
@@ -619,9 +783,9 @@ class TEDMWorkerLogic:
         record = self._require_record(segmentation_node)
         if reference_volume_node is None or reference_volume_node is not record.volume_nodes[0]:
             raise UserInputError("the input volume changed since this segmentation was made: press Segment again")
-        if _image_mtime(reference_volume_node) != record.volume_image_mtime:
+        if _volume_state(record.volume_nodes) != record.volume_state:
             raise UserInputError(
-                "the input volume's voxels changed since this segmentation was made: press Segment again"
+                "the input volumes' voxels or geometry changed since this segmentation was made: press Segment again"
             )
         segmentation = segmentation_node.GetSegmentation()
         missing = [
@@ -721,6 +885,7 @@ class TEDMWorkerLogic:
     def _on_event(self, running: RunningOperation, event: Any) -> None:
         if running is not self.running or event.request_id != running.request_id:
             return  # a late event of an operation already finished (or of its open_session)
+        running.worker_answered = True
         if event.kind == "progress":
             fraction = float(event.fields.get("fraction", 0.0))
             self.listener.progress(max(0.0, min(1.0, fraction)), f"{running.title}: {event.fields.get('message', '')}")
@@ -852,7 +1017,9 @@ class TEDMWorkerLogic:
         if target is not None and not edited:
             segmentation = target.GetSegmentation()
             existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-            ids = mrml_io.prepare_segmentation_node(target, reference, class_names, result.get("class_colours"))
+            ids = mrml_io.prepare_segmentation_node(
+                target, reference, class_names, result.get("class_colours"), running.class_segment_ids
+            )
             write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
             write.existing = existing
             write.signature = mrml_io.segments_signature(target)
@@ -982,6 +1149,9 @@ class TEDMWorkerLogic:
         record.visited_uncertain = []
         if previous_record is not None and previous_record is not record:
             self._close_session(previous_record)
+        replaced = self.records.get(id(target))
+        if replaced is not None and replaced is not record and replaced is not previous_record:
+            self._close_session(replaced)  # a new session took over this node (e.g. the volume changed)
         self.records[id(target)] = record
         seconds = float(result.get("seconds", running.elapsed))
         changed = [int(i) for i in result.get("changed_slices", []) or []]

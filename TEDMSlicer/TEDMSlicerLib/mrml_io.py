@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -273,30 +273,59 @@ def class_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> List
     The IDs recorded when TEDMSlicer wrote the segmentation if present and still valid,
     otherwise the segments in display order (a segmentation the user made to fit a model).
     """
-    segmentation = segmentation_node.GetSegmentation()
-    existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-    recorded = segmentation_node.GetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE)
-    if recorded:
-        try:
-            ids = [str(s) for s in json.loads(recorded)]
-        except ValueError:
-            ids = []
-        if ids and all(segment_id in existing for segment_id in ids):
-            return ids
+    existing = all_segment_ids(segmentation_node)
+    ids = _recorded_list(segmentation_node, CLASS_SEGMENT_IDS_ATTRIBUTE)
+    if ids and all(segment_id in existing for segment_id in ids):
+        return ids
     return existing
 
 
-def class_names_of(segmentation_node: slicer.vtkMRMLSegmentationNode, background_name: str = "background") -> List[str]:
-    """Class names, background first, from the segment names in class order."""
+def all_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> List[str]:
+    """Every segment of the node, in display order (the Segment Editor's list)."""
     segmentation = segmentation_node.GetSegmentation()
-    return [background_name] + [segmentation.GetSegment(s).GetName() for s in class_segment_ids(segmentation_node)]
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
 
 
-def class_colours_of(segmentation_node: slicer.vtkMRMLSegmentationNode) -> List[Tuple[float, float, float]]:
+def _recorded_list(segmentation_node: slicer.vtkMRMLSegmentationNode, attribute: str) -> List[str]:
+    recorded = segmentation_node.GetAttribute(attribute)
+    if not recorded:
+        return []
+    try:
+        return [str(s) for s in json.loads(recorded)]
+    except (TypeError, ValueError):
+        return []
+
+
+def recorded_class_segments(segmentation_node: slicer.vtkMRMLSegmentationNode) -> Dict[str, str]:
+    """``{class name: segment ID}`` of the segments TEDMSlicer created or wrote in this node, for
+    those that still exist (the user may have deleted some)."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = _recorded_list(segmentation_node, CLASS_SEGMENT_IDS_ATTRIBUTE)
+    names = _recorded_list(segmentation_node, CLASS_NAMES_ATTRIBUTE)[1:]
+    if len(names) != len(ids):
+        return {}  # an attribute from another version, or edited by hand: trust neither
+    return {name: sid for name, sid in zip(names, ids) if segmentation.GetSegment(sid) is not None}
+
+
+def class_names_of(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    background_name: str = "background",
+    segment_ids: Optional[Sequence[str]] = None,
+) -> List[str]:
+    """Class names, background first, from the segment names in class order (``segment_ids``,
+    default :func:`class_segment_ids`)."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = class_segment_ids(segmentation_node) if segment_ids is None else segment_ids
+    return [background_name] + [segmentation.GetSegment(s).GetName() for s in ids]
+
+
+def class_colours_of(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, segment_ids: Optional[Sequence[str]] = None
+) -> List[Tuple[float, float, float]]:
     """Segment colours (RGB in [0, 1]) in class order, background (black) first."""
     segmentation = segmentation_node.GetSegmentation()
     colours: List[Tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
-    for segment_id in class_segment_ids(segmentation_node):
+    for segment_id in class_segment_ids(segmentation_node) if segment_ids is None else segment_ids:
         colours.append(tuple(segmentation.GetSegment(segment_id).GetColor()))  # type: ignore[arg-type]
     return colours
 
@@ -306,11 +335,17 @@ def prepare_segmentation_node(
     reference_volume_node: slicer.vtkMRMLVolumeNode,
     class_names: Sequence[str],
     class_colours: Optional[Sequence[Sequence[float]]] = None,
+    segment_ids: Optional[Sequence[str]] = None,
 ) -> List[str]:
     """Make ``segmentation_node`` hold one segment per foreground class, in the volume's grid.
 
-    Existing TEDMSlicer segments are reused (their IDs, so that views and the Segment Editor keep
-    their selection); segments of other classes are left alone. Returns the class segment IDs.
+    The segment of each class is, in this order: ``segment_ids[k - 1]`` if given and present (Fit:
+    the very segments the classes were read from); the segment TEDMSlicer recorded for that class
+    name, if the user has not deleted it; a segment named like the class (a segmentation the user
+    made for this model); else a new segment. A segment is never taken for a class by its position
+    alone, so segments of other classes (the user's own notes) are left alone. Segments that
+    already exist keep the name, colour and terminology the user gave them; new ones get the
+    class's name, colour and standard terminology. Returns the class segment IDs.
     """
     ensure_segmentation_converters()
     if segmentation_node.GetDisplayNode() is None and segmentation_node.GetScene() is not None:
@@ -320,28 +355,36 @@ def prepare_segmentation_node(
     # The results live in the volume's own coordinates: share its parent transform.
     segmentation_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
     segmentation = segmentation_node.GetSegmentation()
-    previous = (
-        class_segment_ids(segmentation_node) if segmentation_node.GetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE) else []
-    )
+    recorded = recorded_class_segments(segmentation_node)
+    # A recorded segment of one class is never matched by name to another (the user may have
+    # renamed it to another class's name).
+    reserved = set(recorded.values()) | {s for s in (segment_ids or []) if s}
     ids: List[str] = []
     for index, name in enumerate(class_names[1:], start=1):
+        name = str(name)
         colour = (
             normalised_colour(class_colours[index])
             if class_colours and len(class_colours) > index
             else DEFAULT_COLOURS[(index - 1) % len(DEFAULT_COLOURS)]
         )
-        segment_id = previous[index - 1] if index - 1 < len(previous) else ""
-        if not segment_id or segmentation.GetSegment(segment_id) is None:
-            segment_id = segmentation.GetSegmentIdBySegmentName(str(name)) or ""
-        created = not segment_id or segment_id in ids or segmentation.GetSegment(segment_id) is None
-        if created:
-            segment_id = segmentation.AddEmptySegment("", str(name), list(colour))
-        segment = segmentation.GetSegment(segment_id)
-        segment.SetName(str(name))
-        segment.SetColor(*colour)
-        # Standard terminology for known structures; a segment TEDMSlicer creates also takes the
-        # terminology's recommended colour, while one the user made keeps the colour they chose.
-        terminology.tag_segment(segment, str(name), use_recommended_colour=created)
+        candidates = []
+        if segment_ids is not None and index - 1 < len(segment_ids):
+            candidates.append(segment_ids[index - 1])
+        candidates.append(recorded.get(name, ""))
+        by_name = segmentation.GetSegmentIdBySegmentName(name) or ""
+        candidates.append("" if by_name in reserved else by_name)
+        segment_id = next((s for s in candidates if s and s not in ids and segmentation.GetSegment(s) is not None), "")
+        if not segment_id:
+            segment_id = segmentation.AddEmptySegment("", name, list(colour))
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetName(name)
+            segment.SetColor(*colour)
+            terminology.tag_segment(segment, name, use_recommended_colour=True)
+        else:
+            if segment_id not in recorded.values():
+                # A segment the user made for this class, written by TEDM for the first time: the
+                # standard term, their colour kept. Later writes leave what the user set since.
+                terminology.tag_segment(segmentation.GetSegment(segment_id), name, use_recommended_colour=False)
         ids.append(segment_id)
     segmentation_node.SetAttribute(CLASS_SEGMENT_IDS_ATTRIBUTE, json.dumps(ids))
     segmentation_node.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps([str(n) for n in class_names]))

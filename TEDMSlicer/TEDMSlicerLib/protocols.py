@@ -34,7 +34,11 @@ class WorkerClientLike(Protocol):
     GUI thread in Slicer), so MRML is only ever touched there. A worker that dies answers every
     pending request with an ``error`` event whose ``fields['kind']`` is ``worker_died``; the
     next ``submit`` starts a new one and bumps ``generation`` (sessions of an older generation
-    are gone).
+    are gone). ``alive`` is False as soon as the worker has ended, even if nobody polled since.
+    Cancel is sent as a ``cancel`` request naming its ``target``, so that its answer shows that the
+    worker still reads requests. ``close(grace_s=0)`` stops the worker at once (a hung one
+    included). Optional: ``pending`` (requests not yet answered) and ``unsent_bytes`` (requests not
+    yet handed to the pipe or socket), which keep the widget's timer polling.
     """
 
     generation: int
@@ -54,7 +58,7 @@ class WorkerClientLike(Protocol):
 
     def cancel(self, request_id: str) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, grace_s: float = 5.0) -> None: ...
 
 
 class OperationListener(Protocol):
