@@ -234,8 +234,9 @@ def test_edits_during_a_job_are_not_overwritten(lib, logic, client, scene, tmp_p
     assert logic.has_result(result_node) and not logic.has_result(segmentation)
 
 
-def test_refine_sends_the_edited_labels_and_writes_the_result(lib, logic, client, scene, tmp_path):
-    volume, array = _sphere_node(scene, tmp_path)
+@pytest.mark.parametrize("affine_name", ["oblique", "left_handed"])  # left-handed: Slicer stores K reversed
+def test_refine_sends_the_edited_labels_and_writes_the_result(lib, logic, client, scene, tmp_path, affine_name):
+    volume, array = _sphere_node(scene, tmp_path, affine_name)
     logic.begin_segment([volume], "/model", None)
     _run(logic)
     (segmentation,) = _segmentations(scene)
@@ -556,7 +557,7 @@ def _full_extent_write(lib, node, volume, ids, labels):
         assert logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE)
 
 
-@pytest.mark.parametrize("affine_name", ["ras", "flipped", "oblique", "permuted"])
+@pytest.mark.parametrize("affine_name", ["ras", "flipped", "oblique", "permuted", "left_handed"])
 def test_cropped_segment_writes_equal_full_extent_writes(lib, scene, tmp_path, affine_name):
     volume, array = _sphere_node(scene, tmp_path, affine_name)
     labels = _three_structures(array.shape)

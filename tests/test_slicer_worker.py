@@ -225,7 +225,21 @@ def test_brats_fit_correct_refine_through_the_worker(
 # --------------------------------------------------------------------------------------------
 # An oblique volume; next uncertain slice in world coordinates
 # --------------------------------------------------------------------------------------------
-def test_oblique_volume_and_uncertain_slices(lib, logic, scene, tiny_bundle_dir, tmp_path):
+def _on_the_files_grid(voxels: np.ndarray, node_ijk_to_ras: np.ndarray, file_ijk_to_ras: np.ndarray) -> np.ndarray:
+    """A node's (K, J, I) voxels re-indexed onto the file's grid: Slicer stores a left-handed
+    volume with K reversed, so the same world image has other voxel indices in the node."""
+    node_to_file = np.linalg.inv(file_ijk_to_ras) @ node_ijk_to_ras
+    assert np.allclose(node_to_file, np.round(node_to_file), atol=1e-4), "the same grid, only flipped or permuted"
+    node_to_file = np.round(node_to_file).astype(int)
+    ijk = np.indices(voxels.shape[::-1]).reshape(3, -1)  # node i, j, k
+    file_ijk = node_to_file[:3, :3] @ ijk + node_to_file[:3, 3:]
+    out = np.zeros_like(voxels)
+    out[file_ijk[2], file_ijk[1], file_ijk[0]] = voxels[ijk[2], ijk[1], ijk[0]]
+    return out
+
+
+@pytest.mark.parametrize("affine_name", ["oblique", "left_handed"])
+def test_oblique_volume_and_uncertain_slices(lib, logic, scene, tiny_bundle_dir, tmp_path, affine_name):
     import nibabel as nib
 
     from tedm_core.bundle import load_bundle
@@ -233,7 +247,7 @@ def test_oblique_volume_and_uncertain_slices(lib, logic, scene, tiny_bundle_dir,
     from tedm_core.pipelines.segment import Segmenter
     from tedm_core.pipelines.volume import segment_volume
 
-    affine = affine_zoo()["oblique"]
+    affine = affine_zoo()[affine_name]
     centre = (affine @ np.array([16.0, 18.0, 10.0, 1.0]))[:3]
     array = sphere_volume_array((20, 36, 32), affine, centre, radius_mm=9.0)
     path = tmp_path / "oblique.nii.gz"
@@ -247,7 +261,7 @@ def test_oblique_volume_and_uncertain_slices(lib, logic, scene, tiny_bundle_dir,
         Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), read_volume(path), "axial", keep_probabilities=False
     ).labels
     voxels, ijk_to_ras = export_labelmap(scene, segmentation, volume)
-    assert np.array_equal(voxels, expected)
+    assert np.array_equal(_on_the_files_grid(voxels, ijk_to_ras, affine), expected)
     assert voxels.any() and np.linalg.norm(world_centroid(voxels, ijk_to_ras) - centre) < 3.0
 
     # Each offered slice's centre lies on that slice's plane; presses walk down the ranking.
