@@ -299,6 +299,29 @@ def test_network_endpoint_refuses_a_missing_or_wrong_token(network_worker):
     assert process.wait(30) == 0
 
 
+def test_a_remote_client_that_goes_away_leaves_no_session_behind(network_worker):
+    """Sessions hold a volume and its features (GBs on a shared GPU machine): a client that
+    disconnects, whatever it forgot to close, leaves none; those of other clients stay."""
+    from tedm_core.serve.client import WorkerClient
+
+    address, token, _ = network_worker
+    volume = _volume(slices=3, size=8)[0]
+    staying = WorkerClient.connect(address, token)
+    leaving = WorkerClient.connect(address, token)
+    try:
+        _open(staying, "stays", volume)
+        _open(leaving, "leaves", volume)
+        assert staying.request("status", timeout=TIMEOUT).result["sessions"] == ["leaves", "stays"]
+        leaving.close()  # without close_session
+        deadline = time.monotonic() + 10  # the server notices as its connection thread reads EOF
+        while staying.request("status", timeout=TIMEOUT).result["sessions"] != ["stays"]:
+            assert time.monotonic() < deadline, "the session of the client that left is still open"
+            staying.poll(wait_seconds=0.05)
+    finally:
+        staying.close()
+        leaving.close()
+
+
 def test_the_client_never_imports_torch():
     code = "import sys; import tedm_core.serve.client, tedm_core.choices; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
