@@ -299,6 +299,29 @@ def test_network_endpoint_refuses_a_missing_or_wrong_token(network_worker):
     assert process.wait(30) == 0
 
 
+def test_a_remote_client_that_goes_away_leaves_no_session_behind(network_worker):
+    """Sessions hold a volume and its features (GBs on a shared GPU machine): a client that
+    disconnects, whatever it forgot to close, leaves none; those of other clients stay."""
+    from tedm_core.serve.client import WorkerClient
+
+    address, token, _ = network_worker
+    volume = _volume(slices=3, size=8)[0]
+    staying = WorkerClient.connect(address, token)
+    leaving = WorkerClient.connect(address, token)
+    try:
+        _open(staying, "stays", volume)
+        _open(leaving, "leaves", volume)
+        assert staying.request("status", timeout=TIMEOUT).result["sessions"] == ["leaves", "stays"]
+        leaving.close()  # without close_session
+        deadline = time.monotonic() + 10  # the server notices as its connection thread reads EOF
+        while staying.request("status", timeout=TIMEOUT).result["sessions"] != ["stays"]:
+            assert time.monotonic() < deadline, "the session of the client that left is still open"
+            staying.poll(wait_seconds=0.05)
+    finally:
+        staying.close()
+        leaving.close()
+
+
 def test_the_client_never_imports_torch():
     code = "import sys; import tedm_core.serve.client, tedm_core.choices; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -342,11 +365,13 @@ def test_a_large_request_goes_out_in_pieces_without_blocking_the_caller(tmp_path
     from tedm_core.serve.client import WorkerClient
     from tedm_core.serve.protocol import FrameReader, decode_message
 
-    # A stand-in worker that reads nothing until the test creates a file (a job in its way).
+    # A stand-in worker that says ready, then reads nothing until the test creates a file (a job
+    # in its way).
     go = tmp_path / "go"
     out = tmp_path / "received.bin"
     script = (
         "import os, sys, time\n"
+        f"sys.stdout.buffer.write({_ready_frame()!r}); sys.stdout.flush()\n"
         f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
         "data = sys.stdin.buffer.read()\n"
         f"open({str(out)!r}, 'wb').write(data)\n"
@@ -355,6 +380,8 @@ def test_a_large_request_goes_out_in_pieces_without_blocking_the_caller(tmp_path
         command=[sys.executable, "-c", script], log_path=tmp_path / "w.log", env=WORKER_ENV
     )
     volume = np.arange(24 << 20, dtype=np.float32).reshape(96, 512, 512)
+    while not worker.worker_info:  # its `ready` read: requests go out at once
+        worker.poll(max_seconds=0.02, wait_seconds=0.05)
     started = time.monotonic()
     worker.submit("open_session", {"session": "s"}, {"volume": volume}, on_event=lambda event: None)
     assert time.monotonic() - started < 0.5, "submit returned without waiting for the worker"
@@ -373,6 +400,13 @@ def test_a_large_request_goes_out_in_pieces_without_blocking_the_caller(tmp_path
     message, shutdown = FrameReader(1 << 40).feed(out.read_bytes())  # then close() said shutdown
     header, arrays = decode_message(message)
     assert header["op"] == "open_session" and np.array_equal(arrays["volume"], volume)
+
+
+def _ready_frame(max_request_bytes: int = 4096 << 20) -> bytes:
+    from tedm_core.serve.protocol import encode_message, frame
+
+    header = {"event": "ready", "protocol": 1, "pid": 0, "tedm_core": "0", "max_request_bytes": max_request_bytes}
+    return frame(encode_message(header))
 
 
 def test_the_frame_reader_hands_over_a_whole_buffered_message_without_copying():

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    protocol_fd = None
+    if args.stdio:
+        # Before the imports below (numpy, the worker): whatever they print goes to the log, never
+        # into the protocol's stream.
+        from .stdio import take_stdout
+
+        protocol_fd = take_stdout()
     from .server import MIN_TOKEN_CHARACTERS, serve_network, serve_stdio
 
     if args.max_request_mb <= 0:
@@ -52,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     max_bytes = int(args.max_request_mb) << 20
     if args.stdio:
-        return serve_stdio(max_bytes)
+        return serve_stdio(max_bytes, protocol_fd)
     host, _, port = args.listen.rpartition(":")
     host = host or DEFAULT_HOST
     if not port.isdigit():

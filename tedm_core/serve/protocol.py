@@ -17,6 +17,7 @@ import numpy as np
 PROTOCOL_VERSION = 1
 HEADER_LENGTH = struct.Struct(">I")
 FRAME_LENGTH = struct.Struct(">Q")  # on byte streams (pipes), before each message
+CONNECTION_LENGTH = struct.Struct(">i")  # multiprocessing.connection's framing (the network)
 MAX_HEADER_BYTES = 1 << 20  # requests carry a few fields; only arrays are large
 DEFAULT_MAX_MESSAGE_BYTES = 4096 << 20
 # Plain numeric arrays only: no objects, no structured records, nothing that could run code.
@@ -119,14 +120,24 @@ class FrameReader:
 
     ``feed`` takes whatever bytes arrived and returns the complete messages (``bytes``, or a
     ``memoryview`` of a buffer no longer used by the reader). A message above
-    ``max_bytes`` is skipped (its bytes are read and dropped, so the stream stays in step) and
-    reported as a :class:`ProtocolError` in the returned list.
+    ``max_bytes`` (the first one: above ``first_max_bytes``, if given) is skipped (its bytes are
+    read and dropped, so the stream stays in step) and reported as a :class:`ProtocolError` in
+    the returned list; the error's ``data`` holds the first bytes of the frame, for a message.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, first_max_bytes: Optional[int] = None) -> None:
         self.max_bytes = int(max_bytes)
+        self.first_max_bytes = None if first_max_bytes is None else int(first_max_bytes)
+        self.frames = 0  # frames whose length has been read
         self._buffer = bytearray()
         self._skip = 0
+
+    def _length(self) -> Optional[Tuple[int, int]]:
+        """(size of the length field, length of the message) at the buffer's start, or None
+        while too few bytes have arrived to tell."""
+        if len(self._buffer) < FRAME_LENGTH.size:
+            return None
+        return FRAME_LENGTH.size, FRAME_LENGTH.unpack_from(self._buffer)[0]
 
     def feed(self, data: bytes) -> List[Any]:
         self._buffer += data
@@ -138,27 +149,56 @@ class FrameReader:
                 self._skip -= dropped
                 if self._skip:
                     return out
-            if len(self._buffer) < FRAME_LENGTH.size:
+            parsed = self._length()
+            if parsed is None:
                 return out
-            (length,) = FRAME_LENGTH.unpack_from(self._buffer)
-            if length > self.max_bytes:
-                del self._buffer[: FRAME_LENGTH.size]
+            start, length = parsed
+            limit = self.first_max_bytes if self.frames == 0 and self.first_max_bytes is not None else self.max_bytes
+            if length > limit:
+                self.frames += 1
+                error = ProtocolError(f"a message of {length} bytes exceeds the limit of {limit} bytes")
+                error.data = bytes(self._buffer[:64])  # type: ignore[attr-defined]
+                del self._buffer[:start]
                 self._skip = length
-                out.append(ProtocolError(f"a message of {length} bytes exceeds the limit of {self.max_bytes} bytes"))
+                out.append(error)
                 continue
-            end = FRAME_LENGTH.size + length
+            end = start + length
             if len(self._buffer) < end:
                 return out
+            self.frames += 1
             if len(self._buffer) == end:
                 # The message is all that was buffered (a large result usually is): hand the
                 # buffer itself over instead of copying it twice (slice, then bytes), which cost
                 # a GUI timer tick tens of ms for a 9 MB label volume. A new buffer takes its place,
                 # so nothing the caller holds is ever overwritten.
                 message, self._buffer = self._buffer, bytearray()
-                out.append(memoryview(message)[FRAME_LENGTH.size :])
+                out.append(memoryview(message)[start:])
                 return out
-            out.append(bytes(self._buffer[FRAME_LENGTH.size : end]))
+            out.append(bytes(self._buffer[start:end]))
             del self._buffer[:end]
+
+
+class ConnectionFrameReader(FrameReader):
+    """A :class:`FrameReader` for the framing of ``multiprocessing.connection`` (the network
+    transport): a 4-byte signed big-endian length, or -1 followed by an 8-byte one."""
+
+    def _length(self) -> Optional[Tuple[int, int]]:
+        if len(self._buffer) < CONNECTION_LENGTH.size:
+            return None
+        (length,) = CONNECTION_LENGTH.unpack_from(self._buffer)
+        if length != -1:
+            # A negative length other than -1 is no frame: reported as too long, never waited for.
+            return CONNECTION_LENGTH.size, length if length >= 0 else 1 << 63
+        if len(self._buffer) < CONNECTION_LENGTH.size + FRAME_LENGTH.size:
+            return None
+        return CONNECTION_LENGTH.size + FRAME_LENGTH.size, FRAME_LENGTH.unpack_from(self._buffer, 4)[0]
+
+
+def connection_frame_header(length: int) -> bytes:
+    """The length field ``multiprocessing.connection`` puts before a message of ``length`` bytes."""
+    if length > 0x7FFFFFFF:
+        return CONNECTION_LENGTH.pack(-1) + FRAME_LENGTH.pack(length)
+    return CONNECTION_LENGTH.pack(length)
 
 
 def frame(blob: bytes) -> bytes:

@@ -13,6 +13,7 @@ from multiprocessing.connection import Connection, Listener, answer_challenge, d
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES, Arrays, FrameReader, frame
+from .stdio import take_stdout
 from .worker import Worker, error_event, ready_event, send_event
 
 log = logging.getLogger(__name__)
@@ -20,16 +21,15 @@ READ_CHUNK = 1 << 20
 MIN_TOKEN_CHARACTERS = 16
 
 
-def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> int:
+def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, protocol_fd: Optional[int] = None) -> int:
     """Serve the parent process on stdin/stdout until it says shutdown or goes away.
 
-    The protocol owns the original stdout; anything else that writes to stdout (a library's
-    print, a warning) is sent to stderr instead, where it cannot corrupt a message. When the
-    parent dies its end of stdin closes, and the worker exits: no orphan process.
+    The protocol owns the original stdout (``protocol_fd``: from :func:`take_stdout`, called as
+    early as possible; taken here if not given). When the parent dies its end of stdin closes,
+    and the worker exits: no orphan process.
     """
-    protocol_fd = os.dup(sys.stdout.fileno())
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.stdout = sys.stderr
+    if protocol_fd is None:
+        protocol_fd = take_stdout()
     stdin_fd = sys.stdin.fileno()
     worker = Worker()
     lock = threading.Lock()
@@ -126,6 +126,7 @@ def _serve_connection(
 
     reply = _replier(send)
     reply(ready_event(max_message_bytes), None)
+    owner = object()  # this connection, as the owner of the sessions it opens
     try:
         while not worker.stopping.is_set():
             try:
@@ -137,9 +138,14 @@ def _serve_connection(
                     error_event(None, ValueError(f"request refused: {error} (limit {max_message_bytes} bytes)")), None
                 )
                 break
-            worker.handle(blob, reply)
+            worker.handle(blob, reply, owner)
     finally:
         connection.close()
+        # Nobody can reach them any more (a client that reconnects is a new worker generation to
+        # it and opens its sessions again): their volumes and features would stay for ever.
+        closed = worker.close_sessions_of(owner)
+        if closed:
+            log.warning("tedm serve: a client went away; closed its %d session(s)", closed)
         if worker.stopping.is_set():
             stop()
 

@@ -81,6 +81,7 @@ class Worker:
 
     def __init__(self) -> None:
         self.sessions: Dict[str, Any] = {}  # session id -> InteractiveSession
+        self._owners: Dict[str, Any] = {}  # session id -> the connection that opened it (network)
         self._models: Dict[str, Tuple[float, Any]] = {}
         self._job: Optional[RunningJob] = None
         self._lock = threading.Lock()
@@ -121,8 +122,10 @@ class Worker:
         from ..pipelines.interactive import InteractiveSession  # noqa: F401
 
     # -- entry point --------------------------------------------------------------------------------
-    def handle(self, message: Any, reply: Reply) -> None:
-        """One incoming message (bytes, or the ProtocolError its framing raised). Never raises."""
+    def handle(self, message: Any, reply: Reply, owner: Any = None) -> None:
+        """One incoming message (bytes, or the ProtocolError its framing raised). Never raises.
+        ``owner`` (any object: the connection) owns the sessions the message opens; see
+        :meth:`close_sessions_of`."""
         request_id: Optional[str] = None
         try:
             if isinstance(message, Exception):
@@ -133,6 +136,8 @@ class Worker:
             _field(request, "id", str)
             if op in self._quick:
                 result = self._quick[op](request, arrays)
+                if op == "open_session":
+                    self._owners[result[0]["session"]] = owner
                 reply({"event": "result", "id": request_id, "result": result[0]}, result[1])
             elif op in self._jobs:
                 self._start_job(op, request, arrays, reply)
@@ -141,6 +146,13 @@ class Worker:
                 raise RequestError(f"unknown op {op!r}; the worker knows {known}")
         except Exception as error:
             reply(error_event(request_id, error), None)
+
+    def close_sessions_of(self, owner: Any) -> int:
+        """Close the sessions ``owner`` opened (a job running on one is cancelled); how many."""
+        owned = [session_id for session_id, by in list(self._owners.items()) if by is owner]
+        for session_id in owned:
+            self._close_session({"op": "close_session", "session": session_id}, {})
+        return len(owned)
 
     # -- jobs ---------------------------------------------------------------------------------------
     def _start_job(self, op: str, request: Dict[str, Any], arrays: Arrays, reply: Reply) -> None:
@@ -384,6 +396,7 @@ class Worker:
     def _close_session(self, request: Dict[str, Any], arrays: Arrays) -> Tuple[Dict[str, Any], None]:
         session_id = _field(request, "session", str)
         session = self.sessions.pop(session_id, None)
+        self._owners.pop(session_id, None)
         job = self._job
         if job is not None and job.session == session_id:
             job.cancel.set()  # its result has nowhere to go; the job lets go of the session as it ends
