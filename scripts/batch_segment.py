@@ -36,7 +36,7 @@ outputs (mirroring the inputs under --output; the same as `tedm segment`):
   one-structure model writes 0/255 into PNGs.
   --uncertainty adds <name>_uncertainty.<ext>, --probabilities <name>_prob.<ext> (one structure)
   or <name>_prob_<class>.<ext>: float32, or a 16-bit PNG of value*65535 for 2D.
-  .tedm_outputs.json records the model (a hash of its files) and settings that made the outputs.
+  .tedm_outputs.json records the model (a hash of its files) and settings that made each output.
   summary.csv: case, status (ok | exists | failed), seconds, slices, voxels per class, error.
   --labels DIR: the ground truth of case <id> is DIR/<id>.<any suffix>, or DIR/<id>/NAME with
   --label-name NAME (e.g. BraTS: --labels DATA --label-name GT_W.nii.gz); metrics.csv then
@@ -46,8 +46,9 @@ outputs (mirroring the inputs under --output; the same as `tedm segment`):
 robustness:
   --output must lie apart from --input, --labels and --model, and be writable (checked first).
   Cases whose outputs exist are skipped (and still counted in summary/metrics) unless
-  --overwrite, but only when .tedm_outputs.json says this model and settings made them: an
-  output folder of another model is refused. Two inputs that would write one file are refused.
+  --overwrite, but only when their entry in .tedm_outputs.json says this model and settings
+  made them: outputs of another model, or that no entry accounts for, are refused (--overwrite
+  recomputes them). Two inputs that would write one file are refused.
   Outputs are written atomically, the label file last, so an interrupted run (even kill -9) is
   completed by rerunning the same command. A failing case is reported and the others go on;
   the exit status is 1 if any case failed, 2 on a setup error (a disk full stops the batch).

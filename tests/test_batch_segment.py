@@ -224,3 +224,132 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir
     for name in expected:
         assert np.array_equal(got[name], expected[name]), name
     assert not [p for p in out.rglob("*") if ".part" in p.name]  # nothing half-written left behind
+
+
+# --- provenance per output: a run vouches only for what it wrote ---------------------------------
+
+
+def _cohort(inp: Path, n: int = 4) -> None:
+    for i in range(n):
+        _save(inp / f"c{i}.nii.gz", _sphere(i))
+
+
+def _quiet(**kwargs) -> BatchOptions:
+    return BatchOptions(show_progress=False, **kwargs)
+
+
+def test_a_partial_overwrite_vouches_only_for_the_outputs_it_wrote(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp)
+    model_a, model_b = ThresholdSegmenter(threshold=0.0), ThresholdSegmenter(threshold=0.5)
+    assert run_batch(model_a, inp, out, _quiet()).counts() == {"ok": 4}
+    a_made = {name: (out / name).read_bytes() for name in ("c1.nii.gz", "c2.nii.gz", "c3.nii.gz")}
+    assert run_batch(model_b, inp, out, _quiet(overwrite=True, include="c0*")).counts() == {"ok": 1}
+    # B's plain run must not take A's c1..c3 as its own.
+    with pytest.raises(InputError, match=r"c1\.nii\.gz \(and 2 more.*made by threshold with other model_sha256"):
+        run_batch(model_b, inp, out, _quiet())
+    assert {name: (out / name).read_bytes() for name in a_made} == a_made
+    # A shard of B that covers only its own output is fine, and skips it as done.
+    assert run_batch(model_b, inp, out, _quiet(include="c0*")).counts() == {"exists": 1}
+    with pytest.raises(InputError, match="made by threshold with other model_sha256"):
+        run_batch(model_a, inp, out, _quiet(include="c0*"))
+    calls = model_b.calls
+    assert run_batch(model_b, inp, out, _quiet(overwrite=True)).counts() == {"ok": 4}
+    assert model_b.calls == calls + 4
+    assert run_batch(model_b, inp, out, _quiet()).counts() == {"exists": 4}
+
+
+def test_outputs_outside_a_subset_run_are_never_taken_for_this_models(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 3)
+    for i in (1, 2):  # someone's masks, no record
+        _save(out / f"c{i}.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)
+    model = ThresholdSegmenter()
+    with pytest.raises(InputError, match="c1.nii.gz .*no .tedm_outputs.json entry"):
+        run_batch(model, inp, out, _quiet())
+    assert run_batch(model, inp, out, _quiet(include="c0*")).counts() == {"ok": 1}  # claims the folder
+    with pytest.raises(InputError, match="c1.nii.gz .*no .tedm_outputs.json entry"):
+        run_batch(model, inp, out, _quiet())
+    report = run_batch(model, inp, out, _quiet(overwrite=True))
+    assert report.counts() == {"ok": 3} and all(r.voxels[1] > 0 for r in report.results)
+
+
+def test_an_output_changed_since_it_was_written_is_not_taken_as_done(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    model = ThresholdSegmenter()
+    run_batch(model, inp, out, _quiet())
+    _save(out / "c1.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)  # a hand-edited mask
+    with pytest.raises(InputError, match="c1.nii.gz has changed since this model wrote it"):
+        run_batch(model, inp, out, _quiet())
+
+
+def test_a_case_stopped_between_its_label_file_and_its_record_is_redone(tmp_path):
+    from tedm_core.io.outputs import PROVENANCE_FILE, OutputRecord
+    from tedm_core.pipelines.batch import provenance_record
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    model = ThresholdSegmenter()
+    run_batch(model, inp, out, _quiet(include="c0*"))
+    # What a kill leaves when it lands after c1's label file and before its entry says done.
+    record = OutputRecord(out, provenance_record(model, _quiet()))
+    record.writing(out / "c1.nii.gz", [out / "c1.nii.gz"])
+    _save(out / "c1.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)
+    report = run_batch(model, inp, out, _quiet())
+    assert {r.case_id: r.status for r in report.results} == {"c0": "exists", "c1": "ok"}
+    entries = __import__("json").loads((out / PROVENANCE_FILE).read_text())["outputs"]
+    assert entries["c1.nii.gz"]["state"] == "done"
+
+
+def test_a_record_of_the_earlier_version_is_refused_clearly(tmp_path):
+    import json
+
+    from tedm_core.errors import InputError
+    from tedm_core.io.outputs import PROVENANCE_FILE
+    from tedm_core.pipelines.batch import provenance_record
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    model = ThresholdSegmenter()
+    run_batch(model, inp, out, _quiet())
+    legacy = provenance_record(model, _quiet())  # a folder-wide record only, as before
+    (out / PROVENANCE_FILE).write_text(json.dumps(legacy))
+    with pytest.raises(InputError, match="recorded by an earlier TEDM version"):
+        run_batch(model, inp, out, _quiet())
+    assert run_batch(model, inp, out, _quiet(overwrite=True)).counts() == {"ok": 2}
+    assert run_batch(model, inp, out, _quiet()).counts() == {"exists": 2}
+
+
+def _shard_worker(inp: Path, out: Path, k: int, n: int) -> None:
+    run_batch(ThresholdSegmenter(), inp, out, BatchOptions(shard=(k, n), show_progress=False))
+
+
+def test_concurrent_shards_keep_each_others_record_entries(tmp_path):
+    import json
+    import multiprocessing
+
+    from tedm_core.io.outputs import PROVENANCE_FILE
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    n_cases, n_shards = 12, 3
+    for i in range(n_cases):
+        _save(inp / f"c{i:02d}.nii.gz", _sphere(i, shape=(2, 16, 16)))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_shard_worker, args=(inp, out, k, n_shards)) for k in range(1, n_shards + 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    entries = json.loads((out / PROVENANCE_FILE).read_text())["outputs"]
+    assert sorted(entries) == [f"c{i:02d}.nii.gz" for i in range(n_cases)]
+    assert {entry["state"] for entry in entries.values()} == {"done"}
+    assert run_batch(ThresholdSegmenter(), inp, out, _quiet()).counts() == {"exists": n_cases}
+    assert not [p for p in out.iterdir() if ".part" in p.name]

@@ -5,12 +5,12 @@ alike (the conventions are in the README's "Output files"). Guarantees:
 
 * before any case: the output folder is checked apart from every input (images, labels, model)
   and writable, no two inputs would write one file, and the folder's provenance record
-  (``.tedm_outputs.json``) says this model and these settings made what it holds, else the run
-  is refused (unless ``overwrite``);
+  (``.tedm_outputs.json``) has an entry saying this model and these settings made each of this
+  run's outputs already there, else the run is refused (unless ``overwrite``);
 
 * one failing case never stops the others; its one-line error goes to ``summary.csv``;
-* every output is written atomically (temporary file, then rename), the label file last, so
-  a case whose label file exists is complete: after a crash (even ``kill -9``) a rerun skips
+* every output is written atomically (temporary file, then rename), the label file last, and
+  the case's entry says ``done`` only after it: after a crash (even ``kill -9``) a rerun skips
   finished cases and redoes the rest, and the outputs equal those of an uninterrupted run;
 * ``--shard K/N`` splits the sorted case list round-robin, so N job-array nodes sharing one
   output folder each take a disjoint, deterministic subset.
@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
 from ..io.cases import Case, discover_cases, find_label_file
 from ..io.images import IMAGE_SUFFIXES
-from ..io.outputs import check_writable_folder, claim_output_folder, refuse_overlap
+from ..io.outputs import OutputRecord, check_writable_folder, refuse_overlap
 from ..io.volumes import (
     Volume,
     geometry_mismatch,
@@ -139,10 +139,19 @@ def file_label_values(output: Path, bundle) -> List[int]:
 class BatchRunner:
     """Segments cases one after another with one loaded :class:`Segmenter`."""
 
-    def __init__(self, segmenter, options: BatchOptions) -> None:
+    def __init__(self, segmenter, options: BatchOptions, record: Optional[OutputRecord] = None) -> None:
         self.segmenter = segmenter
         self.bundle = segmenter.bundle
         self.options = options
+        self.record = record
+        # Label files of the cases the record vouches for as this model's, complete (see claim).
+        self.done: Set[Path] = set()
+
+    def claim(self, cases: Sequence[Case]) -> None:
+        """Check the output folder's record against this run's cases, before any work."""
+        if self.record is not None:
+            usable = [(case.output, self.outputs_of(case)) for case in cases if not case.problem]
+            self.done = self.record.claim(usable, self.options.overwrite)
 
     def outputs_of(self, case: Case) -> List[Path]:
         """Every file this case writes, the label file last (its presence marks the case done)."""
@@ -161,7 +170,7 @@ class BatchRunner:
                     else (case.inputs[0] if case.inputs else case.case_id),
                     case.problem,
                 )
-            if not self.options.overwrite and all(p.is_file() for p in self.outputs_of(case)):
+            if case.output in self.done:
                 result = self._existing(case)
             else:
                 result = self._segment(case, slice_bar)
@@ -207,7 +216,10 @@ class BatchRunner:
             progress=progress,
             keep_probabilities=self.options.probabilities,
         )
+        outputs = self.outputs_of(case)
         try:
+            if self.record is not None:
+                self.record.writing(case.output, outputs)
             if self.options.probabilities:
                 for k, path in enumerate(case.probability_outputs(self.bundle.class_names), start=1):
                     write_float_volume(path, seg.probabilities[k], volume)
@@ -215,6 +227,8 @@ class BatchRunner:
                 write_float_volume(case.uncertainty_output(), seg.uncertainty, volume)
             # The label file last: its presence marks the case complete.
             write_label_volume(case.output, seg.label_values(file_label_values(case.output, self.bundle)), volume)
+            if self.record is not None:
+                self.record.done(case.output, outputs)
         except OSError as error:
             if error.errno in FATAL_WRITE_ERRNOS:
                 raise _OutputFailure(InputError(error.filename or case.output, error.strerror or str(error))) from None
@@ -355,9 +369,8 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)
-    runner = BatchRunner(segmenter, options)
-    done = [case.output for case in cases if case.output.is_file()]
-    claim_output_folder(output_dir, provenance_record(segmenter, options), done, options.overwrite)
+    runner = BatchRunner(segmenter, options, OutputRecord(output_dir, provenance_record(segmenter, options)))
+    runner.claim(cases)
     summary_path = output_dir / summary_name(options.shard, "summary")
     metrics_path = output_dir / summary_name(options.shard, "metrics") if options.labels_dir is not None else None
     for path in (summary_path, metrics_path):
