@@ -18,7 +18,8 @@ EPILOG = """\
 what is a case:
   single-channel model: every image or volume file under --input (searched recursively:
     .nii .nii.gz .nrrd .nhdr .mha .mhd .png .jpg .jpeg .bmp .tif .tiff) and every folder
-    holding one DICOM series (.dcm/.ima files). Hidden files and folders are ignored;
+    holding one DICOM series (.dcm/.ima files). Links to folders are followed (each real
+    folder once); hidden files and folders are ignored;
     --include narrows by file name (e.g. --include '*FLAIR*').
   multi-channel model (channel_names in the bundle's bundle.json, e.g. FLAIR T1): every folder
     holding a file named after each channel, in any volume format and any case

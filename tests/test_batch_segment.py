@@ -353,3 +353,52 @@ def test_concurrent_shards_keep_each_others_record_entries(tmp_path):
     assert {entry["state"] for entry in entries.values()} == {"done"}
     assert run_batch(ThresholdSegmenter(), inp, out, _quiet()).counts() == {"exists": n_cases}
     assert not [p for p in out.iterdir() if ".part" in p.name]
+
+
+# --- cases under linked folders ------------------------------------------------------------------
+
+
+def test_cases_under_linked_folders_are_found_once_and_loops_end(tmp_path, caplog):
+    archive, inp = tmp_path / "archive", tmp_path / "in"
+    _save(archive / "p02" / "scan.nii.gz", _sphere(1))
+    _save(archive / "p03.nii.gz", _sphere(2))
+    _save(inp / "p01" / "scan.nii.gz", _sphere(0))
+    (inp / "p02").symlink_to(archive / "p02")  # a patient's folder linked from an archive
+    (inp / "p03.nii.gz").symlink_to(archive / "p03.nii.gz")
+    (inp / "p01" / "loop").symlink_to(inp)  # a link back up: must not loop
+    (inp / "zz_again").symlink_to(archive / "p02")  # the same folder by a second path: one case
+    before = _snapshot(archive)
+    with caplog.at_level("WARNING"):
+        report = run_batch(ThresholdSegmenter(), inp, tmp_path / "out", _quiet())
+    assert [(r.case_id, r.status) for r in report.results] == [("p01/scan", "ok"), ("p02/scan", "ok"), ("p03", "ok")]
+    assert (tmp_path / "out" / "p02" / "scan.nii.gz").is_file() and (tmp_path / "out" / "p03.nii.gz").is_file()
+    assert "zz_again: it leads to" in caplog.text
+    assert _snapshot(archive) == before
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_multichannel_cases_under_linked_folders_are_found(tmp_path):
+    archive, inp = tmp_path / "archive", tmp_path / "in"
+    for case in ("p1", "p2"):
+        _save(archive / case / "FLAIR.nii.gz", _sphere(0))
+        _save(archive / case / "T1.nii.gz", _sphere(1))
+    inp.mkdir()
+    (inp / "site").mkdir()
+    (inp / "site" / "p1").symlink_to(archive / "p1")
+    (inp / "p2").symlink_to(archive / "p2")
+    cases = discover_cases(inp, tmp_path / "out", ["FLAIR", "T1"])
+    assert [c.case_id for c in cases] == ["p2", "site/p1"] and not any(c.problem for c in cases)
+
+
+def test_a_linked_input_leading_into_the_output_folder_is_refused(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _save(inp / "a.nii.gz", _sphere(0))
+    _save(out / "elsewhere" / "b.nii.gz", _sphere(1))
+    (inp / "b").symlink_to(out / "elsewhere")  # its outputs would land beside (or on) its inputs
+    with pytest.raises(InputError, match="the output folder holds the input"):
+        discover_cases(inp, out, ["image"])
