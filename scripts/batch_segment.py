@@ -41,7 +41,10 @@ outputs (mirroring the inputs under --output; the same as `tedm segment`):
   summary.csv: case, status (ok | exists | failed), seconds, slices, voxels per class, error.
   --labels DIR: the ground truth of case <id> is DIR/<id>.<any suffix>, or DIR/<id>/NAME with
   --label-name NAME (e.g. BraTS: --labels DATA --label-name GT_W.nii.gz); metrics.csv then
-  holds Dice, precision and recall per case and class (both empty -> 1.0).
+  holds Dice, precision and recall per case and class (both empty -> 1.0), and summary.csv a
+  ground_truth column (scored | missing | unusable). The mean printed says over how many cases
+  it is taken; a case whose ground truth is missing or unusable is named and makes the exit
+  status 1; ground truth for no case at all is a setup error (exit status 2).
   With --shard K/N the files are summary.shardKofN.csv and metrics.shardKofN.csv.
 
 robustness:
@@ -52,7 +55,8 @@ robustness:
   recomputes them). Two inputs that would write one file are refused.
   Outputs are written atomically, the label file last, so an interrupted run (even kill -9) is
   completed by rerunning the same command. A failing case is reported and the others go on;
-  the exit status is 1 if any case failed, 2 on a setup error (a disk full stops the batch).
+  the exit status is 1 if any case failed or was not scored, 2 on a setup error (a disk full
+  stops the batch).
 """
 
 
@@ -188,15 +192,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         + f"; summary: {report.summary_path}"
     )
     if report.metrics_path is not None:
-        dice = report.mean_dice()
-        print(
-            "mean Dice: "
-            + ", ".join(f"{name} {value:.4f}" for name, value in dice.items())
-            + f"; metrics: {report.metrics_path}"
-        )
+        print(f"{report.dice_line()}; metrics: {report.metrics_path}")
     for result in report.failed:
         print(f"FAILED {result.error}", file=sys.stderr)
-    return 1 if report.failed else 0
+    for result in report.unscored:
+        print(f"NOT SCORED {result.error[len('not scored: ') :]}", file=sys.stderr)
+    # A case without usable ground truth leaves the mean over a subset: the run is not clean.
+    return 1 if report.failed or report.unscored else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
 from ..io.cases import Case, discover_cases, find_label_file
-from ..io.images import IMAGE_SUFFIXES
+from ..io.images import IMAGE_SUFFIXES, is_image_file, read_label_image
 from ..io.outputs import OutputRecord, check_writable_folder, refuse_overlap
 from ..io.volumes import (
     Volume,
@@ -47,6 +47,9 @@ from ..io.volumes import (
     write_label_volume,
 )
 from .volume import label_array_to_classes, segment_volume
+
+if TYPE_CHECKING:
+    from .evaluate import Summary
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class CaseResult:
     voxels: List[int] = field(default_factory=list)
     error: str = ""
     metrics: List[Dict[str, object]] = field(default_factory=list)
+    # With ground truth: scored, missing (no file) or unusable (unreadable, another grid ...).
+    truth: str = ""
 
 
 @dataclass
@@ -180,12 +185,20 @@ class BatchRunner:
             log.debug("case %s failed", case.case_id, exc_info=True)
             result = CaseResult(case.case_id, "failed", error=_one_line(case, error))
         if self.options.labels_dir is not None and result.status != "failed":
-            # A missing or mismatched ground truth spoils the metrics, not the segmentation:
-            # the case stays ok, the reason goes to the error column and the console.
-            try:
-                result.metrics = self._metrics(case)
-            except Exception as error:
-                result.error = f"metrics not computed: {_one_line(case, error)}"
+            # A missing or mismatched ground truth spoils the metrics, not the segmentation: the
+            # case keeps its status, and the reason goes to the summary, the console and the exit
+            # status (a mean over the other cases must not pass for the cohort's).
+            label_path = find_label_file(case, self.options.labels_dir, self.options.label_name)
+            if label_path is None:
+                result.truth = "missing"
+                result.error = f"not scored: {self._no_truth(case)}"
+            else:
+                try:
+                    result.metrics = self._metrics(case, label_path)
+                    result.truth = "scored"
+                except Exception as error:
+                    result.truth = "unusable"
+                    result.error = f"not scored: {_one_line(case, error)}"
         result.seconds = round(time.perf_counter() - tic, 2)
         return result
 
@@ -249,23 +262,32 @@ class BatchRunner:
         ].tolist()
         return CaseResult(case.case_id, "exists", voxels=voxels)
 
-    def _metrics(self, case: Case) -> List[Dict[str, object]]:
+    def _no_truth(self, case: Case) -> str:
+        name = self.options.label_name
+        looked = f"{case.case_id}.<suffix>" + (f" and {case.case_id}/{name}" if name else "")
+        return f"{self.options.labels_dir}: no ground truth for case {case.case_id} (looked for {looked})"
+
+    def _metrics(self, case: Case, label_path: Path) -> List[Dict[str, object]]:
         from .evaluate import dice_precision_recall
 
-        label_path = find_label_file(case, self.options.labels_dir, self.options.label_name)
-        if label_path is None:
-            raise InputError(
-                self.options.labels_dir,
-                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>"
-                f"{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
-            )
-        truth_volume = read_volume(label_path, allow_constant=True)
         prediction_volume = read_volume(case.output, allow_constant=True)
-        problem = geometry_mismatch(prediction_volume, truth_volume)
-        if problem:
-            raise InputError(label_path, f"ground truth does not match the case's grid: {problem}")
-        truth = label_array_to_classes(truth_volume, self.bundle.label_values)
         prediction = label_array_to_classes(prediction_volume, self.bundle.label_values)
+        if is_image_file(label_path):
+            # The masks' reader, as `tedm fit` and `tedm evaluate` use: a mask in the alpha
+            # channel, a colour image or a JPEG is refused, not read as grey (an empty truth).
+            truth = read_label_image(label_path, self.bundle.label_values)[None]
+            if prediction_volume.source_format != "image2d" or truth.shape != prediction.shape:
+                raise InputError(
+                    label_path,
+                    f"ground truth of {truth.shape[2]}x{truth.shape[1]} pixels does not match the case's grid "
+                    f"{tuple(prediction_volume.shape[::-1])}",
+                )
+        else:
+            truth_volume = read_volume(label_path, allow_constant=True)
+            problem = geometry_mismatch(prediction_volume, truth_volume)
+            if problem:
+                raise InputError(label_path, f"ground truth does not match the case's grid: {problem}")
+            truth = label_array_to_classes(truth_volume, self.bundle.label_values)
         rows = []
         for k, name in enumerate(self.bundle.class_names[1:], start=1):
             dice, precision, recall = dice_precision_recall(prediction == k, truth == k)
@@ -294,8 +316,13 @@ def _csv_text(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def write_summary(path: Path, results: Sequence[CaseResult], class_names: Sequence[str]) -> None:
+def write_summary(
+    path: Path, results: Sequence[CaseResult], class_names: Sequence[str], with_truth: bool = False
+) -> None:
+    """One row per case; ``with_truth`` adds ``ground_truth`` (scored, missing, unusable, or
+    empty for a failed case)."""
     voxel_columns = [f"voxels_{name}" for name in class_names]
+    truth_columns = ["ground_truth"] if with_truth else []
     rows = []
     for r in results:
         row: Dict[str, object] = {
@@ -306,11 +333,12 @@ def write_summary(path: Path, results: Sequence[CaseResult], class_names: Sequen
             "slices_segmented": r.slices_segmented,
         }
         row.update({c: (r.voxels[i] if i < len(r.voxels) else "") for i, c in enumerate(voxel_columns)})
+        if with_truth:
+            row["ground_truth"] = r.truth
         row["error"] = r.error
         rows.append(row)
-    write_text_atomic(
-        path, _csv_text(rows, ["case", "status", "seconds", "slices", "slices_segmented", *voxel_columns, "error"])
-    )
+    columns = ["case", "status", "seconds", "slices", "slices_segmented", *voxel_columns, *truth_columns, "error"]
+    write_text_atomic(path, _csv_text(rows, columns))
 
 
 def write_metrics(path: Path, results: Sequence[CaseResult]) -> None:
@@ -334,12 +362,41 @@ class BatchReport:
             out[r.status] = out.get(r.status, 0) + 1
         return out
 
+    @property
+    def unscored(self) -> List[CaseResult]:
+        """Cases segmented (or found done) whose ground truth is missing or unusable."""
+        return [r for r in self.results if r.truth in ("missing", "unusable")]
+
     def mean_dice(self) -> Dict[str, float]:
+        return {name: summary.mean for name, summary in self.dice_summaries().items()}
+
+    def dice_summaries(self) -> Dict[str, Summary]:
+        from .evaluate import summarise
+
         per_class: Dict[str, List[float]] = {}
         for r in self.results:
             for row in r.metrics:
                 per_class.setdefault(str(row["class"]), []).append(float(row["dice"]))
-        return {name: float(np.mean(values)) for name, values in per_class.items()}
+        return {name: summarise(values) for name, values in per_class.items()}
+
+    def dice_line(self) -> str:
+        """``mean Dice over K of N cases (M without ground truth, F failed): lung 91.2 +- 3.4``: a
+        mean says over which cases it is taken (README "Conventions": mean +- std x 100)."""
+        scored = sum(r.truth == "scored" for r in self.results)
+        parts = [
+            f"{n} {what}"
+            for n, what in (
+                (sum(r.truth == "missing" for r in self.results), "without ground truth"),
+                (sum(r.truth == "unusable" for r in self.results), "with unusable ground truth"),
+                (len(self.failed), "failed"),
+            )
+            if n
+        ]
+        head = f"mean Dice over {scored} of {len(self.results)} cases" + (f" ({', '.join(parts)})" if parts else "")
+        values = ", ".join(
+            f"{name} {100 * s.mean:.1f} +- {100 * s.std:.1f}" for name, s in self.dice_summaries().items()
+        )
+        return f"{head}: {values or 'none'}"
 
 
 def provenance_record(segmenter, options: BatchOptions) -> Dict[str, object]:
@@ -369,6 +426,17 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)
+    if options.labels_dir is not None and not any(
+        find_label_file(case, options.labels_dir, options.label_name) for case in cases
+    ):
+        # Every case unscored is a wrong folder or file name, not a cohort without ground truth.
+        first = cases[0].case_id
+        looked = f"{first}.<suffix>" + (f" or {first}/{options.label_name}" if options.label_name else "")
+        raise InputError(
+            options.labels_dir,
+            f"no ground truth for any of the {len(cases)} cases (looked for e.g. {looked}); give the folder that "
+            "holds them, and for a file inside each case's folder its name",
+        )
     runner = BatchRunner(segmenter, options, OutputRecord(output_dir, provenance_record(segmenter, options)))
     runner.claim(cases)
     summary_path = output_dir / summary_name(options.shard, "summary")
@@ -394,7 +462,7 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
                 tqdm.write(f"WARNING {result.case_id}: {result.error}")
             case_bar.set_postfix(failed=sum(r.status == "failed" for r in results), refresh=False)
             if time.monotonic() - last_write > SUMMARY_EVERY_S:
-                write_summary(summary_path, results, bundle.class_names)
+                write_summary(summary_path, results, bundle.class_names, options.labels_dir is not None)
                 last_write = time.monotonic()
         completed = True
     finally:
@@ -403,7 +471,7 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         # Also on Ctrl-C: what was done is recorded (the rerun completes the rest). When the
         # disk is full this may fail too; the error that stopped the batch is the one to report.
         try:
-            write_summary(summary_path, results, bundle.class_names)
+            write_summary(summary_path, results, bundle.class_names, options.labels_dir is not None)
             if metrics_path is not None:
                 write_metrics(metrics_path, results)
         except OSError as error:
