@@ -8,6 +8,7 @@ would make them 0600, and the rename would carry that mode to the output).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 from pathlib import Path
@@ -59,7 +60,8 @@ def remove_stale_temporaries(target: PathLike) -> None:
     is ``atomic_path``'s). Call it only for targets no other process writes at the same time."""
     target = Path(target)
     if target.parent.is_dir():
-        for stale in target.parent.glob(f".{target.name}.*.part*"):
+        # Escaped: a name such as ``scan[1].nii.gz`` would otherwise match ``scan1``'s temporaries.
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.part*"):
             stale.unlink(missing_ok=True)
 
 

@@ -243,9 +243,10 @@ class BatchRunner:
             if self.record is not None:
                 self.record.done(case.output, outputs)
         except OSError as error:
-            if error.errno in FATAL_WRITE_ERRNOS:
+            if error.errno in FATAL_WRITE_ERRNOS and self._shared_by_every_case(error):
                 raise _OutputFailure(InputError(error.filename or case.output, error.strerror or str(error))) from None
-            raise
+            # Named by the output, not by the temporary file the refusal hit.
+            raise InputError(case.output, f"cannot be written ({error.strerror or error})") from None
         return CaseResult(
             case.case_id,
             "ok",
@@ -253,6 +254,18 @@ class BatchRunner:
             slices_segmented=seg.slices_run,
             voxels=seg.voxels_per_class(len(self.bundle.class_names)),
         )
+
+    def _shared_by_every_case(self, error: OSError) -> bool:
+        """Whether a refused write would refuse every later case too: a full disk or quota
+        does; no permission (or a read-only mount) does only where the output folder itself
+        cannot be written, not in one mirrored subfolder."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) or self.record is None:
+            return True
+        try:
+            check_writable_folder(self.record.folder)
+        except InputError:
+            return True
+        return False
 
     def _existing(self, case: Case) -> CaseResult:
         output = read_volume(case.output, allow_constant=True)
