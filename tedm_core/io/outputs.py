@@ -120,6 +120,17 @@ def maker_key(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
 
 
+def _dump(record: Mapping[str, Any]) -> str:
+    """The record as JSON: the folder-wide fields indented, one line per output. It is rewritten
+    after every case, so with a large cohort its size, and the time to write it, count."""
+    head = {key: value for key, value in record.items() if key != "outputs"}
+    text = json.dumps(head, indent=1, sort_keys=True)
+    entries = record.get("outputs") or {}
+    lines = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entries[name], sort_keys=True)}" for name in sorted(entries))
+    body = f'"outputs": {{\n{lines}\n }}' if lines else '"outputs": {}'
+    return (text[:-2] + f",\n {body}\n}}" if head else f"{{\n {body}\n}}") + "\n"
+
+
 class OutputRecord:
     """``.tedm_outputs.json`` of one output folder: which model and settings made each output.
 
@@ -178,8 +189,15 @@ class OutputRecord:
                     f"already holds {self._name(label)}{more}, {reason}; write to another folder, or overwrite them",
                 )
         this_run = {self._name(label) for label, _ in cases}
-        update_text_locked(self.path, lambda text: self._claimed(_parse(text), this_run, overwrite))
-        return set() if overwrite else done
+        # Every case to be segmented is marked as being written by this model before its first
+        # file is replaced (one update for the run, not one per case): a run stopped part-way
+        # leaves this model's unfinished work, never another's finished.
+        skipped = set() if overwrite else done
+        writing = {
+            self._name(label): self._entry(outputs, "writing") for label, outputs in cases if label not in skipped
+        }
+        update_text_locked(self.path, lambda text: self._claimed(_parse(text), this_run, overwrite, writing))
+        return skipped
 
     def _account(self, old: Optional[Mapping[str, Any]], label: Path, outputs: Sequence[Path]) -> Tuple[str, str]:
         """``done`` (complete, this model's), ``redo`` (nothing another model's: segment it) or
@@ -221,7 +239,17 @@ class OutputRecord:
             return "foreign", f"beside {name}, which this model did not write"
         return "foreign", f"whose {name} has changed since this model wrote it"
 
-    def _claimed(self, old: Optional[Dict[str, Any]], this_run: Set[str], overwrite: bool) -> str:
+    def _entry(self, outputs: Sequence[Path], state: str) -> Dict[str, Any]:
+        names = {self._name(p): (p.stat().st_size if state == "done" else None) for p in outputs}
+        return {"maker": self.key, "state": state, "files": names}
+
+    def _claimed(
+        self,
+        old: Optional[Dict[str, Any]],
+        this_run: Set[str],
+        overwrite: bool,
+        writing: Optional[Mapping[str, Any]] = None,
+    ) -> str:
         current = old is not None and old.get("record_version") == RECORD_VERSION
         entries = dict(old.get("outputs", {})) if current and isinstance(old.get("outputs"), dict) else {}
         makers = dict(old.get("makers", {})) if current and isinstance(old.get("makers"), dict) else {}
@@ -237,12 +265,12 @@ class OutputRecord:
         makers[self.key] = {key: self.record.get(key) for key in ("model", *IDENTITY_FIELDS)}
         used = {entry.get("maker") for entry in entries.values() if isinstance(entry, dict)} | {self.key}
         record.update(record_version=RECORD_VERSION, makers={k: v for k, v in makers.items() if k in used})
+        entries.update(writing or {})
         record["outputs"] = entries
-        return json.dumps(record, indent=1, sort_keys=True) + "\n"
+        return _dump(record)
 
     def _mark(self, label: Path, outputs: Sequence[Path], state: str) -> None:
-        names = {self._name(p): (p.stat().st_size if state == "done" else None) for p in outputs}
-        entry = {"maker": self.key, "state": state, "files": names}
+        entry = self._entry(outputs, state)
 
         def change(text: Optional[str]) -> str:
             record = _parse(text) or {}
@@ -252,13 +280,13 @@ class OutputRecord:
                 key: self.record.get(key) for key in ("model", *IDENTITY_FIELDS)
             }
             record.setdefault("outputs", {})[self._name(label)] = entry
-            return json.dumps(record, indent=1, sort_keys=True) + "\n"
+            return _dump(record)
 
         update_text_locked(self.path, change)
 
     def writing(self, label: Path, outputs: Sequence[Path]) -> None:
-        """Record, before the first file is replaced, that this model is writing ``outputs``: a
-        run stopped part-way leaves them this model's unfinished work, never another's finished."""
+        """Record, before the first file is replaced, that this model is writing ``outputs``
+        (:meth:`claim` does it for every case of the run at once)."""
         self._mark(label, outputs, "writing")
 
     def done(self, label: Path, outputs: Sequence[Path]) -> None:

@@ -231,8 +231,6 @@ class BatchRunner:
         )
         outputs = self.outputs_of(case)
         try:
-            if self.record is not None:
-                self.record.writing(case.output, outputs)
             if self.options.probabilities:
                 for k, path in enumerate(case.probability_outputs(self.bundle.class_names), start=1):
                     write_float_volume(path, seg.probabilities[k], volume)
