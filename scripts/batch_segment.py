@@ -18,7 +18,8 @@ EPILOG = """\
 what is a case:
   single-channel model: every image or volume file under --input (searched recursively:
     .nii .nii.gz .nrrd .nhdr .mha .mhd .png .jpg .jpeg .bmp .tif .tiff) and every folder
-    holding one DICOM series (.dcm/.ima files). Hidden files and folders are ignored;
+    holding one DICOM series (.dcm/.ima files). Links to folders are followed (each real
+    folder once); hidden files and folders are ignored;
     --include narrows by file name (e.g. --include '*FLAIR*').
   multi-channel model (channel_names in the bundle's bundle.json, e.g. FLAIR T1): every folder
     holding a file named after each channel, in any volume format and any case
@@ -36,21 +37,26 @@ outputs (mirroring the inputs under --output; the same as `tedm segment`):
   one-structure model writes 0/255 into PNGs.
   --uncertainty adds <name>_uncertainty.<ext>, --probabilities <name>_prob.<ext> (one structure)
   or <name>_prob_<class>.<ext>: float32, or a 16-bit PNG of value*65535 for 2D.
-  .tedm_outputs.json records the model (a hash of its files) and settings that made the outputs.
+  .tedm_outputs.json records the model (a hash of its files) and settings that made each output.
   summary.csv: case, status (ok | exists | failed), seconds, slices, voxels per class, error.
   --labels DIR: the ground truth of case <id> is DIR/<id>.<any suffix>, or DIR/<id>/NAME with
   --label-name NAME (e.g. BraTS: --labels DATA --label-name GT_W.nii.gz); metrics.csv then
-  holds Dice, precision and recall per case and class (both empty -> 1.0).
+  holds Dice, precision and recall per case and class (both empty -> 1.0), and summary.csv a
+  ground_truth column (scored | missing | unusable). The mean printed says over how many cases
+  it is taken; a case whose ground truth is missing or unusable is named and makes the exit
+  status 1; ground truth for no case at all is a setup error (exit status 2).
   With --shard K/N the files are summary.shardKofN.csv and metrics.shardKofN.csv.
 
 robustness:
   --output must lie apart from --input, --labels and --model, and be writable (checked first).
   Cases whose outputs exist are skipped (and still counted in summary/metrics) unless
-  --overwrite, but only when .tedm_outputs.json says this model and settings made them: an
-  output folder of another model is refused. Two inputs that would write one file are refused.
+  --overwrite, but only when their entry in .tedm_outputs.json says this model and settings
+  made them: outputs of another model, or that no entry accounts for, are refused (--overwrite
+  recomputes them). Two inputs that would write one file are refused.
   Outputs are written atomically, the label file last, so an interrupted run (even kill -9) is
   completed by rerunning the same command. A failing case is reported and the others go on;
-  the exit status is 1 if any case failed, 2 on a setup error (a disk full stops the batch).
+  the exit status is 1 if any case failed or was not scored, 2 on a setup error (a disk full
+  stops the batch).
 """
 
 
@@ -186,15 +192,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         + f"; summary: {report.summary_path}"
     )
     if report.metrics_path is not None:
-        dice = report.mean_dice()
-        print(
-            "mean Dice: "
-            + ", ".join(f"{name} {value:.4f}" for name, value in dice.items())
-            + f"; metrics: {report.metrics_path}"
-        )
+        print(f"{report.dice_line()}; metrics: {report.metrics_path}")
     for result in report.failed:
         print(f"FAILED {result.error}", file=sys.stderr)
-    return 1 if report.failed else 0
+    for result in report.unscored:
+        print(f"NOT SCORED {result.error[len('not scored: ') :]}", file=sys.stderr)
+    # A case without usable ground truth leaves the mean over a subset: the run is not clean.
+    return 1 if report.failed or report.unscored else 0
 
 
 if __name__ == "__main__":

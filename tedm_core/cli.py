@@ -466,7 +466,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .io.outputs import check_writable_folder
-    from .pipelines.evaluate import compare_dice, evaluate_folders, same_images, summarise, write_metrics_csv
+    from .pipelines.evaluate import (
+        compare_dice,
+        evaluate_folders,
+        match_predictions,
+        same_images,
+        summarise,
+        write_metrics_csv,
+    )
 
     if args.pred.resolve() == args.truth.resolve():
         raise SettingError("pred", f"{args.pred} is also the --truth folder: every score would be a perfect 1")
@@ -477,7 +484,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             # Never a folder, and never an image that evaluate reads: only a .csv file is written.
             raise SettingError("csv", f"{args.csv} is not a .csv file path; give the path of a .csv file to write")
         check_writable_folder(args.csv.parent)
-    rows = evaluate_folders(args.pred, args.truth, args.label_values)
+    matched = match_predictions(args.pred, args.truth)
+    rows = evaluate_folders(args.pred, args.truth, args.label_values, matched)
     other = None
     if args.compare:
         other = evaluate_folders(args.compare, args.truth, args.label_values)
@@ -498,6 +506,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; "
                 f"{args.pred} is {compare_dice(rows, other, k)}"
             )
+    if matched.unmatched:
+        # The means above cover only the images with a prediction (a failed case, say).
+        shown = ", ".join(matched.unmatched[:10]) + (", ..." if len(matched.unmatched) > 10 else "")
+        count = len(matched.unmatched)
+        print(
+            f"tedm evaluate: {count} ground truth{'s' if count > 1 else ''} without a prediction (not scored): {shown}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -224,3 +224,181 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir
     for name in expected:
         assert np.array_equal(got[name], expected[name]), name
     assert not [p for p in out.rglob("*") if ".part" in p.name]  # nothing half-written left behind
+
+
+# --- provenance per output: a run vouches only for what it wrote ---------------------------------
+
+
+def _cohort(inp: Path, n: int = 4) -> None:
+    for i in range(n):
+        _save(inp / f"c{i}.nii.gz", _sphere(i))
+
+
+def _quiet(**kwargs) -> BatchOptions:
+    return BatchOptions(show_progress=False, **kwargs)
+
+
+def test_a_partial_overwrite_vouches_only_for_the_outputs_it_wrote(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp)
+    model_a, model_b = ThresholdSegmenter(threshold=0.0), ThresholdSegmenter(threshold=0.5)
+    assert run_batch(model_a, inp, out, _quiet()).counts() == {"ok": 4}
+    a_made = {name: (out / name).read_bytes() for name in ("c1.nii.gz", "c2.nii.gz", "c3.nii.gz")}
+    assert run_batch(model_b, inp, out, _quiet(overwrite=True, include="c0*")).counts() == {"ok": 1}
+    # B's plain run must not take A's c1..c3 as its own.
+    with pytest.raises(InputError, match=r"c1\.nii\.gz \(and 2 more.*made by threshold with other model_sha256"):
+        run_batch(model_b, inp, out, _quiet())
+    assert {name: (out / name).read_bytes() for name in a_made} == a_made
+    # A shard of B that covers only its own output is fine, and skips it as done.
+    assert run_batch(model_b, inp, out, _quiet(include="c0*")).counts() == {"exists": 1}
+    with pytest.raises(InputError, match="made by threshold with other model_sha256"):
+        run_batch(model_a, inp, out, _quiet(include="c0*"))
+    calls = model_b.calls
+    assert run_batch(model_b, inp, out, _quiet(overwrite=True)).counts() == {"ok": 4}
+    assert model_b.calls == calls + 4
+    assert run_batch(model_b, inp, out, _quiet()).counts() == {"exists": 4}
+
+
+def test_outputs_outside_a_subset_run_are_never_taken_for_this_models(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 3)
+    for i in (1, 2):  # someone's masks, no record
+        _save(out / f"c{i}.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)
+    model = ThresholdSegmenter()
+    with pytest.raises(InputError, match="c1.nii.gz .*no .tedm_outputs.json entry"):
+        run_batch(model, inp, out, _quiet())
+    assert run_batch(model, inp, out, _quiet(include="c0*")).counts() == {"ok": 1}  # claims the folder
+    with pytest.raises(InputError, match="c1.nii.gz .*no .tedm_outputs.json entry"):
+        run_batch(model, inp, out, _quiet())
+    report = run_batch(model, inp, out, _quiet(overwrite=True))
+    assert report.counts() == {"ok": 3} and all(r.voxels[1] > 0 for r in report.results)
+
+
+def test_an_output_changed_since_it_was_written_is_not_taken_as_done(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    model = ThresholdSegmenter()
+    run_batch(model, inp, out, _quiet())
+    _save(out / "c1.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)  # a hand-edited mask
+    with pytest.raises(InputError, match="c1.nii.gz has changed since this model wrote it"):
+        run_batch(model, inp, out, _quiet())
+
+
+def test_a_case_stopped_between_its_label_file_and_its_record_is_redone(tmp_path):
+    from tedm_core.io.outputs import PROVENANCE_FILE, OutputRecord
+    from tedm_core.pipelines.batch import provenance_record
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    model = ThresholdSegmenter()
+    run_batch(model, inp, out, _quiet(include="c0*"))
+    # What a kill leaves when it lands after c1's label file and before its entry says done.
+    record = OutputRecord(out, provenance_record(model, _quiet()))
+    record.writing(out / "c1.nii.gz", [out / "c1.nii.gz"])
+    _save(out / "c1.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)
+    report = run_batch(model, inp, out, _quiet())
+    assert {r.case_id: r.status for r in report.results} == {"c0": "exists", "c1": "ok"}
+    entries = __import__("json").loads((out / PROVENANCE_FILE).read_text())["outputs"]
+    assert entries["c1.nii.gz"]["state"] == "done"
+
+
+def test_a_record_of_the_earlier_version_is_refused_clearly(tmp_path):
+    import json
+
+    from tedm_core.errors import InputError
+    from tedm_core.io.outputs import PROVENANCE_FILE
+    from tedm_core.pipelines.batch import provenance_record
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    model = ThresholdSegmenter()
+    run_batch(model, inp, out, _quiet())
+    legacy = provenance_record(model, _quiet())  # a folder-wide record only, as before
+    (out / PROVENANCE_FILE).write_text(json.dumps(legacy))
+    with pytest.raises(InputError, match="recorded by an earlier TEDM version"):
+        run_batch(model, inp, out, _quiet())
+    assert run_batch(model, inp, out, _quiet(overwrite=True)).counts() == {"ok": 2}
+    assert run_batch(model, inp, out, _quiet()).counts() == {"exists": 2}
+
+
+def _shard_worker(inp: Path, out: Path, k: int, n: int) -> None:
+    run_batch(ThresholdSegmenter(), inp, out, BatchOptions(shard=(k, n), show_progress=False))
+
+
+def test_concurrent_shards_keep_each_others_record_entries(tmp_path):
+    import json
+    import multiprocessing
+
+    from tedm_core.io.outputs import PROVENANCE_FILE
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    n_cases, n_shards = 12, 3
+    for i in range(n_cases):
+        _save(inp / f"c{i:02d}.nii.gz", _sphere(i, shape=(2, 16, 16)))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_shard_worker, args=(inp, out, k, n_shards)) for k in range(1, n_shards + 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    entries = json.loads((out / PROVENANCE_FILE).read_text())["outputs"]
+    assert sorted(entries) == [f"c{i:02d}.nii.gz" for i in range(n_cases)]
+    assert {entry["state"] for entry in entries.values()} == {"done"}
+    assert run_batch(ThresholdSegmenter(), inp, out, _quiet()).counts() == {"exists": n_cases}
+    assert not [p for p in out.iterdir() if ".part" in p.name]
+
+
+# --- cases under linked folders ------------------------------------------------------------------
+
+
+def test_cases_under_linked_folders_are_found_once_and_loops_end(tmp_path, caplog):
+    archive, inp = tmp_path / "archive", tmp_path / "in"
+    _save(archive / "p02" / "scan.nii.gz", _sphere(1))
+    _save(archive / "p03.nii.gz", _sphere(2))
+    _save(inp / "p01" / "scan.nii.gz", _sphere(0))
+    (inp / "p02").symlink_to(archive / "p02")  # a patient's folder linked from an archive
+    (inp / "p03.nii.gz").symlink_to(archive / "p03.nii.gz")
+    (inp / "p01" / "loop").symlink_to(inp)  # a link back up: must not loop
+    (inp / "zz_again").symlink_to(archive / "p02")  # the same folder by a second path: one case
+    before = _snapshot(archive)
+    with caplog.at_level("WARNING"):
+        report = run_batch(ThresholdSegmenter(), inp, tmp_path / "out", _quiet())
+    assert [(r.case_id, r.status) for r in report.results] == [("p01/scan", "ok"), ("p02/scan", "ok"), ("p03", "ok")]
+    assert (tmp_path / "out" / "p02" / "scan.nii.gz").is_file() and (tmp_path / "out" / "p03.nii.gz").is_file()
+    assert "zz_again: it leads to" in caplog.text
+    assert _snapshot(archive) == before
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_multichannel_cases_under_linked_folders_are_found(tmp_path):
+    archive, inp = tmp_path / "archive", tmp_path / "in"
+    for case in ("p1", "p2"):
+        _save(archive / case / "FLAIR.nii.gz", _sphere(0))
+        _save(archive / case / "T1.nii.gz", _sphere(1))
+    inp.mkdir()
+    (inp / "site").mkdir()
+    (inp / "site" / "p1").symlink_to(archive / "p1")
+    (inp / "p2").symlink_to(archive / "p2")
+    cases = discover_cases(inp, tmp_path / "out", ["FLAIR", "T1"])
+    assert [c.case_id for c in cases] == ["p2", "site/p1"] and not any(c.problem for c in cases)
+
+
+def test_a_linked_input_leading_into_the_output_folder_is_refused(tmp_path):
+    from tedm_core.errors import InputError
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _save(inp / "a.nii.gz", _sphere(0))
+    _save(out / "elsewhere" / "b.nii.gz", _sphere(1))
+    (inp / "b").symlink_to(out / "elsewhere")  # its outputs would land beside (or on) its inputs
+    with pytest.raises(InputError, match="the output folder holds the input"):
+        discover_cases(inp, out, ["image"])

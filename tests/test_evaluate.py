@@ -97,6 +97,12 @@ def test_two_methods_are_compared_image_by_image(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "only_poor.png only in" in err and str(poor) in err
     (poor / "only_poor.png").unlink()
+    # Both score the same 8 images, but one ground truth has no prediction: named, exit status 1.
+    assert main(["evaluate", "--pred", str(good), "--truth", str(truth), "--compare", str(poor)]) == 1
+    captured = capsys.readouterr()
+    assert "is better on 8 of 8 images" in captured.out
+    assert captured.err.strip() == "tedm evaluate: 1 ground truth without a prediction (not scored): only_poor.png"
+    (truth / "only_poor.png").unlink()
     assert main(["evaluate", "--pred", str(good), "--truth", str(truth), "--compare", str(poor)]) == 0
     assert "is better on 8 of 8 images, worse on 0, paired Wilcoxon p = " in capsys.readouterr().out
 
@@ -105,3 +111,53 @@ def test_real_lung_masks_score_one_against_themselves():
     masks = require_shared_data("cxr", "shenzhen", "masks")
     rows = evaluate_folders(masks, masks)
     assert len(rows) == 59 and all(r["dice"] == 1.0 for r in rows)
+
+
+def _mask(path, value: int = 255) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = value
+    Image.fromarray(mask).save(path)
+
+
+def test_ground_truths_without_a_prediction_are_named_and_fail_the_run(tmp_path, capsys):
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    for name in ("a.png", "b.png", "c.png"):
+        _mask(truth / name)
+    _mask(pred / "a.png")  # b and c failed in the batch that made these
+    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth)]) == 1
+    captured = capsys.readouterr()
+    assert "1 images scored" in captured.out and "(n=1)" in captured.out
+    assert captured.err.strip() == "tedm evaluate: 2 ground truths without a prediction (not scored): b.png, c.png"
+
+
+def test_predictions_mirrored_into_subfolders_are_found(tmp_path, capsys):
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    _mask(truth / "site1" / "a.png")  # the ground truth mirrors the input tree, as segment does
+    _mask(pred / "site1" / "a.png")
+    _mask(truth / "b.png")  # a flat ground truth for a prediction in a subfolder: found by its name
+    _mask(pred / "site2" / "b.png", 0)
+    _mask(pred / "site2" / "b_prob.png")
+    (pred / ".hidden").mkdir()
+    _mask(pred / ".hidden" / "c.png")
+    rows = evaluate_folders(pred, truth)
+    assert [(r["image"], r["dice"]) for r in rows] == [("b.png", 0.0), ("site1/a.png", 1.0)]
+    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth)]) == 0
+    assert "2 images scored" in capsys.readouterr().out
+
+
+def test_a_name_predicted_twice_elsewhere_is_refused_as_ambiguous(tmp_path):
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    _mask(truth / "a.png")
+    _mask(pred / "site1" / "a.png")
+    _mask(pred / "site2" / "a.png", 0)
+    with pytest.raises(InputError, match="has 2 predictions of its name"):
+        evaluate_folders(pred, truth)
+
+
+def test_predictions_inside_the_truth_folder_are_not_taken_for_ground_truth(tmp_path):
+    truth = tmp_path / "truth"
+    _mask(truth / "a.png")
+    _mask(truth / "pred" / "a.png", 0)
+    rows = evaluate_folders(truth / "pred", truth)
+    assert [(r["image"], r["dice"]) for r in rows] == [("a.png", 0.0)]

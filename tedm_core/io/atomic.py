@@ -8,10 +8,16 @@ would make them 0600, and the rename would carry that mode to the output).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX locks (job arrays sharing one folder run on POSIX clusters)
+    fcntl = None  # type: ignore[assignment]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -54,10 +60,58 @@ def remove_stale_temporaries(target: PathLike) -> None:
     is ``atomic_path``'s). Call it only for targets no other process writes at the same time."""
     target = Path(target)
     if target.parent.is_dir():
-        for stale in target.parent.glob(f".{target.name}.*.part*"):
+        # Escaped: a name such as ``scan[1].nii.gz`` would otherwise match ``scan1``'s temporaries.
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.part*"):
             stale.unlink(missing_ok=True)
 
 
 def write_text_atomic(target: PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def _read_fd(fd: int) -> str:
+    # Read through the locked descriptor: opening the file a second time and closing it would
+    # release this process's POSIX lock on it.
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def update_text_locked(target: PathLike, change: Callable[[Optional[str]], Optional[str]]) -> None:
+    """Read-modify-write ``target`` under an exclusive lock, replacing it atomically.
+
+    ``change`` gets the current text (``None`` when the file is absent or empty) and returns the
+    new text, or ``None`` to leave it. Processes writing one record (the shards of a job array
+    sharing an output folder) each see the others' changes instead of overwriting them. The
+    lock is taken on the file itself, which the atomic replace swaps for a new inode, so a
+    process that waited re-opens until the file it locked is the one in place; no lock file is
+    left behind. Stale temporaries of ``target`` are removed under the lock, when no other
+    process can be writing one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(target)
+            except FileNotFoundError:
+                continue
+            if (current.st_dev, current.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                continue  # replaced while we waited: lock the file now in place
+            remove_stale_temporaries(target)
+            text = _read_fd(fd)
+            new = change(text if text.strip() else None)
+            if new is not None:
+                write_text_atomic(target, new)
+            return
+        finally:
+            os.close(fd)

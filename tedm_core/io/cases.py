@@ -1,7 +1,8 @@
 """Which files make a case: one rule for pretraining, fitting, the CLI and the batch script.
 
-* single-channel model: every image or volume file under the input folder (recursively), and
-  every folder holding a DICOM series (``.dcm``/``.ima`` files);
+* single-channel model: every image or volume file under the input folder (recursively, links
+  to folders followed, each real folder once), and every folder holding a DICOM series
+  (``.dcm``/``.ima`` files);
 * multi-channel model (e.g. channels FLAIR, T1): every folder containing a file named after one
   of the channels (``FLAIR.nii.gz``, ``t1.nrrd``; case-insensitive, any volume format); all
   channels must be present. Other files in the folder (e.g. a ground truth) are ignored.
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from .images import IMAGE_SUFFIXES
-from .outputs import is_output_folder
+from .outputs import is_output_folder, refuse_overlap
 from .volumes import VOLUME_SUFFIXES, is_dicom_folder, strip_suffix, unsupported_format, volume_suffix
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,48 @@ class Case:
         return [self.sidecar(f"{PROBABILITY_SUFFIX}_{name}") for name in class_names[1:]]
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _walk(input_dir: Path, output_dir: Path) -> Tuple[List[Path], List[Path]]:
+    """The folders and files under ``input_dir``, each sorted, as paths under it; hidden ones and
+    folders of an earlier run's outputs left out.
+
+    Links to folders are followed (patients' folders are often links into an archive, and
+    ``Path.rglob`` does not follow them), each real folder once, so a link loop ends and a
+    folder reached by two paths is not two sets of cases. A linked folder or file is checked
+    against the output folder as the input itself is: outputs written inside the place it
+    leads to could replace an input.
+    """
+    folders: List[Path] = []
+    files: List[Path] = []
+    seen = {os.path.realpath(input_dir)}
+    for top, dirnames, filenames in os.walk(input_dir, followlinks=True):
+        top_path = Path(top)
+        kept = []
+        for name in sorted(dirnames):
+            path = top_path / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink():
+                refuse_overlap(output_dir, [("input", path)])
+            real = os.path.realpath(path)
+            if real in seen:
+                log.warning("skipped %s: it leads to %s, which is already searched", path, real)
+                continue
+            seen.add(real)
+            if is_output_folder(path):
+                # Results of an earlier run are not images to segment.
+                log.warning("skipped %s: it holds TEDM outputs (a provenance record), not inputs", path)
+                continue
+            kept.append(name)
+            folders.append(path)
+        dirnames[:] = kept
+        for name in filenames:
+            path = top_path / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink():
+                refuse_overlap(output_dir, [("input", path)])
+            files.append(path)
+    return sorted(folders), sorted(files)
 
 
 def _output_suffix(path: Path) -> str:
@@ -107,21 +149,13 @@ def discover_cases(
 
 def _discover_single(input_dir: Path, output_dir: Path, include: Optional[str]) -> List[Case]:
     cases: List[Case] = []
-    skipped: List[Path] = []
-    for path in sorted(input_dir.rglob("*")):
-        if _is_hidden(path, input_dir) or any(folder in path.parents for folder in skipped):
-            continue
+    folders, files = _walk(input_dir, output_dir)
+    for path in folders:
         rel = path.relative_to(input_dir)
-        if path.is_dir():
-            if is_output_folder(path):
-                # Results of an earlier run are not radiographs to segment.
-                log.warning("skipped %s: it holds TEDM outputs (a provenance record), not inputs", path)
-                skipped.append(path)
-            elif is_dicom_folder(path) and (include is None or fnmatch.fnmatch(path.name, include)):
-                cases.append(
-                    Case(rel.as_posix(), [path], output_dir / rel.parent / f"{path.name}.nii.gz", is_folder=True)
-                )
-            continue
+        if is_dicom_folder(path) and (include is None or fnmatch.fnmatch(path.name, include)):
+            cases.append(Case(rel.as_posix(), [path], output_dir / rel.parent / f"{path.name}.nii.gz", is_folder=True))
+    for path in files:
+        rel = path.relative_to(input_dir)
         if include and not fnmatch.fnmatch(path.name, include):
             continue
         stem = strip_suffix(path)
@@ -143,7 +177,7 @@ def _discover_multichannel(
 ) -> List[Case]:
     wanted = {name.lower(): name for name in channel_names}
     cases: List[Case] = []
-    for folder in [input_dir] + sorted(p for p in input_dir.rglob("*") if p.is_dir() and not _is_hidden(p, input_dir)):
+    for folder in [input_dir] + _walk(input_dir, output_dir)[0]:
         if include and not fnmatch.fnmatch(folder.name, include):
             continue
         found: Dict[str, List[Path]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -27,6 +28,31 @@ def list_images(folder: PathLike) -> List[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise InputError(folder, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files
+
+
+def list_images_under(folder: PathLike, exclude: Sequence[PathLike] = ()) -> List[Path]:
+    """Image files under ``folder`` and its subfolders (as ``tedm segment`` mirrors an input tree),
+    sorted; hidden files and folders, and the folders in ``exclude`` (compared after resolving
+    links), left out. Links to folders are followed, each real folder once."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
+    skip = {os.path.realpath(p) for p in exclude}
+    seen = {os.path.realpath(folder)}
+    files: List[Path] = []
+    for top, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(top, name))
+            if not name.startswith(".") and real not in seen and real not in skip:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        files.extend(Path(top) / name for name in filenames if is_image_file(Path(top) / name))
+    files = sorted(p for p in files if p.is_file())
+    if not files:
+        raise InputError(folder, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or its subfolders")
     return files
 
 

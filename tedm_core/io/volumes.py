@@ -20,6 +20,8 @@ through float32 quaternions and change the affine in the last bits. Every failur
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import zlib
 from dataclasses import dataclass, field, replace
@@ -515,12 +517,52 @@ def _write(path: Path, data: np.ndarray, reference: Volume, is_label: bool) -> P
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(tmp, data, reference)
         elif suffix in ITK_SUFFIXES:
-            _write_itk(tmp, data, reference)
+            try:
+                _write_itk(tmp, data, reference)
+            except RuntimeError as error:
+                raise _itk_write_error(error, path, tmp, data.nbytes) from None
         elif suffix in IMAGE_SUFFIXES:
             _write_image2d(tmp, path, data, is_label)
         else:
             raise ValueError(f"{path}: unsupported output format; use .nii.gz, .nrrd, .mha or .png")
     return path
+
+
+# What ITK's messages say when the system refused a write; the NRRD writer often says only
+# that it "failed to write" (it reports no errno), so a probe write asks the folder itself.
+_ITK_WRITE_REASONS = (
+    ("No space left on device", errno.ENOSPC),
+    ("Disk quota exceeded", errno.EDQUOT),
+    ("Read-only file system", errno.EROFS),
+    ("Permission denied", errno.EACCES),
+)
+
+
+def _itk_write_error(error: RuntimeError, path: Path, tmp: Path, nbytes: int) -> OSError:
+    """An ITK write failure as the ``OSError`` it stands for (disk full, read-only, no
+    permission), so a batch stops on what every later case would share as it does for the
+    other formats; otherwise an ``OSError`` (EIO) with ITK's reason on one line."""
+    text = str(error)
+    for words, code in _ITK_WRITE_REASONS:
+        if words in text:
+            return OSError(code, os.strerror(code), str(path))
+    probe = tmp.with_name(f"{tmp.name}.probe")
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * max(4096, min(nbytes, 1 << 20)))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as refused:
+        return OSError(refused.errno, refused.strerror, str(path))
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    # ITK's first error line says where, its last (NRRD's "[nrrd] ...") why.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = _one_line_error(error)
+    if lines and lines[-1] not in reason:
+        reason = f"{reason} {lines[-1]}"
+    return OSError(errno.EIO, " ".join(reason.split())[:300], str(path))
 
 
 def _write_nifti(tmp: Path, data: np.ndarray, reference: Volume) -> None:

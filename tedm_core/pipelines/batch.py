@@ -5,12 +5,12 @@ alike (the conventions are in the README's "Output files"). Guarantees:
 
 * before any case: the output folder is checked apart from every input (images, labels, model)
   and writable, no two inputs would write one file, and the folder's provenance record
-  (``.tedm_outputs.json``) says this model and these settings made what it holds, else the run
-  is refused (unless ``overwrite``);
+  (``.tedm_outputs.json``) has an entry saying this model and these settings made each of this
+  run's outputs already there, else the run is refused (unless ``overwrite``);
 
 * one failing case never stops the others; its one-line error goes to ``summary.csv``;
-* every output is written atomically (temporary file, then rename), the label file last, so
-  a case whose label file exists is complete: after a crash (even ``kill -9``) a rerun skips
+* every output is written atomically (temporary file, then rename), the label file last, and
+  the case's entry says ``done`` only after it: after a crash (even ``kill -9``) a rerun skips
   finished cases and redoes the rest, and the outputs equal those of an uninterrupted run;
 * ``--shard K/N`` splits the sorted case list round-robin, so N job-array nodes sharing one
   output folder each take a disjoint, deterministic subset.
@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
 from ..io.cases import Case, discover_cases, find_label_file
-from ..io.images import IMAGE_SUFFIXES
-from ..io.outputs import check_writable_folder, claim_output_folder, refuse_overlap
+from ..io.images import IMAGE_SUFFIXES, is_image_file, read_label_image
+from ..io.outputs import OutputRecord, check_writable_folder, refuse_overlap
 from ..io.volumes import (
     Volume,
     geometry_mismatch,
@@ -47,6 +47,9 @@ from ..io.volumes import (
     write_label_volume,
 )
 from .volume import label_array_to_classes, segment_volume
+
+if TYPE_CHECKING:
+    from .evaluate import Summary
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class CaseResult:
     voxels: List[int] = field(default_factory=list)
     error: str = ""
     metrics: List[Dict[str, object]] = field(default_factory=list)
+    # With ground truth: scored, missing (no file) or unusable (unreadable, another grid ...).
+    truth: str = ""
 
 
 @dataclass
@@ -139,10 +144,19 @@ def file_label_values(output: Path, bundle) -> List[int]:
 class BatchRunner:
     """Segments cases one after another with one loaded :class:`Segmenter`."""
 
-    def __init__(self, segmenter, options: BatchOptions) -> None:
+    def __init__(self, segmenter, options: BatchOptions, record: Optional[OutputRecord] = None) -> None:
         self.segmenter = segmenter
         self.bundle = segmenter.bundle
         self.options = options
+        self.record = record
+        # Label files of the cases the record vouches for as this model's, complete (see claim).
+        self.done: Set[Path] = set()
+
+    def claim(self, cases: Sequence[Case]) -> None:
+        """Check the output folder's record against this run's cases, before any work."""
+        if self.record is not None:
+            usable = [(case.output, self.outputs_of(case)) for case in cases if not case.problem]
+            self.done = self.record.claim(usable, self.options.overwrite)
 
     def outputs_of(self, case: Case) -> List[Path]:
         """Every file this case writes, the label file last (its presence marks the case done)."""
@@ -161,7 +175,7 @@ class BatchRunner:
                     else (case.inputs[0] if case.inputs else case.case_id),
                     case.problem,
                 )
-            if not self.options.overwrite and all(p.is_file() for p in self.outputs_of(case)):
+            if case.output in self.done:
                 result = self._existing(case)
             else:
                 result = self._segment(case, slice_bar)
@@ -171,12 +185,20 @@ class BatchRunner:
             log.debug("case %s failed", case.case_id, exc_info=True)
             result = CaseResult(case.case_id, "failed", error=_one_line(case, error))
         if self.options.labels_dir is not None and result.status != "failed":
-            # A missing or mismatched ground truth spoils the metrics, not the segmentation:
-            # the case stays ok, the reason goes to the error column and the console.
-            try:
-                result.metrics = self._metrics(case)
-            except Exception as error:
-                result.error = f"metrics not computed: {_one_line(case, error)}"
+            # A missing or mismatched ground truth spoils the metrics, not the segmentation: the
+            # case keeps its status, and the reason goes to the summary, the console and the exit
+            # status (a mean over the other cases must not pass for the cohort's).
+            label_path = find_label_file(case, self.options.labels_dir, self.options.label_name)
+            if label_path is None:
+                result.truth = "missing"
+                result.error = f"not scored: {self._no_truth(case)}"
+            else:
+                try:
+                    result.metrics = self._metrics(case, label_path)
+                    result.truth = "scored"
+                except Exception as error:
+                    result.truth = "unusable"
+                    result.error = f"not scored: {_one_line(case, error)}"
         result.seconds = round(time.perf_counter() - tic, 2)
         return result
 
@@ -207,6 +229,7 @@ class BatchRunner:
             progress=progress,
             keep_probabilities=self.options.probabilities,
         )
+        outputs = self.outputs_of(case)
         try:
             if self.options.probabilities:
                 for k, path in enumerate(case.probability_outputs(self.bundle.class_names), start=1):
@@ -215,10 +238,13 @@ class BatchRunner:
                 write_float_volume(case.uncertainty_output(), seg.uncertainty, volume)
             # The label file last: its presence marks the case complete.
             write_label_volume(case.output, seg.label_values(file_label_values(case.output, self.bundle)), volume)
+            if self.record is not None:
+                self.record.done(case.output, outputs)
         except OSError as error:
-            if error.errno in FATAL_WRITE_ERRNOS:
+            if error.errno in FATAL_WRITE_ERRNOS and self._shared_by_every_case(error):
                 raise _OutputFailure(InputError(error.filename or case.output, error.strerror or str(error))) from None
-            raise
+            # Named by the output, not by the temporary file the refusal hit.
+            raise InputError(case.output, f"cannot be written ({error.strerror or error})") from None
         return CaseResult(
             case.case_id,
             "ok",
@@ -226,6 +252,18 @@ class BatchRunner:
             slices_segmented=seg.slices_run,
             voxels=seg.voxels_per_class(len(self.bundle.class_names)),
         )
+
+    def _shared_by_every_case(self, error: OSError) -> bool:
+        """Whether a refused write would refuse every later case too: a full disk or quota
+        does; no permission (or a read-only mount) does only where the output folder itself
+        cannot be written, not in one mirrored subfolder."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) or self.record is None:
+            return True
+        try:
+            check_writable_folder(self.record.folder)
+        except InputError:
+            return True
+        return False
 
     def _existing(self, case: Case) -> CaseResult:
         output = read_volume(case.output, allow_constant=True)
@@ -235,23 +273,32 @@ class BatchRunner:
         ].tolist()
         return CaseResult(case.case_id, "exists", voxels=voxels)
 
-    def _metrics(self, case: Case) -> List[Dict[str, object]]:
+    def _no_truth(self, case: Case) -> str:
+        name = self.options.label_name
+        looked = f"{case.case_id}.<suffix>" + (f" and {case.case_id}/{name}" if name else "")
+        return f"{self.options.labels_dir}: no ground truth for case {case.case_id} (looked for {looked})"
+
+    def _metrics(self, case: Case, label_path: Path) -> List[Dict[str, object]]:
         from .evaluate import dice_precision_recall
 
-        label_path = find_label_file(case, self.options.labels_dir, self.options.label_name)
-        if label_path is None:
-            raise InputError(
-                self.options.labels_dir,
-                f"no ground truth for case {case.case_id} (looked for {case.case_id}.<suffix>"
-                f"{' and ' + case.case_id + '/' + self.options.label_name if self.options.label_name else ''})",
-            )
-        truth_volume = read_volume(label_path, allow_constant=True)
         prediction_volume = read_volume(case.output, allow_constant=True)
-        problem = geometry_mismatch(prediction_volume, truth_volume)
-        if problem:
-            raise InputError(label_path, f"ground truth does not match the case's grid: {problem}")
-        truth = label_array_to_classes(truth_volume, self.bundle.label_values)
         prediction = label_array_to_classes(prediction_volume, self.bundle.label_values)
+        if is_image_file(label_path):
+            # The masks' reader, as `tedm fit` and `tedm evaluate` use: a mask in the alpha
+            # channel, a colour image or a JPEG is refused, not read as grey (an empty truth).
+            truth = read_label_image(label_path, self.bundle.label_values)[None]
+            if prediction_volume.source_format != "image2d" or truth.shape != prediction.shape:
+                raise InputError(
+                    label_path,
+                    f"ground truth of {truth.shape[2]}x{truth.shape[1]} pixels does not match the case's grid "
+                    f"{tuple(prediction_volume.shape[::-1])}",
+                )
+        else:
+            truth_volume = read_volume(label_path, allow_constant=True)
+            problem = geometry_mismatch(prediction_volume, truth_volume)
+            if problem:
+                raise InputError(label_path, f"ground truth does not match the case's grid: {problem}")
+            truth = label_array_to_classes(truth_volume, self.bundle.label_values)
         rows = []
         for k, name in enumerate(self.bundle.class_names[1:], start=1):
             dice, precision, recall = dice_precision_recall(prediction == k, truth == k)
@@ -280,8 +327,13 @@ def _csv_text(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def write_summary(path: Path, results: Sequence[CaseResult], class_names: Sequence[str]) -> None:
+def write_summary(
+    path: Path, results: Sequence[CaseResult], class_names: Sequence[str], with_truth: bool = False
+) -> None:
+    """One row per case; ``with_truth`` adds ``ground_truth`` (scored, missing, unusable, or
+    empty for a failed case)."""
     voxel_columns = [f"voxels_{name}" for name in class_names]
+    truth_columns = ["ground_truth"] if with_truth else []
     rows = []
     for r in results:
         row: Dict[str, object] = {
@@ -292,11 +344,12 @@ def write_summary(path: Path, results: Sequence[CaseResult], class_names: Sequen
             "slices_segmented": r.slices_segmented,
         }
         row.update({c: (r.voxels[i] if i < len(r.voxels) else "") for i, c in enumerate(voxel_columns)})
+        if with_truth:
+            row["ground_truth"] = r.truth
         row["error"] = r.error
         rows.append(row)
-    write_text_atomic(
-        path, _csv_text(rows, ["case", "status", "seconds", "slices", "slices_segmented", *voxel_columns, "error"])
-    )
+    columns = ["case", "status", "seconds", "slices", "slices_segmented", *voxel_columns, *truth_columns, "error"]
+    write_text_atomic(path, _csv_text(rows, columns))
 
 
 def write_metrics(path: Path, results: Sequence[CaseResult]) -> None:
@@ -320,12 +373,41 @@ class BatchReport:
             out[r.status] = out.get(r.status, 0) + 1
         return out
 
+    @property
+    def unscored(self) -> List[CaseResult]:
+        """Cases segmented (or found done) whose ground truth is missing or unusable."""
+        return [r for r in self.results if r.truth in ("missing", "unusable")]
+
     def mean_dice(self) -> Dict[str, float]:
+        return {name: summary.mean for name, summary in self.dice_summaries().items()}
+
+    def dice_summaries(self) -> Dict[str, Summary]:
+        from .evaluate import summarise
+
         per_class: Dict[str, List[float]] = {}
         for r in self.results:
             for row in r.metrics:
                 per_class.setdefault(str(row["class"]), []).append(float(row["dice"]))
-        return {name: float(np.mean(values)) for name, values in per_class.items()}
+        return {name: summarise(values) for name, values in per_class.items()}
+
+    def dice_line(self) -> str:
+        """``mean Dice over K of N cases (M without ground truth, F failed): lung 91.2 +- 3.4``: a
+        mean says over which cases it is taken (README "Conventions": mean +- std x 100)."""
+        scored = sum(r.truth == "scored" for r in self.results)
+        parts = [
+            f"{n} {what}"
+            for n, what in (
+                (sum(r.truth == "missing" for r in self.results), "without ground truth"),
+                (sum(r.truth == "unusable" for r in self.results), "with unusable ground truth"),
+                (len(self.failed), "failed"),
+            )
+            if n
+        ]
+        head = f"mean Dice over {scored} of {len(self.results)} cases" + (f" ({', '.join(parts)})" if parts else "")
+        values = ", ".join(
+            f"{name} {100 * s.mean:.1f} +- {100 * s.std:.1f}" for name, s in self.dice_summaries().items()
+        )
+        return f"{head}: {values or 'none'}"
 
 
 def provenance_record(segmenter, options: BatchOptions) -> Dict[str, object]:
@@ -355,9 +437,19 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)
-    runner = BatchRunner(segmenter, options)
-    done = [case.output for case in cases if case.output.is_file()]
-    claim_output_folder(output_dir, provenance_record(segmenter, options), done, options.overwrite)
+    if options.labels_dir is not None and not any(
+        find_label_file(case, options.labels_dir, options.label_name) for case in cases
+    ):
+        # Every case unscored is a wrong folder or file name, not a cohort without ground truth.
+        first = cases[0].case_id
+        looked = f"{first}.<suffix>" + (f" or {first}/{options.label_name}" if options.label_name else "")
+        raise InputError(
+            options.labels_dir,
+            f"no ground truth for any of the {len(cases)} cases (looked for e.g. {looked}); give the folder that "
+            "holds them, and for a file inside each case's folder its name",
+        )
+    runner = BatchRunner(segmenter, options, OutputRecord(output_dir, provenance_record(segmenter, options)))
+    runner.claim(cases)
     summary_path = output_dir / summary_name(options.shard, "summary")
     metrics_path = output_dir / summary_name(options.shard, "metrics") if options.labels_dir is not None else None
     for path in (summary_path, metrics_path):
@@ -381,7 +473,7 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
                 tqdm.write(f"WARNING {result.case_id}: {result.error}")
             case_bar.set_postfix(failed=sum(r.status == "failed" for r in results), refresh=False)
             if time.monotonic() - last_write > SUMMARY_EVERY_S:
-                write_summary(summary_path, results, bundle.class_names)
+                write_summary(summary_path, results, bundle.class_names, options.labels_dir is not None)
                 last_write = time.monotonic()
         completed = True
     finally:
@@ -390,7 +482,7 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         # Also on Ctrl-C: what was done is recorded (the rerun completes the rest). When the
         # disk is full this may fail too; the error that stopped the batch is the one to report.
         try:
-            write_summary(summary_path, results, bundle.class_names)
+            write_summary(summary_path, results, bundle.class_names, options.labels_dir is not None)
             if metrics_path is not None:
                 write_metrics(metrics_path, results)
         except OSError as error:

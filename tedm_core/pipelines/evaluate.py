@@ -12,14 +12,14 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.stats import wilcoxon
 
 from ..errors import InputError
 from ..io.atomic import atomic_path
-from ..io.images import list_images, read_label_image
+from ..io.images import list_images_under, read_label_image
 
 
 def dice_precision_recall(prediction: np.ndarray, truth: np.ndarray) -> Tuple[float, float, float]:
@@ -101,30 +101,70 @@ def compare_dice(
     return PairedComparison(len(pairs), int(np.sum(a > b)), int(np.sum(a < b)), paired_wilcoxon(a, b))
 
 
-def evaluate_folders(
-    pred_dir: Path, truth_dir: Path, label_values: Sequence[int] = (0, 255)
-) -> List[Dict[str, object]]:
-    """Per-image metrics of predicted vs ground-truth mask images, matched by file name.
+@dataclass
+class Matched:
+    """Ground truths paired with predictions: ``pairs`` of (name, prediction, truth), the name
+    being the ground truth's path under its folder, and the ground truths without a prediction."""
 
-    Every prediction whose name has a ground truth is scored (a test set is usually a subset of
-    a labelled folder; ``_prob``/``_uncertainty`` maps have no ground truth and are ignored).
-    ``label_values`` are the pixel values of the classes, background first; binary masks may
-    be 0/1 or 0/255.
+    pairs: List[Tuple[str, Path, Path]]
+    unmatched: List[str]
+
+
+def match_predictions(pred_dir: Path, truth_dir: Path) -> Matched:
+    """Pair each ground-truth image with its prediction: the one at the same path under
+    ``pred_dir`` (``tedm segment`` mirrors the input tree), else the one image of that file name
+    anywhere under it (a flat ground-truth folder for a tree of predictions, or the other way
+    round); two of that name are refused as ambiguous. ``_prob``/``_uncertainty`` maps have no
+    ground truth and are not paired. Neither folder's search enters the other."""
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    predictions = list_images_under(pred_dir, exclude=[truth_dir])
+    truths = list_images_under(truth_dir, exclude=[pred_dir])
+    by_path = {p.relative_to(pred_dir).as_posix(): p for p in predictions}
+    by_name: Dict[str, List[Path]] = {}
+    for p in predictions:
+        by_name.setdefault(p.name, []).append(p)
+    pairs: List[Tuple[str, Path, Path]] = []
+    unmatched: List[str] = []
+    for truth in truths:
+        name = truth.relative_to(truth_dir).as_posix()
+        prediction = by_path.get(name)
+        if prediction is None:
+            candidates = by_name.get(truth.name, [])
+            if len(candidates) > 1:
+                raise InputError(
+                    truth,
+                    f"has {len(candidates)} predictions of its name ({candidates[0]} and {candidates[1]}) and none at "
+                    "its own path under the prediction folder; mirror the ground truth's folders, or give one folder",
+                )
+            prediction = candidates[0] if candidates else None
+        if prediction is None:
+            unmatched.append(name)
+        else:
+            pairs.append((name, prediction, truth))
+    return Matched(pairs, unmatched)
+
+
+def evaluate_folders(
+    pred_dir: Path, truth_dir: Path, label_values: Sequence[int] = (0, 255), matched: Optional[Matched] = None
+) -> List[Dict[str, object]]:
+    """Per-image metrics of predicted vs ground-truth mask images, paired by
+    :func:`match_predictions` (or ``matched``, its result).
+
+    Only ground truths with a prediction are scored; the caller reports the others
+    (``Matched.unmatched``): a mean over the rest must say so. ``label_values`` are the pixel
+    values of the classes, background first; binary masks may be 0/1 or 0/255.
     """
-    predictions = {p.name: p for p in list_images(pred_dir)}
-    truths = {p.name: p for p in list_images(truth_dir)}
-    names = sorted(set(truths) & set(predictions))
-    if not names:
+    if matched is None:
+        matched = match_predictions(pred_dir, truth_dir)
+    if not matched.pairs:
         raise InputError(pred_dir, f"no prediction has a ground-truth mask of the same name in {truth_dir}")
     rows: List[Dict[str, object]] = []
     foreground = range(1, len(label_values))
-    for name in names:
-        truth = read_label_image(truths[name], label_values)
-        prediction = read_label_image(predictions[name], label_values)
+    for name, prediction_path, truth_path in matched.pairs:
+        truth = read_label_image(truth_path, label_values)
+        prediction = read_label_image(prediction_path, label_values)
         if prediction.shape != truth.shape:
-            raise InputError(
-                predictions[name], f"shape {prediction.shape} differs from the ground truth's {truth.shape}"
-            )
+            raise InputError(prediction_path, f"shape {prediction.shape} differs from the ground truth's {truth.shape}")
         for k, (d, p, r) in per_class_metrics(prediction, truth, foreground).items():
             rows.append({"image": name, "class": k, "dice": d, "precision": p, "recall": r})
     return rows
