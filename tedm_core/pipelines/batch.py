@@ -241,7 +241,7 @@ class BatchRunner:
             if self.record is not None:
                 self.record.done(case.output, outputs)
         except OSError as error:
-            if error.errno in FATAL_WRITE_ERRNOS and self._shared_by_every_case(error):
+            if error.errno in FATAL_WRITE_ERRNOS and self._shared_by_every_case(error, case.output):
                 raise _OutputFailure(InputError(error.filename or case.output, error.strerror or str(error))) from None
             # Named by the output, not by the temporary file the refusal hit.
             raise InputError(case.output, f"cannot be written ({error.strerror or error})") from None
@@ -253,11 +253,13 @@ class BatchRunner:
             voxels=seg.voxels_per_class(len(self.bundle.class_names)),
         )
 
-    def _shared_by_every_case(self, error: OSError) -> bool:
+    def _shared_by_every_case(self, error: OSError, output: Path) -> bool:
         """Whether a refused write would refuse every later case too: a full disk or quota
-        does; no permission (or a read-only mount) does only where the output folder itself
-        cannot be written, not in one mirrored subfolder."""
+        does; no permission (or a read-only mount) does in the output folder itself (refused
+        there, or found unwritable now), not in one mirrored subfolder."""
         if error.errno in (errno.ENOSPC, errno.EDQUOT) or self.record is None:
+            return True
+        if Path(output).parent == self.record.folder:
             return True
         try:
             check_writable_folder(self.record.folder)
