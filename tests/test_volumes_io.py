@@ -202,3 +202,25 @@ def test_a_label_volume_of_fractional_values_is_refused_not_rounded(tmp_path):
     soft = read_volume(tmp_path / "soft.nii.gz", allow_constant=True)
     with pytest.raises(InputError, match=r"soft\.nii\.gz.*not whole numbers \(12 voxels, e\.g\. 0\.45\)"):
         label_array_to_classes(soft, [0, 1])
+
+
+def test_a_photo_with_an_exif_turn_is_segmented_as_stored_and_said_so(tmp_path, caplog):
+    """EXIF orientation turns the image in viewers only: the pixels (and so the labels written on
+    them) stay as stored, and the user is told that the model saw them that way."""
+    from PIL import Image
+
+    from tedm_core.io.volumes import read_volume
+
+    pixels = (np.arange(40 * 30).reshape(30, 40) % 251).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg", quality=100)
+    with caplog.at_level("WARNING"):
+        turned = read_volume(tmp_path / "turned.jpg")
+    assert "turned.jpg" in caplog.text and "EXIF orientation (6)" in caplog.text
+    assert turned.shape == (1, 30, 40)  # as stored
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_volume(tmp_path / "plain.jpg")
+    assert "EXIF" not in caplog.text

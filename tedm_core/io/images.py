@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -12,7 +13,10 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError
 from .atomic import atomic_path
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera or phone sets for display: 1 = as stored
 PathLike = Union[str, Path]
 
 
@@ -85,6 +89,16 @@ def read_grey(path: PathLike) -> np.ndarray:
         array = np.asarray(image.convert("L"), dtype=np.float32)
     if array.ndim != 2 or min(array.shape) < 8:
         raise InputError(path, f"expected a 2D image of at least 8x8 pixels, got shape {array.shape}")
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation not in (0, 1):
+        # Labels are written on the stored pixels (they must land where they came from), so the
+        # image is not turned; but the model then sees it as stored, which may be on its side.
+        log.warning(
+            "%s: its EXIF orientation (%s) asks viewers to turn or mirror it; it is segmented as stored, "
+            "which may be on its side for the model; save it upright without the tag for best results",
+            path,
+            orientation,
+        )
     return array[None]
 
 
