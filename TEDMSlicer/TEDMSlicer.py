@@ -126,6 +126,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[TEDMSlicerParameterNode] = None
         self._parameterNodeGuiTag = None
         self._pollTimer: Optional[qt.QTimer] = None
+        self._polling = False  # inside _pollWorker (a message box it opens runs Qt's event loop)
         self._quitConnected = False
 
     # -- set-up and tear-down ----------------------------------------------------------------
@@ -200,6 +201,11 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self._stopObservingParameterNode()
+
+    def _stopObservingParameterNode(self) -> None:
+        # exit() already stopped it when the module is entered again: removing twice only warns.
+        if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -229,7 +235,8 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[TEDMSlicerParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._parameterNodeGuiTag = None
+            self._stopObservingParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -261,6 +268,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # operation is reported as stopped (through onOperationFinished) and nothing is written.
         self.onWorkerSettingsChanged()
         self.logic.worker.shutdown(reason="the worker was restarted")  # the next request uses the new settings
+        self._updateButtons()  # the old worker's results are gone: Refine, Next uncertain slice, Save model
         if not self._ensureReady():
             return
         try:
@@ -326,10 +334,14 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             return False
 
-    def _start(self, sendRequest) -> None:
-        """Read MRML and send the request (GUI thread); the QTimer then polls for its events."""
+    def _start(self, sendRequest, clearLog: bool = False) -> None:
+        """Read MRML and send the request (GUI thread); the QTimer then polls for its events.
+        ``clearLog``: a new Segment, Fit or Refine starts a new log, before the request is made
+        (the logic logs while making it, e.g. the structures a Fit learns)."""
         if not self._ensureReady():
             return
+        if clearLog:
+            self.ui.logTextEdit.clear()
         try:
             running = sendRequest()
         except UserInputError as error:
@@ -341,8 +353,6 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(error), detailedText=traceback.format_exc())
             return
         self.ui.progressBar.value = 0
-        if running.operation in ("segment", "fit", "refine"):
-            self.ui.logTextEdit.clear()
         self._setStatus(_("{title}: starting").format(title=running.title))
         self._setBusy(True)
         self._pollTimer.start()
@@ -354,7 +364,8 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._start(
             lambda: self.logic.worker.begin_segment(
                 self._inputVolumes(), _path_or_empty(p.modelPath), p.outputSegmentation, p.axis, p.device
-            )
+            ),
+            clearLog=True,
         )
 
     def onFit(self) -> None:
@@ -368,13 +379,15 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.device,
                 p.method,
                 p.fitSteps,
-            )
+            ),
+            clearLog=True,
         )
 
     def onRefine(self) -> None:
         p = self._parameterNode
         self._start(
-            lambda: self.logic.worker.begin_refine(p.outputSegmentation, p.inputVolume, p.refineSteps, p.device)
+            lambda: self.logic.worker.begin_refine(p.outputSegmentation, p.inputVolume, p.refineSteps, p.device),
+            clearLog=True,
         )
 
     def onNextUncertainSlice(self) -> None:
@@ -398,6 +411,13 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.logic.worker.running
         if running is None:
             return
+        if running.applying:
+            # The job is over and its result is going into the scene (a few timer ticks): the logic
+            # does not stop that halfway, so Cancel does nothing now.
+            self._setStatus(
+                _("{title}: the result is being written; it is too late to cancel.").format(title=running.title)
+            )
+            return
         again = running.cancel_requested
         self.logic.worker.cancel()  # pressed again: stops the worker itself
         if not again and self.logic.worker.running is running:
@@ -415,11 +435,19 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.start()
 
     def _pollWorker(self) -> None:
+        # A message box opened from inside a poll (a failed job, a worker that died) runs Qt's event
+        # loop, which fires this timer again: the poll in progress must not be entered twice (the
+        # client would hand out events out of order, or twice).
+        if self._polling:
+            return
+        self._polling = True
         try:
             # Never waits: reads what the worker already sent, for at most 20 ms.
             self.logic.worker.poll(max_seconds=0.02, wait_seconds=0.0)
         except Exception as error:  # a broken pipe must not kill the timer silently
             logging.error("TEDMSlicer: reading the worker failed: %s", error)
+        finally:
+            self._polling = False
         running = self.logic.worker.running
         if running is not None:
             self.ui.elapsedLabel.text = _("{seconds:.0f} s").format(seconds=running.elapsed)
