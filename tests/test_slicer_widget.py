@@ -12,10 +12,11 @@ the widget fails a test here.
 What is faked, and why:
 
 - ``qt`` (no Qt here): ``QTimer`` that the tests *tick by hand* (``EventLoop.process``), a
-  dict-backed ``QSettings``, ``QFileDialog.getSaveFileName`` returning a path the test chose, and
-  ``QFile``/``QUiLoader`` that build the widgets of the real ``Resources/UI/TEDMSlicer.ui``.
-  Each widget knows only the properties, signals and methods of its Qt class (a ``QLabel`` has no
-  ``value``, a ``QPushButton`` no ``clicked(int)`` signal): a wrong name raises AttributeError.
+  dict-backed ``QSettings``, ``QFileDialog.getSaveFileName`` returning a path the test chose,
+  ``QApplication``'s override cursor (``slicer.util.WaitCursor``), and ``QFile``/``QUiLoader``
+  that build the widgets of the real ``Resources/UI/TEDMSlicer.ui``. Each widget knows only the
+  properties, signals and methods of its Qt class (a ``QLabel`` has no ``value``, a
+  ``QPushButton`` no ``clicked(int)`` signal): a wrong name raises AttributeError.
   Signals call their slots as PythonQt does, dropping arguments the slot does not take. A
   disabled button cannot be pressed (``press`` fails), so button enabling is checked too.
 - ``slicer.ScriptedLoadableModule`` (only in the application): base classes reduced to what the
@@ -146,6 +147,18 @@ class FakeQFileDialog:
     def getSaveFileName(parent=None, caption="", directory="", filter="", selectedFilter=None, options=0):
         FakeQFileDialog.calls.append((caption, directory))
         return FakeQFileDialog.next_path
+
+
+class FakeQApplication:
+    cursors: list = []
+
+    @staticmethod
+    def setOverrideCursor(cursor) -> None:
+        FakeQApplication.cursors.append(cursor)
+
+    @staticmethod
+    def restoreOverrideCursor() -> None:
+        FakeQApplication.cursors.pop()
 
 
 class FakeQFile:
@@ -594,6 +607,7 @@ def module():
     fake_qt = types.ModuleType("qt")
     fake_qt.QTimer, fake_qt.QSettings, fake_qt.QFileDialog = FakeQTimer, FakeQSettings, FakeQFileDialog
     fake_qt.QFile, fake_qt.QUiLoader = FakeQFile, FakeQUiLoader
+    fake_qt.QApplication, fake_qt.Qt = FakeQApplication, types.SimpleNamespace(WaitCursor="WaitCursor")
     fake_slm = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in (
         ScriptedLoadableModule,
@@ -650,9 +664,12 @@ class Harness:
             return client
 
         self.worker = self.lib.TEDMWorkerLogic(new_client)
+        self.installer = RecordingInstaller()
         self.volume, self.array = self._volume(tmp_path)  # loaded before the module is opened
         self.panel = FakeModulePanel()
-        self.widget = module.TEDMSlicerWidget(self.panel, logic=module.TEDMSlicerLogic(worker=self.worker))
+        self.widget = module.TEDMSlicerWidget(
+            self.panel, logic=module.TEDMSlicerLogic(worker=self.worker, installer=self.installer)
+        )
         self.widget.setup()
         self.widget.enter()
         self.ui = self.widget.ui
@@ -704,17 +721,32 @@ class Harness:
         self.settle()
 
 
+class RecordingInstaller:
+    """The logic's injectable PackageInstaller (in Slicer: pip through slicer.pydeps / slicer.util)."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def install_torch(self, requirement: str) -> None:
+        self.calls.append(("torch", requirement))
+
+    def install_requirements(self, requirements, never_replace) -> None:
+        self.calls.append(("requirements", list(requirements), list(never_replace)))
+
+
 @pytest.fixture
 def gui(module, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     harness = Harness(module, tmp_path, monkeypatch, caplog)
-    yield harness
+    try:
+        yield harness
+    finally:
+        harness.widget.cleanup()  # no observer left on the scene, whatever the test did
     # The timer's handler logs (and hides) any exception of the widget's own code: none allowed.
     errors = [
         r.getMessage() for phase in ("setup", "call") for r in caplog.get_records(phase) if r.levelno >= logging.ERROR
     ]
     assert not errors, errors
-    harness.widget.cleanup()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1046,3 +1078,65 @@ def test_reload_stops_the_worker_and_reimports_the_library(gui, monkeypatch):
     assert client.closed and "close_session" in client.ops()
     assert not any(n == "TEDMSlicerLib" or n.startswith("TEDMSlicerLib.") for n in sys.modules)
     assert ScriptedLoadableModuleWidget.reloaded == ["TEDMSlicer"]
+
+
+# --------------------------------------------------------------------------------------------
+# First use: the dependencies of a worker in Slicer's own Python
+# --------------------------------------------------------------------------------------------
+def _slicer_python_missing(gui, monkeypatch, missing):
+    """The worker is Slicer's own Python, which lacks ``missing`` (the probe of what is installed
+    is replaced; the rest of the plan, the dialogs and the installer calls are the module's)."""
+    dependencies = gui.lib.dependencies
+    gui.ui.workerPythonPathLineEdit.currentPath = ""
+    gui.ui.workerPythonPathLineEdit.emit("currentPathChanged(QString)", "")
+    assert gui.ui.workerStatusLabel.text == "Next start: a worker process in Slicer's Python."
+    monkeypatch.setattr(
+        dependencies, "plan_dependencies", lambda in_slicer_python: dependencies.DependencyPlan(False, list(missing))
+    )
+    gui.params.modelPath = Path("/models/brain")
+
+
+def test_declining_the_installation_sends_nothing(gui, monkeypatch):
+    _slicer_python_missing(gui, monkeypatch, ["monai>=1.3"])
+    gui.dialogs.confirm = False
+    gui.press(gui.ui.segmentButton)
+    assert gui.dialogs.kinds() == ["confirmOkCancelDisplay", "infoDisplay"]
+    assert "monai>=1.3" in gui.dialogs.shown[0][1]
+    assert gui.dialogs.shown[1][1] == gui.lib.dependencies.DECLINED_CONSEQUENCE
+    assert gui.installer.calls == [] and gui.clients == [] and not gui.worker.busy
+
+
+def test_accepting_the_installation_installs_then_segments(gui, monkeypatch):
+    _slicer_python_missing(gui, monkeypatch, ["monai>=1.3"])
+    gui.press(gui.ui.segmentButton)
+    assert gui.dialogs.kinds() == ["confirmOkCancelDisplay"]
+    assert gui.installer.calls[0][:2] == ("requirements", ["monai>=1.3"])
+    assert FakeQApplication.cursors == [], "the wait cursor is restored"
+    assert gui.worker.busy
+    gui.settle()
+    assert len(gui.segmentations()) == 1
+
+
+def test_a_failed_installation_is_an_error_box(gui, monkeypatch):
+    _slicer_python_missing(gui, monkeypatch, ["monai>=1.3"])
+
+    def fail(requirements, never_replace):
+        raise RuntimeError("pip: no network")
+
+    gui.installer.install_requirements = fail
+    gui.press(gui.ui.segmentButton)
+    assert gui.dialogs.kinds() == ["confirmOkCancelDisplay", "errorDisplay"]
+    assert "pip: no network" in gui.dialogs.shown[1][1] and not gui.worker.busy
+    assert FakeQApplication.cursors == []
+
+
+def test_worker_settings_problem_stops_before_any_request(gui, tmp_path):
+    gui.ui.workerPythonPathLineEdit.currentPath = str(tmp_path / "no-such-python")
+    gui.ui.workerPythonPathLineEdit.emit("currentPathChanged(QString)", str(tmp_path / "no-such-python"))
+    assert gui.ui.workerStatusLabel.text.startswith("Settings problem: worker Python not found")
+    gui.params.modelPath = Path("/models/brain")
+    gui.press(gui.ui.segmentButton)
+    ((kind, text, _),) = gui.dialogs.shown
+    assert kind == "warningDisplay" and "worker Python not found" in text
+    gui.press(gui.ui.restartWorkerButton)  # the same check
+    assert gui.dialogs.kinds() == ["warningDisplay", "warningDisplay"] and gui.clients == []
