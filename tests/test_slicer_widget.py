@@ -1078,6 +1078,14 @@ def test_reload_stops_the_worker_and_reimports_the_library(gui, monkeypatch):
     assert client.closed and "close_session" in client.ops()
     assert not any(n == "TEDMSlicerLib" or n.startswith("TEDMSlicerLib.") for n in sys.modules)
     assert ScriptedLoadableModuleWidget.reloaded == ["TEDMSlicer"]
+    gui.widget.cleanup()  # Slicer's reloadScriptedModule cleans the old widget up again: harmless
+
+
+def test_module_description(module):
+    parent = types.SimpleNamespace()
+    module.TEDMSlicer(parent)
+    assert parent.title == "TEDM Segmentation" and parent.categories == ["Segmentation"]
+    assert parent.dependencies == [] and "Cancel" in parent.helpText
 
 
 # --------------------------------------------------------------------------------------------
