@@ -133,7 +133,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.backbone import PRESETS
     from .model.checkpoint import Backbone
-    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, pretrain
+    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, check_resume, pretrain
     from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
     from .runtime import resolve_device
 
@@ -154,21 +154,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     intensity = NAMED.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
-    images = load_pretraining_slices(
-        args.images,
-        config.image_size,
-        intensity,
-        axis=args.axis,
-        in_channels=config.in_channels,
-        channel_names=args.channels,
-    )
-    log.info(
-        "pretraining %s preset (%d px) on %d slices from %d files",
-        args.preset,
-        config.image_size,
-        images.shape[0],
-        len(files),
-    )
     backbone = Backbone.new(
         config, schedule=args.schedule, intensity=intensity, channel_names=list(args.channels or ["image"])
     )
@@ -185,6 +170,23 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         flip=args.flip,
         max_shift=args.shift,
         device=args.device,
+    )
+    if args.resume:  # a resume that cannot continue as asked is refused before the images are read
+        check_resume(args.out, backbone, options)
+    images = load_pretraining_slices(
+        args.images,
+        config.image_size,
+        intensity,
+        axis=args.axis,
+        in_channels=config.in_channels,
+        channel_names=args.channels,
+    )
+    log.info(
+        "pretraining %s preset (%d px) on %d slices from %d files",
+        args.preset,
+        config.image_size,
+        images.shape[0],
+        len(files),
     )
     tic = time.perf_counter()
     pretrain(images, backbone, args.out, options, resume=args.resume, overwrite=args.overwrite)

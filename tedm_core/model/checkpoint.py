@@ -59,11 +59,21 @@ class Backbone:
 def save_backbone(
     directory: Union[str, Path], backbone: Backbone, ema_state: Optional[Dict[str, torch.Tensor]] = None
 ) -> Path:
+    """Write ``backbone`` into ``directory``, over an earlier save there.
+
+    The description is removed first and written last: a save interrupted half-way (a kill, a
+    full disk) leaves a folder refused as incomplete, never one whose description, weights and
+    EMA come from different steps. An earlier save's EMA is removed when this one has none, or
+    loading would prefer those stale weights to the ones just saved.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / BACKBONE_JSON).unlink(missing_ok=True)
     write_tensors(directory / UNET_WEIGHTS, backbone.unet.state_dict())
     if ema_state is not None:
         write_tensors(directory / EMA_WEIGHTS, ema_state)
+    else:
+        (directory / EMA_WEIGHTS).unlink(missing_ok=True)
     write_json(directory / BACKBONE_JSON, backbone.metadata())  # last: its presence marks a complete save
     return directory
 
@@ -189,6 +199,14 @@ def load_backbone(directory: Union[str, Path], use_ema: bool = True) -> Backbone
         )
     if not (directory / BACKBONE_JSON).exists() and (directory / "bundle.json").is_file():
         raise BundleError(directory, "is a fitted model bundle, not a pretrained backbone")
+    if not (directory / BACKBONE_JSON).exists() and (directory / UNET_WEIGHTS).is_file():
+        steps = sorted(p for p in (directory / "steps").glob("[0-9]*") if (p / BACKBONE_JSON).is_file())
+        raise BundleError(
+            directory / BACKBONE_JSON,
+            "missing: the pretraining that writes this folder was stopped while saving, so its weights are "
+            "incomplete; resume the pretraining to finish the save"
+            + (f", or use its last complete checkpoint {steps[-1]}" if steps else ""),
+        )
     meta = read_json(directory / BACKBONE_JSON)
     weights_file = (
         directory / EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else directory / UNET_WEIGHTS
