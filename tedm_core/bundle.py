@@ -35,6 +35,7 @@ from .model.checkpoint import (
     is_count,
     is_name_list,
     require,
+    state_dict_problem,
 )
 from .postprocessing import ComponentRule
 from .preprocessing.intensity import IntensityConfig
@@ -239,12 +240,13 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
         backbone = backbone_from_metadata(meta_path, backbone_meta, weights)
         try:
             head = FeatureHead(HeadConfig.from_dict(head_meta))
-            head.load_state_dict(read_tensors(path / HEAD_WEIGHTS))
         except (TypeError, ValueError, AttributeError) as error:
             raise BundleError(meta_path, f"head description is invalid ({error})") from None
+        try:
+            head.load_state_dict(read_tensors(path / HEAD_WEIGHTS))
         except RuntimeError as error:
             raise BundleError(
-                path / HEAD_WEIGHTS, f"weights do not match the described head ({str(error).splitlines()[0]})"
+                path / HEAD_WEIGHTS, f"weights do not match the described head ({state_dict_problem(error)})"
             ) from None
         head.eval()
     try:
@@ -350,6 +352,12 @@ def _check_model_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
     for flag in ("test_time_flip", "crop_dark_borders"):
         require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
+    inference = meta.get("inference_timesteps", [])
+    require(
+        meta_path,
+        isinstance(inference, list) and all(is_count(t, 0) for t in inference),
+        f"inference_timesteps must be a list of whole numbers, got {inference!r}",
+    )
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
     check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")

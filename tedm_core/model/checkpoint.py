@@ -145,18 +145,45 @@ def check_backbone_description(path: Path, meta: Dict[str, Any]) -> None:
     require(path, is_count(meta.get("steps_trained", 0), 0), "steps_trained must be a whole number >= 0")
     intensity = meta.get("intensity", {})
     require(path, isinstance(intensity, dict), "intensity must be an object")
-    for key in ("lower", "upper", "zscore_scale"):
-        value = intensity.get(key, 1.0)
+    for key in ("lower", "upper", "zscore_scale", "clip_min", "clip_max"):
+        value = intensity.get(key, None if key.startswith("clip") else 1.0)
         require(
             path,
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-            f"intensity {key} must be a finite number, got {value!r}",
+            (value is None and key.startswith("clip")) or is_finite_number(value),
+            f"intensity {key} must be a finite number{' or null' if key.startswith('clip') else ''}, got {value!r}",
         )
     require(
         path,
         intensity.get("lower", 0.0) < intensity.get("upper", 1.0),
         "intensity lower must be below upper",
     )
+    # Checked here, not when the first image fails: a bad value is the model's fault, not the image's.
+    if intensity.get("kind", "percentile") in ("percentile", "foreground_percentile"):
+        require(
+            path,
+            0 <= intensity.get("lower", 0.0) and intensity.get("upper", 100.0) <= 100,
+            f"intensity lower and upper are percentiles in 0..100, got {intensity.get('lower')!r} and "
+            f"{intensity.get('upper')!r}",
+        )
+    require(path, intensity.get("zscore_scale", 1.0) > 0, "intensity zscore_scale must be above 0")
+    clip_min, clip_max = intensity.get("clip_min"), intensity.get("clip_max")
+    require(
+        path,
+        clip_min is None or clip_max is None or clip_min < clip_max,
+        f"intensity clip_min {clip_min!r} must be below clip_max {clip_max!r}",
+    )
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def state_dict_problem(error: RuntimeError) -> str:
+    """What ``load_state_dict`` found wrong, in one short line (its first line says only that
+    something was: the next ones name the missing, unexpected or differently shaped weights)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    return detail if len(detail) <= 240 else detail[:237] + "..."
 
 
 def backbone_from_metadata(
@@ -184,7 +211,7 @@ def backbone_from_metadata(
     try:
         backbone.unet.load_state_dict(weights)
     except RuntimeError as error:
-        raise BundleError(path, f"weights do not match the described UNet ({str(error).splitlines()[0]})") from None
+        raise BundleError(path, f"weights do not match the described UNet ({state_dict_problem(error)})") from None
     backbone.unet.eval()
     return backbone
 
