@@ -205,3 +205,70 @@ def test_pretraining_into_a_model_bundle_is_refused(mode, tiny_bundle_dir, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is a fitted model bundle" in err, err
     assert _files(bundle) == before
+
+
+# --- where a bundle is saved ---------------------------------------------------------------------
+
+
+def _fit_argv(backbone: Path, pngs: Path, out: Path) -> list:
+    return ["fit", "--backbone", str(backbone), "--images", str(pngs), "--masks", str(pngs.parent / "masks")] + [
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--members",
+        "1",
+    ]
+
+
+def _labelled_pngs(folder: Path) -> Path:
+    images, masks = synthetic_disc_images(2, size=32, seed=5)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        Image.fromarray(((image[0] + 1) * 127.5).astype(np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{i}.png")
+    return folder / "images"
+
+
+def test_overwriting_a_linked_bundle_replaces_the_bundle_it_points_to(tiny_backbone_dir, tiny_bundle_dir, tmp_path):
+    """models/current -> models/v1: the link became a folder of its own, v1 stayed the old model
+    and a '.current.previous' link was left behind."""
+    import shutil
+
+    from tedm_core.bundle import load_bundle
+
+    pngs = _labelled_pngs(tmp_path / "data")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(tiny_bundle_dir, models / "v1")
+    (models / "current").symlink_to("v1")
+    old = (models / "v1" / "head.safetensors").read_bytes()
+    assert main(_fit_argv(tiny_backbone_dir, pngs, models / "current") + ["--overwrite"]) == 0
+    assert (models / "current").is_symlink() and os.readlink(models / "current") == "v1"
+    assert (models / "v1" / "head.safetensors").read_bytes() != old
+    assert load_bundle(models / "current").training["labelled_slices"] == 2
+    assert sorted(p.name for p in models.iterdir()) == ["current", "v1"]
+
+
+def test_a_bundle_saved_at_a_broken_link_is_refused_before_the_work(tiny_backbone_dir, tmp_path, capsys):
+    """It failed after the fitting with '.model.partial: Not a directory', leaving that folder."""
+    pngs = _labelled_pngs(tmp_path / "data")
+    (tmp_path / "model").symlink_to(tmp_path / "gone")
+    code = main(_fit_argv(tiny_backbone_dir, pngs, tmp_path / "model"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is a link to" in err and "does not exist" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]
+
+
+def test_a_bundle_whose_replacement_was_interrupted_says_where_the_old_one_is(tiny_bundle_dir, tmp_path):
+    import shutil
+
+    from tedm_core.bundle import load_bundle, save_bundle
+
+    previous = shutil.copytree(tiny_bundle_dir, tmp_path / ".model.previous")  # moved aside, then killed
+    with pytest.raises(BundleError) as caught:
+        load_bundle(tmp_path / "model")
+    assert "interrupted" in str(caught.value) and str(previous) in str(caught.value)
+    save_bundle(load_bundle(previous), tmp_path / "model")  # saving again completes it
+    assert load_bundle(tmp_path / "model") and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
