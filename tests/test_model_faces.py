@@ -272,3 +272,23 @@ def test_a_bundle_whose_replacement_was_interrupted_says_where_the_old_one_is(ti
     assert "interrupted" in str(caught.value) and str(previous) in str(caught.value)
     save_bundle(load_bundle(previous), tmp_path / "model")  # saving again completes it
     assert load_bundle(tmp_path / "model") and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# --- labelled data -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [["0", "255", "100"], None])
+def test_a_class_no_mask_holds_is_refused_before_fitting(values, tiny_backbone_dir, tmp_path, capsys):
+    """Two structures asked for, masks holding one: a 3-class model was fitted and saved whose
+    third class had never been seen (a wrong label value, or a class too many)."""
+    pngs = _labelled_pngs(tmp_path / "data")
+    if values is None:  # masks as 0/1 with the default values 0, 1, 2
+        for mask in (tmp_path / "data" / "masks").iterdir():
+            Image.fromarray((np.asarray(Image.open(mask)) > 0).astype(np.uint8)).save(mask)
+    argv = _fit_argv(tiny_backbone_dir, pngs, tmp_path / "model") + ["--classes", "lung", "heart"]
+    code = main(argv + (["--label-values", *values] if values else []))
+    err = capsys.readouterr().err.strip()
+    value = values[2] if values else "2"
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "masks" in err and f"class 2 (label value {value})" in err and "every class needs examples" in err
+    assert not (tmp_path / "model").exists()
