@@ -292,3 +292,50 @@ def test_a_class_no_mask_holds_is_refused_before_fitting(values, tiny_backbone_d
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "masks" in err and f"class 2 (label value {value})" in err and "every class needs examples" in err
     assert not (tmp_path / "model").exists()
+
+
+# --- tedm refine: where its results go, checked before the work ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "where, words",
+    [
+        ({"--out": "refined", "--output": "seg.txt"}, "argument --output: seg.txt: unsupported format"),
+        ({"--out": "seg.nii.gz", "--output": "seg.nii.gz"}, "is the --out model folder too"),
+        ({"--out": "model/refined"}, "inside the model folder"),
+        ({"--out": "afile/refined"}, "afile: is a file, not a folder"),
+        ({"--out": "refined", "--output": "afile/seg.nii.gz"}, "afile: is a file, not a folder"),
+    ],
+)
+def test_refine_outputs_that_cannot_be_written_are_refused_before_the_work(
+    where, words, tiny_bundle_dir, tmp_path, capsys, monkeypatch
+):
+    """Found after segmenting and refining, the refined model was lost ('.refined.partial: Not a
+    directory'), or saved and followed by a traceback (an output of no known format), or saved
+    inside the model it came from."""
+    import shutil
+
+    import nibabel as nib
+
+    import tedm_core.pipelines.interactive as interactive
+
+    shutil.copytree(tiny_bundle_dir, tmp_path / "model")
+    (tmp_path / "afile").write_text("notes")
+    array = np.zeros((8, 8, 4), np.float32)
+    array[2:6, 2:6] = 80.0
+    nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / "image.nii.gz")
+    nib.save(nib.Nifti1Image((array > 0).astype(np.uint8), np.eye(4)), tmp_path / "corrected.nii.gz")
+
+    def not_run(*args, **kwargs):
+        raise AssertionError("the work started before the refusal")
+
+    monkeypatch.setattr(interactive, "InteractiveSession", not_run)
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    argv = ["refine", "--model", "model", "--image", "image.nii.gz", "--corrected", "corrected.nii.gz"]
+    code = main(argv + [item for pair in where.items() for item in pair])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert _files(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model", "afile", "image.nii.gz", "corrected.nii.gz"]
+    )
