@@ -13,6 +13,7 @@ naming the file and the problem.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .model.checkpoint import (
     is_count,
     is_name_list,
     require,
+    state_dict_problem,
 )
 from .postprocessing import ComponentRule
 from .preprocessing.intensity import IntensityConfig
@@ -156,6 +158,8 @@ class ModelBundle:
 def check_bundle_target(path: Path, overwrite: bool) -> None:
     """Refuse to write a bundle where it would replace anything but a bundle (with ``overwrite``)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise BundleError(path, f"is a link to {os.readlink(path)}, which does not exist; give the folder itself")
     if path.exists() and not overwrite:
         raise BundleError(path, "already exists; choose another name or allow overwriting")
     if path.exists() and not (path / BUNDLE_JSON).is_file():
@@ -169,21 +173,31 @@ def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = F
     """Write ``bundle`` to the folder ``path``: staged beside it, then renamed into place whole."""
     path = Path(path)
     check_bundle_target(path, overwrite)
+    given = path
+    if path.is_symlink():
+        # A link to a bundle (models/current -> models/v3): the bundle it points to is replaced and
+        # the link kept, rather than the link turned into a folder beside a stale bundle.
+        path = Path(os.path.realpath(path))
     staging, previous = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.previous")
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
     staging.mkdir(parents=True)
     try:
         _write_bundle_files(bundle, staging)
+        # The old bundle is moved aside, not deleted, until the new one is in place.
+        shutil.rmtree(previous, ignore_errors=True)
+        if path.exists():
+            path.rename(previous)
+        try:
+            staging.rename(path)
+        except BaseException:
+            if previous.exists() and not path.exists():
+                previous.rename(path)  # the old bundle back where it was
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
         raise
-    # The old bundle is moved aside, not deleted, until the new one is in place.
     shutil.rmtree(previous, ignore_errors=True)
-    if path.exists():
-        path.rename(previous)
-    staging.rename(path)
-    shutil.rmtree(previous, ignore_errors=True)
-    return path
+    return given
 
 
 def _write_bundle_files(bundle: ModelBundle, folder: Path) -> None:
@@ -215,6 +229,14 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
     """Load a bundle folder; refuse anything incomplete, incompatible or not made of JSON + safetensors."""
     path = Path(path)
     if not path.exists():
+        previous = path.with_name(f".{path.name}.previous")
+        if (previous / BUNDLE_JSON).is_file():
+            # save_bundle moved it aside and was stopped before the new one was renamed into place.
+            raise BundleError(
+                path,
+                f"model bundle not found: a save replacing it was interrupted; the earlier bundle is {previous} "
+                "(rename it back, or save the model again)",
+            )
         raise BundleError(path, "model bundle not found")
     if path.is_dir() and not (path / BUNDLE_JSON).exists() and (path / BACKBONE_JSON).is_file():
         raise BundleError(path, "is a pretrained backbone, not a fitted model; fit a model with it first")
@@ -239,12 +261,13 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
         backbone = backbone_from_metadata(meta_path, backbone_meta, weights)
         try:
             head = FeatureHead(HeadConfig.from_dict(head_meta))
-            head.load_state_dict(read_tensors(path / HEAD_WEIGHTS))
         except (TypeError, ValueError, AttributeError) as error:
             raise BundleError(meta_path, f"head description is invalid ({error})") from None
+        try:
+            head.load_state_dict(read_tensors(path / HEAD_WEIGHTS))
         except RuntimeError as error:
             raise BundleError(
-                path / HEAD_WEIGHTS, f"weights do not match the described head ({str(error).splitlines()[0]})"
+                path / HEAD_WEIGHTS, f"weights do not match the described head ({state_dict_problem(error)})"
             ) from None
         head.eval()
     try:
@@ -350,6 +373,12 @@ def _check_model_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
     for flag in ("test_time_flip", "crop_dark_borders"):
         require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
+    inference = meta.get("inference_timesteps", [])
+    require(
+        meta_path,
+        isinstance(inference, list) and all(is_count(t, 0) for t in inference),
+        f"inference_timesteps must be a list of whole numbers, got {inference!r}",
+    )
     require(meta_path, isinstance(meta["backbone"], dict), "backbone must be an object")
     check_backbone_description(meta_path, meta["backbone"])
     head = meta.get("head")

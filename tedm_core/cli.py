@@ -133,7 +133,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.backbone import PRESETS
     from .model.checkpoint import Backbone
-    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, pretrain
+    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, check_resume, pretrain
     from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
     from .runtime import resolve_device
 
@@ -154,21 +154,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     intensity = NAMED.get(args.intensity or "")
     if intensity is None:
         intensity = BRAIN_T1 if any(is_volume_file(f) for f in files) else RADIOGRAPH
-    images = load_pretraining_slices(
-        args.images,
-        config.image_size,
-        intensity,
-        axis=args.axis,
-        in_channels=config.in_channels,
-        channel_names=args.channels,
-    )
-    log.info(
-        "pretraining %s preset (%d px) on %d slices from %d files",
-        args.preset,
-        config.image_size,
-        images.shape[0],
-        len(files),
-    )
     backbone = Backbone.new(
         config, schedule=args.schedule, intensity=intensity, channel_names=list(args.channels or ["image"])
     )
@@ -185,6 +170,23 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         flip=args.flip,
         max_shift=args.shift,
         device=args.device,
+    )
+    if args.resume:  # a resume that cannot continue as asked is refused before the images are read
+        check_resume(args.out, backbone, options)
+    images = load_pretraining_slices(
+        args.images,
+        config.image_size,
+        intensity,
+        axis=args.axis,
+        in_channels=config.in_channels,
+        channel_names=args.channels,
+    )
+    log.info(
+        "pretraining %s preset (%d px) on %d slices from %d files",
+        args.preset,
+        config.image_size,
+        images.shape[0],
+        len(files),
     )
     tic = time.perf_counter()
     pretrain(images, backbone, args.out, options, resume=args.resume, overwrite=args.overwrite)
@@ -544,14 +546,36 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_refine(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
-    from .io.volumes import geometry_mismatch, read_case, read_volume, write_label_volume
+    from .bundle import check_bundle_target, load_bundle
+    from .io.images import IMAGE_SUFFIXES
+    from .io.outputs import check_writable_folder, refuse_overlap
+    from .io.volumes import (
+        VOLUME_SUFFIXES,
+        geometry_mismatch,
+        read_case,
+        read_volume,
+        volume_suffix,
+        write_label_volume,
+    )
     from .pipelines.interactive import InteractiveSession
     from .pipelines.volume import classes_to_label_values, label_array_to_classes
 
+    # Every check on where the results go before the work: found after it, the refined model was
+    # lost (or saved, and the segmentation then failed with a traceback).
     for path in (args.out, args.output):
-        if path is not None and path.exists():
+        if path is not None and (path.exists() or path.is_symlink()):
             raise TEDMError(f"{path}: already exists; refine never overwrites (choose another path)")
+    if args.output is not None:
+        if volume_suffix(args.output) not in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+            raise SettingError(
+                "output", f"{args.output}: unsupported format; use .nii.gz, .nrrd, .mha (or .png for a 2D image)"
+            )
+        if args.output.resolve() == args.out.resolve():
+            raise SettingError("output", f"{args.output} is the --out model folder too; give each its own path")
+        check_writable_folder(args.output.parent)
+    refuse_overlap(args.out, [("model", args.model)])
+    check_bundle_target(args.out, overwrite=False)
+    check_writable_folder(args.out.parent)
     bundle = load_bundle(args.model)
     image = read_volume(args.image[0]) if len(args.image) == 1 else read_case(args.image, bundle.channel_names)
     corrected = read_volume(args.corrected, allow_constant=True)

@@ -58,6 +58,18 @@ BUNDLE_EDITS = {
     "intensity_lower_above_upper": ([("backbone.intensity.lower", 99.5), ("backbone.intensity.upper", 0.5)], "below"),
     "training_not_an_object": ([("training", [1, 2])], "training must be an object"),
     "test_time_flip_not_a_bool": ([("test_time_flip", "yes")], "test_time_flip must be true or false"),
+    # Found when an image is normalised, these failed every case as the image's fault (a numpy
+    # type error, "percentiles must be in [0, 100]") or, for a zero scale, made garbage silently.
+    "intensity_clip_not_a_number": ([("backbone.intensity.clip_min", "a")], "clip_min must be a finite number"),
+    "intensity_clip_min_above_max": (
+        [("backbone.intensity.clip_min", 50.0), ("backbone.intensity.clip_max", 10.0)],
+        "clip_min 50.0 must be below clip_max 10.0",
+    ),
+    "intensity_percentile_beyond_100": ([("backbone.intensity.upper", 150)], "percentiles in 0..100"),
+    "intensity_zscore_scale_zero": ([("backbone.intensity.zscore_scale", 0)], "zscore_scale must be above 0"),
+    # Read as int(t) for t in it: 1.5 became 1, and "50" became 5 and 0.
+    "inference_timesteps_fractional": ([("inference_timesteps", [1.5])], "inference_timesteps must be a list"),
+    "inference_timesteps_a_string": ([("inference_timesteps", "50")], "inference_timesteps must be a list"),
 }
 
 
@@ -75,6 +87,46 @@ def test_an_edited_bundle_json_is_refused_naming_the_field(name, tiny_bundle_dir
         load_bundle(bundle)
     message = str(caught.value)
     assert "\n" not in message and str(bundle / "bundle.json") in message and problem in message, message
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ("wrong_shape", "size mismatch for"),
+        ("extra", 'Unexpected key(s) in state_dict: "extra"'),
+        ("missing", "Missing key(s) in state_dict"),
+    ],
+)
+def test_head_weights_that_do_not_fit_say_which(edit, words, tiny_bundle_dir, tmp_path):
+    """The refusal named only "Error(s) in loading state_dict for FeatureHead:", not what was wrong."""
+    from safetensors.torch import load_file, save_file
+
+    from tedm_core.bundle import load_bundle
+
+    bundle = shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+    tensors = load_file(str(bundle / "head.safetensors"))
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.ndim >= 1)[0]
+    if edit == "wrong_shape":
+        tensors[name] = torch.zeros(3, 3)
+    elif edit == "extra":
+        tensors["extra"] = torch.zeros(1)
+    else:
+        del tensors[name]
+    save_file(tensors, str(bundle / "head.safetensors"))
+    with pytest.raises(BundleError) as caught:
+        load_bundle(bundle)
+    message = str(caught.value)
+    assert "\n" not in message and str(bundle / "head.safetensors") in message and words in message, message
+
+
+def test_a_missing_head_file_is_named_as_missing(tiny_bundle_dir, tmp_path):
+    from tedm_core.bundle import load_bundle
+
+    bundle = shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+    (bundle / "head.safetensors").unlink()
+    with pytest.raises(BundleError) as caught:
+        load_bundle(bundle)
+    assert str(caught.value) == f"{bundle / 'head.safetensors'}: missing file"
 
 
 def test_a_deeply_nested_bundle_json_is_one_line(tiny_bundle_dir, tmp_path, capsys):

@@ -59,11 +59,21 @@ class Backbone:
 def save_backbone(
     directory: Union[str, Path], backbone: Backbone, ema_state: Optional[Dict[str, torch.Tensor]] = None
 ) -> Path:
+    """Write ``backbone`` into ``directory``, over an earlier save there.
+
+    The description is removed first and written last: a save interrupted half-way (a kill, a
+    full disk) leaves a folder refused as incomplete, never one whose description, weights and
+    EMA come from different steps. An earlier save's EMA is removed when this one has none, or
+    loading would prefer those stale weights to the ones just saved.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / BACKBONE_JSON).unlink(missing_ok=True)
     write_tensors(directory / UNET_WEIGHTS, backbone.unet.state_dict())
     if ema_state is not None:
         write_tensors(directory / EMA_WEIGHTS, ema_state)
+    else:
+        (directory / EMA_WEIGHTS).unlink(missing_ok=True)
     write_json(directory / BACKBONE_JSON, backbone.metadata())  # last: its presence marks a complete save
     return directory
 
@@ -135,18 +145,45 @@ def check_backbone_description(path: Path, meta: Dict[str, Any]) -> None:
     require(path, is_count(meta.get("steps_trained", 0), 0), "steps_trained must be a whole number >= 0")
     intensity = meta.get("intensity", {})
     require(path, isinstance(intensity, dict), "intensity must be an object")
-    for key in ("lower", "upper", "zscore_scale"):
-        value = intensity.get(key, 1.0)
+    for key in ("lower", "upper", "zscore_scale", "clip_min", "clip_max"):
+        value = intensity.get(key, None if key.startswith("clip") else 1.0)
         require(
             path,
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-            f"intensity {key} must be a finite number, got {value!r}",
+            (value is None and key.startswith("clip")) or is_finite_number(value),
+            f"intensity {key} must be a finite number{' or null' if key.startswith('clip') else ''}, got {value!r}",
         )
     require(
         path,
         intensity.get("lower", 0.0) < intensity.get("upper", 1.0),
         "intensity lower must be below upper",
     )
+    # Checked here, not when the first image fails: a bad value is the model's fault, not the image's.
+    if intensity.get("kind", "percentile") in ("percentile", "foreground_percentile"):
+        require(
+            path,
+            0 <= intensity.get("lower", 0.0) and intensity.get("upper", 100.0) <= 100,
+            f"intensity lower and upper are percentiles in 0..100, got {intensity.get('lower')!r} and "
+            f"{intensity.get('upper')!r}",
+        )
+    require(path, intensity.get("zscore_scale", 1.0) > 0, "intensity zscore_scale must be above 0")
+    clip_min, clip_max = intensity.get("clip_min"), intensity.get("clip_max")
+    require(
+        path,
+        clip_min is None or clip_max is None or clip_min < clip_max,
+        f"intensity clip_min {clip_min!r} must be below clip_max {clip_max!r}",
+    )
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def state_dict_problem(error: RuntimeError) -> str:
+    """What ``load_state_dict`` found wrong, in one short line (its first line says only that
+    something was: the next ones name the missing, unexpected or differently shaped weights)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    return detail if len(detail) <= 240 else detail[:237] + "..."
 
 
 def backbone_from_metadata(
@@ -174,7 +211,7 @@ def backbone_from_metadata(
     try:
         backbone.unet.load_state_dict(weights)
     except RuntimeError as error:
-        raise BundleError(path, f"weights do not match the described UNet ({str(error).splitlines()[0]})") from None
+        raise BundleError(path, f"weights do not match the described UNet ({state_dict_problem(error)})") from None
     backbone.unet.eval()
     return backbone
 
@@ -189,6 +226,14 @@ def load_backbone(directory: Union[str, Path], use_ema: bool = True) -> Backbone
         )
     if not (directory / BACKBONE_JSON).exists() and (directory / "bundle.json").is_file():
         raise BundleError(directory, "is a fitted model bundle, not a pretrained backbone")
+    if not (directory / BACKBONE_JSON).exists() and (directory / UNET_WEIGHTS).is_file():
+        steps = sorted(p for p in (directory / "steps").glob("[0-9]*") if (p / BACKBONE_JSON).is_file())
+        raise BundleError(
+            directory / BACKBONE_JSON,
+            "missing: the pretraining that writes this folder was stopped while saving, so its weights are "
+            "incomplete; resume the pretraining to finish the save"
+            + (f", or use its last complete checkpoint {steps[-1]}" if steps else ""),
+        )
     meta = read_json(directory / BACKBONE_JSON)
     weights_file = (
         directory / EMA_WEIGHTS if use_ema and (directory / EMA_WEIGHTS).is_file() else directory / UNET_WEIGHTS

@@ -89,7 +89,9 @@ def load_labelled_data(
         for setting, value in (("slices", slices), ("slices_per_case", slices_per_case), ("label_name", label_name)):
             if value is not None:
                 raise SettingError(setting, f"applies to volumes only, and {images} holds 2D images")
-        return _load_image_pairs(images, Path(masks), intensity, label_values, n)
+        slices_out, labels_out, sources = _load_image_pairs(images, Path(masks), intensity, label_values, n)
+        _check_every_class_labelled(labels_out, label_values, Path(masks))
+        return slices_out, labels_out, sources
     cases = list(discover_cases(images, images / ".unused", channel_names))
     if n is not None:
         cases = _first(cases, n, images)
@@ -115,7 +117,22 @@ def load_labelled_data(
         all_labels.append(labelled.labels[keep])
         sources += [f"{path}#slice{index}" for path, index in (labelled.sources[i] for i in keep)]
     slices_out, labels_out = _pad_to_common_size(all_slices, all_labels)
+    _check_every_class_labelled(labels_out, label_values, Path(masks) if masks is not None else images)
     return slices_out, labels_out, sources
+
+
+def _check_every_class_labelled(labels: np.ndarray, label_values: Sequence[int], where: Path) -> None:
+    """A class no labelled pixel holds would be fitted as one the model never predicts, without a
+    word: far more often a wrong label value or a class too many than a wish."""
+    present = set(np.unique(labels).tolist())
+    missing = [k for k in range(1, len(label_values)) if k not in present]
+    if missing:
+        shown = ", ".join(f"class {k} (label value {label_values[k]})" for k in missing[:5])
+        raise InputError(
+            where,
+            f"no labelled pixel of {shown} in the masks learnt from; every class needs examples: check its "
+            "label value, or leave the class out",
+        )
 
 
 def _first(items: list, n: int, where: Path) -> list:

@@ -8,6 +8,7 @@ once weights and optimiser state are restored, whatever happened before the inte
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,11 +29,13 @@ from ..errors import BundleError, SettingError, TrainingDiverged
 from ..io.safe import read_tensors
 from ..model.checkpoint import BACKBONE_JSON, EMA_WEIGHTS, UNET_WEIGHTS, Backbone, load_backbone, save_backbone
 from ..model.diffusion import NoiseSchedule
+from ..preprocessing.intensity import NAMED
 from ..runtime import autocast, check_finite_loss, count_non_finite, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 STEPS_DIR = "steps"
+BUNDLE_JSON = "bundle.json"  # (bundle.BUNDLE_JSON: a fitted model, never a place to pretrain)
 
 
 @dataclass
@@ -104,6 +107,9 @@ def check_pretrain_folder(out: Path, resume: bool, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BundleError(out, "is a file; a checkpoint folder is needed")
+    if (out / BUNDLE_JSON).is_file():
+        # Pretraining into a fitted model would mix a backbone into it (and --overwrite delete its weights).
+        raise BundleError(out, "is a fitted model bundle, not a pretraining checkpoint folder; choose another folder")
     holds = (out / BACKBONE_JSON).is_file() or bool(_step_checkpoints(out))
     if resume and _latest_checkpoint(out) is None:
         raise BundleError(out, "holds no checkpoint to resume from")
@@ -127,17 +133,89 @@ def _load_trainer_state(checkpoint: Path, device: torch.device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
         step = int(state["step"])
         optimiser = state["optimiser"]
+        recorded = state.get("options")  # (absent from checkpoints written before it was recorded)
+        if recorded is not None and not isinstance(recorded, dict):
+            raise TypeError("options")
     except Exception as error:  # a torn or foreign file: torch raises many types
         raise BundleError(
             path,
             f"cannot be read as a trainer state ({type(error).__name__}); "
             "delete this step folder to resume from the one before",
         ) from None
-    return {"step": step, "optimiser": optimiser}
+    return {"step": step, "optimiser": optimiser, "options": recorded, "images": state.get("images")}
+
+
+# The options that decide what each step does: a resumed run repeats the uninterrupted one only
+# with the same ones (the optimiser state restored would also keep the old learning rate unseen).
+RESUMED_OPTIONS = ("loss", "learning_rate", "batch_size", "seed", "flip", "max_shift", "ema_decay")
+
+
+def _recorded_options(options: PretrainOptions) -> Dict[str, Any]:
+    return {name: getattr(options, name) for name in RESUMED_OPTIONS}
+
+
+def _images_record(images: torch.Tensor) -> Dict[str, Any]:
+    """What the run learnt from: its slices' shape and a hash of their values."""
+    digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {"shape": list(images.shape), "sha256": digest}
+
+
+def _intensity_name(backbone: Backbone) -> str:
+    named = [name for name, config in NAMED.items() if config == backbone.intensity]
+    config = backbone.intensity
+    return named[0] if named else f"{config.kind} {config.lower:g}..{config.upper:g}"
+
+
+def _differences(asked: Dict[str, Any], saved: Dict[str, Any]) -> List[str]:
+    return [f"{key} {saved[key]!r} (now {asked[key]!r})" for key in asked if key in saved and asked[key] != saved[key]]
+
+
+def check_resume(out: Path, backbone: Backbone, options: Optional[PretrainOptions] = None) -> Path:
+    """Before any work: the latest checkpoint in ``out`` continues as asked, with the same model,
+    schedule, intensity convention, channels and learning options; returns it.
+
+    Continuing with any of them changed would save a backbone whose description is not what its
+    weights learnt (another schedule, another intensity convention), or a run that repeats neither
+    the interrupted one nor any other. Each difference is named with its value in the checkpoint.
+    """
+    checkpoint = _latest_checkpoint(Path(out))
+    if checkpoint is None:
+        raise BundleError(out, "holds no checkpoint to resume from")
+    saved = load_backbone(checkpoint, use_ema=False)
+
+    def described(b: Backbone) -> Dict[str, Any]:
+        config = b.config.to_dict()
+        if b.config.preset != "custom" and saved.config.preset != backbone.config.preset:
+            config = {key: config[key] for key in ("preset", "image_size", "in_channels")}  # not each level
+        return {**config, "schedule": b.schedule, "intensity": _intensity_name(b), "channel_names": b.channel_names}
+
+    model = _differences(described(backbone), described(saved))
+    if model:
+        raise BundleError(
+            checkpoint,
+            f"was trained with {'; '.join(model)}: resume with the same settings, or start afresh with overwrite",
+        )
+    if options is not None:
+        recorded = _load_trainer_state(checkpoint, torch.device("cpu"))["options"] or {}
+        changed = _differences(_recorded_options(options), recorded)
+        if changed:
+            name = next(key for key in RESUMED_OPTIONS if key in recorded and recorded[key] != getattr(options, key))
+            raise SettingError(
+                name,
+                f"{checkpoint} was trained with {'; '.join(changed)}: a resumed run continues exactly with the "
+                "same options; give the same ones, or start afresh with overwrite",
+            )
+    return checkpoint
 
 
 def _save_checkpoint(
-    out: Path, backbone: Backbone, optimiser: torch.optim.Optimizer, ema: Optional[AveragedModel], step: int, keep: int
+    out: Path,
+    backbone: Backbone,
+    optimiser: torch.optim.Optimizer,
+    ema: Optional[AveragedModel],
+    step: int,
+    keep: int,
+    record: Optional[Dict[str, Any]] = None,
 ) -> None:
     """A complete checkpoint in ``out/steps/<step>/`` (renamed into place whole), mirrored at ``out/``.
 
@@ -156,7 +234,7 @@ def _save_checkpoint(
     staging = out / STEPS_DIR / f".{step:08d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     save_backbone(staging, backbone, ema_state)
-    torch.save({"step": step, "optimiser": optimiser.state_dict()}, staging / TRAINER_STATE)
+    torch.save({"step": step, "optimiser": optimiser.state_dict(), **(record or {})}, staging / TRAINER_STATE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     save_backbone(out, backbone, ema_state)  # the loadable copy at the top level
@@ -205,17 +283,23 @@ def pretrain(
     unet = backbone.unet.to(device).train()
     schedule = NoiseSchedule(backbone.schedule)
     optimiser = torch.optim.Adam(unet.parameters(), lr=options.learning_rate)
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay)) if options.ema_decay else None
-    start = 0
+    record = {"options": _recorded_options(options), "images": _images_record(images)}
+    start, ema_state = 0, None
     if resume:
-        checkpoint = _latest_checkpoint(out)
+        checkpoint = check_resume(out, backbone, options)
         restored = load_backbone(checkpoint, use_ema=False)
-        if restored.config != backbone.config:
-            raise BundleError(checkpoint, "the checkpoint's model configuration differs from the one asked for")
         state = _load_trainer_state(checkpoint, device)
         start = state["step"]
         if start >= options.steps:
             raise SettingError("steps", f"{options.steps}: {checkpoint} is already at step {start}; ask for more")
+        if state["images"] is not None and state["images"] != record["images"]:
+            log.warning(
+                "the training images differ from those %s was trained on (%s slices then, %s now): the resumed "
+                "run continues on these, so it will not repeat an uninterrupted one",
+                checkpoint,
+                state["images"].get("shape", ["?"])[0],
+                images.shape[0],
+            )
         unet.load_state_dict(restored.unet.state_dict())
         try:
             optimiser.load_state_dict(state["optimiser"])
@@ -223,14 +307,16 @@ def pretrain(
             raise BundleError(
                 checkpoint / TRAINER_STATE, f"optimiser state does not fit this model ({error})"
             ) from None
-        if ema is not None:
-            ema_file = checkpoint / EMA_WEIGHTS
-            if ema_file.is_file():
-                ema.module.load_state_dict(read_tensors(ema_file))
-            ema.n_averaged.fill_(start)
+        if options.ema_decay and (checkpoint / EMA_WEIGHTS).is_file():
+            ema_state = read_tensors(checkpoint / EMA_WEIGHTS)
         log.info("resumed from %s at step %d", checkpoint, start)
     elif overwrite and ddp.is_main:
         _clear_checkpoints(out)
+    # The EMA starts from the weights training continues from (made after they are restored).
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay)) if options.ema_decay else None
+    if ema is not None and ema_state is not None:
+        ema.module.load_state_dict(ema_state)
+        ema.n_averaged.fill_(start)
     if ddp.is_main and (out / STEPS_DIR).is_dir():
         for stale in (out / STEPS_DIR).glob(".*.partial"):  # staged by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
@@ -272,7 +358,7 @@ def pretrain(
                 on_step(done, value)
             if done % options.checkpoint_every == 0 or done == options.steps:
                 if ddp.is_main:
-                    _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints)
+                    _save_checkpoint(out, backbone, optimiser, ema, done, options.keep_checkpoints, record)
                 ddp.barrier()
     finally:
         bar.close()
