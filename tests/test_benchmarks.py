@@ -38,7 +38,7 @@ print(json.dumps(results))
 
 
 def _benchmark_module(name: str):
-    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    """A script of the benchmarks folder as a module (the folder is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
