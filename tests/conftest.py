@@ -59,6 +59,17 @@ def synthetic_disc_images(n: int, size: int = 48, seed: int = 0):
     return np.stack(images).astype(np.float32), np.stack(masks)
 
 
+def write_disc_pngs(folder: Path, n: int, size: int, seed: int = 3) -> Path:
+    """``n`` 8-bit PNGs of :func:`synthetic_disc_images` (img_00.png ...) in ``folder``, created if needed."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = synthetic_disc_images(n, size=size, seed=seed)
+    for i, image in enumerate(images):
+        Image.fromarray(((image[0] + 1) * 127.5).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A tiny DDPM pretrained for 40 steps on synthetic disc images (seconds), saved as a checkpoint folder."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_disc_images
+from conftest import synthetic_disc_images, write_disc_pngs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,11 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _pngs(folder: Path, n: int = 6) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    images, _ = synthetic_disc_images(n, size=32, seed=3)
-    for i, image in enumerate(images):
-        Image.fromarray(((image[0] + 1) * 127.5).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
-    return folder
+    return write_disc_pngs(folder, n, size=32)
 
 
 PRETRAIN = ["--preset", "tiny", "--batch-size", "2", "--checkpoint-every", "2"]

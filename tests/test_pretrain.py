@@ -7,11 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import synthetic_disc_images
-from PIL import Image
+from conftest import synthetic_disc_images, write_disc_pngs
 from safetensors.torch import load_file
 
 from tedm_core.cli import main
@@ -21,11 +19,7 @@ from tedm_core.pipelines.pretrain import PretrainOptions, pretrain
 
 
 def _pngs(folder: Path, n: int = 20) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    images, _ = synthetic_disc_images(n, size=64, seed=3)
-    for i, image in enumerate(images):
-        Image.fromarray(((image[0] + 1) * 127.5).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
-    return folder
+    return write_disc_pngs(folder, n, size=64)
 
 
 def _train(out: Path, steps: int, resume: bool = False, seed: int = 0, **kwargs) -> dict:

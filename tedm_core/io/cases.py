@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,6 +23,7 @@ from ..errors import InputError
 from .images import IMAGE_SUFFIXES
 from .outputs import is_output_folder, refuse_overlap
 from .volumes import VOLUME_SUFFIXES, is_dicom_folder, strip_suffix, unsupported_format, volume_suffix
+from .walk import walk_following_links
 
 log = logging.getLogger(__name__)
 
@@ -82,35 +82,28 @@ def _walk(input_dir: Path, output_dir: Path) -> Tuple[List[Path], List[Path]]:
     """
     folders: List[Path] = []
     files: List[Path] = []
-    seen = {os.path.realpath(input_dir)}
-    for top, dirnames, filenames in os.walk(input_dir, followlinks=True):
-        top_path = Path(top)
-        kept = []
-        for name in sorted(dirnames):
-            path = top_path / name
-            if name.startswith("."):
-                continue
-            if path.is_symlink():
-                refuse_overlap(output_dir, [("input", path)])
-            real = os.path.realpath(path)
-            if real in seen:
-                log.warning("skipped %s: it leads to %s, which is already searched", path, real)
-                continue
-            seen.add(real)
-            if is_output_folder(path):
-                # Results of an earlier run are not images to segment.
-                log.warning("skipped %s: it holds TEDM outputs (a provenance record), not inputs", path)
-                continue
-            kept.append(name)
-            folders.append(path)
-        dirnames[:] = kept
-        for name in filenames:
-            path = top_path / name
-            if name.startswith("."):
-                continue
-            if path.is_symlink():
-                refuse_overlap(output_dir, [("input", path)])
-            files.append(path)
+
+    def refuse_linked_output(path: Path) -> None:
+        if path.is_symlink():
+            refuse_overlap(output_dir, [("input", path)])
+
+    def admit(path: Path) -> bool:
+        refuse_linked_output(path)
+        if is_output_folder(path):
+            # Results of an earlier run are not images to segment.
+            log.warning("skipped %s: it holds TEDM outputs (a provenance record), not inputs", path)
+            return False
+        folders.append(path)
+        return True
+
+    def repeated(path: Path, real: str) -> None:
+        refuse_linked_output(path)
+        log.warning("skipped %s: it leads to %s, which is already searched", path, real)
+
+    for top, names in walk_following_links(input_dir, admit, repeated):
+        for name in names:
+            refuse_linked_output(top / name)
+            files.append(top / name)
     return sorted(folders), sorted(files)
 
 

@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 from .atomic import atomic_path
+from .walk import walk_following_links
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,12 @@ def list_images_under(folder: PathLike, exclude: Sequence[PathLike] = ()) -> Lis
     if not folder.is_dir():
         raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
     skip = {os.path.realpath(p) for p in exclude}
-    seen = {os.path.realpath(folder)}
-    files: List[Path] = []
-    for top, dirnames, filenames in os.walk(folder, followlinks=True):
-        kept = []
-        for name in sorted(dirnames):
-            real = os.path.realpath(os.path.join(top, name))
-            if not name.startswith(".") and real not in seen and real not in skip:
-                seen.add(real)
-                kept.append(name)
-        dirnames[:] = kept
-        files.extend(Path(top) / name for name in filenames if is_image_file(Path(top) / name))
+    files = [
+        top / name
+        for top, names in walk_following_links(folder, lambda path: os.path.realpath(path) not in skip)
+        for name in names
+        if is_image_file(top / name)
+    ]
     files = sorted(p for p in files if p.is_file())
     if not files:
         raise InputError(folder, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or its subfolders")
