@@ -264,8 +264,9 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onRestartWorker(self) -> None:
-        # Allowed while a job runs: it is how a user gets out of a hung worker. The running
-        # operation is reported as stopped (through onOperationFinished) and nothing is written.
+        # Allowed while a job runs: it is how a user gets out of a hung worker. The running job
+        # is reported as stopped (through onOperationFinished) and nothing is written; a result
+        # that already arrived is written to the end first (the logic's shutdown).
         self.onWorkerSettingsChanged()
         self.logic.worker.shutdown(reason="the worker was restarted")  # the next request uses the new settings
         self._updateButtons()  # the old worker's results are gone: Refine, Next uncertain slice, Save model

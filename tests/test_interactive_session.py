@@ -208,3 +208,33 @@ def test_a_cancelled_or_failed_operation_leaves_the_session_as_it_was(tiny_bundl
     assert refined.changed_slices == [6] and refined.training_slices == [6]
     np.testing.assert_array_equal(refined.labels[6], edited[6])
     assert refined.labels.shape == volume.shape
+
+
+def test_labels_drawn_across_the_slicing_plane_are_refused_or_flagged(tiny_bundle_dir, backbone):
+    """Labels painted on one I-plane (a sagittal-like view of a k session) touch 10 k-slices, each
+    of which would be learnt whole: Fit refuses them in one line, Refine says so in its log."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.interactive import InteractiveSession, Reporter, SessionError
+
+    volume, sphere = _sphere_volume()
+    across = np.zeros_like(sphere)
+    across[:, :, 18] = sphere[:, :, 18]  # one plane of voxel axis I, through the sphere
+    session = InteractiveSession(volume)
+    with pytest.raises(SessionError, match=r"drawn on 1 .* slice\(s\), they touch \d+ .* slices"):
+        session.fit(backbone, across, ["background", "sphere"], axis="k", device="cpu", steps=5)
+    in_plane = np.zeros_like(sphere)
+    in_plane[[4, 8]] = sphere[[4, 8]]  # 1-3 slices of the session's own plane: fine
+    fitted = session.fit(backbone, in_plane, ["background", "sphere"], axis="k", device="cpu", steps=5)
+
+    corrected = fitted.labels.copy()
+    corrected[2:, 5:30, 18] = 1 - corrected[2:, 5:30, 18]  # a correction made in a view across the plane
+    logged = []
+    session.refine(corrected, steps=2, reporter=Reporter(log=logged.append))
+    assert any(line.startswith("Warning: your corrections were drawn on 1") for line in logged), logged
+    logged.clear()
+    session_loaded = InteractiveSession(volume)
+    result = session_loaded.segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu")
+    in_view = result.labels.copy()
+    in_view[6, :3, :3] = 1 - in_view[6, :3, :3]  # corrected in the session's own plane: no warning
+    session_loaded.refine(in_view, steps=2, reporter=Reporter(log=logged.append))
+    assert not any("Warning" in line for line in logged), logged

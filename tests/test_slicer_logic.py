@@ -499,6 +499,7 @@ def test_an_edit_between_pieces_of_an_in_place_write_is_kept(lib, scene, tmp_pat
     editor.erase(ids[0], erase)
     before = {s: lib.mrml_io.read_class_labels(segmentation, volume, [s]) for s in ids}
     assert not before[ids[0]][6].any()
+    logic.written.clear()  # as for a segmentation TEDM wrote in an earlier Slicer session: its erase is not known
     logic.begin_segment([volume], "/model", segmentation)
     write = _poll_until_writing(logic)
     assert not write.staged and write.target is segmentation
@@ -1006,3 +1007,130 @@ def test_a_scene_closed_after_cancel_does_not_stop_the_worker(lib, logic, client
     finished = _run(logic)
     assert finished.status in (lib.DROPPED, lib.CANCELLED) and "worker was stopped" not in finished.message
     assert client.close_calls == [] and client.alive
+
+
+# --------------------------------------------------------------------------------------------
+# Session 20 audit: restart during a write, Segment over corrections, the scene changing under a job
+# --------------------------------------------------------------------------------------------
+def test_a_restart_during_an_in_place_write_finishes_the_write(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, _ = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("edema", (0.0, 1.0, 0.0))])
+    editor = SegmentEditor(scene, segmentation, volume)
+    ids = lib.mrml_io.all_segment_ids(segmentation)
+    old = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    old[:, :4, :4] = True
+    for segment_id in ids:
+        editor.add(segment_id, old)
+    logic.begin_segment([volume], "/model", segmentation)
+    write = _poll_until_writing(logic)
+    while write.done < 1:  # one class written, two to go
+        logic.poll()
+    logic.shutdown(reason="the worker was restarted")
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.DONE and not finished.written_to_new_node, finished.message
+    assert not logic.busy
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume, write.segment_ids), write.labels), (
+        "every class holds the new result, none the old one"
+    )
+
+
+def test_segment_again_over_corrected_slices_keeps_the_corrections(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    segmentation = _run(logic).segmentation_node
+    ids = logic.record_for(segmentation).segment_ids
+    # A display-only change (the 3D surface) is not a correction: Segment writes in place.
+    segmentation.CreateClosedSurfaceRepresentation()
+    logic.begin_segment([volume], "/model", segmentation)
+    finished = _run(logic)
+    assert finished.segmentation_node is segmentation and not finished.written_to_new_node, finished.message
+    # The user corrects slice 6 (as after a worker restart, whose message sends them to Segment).
+    editor = SegmentEditor(scene, segmentation, volume)
+    erase = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    erase[6] = True
+    editor.erase(ids[0], erase)
+    corrected = lib.mrml_io.read_class_labels(segmentation, volume)
+    logic.shutdown(reason="the worker was restarted")
+    logic.begin_segment([volume], "/model", segmentation)
+    finished = _run(logic, polls=80)
+    assert finished.status == lib.DONE and finished.written_to_new_node, finished.message
+    assert "your corrections" in finished.message
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume), corrected), "the corrections are kept"
+    assert finished.segmentation_node is not segmentation and len(_segmentations(scene)) == 2
+
+
+def test_a_volume_changed_while_the_job_ran_gets_no_result(lib, logic, scene, tmp_path):
+    volume, array = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    slicer.util.updateVolumeFromArray(volume, (array[::-1] * 2).astype(np.int16))  # a filter, another frame
+    finished = _run(logic)
+    assert finished.status == lib.FAILED and finished.error_kind == "user", finished.message
+    assert "changed while Segment ran" in finished.message and not finished.details
+    assert _segmentations(scene) == [], "nothing written onto voxels the result was not made from"
+
+
+def test_a_segmentation_under_another_transform_is_not_moved(lib, logic, scene, tmp_path):
+    import vtk
+
+    volume, _ = _sphere_node(scene, tmp_path)
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 30.0)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation, (note,) = new_segmentation(scene, [("my note", (0.0, 0.0, 1.0))])
+    mask = np.zeros(tuple(reversed(volume.GetImageData().GetDimensions())), dtype=np.uint8)
+    mask[3:5, 3:6, 3:6] = 1
+    image = lib.mrml_io.oriented_image_from_array(mask, lib.mrml_io.ijk_to_ras_of(volume))
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation, note, 0)
+    bounds = [0.0] * 6
+    segmentation.GetRASBounds(bounds)
+    logic.begin_segment([volume], "/model", segmentation)
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.written_to_new_node, finished.message
+    assert "another transform" in finished.message
+    after = [0.0] * 6
+    segmentation.GetRASBounds(after)
+    assert segmentation.GetTransformNodeID() is None and np.allclose(after, bounds), "the user's segment stayed put"
+    assert finished.segmentation_node.GetTransformNodeID() == transform.GetID()
+
+
+def test_a_surface_only_segmentation_is_refused_at_the_click(lib, logic, client, scene, tmp_path):
+    volume, _ = _sphere_node(scene, tmp_path)
+    segmentation, (segment_id,) = new_segmentation(scene, [("tumour", (1.0, 0.0, 0.0))])
+    mask = np.zeros(tuple(reversed(volume.GetImageData().GetDimensions())), dtype=np.uint8)
+    mask[4:8, 6:14, 6:14] = 1
+    image = lib.mrml_io.oriented_image_from_array(mask, lib.mrml_io.ijk_to_ras_of(volume))
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, 0)
+    segmentation.CreateClosedSurfaceRepresentation()
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    segmentation.GetSegmentation().SetSourceRepresentationName(surface)
+    for begin in (
+        lambda: logic.begin_segment([volume], "/model", segmentation),
+        lambda: logic.begin_fit([volume], "/backbone", segmentation),
+    ):
+        with pytest.raises(lib.UserInputError, match="closed surfaces.*Binary labelmap"):
+            begin()
+    assert client.requests == [] and not logic.busy
+    assert lib.mrml_io.all_segment_ids(segmentation) == [segment_id], "nothing added to the user's node"
+
+
+def test_a_scalar_volume_with_several_frames_is_not_read_as_colour(lib, logic, scene):
+    import vtk
+    from vtk.util import numpy_support
+
+    node = slicer.vtkMRMLScalarVolumeNode()  # as MultiVolumeExplorer keeps a series: one component per frame
+    node.SetName("series")
+    image = vtk.vtkImageData()
+    image.SetDimensions(8, 8, 4)
+    frames = np.stack([np.full((4, 8, 8), v, np.float32) for v in (100, 500, 900)], axis=-1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(frames.reshape(-1, 3), deep=True))
+    node.SetAndObserveImageData(image)
+    scene.AddNode(node)
+    with pytest.raises(lib.UserInputError, match="3 frames per voxel"):
+        logic.begin_segment([node], "/model", None)

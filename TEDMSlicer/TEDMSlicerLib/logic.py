@@ -161,6 +161,11 @@ class RunningOperation:
     # so that the poll receiving it does nothing else; it then sets ``write``.
     preparing: Optional[Iterator[None]] = None
     write: Optional[PendingWrite] = None  # the result being written into MRML, piece by piece
+    # The input volumes at the request (``_volume_state``): a result is only written onto the voxels it was made from.
+    volume_state: Tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.volume_state = _volume_state(self.volume_nodes)
 
     @property
     def applying(self) -> bool:
@@ -227,6 +232,33 @@ def node_is_alive(node: Any) -> bool:
     return scene is not None and node_id is not None and scene.GetNodeByID(node_id) is node
 
 
+@contextlib.contextmanager
+def _as_user_error() -> Iterator[None]:
+    """``mrml_io`` refuses what the user can change (a 4D series, volumes under different
+    transforms, a surface-only segmentation) with ValueError: shown as one line, not a traceback."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+
+
+def _mask_hash(mask: np.ndarray) -> str:
+    return hashlib.sha1(np.packbits(mask.reshape(-1)).tobytes()).hexdigest()
+
+
+@dataclass
+class WrittenResult:
+    """What TEDM last wrote into a segmentation: its segments' modified times just after, and a
+    hash of each class segment's voxels, so that a later Segment can tell the user's corrections
+    from TEDM's own output (kept across worker restarts: the node, not the worker, holds them)."""
+
+    node: Any
+    signature: Tuple
+    hashes: Dict[str, str]
+
+
 def _volume_state(volume_nodes: Sequence[Any]) -> Tuple:
     """What a worker session's copy of the volumes depends on, per channel: the image object
     (replacing a node's image keeps its node), the voxels' modified time (a filter writing into
@@ -289,6 +321,7 @@ class TEDMWorkerLogic:
         # generation is only known with the client it belongs to.
         self._clients_made = 0
         self.timings = StepTimings()  # the longest time each GUI-thread step took (benchmarks)
+        self.written: Dict[int, WrittenResult] = {}  # id(segmentation node) -> what TEDM last wrote there
 
     # -- the worker --------------------------------------------------------------------------
     def _generation_key(self, client: Optional[WorkerClientLike] = None) -> Any:
@@ -387,7 +420,12 @@ class TEDMWorkerLogic:
     def shutdown(self, reason: str = "the TEDM worker was stopped") -> None:
         """Stop the worker (module cleanup, Reload, application exit, *Apply and restart worker*):
         no orphan process. The worker's sessions are closed first (a remote worker outlives this
-        connection and would keep them), and a running operation is reported as ended."""
+        connection and would keep them), and a running operation is reported as ended.
+
+        A result that has already arrived is written to the end first: it needs no worker, and a
+        write into the user's segmentation stopped halfway would leave it half old, half new. This
+        holds the GUI for the rest of the write (about 50-250 ms per segment of a full volume), once."""
+        self._complete_arrived_result()
         running, self.running = self.running, None
         client, self.client = self.client, None
         if client is not None:
@@ -407,11 +445,18 @@ class TEDMWorkerLogic:
                 client.close()
         finally:
             if running is not None:
-                # A result being written is dropped too: the module is going away.
                 running.drop_reason = running.drop_reason or reason
-                running.preparing, running.write, running.digesting = None, None, None
+                running.digesting = None
                 message = f"{running.title} stopped: {running.drop_reason}; nothing was written."
                 self._finish(running, CANCELLED, message)
+
+    def _complete_arrived_result(self) -> None:
+        running = self.running
+        # Each step writes a segment, reads one, or ends the write: bounded by a few per segment.
+        for _step in range(10_000):
+            if running is None or self.running is not running or not running.applying:
+                return
+            self._advance_write(running)
 
     @staticmethod
     def _send_quietly(client: WorkerClientLike, op: str, fields: Dict[str, Any]) -> None:
@@ -492,6 +537,7 @@ class TEDMWorkerLogic:
         for record in list(self.records.values()):
             self._close_session(record)
         self.records.clear()
+        self.written.clear()
 
     def on_node_removed(self, node: Any) -> None:
         """A node left the scene: drop what refers to it (a result in flight, a cached session)."""
@@ -505,6 +551,9 @@ class TEDMWorkerLogic:
                 running.drop_reason = f"volume '{node.GetName()}' was deleted"
             if running.drop_reason:
                 self._request_cancel()
+        written = self.written.get(id(node))
+        if written is not None and written.node is node:
+            del self.written[id(node)]
         for key, record in list(self.records.items()):
             if node is record.segmentation_node or any(node is v for v in record.volume_nodes):
                 if running is None or running.record is not record:
@@ -542,7 +591,9 @@ class TEDMWorkerLogic:
         if record is None:
             if stale is not None:
                 raise UserInputError(
-                    "the TEDM worker was restarted since this result (its state is gone): press Segment (or Fit) again"
+                    "the TEDM worker was restarted since this result (its state is gone): press Segment (or Fit) "
+                    "again; corrections made here since TEDM's last result are kept (the new result then goes into "
+                    "a new segmentation)"
                 )
             raise UserInputError(
                 f"'{segmentation_node.GetName()}' was not segmented in this session: press Segment (or Fit) first, "
@@ -581,13 +632,16 @@ class TEDMWorkerLogic:
 
     def _digest_steps(
         self, segmentation_node: Any, reference_node: Any, masks: Optional[Dict[str, np.ndarray]]
-    ) -> Generator[None, None, str]:
+    ) -> Generator[None, None, Optional[str]]:
         """The segmentation's content in the volume's grid (every segment) and its segment IDs, one
         segment per step (a segment of a full volume is read in 10-30 ms, more under load): the
-        generator's value is the digest. ``masks``, if given, receives each readable segment's voxels."""
+        generator's value is the digest, None if a segment cannot be read in the volume's grid (its
+        content is then unknown, so it cannot be shown unchanged). ``masks``, if given, receives
+        each readable segment's voxels."""
         segmentation = segmentation_node.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
         digest = hashlib.sha1(repr(ids).encode())
+        readable = True
         if ids and reference_node.GetImageData() is not None:
             # Each segment separately: a merged labelmap would hide an edit where segments overlap.
             for segment_id in ids:
@@ -597,13 +651,13 @@ class TEDMWorkerLogic:
                     except (mrml_io.GeometryError, RuntimeError):
                         # Not readable in the volume's grid (another transform): the write will say so.
                         labels = None
-                        digest.update(b"unreadable")
+                        readable = False
                     if labels is not None:
                         if masks is not None:
                             masks[segment_id] = labels
                         digest.update(np.packbits(labels.reshape(-1) > 0).tobytes())
                 yield
-        return digest.hexdigest()
+        return digest.hexdigest() if readable else None
 
     def _new_record(self, volume_nodes: Sequence[Any], segmentation_node: Any) -> WorkerSessionRecord:
         return WorkerSessionRecord(
@@ -674,9 +728,12 @@ class TEDMWorkerLogic:
         self._check_idle()
         if not model_path:
             raise UserInputError("choose a model folder (a fitted model holds bundle.json)")
-        with self.timings.step("read volume"):
+        with self.timings.step("read volume"), _as_user_error():
             arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
+        if segmentation_node is not None:
+            with _as_user_error():
+                mrml_io.require_voxel_source(segmentation_node)
         reuse = self._reusable_record(volume_nodes, segmentation_node)
         record = reuse or self._new_record(volume_nodes, segmentation_node)
         running = RunningOperation(
@@ -713,7 +770,7 @@ class TEDMWorkerLogic:
             raise UserInputError(f"unknown method {method!r}; expected one of {METHOD_CHOICES}")
         if not model_path:
             raise UserInputError("choose a backbone folder (holding backbone.json) or a fitted model")
-        with self.timings.step("read volume"):
+        with self.timings.step("read volume"), _as_user_error():
             arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         axis, device = self._checked_axis(axis), self._checked_device(device)
         reference = volume_nodes[0]
@@ -725,7 +782,9 @@ class TEDMWorkerLogic:
                 f"'{segmentation_node.GetName()}' has no segments: add one segment per structure "
                 "and paint it on 1-3 slices"
             )
-        drawn = mrml_io.read_class_labels(segmentation_node, reference, segment_ids)
+        with _as_user_error():
+            mrml_io.require_voxel_source(segmentation_node)
+            drawn = mrml_io.read_class_labels(segmentation_node, reference, segment_ids)
         if not drawn.any():
             raise UserInputError(
                 f"nothing is painted in '{segmentation_node.GetName()}': paint every structure on 1-3 slices first"
@@ -797,7 +856,9 @@ class TEDMWorkerLogic:
             raise UserInputError(
                 f"segment(s) {', '.join(missing)} were removed since the last result: press Segment (or Fit) again"
             )
-        edited = mrml_io.read_class_labels(segmentation_node, reference_volume_node, record.segment_ids)
+        with _as_user_error():
+            mrml_io.require_voxel_source(segmentation_node)
+            edited = mrml_io.read_class_labels(segmentation_node, reference_volume_node, record.segment_ids)
         running = RunningOperation(
             "refine",
             "Refine from corrections",
@@ -840,7 +901,7 @@ class TEDMWorkerLogic:
         """Pretrain a backbone on the volume(s) in the worker (the self-test makes its model this
         way, so that torch never enters Slicer's process). The result's ``saved_path`` is the folder."""
         self._check_idle()
-        with self.timings.step("read volume"):
+        with self.timings.step("read volume"), _as_user_error():
             arrays = mrml_io.volume_arrays_from_nodes(volume_nodes)
         record = self._new_record(volume_nodes, None)
         running = RunningOperation("pretrain", "Pretrain a backbone", list(volume_nodes), None, record, None)
@@ -976,16 +1037,7 @@ class TEDMWorkerLogic:
                 path = str(result.get("path", ""))
                 self._finish(running, DONE, f"{running.title}: saved to {path}", saved_path=path)
         except Exception as error:  # MRML refused the result: say so, keep the GUI alive
-            import traceback
-
-            log.exception("TEDMSlicer: writing the result failed")
-            if self.running is running:
-                self._finish(
-                    running,
-                    FAILED,
-                    f"{running.title}: writing the result failed: {error}",
-                    details=traceback.format_exc(),
-                )
+            self._fail_writing(running, error)
 
     def _prepare_write(
         self, running: RunningOperation, result: Dict[str, Any], arrays: Dict[str, Any]
@@ -995,6 +1047,16 @@ class TEDMWorkerLogic:
         that the nodes are still there."""
         reference = running.volume_nodes[0]
         labels = np.asarray(arrays["labels"], dtype=np.uint8)
+        changed = [
+            node.GetName()
+            for node, now, then in zip(running.volume_nodes, _volume_state(running.volume_nodes), running.volume_state)
+            if now[:2] != then[:2]  # another image or other voxels; a new IJK-to-RAS keeps the voxels labelled
+        ]
+        if changed:
+            raise UserInputError(
+                f"'{', '.join(changed)}' changed while {running.title} ran (another frame, a filter or an edit of the "
+                f"voxels): the result, made from the earlier voxels, was not written; press {running.title} again"
+            )
         expected = tuple(reversed(reference.GetImageData().GetDimensions()))
         if labels.shape != expected:
             raise mrml_io.GeometryError(
@@ -1014,7 +1076,15 @@ class TEDMWorkerLogic:
                     signature = mrml_io.segments_signature(target)
                     digest = yield from self._digest_steps(target, reference, None)
                     edited = digest != running.segmentation_digest or mrml_io.segments_signature(target) != signature
-        if target is not None and not edited:
+        moved = (
+            target is not None
+            and target.GetTransformNodeID() != reference.GetTransformNodeID()
+            and target.GetSegmentation().GetNumberOfSegments() > 0
+        )
+        corrected = False
+        if running.operation == "segment" and target is not None and not edited and not moved:
+            corrected = yield from self._corrected_since_written(target, reference)
+        if target is not None and not edited and not moved and not corrected:
             segmentation = target.GetSegmentation()
             existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
             ids = mrml_io.prepare_segmentation_node(
@@ -1032,7 +1102,44 @@ class TEDMWorkerLogic:
                     f" '{target.GetName()}' was edited while {running.title} ran, so the result went into a new "
                     "segmentation instead of overwriting your edits."
                 )
+            elif corrected:
+                # Segment again over corrected slices would erase them (a worker restart, which
+                # loses the session, leads users here): the corrections are kept.
+                write.written_to_new_node = True
+                write.note = (
+                    f" '{target.GetName()}' holds changes made since TEDM's last result there (your corrections), "
+                    "so the new result went into a new segmentation and yours was left as it is."
+                )
+            elif moved:
+                # The result lives in the volume's coordinates; taking the segmentation under the
+                # volume's transform would move the user's own segments in the world.
+                write.written_to_new_node = True
+                write.note = (
+                    f" '{target.GetName()}' is under another transform than '{reference.GetName()}', so the result "
+                    "went into a new segmentation under the volume's transform (yours was not moved)."
+                )
         running.write = write
+
+    def _corrected_since_written(self, node: Any, reference: Any) -> Generator[None, None, bool]:
+        """Whether a class segment TEDM wrote into ``node`` was changed since (one segment read per
+        step, only when the segments' modified times moved: a 3D surface made for display moves
+        them without changing a voxel)."""
+        written = self.written.get(id(node))
+        if written is None or written.node is not node or mrml_io.segments_signature(node) == written.signature:
+            return False
+        segmentation = node.GetSegmentation()
+        for segment_id, expected in written.hashes.items():
+            if segmentation.GetSegment(segment_id) is None:
+                continue  # deleted: nothing of it to keep
+            with self.timings.step("segmentation digest"):
+                try:
+                    labels = mrml_io.read_class_labels(node, reference, [segment_id])
+                except (mrml_io.GeometryError, RuntimeError):
+                    return True  # cannot be read back: not shown to be unchanged
+            if _mask_hash(labels > 0) != expected:
+                return True
+            yield
+        return False
 
     def _staged_write(
         self, running: RunningOperation, result: Dict[str, Any], labels: np.ndarray, class_names: List[str]
@@ -1093,14 +1200,21 @@ class TEDMWorkerLogic:
                 running.write = None
                 self._complete_write(running, write)
         except Exception as error:  # MRML refused the result: say so, keep the GUI alive
-            import traceback
-
-            log.exception("TEDMSlicer: writing the result failed")
             running.preparing = None
             running.write = None
-            if self.running is running:
-                message = f"{running.title}: writing the result failed: {error}"
-                self._finish(running, FAILED, message, details=traceback.format_exc())
+            self._fail_writing(running, error)
+
+    def _fail_writing(self, running: RunningOperation, error: Exception) -> None:
+        if self.running is not running:
+            return
+        if isinstance(error, (UserInputError, mrml_io.GeometryError)):  # the scene's state, said in one line
+            self._finish(running, FAILED, f"{running.title}: {error}", error_kind="user")
+            return
+        import traceback
+
+        log.exception("TEDMSlicer: writing the result failed")
+        message = f"{running.title}: writing the result failed: {error}"
+        self._finish(running, FAILED, message, details=traceback.format_exc())
 
     def _write_segment(self, node: Any, reference: Any, segment_id: str, mask: np.ndarray) -> None:
         import slicer
@@ -1138,6 +1252,11 @@ class TEDMWorkerLogic:
         if write.staged:
             reference.GetScene().AddNode(target)
             target.CreateDefaultDisplayNodes()
+        self.written[id(target)] = WrittenResult(
+            target,
+            mrml_io.segments_signature(target),
+            {segment_id: _mask_hash(write.labels == index) for index, segment_id in enumerate(write.segment_ids, 1)},
+        )
         record = running.record
         previous_record = self.records.pop(id(running.segmentation_node), None) if write.written_to_new_node else None
         record.segment_ids = list(write.segment_ids)

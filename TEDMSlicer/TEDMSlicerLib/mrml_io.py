@@ -105,6 +105,13 @@ def array_from_volume_node(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     components = image.GetNumberOfScalarComponents()
     if components == 1:
         return np.array(scalars.reshape(shape), copy=True)  # copy: VTK owns the original buffer
+    if not volume_node.IsA("vtkMRMLVectorVolumeNode"):
+        # A scalar volume node with several components is a series (MultiVolumeExplorer keeps one
+        # frame per component): three frames must not be read as the colours of one image.
+        raise ValueError(
+            f"volume '{volume_node.GetName()}' holds {components} frames per voxel (a 4D series): choose one frame "
+            "(e.g. with the Sequences or Vector to Scalar Volume module) and segment that"
+        )
     if components not in (3, 4):
         raise ValueError(
             f"volume '{volume_node.GetName()}' has {components} components per voxel: only grey, RGB and RGBA images "
@@ -437,8 +444,8 @@ def read_class_labels(
     if segmentation_node.GetTransformNodeID() != reference_volume_node.GetTransformNodeID():
         raise GeometryError(
             f"segmentation '{segmentation_node.GetName()}' and volume '{reference_volume_node.GetName()}' "
-            "are under different "
-            "transforms: harden the transforms (Data module) first"
+            "are under different transforms: put the segmentation under the volume's transform (Data module) "
+            "first; hardening a transform changes the volume's geometry, which TEDM then has to segment again"
         )
     ids = list(segment_ids) if segment_ids is not None else class_segment_ids(segmentation_node)
     shape = tuple(reversed(reference_volume_node.GetImageData().GetDimensions()))
@@ -471,6 +478,21 @@ def read_class_labels(
         )
     scalars = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
     return np.array(scalars.reshape(shape), dtype=np.uint8, copy=True)
+
+
+def require_voxel_source(segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
+    """TEDM reads and writes voxels: a segmentation whose source representation is a closed
+    surface or planar contours (an STL/OBJ import, a DICOM RT structure set) is refused, before any
+    work, rather than converted behind the user's back."""
+    segmentation = segmentation_node.GetSegmentation()
+    source_of = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    source = source_of()
+    if source != slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName():
+        raise ValueError(
+            f"segmentation '{segmentation_node.GetName()}' stores its segments as {source.lower()}s, and TEDM works "
+            "on voxels: make 'Binary labelmap' its source representation first (Segmentations module > "
+            "Representations), or choose another segmentation"
+        )
 
 
 def segments_signature(segmentation_node: slicer.vtkMRMLSegmentationNode) -> Tuple:

@@ -33,7 +33,7 @@ from ..errors import Cancelled, InputError
 from ..io.volumes import Volume
 from ..model.checkpoint import Backbone
 from ..runtime import describe_device, free_device_memory, resolve_device
-from ..slicing import SliceLayout, extract_slices, reassemble, to_slices
+from ..slicing import SliceLayout, extract_slices, reassemble, slice_layout, to_slices
 from .fit import choose_anchor_slices, fit_bundle, refine_bundle
 from .segment import FeatureCache, Segmenter
 from .volume import (
@@ -61,6 +61,32 @@ class SessionError(InputError):
 
     def __init__(self, problem: str) -> None:
         super().__init__(None, problem)
+
+
+# Labels drawn in a view across the slicing plane (a sagittal view of an axial session) lie in a
+# few planes of another axis yet touch many of the session's slices, each of which would then be
+# learnt whole, unlabelled parts as background. "A few": the 1-3 slices a user labels or corrects.
+FEW_PLANES = 3
+
+
+def drawn_across_the_plane(touched: np.ndarray, layout: SliceLayout, ijk_to_ras: np.ndarray) -> Optional[str]:
+    """The plane the touched voxels (K, J, I) were drawn in, when it is not the session's: they lie
+    in at most ``FEW_PLANES`` slices of that plane and touch more of the session's slices. None
+    otherwise (drawn in the session's plane, or in 3D)."""
+    touched = np.asarray(touched, dtype=bool)
+    planes = [int(touched.any(axis=tuple(d for d in range(3) if d != dim)).sum()) for dim in range(3)]
+    along_session = planes[layout.slice_dim]
+    if along_session <= FEW_PLANES:
+        return None
+    for dim in (d for d in range(3) if d != layout.slice_dim):
+        if 0 < planes[dim] <= FEW_PLANES:
+            names = [a for a in AXES[:3] if slice_layout(ijk_to_ras, layout.grid, a).slice_dim == dim]
+            plane = names[0] if names else f"voxel axis {'KJI'[dim]}"
+            return (
+                f"drawn on {planes[dim]} {plane} slice(s), they touch {along_session} {layout.plane} slices, each of "
+                f"which would count as labelled whole"
+            )
+    return None
 
 
 @dataclass
@@ -259,10 +285,17 @@ class InteractiveSession:
         tic = time.perf_counter()
         notes = self._start(model, axis, device, reporter, channel_names=backbone.channel_names)
         self._prepare_slices(backbone.intensity)
-        drawn_slices = self._cut(self._check_labels(drawn, len(class_names)))
+        drawn = self._check_labels(drawn, len(class_names))
+        drawn_slices = self._cut(drawn)
         labelled = [int(i) for i in np.flatnonzero(drawn_slices.reshape(len(drawn_slices), -1).any(axis=1))]
         if not labelled:
             raise SessionError(f"nothing is labelled: paint every structure on 1-3 {self.axis} slices first")
+        across = drawn_across_the_plane(drawn > 0, self.layout, self.volume.ijk_to_ras)
+        if across:
+            raise SessionError(
+                f"the labels were {across}: set the slicing axis to the plane you labelled in, or label 1-3 "
+                f"{self.layout.plane} slices"
+            )
         reporter.log(f"Fitting {method} on {len(labelled)} labelled slice(s): {', '.join(map(str, labelled))}.")
         self.bundle = fit_bundle(
             backbone,
@@ -310,6 +343,14 @@ class InteractiveSession:
             raise SessionError("no slice differs from the last result: correct some slices, then Refine")
         training = sorted(set(self.training_slices) | set(changed))
         reporter.log(f"Corrected slices: {', '.join(map(str, changed))}; training on {len(training)} slice(s).")
+        touched = reassemble(edited_slices != self.written, self.layout)
+        across = drawn_across_the_plane(touched, self.layout, self.volume.ijk_to_ras)
+        if across:
+            # Not refused: a thin structure corrected slice by slice looks the same from here.
+            reporter.log(
+                f"Warning: your corrections were {across}. If you corrected in a view across the slicing plane, "
+                f"undo, correct in a {self.layout.plane} view and Refine again."
+            )
         # The earlier result is kept on a few uncorrected slices (anchors) only when it was learnt
         # from this volume's own labels. A model fitted elsewhere can be far off here, and holding
         # it to its own result held its errors: on two validation BraTS subjects (issue 10,
