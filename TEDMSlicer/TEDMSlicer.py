@@ -486,6 +486,21 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pass  # already in the log and the status line; nothing was written
         self._updateButtons()
 
+    def saveSegmentEditorUndoState(self, segmentationNode) -> None:
+        """Before TEDM writes into a segmentation the Segment Editor is editing: its Undo then takes
+        the result back whole. Without it, Undo restored the state before the user's last stroke,
+        i.e. TEDM's earlier result, and the next Refine learnt that as corrections."""
+        module = getattr(slicer.modules, "segmenteditor", None)
+        if module is None:
+            return
+        try:  # (an editor never opened is created here, edits no node, and is left alone)
+            editor = module.widgetRepresentation().self().editor
+            edited = editor.segmentationNode()
+            if edited is not None and edited.GetID() == segmentationNode.GetID():
+                editor.saveStateForUndo()
+        except Exception as error:  # an undo state is a convenience: never a reason to lose the result
+            logging.debug("TEDMSlicer: could not save the Segment Editor's undo state: %s", error)
+
     def _afterResult(self, operation: FinishedOperation) -> None:
         if operation.uncertain_slice is not None:
             self.logic.jumpToSlice(operation.uncertain_slice.centre_world)
@@ -525,6 +540,9 @@ class _WidgetListener:
 
     def finished(self, operation: FinishedOperation) -> None:
         self.widget.onOperationFinished(operation)
+
+    def about_to_write_in_place(self, segmentation_node) -> None:
+        self.widget.saveSegmentEditorUndoState(segmentation_node)
 
 
 #

@@ -1148,3 +1148,44 @@ def test_worker_settings_problem_stops_before_any_request(gui, tmp_path):
     assert kind == "warningDisplay" and "worker Python not found" in text
     gui.press(gui.ui.restartWorkerButton)  # the same check
     assert gui.dialogs.kinds() == ["warningDisplay", "warningDisplay"] and gui.clients == []
+
+
+def test_the_segment_editor_can_undo_a_result_written_in_place(gui, monkeypatch):
+    """Refine writes into the segmentation the Segment Editor is editing: the editor's undo state
+    is saved first (the voxels the user left), so that Undo takes the result back whole."""
+    import types
+
+    gui.params.modelPath = Path("/models/brain")
+    gui.press(gui.ui.segmentButton)
+    gui.settle()
+    (node,) = gui.segmentations()
+    lib = gui.lib
+    (segment_id,) = lib.mrml_io.all_segment_ids(node)
+    saved = []
+
+    class Editor:  # qMRMLSegmentEditorWidget's two calls
+        def segmentationNode(self):
+            return node
+
+        def saveStateForUndo(self):
+            saved.append(lib.mrml_io.read_class_labels(node, gui.volume, [segment_id]).copy())
+
+    editor_module = types.SimpleNamespace(
+        widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: types.SimpleNamespace(editor=Editor())),
+    )
+    monkeypatch.setattr(slicer.modules, "segmenteditor", editor_module, raising=False)
+    labels = lib.mrml_io.read_class_labels(node, gui.volume, [segment_id])
+    wanted = labels.copy()
+    wanted[5] = 0
+    SegmentEditor(gui.scene, node, gui.volume).correct([segment_id], labels, wanted, np.ones_like(labels, bool))
+    gui.press(gui.ui.refineButton)
+    gui.settle()
+    assert gui.ui.statusLabel.text.startswith("Refine from corrections done in ")
+    assert len(saved) == 1 and np.array_equal(saved[0], wanted), "saved once, before the result was written"
+    # An editor on another segmentation is left alone.
+    other, _ = new_segmentation(gui.scene, [("other", (0.0, 1.0, 0.0))])
+    Editor.segmentationNode = lambda self: other
+    SegmentEditor(gui.scene, node, gui.volume).correct([segment_id], wanted, labels, np.ones_like(labels, bool))
+    gui.press(gui.ui.refineButton)
+    gui.settle()
+    assert len(saved) == 1

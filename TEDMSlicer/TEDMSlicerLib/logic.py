@@ -218,6 +218,9 @@ class LoggingListener:
     def finished(self, operation: FinishedOperation) -> None:
         self.finished_operations.append(operation)
 
+    def about_to_write_in_place(self, segmentation_node: Any) -> None:
+        pass  # no Segment Editor outside Slicer
+
 
 def _ignore_event(event: Any) -> None:
     """For requests whose answer nobody needs (close_session): the client then keeps nothing."""
@@ -1085,6 +1088,9 @@ class TEDMWorkerLogic:
         if running.operation == "segment" and target is not None and not edited and not moved:
             corrected = yield from self._corrected_since_written(target, reference)
         if target is not None and not edited and not moved and not corrected:
+            about_to_write = getattr(self.listener, "about_to_write_in_place", None)
+            if about_to_write is not None:
+                about_to_write(target)
             segmentation = target.GetSegmentation()
             existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
             ids = mrml_io.prepare_segmentation_node(

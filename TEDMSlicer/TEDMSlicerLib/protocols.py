@@ -71,3 +71,9 @@ class OperationListener(Protocol):
 
     def finished(self, operation: Any) -> None:
         """``operation`` is a :class:`TEDMSlicerLib.logic.FinishedOperation`."""
+
+    def about_to_write_in_place(self, segmentation_node: Any) -> None:
+        """A result is about to be written into a segmentation already in the scene (Segment again,
+        Fit, Refine): the widget saves the Segment Editor's undo state, so that Undo takes back the
+        result as a whole rather than the user's last stroke under it (after which the next Refine
+        would take TEDM's earlier result for corrections)."""
