@@ -434,3 +434,49 @@ def test_the_frame_reader_hands_over_a_whole_buffered_message_without_copying():
     header, arrays = decode_message(handed)
     reader.feed(small[1] + small[2][:7])  # the reader goes on in a buffer of its own
     assert header["id"] == "1" and np.array_equal(arrays["labels"], labels)
+
+
+def test_sessions_share_one_feature_budget_and_the_oldest_cache_goes_first(tiny_bundle_dir):
+    """Segmenting volume after volume (each into a new node in Slicer) keeps a session each; their
+    feature caches together stay within the worker's budget, the oldest dropped first, and a
+    session whose cache was dropped still Refines (the UNet runs again)."""
+    import queue
+
+    from tedm_core.serve.protocol import encode_message
+    from tedm_core.serve.worker import Worker
+
+    worker = Worker()
+    events: queue.Queue = queue.Queue()
+
+    def call(op, fields, arrays=None):
+        request_id = f"{op}-{events.qsize()}-{time.monotonic()}"
+        worker.handle(encode_message({"id": request_id, "op": op, **fields}, arrays), lambda e, a: events.put((e, a)))
+        logs = []
+        while True:
+            event, result_arrays = events.get(timeout=TIMEOUT)
+            if event.get("id") != request_id:
+                continue
+            if event["event"] == "log":
+                logs.append(event["message"])
+            elif event["event"] in ("result", "error"):
+                assert event["event"] == "result", event
+                return event["result"], result_arrays, logs
+
+    array, _ = _volume()
+    for name in ("a", "b", "c"):
+        call("open_session", {"session": name, "ijk_to_ras": affine_zoo()["oblique"].tolist()}, {"volume": array})
+    _, _, logs = call("segment", {"session": "a", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"})
+    one = worker.sessions["a"].feature_cache_nbytes
+    assert one > 0 and not any("Freed" in line for line in logs)
+    worker.feature_budget_bytes = int(2.5 * one)  # room for two sessions' caches
+    call("segment", {"session": "b", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"})
+    _, _, logs = call("segment", {"session": "c", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"})
+    held = {name: worker.sessions[name].feature_cache_nbytes for name in "abc"}
+    assert held["a"] == 0 and held["b"] > 0 and held["c"] > 0, held
+    assert any(line.startswith("Freed the cached features of an earlier segmentation") for line in logs), logs
+    result, arrays, _ = call("segment", {"session": "a", "model": str(tiny_bundle_dir), "axis": "k", "device": "cpu"})
+    labels = arrays["labels"].copy()
+    labels[6, :3, :3] = 1 - labels[6, :3, :3]
+    result, _, _ = call("refine", {"session": "a", "steps": 2}, {"labels": labels})
+    assert result["changed_slices"] == [6]
+    assert worker.sessions["b"].feature_cache_nbytes == 0, "the least recently used one went"

@@ -431,6 +431,10 @@ class InteractiveSession:
     def feature_cache_nbytes(self) -> int:
         return 0 if self.features is None else self.features.nbytes
 
+    def forget_features(self) -> None:
+        """Let go of the cached decoder features (memory); the next Refine runs the UNet again."""
+        self.features = None
+
     def close(self) -> None:
         """Let go of the features (they can take gigabytes) and the segmenter."""
         self._release_segmenter()

@@ -83,6 +83,10 @@ class Worker:
         self.sessions: Dict[str, Any] = {}  # session id -> InteractiveSession
         self._owners: Dict[str, Any] = {}  # session id -> the connection that opened it (network)
         self._models: Dict[str, Tuple[float, Any]] = {}
+        self._used: Dict[str, float] = {}  # session id -> when a job last used it
+        # Each session caps its own feature cache; this caps them all together (a Slicer user
+        # segments one volume after another, each into a new node: each keeps a session open).
+        self.feature_budget_bytes: Optional[int] = None  # None: the session's own default share of memory
         self._job: Optional[RunningJob] = None
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -185,6 +189,9 @@ class Worker:
         reporter = Reporter(progress=progress, log=log_line, cancelled=job.cancel.is_set)
         try:
             result, result_arrays = self._jobs[job.op](request, arrays, reporter)
+            if job.session is not None:
+                self._used[job.session] = time.monotonic()
+                self._keep_features_within_budget(job.session, reporter)
             event: Dict[str, Any] = {"event": "result", "id": job.request_id, "result": result}
         except Exception as error:
             event, result_arrays = error_event(job.request_id, error), None
@@ -192,6 +199,27 @@ class Worker:
             with self._lock:
                 self._job = None
         reply(event, result_arrays)
+
+    def _keep_features_within_budget(self, active: str, reporter: Any) -> None:
+        """Drop the cached decoder features of the sessions used longest ago until all sessions'
+        caches fit the budget together; the active one keeps its own. A session without its cache
+        still Refines: its next Refine runs the UNet over the volume again."""
+        from ..pipelines.interactive import default_feature_cache_limit
+
+        budget = default_feature_cache_limit() if self.feature_budget_bytes is None else self.feature_budget_bytes
+        held = {session_id: session.feature_cache_nbytes for session_id, session in list(self.sessions.items())}
+        total = sum(held.values())
+        for session_id in sorted((s for s in held if s != active and held[s]), key=lambda s: self._used.get(s, 0.0)):
+            if total <= budget:
+                break
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.forget_features()
+                total -= held[session_id]
+                reporter.log(
+                    f"Freed the cached features of an earlier segmentation ({held[session_id] / 2**20:.0f} MiB) to "
+                    "stay within the worker's memory budget: its next Refine runs the diffusion UNet again."
+                )
 
     def _model(self, path: str) -> Any:
         """A bundle or a backbone, cached by path and the modification time of its metadata."""
@@ -397,6 +425,7 @@ class Worker:
         session_id = _field(request, "session", str)
         session = self.sessions.pop(session_id, None)
         self._owners.pop(session_id, None)
+        self._used.pop(session_id, None)
         job = self._job
         if job is not None and job.session == session_id:
             job.cancel.set()  # its result has nowhere to go; the job lets go of the session as it ends
