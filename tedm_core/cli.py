@@ -547,6 +547,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
 
 def _run_refine(args: argparse.Namespace) -> int:
     from .bundle import check_bundle_target, load_bundle
+    from .io.cases import order_channel_files
     from .io.images import IMAGE_SUFFIXES
     from .io.outputs import check_writable_folder, refuse_overlap
     from .io.volumes import (
@@ -577,7 +578,11 @@ def _run_refine(args: argparse.Namespace) -> int:
     check_bundle_target(args.out, overwrite=False)
     check_writable_folder(args.out.parent)
     bundle = load_bundle(args.model)
-    image = read_volume(args.image[0]) if len(args.image) == 1 else read_case(args.image, bundle.channel_names)
+    if len(args.image) == 1:
+        image = read_volume(args.image[0])
+    else:
+        # Matched to the model's channels by file name, as segment matches a case folder's files.
+        image = read_case(order_channel_files(args.image, bundle.channel_names), bundle.channel_names)
     corrected = read_volume(args.corrected, allow_constant=True)
     mismatch = geometry_mismatch(image, corrected)
     if mismatch:
