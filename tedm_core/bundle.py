@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .choices import AXES, BASELINE, METHODS, NUM_TRAIN_TIMESTEPS, canonical_method
 from .errors import BundleError
-from .heads import FeatureHead, HeadConfig
+from .heads import FeatureHead, HeadConfig, prediction_timesteps_problem
 from .io.safe import read_json, read_tensors, write_json, write_tensors
 from .model.checkpoint import (
     BACKBONE_JSON,
@@ -110,14 +110,13 @@ class ModelBundle:
         if (self.head is None) != (self.method == BASELINE):
             raise ValueError("a head is needed for every method except the supervised baseline")
         self.inference_timesteps = tuple(int(t) for t in self.inference_timesteps)
-        if self.inference_timesteps and (
-            self.head is None
-            or self.head.config.mode != "shared"
-            or not set(self.inference_timesteps) <= set(self.head.config.timesteps)
-        ):
-            raise ValueError(
-                f"inference timesteps {list(self.inference_timesteps)} must be a subset of a shared head's timesteps"
-            )
+        if self.inference_timesteps:
+            if self.head is None or self.head.config.mode != "shared":
+                shown = list(self.inference_timesteps)
+                raise ValueError(f"inference timesteps {shown} must be a subset of a shared head's timesteps")
+            problem = prediction_timesteps_problem(self.inference_timesteps, self.head.config)
+            if problem:
+                raise ValueError(f"inference timesteps {list(self.inference_timesteps)}: {problem}")
         if self.component_rule is not None and len(self.component_rule.max_regions) != len(self.class_names) - 1:
             raise ValueError("component_rule needs one entry per structure (every class but the background)")
 
