@@ -558,6 +558,7 @@ def _run_refine(args: argparse.Namespace) -> int:
         volume_suffix,
         write_label_volume,
     )
+    from .pipelines.batch import file_label_values
     from .pipelines.interactive import InteractiveSession
     from .pipelines.volume import classes_to_label_values, label_array_to_classes
 
@@ -587,17 +588,21 @@ def _run_refine(args: argparse.Namespace) -> int:
     mismatch = geometry_mismatch(image, corrected)
     if mismatch:
         raise TEDMError(f"{args.corrected}: not on the image's voxel grid ({mismatch})")
+    # Its label values too before the work: found after segmenting the whole image, a wrong value
+    # cost that segmentation for nothing.
+    corrected_classes = label_array_to_classes(corrected, bundle.label_values)
     session = InteractiveSession(image)
     first = session.segment(bundle, args.axis, args.device)
     print(f"segmented {first.slices_run} slices along {first.axis} in {first.seconds:.1f} s")
-    refined = session.refine(label_array_to_classes(corrected, bundle.label_values), steps=args.steps)
+    refined = session.refine(corrected_classes, steps=args.steps)
     print(
         f"refined on slice(s) {', '.join(map(str, refined.changed_slices))} "
         f"({len(refined.training_slices)} training slices) in {refined.seconds:.1f} s"
     )
     print(f"model -> {session.save_model(args.out)}")
     if args.output is not None:
-        labels = classes_to_label_values(refined.labels, bundle.label_values)
+        # The values segment writes into the same format (0/255 for one structure in a PNG).
+        labels = classes_to_label_values(refined.labels, file_label_values(args.output, bundle))
         print(f"segmentation -> {write_label_volume(args.output, labels, image)}")
     return 0
 

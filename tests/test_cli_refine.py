@@ -69,3 +69,52 @@ def test_refine_refuses_channel_files_named_after_no_channel(tmp_path, two_chann
     err = capsys.readouterr().err
     assert not two_channel_refine
     assert len(err.strip().splitlines()) == 1 and f"{a}: names no channel" in err and "FLAIR, T1" in err
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    return path
+
+
+def _disc_png_pair(tmp_path: Path):
+    from conftest import synthetic_disc_images
+
+    images, masks = synthetic_disc_images(1, size=32, seed=5)
+    image = _png(tmp_path / "image.png", (images[0, 0] + 1) * 127.5)
+    return image, masks[0]
+
+
+def test_refine_writes_a_one_structure_png_as_segment_does_0_and_255(tiny_bundle_dir, tmp_path):
+    from PIL import Image
+
+    from tedm_core.bundle import load_bundle
+
+    assert len(load_bundle(tiny_bundle_dir).class_names) == 2
+    image, mask = _disc_png_pair(tmp_path)
+    corrected = _png(tmp_path / "corrected.png", mask * 255)
+    output = tmp_path / "seg.png"
+    argv = ["refine", "--model", str(tiny_bundle_dir), "--image", str(image), "--corrected", str(corrected)]
+    assert main([*argv, "--out", str(tmp_path / "refined"), "--output", str(output), "--steps", "2"]) == 0
+    values = set(np.unique(np.asarray(Image.open(output))).tolist())
+    assert values <= {0, 255} and 255 in values
+
+
+def test_refine_checks_the_corrected_label_values_before_segmenting(tiny_bundle_dir, tmp_path, monkeypatch, capsys):
+    segmented = []
+    real_segment = tedm_core.pipelines.interactive.InteractiveSession.segment
+    monkeypatch.setattr(
+        tedm_core.pipelines.interactive.InteractiveSession,
+        "segment",
+        lambda self, *a, **k: segmented.append(1) or real_segment(self, *a, **k),
+    )
+    image, mask = _disc_png_pair(tmp_path)
+    values = mask.copy()
+    values[:2, :2] = 7  # a second structure value for a one-structure model
+    corrected = _png(tmp_path / "corrected.png", values)
+    argv = ["refine", "--model", str(tiny_bundle_dir), "--image", str(image), "--corrected", str(corrected)]
+    assert main([*argv, "--out", str(tmp_path / "refined")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(corrected) in err
+    assert not segmented
