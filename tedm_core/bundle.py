@@ -59,6 +59,11 @@ DEFAULT_COLOURS: Tuple[Tuple[int, int, int], ...] = (
 )
 
 
+#: The ``training`` entry recording the model grid (pixels) a bundle's head or baseline was
+#: trained on; bundles saved before it existed lack it and are not checked.
+TRAINED_IMAGE_SIZE = "image_size"
+
+
 def default_colours(num_classes: int) -> List[Tuple[int, int, int]]:
     return [
         DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)]
@@ -370,6 +375,20 @@ def _check_model_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     axis = meta.get("axis", "axial")
     require(meta_path, axis in AXES, f"axis must be one of {AXES}, got {axis!r}")
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
+    trained_size = meta.get("training", {}).get(TRAINED_IMAGE_SIZE)
+    if trained_size is not None:
+        require(
+            meta_path,
+            is_count(trained_size),
+            f"training {TRAINED_IMAGE_SIZE} must be a positive integer, got {trained_size!r}",
+        )
+        size = meta["backbone"].get("config", {}).get("image_size") if isinstance(meta["backbone"], dict) else None
+        require(
+            meta_path,
+            size == trained_size,
+            f"backbone image_size {size!r} differs from the {trained_size} px model grid the model was trained on "
+            f"(training {TRAINED_IMAGE_SIZE}); its weights fit only that grid",
+        )
     for flag in ("test_time_flip", "crop_dark_borders"):
         require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
     inference = meta.get("inference_timesteps", [])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..bundle import BASELINE, ModelBundle, baseline_output_channels
+from ..bundle import BASELINE, TRAINED_IMAGE_SIZE, ModelBundle, baseline_output_channels
 from ..choices import (
     DEFAULT_BASELINE_STEPS,
     DEFAULT_HEAD_STEPS,
@@ -704,7 +704,14 @@ def fit_bundle(
         # (Refining may learn from all-background corrections; a model from nothing but background may not.)
         raise InputError(None, "every labelled pixel is background: there is no structure to learn")
     tic = time.perf_counter()
-    training = {"labelled_slices": int(grid.shape[0]), "seed": options.seed, "backbone_steps": backbone.steps_trained}
+    training = {
+        "labelled_slices": int(grid.shape[0]),
+        "seed": options.seed,
+        "backbone_steps": backbone.steps_trained,
+        # The model grid the head (or baseline) learnt on: loading refuses a bundle whose
+        # backbone image_size was edited away from it (the weights fit no other grid).
+        TRAINED_IMAGE_SIZE: int(backbone.config.image_size),
+    }
 
     inference_timesteps: Tuple[int, ...] = ()
     if method == BASELINE:
