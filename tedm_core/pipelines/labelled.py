@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError, SettingError
 from ..io.cases import discover_cases, find_label_file
-from ..io.images import is_image_file, read_grey, read_label_image
+from ..io.images import IMAGE_SUFFIXES, is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
 from .fit import LabelSet, SliceSet
@@ -35,6 +35,16 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
     mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
     image_files = [p for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p)]
     unmatched = [p for p in image_files if strip_suffix(p) not in mask_by_stem]
+    volume_masks = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_volume_file(p)}
+    for image in unmatched:
+        if strip_suffix(image) in volume_masks:
+            # Named as its mask but a volume (e.g. NIfTI): "no mask" would send the user looking
+            # for a missing file rather than converting this one.
+            raise InputError(
+                volume_masks[strip_suffix(image)],
+                f"is a volume, but {image.name} is a 2D image: masks of 2D images must be 2D images "
+                f"({', '.join(IMAGE_SUFFIXES)}) of the same name",
+            )
     if len(unmatched) == len(image_files):
         raise InputError(images, f"no image has a mask of the same name in {masks}")
     if unmatched:
