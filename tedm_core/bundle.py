@@ -159,13 +159,18 @@ class ModelBundle:
         )
 
 
+class BundleExistsError(BundleError):
+    """A bundle would be written where something already is and overwriting was not allowed;
+    front ends name their own way of allowing it (the CLI's ``--overwrite``)."""
+
+
 def check_bundle_target(path: Path, overwrite: bool) -> None:
     """Refuse to write a bundle where it would replace anything but a bundle (with ``overwrite``)."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise BundleError(path, f"is a link to {os.readlink(path)}, which does not exist; give the folder itself")
     if path.exists() and not overwrite:
-        raise BundleError(path, "already exists; choose another name or allow overwriting")
+        raise BundleExistsError(path, "already exists; choose another name or allow overwriting")
     if path.exists() and not (path / BUNDLE_JSON).is_file():
         # Overwriting replaces the whole folder: only ever a model bundle, never a folder of data.
         raise BundleError(

@@ -43,7 +43,7 @@ from .choices import (
     PRESET_NAMES,
     SCHEDULES,
 )
-from .errors import SettingError, TEDMError
+from .errors import BundleError, SettingError, TEDMError
 
 log = logging.getLogger("tedm")
 
@@ -326,7 +326,7 @@ def _class_spec(args: argparse.Namespace) -> Tuple[List[str], List[int]]:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from .bundle import check_bundle_target, save_bundle
+    from .bundle import BundleExistsError, check_bundle_target, save_bundle
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.checkpoint import load_backbone
     from .pipelines.fit import fit_bundle
@@ -338,7 +338,11 @@ def _run_fit(args: argparse.Namespace) -> int:
         raise SettingError("timesteps", "the supervised baseline takes no timesteps (it sees the image itself)")
     resolve_device(args.device)
     refuse_overlap(args.out, [("images", args.images), ("masks", args.masks), ("backbone", args.backbone)])
-    check_bundle_target(args.out, args.overwrite)
+    try:
+        check_bundle_target(args.out, args.overwrite)
+    except BundleExistsError:
+        # The library's message says "allow overwriting"; here the way to allow it is a flag.
+        raise BundleError(args.out, "already exists; choose another name or pass --overwrite to replace it") from None
     check_writable_folder(args.out.parent)
     backbone = load_backbone(args.backbone)
     slices, labels, sources = load_labelled_data(
