@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -297,7 +297,7 @@ def _prepare(
         raise InputError(None, "no labelled slices to learn from")
     # Framed in groups of one size (each group as one stack, so that slices of one size are
     # framed exactly as a stack of them is), then put back in the order given.
-    groups: dict = {}
+    groups: Dict[Tuple[int, ...], List[int]] = {}
     for index, slice_ in enumerate(slices):
         groups.setdefault(np.shape(slice_), []).append(index)
     grid = torch.empty(0)
