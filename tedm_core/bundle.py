@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .choices import AXES, BASELINE, METHODS, NUM_TRAIN_TIMESTEPS, canonical_method
 from .errors import BundleError
-from .heads import FeatureHead, HeadConfig
+from .heads import FeatureHead, HeadConfig, prediction_timesteps_problem
 from .io.safe import read_json, read_tensors, write_json, write_tensors
 from .model.checkpoint import (
     BACKBONE_JSON,
@@ -57,6 +57,11 @@ DEFAULT_COLOURS: Tuple[Tuple[int, int, int], ...] = (
     (213, 94, 0),
     (204, 121, 167),
 )
+
+
+#: The ``training`` entry recording the model grid (pixels) a bundle's head or baseline was
+#: trained on; bundles saved before it existed lack it and are not checked.
+TRAINED_IMAGE_SIZE = "image_size"
 
 
 def default_colours(num_classes: int) -> List[Tuple[int, int, int]]:
@@ -110,14 +115,13 @@ class ModelBundle:
         if (self.head is None) != (self.method == BASELINE):
             raise ValueError("a head is needed for every method except the supervised baseline")
         self.inference_timesteps = tuple(int(t) for t in self.inference_timesteps)
-        if self.inference_timesteps and (
-            self.head is None
-            or self.head.config.mode != "shared"
-            or not set(self.inference_timesteps) <= set(self.head.config.timesteps)
-        ):
-            raise ValueError(
-                f"inference timesteps {list(self.inference_timesteps)} must be a subset of a shared head's timesteps"
-            )
+        if self.inference_timesteps:
+            if self.head is None or self.head.config.mode != "shared":
+                shown = list(self.inference_timesteps)
+                raise ValueError(f"inference timesteps {shown} must be a subset of a shared head's timesteps")
+            problem = prediction_timesteps_problem(self.inference_timesteps, self.head.config)
+            if problem:
+                raise ValueError(f"inference timesteps {list(self.inference_timesteps)}: {problem}")
         if self.component_rule is not None and len(self.component_rule.max_regions) != len(self.class_names) - 1:
             raise ValueError("component_rule needs one entry per structure (every class but the background)")
 
@@ -155,13 +159,18 @@ class ModelBundle:
         )
 
 
+class BundleExistsError(BundleError):
+    """A bundle would be written where something already is and overwriting was not allowed;
+    front ends name their own way of allowing it (the CLI's ``--overwrite``)."""
+
+
 def check_bundle_target(path: Path, overwrite: bool) -> None:
     """Refuse to write a bundle where it would replace anything but a bundle (with ``overwrite``)."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise BundleError(path, f"is a link to {os.readlink(path)}, which does not exist; give the folder itself")
     if path.exists() and not overwrite:
-        raise BundleError(path, "already exists; choose another name or allow overwriting")
+        raise BundleExistsError(path, "already exists; choose another name or allow overwriting")
     if path.exists() and not (path / BUNDLE_JSON).is_file():
         # Overwriting replaces the whole folder: only ever a model bundle, never a folder of data.
         raise BundleError(
@@ -371,6 +380,20 @@ def _check_model_description(meta_path: Path, meta: Dict[str, Any]) -> None:
     axis = meta.get("axis", "axial")
     require(meta_path, axis in AXES, f"axis must be one of {AXES}, got {axis!r}")
     require(meta_path, isinstance(meta.get("training", {}), dict), "training must be an object")
+    trained_size = meta.get("training", {}).get(TRAINED_IMAGE_SIZE)
+    if trained_size is not None:
+        require(
+            meta_path,
+            is_count(trained_size),
+            f"training {TRAINED_IMAGE_SIZE} must be a positive integer, got {trained_size!r}",
+        )
+        size = meta["backbone"].get("config", {}).get("image_size") if isinstance(meta["backbone"], dict) else None
+        require(
+            meta_path,
+            size == trained_size,
+            f"backbone image_size {size!r} differs from the {trained_size} px model grid the model was trained on "
+            f"(training {TRAINED_IMAGE_SIZE}); its weights fit only that grid",
+        )
     for flag in ("test_time_flip", "crop_dark_borders"):
         require(meta_path, isinstance(meta.get(flag, False), bool), f"{flag} must be true or false")
     inference = meta.get("inference_timesteps", [])

@@ -43,7 +43,7 @@ from .choices import (
     PRESET_NAMES,
     SCHEDULES,
 )
-from .errors import SettingError, TEDMError
+from .errors import BundleError, SettingError, TEDMError
 
 log = logging.getLogger("tedm")
 
@@ -326,7 +326,7 @@ def _class_spec(args: argparse.Namespace) -> Tuple[List[str], List[int]]:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from .bundle import check_bundle_target, save_bundle
+    from .bundle import BundleExistsError, check_bundle_target, save_bundle
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.checkpoint import load_backbone
     from .pipelines.fit import fit_bundle
@@ -338,7 +338,11 @@ def _run_fit(args: argparse.Namespace) -> int:
         raise SettingError("timesteps", "the supervised baseline takes no timesteps (it sees the image itself)")
     resolve_device(args.device)
     refuse_overlap(args.out, [("images", args.images), ("masks", args.masks), ("backbone", args.backbone)])
-    check_bundle_target(args.out, args.overwrite)
+    try:
+        check_bundle_target(args.out, args.overwrite)
+    except BundleExistsError:
+        # The library's message says "allow overwriting"; here the way to allow it is a flag.
+        raise BundleError(args.out, "already exists; choose another name or pass --overwrite to replace it") from None
     check_writable_folder(args.out.parent)
     backbone = load_backbone(args.backbone)
     slices, labels, sources = load_labelled_data(
@@ -547,6 +551,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
 
 def _run_refine(args: argparse.Namespace) -> int:
     from .bundle import check_bundle_target, load_bundle
+    from .io.cases import order_channel_files
     from .io.images import IMAGE_SUFFIXES
     from .io.outputs import check_writable_folder, refuse_overlap
     from .io.volumes import (
@@ -557,6 +562,7 @@ def _run_refine(args: argparse.Namespace) -> int:
         volume_suffix,
         write_label_volume,
     )
+    from .pipelines.batch import file_label_values
     from .pipelines.interactive import InteractiveSession
     from .pipelines.volume import classes_to_label_values, label_array_to_classes
 
@@ -577,22 +583,30 @@ def _run_refine(args: argparse.Namespace) -> int:
     check_bundle_target(args.out, overwrite=False)
     check_writable_folder(args.out.parent)
     bundle = load_bundle(args.model)
-    image = read_volume(args.image[0]) if len(args.image) == 1 else read_case(args.image, bundle.channel_names)
+    if len(args.image) == 1:
+        image = read_volume(args.image[0])
+    else:
+        # Matched to the model's channels by file name, as segment matches a case folder's files.
+        image = read_case(order_channel_files(args.image, bundle.channel_names), bundle.channel_names)
     corrected = read_volume(args.corrected, allow_constant=True)
     mismatch = geometry_mismatch(image, corrected)
     if mismatch:
         raise TEDMError(f"{args.corrected}: not on the image's voxel grid ({mismatch})")
+    # Its label values too before the work: found after segmenting the whole image, a wrong value
+    # cost that segmentation for nothing.
+    corrected_classes = label_array_to_classes(corrected, bundle.label_values)
     session = InteractiveSession(image)
     first = session.segment(bundle, args.axis, args.device)
     print(f"segmented {first.slices_run} slices along {first.axis} in {first.seconds:.1f} s")
-    refined = session.refine(label_array_to_classes(corrected, bundle.label_values), steps=args.steps)
+    refined = session.refine(corrected_classes, steps=args.steps)
     print(
         f"refined on slice(s) {', '.join(map(str, refined.changed_slices))} "
         f"({len(refined.training_slices)} training slices) in {refined.seconds:.1f} s"
     )
     print(f"model -> {session.save_model(args.out)}")
     if args.output is not None:
-        labels = classes_to_label_values(refined.labels, bundle.label_values)
+        # The values segment writes into the same format (0/255 for one structure in a PNG).
+        labels = classes_to_label_values(refined.labels, file_label_values(args.output, bundle))
         print(f"segmentation -> {write_label_volume(args.output, labels, image)}")
     return 0
 

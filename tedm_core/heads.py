@@ -230,6 +230,28 @@ class HeadConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+def prediction_timesteps_problem(timesteps: Sequence[int], config: HeadConfig) -> Optional[str]:
+    """Why a head with ``config`` cannot predict from ``timesteps``, or None.
+
+    One rule for a bundle's recorded inference timesteps and segment's ``--timesteps``: a head
+    only knows the features of the timesteps it was trained on (others give confident nonsense),
+    and a repeated timestep would silently weigh double in the average.
+    """
+    timesteps = [int(t) for t in timesteps]
+    trained = list(config.timesteps)
+    repeated = sorted({t for t in timesteps if timesteps.count(t) > 1})
+    if repeated:
+        return f"{repeated} repeated; give each timestep once, among the head's timesteps {trained}"
+    if config.mode == "concat":
+        if set(timesteps) != set(trained):
+            return f"a {config.method} head needs exactly its timesteps {trained}"
+        return None
+    untrained = [t for t in timesteps if t not in trained]
+    if untrained:
+        return f"{untrained} not among the head's timesteps {trained}; choose a subset of them"
+    return None
+
+
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The loss of logits ``(B, K', H, W)`` against class indices ``(B, H, W)``: one output
     (a single structure) is a sigmoid with binary cross-entropy, several a softmax with cross-entropy.

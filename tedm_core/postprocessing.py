@@ -16,7 +16,7 @@ any number of 2D regions. Chosen on validation (issue 10, session 16; see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -41,15 +41,19 @@ class ComponentRule:
             raise ValueError(f"fill_holes must be true or false, got {list(self.fill_holes)}")
 
     @classmethod
-    def learn(cls, labels: np.ndarray, num_classes: int) -> ComponentRule:
+    def learn(cls, labels: Union[np.ndarray, Sequence[np.ndarray]], num_classes: int) -> ComponentRule:
         """The rule the labelled masks ``labels`` ((N, H, W) class indices) follow."""
-        labels = np.asarray(labels)
-        if labels.ndim == 2:
-            labels = labels[None]
+        # A sequence of (H, W) masks of different sizes is taken slice by slice.
+        if isinstance(labels, (list, tuple)):
+            labels = [np.asarray(label) for label in labels]
+        else:
+            labels = np.asarray(labels)
+            if labels.ndim == 2:
+                labels = labels[None]
         max_regions, fill = [], []
         for c in range(1, num_classes):
             counts, holes = [], False
-            for mask in labels == c:
+            for mask in (label == c for label in labels):
                 area = int(mask.sum())
                 if not area:
                     continue

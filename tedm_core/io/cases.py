@@ -211,6 +211,31 @@ def _discover_multichannel(
     return _check_unique(cases)
 
 
+def order_channel_files(paths: Sequence[Path], channel_names: Sequence[str]) -> List[Path]:
+    """The files of one case (given in any order) in the model's channel order, matched by file
+    name as case discovery matches them (``FLAIR.nii.gz`` or a ``FLAIR`` DICOM folder; case-insensitive).
+
+    Taking them by position would silently feed swapped modalities to the model, so files whose
+    names do not each name a different channel are refused, naming the files the model expects.
+    """
+    paths = [Path(p) for p in paths]
+    expected = (
+        f"the model expects one file per channel named {', '.join(channel_names)} (e.g. {channel_names[0]}.nii.gz)"
+    )
+    if len(paths) != len(channel_names):
+        raise InputError(paths[0], f"{len(paths)} files for a {len(channel_names)}-channel model; {expected}")
+    wanted = {name.lower(): name for name in channel_names}
+    by_channel: Dict[str, Path] = {}
+    for path in paths:
+        key = (path.name if path.is_dir() else strip_suffix(path)).lower()
+        if key not in wanted:
+            raise InputError(path, f"names no channel of the model; {expected}")
+        if wanted[key] in by_channel:
+            raise InputError(path, f"is a second file for channel {wanted[key]}; {expected}")
+        by_channel[wanted[key]] = path
+    return [by_channel[name] for name in channel_names]
+
+
 def _check_unique(cases: List[Case]) -> List[Case]:
     """Refuse, before any work, two inputs whose outputs would collide: the same label file
     (``a.nii`` and ``a.nii.gz``, ``scan.png`` and ``scan.jpg``), or one case's label file on

@@ -15,7 +15,7 @@ from ..choices import SCHEDULES
 from ..errors import BundleError
 from ..io.safe import read_json, read_tensors, write_json, write_tensors
 from ..preprocessing.intensity import IntensityConfig
-from .backbone import BackboneConfig, build_unet
+from .backbone import PRESETS, BackboneConfig, build_unet
 from .diffusion import NoiseSchedule
 
 BACKBONE_FORMAT = 1
@@ -133,6 +133,22 @@ def check_backbone_description(path: Path, meta: Dict[str, Any]) -> None:
         all(c % groups == 0 for c in channels),
         f"backbone channels {channels} are not all divisible by norm_num_groups {groups}",
     )
+    preset = config.get("preset", "custom")
+    if isinstance(preset, str) and preset in PRESETS:
+        # A preset names an architecture (its grid and input channels may be chosen): a preset
+        # name that does not describe these weights would be reported, and reused, as a lie.
+        expected = PRESETS[preset].to_dict()
+        differing = [
+            key
+            for key in ("channels", "attention_levels", "num_res_blocks", "norm_num_groups", "num_head_channels")
+            if config.get(key) != expected[key]
+        ]
+        require(
+            path,
+            not differing,
+            f"backbone preset {preset!r} does not match its config ({', '.join(differing)} differ from the "
+            f'preset\'s); set preset to "custom" for an architecture of your own',
+        )
     names = meta.get("channel_names", ["image"])
     require(path, is_name_list(names), f"channel_names must be a list of distinct names, got {names!r}")
     require(

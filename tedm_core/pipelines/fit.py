@@ -13,13 +13,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..bundle import BASELINE, ModelBundle, baseline_output_channels
+from ..bundle import BASELINE, TRAINED_IMAGE_SIZE, ModelBundle, baseline_output_channels
 from ..choices import (
     DEFAULT_BASELINE_STEPS,
     DEFAULT_HEAD_STEPS,
@@ -261,15 +261,71 @@ def crops_dark_borders(options: FitOptions, intensity: IntensityConfig) -> bool:
     return is_radiograph(intensity)
 
 
+#: Labelled slices: one (N, C, H, W) array, or a sequence of (C, H, W) slices of different sizes.
+SliceSet = Union[np.ndarray, Sequence[np.ndarray]]
+#: Their labels: one (N, H, W) array, or a sequence of (H, W) label slices matching the slices.
+LabelSet = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def labels_max(labels: LabelSet) -> int:
+    """The largest class index in ``labels`` (one array or a sequence of slices of different sizes)."""
+    if isinstance(labels, np.ndarray):
+        return int(labels.max())
+    return max(int(np.asarray(label).max()) for label in labels)
+
+
 def _prepare(
+    slices: SliceSet,
+    labels: LabelSet,
+    image_size: int,
+    num_classes: int,
+    crop_with: Optional[IntensityConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labelled slices and labels on the model grid; with ``crop_with`` (the model's intensity
+    normalisation), each slice's dark border bands cropped first, as the segmenter crops them.
+
+    Slices of different sizes (a sequence of (C, H, W) slices) are each framed on their own, as
+    the segmenter frames each image: padding them to a common size first would teach a smaller
+    image at another scale and position than segmenting shows it.
+    """
+    if isinstance(slices, np.ndarray) or isinstance(labels, np.ndarray):
+        return _prepare_stack(slices, labels, image_size, num_classes, crop_with)
+    slices, labels = list(slices), list(labels)
+    if len(slices) != len(labels):
+        raise ValueError(f"{len(slices)} slices for {len(labels)} label slices")
+    if len(slices) == 0:
+        raise InputError(None, "no labelled slices to learn from")
+    # Framed in groups of one size (each group as one stack, so that slices of one size are
+    # framed exactly as a stack of them is), then put back in the order given.
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for index, slice_ in enumerate(slices):
+        groups.setdefault(np.shape(slice_), []).append(index)
+    grid = torch.empty(0)
+    targets = torch.empty(0, dtype=torch.long)
+    for indices in groups.values():
+        group_grid, group_targets = _prepare_stack(
+            np.stack([np.asarray(slices[i], dtype=np.float32) for i in indices]),
+            np.stack([np.asarray(labels[i]) for i in indices]),
+            image_size,
+            num_classes,
+            crop_with,
+        )
+        if grid.numel() == 0:
+            grid = group_grid.new_empty((len(slices),) + tuple(group_grid.shape[1:]))
+            targets = group_targets.new_empty((len(slices),) + tuple(group_targets.shape[1:]))
+        grid[indices] = group_grid
+        targets[indices] = group_targets
+    return grid, targets
+
+
+def _prepare_stack(
     slices: np.ndarray,
     labels: np.ndarray,
     image_size: int,
     num_classes: int,
     crop_with: Optional[IntensityConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Labelled slices and labels on the model grid; with ``crop_with`` (the model's intensity
-    normalisation), each slice's dark border bands cropped first, as the segmenter crops them."""
+    """:func:`_prepare` for one (N, C, H, W) stack of slices of one size."""
     slices = np.asarray(slices, dtype=np.float32)
     labels = np.asarray(labels)
     if slices.ndim != 4 or labels.shape != (slices.shape[0],) + slices.shape[2:]:
@@ -603,8 +659,8 @@ def train_baseline(
 
 def fit_bundle(
     backbone: Backbone,
-    slices: np.ndarray,
-    labels: np.ndarray,
+    slices: SliceSet,
+    labels: LabelSet,
     method: str = "tedm",
     class_names: Sequence[str] = ("background", "foreground"),
     label_values: Optional[Sequence[int]] = None,
@@ -618,6 +674,7 @@ def fit_bundle(
     """Fit ``method`` on labelled slices and return a bundle ready to segment.
 
     ``slices`` (N, C, H, W) are normalised with ``backbone.intensity``; ``labels`` (N, H, W)
+    (or sequences of (C, H, W) slices and (H, W) labels of different sizes, each framed on its own)
     hold class indices into ``class_names`` (background first). ``label_values`` are the values
     the classes have in label files (default 0..K-1). ``class_colours`` are 0-255 RGB triples, one
     per class (default: the bundle's palette). Options may be given as keywords
@@ -643,11 +700,18 @@ def fit_bundle(
     grid, targets = _prepare(
         slices, labels, backbone.config.image_size, len(class_names), backbone.intensity if crop else None
     )
-    if int(np.asarray(labels).max()) == 0:
+    if labels_max(labels) == 0:
         # (Refining may learn from all-background corrections; a model from nothing but background may not.)
         raise InputError(None, "every labelled pixel is background: there is no structure to learn")
     tic = time.perf_counter()
-    training = {"labelled_slices": int(grid.shape[0]), "seed": options.seed, "backbone_steps": backbone.steps_trained}
+    training = {
+        "labelled_slices": int(grid.shape[0]),
+        "seed": options.seed,
+        "backbone_steps": backbone.steps_trained,
+        # The model grid the head (or baseline) learnt on: loading refuses a bundle whose
+        # backbone image_size was edited away from it (the weights fit no other grid).
+        TRAINED_IMAGE_SIZE: int(backbone.config.image_size),
+    }
 
     inference_timesteps: Tuple[int, ...] = ()
     if method == BASELINE:
@@ -764,8 +828,8 @@ def fit_bundle(
 
 def refine_bundle(
     bundle: ModelBundle,
-    slices: np.ndarray,
-    labels: np.ndarray,
+    slices: SliceSet,
+    labels: LabelSet,
     options: Optional[FitOptions] = None,
     progress: Optional[Progress] = None,
     cancel: Optional[CancelCheck] = None,

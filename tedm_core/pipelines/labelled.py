@@ -18,9 +18,10 @@ import numpy as np
 
 from ..errors import InputError, SettingError
 from ..io.cases import discover_cases, find_label_file
-from ..io.images import is_image_file, read_grey, read_label_image
+from ..io.images import IMAGE_SUFFIXES, is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
+from .fit import LabelSet, SliceSet
 from .volume import read_labelled_case
 
 
@@ -34,6 +35,16 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
     mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
     image_files = [p for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p)]
     unmatched = [p for p in image_files if strip_suffix(p) not in mask_by_stem]
+    volume_masks = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_volume_file(p)}
+    for image in unmatched:
+        if strip_suffix(image) in volume_masks:
+            # Named as its mask but a volume (e.g. NIfTI): "no mask" would send the user looking
+            # for a missing file rather than converting this one.
+            raise InputError(
+                volume_masks[strip_suffix(image)],
+                f"is a volume, but {image.name} is a 2D image: masks of 2D images must be 2D images "
+                f"({', '.join(IMAGE_SUFFIXES)}) of the same name",
+            )
     if len(unmatched) == len(image_files):
         raise InputError(images, f"no image has a mask of the same name in {masks}")
     if unmatched:
@@ -71,8 +82,9 @@ def load_labelled_data(
     slices_per_case: Optional[int] = None,
     axis: str = "axial",
     label_name: Optional[str] = None,
-) -> Tuple[np.ndarray, np.ndarray, List[str]]:
-    """Normalised slices (N, C, H, W), class-index labels (N, H, W) and a description of each slice's source.
+) -> Tuple[SliceSet, LabelSet, List[str]]:
+    """Normalised slices (N, C, H, W), class-index labels (N, H, W) and a description of each slice's source;
+    when the slices differ in size, lists of (C, H, W) slices and (H, W) labels instead (see :func:`_stack_slices`).
 
     ``n`` keeps the first n items (2D pairs or cases) in sorted name order, the paper's few-shot subsets.
     """
@@ -116,15 +128,15 @@ def load_labelled_data(
         all_slices.append(labelled.slices[keep])
         all_labels.append(labelled.labels[keep])
         sources += [f"{path}#slice{index}" for path, index in (labelled.sources[i] for i in keep)]
-    slices_out, labels_out = _pad_to_common_size(all_slices, all_labels)
+    slices_out, labels_out = _stack_slices(all_slices, all_labels)
     _check_every_class_labelled(labels_out, label_values, Path(masks) if masks is not None else images)
     return slices_out, labels_out, sources
 
 
-def _check_every_class_labelled(labels: np.ndarray, label_values: Sequence[int], where: Path) -> None:
+def _check_every_class_labelled(labels: LabelSet, label_values: Sequence[int], where: Path) -> None:
     """A class no labelled pixel holds would be fitted as one the model never predicts, without a
     word: far more often a wrong label value or a class too many than a wish."""
-    present = set(np.unique(labels).tolist())
+    present = set().union(*(np.unique(label).tolist() for label in labels))
     missing = [k for k in range(1, len(label_values)) if k not in present]
     if missing:
         shown = ", ".join(f"class {k} (label value {label_values[k]})" for k in missing[:5])
@@ -161,16 +173,18 @@ def _load_image_pairs(
             raise InputError(mask_path, f"holds no labelled pixels (every pixel is background {label_values[0]})")
         all_slices.append(image)
         all_labels.append(label)
-    slices_out, labels_out = _pad_to_common_size(all_slices, all_labels)
+    slices_out, labels_out = _stack_slices(all_slices, all_labels)
     return slices_out, labels_out, [str(image) for image, _ in pairs]
 
 
-def _pad_to_common_size(slices: List[np.ndarray], labels: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """Stack slices of different sizes by padding with background (-1 intensity, class 0)."""
-    h = max(s.shape[2] for s in slices)
-    w = max(s.shape[3] for s in slices)
-    padded_slices = [
-        np.pad(s, ((0, 0), (0, 0), (0, h - s.shape[2]), (0, w - s.shape[3])), constant_values=-1.0) for s in slices
-    ]
-    padded_labels = [np.pad(lab, ((0, 0), (0, h - lab.shape[1]), (0, w - lab.shape[2]))) for lab in labels]
-    return np.concatenate(padded_slices).astype(np.float32), np.concatenate(padded_labels).astype(np.int64)
+def _stack_slices(slices: List[np.ndarray], labels: List[np.ndarray]) -> Tuple[SliceSet, LabelSet]:
+    """Blocks of (n, C, H, W) slices and (n, H, W) labels as one (N, C, H, W) / (N, H, W) stack when
+    all slices share a size; otherwise as lists of (C, H, W) slices and (H, W) labels, which
+    fitting frames one by one on the model grid, as segmenting frames each image (padding them to
+    a common size would teach a smaller image at another scale and position than segment shows it)."""
+    if len({s.shape[2:] for s in slices}) == 1:
+        return np.concatenate(slices).astype(np.float32), np.concatenate(labels).astype(np.int64)
+    return (
+        [s.astype(np.float32) for block in slices for s in block],
+        [lab.astype(np.int64) for block in labels for lab in block],
+    )

@@ -18,7 +18,7 @@ import torch
 from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures, measured_pass_precision, pass_attention
-from ..heads import class_probabilities
+from ..heads import class_probabilities, prediction_timesteps_problem
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import (
@@ -175,10 +175,9 @@ class Segmenter:
             raise SettingError("timesteps", "the supervised baseline has no timesteps to choose")
         if bundle.head is not None:
             bundle.backbone.noise_schedule.validate_timesteps(self.timesteps)
-            if bundle.head.config.mode == "concat" and set(self.timesteps) != set(bundle.timesteps):
-                raise SettingError(
-                    "timesteps", f"a {bundle.method} head needs exactly its timesteps {list(bundle.timesteps)}"
-                )
+            problem = prediction_timesteps_problem(self.timesteps, bundle.head.config)
+            if problem:
+                raise SettingError("timesteps", problem)
         unet = bundle.backbone.unet.to(self.device).eval()
         if self.memory_format == torch.channels_last:
             unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)

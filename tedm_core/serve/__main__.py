@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         from .stdio import take_stdout
 
         protocol_fd = take_stdout()
-    from .server import MIN_TOKEN_CHARACTERS, serve_network, serve_stdio
+    from .server import MIN_TOKEN_CHARACTERS, ListenError, serve_network, serve_stdio
 
     if args.max_request_mb <= 0:
         print(f"--max-request-mb must be positive, got {args.max_request_mb}", file=sys.stderr)
@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if not port.isdigit():
         print(f"--listen: expected [HOST:]PORT, got {args.listen!r}", file=sys.stderr)
         return 2
+    if int(port) > 65535:
+        print(f"--listen: port {port} out of range (0 to 65535; 0 picks a free one)", file=sys.stderr)
+        return 2
     token = _read_token(args.token_file)
     if token is None or len(token) < MIN_TOKEN_CHARACTERS:
         print(
@@ -73,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return serve_network(host.strip("[]"), int(port), token, max_bytes)
+    try:
+        return serve_network(host.strip("[]"), int(port), token, max_bytes)
+    except ListenError as error:
+        print(f"--listen: {error}", file=sys.stderr)
+        return 2
 
 
 def _read_token(path: Optional[Path]) -> Optional[str]:

@@ -12,6 +12,7 @@ import threading
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..errors import TEDMError
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES, Arrays, FrameReader, frame
 from .stdio import take_stdout
 from .worker import Worker, error_event, ready_event, send_event
@@ -57,6 +58,22 @@ def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, protocol_fd:
     return 0
 
 
+class ListenError(TEDMError):
+    """The address to serve on cannot be bound (in use, out of range, not this machine's)."""
+
+
+def listen(host: str, port: int) -> Listener:
+    """A listener on ``host:port``, or a :class:`ListenError` naming the address and why not."""
+    if not 0 <= port <= 65535:
+        raise ListenError(f"cannot listen on {host}:{port}: ports go from 0 to 65535")
+    try:
+        return Listener((host, port))
+    except OverflowError as error:  # a port out of range, should one slip past the check above
+        raise ListenError(f"cannot listen on {host}:{port}: {error}") from None
+    except OSError as error:  # in use, an address of another machine, a host name that does not resolve
+        raise ListenError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def serve_network(
     host: str,
     port: int,
@@ -73,9 +90,10 @@ def serve_network(
     if len(token) < MIN_TOKEN_CHARACTERS:
         raise ValueError(f"the token must have at least {MIN_TOKEN_CHARACTERS} characters")
     key = token.encode("utf-8")
+    # Bound before the preload (seconds of imports): a port in use or out of range is said at once.
+    listener = listen(host, int(port))
     worker = Worker()
     worker.preload()
-    listener = Listener((host, int(port)))
     address = listener.address
     log.warning("tedm serve: listening on %s:%d", address[0], address[1])
     if on_listening is not None:
