@@ -709,7 +709,7 @@ def fit_bundle(
         "seed": options.seed,
         "backbone_steps": backbone.steps_trained,
         # The model grid the head (or baseline) learnt on: loading refuses a bundle whose
-        # backbone image_size was edited away from it (the weights fit no other grid).
+        # backbone image_size was edited away from it (the head learnt the features of this grid).
         TRAINED_IMAGE_SIZE: int(backbone.config.image_size),
     }
 
