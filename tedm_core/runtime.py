@@ -61,7 +61,7 @@ def count_non_finite(tensors) -> int:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
+    """``auto`` -> bf16 on CUDA cards with native bf16 (compute capability 8.0, Ampere, or newer), fp32 elsewhere.
 
     fp32 on CPU by default, for training: bf16 autocast of MONAI's UNet measured 5-30x *slower*
     than fp32 on this project's CPUs for training, although it is valid; on CPUs without
@@ -73,9 +73,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise SettingError("precision", f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and cuda_has_native_bf16(device):
         return "bf16"
     return "fp32"
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA card ``device`` (not the current one: ``cuda:1`` may be another model)
+    computes bf16 in its tensor cores: compute capability 8.0 (Ampere) or newer.
+
+    Not ``torch.cuda.is_bf16_supported()``: by default it counts emulation, so it says yes on
+    a T4 or V100 (sm 7.x), where bf16 autocast runs without tensor cores, slower than fp32."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -97,7 +106,7 @@ def resolve_inference_precision(
 ) -> str:
     """The precision of gradient-free UNet passes (segmenting, extracting features to fit on).
 
-    ``auto``: bf16 on CUDA cards that support it. On a CPU with native bf16 the two are
+    ``auto``: bf16 on CUDA cards with native bf16 (:func:`cuda_has_native_bf16`). On a CPU with native bf16 the two are
     *measured*, not assumed: ``timed_pass`` (one representative pass under ``autocast``) runs
     in fp32 and in bf16, and bf16 is kept only if it is at least ``BF16_MIN_GAIN`` x faster.
     On this project's AVX512-BF16 machine bf16 autocast ran the `small` UNet 1.56x faster than

@@ -137,7 +137,7 @@ class Segmenter:
         batch_size: slices per UNet call (each slice is run once per timestep); default: what
             half of the free GPU memory holds, or ``CPU_SLICES_PER_CALL`` on the CPU. Halved automatically
             on CUDA OOM.
-        precision: ``auto`` (bf16 on CUDA; on a CPU measured, see
+        precision: ``auto`` (bf16 on CUDA cards with native bf16, compute capability 8.0+; on a CPU measured, see
             :func:`~tedm_core.runtime.resolve_inference_precision`), ``fp32`` or ``bf16``.
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
         memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
