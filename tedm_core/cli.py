@@ -633,6 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory_line(error: BaseException, args: argparse.Namespace) -> str:
+    """Where memory ran out and what this command's options can change about it."""
+    from .runtime import out_of_memory_on_gpu
+
+    on_gpu = out_of_memory_on_gpu(error)
+    ways = ["a smaller --batch-size"] if hasattr(args, "batch_size") else []
+    if on_gpu and hasattr(args, "device"):
+        ways.append("--device cpu")
+    if not on_gpu:
+        ways.append("fewer or smaller inputs")
+    return f"out of {'GPU ' if on_gpu else ''}memory (try {', or '.join(ways)})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -652,8 +665,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"{prog}: error: out of memory (try fewer or smaller inputs, or --batch-size)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as error:
+        # torch reports memory running out as a RuntimeError (torch.OutOfMemoryError on CUDA, the
+        # CPU allocator's "can't allocate memory"), rarely as MemoryError: one line, not a traceback.
+        from .runtime import is_out_of_memory
+
+        if not is_out_of_memory(error):
+            raise
+        print(f"{prog}: error: {_out_of_memory_line(error, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

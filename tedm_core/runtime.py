@@ -207,7 +207,19 @@ def plan_batch_size(
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """Whether ``error`` says memory ran out: a CUDA out-of-memory error, torch's CPU allocator
+    failing (a ``RuntimeError`` "DefaultCPUAllocator: can't allocate memory", not a
+    ``MemoryError``), or Python's ``MemoryError``."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    # The CPU allocator says "can't allocate memory" on POSIX, "not enough memory" on Windows.
+    text = str(error).lower()
+    return any(words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def out_of_memory_on_gpu(error: BaseException) -> bool:
+    """Whether an out-of-memory ``error`` (:func:`is_out_of_memory`) is the GPU's, not main memory's."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "cuda out of memory" in str(error).lower()
 
 
 def map_in_chunks(
@@ -215,8 +227,9 @@ def map_in_chunks(
 ) -> Iterator[T]:
     """Yield ``fn(start, stop)`` over ``[0, total)`` in chunks, halving the chunk on out-of-memory.
 
-    A CUDA OOM does not lose work: the failed chunk is retried at half the size, down to 1,
-    and the smaller size is kept for the rest of the run.
+    An out-of-memory error (CUDA's, or the CPU allocator's) does not lose work: the failed chunk
+    is retried at half the size, down to 1, and the smaller size is kept for the rest of the run
+    (``on_oom(size)`` tells the caller, to keep it for later runs too).
     """
     start = 0
     while start < total:

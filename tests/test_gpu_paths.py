@@ -1,0 +1,64 @@
+"""CUDA code paths checked on the CPU: the device is a stand-in (``meta``, or mocks of torch.cuda and
+torch.distributed) that enforces what CUDA enforces, so each test fails where a GPU run would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_disc_pngs
+
+from tedm_core import cli
+from tedm_core.pipelines import pretrain as pretrain_module
+from tedm_core.serve.worker import error_event
+
+CUDA_OOM = torch.cuda.OutOfMemoryError(
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB of which 1.2 GiB\n"
+    "is free. Of the allocated memory 13.1 GiB is allocated by PyTorch, and 0.4 GiB is reserved but unallocated."
+)
+# What torch's CPU allocator raises (a RuntimeError, not a MemoryError), word for word.
+CPU_OOM = RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+# --- out of memory: one line for the user, not a traceback -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (CUDA_OOM, "out of GPU memory (try a smaller --batch-size, or --device cpu)"),
+        (CPU_OOM, "out of memory (try a smaller --batch-size, or fewer or smaller inputs)"),
+    ],
+    ids=["cuda", "cpu-allocator"],
+)
+def test_out_of_memory_in_a_command_is_one_line_exit_2(error, expected, tmp_path, capsys, monkeypatch):
+    def run_out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pretrain_module, "pretrain", run_out_of_memory)
+    images = write_disc_pngs(tmp_path / "images", 2, 32)
+    argv = ["pretrain", "--images", str(images), "--out", str(tmp_path / "bb"), "--preset", "tiny", "--steps", "1"]
+    assert cli.main([*argv, "--device", "cpu"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"tedm pretrain: error: {expected}"]  # (the other lines: the progress bar)
+
+
+def test_a_runtime_error_that_is_not_out_of_memory_still_raises(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(pretrain_module, "pretrain", broken)
+    images = write_disc_pngs(tmp_path / "images", 2, 32)
+    with pytest.raises(RuntimeError, match="shapes"):
+        cli.main(["pretrain", "--images", str(images), "--out", str(tmp_path / "bb"), "--device", "cpu"])
+
+
+def test_the_worker_reports_out_of_memory_as_a_one_line_user_error():
+    gpu, cpu = error_event("7", CUDA_OOM), error_event("8", CPU_OOM)
+    assert gpu["kind"] == cpu["kind"] == "user"
+    assert gpu["details"] == cpu["details"] == ""  # no traceback shown
+    assert gpu["message"].startswith("out of GPU memory (") and "cpu device" in gpu["message"]
+    assert cpu["message"].startswith("out of memory (")
+    assert error_event("9", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))["kind"] == "internal"
