@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_disc_pngs
+from conftest import synthetic_disc_images, write_disc_pngs
 
 from tedm_core import cli
+from tedm_core.bundle import ModelBundle
+from tedm_core.model.backbone import PRESETS
+from tedm_core.model.checkpoint import Backbone
 from tedm_core.pipelines import pretrain as pretrain_module
+from tedm_core.pipelines.fit import fit_bundle
+from tedm_core.pipelines.segment import Segmenter
+from tedm_core.preprocessing.intensity import IntensityConfig
 from tedm_core.serve.worker import error_event
 
 CUDA_OOM = torch.cuda.OutOfMemoryError(
@@ -20,6 +26,21 @@ CPU_OOM = RuntimeError(
     "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
     "allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)"
 )
+
+
+@pytest.fixture(scope="module")
+def bundle() -> ModelBundle:
+    """A tiny TEDM bundle on an untrained backbone (seconds): what runs where is the question, not quality."""
+    torch.manual_seed(0)
+    backbone = Backbone.new(PRESETS["tiny"], intensity=IntensityConfig("percentile", 0.5, 99.5))
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    return fit_bundle(
+        backbone, images, masks, "tedm", ["background", "disc"], [0, 1], steps=5, device="cpu", show_progress=False
+    )
+
+
+def devices_of(module: torch.nn.Module) -> set:
+    return {t.device.type for t in [*module.parameters(), *module.buffers()]}
 
 
 # --- out of memory: one line for the user, not a traceback -------------------------------------------
@@ -62,3 +83,33 @@ def test_the_worker_reports_out_of_memory_as_a_one_line_user_error():
     assert gpu["message"].startswith("out of GPU memory (") and "cpu device" in gpu["message"]
     assert cpu["message"].startswith("out of memory (")
     assert error_event("9", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))["kind"] == "internal"
+
+
+def test_a_batch_halved_after_out_of_memory_is_kept_for_later_calls(bundle):
+    images, _ = synthetic_disc_images(8, size=32, seed=5)
+    segmenter = Segmenter(bundle, device="cpu", batch_size=8, test_time_flip=False)
+    real, sizes = segmenter._predict_chunk, []
+
+    def chunk_fitting_two(chunk, *args):
+        sizes.append(len(chunk))
+        if len(chunk) > 2:
+            raise CUDA_OOM
+        return real(chunk, *args)
+
+    segmenter._predict_chunk = chunk_fitting_two
+    segmenter.predict(images)
+    assert sizes == [8, 4, 2, 2, 2, 2] and segmenter.batch_size == 2
+    sizes.clear()
+    segmenter.predict(images)  # the next volume: no failed pass at the planned size first
+    assert sizes == [2, 2, 2, 2]
+    cache = Segmenter(bundle, device="cpu", test_time_flip=False).predict(images, keep_features=True).features
+    real_head = segmenter._head_predict
+
+    def head_fitting_one(levels, transform):
+        if levels[0].shape[0] > 1:
+            raise CUDA_OOM
+        return real_head(levels, transform)
+
+    segmenter._head_predict = head_fitting_one
+    segmenter.predict_from_features(cache)
+    assert segmenter.batch_size == 1  # lowered by the head's chunks too, never raised

@@ -382,9 +382,15 @@ class Segmenter:
             if progress is not None:
                 progress(stop, total)
 
-        for _ in map_in_chunks(run, total, self.batch_size):
+        for _ in map_in_chunks(run, total, self.batch_size, on_oom=self._remember_batch_size):
             pass
         return transform
+
+    def _remember_batch_size(self, size: int) -> None:
+        """Keep a batch halved after out-of-memory for every later call (the next volume of a
+        batch, the next Segment of a session), which would otherwise fail at the planned size
+        again, a wasted partial pass each time. Never raised: the head's chunks may be larger."""
+        self.batch_size = min(self.batch_size, size)
 
     def _predict_chunk(
         self,
@@ -449,6 +455,6 @@ class Segmenter:
             if progress is not None:
                 progress(stop, total)
 
-        for _ in map_in_chunks(run, total, max(self.batch_size, 16)):
+        for _ in map_in_chunks(run, total, max(self.batch_size, 16), on_oom=self._remember_batch_size):
             pass
         return SlicePrediction(probabilities, uncertainty, cache)
