@@ -11,6 +11,7 @@ from tedm_core import cli
 from tedm_core.bundle import ModelBundle
 from tedm_core.model.backbone import PRESETS
 from tedm_core.model.checkpoint import Backbone
+from tedm_core.pipelines import fit as fit_module
 from tedm_core.pipelines import pretrain as pretrain_module
 from tedm_core.pipelines.fit import fit_bundle
 from tedm_core.pipelines.segment import Segmenter
@@ -113,3 +114,48 @@ def test_a_batch_halved_after_out_of_memory_is_kept_for_later_calls(bundle):
     segmenter._head_predict = head_fitting_one
     segmenter.predict_from_features(cache)
     assert segmenter.batch_size == 1  # lowered by the head's chunks too, never raised
+
+
+# --- refine with anchors on a GPU ---------------------------------------------------------------------
+
+
+class Reached(Exception):
+    """Raised where the stand-in device can go no further (meta tensors have no values)."""
+
+
+def test_refine_with_anchors_gives_the_head_its_anchor_on_the_device(bundle, monkeypatch):
+    """The anchor's labels are made on the CPU, the rows chosen each step on the device: CUDA
+    refuses such an index ("Expected all tensors to be on the same device"), which ``meta`` lets
+    through, so index_select enforces it here. Stops at the loss (meta tensors hold no values)."""
+    images, masks = synthetic_disc_images(6, size=32, seed=4)
+    first = Segmenter(bundle, device="cpu").predict(images, keep_features=True)
+    real_index_select = torch.Tensor.index_select
+
+    def same_device_index_select(self, dim, index):
+        if self.device != index.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, {index.device} and {self.device}")
+        return real_index_select(self, dim, index)
+
+    losses = []
+
+    def loss_on_the_device(head, features, targets, weight, chunk):
+        losses.append({t.device.type for t in [*features, targets]})
+        if len(losses) == 2:  # the labelled slices' part, then the anchor's
+            raise Reached
+        return 0.0
+
+    monkeypatch.setattr(fit_module, "resolve_device", lambda device: torch.device("meta"))
+    monkeypatch.setattr(torch.Tensor, "index_select", same_device_index_select)
+    monkeypatch.setattr(fit_module, "_accumulate_loss", loss_on_the_device)
+    with pytest.raises(Reached):
+        fit_module.refine_bundle(
+            bundle,
+            images[:2],
+            masks[:2],
+            steps=2,
+            anchor_slices=images[2:],
+            anchor_labels=first.labels[2:],
+            anchor_features=first.features.select([2, 3, 4, 5]).levels,
+            show_progress=False,
+        )
+    assert losses == [{"meta"}, {"meta"}]

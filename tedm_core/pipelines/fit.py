@@ -533,6 +533,10 @@ def train_head(
     if len(per_draw) != len(features):
         raise ValueError(f"{len(per_draw)} target sets for {len(features)} noise draws")
     targets = per_draw[0]
+    if anchor is not None:
+        # Its labels come from the CPU (and its features may): the rows chosen each step are an
+        # index on ``device``, which CUDA refuses to apply to a tensor elsewhere.
+        anchor = replace(anchor, features=[f.to(device) for f in anchor.features], labels=anchor.labels.to(device))
     optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, steps))
