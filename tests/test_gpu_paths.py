@@ -159,3 +159,54 @@ def test_refine_with_anchors_gives_the_head_its_anchor_on_the_device(bundle, mon
             show_progress=False,
         )
     assert losses == [{"meta"}, {"meta"}]
+
+
+# --- multi-GPU pretraining: each process on its own GPU ------------------------------------------------
+
+
+@pytest.mark.parametrize("torch_takes_device_id", [True, False], ids=["torch>=2.3", "older torch"])
+def test_torchrun_binds_each_process_to_its_gpu(torch_takes_device_id, tmp_path, monkeypatch):
+    """Rank 1 of 2 on CUDA (mocked up to DistributedDataParallel): the process makes cuda:1 its
+    current device before NCCL starts, binds the process group to it where torch can, and gives
+    DDP that GPU alone. Unbound, every rank's barrier runs on cuda:0."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    calls = []
+
+    def init_with_device_id(backend=None, init_method=None, device_id=None):
+        calls.append(("init_process_group", backend, device_id))
+
+    def init_without_device_id(backend=None, init_method=None):
+        calls.append(("init_process_group", backend, None))
+
+    def ddp(module, device_ids=None, **kwargs):
+        calls.append(("DistributedDataParallel", device_ids))
+        raise Reached
+
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):  # the weights stay on the CPU: no GPU here
+        cuda = args and isinstance(args[0], torch.device) and args[0].type == "cuda"
+        return self if cuda else real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(pretrain_module, "resolve_precision", lambda precision, device: "bf16")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        dist, "init_process_group", init_with_device_id if torch_takes_device_id else init_without_device_id
+    )
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    options = pretrain_module.PretrainOptions(steps=1, batch_size=2, device="cuda", show_progress=False)
+    with pytest.raises(Reached):
+        pretrain_module.pretrain(torch.zeros(4, 1, 32, 32), Backbone.new(PRESETS["tiny"]), tmp_path / "bb", options)
+    gpu = torch.device("cuda", 1)
+    assert calls == [
+        ("set_device", gpu),
+        ("init_process_group", "nccl", gpu if torch_takes_device_id else None),
+        ("DistributedDataParallel", [1]),
+    ]

@@ -9,6 +9,7 @@ once weights and optimiser state are restored, whatever happened before the inte
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -58,14 +59,34 @@ class PretrainOptions:
 
 
 class _Distributed:
-    """The torchrun environment, or a single process."""
+    """The torchrun environment, or a single process; under torchrun on CUDA each process is
+    bound to its own GPU, ``cuda:LOCAL_RANK`` (``self.device``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.enabled = self.world > 1
+        self.device = device
+        if self.enabled and device.type == "cuda":
+            # Made the current device before NCCL starts: otherwise every rank's communicator and
+            # barrier() use cuda:0 (NCCL's "Duplicate GPU detected", or a hang at the first checkpoint).
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                # device_id (torch >= 2.3) also binds the process group to the GPU at once.
+                bound = {"device_id": self.device} if _accepts_device_id(dist.init_process_group) else {}
+                dist.init_process_group(backend="nccl", **bound)
+            else:
+                dist.init_process_group(backend="gloo")
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` under DistributedDataParallel when distributed (on CUDA: on this process's GPU only)."""
+        if not self.enabled:
+            return module
+        if self.device.type == "cuda":
+            return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index])
+        return torch.nn.parallel.DistributedDataParallel(module)
 
     @property
     def is_main(self) -> bool:
@@ -74,6 +95,11 @@ class _Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def _accepts_device_id(init_process_group: Callable[..., Any]) -> bool:
+    parameters = inspect.signature(init_process_group).parameters.values()
+    return any(p.name == "device_id" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _augment(batch: torch.Tensor, options: PretrainOptions, generator: torch.Generator) -> torch.Tensor:
@@ -272,13 +298,11 @@ def pretrain(
     check_pretrain_folder(out, resume, overwrite)
     if not torch.isfinite(images).all():
         raise SettingError("images", "the training images hold NaN or infinite values")
-    device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
-    ddp = _Distributed(device)
-    if ddp.enabled and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if options.loss not in LOSSES:
         raise SettingError("loss", f"unknown loss {options.loss!r}; expected one of {LOSSES}")
+    ddp = _Distributed(resolve_device(options.device))
+    device = ddp.device
+    precision = resolve_precision(options.precision, device)  # (of this process's GPU)
 
     unet = backbone.unet.to(device).train()
     schedule = NoiseSchedule(backbone.schedule)
@@ -320,7 +344,7 @@ def pretrain(
     if ddp.is_main and (out / STEPS_DIR).is_dir():
         for stale in (out / STEPS_DIR).glob(".*.partial"):  # staged by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-    model = torch.nn.parallel.DistributedDataParallel(unet) if ddp.enabled else unet
+    model = ddp.wrap(unet)
 
     local_batch = max(1, options.batch_size // ddp.world)
     bar = tqdm(
