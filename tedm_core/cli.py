@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .argtypes import (
@@ -127,14 +127,10 @@ def _add_device_options(p: argparse.ArgumentParser, batch_size: bool = False) ->
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import discover_files, is_volume_file, load_pretraining_slices
+    from .data import discover_files
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.backbone import PRESETS
-    from .model.checkpoint import Backbone
-    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, check_resume, pretrain
-    from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
+    from .pipelines.pretrain import check_pretrain_folder, pretrain_folder_lock
     from .runtime import resolve_device
 
     # Every check before the images are read: a usage error costs nothing.
@@ -150,6 +146,21 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     check_pretrain_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     files = discover_files(args.images)
     check_writable_folder(args.out)
+    # Held from here to the end (pretrain() holds it too): a second run into this folder is
+    # refused now, before its images are read, not after.
+    with pretrain_folder_lock(args.out):
+        return _pretrain_held(args, config, files)
+
+
+def _pretrain_held(args: argparse.Namespace, config: Any, files: List[Path]) -> int:
+    """``tedm pretrain`` once its settings are checked and ``--out`` is held."""
+    import torch
+
+    from .data import is_volume_file, load_pretraining_slices
+    from .model.checkpoint import Backbone
+    from .pipelines.pretrain import PretrainOptions, check_resume, pretrain
+    from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
+
     torch.manual_seed(args.seed)
     intensity = NAMED.get(args.intensity or "")
     if intensity is None:

@@ -3,12 +3,16 @@ torch.distributed) that enforces what CUDA enforces, so each test fails where a 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from conftest import synthetic_disc_images, write_disc_pngs
 
 from tedm_core import cli
 from tedm_core.bundle import ModelBundle
+from tedm_core.errors import BundleError
 from tedm_core.model.backbone import PRESETS
 from tedm_core.model.checkpoint import Backbone
 from tedm_core.pipelines import fit as fit_module
@@ -210,3 +214,49 @@ def test_torchrun_binds_each_process_to_its_gpu(torch_takes_device_id, tmp_path,
         ("init_process_group", "nccl", gpu if torch_takes_device_id else None),
         ("DistributedDataParallel", [1]),
     ]
+
+
+# --- one pretraining run per checkpoint folder -----------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+@pytest.mark.parametrize("how", ["new", "--resume", "--overwrite"])
+def test_a_second_pretraining_run_into_a_folder_in_use_is_refused(how, tmp_path, capsys):
+    """Two runs into one folder both saved their checkpoints there, mixing two models. Another
+    run's lock is taken here as that run would (a separate open file), the second is refused."""
+    import fcntl
+
+    images = write_disc_pngs(tmp_path / "images", 2, 32)
+    out = tmp_path / "bb"
+    argv = ["pretrain", "--images", str(images), "--out", str(out), "--preset", "tiny", "--image-size", "32"]
+    argv += ["--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    if how != "new":
+        assert cli.main(argv) == 0
+        assert not (out / pretrain_module.LOCK_FILE).exists()  # the finished run let go of it
+        argv[argv.index("--steps") + 1] = "2"
+        argv.append(how)
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []
+    out.mkdir(exist_ok=True)
+    other_run = os.open(out / pretrain_module.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert errors == [
+            f"tedm pretrain: error: {out}: is being written by another pretraining run; "
+            "wait for it to end, or choose another folder"
+        ]
+        with pytest.raises(BundleError, match="another pretraining run"):
+            pretrain_module.pretrain(
+                torch.zeros(2, 1, 32, 32),
+                Backbone.new(PRESETS["tiny"].with_(image_size=32)),
+                out,
+                pretrain_module.PretrainOptions(steps=2, batch_size=2, device="cpu", show_progress=False),
+                resume=how == "--resume",
+                overwrite=how == "--overwrite",
+            )
+        after = sorted(p.relative_to(out) for p in out.rglob("*") if p.name != pretrain_module.LOCK_FILE)
+        assert after == before  # nothing of the other run's touched
+    finally:
+        os.close(other_run)
