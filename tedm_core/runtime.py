@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -39,6 +40,28 @@ def resolve_device(device: str = "auto") -> torch.device:
     elif resolved.type != "cpu":
         raise SettingError("device", f"{device!r} is not supported; expected auto, cpu, cuda or cuda:N")
     return resolved
+
+
+def module_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` itself when its weights are all on ``device`` already, else a copy on ``device``.
+
+    ``module`` is never moved: a bundle's UNet and head may be shared (the worker's model cache
+    serves every session; fitting, refining and other segmenters use them), and moving them in
+    place moved the weights under another user on another device. The copy is made tensor by
+    tensor straight onto ``device``, never a second copy where ``module`` is (a deepcopy, then
+    ``.to``, would double the CPU's peak); on its own device nothing is copied at all.
+    """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # where "cuda" puts tensors
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device == device for t in tensors):
+        return module
+    # deepcopy takes what the memo holds for an object instead of copying it: each weight's copy on
+    # the device (copy=True: one already there is not shared with the original either).
+    memo = {id(b): b.detach().to(device, copy=True) for b in module.buffers()}
+    for weight in module.parameters():
+        memo[id(weight)] = torch.nn.Parameter(weight.detach().to(device, copy=True), weight.requires_grad)
+    return copy.deepcopy(module, memo)
 
 
 def check_finite_loss(loss: float, step: int, what: str, before_raising: Optional[Callable[[], None]] = None) -> None:

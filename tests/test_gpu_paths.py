@@ -3,9 +3,11 @@ torch.distributed) that enforces what CUDA enforces, so each test fails where a 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import synthetic_disc_images, write_disc_pngs
@@ -17,6 +19,7 @@ from tedm_core.model.backbone import PRESETS
 from tedm_core.model.checkpoint import Backbone
 from tedm_core.pipelines import fit as fit_module
 from tedm_core.pipelines import pretrain as pretrain_module
+from tedm_core.pipelines import segment as segment_module
 from tedm_core.pipelines.fit import fit_bundle
 from tedm_core.pipelines.segment import Segmenter
 from tedm_core.preprocessing.intensity import IntensityConfig
@@ -42,6 +45,12 @@ def bundle() -> ModelBundle:
     return fit_bundle(
         backbone, images, masks, "tedm", ["background", "disc"], [0, 1], steps=5, device="cpu", show_progress=False
     )
+
+
+@pytest.fixture
+def own_bundle(bundle) -> ModelBundle:
+    """A copy of ``bundle`` for a test that may move its modules (as the code under test did)."""
+    return copy.deepcopy(bundle)
 
 
 def devices_of(module: torch.nn.Module) -> set:
@@ -127,12 +136,12 @@ class Reached(Exception):
     """Raised where the stand-in device can go no further (meta tensors have no values)."""
 
 
-def test_refine_with_anchors_gives_the_head_its_anchor_on_the_device(bundle, monkeypatch):
+def test_refine_with_anchors_gives_the_head_its_anchor_on_the_device(own_bundle, monkeypatch):
     """The anchor's labels are made on the CPU, the rows chosen each step on the device: CUDA
     refuses such an index ("Expected all tensors to be on the same device"), which ``meta`` lets
     through, so index_select enforces it here. Stops at the loss (meta tensors hold no values)."""
     images, masks = synthetic_disc_images(6, size=32, seed=4)
-    first = Segmenter(bundle, device="cpu").predict(images, keep_features=True)
+    first = Segmenter(own_bundle, device="cpu").predict(images, keep_features=True)
     real_index_select = torch.Tensor.index_select
 
     def same_device_index_select(self, dim, index):
@@ -153,7 +162,7 @@ def test_refine_with_anchors_gives_the_head_its_anchor_on_the_device(bundle, mon
     monkeypatch.setattr(fit_module, "_accumulate_loss", loss_on_the_device)
     with pytest.raises(Reached):
         fit_module.refine_bundle(
-            bundle,
+            own_bundle,
             images[:2],
             masks[:2],
             steps=2,
@@ -260,3 +269,71 @@ def test_a_second_pretraining_run_into_a_folder_in_use_is_refused(how, tmp_path,
         assert after == before  # nothing of the other run's touched
     finally:
         os.close(other_run)
+
+
+# --- a bundle's modules are shared: never moved to one user's device ------------------------------------
+
+
+def test_a_segmenter_on_another_device_runs_its_own_copy_and_leaves_the_bundle_where_it_is(own_bundle, monkeypatch):
+    """The worker caches one bundle for every session: a GPU session moved its UNet and head in
+    place under a CPU session's segmenter ("meta" stands in for "cuda": it has no values)."""
+    images, _ = synthetic_disc_images(2, size=32, seed=5)
+    cpu = Segmenter(own_bundle, device="cpu")
+    as_stored = Segmenter(own_bundle, device="cpu", memory_format="contiguous")  # the layout "auto" picks on CUDA
+    expected = as_stored.predict(images).probabilities
+    # On the CPU with the CPU bundle nothing is copied: the bundle's own modules (memory counts there).
+    assert (
+        cpu.head is own_bundle.head and as_stored.unet is own_bundle.backbone.unet and as_stored.head is own_bundle.head
+    )
+    real = segment_module.resolve_device
+    monkeypatch.setattr(segment_module, "resolve_device", lambda d: torch.device("meta") if d == "cuda" else real(d))
+    gpu = Segmenter(own_bundle, device="cuda")
+    assert devices_of(gpu.unet) == devices_of(gpu.head) == {"meta"}
+    assert devices_of(own_bundle.backbone.unet) == devices_of(own_bundle.head) == {"cpu"}
+    np.testing.assert_array_equal(as_stored.predict(images).probabilities, expected)
+    assert devices_of(cpu.head) == {"cpu"}
+    gpu.close()  # lets go of its copies; the bundle's modules stay
+    assert gpu.unet is None and gpu.head is None
+    assert devices_of(own_bundle.backbone.unet) == devices_of(own_bundle.head) == {"cpu"}
+    with pytest.raises(RuntimeError, match="closed"):
+        gpu.predict(images)
+
+
+@pytest.mark.parametrize("what", ["fit", "refine"])
+def test_fitting_and_refining_on_another_device_leave_the_shared_unet_where_it_is(what, own_bundle, monkeypatch):
+    """fit_bundle moved the backbone's UNet to the GPU and then to the CPU, whatever device its
+    other users had it on (and left it on the GPU when the fit failed); refine_bundle left the
+    bundle's UNet on the GPU."""
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    backbone = own_bundle.backbone
+    seen = []
+
+    def features_then_stop(extractor, *args, **kwargs):
+        seen.append(devices_of(extractor.unet))
+        raise Reached
+
+    monkeypatch.setattr(fit_module, "resolve_device", lambda device: torch.device("meta"))
+    monkeypatch.setattr(fit_module, "resolve_precision", lambda precision, device: "fp32")
+    monkeypatch.setattr(fit_module.DecoderFeatureExtractor, "pass_precision", lambda *args, **kwargs: "fp32")
+    monkeypatch.setattr(fit_module, "extract_training_features", features_then_stop)
+    with pytest.raises(Reached):
+        if what == "fit":
+            fit_module.fit_bundle(backbone, images, masks, steps=2, show_progress=False)
+        else:
+            fit_module.refine_bundle(own_bundle, images, masks, steps=2, show_progress=False)
+    assert seen == [{"meta"}]  # the work ran on the device, on a copy
+    assert devices_of(backbone.unet) == devices_of(own_bundle.head) == {"cpu"}
+
+
+def test_fitting_on_the_modules_own_device_copies_nothing(bundle, monkeypatch):
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    seen = []
+
+    def features_then_stop(extractor, *args, **kwargs):
+        seen.append(extractor.unet)
+        raise Reached
+
+    monkeypatch.setattr(fit_module, "extract_training_features", features_then_stop)
+    with pytest.raises(Reached):
+        fit_module.fit_bundle(bundle.backbone, images, masks, steps=2, device="cpu", show_progress=False)
+    assert seen == [bundle.backbone.unet]
