@@ -30,7 +30,8 @@ AUTO = "auto"  # the model's own axis (a bundle records the plane it was fitted 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = (
-    "auto: bf16 on CUDA; on a CPU fp32, except gradient-free UNet passes (segmenting, features to fit on), "
+    "auto: bf16 on CUDA cards with native bf16 (compute capability 8.0+), else fp32; on a CPU fp32, "
+    "except gradient-free UNet passes (segmenting, features to fit on), "
     "which run in bf16 where this CPU has native bf16 and measures it >= 1.2x faster"
 )
 NO_POSTPROCESS_HELP = (

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .argtypes import (
@@ -127,14 +127,10 @@ def _add_device_options(p: argparse.ArgumentParser, batch_size: bool = False) ->
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import discover_files, is_volume_file, load_pretraining_slices
+    from .data import discover_files
     from .io.outputs import check_writable_folder, refuse_overlap
     from .model.backbone import PRESETS
-    from .model.checkpoint import Backbone
-    from .pipelines.pretrain import PretrainOptions, check_pretrain_folder, check_resume, pretrain
-    from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
+    from .pipelines.pretrain import check_pretrain_folder, pretrain_folder_lock
     from .runtime import resolve_device
 
     # Every check before the images are read: a usage error costs nothing.
@@ -150,6 +146,21 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     check_pretrain_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     files = discover_files(args.images)
     check_writable_folder(args.out)
+    # Held from here to the end (pretrain() holds it too): a second run into this folder is
+    # refused now, before its images are read, not after.
+    with pretrain_folder_lock(args.out):
+        return _pretrain_held(args, config, files)
+
+
+def _pretrain_held(args: argparse.Namespace, config: Any, files: List[Path]) -> int:
+    """``tedm pretrain`` once its settings are checked and ``--out`` is held."""
+    import torch
+
+    from .data import is_volume_file, load_pretraining_slices
+    from .model.checkpoint import Backbone
+    from .pipelines.pretrain import PretrainOptions, check_resume, pretrain
+    from .preprocessing.intensity import BRAIN_T1, NAMED, RADIOGRAPH
+
     torch.manual_seed(args.seed)
     intensity = NAMED.get(args.intensity or "")
     if intensity is None:
@@ -633,6 +644,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory_line(error: BaseException, args: argparse.Namespace) -> str:
+    """Where memory ran out and what this command's options can change about it."""
+    from .runtime import out_of_memory_on_gpu
+
+    on_gpu = out_of_memory_on_gpu(error)
+    ways = ["a smaller --batch-size"] if hasattr(args, "batch_size") else []
+    if on_gpu and hasattr(args, "device"):
+        ways.append("--device cpu")
+    if not on_gpu:
+        ways.append("fewer or smaller inputs")
+    return f"out of {'GPU ' if on_gpu else ''}memory (try {', or '.join(ways)})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -652,8 +676,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"{prog}: error: out of memory (try fewer or smaller inputs, or --batch-size)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as error:
+        # torch reports memory running out as a RuntimeError (torch.OutOfMemoryError on CUDA, the
+        # CPU allocator's "can't allocate memory"), rarely as MemoryError: one line, not a traceback.
+        from .runtime import is_out_of_memory
+
+        if not is_out_of_memory(error):
+            raise
+        print(f"{prog}: error: {_out_of_memory_line(error, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

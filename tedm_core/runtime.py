@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -41,6 +42,28 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def module_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` itself when its weights are all on ``device`` already, else a copy on ``device``.
+
+    ``module`` is never moved: a bundle's UNet and head may be shared (the worker's model cache
+    serves every session; fitting, refining and other segmenters use them), and moving them in
+    place moved the weights under another user on another device. The copy is made tensor by
+    tensor straight onto ``device``, never a second copy where ``module`` is (a deepcopy, then
+    ``.to``, would double the CPU's peak); on its own device nothing is copied at all.
+    """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # where "cuda" puts tensors
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device == device for t in tensors):
+        return module
+    # deepcopy takes what the memo holds for an object instead of copying it: each weight's copy on
+    # the device (copy=True: one already there is not shared with the original either).
+    memo = {id(b): b.detach().to(device, copy=True) for b in module.buffers()}
+    for weight in module.parameters():
+        memo[id(weight)] = torch.nn.Parameter(weight.detach().to(device, copy=True), weight.requires_grad)
+    return copy.deepcopy(module, memo)
+
+
 def check_finite_loss(loss: float, step: int, what: str, before_raising: Optional[Callable[[], None]] = None) -> None:
     """Stop a training run whose loss became NaN or infinite, rather than go on and save garbage.
 
@@ -61,7 +84,7 @@ def count_non_finite(tensors) -> int:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA cards that support it, fp32 elsewhere.
+    """``auto`` -> bf16 on CUDA cards with native bf16 (compute capability 8.0, Ampere, or newer), fp32 elsewhere.
 
     fp32 on CPU by default, for training: bf16 autocast of MONAI's UNet measured 5-30x *slower*
     than fp32 on this project's CPUs for training, although it is valid; on CPUs without
@@ -73,9 +96,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise SettingError("precision", f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and cuda_has_native_bf16(device):
         return "bf16"
     return "fp32"
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA card ``device`` (not the current one: ``cuda:1`` may be another model)
+    computes bf16 in its tensor cores: compute capability 8.0 (Ampere) or newer.
+
+    Not ``torch.cuda.is_bf16_supported()``: by default it counts emulation, so it says yes on
+    a T4 or V100 (sm 7.x), where bf16 autocast runs without tensor cores, slower than fp32."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -97,7 +129,7 @@ def resolve_inference_precision(
 ) -> str:
     """The precision of gradient-free UNet passes (segmenting, extracting features to fit on).
 
-    ``auto``: bf16 on CUDA cards that support it. On a CPU with native bf16 the two are
+    ``auto``: bf16 on CUDA cards with native bf16 (:func:`cuda_has_native_bf16`). On a CPU with native bf16 the two are
     *measured*, not assumed: ``timed_pass`` (one representative pass under ``autocast``) runs
     in fp32 and in bf16, and bf16 is kept only if it is at least ``BF16_MIN_GAIN`` x faster.
     On this project's AVX512-BF16 machine bf16 autocast ran the `small` UNet 1.56x faster than
@@ -198,7 +230,19 @@ def plan_batch_size(
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """Whether ``error`` says memory ran out: a CUDA out-of-memory error, torch's CPU allocator
+    failing (a ``RuntimeError`` "DefaultCPUAllocator: can't allocate memory", not a
+    ``MemoryError``), or Python's ``MemoryError``."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    # The CPU allocator says "can't allocate memory" on POSIX, "not enough memory" on Windows.
+    text = str(error).lower()
+    return any(words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def out_of_memory_on_gpu(error: BaseException) -> bool:
+    """Whether an out-of-memory ``error`` (:func:`is_out_of_memory`) is the GPU's, not main memory's."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "cuda out of memory" in str(error).lower()
 
 
 def map_in_chunks(
@@ -206,8 +250,9 @@ def map_in_chunks(
 ) -> Iterator[T]:
     """Yield ``fn(start, stop)`` over ``[0, total)`` in chunks, halving the chunk on out-of-memory.
 
-    A CUDA OOM does not lose work: the failed chunk is retried at half the size, down to 1,
-    and the smaller size is kept for the rest of the run.
+    An out-of-memory error (CUDA's, or the CPU allocator's) does not lose work: the failed chunk
+    is retried at half the size, down to 1, and the smaller size is kept for the rest of the run
+    (``on_oom(size)`` tells the caller, to keep it for later runs too).
     """
     start = 0
     while start < total:

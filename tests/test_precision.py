@@ -147,3 +147,29 @@ def test_bf16_passes_on_the_cpu_use_explicit_attention_and_leave_the_unet_as_it_
     assert all(m.use_flash_attention for m in attention)
     for a, b in zip(explicit, fp32):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_precision_on_cuda_asks_the_chosen_card_for_native_bf16(monkeypatch):
+    """bf16 only on compute capability 8.0+, of the card chosen (cuda:1), not the current one.
+
+    ``torch.cuda.is_bf16_supported()`` says yes on sm 7.x cards (emulated bf16, no tensor cores)
+    and asks the current device: mocked to say yes, it must not decide."""
+    capability = {0: (7, 5), 1: (8, 0)}  # cuda:0 a T4, cuda:1 an A100
+    asked = []
+
+    def get_device_capability(device=None):
+        index = device.index if isinstance(device, torch.device) else device
+        index = 0 if index is None else index  # torch.device("cuda"): the current device, 0 here
+        asked.append(index)
+        return capability[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "fp32"
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert runtime.resolve_precision("auto", torch.device("cuda:1")) == "bf16"
+    assert runtime.resolve_inference_precision("auto", torch.device("cuda:1"), lambda: None, "k") == "bf16"
+    assert runtime.resolve_inference_precision("auto", torch.device("cuda:0"), lambda: None, "k") == "fp32"
+    assert 1 in asked
+    assert runtime.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"  # asked for: as given

@@ -38,7 +38,7 @@ from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_pol
 from ..preprocessing.framing import crop_to_content
 from ..preprocessing.intensity import IntensityConfig, is_radiograph
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
-from ..runtime import autocast, check_finite_loss, resolve_device, resolve_precision
+from ..runtime import autocast, check_finite_loss, module_on, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
@@ -533,6 +533,10 @@ def train_head(
     if len(per_draw) != len(features):
         raise ValueError(f"{len(per_draw)} target sets for {len(features)} noise draws")
     targets = per_draw[0]
+    if anchor is not None:
+        # Its labels come from the CPU (and its features may): the rows chosen each step are an
+        # index on ``device``, which CUDA refuses to apply to a tensor elsewhere.
+        anchor = replace(anchor, features=[f.to(device) for f in anchor.features], labels=anchor.labels.to(device))
     optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, steps))
@@ -745,7 +749,9 @@ def fit_bundle(
         learning_rate = _setting_or_default(
             options.learning_rate, DEFAULT_HEAD_LEARNING_RATES.get(method, 1e-3), "learning_rate"
         )
-        extractor = DecoderFeatureExtractor(backbone.unet.to(device), backbone.noise_schedule, options.levels)
+        # The backbone's UNet as it is on its device, else a copy on ``device``: it may be shared
+        # (a segmenter, the worker's model cache), so it is not moved under its other users.
+        extractor = DecoderFeatureExtractor(module_on(backbone.unet, device), backbone.noise_schedule, options.levels)
         members = default_members(options, method, backbone.intensity)
         config = HeadConfig.for_method(
             method,
@@ -802,7 +808,7 @@ def fit_bundle(
         training["average_weights"] = options.average_weights
         head.cpu()
         fitted = backbone
-        backbone.unet.cpu()
+        del extractor  # its UNet copy on a GPU is freed now (the backbone's own UNet never moved)
     training.update(method=method, steps=steps, seconds=round(time.perf_counter() - tic, 1))
     log.info("fitted %s on %d slices in %.1f s", method, grid.shape[0], training["seconds"])
     rule = (
@@ -878,8 +884,8 @@ def refine_bundle(
                 raise ValueError(f"{cached[0].shape[0]} cached feature sets for {grid_.shape[0]} {what}")
             return [[f.to(device, torch.float32) for f in cached]]
         if extractor is None:
-            extractor = DecoderFeatureExtractor(
-                bundle.backbone.unet.to(device), bundle.backbone.noise_schedule, bundle.head.config.levels
+            extractor = DecoderFeatureExtractor(  # (module_on: the bundle's UNet is shared, never moved)
+                module_on(bundle.backbone.unet, device), bundle.backbone.noise_schedule, bundle.head.config.levels
             )
         precision = extractor.pass_precision(options.precision, device, bundle.image_size, bundle.timesteps)
         return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)

@@ -519,7 +519,7 @@ class InteractiveSession:
 
     def _release_segmenter(self) -> None:
         if self._segmenter is not None:
-            self._segmenter.close()  # gives the GPU memory back; a new segmenter moves the model again
+            self._segmenter.close()  # frees its copy of the model on a GPU; a new segmenter makes its own
         self._segmenter = None
 
     def _predict(self, reporter: Reporter, start: float, end: float) -> Tuple[np.ndarray, np.ndarray, int]:

@@ -8,7 +8,9 @@ once weights and optimiser state are restored, whatever happened before the inte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -16,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +34,13 @@ from ..model.diffusion import NoiseSchedule
 from ..preprocessing.intensity import NAMED
 from ..runtime import autocast, check_finite_loss, count_non_finite, resolve_device, resolve_precision
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (concurrent runs into one folder go unnoticed there)
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
+LOCK_FILE = ".pretrain.lock"
 TRAINER_STATE = "trainer_state.pt"
 STEPS_DIR = "steps"
 BUNDLE_JSON = "bundle.json"  # (bundle.BUNDLE_JSON: a fitted model, never a place to pretrain)
@@ -58,14 +66,34 @@ class PretrainOptions:
 
 
 class _Distributed:
-    """The torchrun environment, or a single process."""
+    """The torchrun environment, or a single process; under torchrun on CUDA each process is
+    bound to its own GPU, ``cuda:LOCAL_RANK`` (``self.device``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.enabled = self.world > 1
+        self.device = device
+        if self.enabled and device.type == "cuda":
+            # Made the current device before NCCL starts: otherwise every rank's communicator and
+            # barrier() use cuda:0 (NCCL's "Duplicate GPU detected", or a hang at the first checkpoint).
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                # device_id (torch >= 2.3) also binds the process group to the GPU at once.
+                bound = {"device_id": self.device} if _accepts_device_id(dist.init_process_group) else {}
+                dist.init_process_group(backend="nccl", **bound)
+            else:
+                dist.init_process_group(backend="gloo")
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` under DistributedDataParallel when distributed (on CUDA: on this process's GPU only)."""
+        if not self.enabled:
+            return module
+        if self.device.type == "cuda":
+            return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index])
+        return torch.nn.parallel.DistributedDataParallel(module)
 
     @property
     def is_main(self) -> bool:
@@ -74,6 +102,11 @@ class _Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def _accepts_device_id(init_process_group: Callable[..., Any]) -> bool:
+    parameters = inspect.signature(init_process_group).parameters.values()
+    return any(p.name == "device_id" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _augment(batch: torch.Tensor, options: PretrainOptions, generator: torch.Generator) -> torch.Tensor:
@@ -115,6 +148,64 @@ def check_pretrain_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise BundleError(out, "holds no checkpoint to resume from")
     if holds and not (resume or overwrite):
         raise BundleError(out, "already holds a checkpoint; resume it, or overwrite it to start again")
+
+
+# The checkpoint folders this process holds the lock of: taking it again (the CLI holds it from
+# before reading the images, pretrain() takes it too) is a no-op, where flock would refuse.
+_LOCKED: set = set()
+
+
+@contextlib.contextmanager
+def pretrain_folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one pretraining run: a second run into the same folder (which would save
+    its checkpoints among this one's) is refused with :class:`BundleError` at once, not queued.
+
+    A non-blocking ``flock`` on ``out/.pretrain.lock``, released when the run ends or its process
+    dies. Only the process that writes checkpoints (rank 0 under torchrun) takes it. The lock file
+    is removed on release, and ``out`` too if this created it and nothing was written in it.
+    """
+    out = Path(out)
+    key = os.path.realpath(out)
+    if fcntl is None or key in _LOCKED or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise BundleError(out, "is a file; a checkpoint folder is needed")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BundleError(
+                out, "is being written by another pretraining run; wait for it to end, or choose another folder"
+            ) from None
+        except OSError as error:  # a file system without locks (some NFS mounts): run, unguarded
+            os.close(fd)
+            log.warning("cannot lock %s (%s): another run into this folder would go unnoticed", path, error)
+            yield
+            return
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the run before removed this file as it ended: lock the one in place now
+    _LOCKED.add(key)
+    try:
+        yield
+    finally:
+        _LOCKED.discard(key)
+        path.unlink(missing_ok=True)  # still locked: a run that opened it meanwhile sees it gone, retries
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run saved checkpoints
+                out.rmdir()
 
 
 def _clear_checkpoints(out: Path) -> None:
@@ -272,13 +363,27 @@ def pretrain(
     check_pretrain_folder(out, resume, overwrite)
     if not torch.isfinite(images).all():
         raise SettingError("images", "the training images hold NaN or infinite values")
-    device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
-    ddp = _Distributed(device)
-    if ddp.enabled and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if options.loss not in LOSSES:
         raise SettingError("loss", f"unknown loss {options.loss!r}; expected one of {LOSSES}")
+    with pretrain_folder_lock(out):
+        # Again under the lock: a run that ended since the check above may have left a checkpoint.
+        check_pretrain_folder(out, resume, overwrite)
+        return _pretrain(images, backbone, out, options, resume, on_step, overwrite)
+
+
+def _pretrain(
+    images: torch.Tensor,
+    backbone: Backbone,
+    out: Path,
+    options: PretrainOptions,
+    resume: bool,
+    on_step: Optional[Callable[[int, float], None]],
+    overwrite: bool,
+) -> Backbone:
+    """:func:`pretrain` once its settings are checked and ``out`` is held."""
+    ddp = _Distributed(resolve_device(options.device))
+    device = ddp.device
+    precision = resolve_precision(options.precision, device)  # (of this process's GPU)
 
     unet = backbone.unet.to(device).train()
     schedule = NoiseSchedule(backbone.schedule)
@@ -320,7 +425,7 @@ def pretrain(
     if ddp.is_main and (out / STEPS_DIR).is_dir():
         for stale in (out / STEPS_DIR).glob(".*.partial"):  # staged by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-    model = torch.nn.parallel.DistributedDataParallel(unet) if ddp.enabled else unet
+    model = ddp.wrap(unet)
 
     local_batch = max(1, options.batch_size // ddp.world)
     bar = tqdm(

@@ -25,6 +25,7 @@ from ..runtime import (
     autocast,
     describe_device,
     map_in_chunks,
+    module_on,
     plan_batch_size,
     resolve_device,
     resolve_memory_format,
@@ -137,7 +138,7 @@ class Segmenter:
         batch_size: slices per UNet call (each slice is run once per timestep); default: what
             half of the free GPU memory holds, or ``CPU_SLICES_PER_CALL`` on the CPU. Halved automatically
             on CUDA OOM.
-        precision: ``auto`` (bf16 on CUDA; on a CPU measured, see
+        precision: ``auto`` (bf16 on CUDA cards with native bf16, compute capability 8.0+; on a CPU measured, see
             :func:`~tedm_core.runtime.resolve_inference_precision`), ``fp32`` or ``bf16``.
         timesteps: predict with a subset of the head's timesteps (single-step ablations).
         memory_format: ``auto`` (channels-last on the CPU, where it measured faster), ``channels_last``
@@ -178,15 +179,20 @@ class Segmenter:
             problem = prediction_timesteps_problem(self.timesteps, bundle.head.config)
             if problem:
                 raise SettingError("timesteps", problem)
-        unet = bundle.backbone.unet.to(self.device).eval()
+        # On another device than the bundle's modules, this segmenter's own copies there: they are
+        # shared (the worker's model cache serves every session) and never moved. On their device
+        # (a CPU segmenter of a loaded bundle) the bundle's own, not a copy: memory counts there.
+        unet = module_on(bundle.backbone.unet, self.device).eval()
         if self.memory_format == torch.channels_last:
-            unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+            # Changing the layout changes the weights: only ever of a private copy.
+            unet = (copy.deepcopy(unet) if unet is bundle.backbone.unet else unet).to(memory_format=torch.channels_last)
         if bundle.head is not None:
-            self.head = bundle.head.to(self.device).eval()
+            self.head = module_on(bundle.head, self.device).eval()
             self.extractor = DecoderFeatureExtractor(unet, bundle.backbone.noise_schedule, bundle.head.config.levels)
         else:
             self.head, self.extractor = None, None
         self.unet = unet
+        self.closed = False
         size = bundle.image_size
         self.precision = self._pass_precision(precision)
         per_slice = (
@@ -233,9 +239,17 @@ class Segmenter:
         }
 
     def close(self) -> None:
-        """Nothing to release: the feature hooks live for one forward pass and the model belongs
-        to the bundle (possibly shared with another segmenter). Kept only because the Slicer
-        module still calls it; remove both together."""
+        """Let go of this segmenter's model: its own copies on a GPU are freed at once, and the
+        GPU's cached memory goes back to the driver (other programs, or the next segmenter). The
+        bundle's modules, which others may share, stay as they are. Nothing can be predicted after."""
+        self.unet = self.head = self.extractor = None
+        self.closed = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this segmenter was closed; make a new one to predict")
 
     def _to_device(self, grid: torch.Tensor) -> torch.Tensor:
         return grid.to(self.device).contiguous(memory_format=self.memory_format)
@@ -359,6 +373,7 @@ class Segmenter:
 
         Each chunk is brought to the model grid on its own: padding and resizing are per slice,
         so the result is the same as for the whole stack at once, without a padded copy of it."""
+        self._check_open()
         total = len(slices) if rows is None else len(rows)
         transform = to_model_grid(torch.from_numpy(slices[:1]), self.bundle.image_size)[1]
 
@@ -382,9 +397,15 @@ class Segmenter:
             if progress is not None:
                 progress(stop, total)
 
-        for _ in map_in_chunks(run, total, self.batch_size):
+        for _ in map_in_chunks(run, total, self.batch_size, on_oom=self._remember_batch_size):
             pass
         return transform
+
+    def _remember_batch_size(self, size: int) -> None:
+        """Keep a batch halved after out-of-memory for every later call (the next volume of a
+        batch, the next Segment of a session), which would otherwise fail at the planned size
+        again, a wasted partial pass each time. Never raised: the head's chunks may be larger."""
+        self.batch_size = min(self.batch_size, size)
 
     def _predict_chunk(
         self,
@@ -428,6 +449,7 @@ class Segmenter:
     def predict_from_features(self, cache: FeatureCache, progress: Optional[Progress] = None) -> SlicePrediction:
         """Re-apply the (possibly refined) head to cached features: no UNet pass. Both
         orientations are averaged when the cache holds the mirrored slices' features too."""
+        self._check_open()
         if self.head is None:
             raise ValueError("the supervised baseline has no features to re-use")
         total = cache.levels[0].shape[0]
@@ -449,6 +471,6 @@ class Segmenter:
             if progress is not None:
                 progress(stop, total)
 
-        for _ in map_in_chunks(run, total, max(self.batch_size, 16)):
+        for _ in map_in_chunks(run, total, max(self.batch_size, 16), on_oom=self._remember_batch_size):
             pass
         return SlicePrediction(probabilities, uncertainty, cache)

@@ -491,9 +491,19 @@ def _session_result(result: Any) -> Tuple[Dict[str, Any], Arrays]:
     return fields, {"labels": result.labels}
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    if not isinstance(error, (MemoryError, RuntimeError)):
+        return False  # (no torch import for the errors that cannot be torch's out-of-memory)
+    from ..runtime import is_out_of_memory
+
+    return is_out_of_memory(error)
+
+
 def error_kind(error: BaseException) -> str:
     if isinstance(error, Cancelled):
         return "cancelled"
+    if _out_of_memory(error):
+        return "user"  # too large a job for this machine, not a bug: no traceback for the user
     if isinstance(error, BusyError):
         return "busy"
     if isinstance(error, ProtocolError):
@@ -507,6 +517,15 @@ def error_event(request_id: Optional[str], error: BaseException) -> Dict[str, An
     """An error event: one line for the user, the traceback as details for internal errors."""
     kind = error_kind(error)
     message = " ".join(str(error).split()) or type(error).__name__
+    if kind == "user" and _out_of_memory(error):
+        from ..runtime import out_of_memory_on_gpu
+
+        # torch's report runs to several lines of allocator statistics: one line and what to change.
+        message = (
+            "out of GPU memory (choose the cpu device, or close other programs using the GPU)"
+            if out_of_memory_on_gpu(error)
+            else "out of memory (close other programs, or use a smaller image)"
+        )
     if kind == "internal":
         message = f"{type(error).__name__}: {message}"
     details = "".join(traceback.format_exception(type(error), error, error.__traceback__)) if kind == "internal" else ""
