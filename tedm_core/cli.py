@@ -487,6 +487,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         compare_dice,
         evaluate_folders,
         match_predictions,
+        neither_note,
         same_images,
         summarise,
         write_metrics_csv,
@@ -516,12 +517,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(
             f"{label}Dice {summarise([r['dice'] for r in of_class])}  "
             f"precision {summarise([r['precision'] for r in of_class])}  "
-            f"recall {summarise([r['recall'] for r in of_class])}"
+            f"recall {summarise([r['recall'] for r in of_class])}{neither_note(of_class)}"
         )
         if other is not None:
+            comparison = compare_dice(rows, other, k)
+            tests = len(args.label_values) - 1
+            # One test per structure on the same patients: Bonferroni (docs/method.md, section 6).
+            adjusted = f" (Bonferroni over {tests} structures: p = {min(1.0, comparison.p_value * tests):.2g})"
             print(
                 f"{label}vs {args.compare}: Dice {summarise([r['dice'] for r in other if r['class'] == k])}; "
-                f"{args.pred} is {compare_dice(rows, other, k)}"
+                f"{args.pred} is {comparison}{adjusted if tests > 1 else ''}"
             )
     if matched.unmatched:
         # The means above cover only the images with a prediction (a failed case, say).

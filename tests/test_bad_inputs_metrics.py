@@ -154,3 +154,29 @@ def test_a_palette_ground_truth_scores_as_its_grey_twin(tiny_bundle_dir, tmp_pat
         assert _batch([*argv, "--labels", str(labels)], capsys)[0] == 0
         dice.append(_read_csv(tmp_path / f"out{k}" / "metrics.csv")[0]["dice"])
     assert dice[0] == dice[1] and float(dice[0]) > 0
+
+
+def test_a_one_structure_ground_truth_of_another_value_is_refused_not_scored(tmp_path):
+    """`--label-values 0 4` (BraTS enhancing tumour) on a ground truth holding only value 2 (edema):
+    refused naming the value, where it was scored as the structure; 0/1 and 0/255 masks stay one
+    convention for a structure valued 1 or 255."""
+    import nibabel as nib
+
+    from tedm_core.errors import InputError
+    from tedm_core.io.images import read_label_image
+    from tedm_core.io.volumes import read_volume
+    from tedm_core.pipelines.volume import label_array_to_classes
+
+    edema = np.zeros((8, 8, 4), np.uint8)
+    edema[2:5, 2:5, 1:3] = 2
+    nib.save(nib.Nifti1Image(edema, np.eye(4)), tmp_path / "gt.nii.gz")
+    volume = read_volume(tmp_path / "gt.nii.gz", allow_constant=True)
+    with pytest.raises(InputError, match=r"gt.nii.gz: holds the value 2 where the structure's value is 4"):
+        label_array_to_classes(volume, [0, 4])
+    assert label_array_to_classes(volume, [0, 2]).sum() == 18
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert read_label_image(tmp_path / "mask.png", [0, 1]).sum() == 9  # 0/255 for a structure valued 1
+    with pytest.raises(InputError, match="holds the value 255 where the structure's value is 4"):
+        read_label_image(tmp_path / "mask.png", [0, 4])

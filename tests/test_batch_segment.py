@@ -402,3 +402,46 @@ def test_a_linked_input_leading_into_the_output_folder_is_refused(tmp_path):
     (inp / "b").symlink_to(out / "elsewhere")  # its outputs would land beside (or on) its inputs
     with pytest.raises(InputError, match="the output folder holds the input"):
         discover_cases(inp, out, ["image"])
+
+
+def test_a_case_without_its_own_ground_truth_is_never_scored_against_a_shared_one(tmp_path):
+    """--labels given as one subject's folder (a slip): the other case folders, and the files of a
+    folder holding several cases, have no ground truth of their own and must come out `missing`,
+    never scored against the one GT_W.nii.gz found higher up."""
+    import nibabel as nib
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    subjects = ["subjA", "subjB", "subjC"]
+    for index, subject in enumerate(subjects):
+        image = np.full((32, 32, 12), 10.0, np.float32)
+        image[4 + 6 * index : 12 + 6 * index, 8:20, 2:9] = 80.0
+        folder = tmp_path / "in" / subject
+        folder.mkdir(parents=True)
+        for channel in ("FLAIR", "T1"):
+            nib.save(nib.Nifti1Image(image, affine), folder / f"{channel}.nii.gz")
+        nib.save(nib.Nifti1Image((image > 50).astype(np.uint8), affine), folder / "GT_W.nii.gz")
+    labels = tmp_path / "in" / "subjA"  # the slip: one subject's folder
+    options = BatchOptions(labels_dir=labels, label_name="GT_W.nii.gz", show_progress=False)
+    segmenter = ThresholdSegmenter(channel_names=("FLAIR", "T1"))
+    with pytest.raises(Exception, match="no ground truth for any of the 3 cases"):  # was: all scored against subjA's
+        run_batch(segmenter, tmp_path / "in", tmp_path / "out", options)
+    # The right folder, with subjB's ground truth missing and a stray GT_W.nii.gz above the cases.
+    (tmp_path / "in" / "subjB" / "GT_W.nii.gz").rename(tmp_path / "in" / "GT_W.nii.gz")
+    options = BatchOptions(labels_dir=tmp_path / "in", label_name="GT_W.nii.gz", show_progress=False)
+    report = run_batch(segmenter, tmp_path / "in", tmp_path / "out", options)
+    truth = {r.case_id: r.truth for r in report.results}
+    assert truth["subjB"] == "missing" and truth["subjA"] != "missing", truth
+    rows = {row["case"]: row for row in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))}
+    assert "subjB" not in rows and "subjA" in rows, rows
+
+    # Single-file cases: several in one folder share nothing; one alone in its subject folder does.
+    flat = tmp_path / "flat"
+    (flat / "site").mkdir(parents=True)
+    for subject in subjects:
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(tmp_path / "in" / subject / "FLAIR.nii.gz").dataobj), affine),
+                 flat / "site" / f"{subject}.nii.gz")  # fmt: skip
+    (tmp_path / "flat_labels" / "site").mkdir(parents=True)
+    nib.save(nib.load(tmp_path / "in" / "subjA" / "GT_W.nii.gz"), tmp_path / "flat_labels" / "site" / "GT_W.nii.gz")
+    options = BatchOptions(labels_dir=tmp_path / "flat_labels", label_name="GT_W.nii.gz", show_progress=False)
+    with pytest.raises(Exception, match="no ground truth for any of the 3 cases"):
+        run_batch(ThresholdSegmenter(), flat, tmp_path / "flat_out", options)

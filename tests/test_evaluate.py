@@ -161,3 +161,33 @@ def test_predictions_inside_the_truth_folder_are_not_taken_for_ground_truth(tmp_
     _mask(truth / "pred" / "a.png", 0)
     rows = evaluate_folders(truth / "pred", truth)
     assert [(r["image"], r["dice"]) for r in rows] == [("a.png", 0.0)]
+
+
+def test_rows_with_the_structure_in_neither_are_counted_and_several_tests_are_adjusted(tmp_path, capsys):
+    """Class 2 is in 2 of 10 images: its mean counts 8 rows of Dice 1 by the empty-mask rule, and
+    the output says so; comparing two predictions over 2 structures gives the Bonferroni p too."""
+    rng = np.random.default_rng(0)
+    folders = {name: tmp_path / name for name in ("truth", "a", "b")}
+    for folder in folders.values():
+        folder.mkdir()
+    for n in range(10):
+        truth = np.zeros((16, 16), np.uint8)
+        truth[2:8, 2:8] = 1
+        if n < 2:
+            truth[10:14, 10:14] = 2
+        a, b = truth.copy(), truth.copy()
+        a[rng.integers(0, 16), rng.integers(0, 16)] = 0
+        b[2:8, 2 : 3 + n % 3] = 0  # b misses more of class 1
+        for name, array in (("truth", truth), ("a", a), ("b", b)):
+            Image.fromarray(array).save(folders[name] / f"img{n}.png")
+    argv = ["evaluate", "--pred", str(folders["a"]), "--truth", str(folders["truth"]), "--label-values", "0", "1", "2"]
+    assert main([*argv, "--compare", str(folders["b"])]) == 0
+    out = capsys.readouterr().out
+    assert "class 2 Dice" in out and "(8 of 10 with the structure in neither: Dice 1 by the empty-mask rule)" in out
+    assert out.count("Bonferroni over 2 structures") == 2, out
+    rows = evaluate_folders(folders["a"], folders["truth"], (0, 1, 2))
+    assert {
+        (r["truth_voxels"], r["predicted_voxels"])
+        for r in rows
+        if r["class"] == 2 and str(r["image"]).startswith("img5")
+    } == {(0, 0)}

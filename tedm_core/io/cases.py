@@ -274,14 +274,38 @@ def _collision(first: Case, second: Case, name: str) -> None:
     )
 
 
-def find_label_file(case: Case, labels_dir: Path, label_name: Optional[str] = None) -> Optional[Path]:
+def single_file_cases_per_folder(cases: Sequence[Case]) -> Dict[str, int]:
+    """How many single-file cases each folder (relative to the input) holds: see :func:`find_label_file`."""
+    counts: Dict[str, int] = {}
+    for case in cases:
+        if not case.is_folder:
+            folder = Path(case.case_id).parent.as_posix()
+            counts[folder] = counts.get(folder, 0) + 1
+    return counts
+
+
+def find_label_file(
+    case: Case,
+    labels_dir: Path,
+    label_name: Optional[str] = None,
+    cases_per_folder: Optional[Dict[str, int]] = None,
+) -> Optional[Path]:
     """The ground truth of ``case``: ``labels_dir/<case id>/<label_name>`` when ``label_name`` is
     given (e.g. BraTS ``GT_W.nii.gz`` inside each case folder), else ``labels_dir/<case id>.<any
-    volume or image suffix>``."""
+    volume or image suffix>``. A single-file case alone in a subject's folder (``subj/FLAIR``, with
+    ``--include``) also takes ``labels_dir/subj/<label_name>``.
+
+    Never a file that several cases would share: a case folder, a case at the top of the input, or
+    one of several in a folder (``cases_per_folder``, from :func:`single_file_cases_per_folder` of
+    the whole cohort) whose own ground truth is missing must not be scored against a file higher
+    up (another subject's, when --labels pointed into one subject's folder)."""
     candidates: List[Path] = []
     if label_name:
         candidates.append(labels_dir / case.case_id / label_name)
-        candidates.append(labels_dir / Path(case.case_id).parent / label_name)
+        subject = Path(case.case_id).parent
+        alone = (cases_per_folder or {}).get(subject.as_posix(), 1) == 1
+        if not case.is_folder and subject != Path(".") and alone:
+            candidates.append(labels_dir / subject / label_name)
     candidates.extend(labels_dir / f"{case.case_id}{suffix}" for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES)
     for candidate in candidates:
         if candidate.is_file():

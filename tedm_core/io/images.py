@@ -110,7 +110,7 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
         raise InputError(path, "is a JPEG: lossy compression changes label values at every edge; save masks as PNG")
     array = _label_array(path, image).astype(np.int64)
     if len(label_values) == 2:
-        return binary_foreground(path, array, label_values[0])
+        return binary_foreground(path, array, label_values[0], label_values[1])
     lookup = {int(v): k for k, v in enumerate(label_values)}
     unknown = sorted(set(np.unique(array).tolist()) - set(lookup))
     if unknown:
@@ -121,10 +121,18 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
     return out
 
 
-def binary_foreground(path: Optional[PathLike], values: np.ndarray, background: int) -> np.ndarray:
-    """A one-structure mask as 0/1: any value but the background is the structure (masks come as
-    0/1 or 0/255). Several different non-background values are refused: merging them would
-    silently turn a label map of several structures, or a resized mask's blurred edge, into one."""
+# The values a one-structure mask is stored with, whichever of them the model's classes name.
+MASK_CONVENTION_VALUES = (1, 255)
+
+
+def binary_foreground(
+    path: Optional[PathLike], values: np.ndarray, background: int, structure: Optional[int] = None
+) -> np.ndarray:
+    """A one-structure mask as 0/1. Several different non-background values are refused: merging
+    them would silently turn a label map of several structures, or a resized mask's blurred edge,
+    into one. The structure's value is ``structure``; a structure valued 1 or 255 is also found
+    as the other (masks come as 0/1 or 0/255), any other value only as itself: a ground truth
+    holding only BraTS value 2 is not the structure valued 4 (None: any one value)."""
     foreground = values != background
     present = np.unique(values[foreground])
     if len(present) > 1:
@@ -134,6 +142,14 @@ def binary_foreground(path: Optional[PathLike], values: np.ndarray, background: 
             f"holds {len(present)} different non-background values ({shown}) where one structure is expected; "
             "give each structure a class and its label value, or threshold the mask",
         )
+    if len(present) and structure is not None and int(present[0]) != int(structure):
+        accepted = MASK_CONVENTION_VALUES if int(structure) in MASK_CONVENTION_VALUES else (int(structure),)
+        if int(present[0]) not in accepted:
+            raise InputError(
+                path,
+                f"holds the value {int(present[0])} where the structure's value is {int(structure)}; give the "
+                "classes' label values as the file stores them (e.g. --label-values)",
+            )
     return foreground.astype(np.int64)
 
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
-from ..io.cases import Case, discover_cases, find_label_file
+from ..io.cases import Case, discover_cases, find_label_file, single_file_cases_per_folder
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_label_image
 from ..io.outputs import OutputRecord, check_writable_folder, refuse_overlap
 from ..io.volumes import (
@@ -151,6 +151,7 @@ class BatchRunner:
         self.record = record
         # Label files of the cases the record vouches for as this model's, complete (see claim).
         self.done: Set[Path] = set()
+        self.cases_per_folder: Dict[str, int] = {}  # of the whole cohort, shards included (find_label_file)
 
     def claim(self, cases: Sequence[Case]) -> None:
         """Check the output folder's record against this run's cases, before any work."""
@@ -188,7 +189,7 @@ class BatchRunner:
             # A missing or mismatched ground truth spoils the metrics, not the segmentation: the
             # case keeps its status, and the reason goes to the summary, the console and the exit
             # status (a mean over the other cases must not pass for the cohort's).
-            label_path = find_label_file(case, self.options.labels_dir, self.options.label_name)
+            label_path = find_label_file(case, self.options.labels_dir, self.options.label_name, self.cases_per_folder)
             if label_path is None:
                 result.truth = "missing"
                 result.error = f"not scored: {self._no_truth(case)}"
@@ -281,7 +282,7 @@ class BatchRunner:
         return f"{self.options.labels_dir}: no ground truth for case {case.case_id} (looked for {looked})"
 
     def _metrics(self, case: Case, label_path: Path) -> List[Dict[str, object]]:
-        from .evaluate import dice_precision_recall
+        from .evaluate import dice_precision_recall, voxel_counts
 
         prediction_volume = read_volume(case.output, allow_constant=True)
         prediction = label_array_to_classes(prediction_volume, self.bundle.label_values)
@@ -311,6 +312,7 @@ class BatchRunner:
                     "dice": round(dice, 6),
                     "precision": round(precision, 6),
                     "recall": round(recall, 6),
+                    **voxel_counts(prediction == k, truth == k),
                     "label_file": str(label_path),
                 }
             )
@@ -356,7 +358,7 @@ def write_summary(
 
 def write_metrics(path: Path, results: Sequence[CaseResult]) -> None:
     rows = [row for r in results for row in r.metrics]
-    write_text_atomic(path, _csv_text(rows, ["case", "class", "dice", "precision", "recall", "label_file"]))
+    write_text_atomic(path, _csv_text(rows, ["case", "class", "dice", "precision", "recall", "truth_voxels", "predicted_voxels", "label_file"]))
 
 
 @dataclass
@@ -406,8 +408,15 @@ class BatchReport:
             if n
         ]
         head = f"mean Dice over {scored} of {len(self.results)} cases" + (f" ({', '.join(parts)})" if parts else "")
+        from .evaluate import neither_note
+
+        rows: Dict[str, List[Dict[str, object]]] = {}
+        for r in self.results:
+            for row in r.metrics:
+                rows.setdefault(str(row["class"]), []).append(row)
         values = ", ".join(
-            f"{name} {100 * s.mean:.1f} +- {100 * s.std:.1f}" for name, s in self.dice_summaries().items()
+            f"{name} {100 * s.mean:.1f} +- {100 * s.std:.1f}{neither_note(rows.get(name, []))}"
+            for name, s in self.dice_summaries().items()
         )
         return f"{head}: {values or 'none'}"
 
@@ -438,9 +447,11 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
             "predicts on a single one), so there is no spread over timesteps or heads to write",
         )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
-    cases = select_shard(discover_cases(input_dir, output_dir, bundle.channel_names, options.include), options.shard)
+    cohort = discover_cases(input_dir, output_dir, bundle.channel_names, options.include)
+    cases_per_folder = single_file_cases_per_folder(cohort)
+    cases = select_shard(cohort, options.shard)
     if options.labels_dir is not None and not any(
-        find_label_file(case, options.labels_dir, options.label_name) for case in cases
+        find_label_file(case, options.labels_dir, options.label_name, cases_per_folder) for case in cases
     ):
         # Every case unscored is a wrong folder or file name, not a cohort without ground truth.
         first = cases[0].case_id
@@ -451,6 +462,7 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
             "holds them, and for a file inside each case's folder its name",
         )
     runner = BatchRunner(segmenter, options, OutputRecord(output_dir, provenance_record(segmenter, options)))
+    runner.cases_per_folder = cases_per_folder
     runner.claim(cases)
     summary_path = output_dir / summary_name(options.shard, "summary")
     metrics_path = output_dir / summary_name(options.shard, "metrics") if options.labels_dir is not None else None

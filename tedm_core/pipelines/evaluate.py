@@ -166,8 +166,25 @@ def evaluate_folders(
         if prediction.shape != truth.shape:
             raise InputError(prediction_path, f"shape {prediction.shape} differs from the ground truth's {truth.shape}")
         for k, (d, p, r) in per_class_metrics(prediction, truth, foreground).items():
-            rows.append({"image": name, "class": k, "dice": d, "precision": p, "recall": r})
+            row = {"image": name, "class": k, "dice": d, "precision": p, "recall": r}
+            rows.append({**row, **voxel_counts(prediction == k, truth == k)})
     return rows
+
+
+def voxel_counts(prediction: np.ndarray, truth: np.ndarray) -> Dict[str, int]:
+    """The structure's voxels in the ground truth and in the prediction: a row's Dice of 1 with
+    both 0 is the empty-mask rule, not a found structure (see :func:`neither_note`)."""
+    return {"truth_voxels": int(np.count_nonzero(truth)), "predicted_voxels": int(np.count_nonzero(prediction))}
+
+
+def neither_note(rows: Sequence[Dict[str, object]]) -> str:
+    """``" (3 of 10 with the structure in neither: Dice 1 by the empty-mask rule)"``, or "" when
+    every row's ground truth or prediction holds the structure: a mean that counts such rows as 1
+    says how many there are."""
+    neither = sum(int(r.get("truth_voxels", 1)) == 0 and int(r.get("predicted_voxels", 1)) == 0 for r in rows)
+    if not neither:
+        return ""
+    return f" ({neither} of {len(rows)} with the structure in neither: Dice 1 by the empty-mask rule)"
 
 
 def same_images(rows_a: Sequence[Dict[str, object]], rows_b: Sequence[Dict[str, object]], pred_a, pred_b) -> None:

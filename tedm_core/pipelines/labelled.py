@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError, SettingError
-from ..io.cases import discover_cases, find_label_file
+from ..io.cases import discover_cases, find_label_file, single_file_cases_per_folder
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
@@ -105,13 +105,14 @@ def load_labelled_data(
         _check_every_class_labelled(labels_out, label_values, Path(masks))
         return slices_out, labels_out, sources
     cases = list(discover_cases(images, images / ".unused", channel_names))
+    cases_per_folder = single_file_cases_per_folder(cases)
     if n is not None:
         cases = _first(cases, n, images)
     all_slices, all_labels, sources = [], [], []
     for case in cases:
         if case.problem:
             raise InputError(case.inputs[0] if case.inputs else images, case.problem)
-        label_path = find_label_file(case, Path(masks) if masks is not None else images, label_name)
+        label_path = find_label_file(case, Path(masks) if masks is not None else images, label_name, cases_per_folder)
         if label_path is None:
             raise InputError(
                 images / case.case_id,

@@ -197,7 +197,7 @@ def label_array_to_classes(label_volume: Volume, label_values: Sequence[int]) ->
         )
     values = values.astype(np.int64)
     if len(label_values) == 2:
-        return binary_foreground(label_volume.path, values, int(label_values[0]))
+        return binary_foreground(label_volume.path, values, int(label_values[0]), int(label_values[1]))
     lookup = {int(v): k for k, v in enumerate(label_values)}
     present = np.unique(values)
     unknown = sorted(set(present.tolist()) - set(lookup))
