@@ -1055,12 +1055,18 @@ def test_segment_again_over_corrected_slices_keeps_the_corrections(lib, scene, t
     editor.erase(ids[0], erase)
     corrected = lib.mrml_io.read_class_labels(segmentation, volume)
     logic.shutdown(reason="the worker was restarted")
+    with pytest.raises(lib.UserInputError, match="press Segment"):
+        logic.begin_refine(segmentation, volume)
     logic.begin_segment([volume], "/model", segmentation)
     finished = _run(logic, polls=80)
-    assert finished.status == lib.DONE and finished.written_to_new_node, finished.message
-    assert "your corrections" in finished.message
+    assert finished.status == lib.DONE and not finished.written_to_new_node, finished.message
+    assert "were kept over the new result" in finished.message and len(_segmentations(scene)) == 1
     assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume), corrected), "the corrections are kept"
-    assert finished.segmentation_node is not segmentation and len(_segmentations(scene)) == 2
+    # ... and the next Refine sends them, so the worker learns from them.
+    logic.begin_refine(segmentation, volume)
+    _, _, arrays = next(r for r in reversed(logic.client.requests) if r[0] == "refine")
+    assert np.array_equal(arrays["labels"], corrected)
+    assert _run(logic).status == lib.DONE
 
 
 def test_a_volume_changed_while_the_job_ran_gets_no_result(lib, logic, scene, tmp_path):

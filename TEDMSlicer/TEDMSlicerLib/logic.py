@@ -247,19 +247,29 @@ def _as_user_error() -> Iterator[None]:
         raise UserInputError(str(error)) from None
 
 
-def _mask_hash(mask: np.ndarray) -> str:
-    return hashlib.sha1(np.packbits(mask.reshape(-1)).tobytes()).hexdigest()
-
-
 @dataclass
 class WrittenResult:
-    """What TEDM last wrote into a segmentation: its segments' modified times just after, and a
-    hash of each class segment's voxels, so that a later Segment can tell the user's corrections
-    from TEDM's own output (kept across worker restarts: the node, not the worker, holds them)."""
+    """What TEDM last wrote into a segmentation: its segments' modified times just after, and the
+    class labels written, so that a later Segment can tell the user's corrections from TEDM's own
+    output and keep them (kept across worker restarts: the node, not the worker, holds them).
+    One byte per voxel per segmentation TEDM wrote."""
 
     node: Any
     signature: Tuple
-    hashes: Dict[str, str]
+    segment_ids: List[str]
+    class_names: List[str]
+    labels: np.ndarray  # (K, J, I) class indices: class k is segment_ids[k - 1]
+
+
+@dataclass
+class Corrections:
+    """The voxels of a segmentation the user changed since TEDM last wrote it (``changed``), and
+    what they hold now (``labels``, class indices). ``mergeable``: the new result has the same
+    classes, so the corrections can be kept inside it; else it goes into a new segmentation."""
+
+    labels: Optional[np.ndarray]
+    changed: Optional[np.ndarray]
+    mergeable: bool
 
 
 def _volume_state(volume_nodes: Sequence[Any]) -> Tuple:
@@ -594,9 +604,8 @@ class TEDMWorkerLogic:
         if record is None:
             if stale is not None:
                 raise UserInputError(
-                    "the TEDM worker was restarted since this result (its state is gone): press Segment (or Fit) "
-                    "again; corrections made here since TEDM's last result are kept (the new result then goes into "
-                    "a new segmentation)"
+                    "the TEDM worker was restarted since this result (its state is gone): press Segment again, then "
+                    "Refine; Segment keeps the corrections made here since TEDM's last result, and Refine learns them"
                 )
             raise UserInputError(
                 f"'{segmentation_node.GetName()}' was not segmented in this session: press Segment (or Fit) first, "
@@ -1084,9 +1093,21 @@ class TEDMWorkerLogic:
             and target.GetTransformNodeID() != reference.GetTransformNodeID()
             and target.GetSegmentation().GetNumberOfSegments() > 0
         )
-        corrected = False
+        corrections: Optional[Corrections] = None
         if running.operation == "segment" and target is not None and not edited and not moved:
-            corrected = yield from self._corrected_since_written(target, reference)
+            corrections = yield from self._corrections_since_written(target, reference, class_names)
+        corrected = corrections is not None and not corrections.mergeable
+        kept_note = ""
+        if corrections is not None and corrections.mergeable:
+            # Segment again over corrected slices (a worker restart, which loses the session, sends
+            # users here): the user's voxels stay as they are, the rest takes the new result, and
+            # the next Refine finds the corrections against the worker's new result and learns them.
+            labels = labels.copy()
+            labels[corrections.changed] = corrections.labels[corrections.changed]
+            kept_note = (
+                f" Your corrections in '{target.GetName()}' since TEDM's last result there "
+                f"({int(corrections.changed.sum())} voxels) were kept over the new result: Refine learns from them."
+            )
         if target is not None and not edited and not moved and not corrected:
             about_to_write = getattr(self.listener, "about_to_write_in_place", None)
             if about_to_write is not None:
@@ -1099,6 +1120,7 @@ class TEDMWorkerLogic:
             write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
             write.existing = existing
             write.signature = mrml_io.segments_signature(target)
+            write.note = kept_note
         else:
             write = self._staged_write(running, result, labels, class_names)
             if edited:
@@ -1109,12 +1131,12 @@ class TEDMWorkerLogic:
                     "segmentation instead of overwriting your edits."
                 )
             elif corrected:
-                # Segment again over corrected slices would erase them (a worker restart, which
-                # loses the session, leads users here): the corrections are kept.
+                # Corrections of other classes than the new result's (another model): left as they are.
                 write.written_to_new_node = True
                 write.note = (
-                    f" '{target.GetName()}' holds changes made since TEDM's last result there (your corrections), "
-                    "so the new result went into a new segmentation and yours was left as it is."
+                    f" '{target.GetName()}' holds changes made since TEDM's last result there (your corrections) "
+                    "for other structures than this model's, so the new result went into a new segmentation and "
+                    "yours was left as it is."
                 )
             elif moved:
                 # The result lives in the volume's coordinates; taking the segmentation under the
@@ -1126,26 +1148,36 @@ class TEDMWorkerLogic:
                 )
         running.write = write
 
-    def _corrected_since_written(self, node: Any, reference: Any) -> Generator[None, None, bool]:
-        """Whether a class segment TEDM wrote into ``node`` was changed since (one segment read per
-        step, only when the segments' modified times moved: a 3D surface made for display moves
-        them without changing a voxel)."""
+    def _corrections_since_written(
+        self, node: Any, reference: Any, class_names: Sequence[str]
+    ) -> Generator[None, None, Optional[Corrections]]:
+        """What the user changed in the class segments TEDM last wrote into ``node``: None when
+        nothing (no voxel is read unless the segments' modified times moved: a 3D surface made for
+        display moves them without changing a voxel). One segment read per step."""
         written = self.written.get(id(node))
         if written is None or written.node is not node or mrml_io.segments_signature(node) == written.signature:
-            return False
+            return None
         segmentation = node.GetSegmentation()
-        for segment_id, expected in written.hashes.items():
+        current = np.zeros_like(written.labels)
+        for index, segment_id in enumerate(written.segment_ids, start=1):
             if segmentation.GetSegment(segment_id) is None:
-                continue  # deleted: nothing of it to keep
+                # Deleted whole: not a correction of voxels (Segment makes the class a new segment).
+                current[written.labels == index] = index
+                continue
             with self.timings.step("segmentation digest"):
                 try:
-                    labels = mrml_io.read_class_labels(node, reference, [segment_id])
+                    mask = mrml_io.read_class_labels(node, reference, [segment_id]) > 0
                 except (mrml_io.GeometryError, RuntimeError):
-                    return True  # cannot be read back: not shown to be unchanged
-            if _mask_hash(labels > 0) != expected:
-                return True
+                    return Corrections(None, None, mergeable=False)  # content unknown: keep it apart
+            current[mask] = index  # the later class wins, as where segments overlap elsewhere
             yield
-        return False
+        changed = current != written.labels
+        if not changed.any():
+            return None
+        same_classes = (
+            list(written.class_names) == [str(n) for n in class_names] and current.shape == written.labels.shape
+        )
+        return Corrections(current, changed, mergeable=same_classes)
 
     def _staged_write(
         self, running: RunningOperation, result: Dict[str, Any], labels: np.ndarray, class_names: List[str]
@@ -1259,9 +1291,7 @@ class TEDMWorkerLogic:
             reference.GetScene().AddNode(target)
             target.CreateDefaultDisplayNodes()
         self.written[id(target)] = WrittenResult(
-            target,
-            mrml_io.segments_signature(target),
-            {segment_id: _mask_hash(write.labels == index) for index, segment_id in enumerate(write.segment_ids, 1)},
+            target, mrml_io.segments_signature(target), list(write.segment_ids), list(write.class_names), write.labels
         )
         record = running.record
         previous_record = self.records.pop(id(running.segmentation_node), None) if write.written_to_new_node else None
