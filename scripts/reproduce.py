@@ -642,6 +642,8 @@ class Study:
         self, backbone_name, step, method, n, seed, variant, sets, timesteps=None, fit_timesteps=None
     ) -> None:
         """Fit (if needed) and score on every set that has no metrics file yet."""
+        from tedm_core.pipelines.evaluate import sample_std
+
         path = self.bundle_dir(backbone_name, step, method, n, seed, variant)
         pool_left = len(self.cxr_names()["pool"]) - n
         todo = [
@@ -675,7 +677,7 @@ class Study:
                 set_name,
                 f" t={timesteps}" if timesteps else "",
                 100 * np.mean(dice),
-                100 * np.std(dice),
+                100 * sample_std(dice),
                 time.perf_counter() - tic,
             )
 
@@ -979,7 +981,10 @@ def most_wrong_slices(labels: np.ndarray, truth: np.ndarray, exclude: Sequence[i
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    return f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f}"
+    """Mean +- sample SD (ddof=1; 0.0 for one value) x 100 (README "Conventions")."""
+    from tedm_core.pipelines.evaluate import sample_std
+
+    return f"{100 * np.mean(values):.1f} +- {100 * sample_std(values):.1f}"
 
 
 class Report:
@@ -1000,7 +1005,7 @@ class Report:
     def table(
         self, title: str, rows: List[Tuple[str, Dict[Any, Optional[Dict[str, float]]]]], columns: List[Any], column_name
     ) -> List[str]:
-        """Rows x columns of mean +- std x100; per column, the best mean and every row the paired
+        """Rows x columns of mean +- sample SD x100; per column, the best mean and every row the paired
         Wilcoxon test cannot tell from it (p >= 0.05) in bold."""
         from tedm_core.pipelines.evaluate import paired_wilcoxon
 
@@ -1044,7 +1049,7 @@ class Report:
         c = self.config["cxr"]
         name, step = c["backbone"], c.get("checkpoint")
         sets = c.get("validation_sets", []) + c["test_sets"]
-        self.lines += ["## Chest X-ray: Dice x 100 (mean +- std over images; seeds averaged per image first)", ""]
+        self.lines += ["## Chest X-ray: Dice x 100 (mean +- sample SD over images; seeds averaged per image first)", ""]
         self.lines += [
             "Seeds per method and n: "
             + "; ".join(

@@ -165,3 +165,11 @@ def test_the_checkpoint_rule_breaks_a_seed_zero_tie_with_more_seeds(tmp_path):
     # Without a margin, seed 0 alone decides.
     del sweep["tie_margin"]
     assert Study(config, tmp_path, tmp_path / "results", tmp_path, smoke=False).choose_checkpoint().chosen == 1
+
+
+def test_report_means_give_the_sample_sd():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from reproduce import _mean_std
+
+    assert _mean_std([0.9, 0.8]) == "85.0 +- 7.1"  # ddof=1 (ddof=0 gave 5.0)
+    assert _mean_std([0.9]) == "90.0 +- 0.0"

@@ -55,11 +55,25 @@ class Summary:
         return f"{100 * self.mean:.1f} +- {100 * self.std:.1f} (n={self.n})"
 
 
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1, the SD papers in the field report; before session 20
+    the project gave the population SD, ddof=0). For a single value the sample SD is undefined:
+    it is reported as 0.0, everywhere (the n beside it says so); for no values, nan."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return float("nan")
+    if array.size == 1:
+        return 0.0
+    return float(array.std(ddof=1))
+
+
 def summarise(values: Sequence[float]) -> Summary:
+    """Mean and sample SD (ddof=1; 0.0 for a single value, see :func:`sample_std`) of the values
+    that are not nan, and their count."""
     array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if array.size == 0:
         return Summary(float("nan"), float("nan"), 0)
-    return Summary(float(array.mean()), float(array.std()), int(array.size))
+    return Summary(float(array.mean()), sample_std(array), int(array.size))
 
 
 def paired_wilcoxon(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
