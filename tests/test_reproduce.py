@@ -167,6 +167,40 @@ def test_the_checkpoint_rule_breaks_a_seed_zero_tie_with_more_seeds(tmp_path):
     assert Study(config, tmp_path, tmp_path / "results", tmp_path, smoke=False).choose_checkpoint().chosen == 1
 
 
+def _report(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from types import SimpleNamespace
+
+    from reproduce import Report
+
+    return Report(SimpleNamespace(config={}, results=tmp_path))
+
+
+def _cells(line):
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_a_table_column_averages_every_row_over_the_same_images(tmp_path):
+    """Finding 4 (session 20): a row fitted with three seeds scores fewer validation images than
+    one fitted with seed 0 only; its mean must not be compared with a mean over other images."""
+    report = _report(tmp_path)
+    from reproduce import _mean_std
+
+    shared = {f"i{k}": 0.80 + 0.01 * k for k in range(8)}
+    # "three seeds": the 8 shared images, better than the baseline on every one of them.
+    three_seeds = {k: v + 0.05 for k, v in shared.items()}
+    # "seed 0 only": also the 4 images seeds 1 and 2 fitted on, and it does very well there.
+    one_seed = dict(shared, **{f"j{k}": 0.99 for k in range(4)})
+    rows = [("TEDM", {3: three_seeds}), ("baseline", {3: one_seed})]
+    lines = report.table("validation", rows, [3], lambda n: f"n = {n}")
+    header = next(line for line in lines if line.startswith("| |"))
+    assert "n = 3 (8 images)" in header
+    tedm, baseline = (_cells(line)[0] for line in lines if line.startswith(("| TEDM", "| baseline")))
+    assert tedm == f"**{_mean_std(list(three_seeds.values()))}**"  # best on the shared images
+    assert baseline == _mean_std(list(shared.values()))  # cut to them, and worse on every one
+    assert not baseline.startswith("**")
+
+
 def test_report_means_give_the_sample_sd():
     sys.path.insert(0, str(REPO / "scripts"))
     from reproduce import _mean_std
