@@ -1021,8 +1021,9 @@ class Report:
         same images: those every measured row of the column scored (rows fitted with more seeds
         score fewer images, the ones no seed fitted on); their number is in the column's header.
         Per column, the best mean and every row the paired Wilcoxon test cannot tell from it
-        (p >= 0.05) in bold."""
-        from tedm_core.pipelines.evaluate import paired_wilcoxon
+        (p >= 0.05) in bold; where the column has too few images for the test to reach p < 0.05
+        at all (n <= 5), nothing is bold and a note under the table says so."""
+        from tedm_core.pipelines.evaluate import paired_wilcoxon, wilcoxon_can_reach, wilcoxon_min_p
 
         bold: Dict[Tuple[int, Any], bool] = {}
         shared: Dict[Any, List[str]] = {}
@@ -1035,6 +1036,13 @@ class Report:
             shared[c] = common
             if not common:
                 notes.append(f"{column_name(c)}: no {unit} scored by every row, so no row is compared.")
+                continue
+            if not wilcoxon_can_reach(len(common)):
+                notes.append(
+                    f"{column_name(c)}: n = {len(common)} {unit} is too small for the paired Wilcoxon test to "
+                    f"reach p < 0.05 (its smallest two-sided p is {wilcoxon_min_p(len(common)):.3g}), "
+                    "so no cell is bold."
+                )
                 continue
             best_i, best = max(cells, key=lambda item: np.mean([item[1][k] for k in common]))
             for i, scores in cells:

@@ -69,6 +69,17 @@ def test_summaries_give_the_sample_sd_and_zero_for_one_value():
     assert summarise([]).n == 0
 
 
+def test_the_exact_wilcoxon_cannot_reach_005_with_five_pairs_or_fewer():
+    from scipy.stats import wilcoxon
+
+    from tedm_core.pipelines.evaluate import wilcoxon_can_reach, wilcoxon_min_p
+
+    for n in range(1, 9):
+        all_better = wilcoxon(np.arange(1, n + 1) + 0.5, np.zeros(n), method="exact").pvalue
+        assert wilcoxon_min_p(n) == pytest.approx(all_better)
+    assert [wilcoxon_can_reach(n) for n in (1, 5, 6, 10)] == [False, False, True, True]
+
+
 def test_folders_are_matched_by_name_and_extra_maps_ignored(tmp_path):
     for folder in ("pred", "truth"):
         (tmp_path / folder).mkdir()

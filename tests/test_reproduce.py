@@ -201,6 +201,24 @@ def test_a_table_column_averages_every_row_over_the_same_images(tmp_path):
     assert not baseline.startswith("**")
 
 
+def test_a_table_bolds_nothing_where_too_few_images_for_the_test(tmp_path):
+    """Finding 7: with n <= 5 pairs the two-sided exact Wilcoxon cannot give p < 0.05, so "not
+    distinguishable from the best" would hold for every row; no row is bold then, and a note says why."""
+    report = _report(tmp_path)
+    five = {f"i{k}": 0.5 + 0.01 * k for k in range(5)}
+    rows = [("TEDM", {1: {k: v + 0.3 for k, v in five.items()}}), ("baseline", {1: five})]
+    lines = report.table("validation", rows, [1], lambda n: f"n = {n}")
+    assert not any("**" in line for line in lines if line.startswith(("| TEDM", "| baseline")))
+    assert any("too small for the paired Wilcoxon test" in line and "n = 5 images" in line for line in lines)
+    # With six shared images the test can separate them: the best is bold, the other is not.
+    six = dict(five, i5=0.55)
+    rows = [("TEDM", {1: {k: v + 0.3 for k, v in six.items()}}), ("baseline", {1: six})]
+    lines = report.table("validation", rows, [1], lambda n: f"n = {n}")
+    tedm, baseline = (_cells(line)[0] for line in lines if line.startswith(("| TEDM", "| baseline")))
+    assert tedm.startswith("**") and not baseline.startswith("**")
+    assert not any("too small" in line for line in lines)
+
+
 def test_report_means_give_the_sample_sd():
     sys.path.insert(0, str(REPO / "scripts"))
     from reproduce import _mean_std

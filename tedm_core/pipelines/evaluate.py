@@ -86,6 +86,18 @@ def paired_wilcoxon(scores_a: Sequence[float], scores_b: Sequence[float]) -> flo
     return float(wilcoxon(a, b).pvalue)
 
 
+def wilcoxon_min_p(n: int) -> float:
+    """The smallest two-sided p-value the exact paired Wilcoxon signed-rank test can give on
+    ``n`` pairs: 2 / 2**n, when every difference has the same sign (1.0 for no pairs)."""
+    return min(1.0, 2.0 ** (1 - n)) if n > 0 else 1.0
+
+
+def wilcoxon_can_reach(n: int, alpha: float = 0.05) -> bool:
+    """Whether ``n`` pairs are enough for the two-sided exact Wilcoxon test to give p < ``alpha``
+    at all (at 0.05: n >= 6; with n <= 5 no difference, however consistent, is significant)."""
+    return wilcoxon_min_p(n) < alpha
+
+
 @dataclass
 class PairedComparison:
     """Per-image Dice of two predictions of the same images: how often the first wins, and the test."""
