@@ -642,6 +642,8 @@ class Study:
         self, backbone_name, step, method, n, seed, variant, sets, timesteps=None, fit_timesteps=None
     ) -> None:
         """Fit (if needed) and score on every set that has no metrics file yet."""
+        from tedm_core.pipelines.evaluate import sample_std
+
         path = self.bundle_dir(backbone_name, step, method, n, seed, variant)
         pool_left = len(self.cxr_names()["pool"]) - n
         todo = [
@@ -675,7 +677,7 @@ class Study:
                 set_name,
                 f" t={timesteps}" if timesteps else "",
                 100 * np.mean(dice),
-                100 * np.std(dice),
+                100 * sample_std(dice),
                 time.perf_counter() - tic,
             )
 
@@ -979,7 +981,17 @@ def most_wrong_slices(labels: np.ndarray, truth: np.ndarray, exclude: Sequence[i
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    return f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f}"
+    """Mean +- sample SD (ddof=1; 0.0 for one value) x 100 (README "Conventions")."""
+    from tedm_core.pipelines.evaluate import sample_std
+
+    return f"{100 * np.mean(values):.1f} +- {100 * sample_std(values):.1f}"
+
+
+def _on_common(*scores: Dict[str, float]) -> List[Dict[str, float]]:
+    """Each per-image score dict cut to the images all of them scored, so that their means
+    compare like with like."""
+    common = set.intersection(*(set(s) for s in scores))
+    return [{k: v for k, v in s.items() if k in common} for s in scores]
 
 
 class Report:
@@ -998,38 +1010,65 @@ class Report:
         return self.study.per_image(name, step, "tedm", n, seeds, "default", set_name, timesteps, post)
 
     def table(
-        self, title: str, rows: List[Tuple[str, Dict[Any, Optional[Dict[str, float]]]]], columns: List[Any], column_name
+        self,
+        title: str,
+        rows: List[Tuple[str, Dict[Any, Optional[Dict[str, float]]]]],
+        columns: List[Any],
+        column_name,
+        unit: str = "images",
     ) -> List[str]:
-        """Rows x columns of mean +- std x100; per column, the best mean and every row the paired
-        Wilcoxon test cannot tell from it (p >= 0.05) in bold."""
-        from tedm_core.pipelines.evaluate import paired_wilcoxon
+        """Rows x columns of mean +- sample SD x100. Within a column every row is averaged over the
+        same images: those every measured row of the column scored (rows fitted with more seeds
+        score fewer images, the ones no seed fitted on); their number is in the column's header.
+        Per column, the best mean and every row the paired Wilcoxon test cannot tell from it
+        (p >= 0.05) in bold; where the column has too few images for the test to reach p < 0.05
+        at all (n <= 5), nothing is bold and a note under the table says so."""
+        from tedm_core.pipelines.evaluate import paired_wilcoxon, wilcoxon_can_reach, wilcoxon_min_p
 
-        lines = [
-            f"**{title}**",
-            "",
-            "| | " + " | ".join(column_name(c) for c in columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
         bold: Dict[Tuple[int, Any], bool] = {}
+        shared: Dict[Any, List[str]] = {}
+        notes: List[str] = []
         for c in columns:
             cells = [(i, r[1].get(c)) for i, r in enumerate(rows) if r[1].get(c)]
             if not cells:
                 continue
-            best_i, best = max(cells, key=lambda item: np.mean(list(item[1].values())))
+            common = sorted(set.intersection(*(set(scores) for _, scores in cells)))
+            shared[c] = common
+            if not common:
+                notes.append(f"{column_name(c)}: no {unit} scored by every row, so no row is compared.")
+                continue
+            if not wilcoxon_can_reach(len(common)):
+                notes.append(
+                    f"{column_name(c)}: n = {len(common)} {unit} is too small for the paired Wilcoxon test to "
+                    f"reach p < 0.05 (its smallest two-sided p is {wilcoxon_min_p(len(common)):.3g}), "
+                    "so no cell is bold."
+                )
+                continue
+            best_i, best = max(cells, key=lambda item: np.mean([item[1][k] for k in common]))
             for i, scores in cells:
-                common = sorted(set(scores) & set(best))
                 p = 1.0 if i == best_i else paired_wilcoxon([scores[k] for k in common], [best[k] for k in common])
                 bold[(i, c)] = p >= 0.05
+        header = [column_name(c) + (f" ({len(shared[c])} {unit})" if c in shared else "") for c in columns]
+        lines = [
+            f"**{title}**",
+            "",
+            f"Each column: mean +- sample SD over the {unit} every row of it scored (their number in brackets).",
+            "",
+            "| | " + " | ".join(header) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
         for i, (label, cells) in enumerate(rows):
             out = []
             for c in columns:
                 scores = cells.get(c)
-                if not scores:
-                    out.append("not measured")
+                if not scores or not shared.get(c):
+                    out.append("not measured" if not scores else "no common " + unit)
                     continue
-                text = _mean_std(list(scores.values()))
+                text = _mean_std([scores[k] for k in shared[c]])
                 out.append(f"**{text}**" if bold.get((i, c)) else text)
             lines.append(f"| {label} | " + " | ".join(out) + " |")
+        if notes:
+            lines += ["", "Notes: " + " ".join(notes)]
         return lines + [""]
 
     def p_value(self, a: Optional[Dict[str, float]], b: Optional[Dict[str, float]]) -> Optional[float]:
@@ -1044,7 +1083,7 @@ class Report:
         c = self.config["cxr"]
         name, step = c["backbone"], c.get("checkpoint")
         sets = c.get("validation_sets", []) + c["test_sets"]
-        self.lines += ["## Chest X-ray: Dice x 100 (mean +- std over images; seeds averaged per image first)", ""]
+        self.lines += ["## Chest X-ray: Dice x 100 (mean +- sample SD over images; seeds averaged per image first)", ""]
         self.lines += [
             "Seeds per method and n: "
             + "; ".join(
@@ -1098,6 +1137,7 @@ class Report:
                 for n in c["n"]:
                     unit = (name, step, method, n, cxr_seeds(c, method, n), "default", set_name)
                     raw, pp = self.study.per_image(*unit, post="none"), self.study.per_image(*unit, post="rule")
+                    raw, pp = _on_common(raw, pp) if raw and pp else (None, None)
                     if raw and pp:
                         difference = 100 * (np.mean(list(pp.values())) - np.mean(list(raw.values())))
                         pp_lines.append(
@@ -1269,6 +1309,8 @@ class Report:
                             scores = self.study.per_image(*unit, variant, set_name, post=post)
                             # Against the study's defaults on the same checkpoint, seeds and images.
                             default = self.study.per_image(*unit, "default", set_name, post="none")
+                            if scores and default:
+                                scores, default = _on_common(scores, default)
                             p = self.p_value(scores, default)
                             against = (
                                 f" ({100 * (np.mean(list(scores.values())) - np.mean(list(default.values()))):+.1f}"
@@ -1342,7 +1384,9 @@ class Report:
             rows.append((self.METHOD_NAMES.get(method, method), cells))
         self.lines += ["## BraTS whole tumour, 3D Dice x 100 on the held-out subjects", ""]
         if rows:  # (a curve-only config fits no methods)
-            self.lines += self.table("BraTS", rows, b["n_subjects"], lambda n: f"{n} labelled subject(s)")
+            self.lines += self.table(
+                "BraTS", rows, b["n_subjects"], lambda n: f"{n} labelled subject(s)", unit="held-out subjects"
+            )
         refine_dir = self.study.work / "brats" / "refine"
         records = [read_json(p) for p in sorted(refine_dir.glob("*.json"))] if refine_dir.is_dir() else []
         if not records:

@@ -52,10 +52,32 @@ def test_precision_and_recall():
 
 
 def test_summary_and_paired_test():
-    assert str(summarise([0.9, 0.8])) == "85.0 +- 5.0 (n=2)"
+    assert str(summarise([0.9, 0.8])) == "85.0 +- 7.1 (n=2)"  # sample SD (ddof=1); 5.0 was ddof=0
     better = np.linspace(0.8, 0.9, 12)
     assert paired_wilcoxon(better + 0.05, better) < 0.05
     assert paired_wilcoxon(better, better) == 1.0
+
+
+def test_summaries_give_the_sample_sd_and_zero_for_one_value():
+    """The field reports the sample SD (ddof=1); a single value's SD is reported as 0.0, not nan."""
+    values = [0.91, 0.85, 0.78, 0.95, 0.88]
+    summary = summarise(values + [float("nan")])
+    assert summary.n == 5
+    assert summary.std == pytest.approx(np.std(values, ddof=1))
+    assert summary.std > np.std(values)  # ~11% above the population SD at n = 5
+    assert summarise([0.7]).std == 0.0 and summarise([0.7]).n == 1
+    assert summarise([]).n == 0
+
+
+def test_the_exact_wilcoxon_cannot_reach_005_with_five_pairs_or_fewer():
+    from scipy.stats import wilcoxon
+
+    from tedm_core.pipelines.evaluate import wilcoxon_can_reach, wilcoxon_min_p
+
+    for n in range(1, 9):
+        all_better = wilcoxon(np.arange(1, n + 1) + 0.5, np.zeros(n), method="exact").pvalue
+        assert wilcoxon_min_p(n) == pytest.approx(all_better)
+    assert [wilcoxon_can_reach(n) for n in (1, 5, 6, 10)] == [False, False, True, True]
 
 
 def test_folders_are_matched_by_name_and_extra_maps_ignored(tmp_path):

@@ -165,3 +165,63 @@ def test_the_checkpoint_rule_breaks_a_seed_zero_tie_with_more_seeds(tmp_path):
     # Without a margin, seed 0 alone decides.
     del sweep["tie_margin"]
     assert Study(config, tmp_path, tmp_path / "results", tmp_path, smoke=False).choose_checkpoint().chosen == 1
+
+
+def _report(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from types import SimpleNamespace
+
+    from reproduce import Report
+
+    return Report(SimpleNamespace(config={}, results=tmp_path))
+
+
+def _cells(line):
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_a_table_column_averages_every_row_over_the_same_images(tmp_path):
+    """Finding 4 (session 20): a row fitted with three seeds scores fewer validation images than
+    one fitted with seed 0 only; its mean must not be compared with a mean over other images."""
+    report = _report(tmp_path)
+    from reproduce import _mean_std
+
+    shared = {f"i{k}": 0.80 + 0.01 * k for k in range(8)}
+    # "three seeds": the 8 shared images, better than the baseline on every one of them.
+    three_seeds = {k: v + 0.05 for k, v in shared.items()}
+    # "seed 0 only": also the 4 images seeds 1 and 2 fitted on, and it does very well there.
+    one_seed = dict(shared, **{f"j{k}": 0.99 for k in range(4)})
+    rows = [("TEDM", {3: three_seeds}), ("baseline", {3: one_seed})]
+    lines = report.table("validation", rows, [3], lambda n: f"n = {n}")
+    header = next(line for line in lines if line.startswith("| |"))
+    assert "n = 3 (8 images)" in header
+    tedm, baseline = (_cells(line)[0] for line in lines if line.startswith(("| TEDM", "| baseline")))
+    assert tedm == f"**{_mean_std(list(three_seeds.values()))}**"  # best on the shared images
+    assert baseline == _mean_std(list(shared.values()))  # cut to them, and worse on every one
+    assert not baseline.startswith("**")
+
+
+def test_a_table_bolds_nothing_where_too_few_images_for_the_test(tmp_path):
+    """Finding 7: with n <= 5 pairs the two-sided exact Wilcoxon cannot give p < 0.05, so "not
+    distinguishable from the best" would hold for every row; no row is bold then, and a note says why."""
+    report = _report(tmp_path)
+    five = {f"i{k}": 0.5 + 0.01 * k for k in range(5)}
+    rows = [("TEDM", {1: {k: v + 0.3 for k, v in five.items()}}), ("baseline", {1: five})]
+    lines = report.table("validation", rows, [1], lambda n: f"n = {n}")
+    assert not any("**" in line for line in lines if line.startswith(("| TEDM", "| baseline")))
+    assert any("too small for the paired Wilcoxon test" in line and "n = 5 images" in line for line in lines)
+    # With six shared images the test can separate them: the best is bold, the other is not.
+    six = dict(five, i5=0.55)
+    rows = [("TEDM", {1: {k: v + 0.3 for k, v in six.items()}}), ("baseline", {1: six})]
+    lines = report.table("validation", rows, [1], lambda n: f"n = {n}")
+    tedm, baseline = (_cells(line)[0] for line in lines if line.startswith(("| TEDM", "| baseline")))
+    assert tedm.startswith("**") and not baseline.startswith("**")
+    assert not any("too small" in line for line in lines)
+
+
+def test_report_means_give_the_sample_sd():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from reproduce import _mean_std
+
+    assert _mean_std([0.9, 0.8]) == "85.0 +- 7.1"  # ddof=1 (ddof=0 gave 5.0)
+    assert _mean_std([0.9]) == "90.0 +- 0.0"

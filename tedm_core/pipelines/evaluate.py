@@ -55,11 +55,25 @@ class Summary:
         return f"{100 * self.mean:.1f} +- {100 * self.std:.1f} (n={self.n})"
 
 
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1, the SD papers in the field report; before session 20
+    the project gave the population SD, ddof=0). For a single value the sample SD is undefined:
+    it is reported as 0.0, everywhere (the n beside it says so); for no values, nan."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return float("nan")
+    if array.size == 1:
+        return 0.0
+    return float(array.std(ddof=1))
+
+
 def summarise(values: Sequence[float]) -> Summary:
+    """Mean and sample SD (ddof=1; 0.0 for a single value, see :func:`sample_std`) of the values
+    that are not nan, and their count."""
     array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if array.size == 0:
         return Summary(float("nan"), float("nan"), 0)
-    return Summary(float(array.mean()), float(array.std()), int(array.size))
+    return Summary(float(array.mean()), sample_std(array), int(array.size))
 
 
 def paired_wilcoxon(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
@@ -70,6 +84,18 @@ def paired_wilcoxon(scores_a: Sequence[float], scores_b: Sequence[float]) -> flo
     if np.allclose(a, b):
         return 1.0
     return float(wilcoxon(a, b).pvalue)
+
+
+def wilcoxon_min_p(n: int) -> float:
+    """The smallest two-sided p-value the exact paired Wilcoxon signed-rank test can give on
+    ``n`` pairs: 2 / 2**n, when every difference has the same sign (1.0 for no pairs)."""
+    return min(1.0, 2.0 ** (1 - n)) if n > 0 else 1.0
+
+
+def wilcoxon_can_reach(n: int, alpha: float = 0.05) -> bool:
+    """Whether ``n`` pairs are enough for the two-sided exact Wilcoxon test to give p < ``alpha``
+    at all (at 0.05: n >= 6; with n <= 5 no difference, however consistent, is significant)."""
+    return wilcoxon_min_p(n) < alpha
 
 
 @dataclass
