@@ -358,7 +358,12 @@ def write_summary(
 
 def write_metrics(path: Path, results: Sequence[CaseResult]) -> None:
     rows = [row for r in results for row in r.metrics]
-    write_text_atomic(path, _csv_text(rows, ["case", "class", "dice", "precision", "recall", "truth_voxels", "predicted_voxels", "label_file"]))
+    write_text_atomic(
+        path,
+        _csv_text(
+            rows, ["case", "class", "dice", "precision", "recall", "truth_voxels", "predicted_voxels", "label_file"]
+        ),
+    )
 
 
 @dataclass
