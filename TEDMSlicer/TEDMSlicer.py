@@ -473,6 +473,13 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setBusy(False)
         self.ui.elapsedLabel.text = ""
         self._setStatus(operation.message)
+        if operation.during_shutdown:
+            # Exit, Reload or a worker restart finished it: the status line and the log say what
+            # became of it; no dialog, no view changes while the module goes away.
+            if operation.status in (DONE, FAILED):  # (the logic logs cancelled and dropped ones itself)
+                self.onWorkerLog(operation.message)
+            self._updateButtons()
+            return
         if operation.status == DONE:
             self._afterResult(operation)
         elif operation.status == FAILED and operation.error_kind in ("user", "busy"):

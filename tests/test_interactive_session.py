@@ -222,6 +222,13 @@ def test_labels_drawn_across_the_slicing_plane_are_refused_or_flagged(tiny_bundl
     session = InteractiveSession(volume)
     with pytest.raises(SessionError, match=r"drawn on 1 .* slice\(s\), they touch \d+ .* slices"):
         session.fit(backbone, across, ["background", "sphere"], axis="k", device="cpu", steps=5)
+    small = np.zeros_like(sphere)
+    small[4:8, 19:22, 17:20] = 1  # a 3x3 structure on 4 slices of the session's plane: may be either, so warned
+    logged = []
+    session.fit(
+        backbone, small, ["background", "sphere"], axis="k", device="cpu", steps=2, reporter=Reporter(log=logged.append)
+    )
+    assert any(line.startswith("Warning: the labels were drawn on 3") for line in logged), logged
     in_plane = np.zeros_like(sphere)
     in_plane[[4, 8]] = sphere[[4, 8]]  # 1-3 slices of the session's own plane: fine
     fitted = session.fit(backbone, in_plane, ["background", "sphere"], axis="k", device="cpu", steps=5)

@@ -1140,3 +1140,37 @@ def test_a_scalar_volume_with_several_frames_is_not_read_as_colour(lib, logic, s
     scene.AddNode(node)
     with pytest.raises(lib.UserInputError, match="3 frames per voxel"):
         logic.begin_segment([node], "/model", None)
+
+
+def test_corrections_are_only_looked_for_in_the_grid_tedm_wrote_in(lib, scene, tmp_path):
+    """The volume moved (its origin, as hardening a transform does) since TEDM wrote the node: the
+    old result is in another grid, so nothing can be kept as "corrections" (it would keep the old
+    result's misplaced voxels); the user's node is left as it is and the result goes beside it."""
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    segmentation = _run(logic).segmentation_node
+    ids = logic.record_for(segmentation).segment_ids
+    painted = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    painted[0, 0, 0] = True
+    SegmentEditor(scene, segmentation, volume).add(ids[0], painted)
+    origin = list(volume.GetOrigin())
+    volume.SetOrigin(origin[0] + 4.0, origin[1], origin[2])
+    before = lib.mrml_io.read_class_labels(segmentation, volume)
+    logic.begin_segment([volume], "/model", segmentation)
+    finished = _run(logic, polls=80)
+    assert finished.status == lib.DONE and finished.written_to_new_node, finished.message
+    assert "another volume's grid" in finished.message
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume), before)
+
+
+def test_a_write_finished_by_shutdown_is_reported_as_such(lib, scene, tmp_path):
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    _poll_until_writing(logic)
+    logic.shutdown()
+    finished = logic.listener.finished_operations[-1]
+    assert finished.status == lib.DONE and finished.during_shutdown

@@ -1189,3 +1189,12 @@ def test_the_segment_editor_can_undo_a_result_written_in_place(gui, monkeypatch)
     gui.press(gui.ui.refineButton)
     gui.settle()
     assert len(saved) == 1
+
+
+def test_an_operation_finished_by_shutdown_opens_no_dialog(gui):
+    """Exit, Reload or a worker restart finishing a write (or refusing it): the status line and the
+    log say so, no modal dialog pops up while the module goes away."""
+    finished = gui.lib.FinishedOperation("segment", "Segment", gui.lib.FAILED, "Segment: 'sphere' changed", 1.0)
+    finished.error_kind, finished.during_shutdown = "user", True
+    gui.widget.onOperationFinished(finished)
+    assert gui.dialogs.shown == [] and "Segment: 'sphere' changed" in gui.log()

@@ -195,6 +195,7 @@ class FinishedOperation:
     worker_seconds: float = 0.0  # the job's own time in the worker (without transfers and MRML)
     error_kind: str = ""  # the worker's error kind: user, cancelled, busy, protocol, internal
     details: str = ""
+    during_shutdown: bool = False  # finished by shutdown (exit, Reload, restart): report it, open nothing
 
     @property
     def ok(self) -> bool:
@@ -259,6 +260,8 @@ class WrittenResult:
     segment_ids: List[str]
     class_names: List[str]
     labels: np.ndarray  # (K, J, I) class indices: class k is segment_ids[k - 1]
+    reference: Any  # the volume whose grid ``labels`` are in
+    ijk_to_ras: np.ndarray
 
 
 @dataclass
@@ -335,6 +338,7 @@ class TEDMWorkerLogic:
         self._clients_made = 0
         self.timings = StepTimings()  # the longest time each GUI-thread step took (benchmarks)
         self.written: Dict[int, WrittenResult] = {}  # id(segmentation node) -> what TEDM last wrote there
+        self._shutting_down = False  # shutdown finishes a write: its report must not pop up dialogs
 
     # -- the worker --------------------------------------------------------------------------
     def _generation_key(self, client: Optional[WorkerClientLike] = None) -> Any:
@@ -438,7 +442,11 @@ class TEDMWorkerLogic:
         A result that has already arrived is written to the end first: it needs no worker, and a
         write into the user's segmentation stopped halfway would leave it half old, half new. This
         holds the GUI for the rest of the write (about 50-250 ms per segment of a full volume), once."""
-        self._complete_arrived_result()
+        self._shutting_down = True
+        try:
+            self._complete_arrived_result()
+        finally:
+            self._shutting_down = False
         running, self.running = self.running, None
         client, self.client = self.client, None
         if client is not None:
@@ -996,6 +1004,7 @@ class TEDMWorkerLogic:
             # volume (and features) in the worker until it exits.
             self._close_unused_session(running)
         finished = FinishedOperation(running.operation, running.title, status, message, running.elapsed, **details)
+        finished.during_shutdown = self._shutting_down
         if status in (DROPPED, WORKER_DIED, CANCELLED):
             self.listener.log(message)
         self.listener.finished(finished)
@@ -1110,7 +1119,7 @@ class TEDMWorkerLogic:
             )
         if target is not None and not edited and not moved and not corrected:
             about_to_write = getattr(self.listener, "about_to_write_in_place", None)
-            if about_to_write is not None:
+            if about_to_write is not None and not self._shutting_down:
                 about_to_write(target)
             segmentation = target.GetSegmentation()
             existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
@@ -1134,9 +1143,9 @@ class TEDMWorkerLogic:
                 # Corrections of other classes than the new result's (another model): left as they are.
                 write.written_to_new_node = True
                 write.note = (
-                    f" '{target.GetName()}' holds changes made since TEDM's last result there (your corrections) "
-                    "for other structures than this model's, so the new result went into a new segmentation and "
-                    "yours was left as it is."
+                    f" '{target.GetName()}' holds changes made since TEDM's last result there (your corrections), "
+                    "for other structures than this model's or in another volume's grid, so the new result went into "
+                    "a new segmentation and yours was left as it is."
                 )
             elif moved:
                 # The result lives in the volume's coordinates; taking the segmentation under the
@@ -1157,6 +1166,16 @@ class TEDMWorkerLogic:
         written = self.written.get(id(node))
         if written is None or written.node is not node or mrml_io.segments_signature(node) == written.signature:
             return None
+        same_grid = (
+            written.reference is reference
+            and reference.GetImageData() is not None
+            and tuple(reversed(reference.GetImageData().GetDimensions())) == written.labels.shape
+            and np.allclose(mrml_io.ijk_to_ras_of(reference), written.ijk_to_ras, atol=mrml_io.GEOMETRY_TOLERANCE_MM)
+        )
+        if not same_grid:
+            # What TEDM wrote is in another grid (another volume, or this one moved): the user's
+            # changes cannot be told from it, so the node is kept as it is.
+            return Corrections(None, None, mergeable=False)
         segmentation = node.GetSegmentation()
         current = np.zeros_like(written.labels)
         for index, segment_id in enumerate(written.segment_ids, start=1):
@@ -1174,10 +1193,7 @@ class TEDMWorkerLogic:
         changed = current != written.labels
         if not changed.any():
             return None
-        same_classes = (
-            list(written.class_names) == [str(n) for n in class_names] and current.shape == written.labels.shape
-        )
-        return Corrections(current, changed, mergeable=same_classes)
+        return Corrections(current, changed, mergeable=list(written.class_names) == [str(n) for n in class_names])
 
     def _staged_write(
         self, running: RunningOperation, result: Dict[str, Any], labels: np.ndarray, class_names: List[str]
@@ -1291,7 +1307,13 @@ class TEDMWorkerLogic:
             reference.GetScene().AddNode(target)
             target.CreateDefaultDisplayNodes()
         self.written[id(target)] = WrittenResult(
-            target, mrml_io.segments_signature(target), list(write.segment_ids), list(write.class_names), write.labels
+            target,
+            mrml_io.segments_signature(target),
+            list(write.segment_ids),
+            list(write.class_names),
+            write.labels,
+            reference,
+            mrml_io.ijk_to_ras_of(reference),
         )
         record = running.record
         previous_record = self.records.pop(id(running.segmentation_node), None) if write.written_to_new_node else None

@@ -72,7 +72,8 @@ FEW_PLANES = 3
 def drawn_across_the_plane(touched: np.ndarray, layout: SliceLayout, ijk_to_ras: np.ndarray) -> Optional[str]:
     """The plane the touched voxels (K, J, I) were drawn in, when it is not the session's: they lie
     in at most ``FEW_PLANES`` slices of that plane and touch more of the session's slices. None
-    otherwise (drawn in the session's plane, or in 3D)."""
+    otherwise (drawn in the session's plane, or in 3D). Small or thin structures labelled in the
+    session's plane can look the same (a 3x3 lesion on 4 slices): see :func:`clearly_across`."""
     touched = np.asarray(touched, dtype=bool)
     planes = [int(touched.any(axis=tuple(d for d in range(3) if d != dim)).sum()) for dim in range(3)]
     along_session = planes[layout.slice_dim]
@@ -87,6 +88,14 @@ def drawn_across_the_plane(touched: np.ndarray, layout: SliceLayout, ijk_to_ras:
                 f"which would count as labelled whole"
             )
     return None
+
+
+def clearly_across(touched: np.ndarray, layout: SliceLayout) -> bool:
+    """More than twice the 1-3 slices a user labels: no longer a small structure painted slice by
+    slice in the session's plane, but a drawing across it (each structure's whole extent)."""
+    touched = np.asarray(touched, dtype=bool)
+    session_slices = int(touched.any(axis=tuple(d for d in range(3) if d != layout.slice_dim)).sum())
+    return session_slices > 2 * FEW_PLANES
 
 
 @dataclass
@@ -291,10 +300,15 @@ class InteractiveSession:
         if not labelled:
             raise SessionError(f"nothing is labelled: paint every structure on 1-3 {self.axis} slices first")
         across = drawn_across_the_plane(drawn > 0, self.layout, self.volume.ijk_to_ras)
-        if across:
+        if across and clearly_across(drawn > 0, self.layout):
             raise SessionError(
                 f"the labels were {across}: set the slicing axis to the plane you labelled in, or label 1-3 "
                 f"{self.layout.plane} slices"
+            )
+        if across:
+            reporter.log(
+                f"Warning: the labels were {across}. If you labelled in a view across the slicing plane, "
+                f"label 1-3 {self.layout.plane} slices instead (or set the slicing axis to that plane)."
             )
         reporter.log(f"Fitting {method} on {len(labelled)} labelled slice(s): {', '.join(map(str, labelled))}.")
         self.bundle = fit_bundle(
