@@ -178,5 +178,10 @@ def test_a_one_structure_ground_truth_of_another_value_is_refused_not_scored(tmp
     mask[2:5, 2:5] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     assert read_label_image(tmp_path / "mask.png", [0, 1]).sum() == 9  # 0/255 for a structure valued 1
+    # A 2D mask image may be 0/255 whatever the structure's value: segment writes them so (read back by
+    # evaluate, batch --labels and refine --corrected of a model whose label values are 0 4).
+    assert read_label_image(tmp_path / "mask.png", [0, 4]).sum() == 9
+    assert label_array_to_classes(read_volume(tmp_path / "mask.png", allow_constant=True), [0, 4]).sum() == 9
+    nib.save(nib.Nifti1Image((edema > 0).astype(np.uint8) * 255, np.eye(4)), tmp_path / "gt255.nii.gz")
     with pytest.raises(InputError, match="holds the value 255 where the structure's value is 4"):
-        read_label_image(tmp_path / "mask.png", [0, 4])
+        label_array_to_classes(read_volume(tmp_path / "gt255.nii.gz", allow_constant=True), [0, 4])

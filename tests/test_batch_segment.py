@@ -445,3 +445,31 @@ def test_a_case_without_its_own_ground_truth_is_never_scored_against_a_shared_on
     options = BatchOptions(labels_dir=tmp_path / "flat_labels", label_name="GT_W.nii.gz", show_progress=False)
     with pytest.raises(Exception, match="no ground truth for any of the 3 cases"):
         run_batch(ThresholdSegmenter(), flat, tmp_path / "flat_out", options)
+
+
+def test_ground_truth_files_among_one_channel_cases_are_not_cases(tmp_path):
+    """subj/image.nii.gz + subj/label.nii.gz, --label-name label.nii.gz, a one-channel model: the label
+    files are ground truth, never cases (nor their own ground truth), and each image finds its own."""
+    import nibabel as nib
+
+    from tedm_core.pipelines.labelled import load_labelled_data
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for index, subject in enumerate(["subjA", "subjB"]):
+        image = np.full((24, 24, 6), 10.0, np.float32)
+        image[4 + 4 * index : 12 + 4 * index, 6:16, 1:5] = 80.0
+        folder = tmp_path / "vols" / subject
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(image, affine), folder / "image.nii.gz")
+        nib.save(nib.Nifti1Image((image > 50).astype(np.uint8), affine), folder / "label.nii.gz")
+    options = BatchOptions(labels_dir=tmp_path / "vols", label_name="label.nii.gz", show_progress=False)
+    report = run_batch(ThresholdSegmenter(), tmp_path / "vols", tmp_path / "out", options)
+    assert sorted(r.case_id for r in report.results) == ["subjA/image", "subjB/image"]
+    assert all(r.truth == "scored" for r in report.results), [r.error for r in report.results]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert {Path(row["label_file"]).name for row in rows} == {"label.nii.gz"}
+    from tedm_core.preprocessing.intensity import BRAIN_T1
+
+    _, labels, sources = load_labelled_data(tmp_path / "vols", None, BRAIN_T1, [0, 1], label_name="label.nii.gz")
+    assert sources and not any("label" in str(source) for source in sources), sources
+    assert int(np.asarray(labels).max()) == 1

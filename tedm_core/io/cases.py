@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -274,6 +275,14 @@ def _collision(first: Case, second: Case, name: str) -> None:
     )
 
 
+def without_label_files(cases: Sequence[Case], label_name: Optional[str]) -> List[Case]:
+    """The cases less the ground-truth files named ``label_name`` found among them (a one-channel
+    cohort of ``subj/image.nii.gz`` + ``subj/label.nii.gz``): a ground truth is never a case."""
+    if not label_name:
+        return list(cases)
+    return [c for c in cases if c.is_folder or len(c.inputs) != 1 or c.inputs[0].name != label_name]
+
+
 def single_file_cases_per_folder(cases: Sequence[Case]) -> Dict[str, int]:
     """How many single-file cases each folder (relative to the input) holds: see :func:`find_label_file`."""
     counts: Dict[str, int] = {}
@@ -307,7 +316,8 @@ def find_label_file(
         if not case.is_folder and subject != Path(".") and alone:
             candidates.append(labels_dir / subject / label_name)
     candidates.extend(labels_dir / f"{case.case_id}{suffix}" for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+    own = {os.path.realpath(p) for p in case.inputs}
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() and os.path.realpath(candidate) not in own:  # never a case's own image
             return candidate
     return None

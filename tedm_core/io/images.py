@@ -110,7 +110,8 @@ def read_label_image(path: PathLike, label_values: Sequence[int]) -> np.ndarray:
         raise InputError(path, "is a JPEG: lossy compression changes label values at every edge; save masks as PNG")
     array = _label_array(path, image).astype(np.int64)
     if len(label_values) == 2:
-        return binary_foreground(path, array, label_values[0], label_values[1])
+        # A 2D mask may always be 0/1 or 0/255 (segment writes one-structure images as 0/255).
+        return binary_foreground(path, array, label_values[0], label_values[1], image_mask=True)
     lookup = {int(v): k for k, v in enumerate(label_values)}
     unknown = sorted(set(np.unique(array).tolist()) - set(lookup))
     if unknown:
@@ -126,13 +127,18 @@ MASK_CONVENTION_VALUES = (1, 255)
 
 
 def binary_foreground(
-    path: Optional[PathLike], values: np.ndarray, background: int, structure: Optional[int] = None
+    path: Optional[PathLike],
+    values: np.ndarray,
+    background: int,
+    structure: Optional[int] = None,
+    image_mask: bool = False,
 ) -> np.ndarray:
     """A one-structure mask as 0/1. Several different non-background values are refused: merging
     them would silently turn a label map of several structures, or a resized mask's blurred edge,
-    into one. The structure's value is ``structure``; a structure valued 1 or 255 is also found
-    as the other (masks come as 0/1 or 0/255), any other value only as itself: a ground truth
-    holding only BraTS value 2 is not the structure valued 4 (None: any one value)."""
+    into one. The structure's value is ``structure``; a structure valued 1 or 255, or any
+    structure in a 2D mask image (``image_mask``), is also found as 1 or 255 (masks come as 0/1 or
+    0/255), any other value only as itself: a label volume holding only BraTS value 2 is not the
+    structure valued 4 (None: any one value)."""
     foreground = values != background
     present = np.unique(values[foreground])
     if len(present) > 1:
@@ -143,7 +149,8 @@ def binary_foreground(
             "give each structure a class and its label value, or threshold the mask",
         )
     if len(present) and structure is not None and int(present[0]) != int(structure):
-        accepted = MASK_CONVENTION_VALUES if int(structure) in MASK_CONVENTION_VALUES else (int(structure),)
+        conventional = image_mask or int(structure) in MASK_CONVENTION_VALUES
+        accepted = MASK_CONVENTION_VALUES + (int(structure),) if conventional else (int(structure),)
         if int(present[0]) not in accepted:
             raise InputError(
                 path,

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
-from ..io.cases import Case, discover_cases, find_label_file, single_file_cases_per_folder
+from ..io.cases import Case, discover_cases, find_label_file, single_file_cases_per_folder, without_label_files
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_label_image
 from ..io.outputs import OutputRecord, check_writable_folder, refuse_overlap
 from ..io.volumes import (
@@ -453,6 +453,8 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         )
     check_output_folder(input_dir, output_dir, options.labels_dir, getattr(bundle, "source", None))
     cohort = discover_cases(input_dir, output_dir, bundle.channel_names, options.include)
+    if options.labels_dir is not None:
+        cohort = without_label_files(cohort, options.label_name)
     cases_per_folder = single_file_cases_per_folder(cohort)
     cases = select_shard(cohort, options.shard)
     if options.labels_dir is not None and not any(

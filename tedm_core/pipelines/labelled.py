@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError, SettingError
-from ..io.cases import discover_cases, find_label_file, single_file_cases_per_folder
+from ..io.cases import discover_cases, find_label_file, single_file_cases_per_folder, without_label_files
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
@@ -104,7 +104,7 @@ def load_labelled_data(
         slices_out, labels_out, sources = _load_image_pairs(images, Path(masks), intensity, label_values, n)
         _check_every_class_labelled(labels_out, label_values, Path(masks))
         return slices_out, labels_out, sources
-    cases = list(discover_cases(images, images / ".unused", channel_names))
+    cases = without_label_files(discover_cases(images, images / ".unused", channel_names), label_name)
     cases_per_folder = single_file_cases_per_folder(cases)
     if n is not None:
         cases = _first(cases, n, images)

@@ -197,7 +197,11 @@ def label_array_to_classes(label_volume: Volume, label_values: Sequence[int]) ->
         )
     values = values.astype(np.int64)
     if len(label_values) == 2:
-        return binary_foreground(label_volume.path, values, int(label_values[0]), int(label_values[1]))
+        # A 2D image may be a 0/1 or 0/255 mask whatever the structure's value (segment writes 0/255 PNGs).
+        image_mask = getattr(label_volume, "source_format", "") == "image2d"
+        return binary_foreground(
+            label_volume.path, values, int(label_values[0]), int(label_values[1]), image_mask=image_mask
+        )
     lookup = {int(v): k for k, v in enumerate(label_values)}
     present = np.unique(values)
     unknown = sorted(set(present.tolist()) - set(lookup))
