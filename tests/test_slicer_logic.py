@@ -1012,10 +1012,16 @@ def test_a_scene_closed_after_cancel_does_not_stop_the_worker(lib, logic, client
 # --------------------------------------------------------------------------------------------
 # Session 20 audit: restart during a write, Segment over corrections, the scene changing under a job
 # --------------------------------------------------------------------------------------------
-def test_a_restart_during_an_in_place_write_finishes_the_write(lib, scene, tmp_path):
+def _three_class_logic(lib, scene, tmp_path):
+    """A logic whose scripted worker answers with three structures, and the sphere volume."""
     client = ScriptedWorkerClient(class_names=THREE_CLASSES)
     logic = lib.TEDMWorkerLogic(lambda: client)
     volume, _ = _sphere_node(scene, tmp_path)
+    return logic, volume
+
+
+def test_a_restart_during_an_in_place_write_finishes_the_write(lib, scene, tmp_path):
+    logic, volume = _three_class_logic(lib, scene, tmp_path)
     segmentation, _ = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("edema", (0.0, 1.0, 0.0))])
     editor = SegmentEditor(scene, segmentation, volume)
     ids = lib.mrml_io.all_segment_ids(segmentation)
@@ -1037,9 +1043,7 @@ def test_a_restart_during_an_in_place_write_finishes_the_write(lib, scene, tmp_p
 
 
 def test_segment_again_over_corrected_slices_keeps_the_corrections(lib, scene, tmp_path):
-    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
-    logic = lib.TEDMWorkerLogic(lambda: client)
-    volume, _ = _sphere_node(scene, tmp_path)
+    logic, volume = _three_class_logic(lib, scene, tmp_path)
     logic.begin_segment([volume], "/model", None)
     segmentation = _run(logic).segmentation_node
     ids = logic.record_for(segmentation).segment_ids
@@ -1146,9 +1150,7 @@ def test_corrections_are_only_looked_for_in_the_grid_tedm_wrote_in(lib, scene, t
     """The volume moved (its origin, as hardening a transform does) since TEDM wrote the node: the
     old result is in another grid, so nothing can be kept as "corrections" (it would keep the old
     result's misplaced voxels); the user's node is left as it is and the result goes beside it."""
-    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
-    logic = lib.TEDMWorkerLogic(lambda: client)
-    volume, _ = _sphere_node(scene, tmp_path)
+    logic, volume = _three_class_logic(lib, scene, tmp_path)
     logic.begin_segment([volume], "/model", None)
     segmentation = _run(logic).segmentation_node
     ids = logic.record_for(segmentation).segment_ids
@@ -1166,9 +1168,7 @@ def test_corrections_are_only_looked_for_in_the_grid_tedm_wrote_in(lib, scene, t
 
 
 def test_a_write_finished_by_shutdown_is_reported_as_such(lib, scene, tmp_path):
-    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
-    logic = lib.TEDMWorkerLogic(lambda: client)
-    volume, _ = _sphere_node(scene, tmp_path)
+    logic, volume = _three_class_logic(lib, scene, tmp_path)
     logic.begin_segment([volume], "/model", None)
     _poll_until_writing(logic)
     logic.shutdown()

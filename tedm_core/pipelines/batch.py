@@ -390,14 +390,19 @@ class BatchReport:
     def mean_dice(self) -> Dict[str, float]:
         return {name: summary.mean for name, summary in self.dice_summaries().items()}
 
+    def metric_rows_by_class(self) -> Dict[str, List[Dict[str, object]]]:
+        per_class: Dict[str, List[Dict[str, object]]] = {}
+        for r in self.results:
+            for row in r.metrics:
+                per_class.setdefault(str(row["class"]), []).append(row)
+        return per_class
+
     def dice_summaries(self) -> Dict[str, Summary]:
         from .evaluate import summarise
 
-        per_class: Dict[str, List[float]] = {}
-        for r in self.results:
-            for row in r.metrics:
-                per_class.setdefault(str(row["class"]), []).append(float(row["dice"]))
-        return {name: summarise(values) for name, values in per_class.items()}
+        return {
+            name: summarise([float(row["dice"]) for row in rows]) for name, rows in self.metric_rows_by_class().items()
+        }
 
     def dice_line(self) -> str:
         """``mean Dice over K of N cases (M without ground truth, F failed): lung 91.2 +- 3.4``: a
@@ -415,10 +420,7 @@ class BatchReport:
         head = f"mean Dice over {scored} of {len(self.results)} cases" + (f" ({', '.join(parts)})" if parts else "")
         from .evaluate import neither_note
 
-        rows: Dict[str, List[Dict[str, object]]] = {}
-        for r in self.results:
-            for row in r.metrics:
-                rows.setdefault(str(row["class"]), []).append(row)
+        rows = self.metric_rows_by_class()
         values = ", ".join(
             f"{name} {100 * s.mean:.1f} +- {100 * s.std:.1f}{neither_note(rows.get(name, []))}"
             for name, s in self.dice_summaries().items()

@@ -69,11 +69,36 @@ class SessionError(InputError):
 FEW_PLANES = 3
 
 
-def drawn_across_the_plane(touched: np.ndarray, layout: SliceLayout, ijk_to_ras: np.ndarray) -> Optional[str]:
-    """The plane the touched voxels (K, J, I) were drawn in, when it is not the session's: they lie
-    in at most ``FEW_PLANES`` slices of that plane and touch more of the session's slices. None
+@dataclass
+class AcrossThePlane:
+    """Touched voxels that lie in ``planes`` slices of ``plane`` (not the session's) and touch
+    ``session_slices`` of the session's (:func:`drawn_across_the_plane`)."""
+
+    plane: str
+    planes: int
+    session_plane: str
+    session_slices: int
+
+    @property
+    def clearly(self) -> bool:
+        """More than twice the 1-3 slices a user labels: no longer a small structure painted slice
+        by slice in the session's plane, but a drawing across it (each structure's whole extent)."""
+        return self.session_slices > 2 * FEW_PLANES
+
+    def __str__(self) -> str:
+        return (
+            f"drawn on {self.planes} {self.plane} slice(s), they touch {self.session_slices} {self.session_plane} "
+            "slices, each of which would count as labelled whole"
+        )
+
+
+def drawn_across_the_plane(
+    touched: np.ndarray, layout: SliceLayout, ijk_to_ras: np.ndarray
+) -> Optional[AcrossThePlane]:
+    """Where the touched voxels (K, J, I) were drawn, when it is not the session's plane: they lie
+    in at most ``FEW_PLANES`` slices of another plane and touch more of the session's slices. None
     otherwise (drawn in the session's plane, or in 3D). Small or thin structures labelled in the
-    session's plane can look the same (a 3x3 lesion on 4 slices): see :func:`clearly_across`."""
+    session's plane can look the same (a 3x3 lesion on 4 slices): see ``AcrossThePlane.clearly``."""
     touched = np.asarray(touched, dtype=bool)
     planes = [int(touched.any(axis=tuple(d for d in range(3) if d != dim)).sum()) for dim in range(3)]
     along_session = planes[layout.slice_dim]
@@ -83,19 +108,8 @@ def drawn_across_the_plane(touched: np.ndarray, layout: SliceLayout, ijk_to_ras:
         if 0 < planes[dim] <= FEW_PLANES:
             names = [a for a in AXES[:3] if slice_layout(ijk_to_ras, layout.grid, a).slice_dim == dim]
             plane = names[0] if names else f"voxel axis {'KJI'[dim]}"
-            return (
-                f"drawn on {planes[dim]} {plane} slice(s), they touch {along_session} {layout.plane} slices, each of "
-                f"which would count as labelled whole"
-            )
+            return AcrossThePlane(plane, planes[dim], layout.plane, along_session)
     return None
-
-
-def clearly_across(touched: np.ndarray, layout: SliceLayout) -> bool:
-    """More than twice the 1-3 slices a user labels: no longer a small structure painted slice by
-    slice in the session's plane, but a drawing across it (each structure's whole extent)."""
-    touched = np.asarray(touched, dtype=bool)
-    session_slices = int(touched.any(axis=tuple(d for d in range(3) if d != layout.slice_dim)).sum())
-    return session_slices > 2 * FEW_PLANES
 
 
 @dataclass
@@ -300,7 +314,7 @@ class InteractiveSession:
         if not labelled:
             raise SessionError(f"nothing is labelled: paint every structure on 1-3 {self.axis} slices first")
         across = drawn_across_the_plane(drawn > 0, self.layout, self.volume.ijk_to_ras)
-        if across and clearly_across(drawn > 0, self.layout):
+        if across and across.clearly:
             raise SessionError(
                 f"the labels were {across}: set the slicing axis to the plane you labelled in, or label 1-3 "
                 f"{self.layout.plane} slices"

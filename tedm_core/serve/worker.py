@@ -189,7 +189,7 @@ class Worker:
         reporter = Reporter(progress=progress, log=log_line, cancelled=job.cancel.is_set)
         try:
             result, result_arrays = self._jobs[job.op](request, arrays, reporter)
-            if job.session is not None:
+            if job.session in self.sessions:  # (not one closed while its job ran)
                 self._used[job.session] = time.monotonic()
                 self._keep_features_within_budget(job.session, reporter)
             event: Dict[str, Any] = {"event": "result", "id": job.request_id, "result": result}
