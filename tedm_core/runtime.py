@@ -42,25 +42,33 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def module_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module`` itself when its weights are all on ``device`` already, else a copy on ``device``.
+def module_on(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """``module`` itself when its weights are all on ``device`` (and, given ``dtype``, its
+    floating-point weights in it) already, else a copy there, in ``dtype``.
 
-    ``module`` is never moved: a bundle's UNet and head may be shared (the worker's model cache
-    serves every session; fitting, refining and other segmenters use them), and moving them in
+    ``module`` is never moved or cast: a bundle's UNet and head may be shared (the worker's model
+    cache serves every session; fitting, refining and other segmenters use them), and moving them in
     place moved the weights under another user on another device. The copy is made tensor by
     tensor straight onto ``device``, never a second copy where ``module`` is (a deepcopy, then
-    ``.to``, would double the CPU's peak); on its own device nothing is copied at all.
+    ``.to``, would double the CPU's peak); with nothing to change nothing is copied at all.
     """
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # where "cuda" puts tensors
+
+    def target(tensor: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
     tensors = [*module.parameters(), *module.buffers()]
-    if all(t.device == device for t in tensors):
+    if all(t.device == device and t.dtype == target(t) for t in tensors):
         return module
     # deepcopy takes what the memo holds for an object instead of copying it: each weight's copy on
-    # the device (copy=True: one already there is not shared with the original either).
-    memo = {id(b): b.detach().to(device, copy=True) for b in module.buffers()}
+    # the device (copy=True: one already there is not shared with the original either). ``to``
+    # keeps each tensor's memory layout (channels-last stays channels-last).
+    memo = {id(b): b.detach().to(device, target(b), copy=True) for b in module.buffers()}
     for weight in module.parameters():
-        memo[id(weight)] = torch.nn.Parameter(weight.detach().to(device, copy=True), weight.requires_grad)
+        memo[id(weight)] = torch.nn.Parameter(
+            weight.detach().to(device, target(weight), copy=True), weight.requires_grad
+        )
     return copy.deepcopy(module, memo)
 
 
@@ -125,13 +133,14 @@ BF16_MIN_GAIN = 1.2
 
 
 def resolve_inference_precision(
-    precision: str, device: torch.device, timed_pass: Callable[[], None], key: Hashable
+    precision: str, device: torch.device, timed_pass: Callable[[str], None], key: Hashable
 ) -> str:
     """The precision of gradient-free UNet passes (segmenting, extracting features to fit on).
 
     ``auto``: bf16 on CUDA cards with native bf16 (:func:`cuda_has_native_bf16`). On a CPU with native bf16 the two are
-    *measured*, not assumed: ``timed_pass`` (one representative pass under ``autocast``) runs
-    in fp32 and in bf16, and bf16 is kept only if it is at least ``BF16_MIN_GAIN`` x faster.
+    *measured*, not assumed: ``timed_pass(precision)`` (one representative pass as it would run
+    in that precision: ``features.unet_for_passes``) runs in fp32 and in bf16, and bf16 is kept
+    only if it is at least ``BF16_MIN_GAIN`` x faster.
     On this project's AVX512-BF16 machine bf16 autocast ran the `small` UNet 1.56x faster than
     fp32 (``benchmarks/benchmark.py``: 215.9 against 138.8 GFLOP/s), yet on AMX machines it measured 0.76-0.83x (issue
     11), so no rule by CPU flags holds for both. The answer is kept per ``key`` (the model's
@@ -149,16 +158,15 @@ def resolve_inference_precision(
     return _MEASURED_PRECISION[key]
 
 
-def _faster_precision(device: torch.device, timed_pass: Callable[[], None], repeats: int = 3) -> str:
+def _faster_precision(device: torch.device, timed_pass: Callable[[str], None], repeats: int = 3) -> str:
     best = {}
     for precision in ("fp32", "bf16"):
-        with autocast(device, precision):
-            timed_pass()  # warm-up: oneDNN creates its kernels for the new shapes and types
-            times = []
-            for _ in range(repeats):
-                tic = time.perf_counter()
-                timed_pass()
-                times.append(time.perf_counter() - tic)
+        timed_pass(precision)  # warm-up: oneDNN creates its kernels for the new shapes and types
+        times = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            timed_pass(precision)
+            times.append(time.perf_counter() - tic)
         best[precision] = min(times)
     return "bf16" if best["fp32"] >= BF16_MIN_GAIN * best["bf16"] else "fp32"
 
@@ -183,19 +191,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def explicit_attention_pays(device: torch.device) -> bool:
-    """Whether the pass about to run on ``device`` should use explicit attention, not SDPA: on a
-    CPU under bf16 autocast. There SDPA's CPU flash kernel is slower than MONAI's explicit
-    softmax(QK^T)V, whose two batched matrix products run natively in bf16: for the `small`
-    UNet at 64 px (8 maps per call) the whole pass ran 1.01-1.12x faster on the project's
-    AVX512-BF16 machine (session 9: median 1.05 over six interleaved rounds, 1.10-1.12 in single
-    runs, 1.00-1.07 inside the full benchmark runs; never slower beyond noise;
-    ``benchmarks/benchmark.py`` prints the default against SDPA), while in fp32 SDPA is the
-    faster (``model.backbone.build_unet``). CUDA keeps SDPA (its fused kernels are the reason it
-    exists)."""
-    return device.type == "cpu" and active_autocast_dtype("cpu") == torch.bfloat16
 
 
 def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -23,9 +23,9 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-    def run_pass(self) -> None:
+    def run_pass(self, precision: str) -> None:
         self.passes += 1
-        self.now += self.cost["bf16" if torch.is_autocast_enabled("cpu") else "fp32"]
+        self.now += self.cost[precision]
 
 
 @pytest.fixture
@@ -79,6 +79,10 @@ def test_a_bf16_segmenter_agrees_with_fp32(tiny_bundle_dir):
     for precision in ("fp32", "bf16"):
         segmenter = Segmenter(bundle, device="cpu", precision=precision)
         assert segmenter.provenance()["precision"] == precision
+        # bf16 runs its own bf16 copy of the UNet; the bundle's, shared, stays fp32
+        expected = torch.float32 if precision == "fp32" else torch.bfloat16
+        assert next(segmenter.extractor.unet.parameters()).dtype == expected
+        assert all(w.dtype == torch.float32 for w in bundle.backbone.unet.parameters())
         outputs[precision] = segmenter.predict(images)
     fp32, bf16 = outputs["fp32"], outputs["bf16"]
     assert fp32.labels.any()
@@ -106,47 +110,64 @@ def test_the_baseline_measures_its_own_pass(clock, monkeypatch, tiny_backbone_di
         features,
         "resolve_inference_precision",
         lambda precision, device, timed_pass, key: measure(
-            precision, device, lambda: (timed_pass(), fake.run_pass()), key
+            precision, device, lambda p: (timed_pass(p), fake.run_pass(p)), key
         ),
     )
     segmenter = Segmenter(bundle, device="cpu")
     assert segmenter.precision == "bf16" and fake.passes == 8
-    assert segmenter.predict(images).labels.shape == (2, 32, 32)
+    assert next(segmenter.unet.parameters()).dtype == torch.bfloat16  # its own bf16 copy
+    fp32 = Segmenter(bundle, device="cpu", precision="fp32").predict(images)
+    bf16 = segmenter.predict(images)
+    assert bf16.labels.shape == (2, 32, 32) and np.abs(bf16.probabilities - fp32.probabilities).max() < 0.05
 
 
-def test_bf16_passes_on_the_cpu_use_explicit_attention_and_leave_the_unet_as_it_was():
-    """Under CPU bf16 autocast the extractor's pass runs MONAI's explicit attention (measured
-    faster there), in fp32 SDPA; either way the same features, and the shared UNet's flags are
-    restored after the pass, even when the pass stops early at the last tapped level."""
-    from tedm_core.features import TEDM_TIMESTEPS, DecoderFeatureExtractor
-    from tedm_core.model.backbone import PRESETS, build_unet, explicit_attention
+def test_bf16_passes_run_a_bf16_copy_with_sdpa_and_leave_the_shared_unet_as_it_was(monkeypatch):
+    """bf16 passes run a bf16 copy of the UNet without autocast (features.unet_for_passes), with
+    SDPA attention, in the layout they were given; the shared UNet stays fp32 and untouched; the
+    features stay close to fp32's; and the measurement behind ``auto`` times exactly those passes."""
+    from tedm_core.features import TEDM_TIMESTEPS, DecoderFeatureExtractor, unet_for_passes
+    from tedm_core.model.backbone import PRESETS, build_unet
     from tedm_core.model.diffusion import NoiseSchedule
 
     torch.manual_seed(0)
-    unet = build_unet(PRESETS["small"]).eval()
-    attention = [m for m in unet.modules() if hasattr(m, "use_flash_attention")]
-    assert attention and all(m.use_flash_attention for m in attention)
-    seen = []
-    attention[0].register_forward_pre_hook(lambda module, _args: seen.append(module.use_flash_attention))
+    unet = build_unet(PRESETS["small"]).eval().to(memory_format=torch.channels_last)
+    before = {name: t.clone() for name, t in unet.state_dict().items()}
     extractor = DecoderFeatureExtractor(unet, NoiseSchedule())
-    images = torch.rand(1, 1, 64, 64) * 2 - 1
-    cpu = torch.device("cpu")
+    assert extractor.in_precision("fp32") is extractor and unet_for_passes(unet, "fp32") is unet
+    bf16 = extractor.in_precision("bf16")
+    assert bf16.unet is not unet and bf16.levels == extractor.levels
+    weights = list(bf16.unet.parameters())
+    assert all(w.dtype == torch.bfloat16 for w in weights)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights if w.ndim == 4)
+    assert unet_for_passes(bf16.unet, "bf16") is bf16.unet  # already bf16: no second copy
 
-    assert not runtime.explicit_attention_pays(cpu)
+    seen = []
+    for module in bf16.unet.modules():
+        if hasattr(module, "use_flash_attention"):
+            module.register_forward_pre_hook(
+                lambda m, _a: seen.append((m.use_flash_attention, torch.is_autocast_enabled("cpu")))
+            )
+    images = (torch.rand(1, 1, 64, 64) * 2 - 1).contiguous(memory_format=torch.channels_last)
     fp32 = extractor(images, TEDM_TIMESTEPS[:2])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert runtime.explicit_attention_pays(cpu)
-        bf16 = extractor(images, TEDM_TIMESTEPS[:2])
-    assert seen == [True, False]
-    assert all(m.use_flash_attention for m in attention)
-    for a, b in zip(bf16, fp32):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the segmenter's autocast (for its head)
+        low = bf16(images, TEDM_TIMESTEPS[:2])
+    assert seen and all(flash and not autocast_on for flash, autocast_on in seen)
+    for a, b in zip(low, fp32):
+        assert a.dtype == torch.bfloat16
         assert ((a.float() - b).norm() / b.norm()) < 0.02
+    for name, tensor in unet.state_dict().items():
+        assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name])
 
-    with explicit_attention(unet):
-        explicit = extractor(images, TEDM_TIMESTEPS[:2])
-    assert all(m.use_flash_attention for m in attention)
-    for a, b in zip(explicit, fp32):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    timed = []
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(
+        DecoderFeatureExtractor,
+        "forward",
+        lambda self, images, timesteps, **_: timed.append(next(self.unet.parameters()).dtype),
+    )
+    monkeypatch.setattr(runtime, "_MEASURED_PRECISION", {})
+    extractor.pass_precision("auto", torch.device("cpu"), 64, TEDM_TIMESTEPS[:2], torch.channels_last)
+    assert timed == [torch.float32] * 4 + [torch.bfloat16] * 4
 
 
 def test_auto_precision_on_cuda_asks_the_chosen_card_for_native_bf16(monkeypatch):
@@ -169,7 +190,7 @@ def test_auto_precision_on_cuda_asks_the_chosen_card_for_native_bf16(monkeypatch
     assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "fp32"
     assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp32"
     assert runtime.resolve_precision("auto", torch.device("cuda:1")) == "bf16"
-    assert runtime.resolve_inference_precision("auto", torch.device("cuda:1"), lambda: None, "k") == "bf16"
-    assert runtime.resolve_inference_precision("auto", torch.device("cuda:0"), lambda: None, "k") == "fp32"
+    assert runtime.resolve_inference_precision("auto", torch.device("cuda:1"), lambda _p: None, "k") == "bf16"
+    assert runtime.resolve_inference_precision("auto", torch.device("cuda:0"), lambda _p: None, "k") == "fp32"
     assert 1 in asked
     assert runtime.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"  # asked for: as given

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -97,11 +96,8 @@ def build_unet(config: BackboneConfig, out_channels: int | None = None) -> Diffu
     ``use_flash_attention``): the same function of the same weights (features within 1.1e-6 of
     the explicit softmax(QK^T)V), without materialising the attention matrix, which measured
     1.3x faster for the `small` UNet's inference on the project's CPUs and needs less memory
-    (``benchmarks/benchmark.py`` measures both). That holds in fp32; bf16 passes on a CPU
-    switch to the explicit kind for their duration (:func:`explicit_attention`,
-    ``runtime.explicit_attention_pays``). A flag of the modules, not of the weights:
-    checkpoints are unchanged.
-    """
+    (``benchmarks/benchmark.py`` measures both), and in bf16 too (``features.unet_for_passes``).
+    A flag of the modules, not of the weights: checkpoints are unchanged."""
     options = {"use_flash_attention": True} if "use_flash_attention" in _UNET_PARAMETERS else {}
     return DiffusionModelUNet(
         spatial_dims=2,
@@ -119,22 +115,6 @@ def build_unet(config: BackboneConfig, out_channels: int | None = None) -> Diffu
 def attention_modules(unet: torch.nn.Module) -> List[torch.nn.Module]:
     """MONAI's attention blocks of ``unet``: the modules with a ``use_flash_attention`` flag."""
     return [m for m in unet.modules() if hasattr(m, "use_flash_attention")]
-
-
-@contextlib.contextmanager
-def explicit_attention(unet: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
-    """For the passes inside the block, MONAI's explicit softmax(QK^T)V instead of SDPA (the
-    same function of the same weights); the modules' flags are restored after it, as the feature
-    extractor's hooks are, so a UNet shared between callers is left as it was."""
-    modules = attention_modules(unet) if enabled else []
-    saved = [m.use_flash_attention for m in modules]
-    for module in modules:
-        module.use_flash_attention = False
-    try:
-        yield unet
-    finally:
-        for module, flag in zip(modules, saved):
-            module.use_flash_attention = flag
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -764,6 +764,7 @@ def fit_bundle(
         )
         timesteps_per_image = default_timesteps_per_image(options, method, backbone.intensity)
         precision = extractor.pass_precision(options.precision, device, backbone.config.image_size, config.timesteps)
+        extractor = extractor.in_precision(precision)  # the passes as the segmenter runs them
         training["augment"] = options.augment
         training["noise_draws"] = options.noise_draws
         inference_timesteps = default_inference_timesteps(options, method, backbone.intensity, config.timesteps)
@@ -873,12 +874,13 @@ def refine_bundle(
     grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes, crop_with)
     tic = time.perf_counter()
     extractor: Optional[DecoderFeatureExtractor] = None
+    precision = "fp32"
 
     def features_of(
         grid_: torch.Tensor, cached: Optional[LevelFeatures], draws_: int, what: str
     ) -> List[LevelFeatures]:
         """The cached features when given (one draw: the inference noise), else ``draws_`` extracted."""
-        nonlocal extractor
+        nonlocal extractor, precision
         if cached is not None:
             if cached[0].shape[0] != grid_.shape[0]:
                 raise ValueError(f"{cached[0].shape[0]} cached feature sets for {grid_.shape[0]} {what}")
@@ -887,7 +889,8 @@ def refine_bundle(
             extractor = DecoderFeatureExtractor(  # (module_on: the bundle's UNet is shared, never moved)
                 module_on(bundle.backbone.unet, device), bundle.backbone.noise_schedule, bundle.head.config.levels
             )
-        precision = extractor.pass_precision(options.precision, device, bundle.image_size, bundle.timesteps)
+            precision = extractor.pass_precision(options.precision, device, bundle.image_size, bundle.timesteps)
+            extractor = extractor.in_precision(precision)  # the passes as the segmenter runs them
         return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)
 
     anchor = None

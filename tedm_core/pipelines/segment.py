@@ -17,7 +17,13 @@ import torch
 
 from ..bundle import ModelBundle, model_fingerprint
 from ..errors import Cancelled, SettingError
-from ..features import DecoderFeatureExtractor, LevelFeatures, measured_pass_precision, pass_attention
+from ..features import (
+    DecoderFeatureExtractor,
+    LevelFeatures,
+    in_weights_precision,
+    measured_pass_precision,
+    unet_for_passes,
+)
 from ..heads import class_probabilities, prediction_timesteps_problem
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
@@ -195,6 +201,11 @@ class Segmenter:
         self.closed = False
         size = bundle.image_size
         self.precision = self._pass_precision(precision)
+        # bf16 passes run a bf16 copy of the UNet (features.unet_for_passes); the fp32 private
+        # copy, if one was made, goes.
+        self.unet = unet_for_passes(unet, self.precision)
+        if self.extractor is not None:
+            self.extractor = self.extractor.in_precision(self.precision)
         per_slice = (
             max(1, len(self.timesteps)) * size * size * bundle.backbone.config.channels[0] * 4 * UNET_MAPS_PER_COPY
         )
@@ -271,16 +282,16 @@ class Segmenter:
             probabilities, uncertainty = self.head.predict([f.to(self.device) for f in levels], size)
         return from_model_grid(probabilities, transform), from_model_grid(uncertainty[:, None], transform)[:, 0]
 
-    def _baseline_logits(self, grid: torch.Tensor) -> torch.Tensor:
+    def _baseline_logits(self, unet: torch.nn.Module, grid: torch.Tensor) -> torch.Tensor:
         step = torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)
-        with pass_attention(self.unet, self.device):
-            return self.unet(grid, step)
+        with in_weights_precision(unet, self.device):
+            return unet(grid.to(next(unet.parameters()).dtype), step)
 
     @torch.no_grad()
     def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
         grid = self._to_device(grid)
         with autocast(self.device, self.precision):
-            logits = self._baseline_logits(grid).float()
+            logits = self._baseline_logits(self.unet, grid).float()
         probabilities = from_model_grid(class_probabilities(logits), transform)
         return probabilities, torch.zeros_like(probabilities[:, 0])
 
