@@ -55,6 +55,39 @@ def maps_per_chunk(device: torch.device) -> Optional[int]:
     return CPU_MAPS_PER_CHUNK if device.type == "cpu" else None
 
 
+def _in_layout(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``features`` channels-last in ``dtype``: one copy does both the dtype change (float16
+    caches) and the layout change; none when they come so from the UNet already."""
+    if features.dtype == dtype and features.is_contiguous(memory_format=torch.channels_last):
+        return features
+    return torch.empty(features.shape, dtype=dtype, device=features.device, memory_format=torch.channels_last).copy_(
+        features
+    )
+
+
+def _dense_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with exactly channels-last strides, copied if need be. oneDNN's fused
+    convolution reads the strides themselves: ``is_contiguous`` ignores the batch's stride of a
+    single map (e.g. (H, W, N, C) memory), and an upsampled single map can come back NCHW; either
+    sent the sum to an ATen fallback that has no bf16 kernel (a bf16 segmenter's one-slice prediction)."""
+    n, c, h, w = tensor.shape
+    if tensor.stride() == (c * h * w, 1, w * c, c):
+        return tensor
+    return tensor.clone(memory_format=torch.channels_last)
+
+
+def _fused_convolutions_available() -> bool:
+    """Whether this PyTorch has oneDNN's fused CPU convolutions (``torch.ops.mkldnn.
+    _convolution_pointwise``, the kernels ``torch.compile`` emits for convolutions followed by
+    additions and activations on the CPU).
+
+    Used for the head's prediction: there the bf16 additions and ReLUs over the 128-channel
+    hidden maps, unfused, took 40 % of the head's time (torch.profiler, 8 maps of 64 px per
+    chunk); fused, the head predicted a 16-map slice in 7.8-8.1 ms against 10.6-11.6 ms (one
+    thread, AMX CPU, session 21), probabilities within 6.5e-4 and identical labels."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 class PixelMLP(nn.Module):
     """A pixel-wise MLP over multi-resolution features, with its first layer factorised per level.
 
@@ -92,28 +125,29 @@ class PixelMLP(nn.Module):
             return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def _first_layer(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
-        """The summed per-level projections at ``size``, channels-last (N, hidden, *size).
+    def _first_layer(
+        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], leave_out: Optional[int] = None
+    ) -> Optional[torch.Tensor]:
+        """The summed per-level projections at ``size``, channels-last (N, hidden, *size), of
+        every level but ``leave_out`` (None when that leaves none).
 
         Summed in place, under autograd too: neither the upsampling nor the convolution needs
         its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s)."""
         hidden = None
+        dtype = self._compute_dtype(levels[0])
+        for index, (conv, feats) in enumerate(zip(self.first, levels)):
+            if index != leave_out:
+                projected = self._resize(conv(_in_layout(feats, dtype)), size)
+                hidden = projected if hidden is None else hidden.add_(projected)
+        return hidden
+
+    def _compute_dtype(self, features: torch.Tensor) -> torch.dtype:
         # Under autocast the convolutions compute in autocast's dtype (bf16): converting the
         # features straight to it gives them the same values (float16 and bfloat16 values are
         # exact in float32) and writes half the bytes of a float32 copy that autocast would
         # convert again (with the cache below kept channels-last in bf16, a Refine's copies went
         # 1.59 -> 0.33 s: `benchmarks/benchmark.py --refine-only --profile-refine`, session 17).
-        dtype = active_autocast_dtype(levels[0].device.type) or self.first[0].weight.dtype
-        for conv, feats in zip(self.first, levels):
-            # One copy does both the dtype change (float16 caches) and the layout change; none
-            # when the features come channels-last in that dtype from the UNet already.
-            if feats.dtype != dtype or not feats.is_contiguous(memory_format=torch.channels_last):
-                feats = torch.empty(
-                    feats.shape, dtype=dtype, device=feats.device, memory_format=torch.channels_last
-                ).copy_(feats)
-            projected = self._resize(conv(feats), size)
-            hidden = projected if hidden is None else hidden.add_(projected)
-        return hidden
+        return active_autocast_dtype(features.device.type) or self.first[0].weight.dtype
 
     def forward(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """levels: (N, C_l, h_l, w_l) each -> logits (N, K, *size)."""
@@ -149,15 +183,62 @@ class PixelMLP(nn.Module):
         return layers
 
     def _predict_logits(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
-        """Inference (eval mode, no autograd): a few maps at a time, BatchNorm folded."""
+        """Inference (eval mode, no autograd): a few maps at a time, BatchNorm folded; on the CPU
+        each convolution fused with what follows it (:meth:`_fused_chunk_logits`)."""
         total = levels[0].shape[0]
-        chunk = CPU_PREDICT_MAPS_PER_CHUNK if levels[0].device.type == "cpu" else max(1, total)
+        on_cpu = levels[0].device.type == "cpu"
+        chunk = CPU_PREDICT_MAPS_PER_CHUNK if on_cpu else max(1, total)
         layers = self.folded_layers()
-        outputs = []
-        for start in range(0, total, chunk):
-            out = self._rest_folded(self._first_layer([f[start : start + chunk] for f in levels], size), layers)
-            outputs.append(out.contiguous())
+        # (A probe has no hidden layer: its first layer gives the logits, with no ReLU to fuse.)
+        if on_cpu and layers and _fused_convolutions_available():
+            dtype = self._compute_dtype(levels[0])
+            layers = [(weight[:, :, None, None].to(dtype), bias.to(dtype)) for weight, bias in layers]
+
+            def logits_of(chunk_levels: List[torch.Tensor]) -> torch.Tensor:
+                return self._fused_chunk_logits(chunk_levels, size, layers, dtype)
+
+        else:
+
+            def logits_of(chunk_levels: List[torch.Tensor]) -> torch.Tensor:
+                return self._rest_folded(self._first_layer(chunk_levels, size), layers)
+
+        outputs = [
+            logits_of([f[start : start + chunk] for f in levels]).contiguous() for start in range(0, total, chunk)
+        ]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _fused_chunk_logits(
+        self,
+        levels: Sequence[torch.Tensor],
+        size: Tuple[int, int],
+        layers: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:meth:`_predict_logits`' chunk through oneDNN's fused convolutions: the level already at
+        ``size`` projected, plus the upsampled sum of the others, plus the bias, then the ReLU, in
+        one kernel; each hidden layer with its ReLU in one. The same function as the unfused way:
+        bf16 results differ by rounding only (a sum rounded once instead of twice)."""
+        convolve = torch.ops.mkldnn._convolution_pointwise
+        one = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
+        at_size = [i for i, f in enumerate(levels) if tuple(f.shape[-2:]) == tuple(size)]
+        if at_size:
+            finest = at_size[0]
+            others = self._first_layer(levels, size, leave_out=finest)
+            conv = self.first[finest]
+            weight = conv.weight.to(dtype)
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            features = _dense_channels_last(_in_layout(levels[finest], dtype))
+            if others is None:
+                hidden = convolve(features, weight, bias, *one, "relu", [], "")
+            else:
+                others = _dense_channels_last(others)
+                hidden = convolve.binary(features, others, weight, bias, *one, "add", None, "relu", [], "")
+        else:
+            hidden = self._first_layer(levels, size).relu_()
+        for weight, bias in layers[:-1]:
+            hidden = convolve(hidden, weight, bias, *one, "relu", [], "")
+        weight, bias = layers[-1]
+        return F.conv2d(hidden, weight, bias)
 
     def forward_dense(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """The straightforward reference: upsample every level, concatenate, apply the MLP."""

@@ -183,6 +183,82 @@ def test_fast_inference_equals_the_module_path():
     torch.testing.assert_close(fast, reference.detach().contiguous(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "level_shapes",
+    [
+        [(128, 8, 8), (64, 16, 16), (32, 32, 32)],  # the finest level at the output size: fused with the sum
+        [(128, 8, 8), (64, 16, 16)],  # no level at the output size: every level upsampled
+        [(32, 32, 32)],  # one level at the output size: its projection fused with the ReLU alone
+    ],
+)
+def test_fused_cpu_prediction_equals_the_unfused_one(monkeypatch, level_shapes):
+    """Prediction on the CPU fuses each 1x1 convolution with the sum, bias and ReLU after it
+    (oneDNN): the same logits as the unfused layers, exactly up to float rounding in fp32 and to
+    bf16 rounding under autocast; over a partial last chunk too (9 maps, chunks of 8)."""
+    import tedm_core.heads as heads
+
+    if not heads._fused_convolutions_available():
+        pytest.skip("this PyTorch has no oneDNN fused convolutions; the unfused path is the only one")
+    torch.manual_seed(0)
+    mlp = _with_non_trivial_batchnorm(PixelMLP([shape[0] for shape in level_shapes], num_outputs=3).eval())
+    levels = [torch.randn(9, *shape).contiguous(memory_format=torch.channels_last) for shape in level_shapes]
+    fused_calls = []
+    fused = heads.PixelMLP._fused_chunk_logits
+    monkeypatch.setattr(
+        heads.PixelMLP, "_fused_chunk_logits", lambda self, *a: fused_calls.append(1) or fused(self, *a)
+    )
+    results = {}
+    for way in ("fused", "unfused"):
+        monkeypatch.setattr(heads, "_fused_convolutions_available", lambda way=way: way == "fused")
+        with torch.no_grad():
+            results[way] = mlp(levels, (32, 32))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results[way + " bf16"] = mlp(levels, (32, 32))
+    assert len(fused_calls) == 4  # two chunks, in fp32 and in bf16
+    assert results["fused"].shape == (9, 3, 32, 32) and results["fused"].is_contiguous()
+    torch.testing.assert_close(results["fused"], results["unfused"], rtol=1e-4, atol=1e-5)
+    assert results["fused bf16"].dtype == results["unfused bf16"].dtype == torch.bfloat16
+    scale = results["unfused"].abs().max()
+    assert (results["fused bf16"].float() - results["unfused bf16"].float()).abs().max() < 0.02 * scale
+    assert (results["fused bf16"].float() - results["fused"]).abs().max() < 0.03 * scale
+
+
+def test_a_probe_predicts_its_first_layer_as_logits_without_a_relu(monkeypatch):
+    """A step-wise probe has no hidden layer: its first layer's output is the logits, negative
+    ones included, whichever CPU path predicts."""
+    import tedm_core.heads as heads
+
+    torch.manual_seed(0)
+    probe = PixelMLP([64, 16], num_outputs=3, hidden=()).eval()
+    levels = [torch.randn(2, 64, 16, 16), torch.randn(2, 16, 32, 32)]
+    with torch.no_grad():
+        dense = probe.forward_dense(levels, (32, 32))
+        for available in (True, False):
+            monkeypatch.setattr(heads, "_fused_convolutions_available", lambda a=available: a)
+            torch.testing.assert_close(probe(levels, (32, 32)), dense, rtol=1e-4, atol=1e-5)
+    assert (dense < 0).any()
+
+
+def test_fused_prediction_of_one_map_with_a_stacks_strides(monkeypatch):
+    """One bf16 map whose memory is a stack's (H, W, N, C): ``is_contiguous`` calls it
+    channels-last (the batch's stride does not count for one map) and oneDNN did not (it sent the
+    sum to an ATen fallback without bf16, as a bf16 segmenter's one-slice prediction did)."""
+    import tedm_core.heads as heads
+
+    if not heads._fused_convolutions_available():
+        pytest.skip("this PyTorch has no oneDNN fused convolutions; the unfused path is the only one")
+    torch.manual_seed(0)
+    mlp = _with_non_trivial_batchnorm(PixelMLP([64, 16], num_outputs=1).eval())
+    levels = [torch.randn(s, s, 1, c).bfloat16().permute(2, 3, 0, 1) for c, s in ((64, 16), (16, 32))]
+    assert levels[1].stride() == (16, 1, 32 * 16, 16) and levels[1].is_contiguous(memory_format=torch.channels_last)
+    results = {}
+    for way in ("fused", "unfused"):
+        monkeypatch.setattr(heads, "_fused_convolutions_available", lambda way=way: way == "fused")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results[way] = mlp(levels, (32, 32)).float()
+    assert (results["fused"] - results["unfused"]).abs().max() < 0.02 * results["unfused"].abs().max()
+
+
 def test_chunked_refine_steps_give_the_full_batch_gradient():
     """With frozen statistics a step's gradient, accumulated a few maps at a time, is the gradient of the
     whole batch's loss."""

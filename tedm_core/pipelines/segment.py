@@ -267,8 +267,8 @@ class Segmenter:
 
     @torch.no_grad()
     def _features(self, grid: torch.Tensor, cancel: Optional[CancelCheck] = None) -> LevelFeatures:
-        with autocast(self.device, self.precision):
-            return self.extractor(self._to_device(grid), self.timesteps, cancel=cancel)
+        # No autocast: in bf16 the extractor runs its own bf16 copy of the UNet (unet_for_passes).
+        return self.extractor(self._to_device(grid), self.timesteps, cancel=cancel)
 
     @torch.inference_mode()
     def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
@@ -290,8 +290,7 @@ class Segmenter:
     @torch.no_grad()
     def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
         grid = self._to_device(grid)
-        with autocast(self.device, self.precision):
-            logits = self._baseline_logits(self.unet, grid).float()
+        logits = self._baseline_logits(self.unet, grid).float()
         probabilities = from_model_grid(class_probabilities(logits), transform)
         return probabilities, torch.zeros_like(probabilities[:, 0])
 
