@@ -124,8 +124,10 @@ def main() -> int:
     if not args.cxr.is_dir():
         raise SystemExit(f"{args.cxr}: no radiographs there (the data lives in ../shared/data)")
     torch.set_num_threads(1)
-    segmenter = Segmenter(load_bundle(args.bundle), device="cpu")
+    bundle = load_bundle(args.bundle)
+    segmenter = Segmenter(bundle, device="cpu")
     default = segmenter.extractor
+    fp32 = Segmenter(bundle, device="cpu", precision="fp32").extractor  # bf16 runs a bf16 copy of the UNet
     timesteps = list(segmenter.timesteps)
     grids = radiograph_grids(args.cxr, segmenter, 7)
     calibration, evaluation = grids[:4], grids[4:]
@@ -134,11 +136,11 @@ def main() -> int:
         with autocast(segmenter.device, precision):
             return [extractor(image, timesteps) for image in images]
 
-    ranges = input_ranges(default.unet, lambda: passes(default, calibration, "fp32"))
-    int8 = DecoderFeatureExtractor(with_int8_convolutions(default.unet, ranges), default.schedule, default.levels)
+    ranges = input_ranges(fp32.unet, lambda: passes(fp32, calibration, "fp32"))
+    int8 = DecoderFeatureExtractor(with_int8_convolutions(fp32.unet, ranges), fp32.schedule, fp32.levels)
     ways = {"default": (default, segmenter.precision), "int8 convolutions": (int8, "bf16")}
 
-    reference = passes(default, evaluation, "fp32")
+    reference = passes(fp32, evaluation, "fp32")
     print(f"{len(ranges)} convolutions; default precision {segmenter.precision}, {segmenter.memory_format}")
     print(f"| way | relative L2 error of the features vs fp32 ({len(evaluation)} radiographs) |\n|---|---|")
     for name, (extractor, precision) in ways.items():

@@ -126,15 +126,10 @@ class PixelMLP(nn.Module):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def _first_layer(
-        self,
-        levels: Sequence[torch.Tensor],
-        size: Tuple[int, int],
-        leave_out: Optional[int] = None,
-        sum_dtype: Optional[torch.dtype] = None,
+        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], leave_out: Optional[int] = None
     ) -> Optional[torch.Tensor]:
         """The summed per-level projections at ``size``, channels-last (N, hidden, *size), of
-        every level but ``leave_out`` (None when that leaves none); upsampled and summed in
-        ``sum_dtype`` if given, else in the projections' dtype.
+        every level but ``leave_out`` (None when that leaves none).
 
         Summed in place, under autograd too: neither the upsampling nor the convolution needs
         its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s)."""
@@ -142,8 +137,7 @@ class PixelMLP(nn.Module):
         dtype = self._compute_dtype(levels[0])
         for index, (conv, feats) in enumerate(zip(self.first, levels)):
             if index != leave_out:
-                projected = conv(_in_layout(feats, dtype))
-                projected = self._resize(projected if sum_dtype is None else projected.to(sum_dtype), size)
+                projected = self._resize(conv(_in_layout(feats, dtype)), size)
                 hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
 
@@ -229,10 +223,7 @@ class PixelMLP(nn.Module):
         at_size = [i for i, f in enumerate(levels) if tuple(f.shape[-2:]) == tuple(size)]
         if at_size:
             finest = at_size[0]
-            # Upsampled and summed in fp32, rounded once: PyTorch's CPU bilinear upsampling and
-            # addition ran faster on fp32 maps than on bf16 ones (one 8-map chunk of the fused
-            # first layer 6.2 ms against 8.3 ms all in bf16, session 21).
-            others = self._first_layer(levels, size, leave_out=finest, sum_dtype=torch.float32)
+            others = self._first_layer(levels, size, leave_out=finest)
             conv = self.first[finest]
             weight = conv.weight.to(dtype)
             bias = None if conv.bias is None else conv.bias.to(dtype)
@@ -240,7 +231,7 @@ class PixelMLP(nn.Module):
             if others is None:
                 hidden = convolve(features, weight, bias, *one, "relu", [], "")
             else:
-                others = _dense_channels_last(others.to(dtype))
+                others = _dense_channels_last(others)
                 hidden = convolve.binary(features, others, weight, bias, *one, "add", None, "relu", [], "")
         else:
             hidden = self._first_layer(levels, size).relu_()
