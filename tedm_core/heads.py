@@ -83,8 +83,9 @@ def _fused_convolutions_available() -> bool:
 
     Used for the head's prediction: there the bf16 additions and ReLUs over the 128-channel
     hidden maps, unfused, took 40 % of the head's time (torch.profiler, 8 maps of 64 px per
-    chunk); fused, the head predicted a 16-map slice in 7.8-8.1 ms against 10.6-11.6 ms (one
-    thread, AMX CPU, session 21), probabilities within 6.5e-4 and identical labels."""
+    chunk); fused, ``benchmarks/benchmark.py`` measured the volume's head at 2.64 s against 3.11,
+    the radiographs' at 0.15 against 0.25 s and Refine's re-applying at 2.3-2.7 s against 3.4
+    (one thread, AMX CPU, session 21), with identical labels."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 

@@ -154,12 +154,12 @@ def resolve_inference_precision(
         return "fp32"
     key = (key, torch.get_num_threads())
     if key not in _MEASURED_PRECISION:
-        _MEASURED_PRECISION[key] = _faster_precision(device, timed_pass)
+        _MEASURED_PRECISION[key] = _faster_precision(timed_pass)
         log.info("UNet passes on this CPU: %s measured faster", _MEASURED_PRECISION[key])
     return _MEASURED_PRECISION[key]
 
 
-def _faster_precision(device: torch.device, timed_pass: Callable[[str], None], repeats: int = 3) -> str:
+def _faster_precision(timed_pass: Callable[[str], None], repeats: int = 3) -> str:
     best = {}
     for precision in ("fp32", "bf16"):
         timed_pass(precision)  # warm-up: oneDNN creates its kernels for the new shapes and types
