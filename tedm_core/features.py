@@ -53,6 +53,11 @@ def timestep_noise(shape: Sequence[int], timesteps: Sequence[int], seed: int, dr
     return torch.stack(noise)
 
 
+def weights_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s weights: what a pass of it computes in outside autocast."""
+    return next(module.parameters()).dtype
+
+
 def unet_for_passes(unet: torch.nn.Module, precision: str) -> torch.nn.Module:
     """The UNet that runs gradient-free passes in ``precision``: ``unet`` itself for fp32, for bf16
     a copy with bf16 weights (``unet``, shared, is never cast), which runs without autocast
@@ -74,7 +79,7 @@ def unet_for_passes(unet: torch.nn.Module, precision: str) -> torch.nn.Module:
 def in_weights_precision(unet: torch.nn.Module, device: torch.device) -> ContextManager[None]:
     """A pass of ``unet`` in its weights' own precision: autocast off for bf16 weights (see
     :func:`unet_for_passes`), the caller's autocast (if any) kept for fp32 ones."""
-    if next(unet.parameters()).dtype == torch.float32:
+    if weights_dtype(unet) == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -198,7 +203,7 @@ class DecoderFeatureExtractor(torch.nn.Module):
         x0 = images.float().repeat_interleave(s, dim=0)  # (N*S, C, H, W), image-major
         t = torch.as_tensor(list(timesteps), device=images.device, dtype=torch.long).repeat(n)
         # In the weights' dtype: bf16 weights run without autocast (in_weights_precision).
-        x_t = self.schedule.add_noise(x0, eps.repeat(n, 1, 1, 1), t).to(next(self.unet.parameters()).dtype)
+        x_t = self.schedule.add_noise(x0, eps.repeat(n, 1, 1, 1), t).to(weights_dtype(self.unet))
         self._captured.clear()
         # Hooks are attached for this pass only, so several extractors (or a Slicer session
         # holding one while a batch job builds another) can share one UNet safely.

@@ -56,24 +56,18 @@ def maps_per_chunk(device: torch.device) -> Optional[int]:
 
 
 def _in_layout(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``features`` channels-last in ``dtype``: one copy does both the dtype change (float16
-    caches) and the layout change; none when they come so from the UNet already."""
-    if features.dtype == dtype and features.is_contiguous(memory_format=torch.channels_last):
+    """``features`` in ``dtype`` with exactly channels-last strides: one copy does both the dtype
+    change (float16 caches) and the layout change; none when they come so from the UNet already.
+
+    Exactly: oneDNN's fused convolution reads the strides themselves, and ``is_contiguous``
+    ignores the batch's stride of a single map (e.g. (H, W, N, C) memory), which sent the fused
+    sum to an ATen fallback that has no bf16 kernel (a bf16 segmenter's one-slice prediction)."""
+    n, c, h, w = features.shape
+    if features.dtype == dtype and features.stride() == (c * h * w, 1, w * c, c):
         return features
     return torch.empty(features.shape, dtype=dtype, device=features.device, memory_format=torch.channels_last).copy_(
         features
     )
-
-
-def _dense_channels_last(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` with exactly channels-last strides, copied if need be. oneDNN's fused
-    convolution reads the strides themselves: ``is_contiguous`` ignores the batch's stride of a
-    single map (e.g. (H, W, N, C) memory), and an upsampled single map can come back NCHW; either
-    sent the sum to an ATen fallback that has no bf16 kernel (a bf16 segmenter's one-slice prediction)."""
-    n, c, h, w = tensor.shape
-    if tensor.stride() == (c * h * w, 1, w * c, c):
-        return tensor
-    return tensor.clone(memory_format=torch.channels_last)
 
 
 def _fused_convolutions_available() -> bool:
@@ -191,21 +185,18 @@ class PixelMLP(nn.Module):
         chunk = CPU_PREDICT_MAPS_PER_CHUNK if on_cpu else max(1, total)
         layers = self.folded_layers()
         # (A probe has no hidden layer: its first layer gives the logits, with no ReLU to fuse.)
-        if on_cpu and layers and _fused_convolutions_available():
+        fused = on_cpu and bool(layers) and _fused_convolutions_available()
+        if fused:
             dtype = self._compute_dtype(levels[0])
             layers = [(weight[:, :, None, None].to(dtype), bias.to(dtype)) for weight, bias in layers]
-
-            def logits_of(chunk_levels: List[torch.Tensor]) -> torch.Tensor:
-                return self._fused_chunk_logits(chunk_levels, size, layers, dtype)
-
-        else:
-
-            def logits_of(chunk_levels: List[torch.Tensor]) -> torch.Tensor:
-                return self._rest_folded(self._first_layer(chunk_levels, size), layers)
-
-        outputs = [
-            logits_of([f[start : start + chunk] for f in levels]).contiguous() for start in range(0, total, chunk)
-        ]
+        outputs = []
+        for start in range(0, total, chunk):
+            part = [f[start : start + chunk] for f in levels]
+            if fused:
+                out = self._fused_chunk_logits(part, size, layers, dtype)
+            else:
+                out = self._rest_folded(self._first_layer(part, size), layers)
+            outputs.append(out.contiguous())
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _fused_chunk_logits(
@@ -228,11 +219,11 @@ class PixelMLP(nn.Module):
             conv = self.first[finest]
             weight = conv.weight.to(dtype)
             bias = None if conv.bias is None else conv.bias.to(dtype)
-            features = _dense_channels_last(_in_layout(levels[finest], dtype))
+            features = _in_layout(levels[finest], dtype)
             if others is None:
                 hidden = convolve(features, weight, bias, *one, "relu", [], "")
             else:
-                others = _dense_channels_last(others)
+                others = _in_layout(others, dtype)  # an upsampled single map can come back NCHW
                 hidden = convolve.binary(features, others, weight, bias, *one, "add", None, "relu", [], "")
         else:
             hidden = self._first_layer(levels, size).relu_()

@@ -23,6 +23,7 @@ from ..features import (
     in_weights_precision,
     measured_pass_precision,
     unet_for_passes,
+    weights_dtype,
 )
 from ..heads import class_probabilities, prediction_timesteps_problem
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
@@ -285,7 +286,7 @@ class Segmenter:
     def _baseline_logits(self, unet: torch.nn.Module, grid: torch.Tensor) -> torch.Tensor:
         step = torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)
         with in_weights_precision(unet, self.device):
-            return unet(grid.to(next(unet.parameters()).dtype), step)
+            return unet(grid.to(weights_dtype(unet)), step)
 
     @torch.no_grad()
     def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
