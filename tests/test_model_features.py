@@ -223,6 +223,28 @@ def test_fused_cpu_prediction_equals_the_unfused_one(monkeypatch, level_shapes):
     assert (results["fused bf16"].float() - results["fused"]).abs().max() < 0.03 * scale
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_upsampled_sum_as_matrix_products_equals_interpolate_and_add(mode, batch):
+    """The fused bf16 head upsamples and sums its coarse projections as matrix products: in
+    float64 the same numbers as ``F.interpolate`` of each map and their sum, for sizes that are no
+    multiples of each other, and channels-last strides as oneDNN's fused sum needs them."""
+    import torch.nn.functional as F
+
+    from tedm_core.heads import _upsampled_sum
+
+    torch.manual_seed(0)
+    maps = [
+        torch.randn(batch, 6, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        for h, w in ((5, 7), (10, 3), (13, 11))
+    ]
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    expected = sum(F.interpolate(m, size=(13, 11), mode=mode, **options) for m in maps)
+    summed = _upsampled_sum(maps, (13, 11), mode)
+    torch.testing.assert_close(summed, expected, rtol=1e-12, atol=1e-12)
+    assert summed.stride() == (13 * 11 * 6, 1, 11 * 6, 6)
+
+
 def test_a_probe_predicts_its_first_layer_as_logits_without_a_relu(monkeypatch):
     """A step-wise probe has no hidden layer: its first layer's output is the logits, negative
     ones included, whichever CPU path predicts."""
@@ -304,3 +326,17 @@ def test_frozen_statistics_training_folds_batchnorm_with_the_same_gradients():
         torch.equal(a, m.running_mean)
         for a, m in zip(running, [m for m in mlp.rest if isinstance(m, torch.nn.BatchNorm2d)])
     )
+
+
+def test_class_labels_are_the_argmax_over_classes_with_ties_to_the_lower_class():
+    from tedm_core.heads import class_labels
+
+    torch.manual_seed(0)
+    for classes in (2, 3, 12):
+        probabilities = torch.softmax(torch.randn(3, classes, 17, 9), dim=1)
+        probabilities[0, :, 0, 0] = 1.0 / classes  # a tie of every class
+        probabilities[1, 1:, 2, 3] = probabilities[1, 1:, 2, 3].max()  # a tie of the later classes
+        labels = class_labels(probabilities)
+        assert labels.dtype == torch.uint8 and labels.shape == (3, 17, 9)
+        assert torch.equal(labels, probabilities.argmax(dim=1).to(torch.uint8))
+        assert labels[0, 0, 0] == 0

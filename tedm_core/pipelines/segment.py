@@ -25,7 +25,7 @@ from ..features import (
     unet_for_passes,
     weights_dtype,
 )
-from ..heads import class_probabilities, prediction_timesteps_problem
+from ..heads import class_labels, class_probabilities, prediction_timesteps_problem
 from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
 from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
 from ..runtime import (
@@ -133,7 +133,7 @@ class SlicePrediction:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.probabilities.argmax(axis=1).astype(np.uint8)
+        return class_labels(torch.from_numpy(self.probabilities)).numpy()
 
 
 class Segmenter:
@@ -353,7 +353,7 @@ class Segmenter:
 
         def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
             probabilities, spread = result
-            labels[rows[start:stop]] = probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            labels[rows[start:stop]] = class_labels(probabilities).cpu().numpy()
             uncertainty[rows[start:stop]] = spread.cpu().numpy()
 
         self._run(slices, rows, write, progress, cancel, None, self._crops(crop_dark_borders))

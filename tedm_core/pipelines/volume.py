@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from ..errors import InputError
+from ..heads import class_labels
 from ..io.images import binary_foreground
 from ..io.volumes import Volume, geometry_mismatch, read_case, read_volume
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
@@ -154,7 +156,7 @@ def segment_volume(
             prediction = segmenter.predict(slices[keep], progress=progress, cancel=cancel, **per_call)
             probabilities[keep] = prediction.probabilities
             uncertainty[keep] = prediction.uncertainty
-        labels = probabilities.argmax(axis=1).astype(np.uint8)
+        labels = class_labels(torch.from_numpy(probabilities)).numpy()
     else:
         # Labels straight from each chunk (uint8), no float probabilities of the volume: the
         # batch pipeline's usual case, and a third of the memory of the above.
