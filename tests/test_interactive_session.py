@@ -245,3 +245,30 @@ def test_labels_drawn_across_the_slicing_plane_are_refused_or_flagged(tiny_bundl
     in_view[6, :3, :3] = 1 - in_view[6, :3, :3]  # corrected in the session's own plane: no warning
     session_loaded.refine(in_view, steps=2, reporter=Reporter(log=logged.append))
     assert not any("Warning" in line for line in logged), logged
+
+
+def test_refine_reapplies_its_head_through_the_segmenters_unet_and_segments_as_a_fresh_one(tiny_bundle_dir):
+    """Refine re-applies the new head with the previous segmenter's UNet copies (no new copy of
+    the model per Refine); the result is what a segmenter made for the refined model gives."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.interactive import InteractiveSession
+    from tedm_core.pipelines.segment import Segmenter
+    from tedm_core.pipelines.volume import segment_volume
+
+    volume, sphere = _sphere_volume()
+    session = InteractiveSession(volume)
+    segmented = session.segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu")
+    before = session._segmenter
+    edited = segmented.labels.copy()
+    edited[6] = 1 - sphere[6]  # certainly a change
+    session.refine(edited, steps=3)
+    after = session._segmenter
+    assert after is not before and after.bundle is session.bundle and after.unet is before.unet
+    assert after.extractor.unet is before.extractor.unet and after.head is not before.head
+    again = session.segment(session.bundle, axis="k", device="cpu")
+    expected = segment_volume(Segmenter(session.bundle, device="cpu"), volume, axis="k").labels
+    np.testing.assert_array_equal(again.labels, expected)
+    assert session._segmenter is after  # the same model: the same segmenter
+
+    other = load_bundle(tiny_bundle_dir)  # another backbone object: not served by this segmenter
+    assert not after.serves_head_of(other) and after.serves_head_of(session.bundle)

@@ -532,7 +532,12 @@ class InteractiveSession:
         return self.bundle
 
     def _segmenter_for(self, bundle: ModelBundle) -> Segmenter:
-        if self._segmenter is None or self._segmenter.bundle is not bundle:
+        previous = self._segmenter
+        if previous is not None and previous.bundle is bundle:
+            return previous
+        if previous is not None and previous.serves_head_of(bundle):
+            self._segmenter = previous.with_head_of(bundle)  # a Refine's head: the UNet shared
+        else:
             self._release_segmenter()
             self._segmenter = Segmenter(bundle, device=self.device, **self._per_image_options())
         return self._segmenter
