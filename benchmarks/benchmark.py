@@ -621,7 +621,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 slices, 1 radiograph, 1 repeat and round (minutes)")
     parser.add_argument("--slices", type=int, help="segment this many evenly spaced slices (+2) instead of the volume")
-    parser.add_argument("--radiographs", type=int, help="how many radiographs (default 8, --quick 2)")
+    parser.add_argument("--radiographs", type=int, help="how many radiographs (default 8, --quick 1)")
     parser.add_argument("--json", type=Path, help="write the key ratios (and the details) to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads everywhere (default: torch's)")
     parser.add_argument("--case", type=Path, default=DATA / "brain" / "brats" / "Brats18_CBICA_AAB_1")

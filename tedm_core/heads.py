@@ -96,14 +96,12 @@ def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: st
     the products were slower (4.1 against 2.7 ms), so only bf16 predictions take this way."""
     n, channels = maps[0].shape[:2]
     height, width = size
-    rows, stacked = [], []
-    for feature_map in maps:
-        h, w = feature_map.shape[-2:]
-        rows.append(_interpolation_matrix(h, height, mode, feature_map.dtype, feature_map.device))
-        along_width = _interpolation_matrix(w, width, mode, feature_map.dtype, feature_map.device)
-        stacked.append(torch.matmul(along_width, feature_map.permute(0, 2, 3, 1)))  # (N, h_l, W, C)
-    inner = torch.cat(stacked, dim=1).reshape(n, -1, width * channels)
-    summed = torch.matmul(torch.cat(rows, dim=1), inner)  # (N, H, W C): channels-last memory
+    matrix = lambda source, target: _interpolation_matrix(source, target, mode, maps[0].dtype, maps[0].device)  # noqa: E731
+    # Each map along its width, (N, h_l, W, C), stacked along the rows; the list passed to cat is
+    # its only holder, so the parts go as soon as they are stacked (a peak of one copy, not two).
+    inner = torch.cat([torch.matmul(matrix(m.shape[-1], width), m.permute(0, 2, 3, 1)) for m in maps], dim=1)
+    rows = torch.cat([matrix(m.shape[-2], height) for m in maps], dim=1)
+    summed = torch.matmul(rows, inner.reshape(n, -1, width * channels))  # (N, H, W C): channels-last memory
     return summed.view(n, height, width, channels).permute(0, 3, 1, 2)
 
 
