@@ -395,7 +395,8 @@ def class_probabilities(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def class_labels(probabilities: torch.Tensor) -> torch.Tensor:
     """Class probabilities (N, K, H, W) -> the most probable class (N, H, W) as uint8: argmax over
-    the classes, a tie to the lower class as argmax gives it (NaN never wins).
+    the classes, a tie to the lower class as argmax gives it (NaN probabilities, which a finite
+    model never gives, are not ranked as argmax ranks them).
 
     One comparison per class: the classes are the strided middle axis, over which the CPU's
     argmax is slow: one 240 x 240 slice of two classes took 4.9 ms in torch and 0.7 ms in numpy

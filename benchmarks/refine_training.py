@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Refine's head training alone, as a Refine after two corrected slices runs it, and variants of it.
+
+    python benchmarks/benchmark.py --quick        # writes the bundle this reads
+    python benchmarks/refine_training.py [--bundle /tmp/tedm_benchmark/bundle_volume] [--rounds 3]
+
+``refine_bundle`` on two slices' cached features (no anchors: a model not fitted on the volume,
+the benchmark's case), 120 steps of 2 timesteps per slice, timed whole, with the minor page faults
+it causes (``getrusage``: glibc returning and re-mapping large blocks shows there). Variants,
+interleaved round by round: as Refine runs it (fp32), under bf16 autocast, with chunks of 4
+maps instead of 2, with fused Adam. Each answers whether a change to the training pays; any
+but the first changes rounding in the learning, so paying is not enough to adopt it (README,
+session 22). The features come from the segmenter's own passes over random slices: timings do
+not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+from tedm_core.bundle import load_bundle
+from tedm_core.pipelines import fit
+from tedm_core.pipelines.segment import Segmenter, cache_dtype
+
+
+def _variant(name: str) -> contextlib.AbstractContextManager:
+    """The patch that makes Refine's training ``name``, undone on exit."""
+    stack = contextlib.ExitStack()
+    if name == "bf16 autocast":
+        accumulate = fit._accumulate_loss
+
+        def in_bf16(*args, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return accumulate(*args, **kwargs)
+
+        stack.callback(setattr, fit, "_accumulate_loss", accumulate)
+        fit._accumulate_loss = in_bf16
+    elif name == "chunks of 4 maps":
+        chunking = fit.maps_per_chunk
+        stack.callback(setattr, fit, "maps_per_chunk", chunking)
+        fit.maps_per_chunk = lambda device: 4
+    elif name == "fused Adam":
+        adam = torch.optim.Adam
+        stack.callback(setattr, torch.optim, "Adam", adam)
+        torch.optim.Adam = lambda *args, **kwargs: adam(*args, fused=True, **kwargs)
+    return stack
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("/tmp/tedm_benchmark/bundle_volume"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if not args.bundle.is_dir():
+        raise SystemExit(f"{args.bundle}: no bundle there; run python benchmarks/benchmark.py --quick first")
+    torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle)
+    segmenter = Segmenter(bundle, device="cpu")
+    size = bundle.image_size
+    slices = (torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).numpy()
+    with torch.inference_mode():  # cached as a session caches them
+        features = [f.to("cpu", cache_dtype(f.dtype)) for f in segmenter._features(torch.from_numpy(slices))]
+    labels = (np.random.default_rng(0).random((2, size, size)) > 0.7).astype(np.int64)
+
+    def refine() -> None:
+        fit.refine_bundle(bundle, slices, labels, features=features, device="cpu", show_progress=False)
+
+    variants = ["fp32 (as Refine runs)", "bf16 autocast", "chunks of 4 maps", "fused Adam"]
+    seconds: Dict[str, List[float]] = {name: [] for name in variants}
+    faults: Dict[str, List[int]] = {name: [] for name in variants}
+    for name in variants:  # warm-up: oneDNN's kernels for each variant's shapes and types
+        with _variant(name):
+            refine()
+    for _ in range(args.rounds):
+        for name in variants:
+            with _variant(name):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                tic = time.perf_counter()
+                refine()
+                seconds[name].append(time.perf_counter() - tic)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(f"Refine's training, {args.threads} thread(s), {args.rounds} rounds\n")
+    print("| variant | seconds, each round | minor page faults, each round |\n|---|---|---|")
+    show: Callable[[List[float]], str] = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
+    for name in variants:
+        print(f"| {name} | {show(seconds[name])} | {', '.join(map(str, faults[name]))} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
