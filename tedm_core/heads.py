@@ -85,7 +85,7 @@ def _interpolation_matrix(
 
 
 def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: str) -> torch.Tensor:
-    """The sum of channels-last maps (N, C, h_l, w_l), each upsampled to ``size``, as matrix
+    """The sum of maps (N, C, h_l, w_l), each upsampled to ``size``, as matrix
     products: each map along its width ((W, w_l) x (w_l, C) per row), then all of them along the
     height in one product whose inner dimension stacks the maps' rows ((H, sum h_l) x (sum h_l, W C)).
 
@@ -93,7 +93,8 @@ def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: st
     the 128-channel full-size map (two written, one re-read and re-written), while these products
     run on the matrix units and write it once: 2.5 against 4.4 ms for 8 maps of 64 px from 16 and
     32 px (one thread, AMX CPU, session 22), rounding errors against float64 no larger. In fp32
-    the products were slower (4.1 against 2.7 ms), so only bf16 predictions take this way."""
+    the products were slower (4.1 against 2.7 ms), so only bf16 predictions take this way.
+    Channels-last maps are read as they are; the sum comes back channels-last."""
     n, channels = maps[0].shape[:2]
     height, width = size
     matrix = lambda source, target: _interpolation_matrix(source, target, mode, maps[0].dtype, maps[0].device)  # noqa: E731
@@ -164,12 +165,21 @@ class PixelMLP(nn.Module):
         Summed in place, under autograd too: neither the upsampling nor the convolution needs
         its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s)."""
         hidden = None
-        dtype = self._compute_dtype(levels[0])
-        for index, (conv, feats) in enumerate(zip(self.first, levels)):
-            if index != leave_out:
-                projected = self._resize(conv(_in_layout(feats, dtype)), size)
-                hidden = projected if hidden is None else hidden.add_(projected)
+        for projected in self._projections(levels, self._compute_dtype(levels[0]), leave_out):
+            projected = self._resize(projected, size)
+            hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
+
+    def _projections(
+        self, levels: Sequence[torch.Tensor], dtype: torch.dtype, leave_out: Optional[int] = None
+    ) -> List[torch.Tensor]:
+        """The first layer's projection of every level but ``leave_out``, at the level's own
+        resolution, channels-last."""
+        return [
+            conv(_in_layout(feats, dtype))
+            for index, (conv, feats) in enumerate(zip(self.first, levels))
+            if index != leave_out
+        ]
 
     def _compute_dtype(self, features: torch.Tensor) -> torch.dtype:
         # Under autocast the convolutions compute in autocast's dtype (bf16): converting the
@@ -251,7 +261,8 @@ class PixelMLP(nn.Module):
         if at_size:
             finest = at_size[0]
             if dtype == torch.bfloat16:
-                others = self._projections_upsampled_sum(levels, size, finest, dtype)
+                projected = self._projections(levels, dtype, leave_out=finest)
+                others = _upsampled_sum(projected, size, self.upsample) if projected else None
             else:
                 others = self._first_layer(levels, size, leave_out=finest)
             conv = self.first[finest]
@@ -269,18 +280,6 @@ class PixelMLP(nn.Module):
             hidden = convolve(hidden, weight, bias, *one, "relu", [], "")
         weight, bias = layers[-1]
         return F.conv2d(hidden, weight, bias)
-
-    def _projections_upsampled_sum(
-        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], leave_out: int, dtype: torch.dtype
-    ) -> Optional[torch.Tensor]:
-        """:meth:`_first_layer` of every level but ``leave_out``, the upsampling and the sum as
-        matrix products (:func:`_upsampled_sum`); None when no level is left."""
-        projected = [
-            _in_layout(conv(_in_layout(feats, dtype)), dtype)
-            for index, (conv, feats) in enumerate(zip(self.first, levels))
-            if index != leave_out
-        ]
-        return _upsampled_sum(projected, size, self.upsample) if projected else None
 
     def forward_dense(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """The straightforward reference: upsample every level, concatenate, apply the MLP."""
