@@ -7,7 +7,8 @@
 ``refine_bundle`` on two slices' cached features (no anchors: a model not fitted on the volume,
 the benchmark's case), 120 steps of 2 timesteps per slice, timed whole, with the minor page faults
 it causes (``getrusage``: glibc returning and re-mapping large blocks shows there). Variants,
-interleaved round by round: as Refine runs it (fp32), under bf16 autocast, with chunks of 4
+interleaved round by round: as Refine runs it (fp32), under bf16 autocast, with the head and
+features wholly in bf16 (a bound on what bf16 arithmetic could save), with chunks of 1 or 4
 maps instead of 2, with fused Adam. Each answers whether a change to the training pays; any
 but the first changes rounding in the learning, so paying is not enough to adopt it (README,
 session 22). The features come from the segmenter's own passes over random slices: timings do
@@ -47,6 +48,24 @@ def _variant(name: str) -> contextlib.AbstractContextManager:
         chunking = fit.maps_per_chunk
         stack.callback(setattr, fit, "maps_per_chunk", chunking)
         fit.maps_per_chunk = lambda device: 4
+    elif name == "chunks of 1 map":
+        chunking = fit.maps_per_chunk
+        stack.callback(setattr, fit, "maps_per_chunk", chunking)
+        fit.maps_per_chunk = lambda device: 1
+    elif name == "bf16 head and features (bound)":
+        # Not a candidate as it stands (Adam on bf16 weights loses small updates): the most that
+        # bf16 arithmetic could save, with no autocast casts and no fp32 master weights.
+        train = fit.train_head
+
+        def in_bf16(head, features, *args, **kwargs):
+            head.to(torch.bfloat16)
+            try:
+                return train(head, [[f.to(torch.bfloat16) for f in draw] for draw in features], *args, **kwargs)
+            finally:
+                head.float()
+
+        stack.callback(setattr, fit, "train_head", train)
+        fit.train_head = in_bf16
     elif name == "fused Adam":
         adam = torch.optim.Adam
         stack.callback(setattr, torch.optim, "Adam", adam)
@@ -74,7 +93,14 @@ def main() -> int:
     def refine() -> None:
         fit.refine_bundle(bundle, slices, labels, features=features, device="cpu", show_progress=False)
 
-    variants = ["fp32 (as Refine runs)", "bf16 autocast", "chunks of 4 maps", "fused Adam"]
+    variants = [
+        "fp32 (as Refine runs)",
+        "bf16 autocast",
+        "bf16 head and features (bound)",
+        "chunks of 1 map",
+        "chunks of 4 maps",
+        "fused Adam",
+    ]
     seconds: Dict[str, List[float]] = {name: [] for name in variants}
     faults: Dict[str, List[int]] = {name: [] for name in variants}
     for name in variants:  # warm-up: oneDNN's kernels for each variant's shapes and types
