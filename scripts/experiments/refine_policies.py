@@ -22,7 +22,9 @@ pulled back to its start weights with L2-SP strength X at every Refine that keep
 session 18, whose adopted rule, ``pullfirst0.1``, is today's Refine; ``nopull``: none, as before),
 ``pulldecayX`` (the same with strength X x 2 / the slices corrected so far: a prior that yields as
 corrections accumulate), ``pullfirstX`` (strength X for the first two corrected slices, none after),
-``weightX`` (the anchors' loss weight X instead of 2).
+``weightX`` (the anchors' loss weight X instead of 2), ``tpiN`` (N random timesteps per slice and
+Refine step instead of ``fit.REFINE_TIMESTEPS_PER_IMAGE``, 2), ``seedN`` (Refine's random draws from
+seed N instead of 0: how far another random path alone moves a curve).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
 Results: docs/results/REFINE_VALIDATION.md.
@@ -98,6 +100,8 @@ class RefineVariant:
         if decaying is not None:
             self.pull = decaying * 2 / corrected_count
         self.first_pull = number_of(parts, "pullfirst")
+        self.timesteps_per_image = number_of(parts, "tpi")
+        self.seed = number_of(parts, "seed")
 
     def __enter__(self):
         self.saved = (
@@ -106,10 +110,13 @@ class RefineVariant:
             fit_module.REFINE_ANCHOR_WEIGHT,
             fit_module.REFINE_PULL_TO_START,
             fit_module.REFINE_PULL_UNTIL_SLICES,
+            fit_module.REFINE_TIMESTEPS_PER_IMAGE,
         )
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
+            if self.seed is not None:  # refine_bundle passes (learning rate, images per step, seed, ...)
+                args = (*args[:2], int(self.seed), *args[3:])
             if self.cosine:
                 kwargs["learning_rate_schedule"] = "cosine"
             head = original(head, features, targets, steps, *args, **kwargs)
@@ -126,6 +133,8 @@ class RefineVariant:
             fit_module.REFINE_PULL_TO_START, fit_module.REFINE_PULL_UNTIL_SLICES = self.pull, sys.maxsize
         elif self.first_pull is not None:
             fit_module.REFINE_PULL_TO_START = self.first_pull
+        if self.timesteps_per_image is not None:
+            fit_module.REFINE_TIMESTEPS_PER_IMAGE = int(self.timesteps_per_image)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,6 +144,7 @@ class RefineVariant:
             fit_module.REFINE_ANCHOR_WEIGHT,
             fit_module.REFINE_PULL_TO_START,
             fit_module.REFINE_PULL_UNTIL_SLICES,
+            fit_module.REFINE_TIMESTEPS_PER_IMAGE,
         ) = self.saved
 
 
