@@ -49,6 +49,9 @@ CancelCheck = Callable[[], bool]
 # step, their loss weighted 2x (more anchor weight kept the Dice on uncorrected slices higher);
 # see benchmarks/refine_vs_segment.py.
 DEFAULT_REFINE_LEARNING_RATE = 1e-3
+# One timestep per slice would halve the training (a Refine 35 % shorter) but lost 3.5 / 1.9 / 0.8
+# mean Dice after rounds 1 / 3 / 5 on the six validation episodes (session 23,
+# docs/results/REFINE_VALIDATION.md).
 REFINE_TIMESTEPS_PER_IMAGE = 2
 REFINE_ANCHOR_WEIGHT = 2.0
 REFINE_ANCHOR_IMAGES_PER_STEP = 2
