@@ -103,15 +103,18 @@ class RefineVariant:
         self.timesteps_per_image = number_of(parts, "tpi")
         self.seed = number_of(parts, "seed")
 
+    # What a policy may change for one Refine call: (module, attribute), restored on exit.
+    PATCHED = (
+        (heads, "segmentation_loss"),
+        (fit_module, "train_head"),
+        (fit_module, "REFINE_ANCHOR_WEIGHT"),
+        (fit_module, "REFINE_PULL_TO_START"),
+        (fit_module, "REFINE_PULL_UNTIL_SLICES"),
+        (fit_module, "REFINE_TIMESTEPS_PER_IMAGE"),
+    )
+
     def __enter__(self):
-        self.saved = (
-            heads.segmentation_loss,
-            fit_module.train_head,
-            fit_module.REFINE_ANCHOR_WEIGHT,
-            fit_module.REFINE_PULL_TO_START,
-            fit_module.REFINE_PULL_UNTIL_SLICES,
-            fit_module.REFINE_TIMESTEPS_PER_IMAGE,
-        )
+        self.saved = [getattr(module, name) for module, name in self.PATCHED]
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
@@ -138,14 +141,8 @@ class RefineVariant:
         return self
 
     def __exit__(self, *exc) -> None:
-        (
-            heads.segmentation_loss,
-            fit_module.train_head,
-            fit_module.REFINE_ANCHOR_WEIGHT,
-            fit_module.REFINE_PULL_TO_START,
-            fit_module.REFINE_PULL_UNTIL_SLICES,
-            fit_module.REFINE_TIMESTEPS_PER_IMAGE,
-        ) = self.saved
+        for (module, name), value in zip(self.PATCHED, self.saved):
+            setattr(module, name, value)
 
 
 def worst_slices(selection: str, current, truth, corrected, count: int = 2):
