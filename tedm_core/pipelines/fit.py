@@ -64,9 +64,12 @@ REFINE_ANCHOR_SLICES = 4
 # ``train_head``'s ``pull_to_start``) with this strength: on two corrected slices alone the head
 # could lose the structure everywhere else (BraTS validation episodes: mean whole-tumour Dice after
 # the first Refine 58.2 without, 80.5 with; one episode 63.6 -> 0.0 without). With more corrected
-# slices it learns freely: a pull kept on then cost 1.4-2.2 Dice after five rounds, this first-Refine
-# pull 0.5 (session 18, docs/results/REFINE_VALIDATION.md).
-REFINE_PULL_TO_START = 0.1
+# slices it learns freely: a pull kept on then cost 1.4-2.2 Dice after five rounds (session 18,
+# docs/results/REFINE_VALIDATION.md). Strength 1 since session 23: on twelve validation episodes
+# (two pretrainings) the mean after the first Refine was 68.2 against 58.1 with session 18's 0.1,
+# and 87.9 / 90.5 against 88.3 / 90.1 after rounds 3 / 5 (0.3, on six of them, gained less and
+# lost 2.0 at round 3).
+REFINE_PULL_TO_START = 1.0
 REFINE_PULL_UNTIL_SLICES = 2
 # The logistic probe has no normalisation layer to tame raw feature scales: it needs a larger step.
 DEFAULT_HEAD_LEARNING_RATES = {"probe": 1e-2}

@@ -384,7 +384,7 @@ class InteractiveSession:
         # it to its own result held its errors: on two validation BraTS subjects (issue 10,
         # docs/results/REFINE_VALIDATION.md) mean whole-tumour Dice after 3 / 5 rounds of
         # corrections was 75.7 / 75.8 with anchors, 88.6 / 91.0 without. Its first Refine is held
-        # near the loaded weights instead (refine_bundle, fit.REFINE_PULL_TO_START: session 18).
+        # near the loaded weights instead (refine_bundle, fit.REFINE_PULL_TO_START: sessions 18, 23).
         anchors = (
             choose_anchor_slices(self.written, self.scores, self._anchor_candidates(training))
             if self.fitted_here
