@@ -203,14 +203,18 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_bundle_dir
     ]
     process = _run_script(args)
     deadline = time.monotonic() + 120
+    # Three label files, so that at least two cases are complete: a case's label file is written
+    # last and the provenance record marks it done just after, so a kill between the two leaves
+    # a label the rerun rightly does not trust (it segments that case again). Cases run one after
+    # another, so the third label means the second case was marked done.
     while time.monotonic() < deadline and process.poll() is None:
-        if len(list(out.rglob("case*[0-9].nii.gz"))) >= 2:
+        if len(list(out.rglob("case*[0-9].nii.gz"))) >= 3:
             break
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     done_at_kill = len(list(out.rglob("case*[0-9].nii.gz")))
-    assert 2 <= done_at_kill < n_cases, "the batch should have been killed part-way"
+    assert 3 <= done_at_kill < n_cases, "the batch should have been killed part-way"
 
     rerun = _run_script(args)
     stdout, stderr = rerun.communicate(timeout=180)
