@@ -44,14 +44,10 @@ def _variant(name: str) -> contextlib.AbstractContextManager:
 
         stack.callback(setattr, fit, "_accumulate_loss", accumulate)
         fit._accumulate_loss = in_bf16
-    elif name == "chunks of 4 maps":
-        chunking = fit.maps_per_chunk
-        stack.callback(setattr, fit, "maps_per_chunk", chunking)
-        fit.maps_per_chunk = lambda device: 4
-    elif name == "chunks of 1 map":
-        chunking = fit.maps_per_chunk
-        stack.callback(setattr, fit, "maps_per_chunk", chunking)
-        fit.maps_per_chunk = lambda device: 1
+    elif name.startswith("chunks of "):  # "chunks of N map(s)"
+        maps = int(name.split()[2])
+        stack.callback(setattr, fit, "maps_per_chunk", fit.maps_per_chunk)
+        fit.maps_per_chunk = lambda device: maps
     elif name == "bf16 head and features (bound)":
         # Not a candidate as it stands (Adam on bf16 weights loses small updates): the most that
         # bf16 arithmetic could save, with no autocast casts and no fp32 master weights.

@@ -118,8 +118,8 @@ class RefineVariant:
         original = fit_module.train_head
 
         def train_head(head, features, targets, steps, *args, **kwargs):
-            if self.seed is not None:  # refine_bundle passes (learning rate, images per step, seed, ...)
-                args = (*args[:2], int(self.seed), *args[3:])
+            if self.seed is not None:
+                kwargs["seed"] = int(self.seed)
             if self.cosine:
                 kwargs["learning_rate_schedule"] = "cosine"
             head = original(head, features, targets, steps, *args, **kwargs)
