@@ -7,12 +7,13 @@
 ``refine_bundle`` on two slices' cached features (no anchors: a model not fitted on the volume,
 the benchmark's case), 120 steps of 2 timesteps per slice, timed whole, with the minor page faults
 it causes (``getrusage``: glibc returning and re-mapping large blocks shows there). Variants,
-interleaved round by round: as Refine runs it (fp32), under bf16 autocast, with the head and
-features wholly in bf16 (a bound on what bf16 arithmetic could save), with chunks of 1 or 4
-maps instead of 2, with fused Adam. Each answers whether a change to the training pays; any
-but the first changes rounding in the learning, so paying is not enough to adopt it (README,
-session 22). The features come from the segmenter's own passes over random slices: timings do
-not depend on their values.
+interleaved round by round: Refine as it runs where the session's passes run in fp32 and where
+they run in bf16 (bf16 autocast, the coarse levels summed as matrix products, chunks of 4 maps;
+session 24), bf16 with chunks of 2 maps or with ``F.interpolate``, the head and features wholly
+in bf16 (a bound on what bf16 arithmetic could save), fp32 with chunks of 1 or 4 maps, fp32 with
+fused Adam. Each answers whether a change to the training pays; a change of rounding in the
+learning is adopted only on validation (docs/results/REFINE_VALIDATION.md). The features come
+from the segmenter's own passes over random slices: timings do not depend on their values.
 """
 
 from __future__ import annotations
@@ -22,35 +23,52 @@ import contextlib
 import resource
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
+from tedm_core import heads
 from tedm_core.bundle import load_bundle
 from tedm_core.pipelines import fit
 from tedm_core.pipelines.segment import Segmenter, cache_dtype
 
+# Each variant: the precision Refine's training is asked for, and a patch (see _patched).
+VARIANTS = {
+    "fp32 (Refine where the passes run in fp32)": ("fp32", None),
+    "bf16 (Refine where the passes run in bf16)": ("bf16", None),
+    "bf16, chunks of 2 maps": ("bf16", "chunks of 2"),
+    "bf16, coarse levels by F.interpolate": ("bf16", "interpolate"),
+    "bf16 head and features (bound)": ("fp32", "wholly bf16"),
+    "fp32, chunks of 1 map": ("fp32", "chunks of 1"),
+    "fp32, chunks of 4 maps": ("fp32", "chunks of 4"),
+    "fp32, fused Adam": ("fp32", "fused Adam"),
+}
 
-def _variant(name: str) -> contextlib.AbstractContextManager:
-    """The patch that makes Refine's training ``name``, undone on exit."""
+
+def _patched(patch: Optional[str]) -> contextlib.AbstractContextManager:
+    """The patch that makes Refine's training a variant, undone on exit."""
     stack = contextlib.ExitStack()
-    if name == "bf16 autocast":
-        accumulate = fit._accumulate_loss
-
-        def in_bf16(*args, **kwargs):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return accumulate(*args, **kwargs)
-
-        stack.callback(setattr, fit, "_accumulate_loss", accumulate)
-        fit._accumulate_loss = in_bf16
-    elif name.startswith("chunks of "):  # "chunks of N map(s)"
-        maps = int(name.split()[2])
+    if patch is not None and patch.startswith("chunks of "):
+        maps = int(patch.split()[2])
         stack.callback(setattr, fit, "maps_per_chunk", fit.maps_per_chunk)
-        fit.maps_per_chunk = lambda device: maps
-    elif name == "bf16 head and features (bound)":
-        # Not a candidate as it stands (Adam on bf16 weights loses small updates): the most that
-        # bf16 arithmetic could save, with no autocast casts and no fp32 master weights.
+        fit.maps_per_chunk = lambda device, dtype=None: maps
+    elif patch == "interpolate":
+        # bf16's first layer as fp32's: each coarse projection upsampled by F.interpolate, added.
+        first = heads.PixelMLP._first_layer
+
+        def interpolated(mlp, levels, size, leave_out=None):
+            hidden = None
+            for projected in mlp._projections(levels, mlp._compute_dtype(levels[0]), leave_out):
+                projected = mlp._resize(projected, size)
+                hidden = projected if hidden is None else hidden.add_(projected)
+            return hidden
+
+        stack.callback(setattr, heads.PixelMLP, "_first_layer", first)
+        heads.PixelMLP._first_layer = interpolated
+    elif patch == "wholly bf16":
+        # Not a candidate (Adam on bf16 weights loses small updates): the most that bf16
+        # arithmetic could save, with no autocast casts and no fp32 master weights.
         train = fit.train_head
 
         def in_bf16(head, features, *args, **kwargs):
@@ -62,7 +80,7 @@ def _variant(name: str) -> contextlib.AbstractContextManager:
 
         stack.callback(setattr, fit, "train_head", train)
         fit.train_head = in_bf16
-    elif name == "fused Adam":
+    elif patch == "fused Adam":
         adam = torch.optim.Adam
         stack.callback(setattr, torch.optim, "Adam", adam)
         torch.optim.Adam = lambda *args, **kwargs: adam(*args, fused=True, **kwargs)
@@ -86,34 +104,28 @@ def main() -> int:
         features = [f.to("cpu", cache_dtype(f.dtype)) for f in segmenter._features(torch.from_numpy(slices))]
     labels = (np.random.default_rng(0).random((2, size, size)) > 0.7).astype(np.int64)
 
-    def refine() -> None:
-        fit.refine_bundle(bundle, slices, labels, features=features, device="cpu", show_progress=False)
+    def refine(precision: str) -> None:
+        fit.refine_bundle(
+            bundle, slices, labels, features=features, device="cpu", precision=precision, show_progress=False
+        )
 
-    variants = [
-        "fp32 (as Refine runs)",
-        "bf16 autocast",
-        "bf16 head and features (bound)",
-        "chunks of 1 map",
-        "chunks of 4 maps",
-        "fused Adam",
-    ]
-    seconds: Dict[str, List[float]] = {name: [] for name in variants}
-    faults: Dict[str, List[int]] = {name: [] for name in variants}
-    for name in variants:  # warm-up: oneDNN's kernels for each variant's shapes and types
-        with _variant(name):
-            refine()
+    seconds: Dict[str, List[float]] = {name: [] for name in VARIANTS}
+    faults: Dict[str, List[int]] = {name: [] for name in VARIANTS}
+    for precision, patch in VARIANTS.values():  # warm-up: oneDNN's kernels for each variant
+        with _patched(patch):
+            refine(precision)
     for _ in range(args.rounds):
-        for name in variants:
-            with _variant(name):
+        for name, (precision, patch) in VARIANTS.items():
+            with _patched(patch):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 tic = time.perf_counter()
-                refine()
+                refine(precision)
                 seconds[name].append(time.perf_counter() - tic)
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(f"Refine's training, {args.threads} thread(s), {args.rounds} rounds\n")
     print("| variant | seconds, each round | minor page faults, each round |\n|---|---|---|")
     show: Callable[[List[float]], str] = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
-    for name in variants:
+    for name in VARIANTS:
         print(f"| {name} | {show(seconds[name])} | {', '.join(map(str, faults[name]))} |")
     return 0
 

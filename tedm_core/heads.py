@@ -51,9 +51,14 @@ CPU_MAPS_PER_CHUNK = 2
 CPU_PREDICT_MAPS_PER_CHUNK = 8
 
 
-def maps_per_chunk(device: torch.device) -> Optional[int]:
-    """How many maps to push through the head at once: a few on the CPU, all of them on a GPU."""
-    return CPU_MAPS_PER_CHUNK if device.type == "cpu" else None
+def maps_per_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """How many maps to push through the head at once under autograd: a few on the CPU, all of
+    them on a GPU. On the CPU the same bytes of hidden maps whatever the dtype, so twice the maps
+    in bf16: a Refine's bf16 training took 1.44-1.49 s with chunks of 4 maps against 1.74-1.78 s
+    with chunks of 2 (one thread, AMX CPU, session 24)."""
+    if device.type != "cpu":
+        return None
+    return CPU_MAPS_PER_CHUNK * max(1, 4 // torch.empty((), dtype=dtype).element_size())
 
 
 def _in_layout(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,10 +83,13 @@ def _interpolation_matrix(
     """(target, source): ``F.interpolate`` along one axis as a matrix (row i: the weights output
     sample i takes of the source samples). Built by interpolating the identity, so the weights are
     PyTorch's own; bilinear and nearest upsampling of a 2D map are this along each axis."""
-    identity = torch.eye(source, dtype=torch.float64)[:, None, :]
-    options = {"mode": "linear", "align_corners": False} if mode == "bilinear" else {"mode": mode}
-    matrix = F.interpolate(identity, size=target, **options)[:, 0].T
-    return matrix.to(device=device, dtype=dtype).contiguous()
+    # Never an inference tensor, though the first call may come from a prediction under
+    # inference mode: Refine's bf16 training differentiates through the same cached matrix.
+    with torch.inference_mode(False):
+        identity = torch.eye(source, dtype=torch.float64)[:, None, :]
+        options = {"mode": "linear", "align_corners": False} if mode == "bilinear" else {"mode": mode}
+        matrix = F.interpolate(identity, size=target, **options)[:, 0].T
+        return matrix.to(device=device, dtype=dtype).contiguous()
 
 
 def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: str) -> torch.Tensor:
@@ -93,7 +101,8 @@ def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: st
     the 128-channel full-size map (two written, one re-read and re-written), while these products
     run on the matrix units and write it once: 2.5 against 4.4 ms for 8 maps of 64 px from 16 and
     32 px (one thread, AMX CPU, session 22), rounding errors against float64 no larger. In fp32
-    the products were slower (4.1 against 2.7 ms), so only bf16 predictions take this way.
+    the products were slower (4.1 against 2.7 ms), so only bf16 takes this way (prediction, and
+    Refine's bf16 training, whose autograd differentiates the products).
     Channels-last maps are read as they are; the sum comes back channels-last."""
     n, channels = maps[0].shape[:2]
     height, width = size
@@ -163,9 +172,19 @@ class PixelMLP(nn.Module):
         every level but ``leave_out`` (None when that leaves none).
 
         Summed in place, under autograd too: neither the upsampling nor the convolution needs
-        its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s)."""
+        its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s). In
+        bf16 the levels not at ``size`` are upsampled and summed as matrix products
+        (:func:`_upsampled_sum`), in prediction and in Refine's bf16 training alike."""
+        dtype = self._compute_dtype(levels[0])
+        projections = self._projections(levels, dtype, leave_out)
+        coarse = []
+        if dtype == torch.bfloat16:
+            coarse = [p for p in projections if tuple(p.shape[-2:]) != tuple(size)]
+            projections = [p for p in projections if tuple(p.shape[-2:]) == tuple(size)]
+        if coarse:
+            projections.append(_upsampled_sum(coarse, size, self.upsample))
         hidden = None
-        for projected in self._projections(levels, self._compute_dtype(levels[0]), leave_out):
+        for projected in projections:
             projected = self._resize(projected, size)
             hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
@@ -260,11 +279,7 @@ class PixelMLP(nn.Module):
         at_size = [i for i, f in enumerate(levels) if tuple(f.shape[-2:]) == tuple(size)]
         if at_size:
             finest = at_size[0]
-            if dtype == torch.bfloat16:
-                projected = self._projections(levels, dtype, leave_out=finest)
-                others = _upsampled_sum(projected, size, self.upsample) if projected else None
-            else:
-                others = self._first_layer(levels, size, leave_out=finest)
+            others = self._first_layer(levels, size, leave_out=finest)
             conv = self.first[finest]
             weight = conv.weight.to(dtype)
             bias = None if conv.bias is None else conv.bias.to(dtype)

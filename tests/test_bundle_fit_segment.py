@@ -560,11 +560,36 @@ def test_pull_to_start_keeps_the_head_near_its_start_weights(monkeypatch):
 
     # The penalty joins the gradient once per step, however many backward passes the loss took.
     def pulled(maps_per_chunk):
-        monkeypatch.setattr(fit, "maps_per_chunk", lambda _device: maps_per_chunk)
+        monkeypatch.setattr(fit, "maps_per_chunk", lambda _device, _dtype=None: maps_per_chunk)
         head = train_head(copy.deepcopy(start), [levels], targets, 5, freeze_statistics=True, pull_to_start=1.0)
         return torch.cat([p.detach().flatten() for p in head.parameters()])
 
     torch.testing.assert_close(pulled(1), pulled(None), atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_training_learns_as_fp32_does_in_twice_the_maps_per_chunk():
+    """``train_head(precision="bf16")``: autocast over the head, fp32 weights and loss, chunks of
+    the same bytes of hidden maps as fp32's (twice the maps); it learns what fp32 learns up to
+    rounding. Anything but fp32 or bf16 is refused (``auto`` is for the passes to resolve)."""
+    from tedm_core.errors import SettingError
+    from tedm_core.heads import CPU_MAPS_PER_CHUNK, maps_per_chunk
+    from tedm_core.pipelines.fit import train_head
+
+    cpu = torch.device("cpu")
+    assert maps_per_chunk(cpu, torch.bfloat16) == 2 * maps_per_chunk(cpu) == 2 * CPU_MAPS_PER_CHUNK
+    assert maps_per_chunk(torch.device("cuda")) is None  # a GPU takes every map at once
+    new_head, levels, targets = _tiny_head_problem()
+    start = new_head()
+
+    def trained(precision: str) -> torch.Tensor:
+        head = train_head(copy.deepcopy(start), [levels], targets, 20, freeze_statistics=True, precision=precision)
+        assert all(p.dtype == torch.float32 for p in head.parameters())
+        return torch.cat([(p - q).detach().flatten() for p, q in zip(head.parameters(), start.parameters())])
+
+    fp32, bf16 = trained("fp32"), trained("bf16")
+    assert float(torch.nn.functional.cosine_similarity(fp32, bf16, dim=0)) > 0.95
+    with pytest.raises(SettingError, match="precision"):
+        train_head(new_head(), [levels], targets, steps=1, precision="auto")
 
 
 def test_cosine_schedule_anneals_the_steps_and_unknown_schedules_are_refused(tiny_backbone_dir):

@@ -272,3 +272,27 @@ def test_refine_reapplies_its_head_through_the_segmenters_unet_and_segments_as_a
 
     other = load_bundle(tiny_bundle_dir)  # another backbone object: not served by this segmenter
     assert not after.serves_head_of(other) and after.serves_head_of(session.bundle)
+
+
+def test_refine_trains_in_the_precision_its_segmenters_passes_measured(tiny_bundle_dir, monkeypatch):
+    """Where the UNet passes measure bf16 faster, Refine's head trains in bf16 too (its features
+    came from those passes, and the bf16 prediction before it built the cached interpolation
+    matrices under inference mode); where fp32 wins, in fp32. The refined model records which."""
+    from tedm_core import runtime
+    from tedm_core.bundle import load_bundle
+    from tedm_core.pipelines.interactive import InteractiveSession
+
+    volume, sphere = _sphere_volume()
+    for measured in ("bf16", "fp32"):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+        monkeypatch.setattr(runtime, "_MEASURED_PRECISION", {})
+        monkeypatch.setattr(runtime, "_faster_precision", lambda _timed, answer=measured: answer)
+        session = InteractiveSession(volume)
+        segmented = session.segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu")
+        assert session._segmenter.precision == measured
+        edited = segmented.labels.copy()
+        edited[6] = sphere[6]
+        edited[5] = 1 - segmented.labels[5]  # certainly a change
+        refined = session.refine(edited, steps=5)
+        assert session.bundle.training["refine_precision"] == measured
+        np.testing.assert_array_equal(refined.labels[5:7], edited[5:7])  # corrected slices stay as drawn

@@ -340,3 +340,35 @@ def test_class_labels_are_the_argmax_over_classes_with_ties_to_the_lower_class()
         assert labels.dtype == torch.uint8 and labels.shape == (3, 17, 9)
         assert torch.equal(labels, probabilities.argmax(dim=1).to(torch.uint8))
         assert labels[0, 0, 0] == 0
+
+
+def test_bf16_training_upsamples_by_products_and_follows_fp32s_gradients(monkeypatch):
+    """Refine's bf16 training (autocast, frozen statistics) sums the coarse levels as matrix
+    products, as bf16 prediction does, and autograd differentiates them: the weights' gradients
+    are fp32's up to bf16 rounding. The interpolation matrices are cached; one first built by a
+    prediction under inference mode must still serve autograd (it once raised here)."""
+    import tedm_core.heads as heads
+
+    torch.manual_seed(0)
+    mlp = _with_non_trivial_batchnorm(PixelMLP([64, 32, 16], num_outputs=1).eval())
+    levels = [torch.randn(4, c, s, s) for c, s in ((64, 8), (32, 16), (16, 32))]
+    targets = (torch.rand(4, 32, 32) > 0.6).float()
+    heads._interpolation_matrix.cache_clear()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(levels, (32, 32))  # builds the bf16 matrices under inference mode
+    summed = []
+    upsampled_sum = heads._upsampled_sum
+    monkeypatch.setattr(heads, "_upsampled_sum", lambda *a: summed.append(1) or upsampled_sum(*a))
+
+    def gradients(bf16: bool) -> list:
+        mlp.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = mlp(levels, (32, 32))
+        torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0].float(), targets).backward()
+        return [p.grad.clone() for p in mlp.parameters() if p.grad is not None]
+
+    fp32, bf16 = gradients(False), gradients(True)
+    assert summed == [1]  # the bf16 training pass only
+    assert len(fp32) == len(bf16) == 12  # 3 projections + 1 bias, 2 folded BatchNorms x 2, 2 layers after x 2
+    for exact, rounded in zip(fp32, bf16):
+        assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()

@@ -24,7 +24,8 @@ session 18, whose adopted rule, ``pullfirst0.1``, is today's Refine; ``nopull``:
 corrections accumulate), ``pullfirstX`` (strength X for the first two corrected slices, none after),
 ``weightX`` (the anchors' loss weight X instead of 2), ``tpiN`` (N random timesteps per slice and
 Refine step instead of ``fit.REFINE_TIMESTEPS_PER_IMAGE``, 2), ``seedN`` (Refine's random draws from
-seed N instead of 0: how far another random path alone moves a curve).
+seed N instead of 0: how far another random path alone moves a curve), ``fp32train`` (Refine's head
+trained in fp32 where the session's passes, and so since session 24 its Refine, run in bf16).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
 Results: docs/results/REFINE_VALIDATION.md.
@@ -102,6 +103,7 @@ class RefineVariant:
         self.first_pull = number_of(parts, "pullfirst")
         self.timesteps_per_image = number_of(parts, "tpi")
         self.seed = number_of(parts, "seed")
+        self.fp32_training = "fp32train" in parts
 
     # What a policy may change for one Refine call: (module, attribute), restored on exit.
     PATCHED = (
@@ -120,6 +122,8 @@ class RefineVariant:
         def train_head(head, features, targets, steps, *args, **kwargs):
             if self.seed is not None:
                 kwargs["seed"] = int(self.seed)
+            if self.fp32_training:
+                kwargs["precision"] = "fp32"
             if self.cosine:
                 kwargs["learning_rate_schedule"] = "cosine"
             head = original(head, features, targets, steps, *args, **kwargs)
@@ -228,6 +232,7 @@ def main() -> int:
                     "refine": dice_precision_recall(refined.labels > 0, truth > 0)[0],
                     "paste": dice_precision_recall(reassemble(pasted, layout) > 0, truth > 0)[0],
                     "seconds": refined.seconds,
+                    "precision": session.bundle.training.get("refine_precision"),
                 }
                 if "scratch" in parts and round_index in spec.get("scratch_rounds", []):
                     scratch = study.scratch_control(session, backbone, truth_slices, corrected)

@@ -509,6 +509,7 @@ def train_head(
     learning_rate_schedule: str = "constant",
     average_weights: bool = False,
     pull_to_start: float = 0.0,
+    precision: str = "fp32",
 ) -> FeatureHead:
     """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices.
 
@@ -526,10 +527,15 @@ def train_head(
     pull_to_start: the strength ``lambda`` of L2-SP (Li et al., ICML 2018): the loss gains
         ``lambda / 2`` x the squared distance of the weights from those training started from, so
         a fine-tuned head moves only as far from its old behaviour as the new labels ask for.
+    precision: ``fp32``, or ``bf16``: the head's forward and backward under bf16 autocast, its
+        weights, Adam and the loss kept in fp32 (Refine where the session's passes run in bf16,
+        :func:`refine_bundle`).
     """
     if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
         choices = ", ".join(LEARNING_RATE_SCHEDULES)
         raise SettingError("learning_rate_schedule", f"must be one of {choices}, got {learning_rate_schedule!r}")
+    if precision not in ("fp32", "bf16"):
+        raise SettingError("precision", f"the head trains in fp32 or bf16, got {precision!r}")
     device = features[0][0].device
     head.to(device)
     head.eval() if freeze_statistics else head.train()
@@ -558,7 +564,7 @@ def train_head(
         and head.config.mode == "shared"
         and timesteps_per_image < features[0][0].shape[1]
     )
-    chunk = maps_per_chunk(device)
+    chunk = maps_per_chunk(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     bar = tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress)
     for step in bar:
         if cancel is not None and cancel():
@@ -572,17 +578,18 @@ def train_head(
         count = int(timesteps_per_image) if sample_timesteps else None
         parts = [(_gather(f, rows, count, generator), t.index_select(0, rows), w) for f, t, rows, w in selected]
         optimiser.zero_grad(set_to_none=True)
-        if freeze_statistics:
-            loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
-        else:
-            # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
-            sizes = [t.shape[0] for _, t, _ in parts]
-            logits = head.logits(
-                [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
-            )
-            total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
-            total.backward()
-            loss = float(total.detach())
+        with autocast(device, precision):  # (the loss itself is computed in fp32: loss_from_logits)
+            if freeze_statistics:
+                loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
+            else:
+                # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
+                sizes = [t.shape[0] for _, t, _ in parts]
+                logits = head.logits(
+                    [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
+                )
+                total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
+                total.backward()
+                loss = float(total.detach())
         check_finite_loss(loss, step + 1, "fitting the head", before_raising=bar.close)
         if start is not None:
             # The penalty's gradient added once per step (the loss above may be several backwards).
@@ -867,6 +874,12 @@ def refine_bundle(
     The head's normalisation statistics stay frozen and each step sees a couple of random
     timesteps per slice: with the defaults, refining costs ~100x fewer head evaluations
     than fitting. A several-head model's heads learn together, from the same steps.
+
+    The head trains in the precision of the UNet passes behind its features (bf16 where they
+    measured bf16 faster, :func:`~tedm_core.runtime.resolve_inference_precision`): with
+    ``features`` given, ``precision`` names it (a session passes its segmenter's; ``auto`` is
+    fp32 on the CPU). bf16 training was chosen on validation episodes (docs/results/
+    REFINE_VALIDATION.md, session 24).
     """
     if bundle.head is None:
         raise ValueError("the supervised baseline cannot be refined; fit it again with the new labels")
@@ -880,7 +893,9 @@ def refine_bundle(
     grid, targets = _prepare(slices, labels, bundle.image_size, bundle.num_classes, crop_with)
     tic = time.perf_counter()
     extractor: Optional[DecoderFeatureExtractor] = None
-    precision = "fp32"
+    # Cached features: the precision the caller's passes ran in (a session's segmenter's); else
+    # the passes' own measured choice, below. The head trains in it too (train_head).
+    precision = resolve_precision(options.precision, device)
 
     def features_of(
         grid_: torch.Tensor, cached: Optional[LevelFeatures], draws_: int, what: str
@@ -928,12 +943,14 @@ def refine_bundle(
         freeze_statistics=True,
         timesteps_per_image=REFINE_TIMESTEPS_PER_IMAGE,
         pull_to_start=pull,
+        precision=precision,
     )
     training = dict(
         bundle.training,
         refined_on_slices=int(grid.shape[0]),
         refine_steps=steps,
         refine_pull_to_start=pull,
+        refine_precision=precision,
         refine_seconds=round(time.perf_counter() - tic, 1),
     )
     if anchor is not None:

@@ -413,6 +413,7 @@ class InteractiveSession:
             anchor_labels=self.written[anchors] if anchors else None,
             anchor_features=self._cached(anchors) if anchors else None,
             show_progress=False,
+            precision=self._segmenter_for(bundle).precision,  # (bf16 where it paid the passes: fit.refine_bundle)
             **self._per_image_options(),
         )
         reporter.check()
