@@ -124,6 +124,7 @@ class RefineVariant:
                 kwargs["seed"] = int(self.seed)
             if self.fp32_training:
                 kwargs["precision"] = "fp32"
+            self.trained_in = kwargs.get("precision", "fp32")
             if self.cosine:
                 kwargs["learning_rate_schedule"] = "cosine"
             head = original(head, features, targets, steps, *args, **kwargs)
@@ -220,7 +221,7 @@ def main() -> int:
                 edited[worst] = truth_slices[worst]
                 if per_slice:
                     steps = max(fit_module.DEFAULT_REFINE_STEPS, int(per_slice) * len(corrected))
-                with RefineVariant(parts, len(corrected)):
+                with RefineVariant(parts, len(corrected)) as variant:
                     refined = session.refine(reassemble(edited, layout), steps=steps)
                 current = to_slices(refined.labels, layout).copy()
                 pasted = start.copy()
@@ -232,7 +233,7 @@ def main() -> int:
                     "refine": dice_precision_recall(refined.labels > 0, truth > 0)[0],
                     "paste": dice_precision_recall(reassemble(pasted, layout) > 0, truth > 0)[0],
                     "seconds": refined.seconds,
-                    "precision": session.bundle.training.get("refine_precision"),
+                    "precision": variant.trained_in,  # the head's training's
                 }
                 if "scratch" in parts and round_index in spec.get("scratch_rounds", []):
                     scratch = study.scratch_control(session, backbone, truth_slices, corrected)
