@@ -32,7 +32,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = (
     "auto: bf16 on CUDA cards with native bf16 (compute capability 8.0+), else fp32; on a CPU fp32, "
     "except gradient-free UNet passes (segmenting, features to fit on), "
-    "which run in bf16 where this CPU has native bf16 and measures it >= 1.2x faster"
+    "which run in bf16 where this CPU has native bf16 and measures it >= 1.2x faster; "
+    "a refine trains its head in the precision of its passes"
 )
 NO_POSTPROCESS_HELP = (
     "whole 2D images keep the model's raw labels, without the anatomy post-processing its bundle records "
