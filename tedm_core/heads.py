@@ -54,11 +54,11 @@ CPU_PREDICT_MAPS_PER_CHUNK = 8
 def maps_per_chunk(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[int]:
     """How many maps to push through the head at once under autograd: a few on the CPU, all of
     them on a GPU. On the CPU the same bytes of hidden maps whatever the dtype, so twice the maps
-    in bf16: a Refine's bf16 training took 1.44-1.49 s with chunks of 4 maps against 1.74-1.78 s
-    with chunks of 2 (one thread, AMX CPU, session 24)."""
+    in bf16: a Refine's bf16 training took 1.58-1.65 s with chunks of 4 maps against 1.86-1.88 s
+    with chunks of 2 (``benchmarks/refine_training.py``, one thread, AMX CPU, session 24)."""
     if device.type != "cpu":
         return None
-    return CPU_MAPS_PER_CHUNK * max(1, 4 // torch.empty((), dtype=dtype).element_size())
+    return CPU_MAPS_PER_CHUNK * max(1, 32 // torch.finfo(dtype).bits)
 
 
 def _in_layout(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
