@@ -9,7 +9,7 @@ the benchmark's case), 120 steps of 2 timesteps per slice, timed whole, with the
 it causes (``getrusage``: glibc returning and re-mapping large blocks shows there). Variants,
 interleaved round by round: Refine as it runs where the session's passes run in fp32 and where
 they run in bf16 (bf16 autocast, the coarse levels summed as matrix products, chunks of 4 maps;
-session 24), bf16 with chunks of 2 maps or with ``F.interpolate``, the head and features wholly
+session 24), bf16 with chunks of 2 maps, the head and features wholly
 in bf16 (a bound on what bf16 arithmetic could save), fp32 with chunks of 1 or 4 maps, fp32 with
 fused Adam. Each answers whether a change to the training pays; a change of rounding in the
 learning is adopted only on validation (docs/results/REFINE_VALIDATION.md). The features come
@@ -28,7 +28,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from tedm_core import heads
 from tedm_core.bundle import load_bundle
 from tedm_core.pipelines import fit
 from tedm_core.pipelines.segment import Segmenter, cache_dtype
@@ -38,7 +37,6 @@ VARIANTS = {
     "fp32 (Refine where the passes run in fp32)": ("fp32", None),
     "bf16 (Refine where the passes run in bf16)": ("bf16", None),
     "bf16, chunks of 2 maps": ("bf16", "chunks of 2"),
-    "bf16, coarse levels by F.interpolate": ("bf16", "interpolate"),
     "bf16 head and features (bound)": ("fp32", "wholly bf16"),
     "fp32, chunks of 1 map": ("fp32", "chunks of 1"),
     "fp32, chunks of 4 maps": ("fp32", "chunks of 4"),
@@ -53,19 +51,6 @@ def _patched(patch: Optional[str]) -> contextlib.AbstractContextManager:
         maps = int(patch.split()[2])
         stack.callback(setattr, fit, "maps_per_chunk", fit.maps_per_chunk)
         fit.maps_per_chunk = lambda device, dtype=None: maps
-    elif patch == "interpolate":
-        # bf16's first layer as fp32's: each coarse projection upsampled by F.interpolate, added.
-        first = heads.PixelMLP._first_layer
-
-        def interpolated(mlp, levels, size, leave_out=None):
-            hidden = None
-            for projected in mlp._projections(levels, mlp._compute_dtype(levels[0]), leave_out):
-                projected = mlp._resize(projected, size)
-                hidden = projected if hidden is None else hidden.add_(projected)
-            return hidden
-
-        stack.callback(setattr, heads.PixelMLP, "_first_layer", first)
-        heads.PixelMLP._first_layer = interpolated
     elif patch == "wholly bf16":
         # Not a candidate (Adam on bf16 weights loses small updates): the most that bf16
         # arithmetic could save, with no autocast casts and no fp32 master weights.

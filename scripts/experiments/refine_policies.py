@@ -104,6 +104,7 @@ class RefineVariant:
         self.timesteps_per_image = number_of(parts, "tpi")
         self.seed = number_of(parts, "seed")
         self.fp32_training = "fp32train" in parts
+        self.trained_in = None  # the precision the head's training ran in, once it has
 
     # What a policy may change for one Refine call: (module, attribute), restored on exit.
     PATCHED = (
