@@ -14,6 +14,7 @@ same labelled images; their per-step probabilities are averaged with the timeste
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,6 +26,11 @@ from torch import nn
 from .choices import HEAD_METHODS, canonical_method
 from .features import LEDM_TIMESTEPS, TEDM_TIMESTEPS, LevelFeatures
 from .runtime import active_autocast_dtype
+
+# (top, bottom, left, right): rows top:bottom and columns left:right of the output grid. A head
+# given a window computes its outputs there alone; every pixel is its own, so they equal the same
+# pixels of the whole grid's outputs (up to float rounding of differently sized kernels).
+Window = Tuple[int, int, int, int]
 
 HEAD_DESIGNS: Dict[str, Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = {
     # method: (how timesteps reach the MLP, default timesteps, hidden widths)
@@ -92,10 +98,29 @@ def _interpolation_matrix(
         return matrix.to(device=device, dtype=dtype).contiguous()
 
 
-def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: str) -> torch.Tensor:
-    """The sum of maps (N, C, h_l, w_l), each upsampled to ``size``, as matrix
+@lru_cache(maxsize=4096)
+def _window_interpolation(
+    source: int, target: int, mode: str, start: int, stop: int, dtype: torch.dtype, device: torch.device
+) -> Tuple[torch.Tensor, int, int]:
+    """Rows ``start:stop`` of :func:`_interpolation_matrix` restricted to the source samples they
+    weigh, ``[first, last)``: (that block, first, last). The whole matrix for the whole range."""
+    whole = _interpolation_matrix(source, target, mode, dtype, device)
+    if (start, stop) == (0, target):
+        return whole, 0, source
+    with torch.inference_mode(False):  # never an inference tensor (see _interpolation_matrix)
+        weighed = torch.nonzero(whole[start:stop].any(dim=0))
+        first, last = int(weighed[0]), int(weighed[-1]) + 1
+        return whole[start:stop, first:last].contiguous(), first, last
+
+
+def _upsampled_sum(
+    maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: str, window: Optional[Window] = None
+) -> torch.Tensor:
+    """The sum of maps (N, C, h_l, w_l), each upsampled to ``size``, in ``window`` of it, as matrix
     products: each map along its width ((W, w_l) x (w_l, C) per row), then all of them along the
     height in one product whose inner dimension stacks the maps' rows ((H, sum h_l) x (sum h_l, W C)).
+    A window takes the rows of the matrices its pixels need, and of each map the samples those
+    weigh (:func:`_window_interpolation`): a quarter of the window's area, a quarter of the work.
 
     Why not ``F.interpolate`` and ``add_``: on the CPU in bf16 those are memory-bound passes over
     the 128-channel full-size map (two written, one re-read and re-written), while these products
@@ -105,14 +130,31 @@ def _upsampled_sum(maps: Sequence[torch.Tensor], size: Tuple[int, int], mode: st
     Refine's bf16 training, whose autograd differentiates the products).
     Channels-last maps are read as they are; the sum comes back channels-last."""
     n, channels = maps[0].shape[:2]
-    height, width = size
-    matrix = lambda source, target: _interpolation_matrix(source, target, mode, maps[0].dtype, maps[0].device)  # noqa: E731
+    top, bottom, left, right = window or (0, size[0], 0, size[1])
+    height, width = bottom - top, right - left
+    dtype, device = maps[0].dtype, maps[0].device
+    row_blocks = [_window_interpolation(m.shape[-2], size[0], mode, top, bottom, dtype, device) for m in maps]
+    column_blocks = [_window_interpolation(m.shape[-1], size[1], mode, left, right, dtype, device) for m in maps]
     # Each map along its width, (N, h_l, W, C), stacked along the rows; the list passed to cat is
     # its only holder, so the parts go as soon as they are stacked (a peak of one copy, not two).
-    inner = torch.cat([torch.matmul(matrix(m.shape[-1], width), m.permute(0, 2, 3, 1)) for m in maps], dim=1)
-    rows = torch.cat([matrix(m.shape[-2], height) for m in maps], dim=1)
+    inner = torch.cat(
+        [
+            torch.matmul(columns, m[..., first:last, start:stop].permute(0, 2, 3, 1))
+            for m, (_, first, last), (columns, start, stop) in zip(maps, row_blocks, column_blocks)
+        ],
+        dim=1,
+    )
+    rows = torch.cat([block for block, _, _ in row_blocks], dim=1)
     summed = torch.matmul(rows, inner.reshape(n, -1, width * channels))  # (N, H, W C): channels-last memory
     return summed.view(n, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _in_window(maps: torch.Tensor, window: Optional[Window]) -> torch.Tensor:
+    """``maps`` (N, C, H, W) in ``window`` (a view; None or the whole grid: ``maps`` itself)."""
+    if window is None or window == (0, maps.shape[-2], 0, maps.shape[-1]):
+        return maps
+    top, bottom, left, right = window
+    return maps[..., top:bottom, left:right]
 
 
 def _fused_convolutions_available() -> bool:
@@ -158,47 +200,50 @@ class PixelMLP(nn.Module):
             rest += [nn.ReLU(inplace=True), nn.BatchNorm2d(w_in), nn.Conv2d(w_in, w_out, 1)]
         self.rest = nn.Sequential(*rest)
 
-    def _resize(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == tuple(size):
-            return x
-        if self.upsample == "nearest":
-            return F.interpolate(x, size=size, mode="nearest")
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    def _resize(self, x: torch.Tensor, size: Tuple[int, int], window: Optional[Window] = None) -> torch.Tensor:
+        """``x`` upsampled to ``size``, in ``window`` of it (default: all of it)."""
+        if tuple(x.shape[-2:]) != tuple(size):
+            if self.upsample == "nearest":
+                x = F.interpolate(x, size=size, mode="nearest")
+            else:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return _in_window(x, window)
 
     def _first_layer(
-        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], leave_out: Optional[int] = None
+        self,
+        levels: Sequence[torch.Tensor],
+        size: Tuple[int, int],
+        leave_out: Optional[int] = None,
+        window: Optional[Window] = None,
     ) -> Optional[torch.Tensor]:
-        """The summed per-level projections at ``size``, channels-last (N, hidden, *size), of
-        every level but ``leave_out`` (None when that leaves none).
+        """The summed per-level projections at ``size``, in ``window`` of it (default: all of it),
+        channels-last (N, hidden, rows, columns), of every level but ``leave_out`` (None when that
+        leaves none).
 
-        Summed in place, under autograd too: neither the upsampling nor the convolution needs
-        its output for its gradient (session 17: an out-of-place sum cost a Refine 0.17 s). In
-        bf16 the levels not at ``size`` are upsampled and summed as matrix products
-        (:func:`_upsampled_sum`), in prediction and in Refine's bf16 training alike."""
+        A level at ``size`` is projected in the window alone; coarser ones whole (any of their
+        samples may reach the window), then upsampled. Summed in place, under autograd too:
+        neither the upsampling nor the convolution needs its output for its gradient (session 17:
+        an out-of-place sum cost a Refine 0.17 s). In bf16 the coarser levels are upsampled and
+        summed as matrix products (:func:`_upsampled_sum`), in prediction and in Refine's bf16
+        training alike."""
+        window = window or (0, size[0], 0, size[1])
         dtype = self._compute_dtype(levels[0])
-        projections = self._projections(levels, dtype, leave_out)
-        coarse = []
-        if dtype == torch.bfloat16:
-            coarse = [p for p in projections if tuple(p.shape[-2:]) != tuple(size)]
-            projections = [p for p in projections if tuple(p.shape[-2:]) == tuple(size)]
-        if coarse:
-            projections.append(_upsampled_sum(coarse, size, self.upsample))
+        at_size, coarse = [], []
+        for index, (conv, features) in enumerate(zip(self.first, levels)):
+            if index == leave_out:
+                continue
+            if tuple(features.shape[-2:]) == tuple(size):
+                at_size.append(conv(_in_layout(_in_window(features, window), dtype)))
+            else:
+                coarse.append(conv(_in_layout(features, dtype)))
+        if coarse and dtype == torch.bfloat16:
+            at_size.append(_upsampled_sum(coarse, size, self.upsample, window))
+            coarse = []
         hidden = None
-        for projected in projections:
-            projected = self._resize(projected, size)
+        # Coarse projections upsampled one at a time, each added and let go (a generator).
+        for projected in itertools.chain(at_size, (self._resize(p, size, window) for p in coarse)):
             hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
-
-    def _projections(
-        self, levels: Sequence[torch.Tensor], dtype: torch.dtype, leave_out: Optional[int] = None
-    ) -> List[torch.Tensor]:
-        """The first layer's projection of every level but ``leave_out``, at the level's own
-        resolution, channels-last."""
-        return [
-            conv(_in_layout(feats, dtype))
-            for index, (conv, feats) in enumerate(zip(self.first, levels))
-            if index != leave_out
-        ]
 
     def _compute_dtype(self, features: torch.Tensor) -> torch.dtype:
         # Under autocast the convolutions compute in autocast's dtype (bf16): converting the
@@ -208,17 +253,20 @@ class PixelMLP(nn.Module):
         # 1.59 -> 0.33 s: `benchmarks/benchmark.py --refine-only --profile-refine`, session 17).
         return active_autocast_dtype(features.device.type) or self.first[0].weight.dtype
 
-    def forward(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
-        """levels: (N, C_l, h_l, w_l) each -> logits (N, K, *size)."""
+    def forward(
+        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], window: Optional[Window] = None
+    ) -> torch.Tensor:
+        """levels: (N, C_l, h_l, w_l) each -> logits (N, K, *size), or (N, K, rows, columns) of
+        ``window`` of that grid alone."""
         if self.training:
-            return self.rest(self._first_layer(levels, size)).contiguous()
+            return self.rest(self._first_layer(levels, size, window=window)).contiguous()
         if not torch.is_grad_enabled():
-            return self._predict_logits(levels, size)
+            return self._predict_logits(levels, size, window)
         # Eval mode with gradients (Refine's frozen statistics): BatchNorm is an affine map, so it
         # is folded into the next convolution as at inference, and autograd differentiates the
         # folding. The same gradients up to float rounding, without BatchNorm's passes over the
         # hidden maps, forwards and backwards (0.28 s of a Refine, session 17).
-        return self._rest_folded(self._first_layer(levels, size), self.folded_layers()).contiguous()
+        return self._rest_folded(self._first_layer(levels, size, window=window), self.folded_layers()).contiguous()
 
     @staticmethod
     def _rest_folded(hidden: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -241,7 +289,9 @@ class PixelMLP(nn.Module):
             layers.append((weight * scale[None, :], conv.bias + weight @ shift))
         return layers
 
-    def _predict_logits(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+    def _predict_logits(
+        self, levels: Sequence[torch.Tensor], size: Tuple[int, int], window: Optional[Window]
+    ) -> torch.Tensor:
         """Inference (eval mode, no autograd): a few maps at a time, BatchNorm folded; on the CPU
         each convolution fused with what follows it (:meth:`_fused_chunk_logits`)."""
         total = levels[0].shape[0]
@@ -257,9 +307,9 @@ class PixelMLP(nn.Module):
         for start in range(0, total, chunk):
             part = [f[start : start + chunk] for f in levels]
             if fused:
-                out = self._fused_chunk_logits(part, size, layers, dtype)
+                out = self._fused_chunk_logits(part, size, window, layers, dtype)
             else:
-                out = self._rest_folded(self._first_layer(part, size), layers)
+                out = self._rest_folded(self._first_layer(part, size, window=window), layers)
             outputs.append(out.contiguous())
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -267,6 +317,7 @@ class PixelMLP(nn.Module):
         self,
         levels: Sequence[torch.Tensor],
         size: Tuple[int, int],
+        window: Optional[Window],
         layers: Sequence[Tuple[torch.Tensor, torch.Tensor]],
         dtype: torch.dtype,
     ) -> torch.Tensor:
@@ -279,18 +330,18 @@ class PixelMLP(nn.Module):
         at_size = [i for i, f in enumerate(levels) if tuple(f.shape[-2:]) == tuple(size)]
         if at_size:
             finest = at_size[0]
-            others = self._first_layer(levels, size, leave_out=finest)
+            others = self._first_layer(levels, size, leave_out=finest, window=window)
             conv = self.first[finest]
             weight = conv.weight.to(dtype)
             bias = None if conv.bias is None else conv.bias.to(dtype)
-            features = _in_layout(levels[finest], dtype)
+            features = _in_layout(_in_window(levels[finest], window), dtype)
             if others is None:
                 hidden = convolve(features, weight, bias, *one, "relu", [], "")
             else:
                 others = _in_layout(others, dtype)  # an upsampled single map can come back NCHW
                 hidden = convolve.binary(features, others, weight, bias, *one, "add", None, "relu", [], "")
         else:
-            hidden = self._first_layer(levels, size).relu_()
+            hidden = self._first_layer(levels, size, window=window).relu_()
         for weight, bias in layers[:-1]:
             hidden = convolve(hidden, weight, bias, *one, "relu", [], "")
         weight, bias = layers[-1]
@@ -454,15 +505,16 @@ class FeatureHead(nn.Module):
         one per step and member (shared), one per member (concat)."""
         return (timesteps if self.config.mode == "shared" else 1) * self.config.members
 
-    def logits(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
+    def logits(self, features: LevelFeatures, size: Tuple[int, int], window: Optional[Window] = None) -> torch.Tensor:
         """features: per level (N, S, C_l, h, w) -> logits (N, M x S', K, H, W): S' = S (shared) or 1
-        (concat) per member, the M members one after the other."""
+        (concat) per member, the M members one after the other; of ``window`` of the (H, W) grid
+        alone when given."""
         n, s = features[0].shape[:2]
         if self.config.mode == "concat":
             flat = [f.reshape(n, s * f.shape[2], *f.shape[3:]) for f in features]
-            return torch.stack([mlp(flat, size) for mlp in self.member_mlps], dim=1)
+            return torch.stack([mlp(flat, size, window) for mlp in self.member_mlps], dim=1)
         flat = [f.reshape(n * s, *f.shape[2:]) for f in features]
-        outs = [out.reshape(n, s, *out.shape[1:]) for out in (mlp(flat, size) for mlp in self.member_mlps)]
+        outs = [out.reshape(n, s, *out.shape[1:]) for out in (mlp(flat, size, window) for mlp in self.member_mlps)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def load_members(self, heads: Sequence[FeatureHead]) -> FeatureHead:
@@ -484,18 +536,23 @@ class FeatureHead(nn.Module):
         flat = logits.reshape(n * s, *logits.shape[2:])
         return segmentation_loss(flat, targets.repeat_interleave(s, dim=0))
 
-    def per_step_probabilities(self, features: LevelFeatures, size: Tuple[int, int]) -> torch.Tensor:
-        """(N, S', classes, H, W) class probabilities, background included."""
-        return class_probabilities(self.logits(features, size).float(), dim=2)
+    def per_step_probabilities(
+        self, features: LevelFeatures, size: Tuple[int, int], window: Optional[Window] = None
+    ) -> torch.Tensor:
+        """(N, S', classes, H, W) class probabilities, background included (of ``window`` alone)."""
+        return class_probabilities(self.logits(features, size, window).float(), dim=2)
 
-    def predict(self, features: LevelFeatures, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Mean class probabilities (N, classes, H, W) and uncertainty (N, H, W).
+    def predict(
+        self, features: LevelFeatures, size: Tuple[int, int], window: Optional[Window] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean class probabilities (N, classes, H, W) and uncertainty (N, H, W), of ``window`` of
+        the (H, W) grid alone when given.
 
         Uncertainty is the standard deviation over timesteps (and ensemble members) of the
         per-step probabilities, the largest over classes (zero for a one-member concat head,
         which gives one prediction).
         """
-        per_step = self.per_step_probabilities(features, size)
+        per_step = self.per_step_probabilities(features, size, window)
         mean = per_step.mean(dim=1)
         if per_step.shape[1] > 1:
             # Written out, not Tensor.std: torch's CPU std over this middle dimension took 29 ms

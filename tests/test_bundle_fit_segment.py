@@ -361,11 +361,11 @@ def test_an_out_of_memory_retry_keeps_one_cache_row_per_slice(tiny_bundle_dir, f
     segmenter = Segmenter(bundle, device="cpu", batch_size=4)
     real_head, calls = segmenter._head_predict, []
 
-    def failing_head(levels, transform):
+    def failing_head(levels, transform, *rest):
         calls.append(levels[0].shape[0])
         if len(calls) == fail_on_call:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_head(levels, transform)
+        return real_head(levels, transform, *rest)
 
     segmenter._head_predict = failing_head
     first = segmenter.predict(images, keep_features=True)

@@ -1,5 +1,6 @@
-"""Dark border bands cropped before the model sees a radiograph, and the result pasted back
-exactly where it came from (tedm_core.preprocessing.framing, ModelBundle.crop_dark_borders)."""
+"""Boxes in a slice (tedm_core.preprocessing.framing): dark border bands cropped before the model
+sees a radiograph, and the result pasted back exactly where it came from
+(ModelBundle.crop_dark_borders); the foreground box, outside which a slice holds background alone."""
 
 from __future__ import annotations
 
@@ -8,13 +9,24 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from conftest import synthetic_disc_images
 
 from tedm_core.bundle import load_bundle, save_bundle
+from tedm_core.model.checkpoint import load_backbone
 from tedm_core.pipelines.fit import _prepare, fit_bundle
 from tedm_core.pipelines.segment import Segmenter
-from tedm_core.preprocessing.framing import content_box, crop_to_content, full_box, uncrop
+from tedm_core.preprocessing.framing import (
+    EMPTY_BOX,
+    content_box,
+    crop_to_content,
+    fill_outside,
+    foreground_box,
+    full_box,
+    is_empty_box,
+    uncrop,
+)
 from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
 
 
@@ -157,3 +169,89 @@ def test_the_slices_of_a_volume_are_never_cropped_a_whole_radiograph_is(tiny_bun
     session.segment(bundle, axis="k", device="cpu")
     # (the slice is shown with its rows flipped, so the band sits at the top of the slice)
     assert session._segmenter.crop_dark_borders and session.features.boxes == [(8, 32, 2, 30)]
+
+
+# --- the foreground box: where a slice holds anything above background ---------------------------
+
+
+def test_the_foreground_box_bounds_every_voxel_above_background_in_any_channel():
+    image = np.full((2, 20, 30), -1.0, np.float32)
+    assert foreground_box(image) == EMPTY_BOX and is_empty_box(EMPTY_BOX)
+    image[0, 4, 7] = -0.5
+    image[1, 12, 25] = 0.3  # the second channel alone
+    image[0, 15, 10] = -1.0 + 1e-7  # within the tolerance: background
+    assert foreground_box(image) == (4, 13, 7, 26)
+    maps = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    filled = fill_outside(maps.clone(), [(1, 3, 2, 4), EMPTY_BOX], [1.0, 0.0, 0.0])
+    assert torch.equal(filled[0, :, 1:3, 2:4], maps[0, :, 1:3, 2:4])
+    outside = torch.ones(4, 5, dtype=torch.bool)
+    outside[1:3, 2:4] = False
+    assert torch.all(filled[0, 0][outside] == 1) and torch.all(filled[0, 1:][:, outside] == 0)
+    assert torch.all(filled[1, 0] == 1) and torch.all(filled[1, 1:] == 0)  # an empty box: all outside
+
+
+def _fitted(method: str, tiny_backbone_dir, tiny_bundle_dir):
+    if method == "tedm":
+        return load_bundle(tiny_bundle_dir)
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    labels = ["background", "disc"]
+    return fit_bundle(
+        load_backbone(tiny_backbone_dir),
+        images,
+        masks,
+        method,
+        labels,
+        [0, 1],
+        steps=20,
+        device="cpu",
+        show_progress=False,
+    )
+
+
+@pytest.mark.parametrize("method", ["tedm", "ledm", "probe", "baseline"])
+def test_the_model_is_applied_in_each_slices_foreground_box_alone(
+    method, tiny_backbone_dir, tiny_bundle_dir, monkeypatch
+):
+    """Inside a slice's foreground box the probabilities are those of the whole slice's (the head
+    computes the model-grid window that resizing back reads); outside it certain background with
+    no disagreement, as in a slice of background alone; through predict, the feature cache and
+    the test-time flip (each mirrored slice has its own box), for every kind of head."""
+    import tedm_core.pipelines.segment as segment
+
+    bundle = _fitted(method, tiny_backbone_dir, tiny_bundle_dir)
+    images, _ = synthetic_disc_images(4, size=40, seed=31)
+    images[0, :, :9] = images[0, :, :, 27:] = -1.0  # background above and to the right
+    images[1, :, :, :5] = -1.0
+    images[2] = -1.0  # background alone
+    boxes = [foreground_box(image) for image in images]
+    assert boxes[0] == (9, 40, 0, 27) and boxes[1] == (0, 40, 5, 40) and boxes[2] == EMPTY_BOX
+    windows = []
+    if bundle.head is not None:
+        real = bundle.head.predict
+        bundle.head.predict = lambda features, size, window=None: windows.append(window) or real(features, size, window)
+    segmenter = Segmenter(bundle, device="cpu", test_time_flip=True, crop_dark_borders=False)
+    result = segmenter.predict(images, keep_features=bundle.head is not None)
+    predicted_in = list(windows)  # the windows of this prediction
+    with monkeypatch.context() as patch:
+        patch.setattr(segment, "foreground_box", lambda image: full_box(image.shape))
+        whole = Segmenter(bundle, device="cpu", test_time_flip=True, crop_dark_borders=False).predict(images)
+    for i, (top, bottom, left, right) in enumerate(boxes):
+        inside = np.zeros((40, 40), bool)
+        inside[top:bottom, left:right] = True
+        np.testing.assert_allclose(
+            result.probabilities[i][:, inside], whole.probabilities[i][:, inside], atol=1e-6, err_msg=f"slice {i}"
+        )
+        np.testing.assert_allclose(result.uncertainty[i][inside], whole.uncertainty[i][inside], atol=1e-6)
+        assert np.all(result.probabilities[i, 0][~inside] == 1) and np.all(result.uncertainty[i][~inside] == 0)
+    if bundle.head is None:
+        return
+    if method == "tedm":  # one slice per run of the head on the CPU, each in its own window
+        assert len(predicted_in) == 2 * 3 and (0, 0, 0, 0) not in predicted_in  # nothing for slice 2
+        assert any(w[1] - w[0] < bundle.image_size or w[3] - w[2] < bundle.image_size for w in predicted_in)
+    cache = result.features
+    assert cache.foreground == boxes and cache.flipped_foreground == [foreground_box(i[..., ::-1]) for i in images]
+    again = segmenter.predict_from_features(cache)
+    np.testing.assert_allclose(again.probabilities, result.probabilities, atol=2e-3)
+    assert np.all(again.probabilities[2, 0] == 1)
+    one = segmenter.predict_from_features(cache.select([0]))
+    np.testing.assert_allclose(one.probabilities, result.probabilities[:1], atol=2e-3)

@@ -119,10 +119,10 @@ def test_a_batch_halved_after_out_of_memory_is_kept_for_later_calls(bundle):
     cache = Segmenter(bundle, device="cpu", test_time_flip=False).predict(images, keep_features=True).features
     real_head = segmenter._head_predict
 
-    def head_fitting_one(levels, transform):
+    def head_fitting_one(levels, transform, *rest):
         if levels[0].shape[0] > 1:
             raise CUDA_OOM
-        return real_head(levels, transform)
+        return real_head(levels, transform, *rest)
 
     segmenter._head_predict = head_fitting_one
     segmenter.predict_from_features(cache)

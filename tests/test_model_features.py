@@ -223,12 +223,45 @@ def test_fused_cpu_prediction_equals_the_unfused_one(monkeypatch, level_shapes):
     assert (results["fused bf16"].float() - results["fused"]).abs().max() < 0.03 * scale
 
 
+@pytest.mark.parametrize(
+    "level_shapes",
+    [
+        [(128, 8, 8), (64, 16, 16), (32, 32, 32)],  # the finest level at the output size
+        [(128, 8, 8), (64, 13, 11)],  # no level at the output size, sizes no multiples of it
+    ],
+)
+def test_a_head_in_a_window_gives_the_whole_grids_values_there(monkeypatch, level_shapes):
+    """A window of the output grid (the part of a slice that holds anything) computes the
+    outputs there alone: the same values as the whole grid's in that window, fused and unfused,
+    in fp32 and bf16, in prediction, under autograd with frozen statistics and in training."""
+    import tedm_core.heads as heads
+
+    torch.manual_seed(0)
+    mlp = _with_non_trivial_batchnorm(PixelMLP([shape[0] for shape in level_shapes], num_outputs=3).eval())
+    levels = [torch.randn(9, *shape).contiguous(memory_format=torch.channels_last) for shape in level_shapes]
+    top, bottom, left, right = window = (3, 29, 7, 20)
+    for way in ("fused", "unfused"):
+        monkeypatch.setattr(heads, "_fused_convolutions_available", lambda way=way: way == "fused")
+        for precision in (None, torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is not None):
+                for grad in (False, True):
+                    with torch.set_grad_enabled(grad):
+                        whole, part = mlp(levels, (32, 32)), mlp(levels, (32, 32), window)
+                    assert part.shape == (9, 3, bottom - top, right - left)
+                    expected = whole[..., top:bottom, left:right].float()
+                    tolerance = 1e-5 if precision is None else 0.01 * expected.abs().max().item()
+                    assert (part.float() - expected).abs().max() <= tolerance, (way, precision, grad)
+    mlp.train()  # training: batch statistics of the window's pixels, so only the shape to check
+    assert mlp(levels, (32, 32), window).shape == (9, 3, bottom - top, right - left)
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_upsampled_sum_as_matrix_products_equals_interpolate_and_add(mode, batch):
     """The fused bf16 head upsamples and sums its coarse projections as matrix products: in
     float64 the same numbers as ``F.interpolate`` of each map and their sum, for sizes that are no
-    multiples of each other, and channels-last strides as oneDNN's fused sum needs them."""
+    multiples of each other, and channels-last strides as oneDNN's fused sum needs them; in a
+    window of the output, the same numbers there."""
     import torch.nn.functional as F
 
     from tedm_core.heads import _upsampled_sum
@@ -243,6 +276,10 @@ def test_upsampled_sum_as_matrix_products_equals_interpolate_and_add(mode, batch
     summed = _upsampled_sum(maps, (13, 11), mode)
     torch.testing.assert_close(summed, expected, rtol=1e-12, atol=1e-12)
     assert summed.stride() == (13 * 11 * 6, 1, 11 * 6, 6)
+    # a window of the output: the same numbers there, channels-last too
+    windowed = _upsampled_sum(maps, (13, 11), mode, (2, 9, 4, 11))
+    torch.testing.assert_close(windowed, expected[..., 2:9, 4:11], rtol=1e-12, atol=1e-12)
+    assert windowed.stride() == (7 * 7 * 6, 1, 7 * 6, 6)
 
 
 def test_a_probe_predicts_its_first_layer_as_logits_without_a_relu(monkeypatch):

@@ -25,9 +25,9 @@ from ..features import (
     unet_for_passes,
     weights_dtype,
 )
-from ..heads import class_labels, class_probabilities, prediction_timesteps_problem
-from ..preprocessing.framing import Box, crop_to_content, full_box, uncrop
-from ..preprocessing.spatial import GridTransform, from_model_grid, to_model_grid
+from ..heads import CPU_PREDICT_MAPS_PER_CHUNK, Window, class_labels, class_probabilities, prediction_timesteps_problem
+from ..preprocessing.framing import Box, crop_to_content, fill_outside, foreground_box, full_box, is_empty_box, uncrop
+from ..preprocessing.spatial import GridTransform, from_model_grid, model_grid_window, to_model_grid
 from ..runtime import (
     autocast,
     describe_device,
@@ -76,6 +76,20 @@ def join_maps(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return joined
 
 
+def _union(windows: Sequence[Window]) -> Window:
+    """The smallest window holding every non-empty one of ``windows`` (empty if none is)."""
+    windows = [w for w in windows if not is_empty_box(w)]
+    if not windows:
+        return 0, 0, 0, 0
+    tops, bottoms, lefts, rights = zip(*windows)
+    return min(tops), max(bottoms), min(lefts), max(rights)
+
+
+# What a chunk of slices leaves for the cache: its features, the dark-border crop boxes they were
+# taken from, and the slices' foreground boxes.
+Kept = Tuple[LevelFeatures, List[Box], List[Box]]
+
+
 @dataclass
 class FeatureCache:
     """Decoder features of segmented slices (on the CPU, two bytes a value), kept so that a
@@ -94,6 +108,10 @@ class FeatureCache:
     # (preprocessing.framing), of the mirrored slices too; None: the whole slice.
     boxes: Optional[List[Box]] = None
     flipped_boxes: Optional[List[Box]] = None
+    # Per slice (after any cropping), the box of its voxels above background, where the head is
+    # applied (framing.foreground_box), of the mirrored slices too; None: the whole slice.
+    foreground: Optional[List[Box]] = None
+    flipped_foreground: Optional[List[Box]] = None
 
     @property
     def nbytes(self) -> int:
@@ -110,6 +128,8 @@ class FeatureCache:
             pick(self.flipped) if self.flipped else None,
             pick_boxes(self.boxes),
             pick_boxes(self.flipped_boxes),
+            pick_boxes(self.foreground),
+            pick_boxes(self.flipped_foreground),
         )
 
     def select_timesteps(self, positions: Sequence[int]) -> FeatureCache:
@@ -122,6 +142,8 @@ class FeatureCache:
             pick(self.flipped) if self.flipped else None,
             self.boxes,
             self.flipped_boxes,
+            self.foreground,
+            self.flipped_foreground,
         )
 
 
@@ -303,16 +325,52 @@ class Segmenter:
         return self.extractor(self._to_device(grid), self.timesteps, cancel=cancel)
 
     @torch.inference_mode()
-    def _head_predict(self, levels: LevelFeatures, transform: GridTransform):
-        size = (transform.size, transform.size)
-        # Features stay in their dtype (two bytes when cached): the head converts a few maps at a
-        # time, which saves a full-size float32 copy of the chunk. The head runs in the precision
-        # measured for the UNet: bf16 halves the bytes its bilinear upsampling moves, and its 1x1
-        # convolutions go to oneDNN (fp32 ones with few maps go to an MKL matrix product, which
-        # runs AVX2 code on AMD CPUs); benchmarks/benchmark.py prints the head's speed against fp32.
-        with autocast(self.device, self.precision):
-            probabilities, uncertainty = self.head.predict([f.to(self.device) for f in levels], size)
-        return from_model_grid(probabilities, transform), from_model_grid(uncertainty[:, None], transform)[:, 0]
+    def _head_predict(
+        self, levels: LevelFeatures, transform: GridTransform, foreground: Optional[Sequence[Box]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, uncertainty) on the slices' grid of the head on ``levels`` (N slices),
+        applied in each slice's ``foreground`` box alone (default: everywhere): outside it certain
+        background, without disagreement, as in a slice skipped whole.
+
+        The head computes the model-grid window that resizing back reads for the box
+        (``spatial.model_grid_window``), so the box's values are those of the whole grid's, and a
+        quarter of a BraTS slice's area is a quarter of the head's work (README, Performance)."""
+        n, size = levels[0].shape[0], transform.size
+        foreground = list(foreground) if foreground is not None else [full_box((transform.height, transform.width))] * n
+        probabilities = torch.zeros((n, self.bundle.num_classes, size, size), device=self.device)
+        probabilities[:, 0] = 1.0
+        uncertainty = torch.zeros((n, size, size), device=self.device)
+        for start, stop in self._head_groups(n):
+            window = _union([model_grid_window(box, transform) for box in foreground[start:stop]])
+            if is_empty_box(window):
+                continue
+            top, bottom, left, right = window
+            # Features stay in their dtype (two bytes when cached): the head converts a few maps at a
+            # time, which saves a full-size float32 copy of the chunk. The head runs in the precision
+            # measured for the UNet: bf16 halves the bytes its bilinear upsampling moves, and its 1x1
+            # convolutions go to oneDNN (fp32 ones with few maps go to an MKL matrix product, which
+            # runs AVX2 code on AMD CPUs); benchmarks/benchmark.py prints the head's speed against fp32.
+            with autocast(self.device, self.precision):
+                part = [f[start:stop].to(self.device) for f in levels]
+                (
+                    probabilities[start:stop, :, top:bottom, left:right],
+                    uncertainty[start:stop, top:bottom, left:right],
+                ) = self.head.predict(part, (size, size), window)
+        background = [1.0] + [0.0] * (self.bundle.num_classes - 1)
+        return (
+            fill_outside(from_model_grid(probabilities, transform), foreground, background),
+            fill_outside(from_model_grid(uncertainty[:, None], transform), foreground, [0.0])[:, 0],
+        )
+
+    def _head_groups(self, n: int) -> List[Tuple[int, int]]:
+        """The runs of slices the head takes at once, each in the union of their windows: on the
+        CPU as many as fill its chunk of maps (one slice of TEDM's eight timesteps, eight of
+        LEDM's), so that each slice keeps a window of its own; on a GPU all of them."""
+        if self.device.type != "cpu":
+            return [(0, n)]
+        maps_per_slice = len(self.timesteps) if self.head.config.mode == "shared" else 1
+        step = max(1, CPU_PREDICT_MAPS_PER_CHUNK // maps_per_slice)
+        return [(start, min(n, start + step)) for start in range(0, n, step)]
 
     def _baseline_logits(self, unet: torch.nn.Module, grid: torch.Tensor) -> torch.Tensor:
         step = torch.zeros(grid.shape[0], dtype=torch.long, device=self.device)
@@ -320,11 +378,14 @@ class Segmenter:
             return unet(grid.to(weights_dtype(unet)), step)
 
     @torch.no_grad()
-    def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform):
+    def _baseline_predict(self, grid: torch.Tensor, transform: GridTransform, foreground: Sequence[Box]):
+        """The supervised baseline's (probabilities, zero uncertainty), certain background outside
+        the slices' ``foreground`` boxes, as TEDM's head gives."""
         grid = self._to_device(grid)
         logits = self._baseline_logits(self.unet, grid).float()
         probabilities = from_model_grid(class_probabilities(logits), transform)
-        return probabilities, torch.zeros_like(probabilities[:, 0])
+        background = [1.0] + [0.0] * (probabilities.shape[1] - 1)
+        return fill_outside(probabilities, foreground, background), torch.zeros_like(probabilities[:, 0])
 
     def predict(
         self,
@@ -341,8 +402,8 @@ class Segmenter:
         crop = self._crops(crop_dark_borders)
         slices = self._check_slices(slices)
         probabilities, uncertainty = self._outputs(len(slices), slices.shape[-2:])
-        # Per chunk: its features and content boxes, then its mirror's when flipping.
-        kept: List[Tuple[LevelFeatures, List[Box]]] = []
+        # Per chunk: what it leaves for the cache, then its mirror's when flipping.
+        kept: List[Kept] = []
 
         def write(start: int, stop: int, result: Tuple[torch.Tensor, torch.Tensor]) -> None:
             probabilities[start:stop], uncertainty[start:stop] = (r.cpu().numpy() for r in result)
@@ -351,14 +412,17 @@ class Segmenter:
         cache = None
         if kept:
             step = 2 if self.test_time_flip else 1
-            joined = lambda chunks: [join_maps(level) for level in zip(*[levels for levels, _ in chunks])]  # noqa: E731
-            boxes = lambda chunks: [box for _, chunk in chunks for box in chunk] if crop else None  # noqa: E731
+            joined = lambda chunks: [join_maps(level) for level in zip(*[levels for levels, _, _ in chunks])]  # noqa: E731
+            boxes = lambda chunks, i: [box for kept in chunks for box in kept[i]]  # noqa: E731
+            crops = lambda chunks: boxes(chunks, 1) if crop else None  # noqa: E731
             cache = FeatureCache(
                 joined(kept[0::step]),
                 transform,
                 joined(kept[1::2]) if step == 2 else None,
-                boxes(kept[0::step]),
-                boxes(kept[1::2]) if step == 2 else None,
+                crops(kept[0::step]),
+                crops(kept[1::2]) if step == 2 else None,
+                boxes(kept[0::step], 2),
+                boxes(kept[1::2], 2) if step == 2 else None,
             )
         return SlicePrediction(probabilities, uncertainty, cache)
 
@@ -407,7 +471,7 @@ class Segmenter:
         write: Callable[[int, int, Tuple[torch.Tensor, torch.Tensor]], None],
         progress: Optional[Progress],
         cancel: Optional[CancelCheck],
-        kept: Optional[List[Tuple[LevelFeatures, List[Box]]]],
+        kept: Optional[List[Kept]],
         crop: bool,
     ) -> GridTransform:
         """Every chunk of ``slices`` (or of ``slices[rows]``) through the model, its
@@ -426,7 +490,7 @@ class Segmenter:
             # The chunk's features reach ``kept`` only once its result is written: an out-of-memory
             # error anywhere in the chunk makes map_in_chunks retry it, and features kept before
             # that would be kept twice, shifting every later cache row off its slice.
-            features: Optional[List[Tuple[LevelFeatures, List[Box]]]] = None if kept is None else []
+            features: Optional[List[Kept]] = None if kept is None else []
             result = self._predict_chunk(chunk, transform, cancel, features, crop)
             if self.test_time_flip:
                 # Mirrored in the image's own grid (not the padded model grid, whose padding
@@ -454,21 +518,23 @@ class Segmenter:
         chunk: np.ndarray,
         transform: GridTransform,
         cancel: Optional[CancelCheck],
-        kept: Optional[List[Tuple[LevelFeatures, List[Box]]]],
+        kept: Optional[List[Kept]],
         crop: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, uncertainty) of a chunk of slices in their own grid; its features
-        (and the content boxes they were taken from) appended to ``kept`` when given."""
+        (with the boxes they were taken from, and the slices' foreground boxes) appended to
+        ``kept`` when given."""
         boxes = [full_box(chunk.shape)] * len(chunk)
         if crop:
             chunk, _, boxes = crop_to_content(chunk, self.bundle.intensity)
+        foreground = [foreground_box(image) for image in chunk]
         grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
         if self.head is None:
-            return self._uncrop(self._baseline_predict(grid, transform), boxes)
+            return self._uncrop(self._baseline_predict(grid, transform, foreground), boxes)
         levels = self._features(grid, cancel)
         if kept is not None:
-            kept.append(([f.to("cpu", cache_dtype(f.dtype)) for f in levels], boxes))
-        return self._uncrop(self._head_predict(levels, transform), boxes)
+            kept.append(([f.to("cpu", cache_dtype(f.dtype)) for f in levels], boxes, foreground))
+        return self._uncrop(self._head_predict(levels, transform, foreground), boxes)
 
     def _uncrop(
         self, result: Tuple[torch.Tensor, torch.Tensor], boxes: Optional[Sequence[Box]]
@@ -501,11 +567,14 @@ class Segmenter:
         def run(start: int, stop: int) -> None:
             part = lambda boxes: None if boxes is None else boxes[start:stop]  # noqa: E731
             result = self._uncrop(
-                self._head_predict([level[start:stop] for level in cache.levels], transform), part(cache.boxes)
+                self._head_predict([level[start:stop] for level in cache.levels], transform, part(cache.foreground)),
+                part(cache.boxes),
             )
             if cache.flipped is not None:
                 mirrored = self._uncrop(
-                    self._head_predict([level[start:stop] for level in cache.flipped], transform),
+                    self._head_predict(
+                        [level[start:stop] for level in cache.flipped], transform, part(cache.flipped_foreground)
+                    ),
                     part(cache.flipped_boxes),
                 )
                 result = tuple((a + b.flip(-1)) / 2 for a, b in zip(result, mirrored))

@@ -17,17 +17,12 @@ from ..errors import InputError
 from ..heads import class_labels
 from ..io.images import binary_foreground
 from ..io.volumes import Volume, geometry_mismatch, read_case, read_volume
-from ..preprocessing.intensity import IntensityConfig, normalise_intensity
+from ..preprocessing.intensity import IntensityConfig, above_background, normalise_intensity
 from ..slicing import SliceLayout, extract_slices, labelled_slice_indices, plane_across, reassemble, to_slices
 
 Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 PathLike = Union[str, Path]
-
-# A normalised slice is background when no voxel rises above -1 by more than this: every
-# intensity convention maps air/outside-the-brain to exactly -1, so such a slice holds nothing
-# to segment and the UNet is not run on it (typically a third of a brain MRI's axial slices).
-EMPTY_SLICE_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -92,8 +87,12 @@ def resolve_axis(volume: Volume, axis: str) -> str:
 
 def nonempty_slice_mask(slices: np.ndarray) -> np.ndarray:
     """``(N, C, H, W)`` normalised slices -> bool ``(N,)``: which hold any voxel above background
-    (the model runs on those; pretraining's stricter rule is ``data.slices_with_enough_foreground``)."""
-    return (slices.reshape(slices.shape[0], -1) > -1.0 + EMPTY_SLICE_TOLERANCE).any(axis=1)
+    (the model runs on those; pretraining's stricter rule is ``data.slices_with_enough_foreground``).
+
+    A slice of background alone holds nothing to segment, so the UNet is not run on it (typically
+    a tenth of a skull-stripped brain MRI's axial slices); inside a slice, the head is applied in
+    the box of its voxels above background alone (``Segmenter``, ``framing.foreground_box``)."""
+    return above_background(slices.reshape(slices.shape[0], -1)).any(axis=1)
 
 
 def is_whole_2d_image(num_slices: int) -> bool:

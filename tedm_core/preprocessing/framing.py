@@ -1,4 +1,6 @@
-"""Dark border bands of a radiograph, cropped before the model sees it, and the crop undone after.
+"""Boxes in a slice: the dark border bands of a radiograph, cropped before the model sees it
+(and the crop undone after); and the box of a slice's voxels above background, outside which
+there is nothing to segment.
 
 Detector edges and collimation leave black bands at a radiograph's borders; issue 10's user
 test met a hospital whose black band fills the bottom fifth, so the chest sits higher and
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .intensity import IntensityConfig, normalise_intensity
+from .intensity import IntensityConfig, above_background, normalise_intensity
 
 # A border row or column is dark when nine tenths of it (its DARK_SHARE percentile: burnt-in
 # letters and markers do not count) sit at the dark end of the normalised [-1, 1] range.
@@ -59,6 +61,39 @@ def full_box(shape: Sequence[int]) -> Box:
     return 0, int(shape[-2]), 0, int(shape[-1])
 
 
+EMPTY_BOX: Box = (0, 0, 0, 0)
+
+
+def is_empty_box(box: Box) -> bool:
+    top, bottom, left, right = box
+    return bottom <= top or right <= left
+
+
+def foreground_box(image: np.ndarray) -> Box:
+    """The smallest box of ``image`` ((C, H, W), normalised) holding every voxel above background
+    (``intensity.above_background``, any channel); :data:`EMPTY_BOX` when none is.
+
+    Outside it a slice holds background alone, as a slice skipped whole does
+    (``pipelines.volume.nonempty_slice_mask``): the head is applied inside it only, and the
+    outside is certain background. About a quarter of a skull-stripped BraTS slice's area on
+    average (0.22-0.26 over six FLAIR volumes' non-empty axial slices)."""
+    signal = above_background(image).any(axis=0)
+    rows, columns = np.flatnonzero(signal.any(axis=1)), np.flatnonzero(signal.any(axis=0))
+    if not len(rows):
+        return EMPTY_BOX
+    return int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+
+
+def fill_outside(maps: torch.Tensor, boxes: Sequence[Box], outside: Sequence[float]) -> torch.Tensor:
+    """``maps`` (N, K, H, W) with channel k set to ``outside[k]`` around each map's box, in place."""
+    fill = torch.as_tensor(list(outside), dtype=maps.dtype, device=maps.device)[:, None, None]
+    for image, (top, bottom, left, right) in zip(maps, boxes):
+        bottom, right = max(top, bottom), max(left, right)  # an empty box: all of it outside
+        for band in (image[:, :top], image[:, bottom:], image[:, top:bottom, :left], image[:, top:bottom, right:]):
+            band.copy_(fill.expand_as(band))
+    return maps
+
+
 def crop_to_content(
     slices: np.ndarray, intensity: IntensityConfig, labels: Optional[np.ndarray] = None
 ) -> Tuple[np.ndarray, Optional[np.ndarray], List[Box]]:
@@ -89,11 +124,9 @@ def uncrop(maps: torch.Tensor, boxes: Sequence[Box], outside: Sequence[float]) -
     certain background)."""
     out = maps.clone()
     h, w = maps.shape[-2:]
-    fill = torch.as_tensor(list(outside), dtype=maps.dtype, device=maps.device)[:, None, None]
     for i, (top, bottom, left, right) in enumerate(boxes):
-        if (top, bottom, left, right) == (0, h, 0, w):
-            continue
-        inner = F.interpolate(maps[i : i + 1], size=(bottom - top, right - left), mode="bilinear", align_corners=False)
-        out[i] = fill.expand(-1, h, w)
-        out[i, :, top:bottom, left:right] = inner[0]
-    return out
+        if (top, bottom, left, right) != (0, h, 0, w):
+            out[i, :, top:bottom, left:right] = F.interpolate(
+                maps[i : i + 1], size=(bottom - top, right - left), mode="bilinear", align_corners=False
+            )[0]
+    return fill_outside(out, boxes, outside)

@@ -86,6 +86,17 @@ def is_radiograph(config: IntensityConfig) -> bool:
     return config.kind in RADIOGRAPH_KINDS
 
 
+# Every kind maps air, and what lies outside the foreground, to exactly -1 (the padding of the
+# model grid too): a normalised voxel is background when it rises above -1 by no more than this.
+BACKGROUND_LEVEL = -1.0
+BACKGROUND_TOLERANCE = 1e-6
+
+
+def above_background(normalised: np.ndarray) -> np.ndarray:
+    """Which voxels of a normalised image rise above the background level (bool, same shape)."""
+    return np.asarray(normalised) > BACKGROUND_LEVEL + BACKGROUND_TOLERANCE
+
+
 def foreground_mask(channel: np.ndarray) -> np.ndarray:
     """Voxels that carry signal: non-zero and above the minimum (skull-stripped MRI has 0 background)."""
     return channel > channel.min()

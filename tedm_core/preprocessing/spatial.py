@@ -6,6 +6,7 @@ to half a model pixel); the label decision is taken on the original grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -52,6 +53,29 @@ def from_model_grid(maps: torch.Tensor, transform: GridTransform) -> torch.Tenso
         transform.pad_top : transform.pad_top + transform.height,
         transform.pad_left : transform.pad_left + transform.width,
     ]
+
+
+def _source_range(start: int, stop: int, source: int, target: int) -> Tuple[int, int]:
+    """The source samples ``[first, last)`` that bilinear resizing (align_corners False) of
+    ``source`` samples to ``target`` reads for target samples ``[start, stop)``, a sample to spare
+    either side (PyTorch computes the positions in float)."""
+    if source == target:
+        return start, stop
+    scale = source / target
+    position = lambda i: max(0.0, scale * (i + 0.5) - 0.5)  # noqa: E731
+    return max(0, math.floor(position(start)) - 1), min(source, math.floor(position(stop - 1)) + 3)
+
+
+def model_grid_window(box: Tuple[int, int, int, int], transform: GridTransform) -> Tuple[int, int, int, int]:
+    """The box (top, bottom, left, right) of the model grid that :func:`from_model_grid` reads to
+    give ``box`` of the slice: values there decide the slice's values in ``box``, exactly; an
+    empty ``box`` gives an empty window."""
+    top, bottom, left, right = box
+    if bottom <= top or right <= left:
+        return 0, 0, 0, 0
+    rows = _source_range(top + transform.pad_top, bottom + transform.pad_top, transform.size, transform.side)
+    columns = _source_range(left + transform.pad_left, right + transform.pad_left, transform.size, transform.side)
+    return rows + columns
 
 
 def labels_to_model_grid(labels: torch.Tensor, transform: GridTransform) -> torch.Tensor:
