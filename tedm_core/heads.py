@@ -14,7 +14,6 @@ same labelled images; their per-step probabilities are averaged with the timeste
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -228,20 +227,20 @@ class PixelMLP(nn.Module):
         training alike."""
         window = window or (0, size[0], 0, size[1])
         dtype = self._compute_dtype(levels[0])
-        at_size, coarse = [], []
+        # (projection, whether it is at ``size`` already), in the levels' order: fp32 sums them in
+        # that order, as before windows existed, so that fits stay reproducible to the bit.
+        projections = []
         for index, (conv, features) in enumerate(zip(self.first, levels)):
-            if index == leave_out:
-                continue
-            if tuple(features.shape[-2:]) == tuple(size):
-                at_size.append(conv(_in_layout(_in_window(features, window), dtype)))
-            else:
-                coarse.append(conv(_in_layout(features, dtype)))
+            if index != leave_out:
+                at = tuple(features.shape[-2:]) == tuple(size)
+                projections.append((conv(_in_layout(_in_window(features, window) if at else features, dtype)), at))
+        coarse = [p for p, at in projections if not at]
         if coarse and dtype == torch.bfloat16:
-            at_size.append(_upsampled_sum(coarse, size, self.upsample, window))
-            coarse = []
+            summed = _upsampled_sum(coarse, size, self.upsample, window)
+            projections = [(p, True) for p, at in projections if at] + [(summed, True)]
         hidden = None
-        # Coarse projections upsampled one at a time, each added and let go (a generator).
-        for projected in itertools.chain(at_size, (self._resize(p, size, window) for p in coarse)):
+        for projected, at in projections:
+            projected = projected if at else self._resize(projected, size, window)
             hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
 

@@ -255,3 +255,19 @@ def test_the_model_is_applied_in_each_slices_foreground_box_alone(
     assert np.all(again.probabilities[2, 0] == 1)
     one = segmenter.predict_from_features(cache.select([0]))
     np.testing.assert_allclose(one.probabilities, result.probabilities[:1], atol=2e-3)
+
+
+def test_the_heads_windows_grow_to_a_few_lengths_holding_the_pixels_they_must():
+    """Each distinct window shape costs compiled kernels: a window grows to one of at most
+    ``WINDOW_LENGTHS_PER_SIDE`` lengths per side, within the grid, and holds the window it grew from."""
+    from tedm_core.pipelines.segment import WINDOW_LENGTHS_PER_SIDE, _in_steps
+
+    for size in (32, 64, 100):
+        lengths = set()
+        for top in range(size):
+            for bottom in range(top + 1, size + 1):
+                grown_top, grown_bottom, left, right = _in_steps((top, bottom, 3, 4), size)
+                assert 0 <= grown_top <= top < bottom <= grown_bottom <= size and left <= 3 < 4 <= right
+                lengths.add(grown_bottom - grown_top)
+        assert len(lengths) <= WINDOW_LENGTHS_PER_SIDE and size in lengths
+    assert _in_steps(EMPTY_BOX, 64) == EMPTY_BOX
