@@ -119,14 +119,17 @@ def _upsampled_sum(
     products: each map along its width ((W, w_l) x (w_l, C) per row), then all of them along the
     height in one product whose inner dimension stacks the maps' rows ((H, sum h_l) x (sum h_l, W C)).
     A window takes the rows of the matrices its pixels need, and of each map the samples those
-    weigh (:func:`_window_interpolation`): a quarter of the window's area, a quarter of the work.
+    weigh (:func:`_window_interpolation`): the work follows the window's area.
 
     Why not ``F.interpolate`` and ``add_``: on the CPU in bf16 those are memory-bound passes over
     the 128-channel full-size map (two written, one re-read and re-written), while these products
     run on the matrix units and write it once: 2.5 against 4.4 ms for 8 maps of 64 px from 16 and
     32 px (one thread, AMX CPU, session 22), rounding errors against float64 no larger. In fp32
-    the products were slower (4.1 against 2.7 ms), so only bf16 takes this way (prediction, and
-    Refine's bf16 training, whose autograd differentiates the products).
+    the products were slower (4.1 against 2.7 ms), so only bf16 takes this way on the whole grid
+    (prediction, and Refine's bf16 training, whose autograd differentiates the products); a window
+    takes it in fp32 too, where ``F.interpolate`` would upsample the whole grid to keep a part (an
+    fp32 Refine in a window took 5.84-5.95 s so, against 2.09-2.16 s with the products;
+    ``benchmarks/refine_training.py``, session 25).
     Channels-last maps are read as they are; the sum comes back channels-last."""
     n, channels = maps[0].shape[:2]
     top, bottom, left, right = window or (0, size[0], 0, size[1])
@@ -148,8 +151,8 @@ def _upsampled_sum(
     return summed.view(n, height, width, channels).permute(0, 3, 1, 2)
 
 
-def _in_window(maps: torch.Tensor, window: Optional[Window]) -> torch.Tensor:
-    """``maps`` (N, C, H, W) in ``window`` (a view; None or the whole grid: ``maps`` itself)."""
+def in_window(maps: torch.Tensor, window: Optional[Window]) -> torch.Tensor:
+    """``maps`` (..., H, W) in ``window`` (a view; None or the whole grid: ``maps`` itself)."""
     if window is None or window == (0, maps.shape[-2], 0, maps.shape[-1]):
         return maps
     top, bottom, left, right = window
@@ -199,14 +202,12 @@ class PixelMLP(nn.Module):
             rest += [nn.ReLU(inplace=True), nn.BatchNorm2d(w_in), nn.Conv2d(w_in, w_out, 1)]
         self.rest = nn.Sequential(*rest)
 
-    def _resize(self, x: torch.Tensor, size: Tuple[int, int], window: Optional[Window] = None) -> torch.Tensor:
-        """``x`` upsampled to ``size``, in ``window`` of it (default: all of it)."""
-        if tuple(x.shape[-2:]) != tuple(size):
-            if self.upsample == "nearest":
-                x = F.interpolate(x, size=size, mode="nearest")
-            else:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return _in_window(x, window)
+    def _resize(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        if self.upsample == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def _first_layer(
         self,
@@ -222,9 +223,9 @@ class PixelMLP(nn.Module):
         A level at ``size`` is projected in the window alone; coarser ones whole (any of their
         samples may reach the window), then upsampled. Summed in place, under autograd too:
         neither the upsampling nor the convolution needs its output for its gradient (session 17:
-        an out-of-place sum cost a Refine 0.17 s). In bf16 the coarser levels are upsampled and
-        summed as matrix products (:func:`_upsampled_sum`), in prediction and in Refine's bf16
-        training alike."""
+        an out-of-place sum cost a Refine 0.17 s). In bf16, and in a window of the grid, the
+        coarser levels are upsampled and summed as matrix products (:func:`_upsampled_sum`), in
+        prediction and in Refine's training alike."""
         window = window or (0, size[0], 0, size[1])
         dtype = self._compute_dtype(levels[0])
         # (projection, whether it is at ``size`` already), in the levels' order: fp32 sums them in
@@ -233,14 +234,15 @@ class PixelMLP(nn.Module):
         for index, (conv, features) in enumerate(zip(self.first, levels)):
             if index != leave_out:
                 at = tuple(features.shape[-2:]) == tuple(size)
-                projections.append((conv(_in_layout(_in_window(features, window) if at else features, dtype)), at))
+                projections.append((conv(_in_layout(in_window(features, window) if at else features, dtype)), at))
         coarse = [p for p, at in projections if not at]
-        if coarse and dtype == torch.bfloat16:
+        whole_grid = window == (0, size[0], 0, size[1])
+        if coarse and (dtype == torch.bfloat16 or not whole_grid):
             summed = _upsampled_sum(coarse, size, self.upsample, window)
             projections = [(p, True) for p, at in projections if at] + [(summed, True)]
         hidden = None
         for projected, at in projections:
-            projected = projected if at else self._resize(projected, size, window)
+            projected = projected if at else self._resize(projected, size)  # (the whole grid)
             hidden = projected if hidden is None else hidden.add_(projected)
         return hidden
 
@@ -333,7 +335,7 @@ class PixelMLP(nn.Module):
             conv = self.first[finest]
             weight = conv.weight.to(dtype)
             bias = None if conv.bias is None else conv.bias.to(dtype)
-            features = _in_layout(_in_window(levels[finest], window), dtype)
+            features = _in_layout(in_window(levels[finest], window), dtype)
             if others is None:
                 hidden = convolve(features, weight, bias, *one, "relu", [], "")
             else:
@@ -524,9 +526,11 @@ class FeatureHead(nn.Module):
             mine.load_state_dict(other.mlp.state_dict())
         return self
 
-    def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
-        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:])), targets)
+    def loss(self, features: LevelFeatures, targets: torch.Tensor, window: Optional[Window] = None) -> torch.Tensor:
+        """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices; with
+        ``window``, the loss of that window of them alone (its pixels' logits alone computed)."""
+        logits = self.logits(features, tuple(targets.shape[-2:]), window)
+        return self.loss_from_logits(logits, in_window(targets, window))
 
     def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, S', K, H, W) against targets (N, H, W): mean over everything."""

@@ -19,13 +19,16 @@ from tedm_core.pipelines.fit import _prepare, fit_bundle
 from tedm_core.pipelines.segment import Segmenter
 from tedm_core.preprocessing.framing import (
     EMPTY_BOX,
+    WINDOW_LENGTHS_PER_SIDE,
     content_box,
     crop_to_content,
     fill_outside,
     foreground_box,
     full_box,
+    grown_to_few_lengths,
     is_empty_box,
     uncrop,
+    union_box,
 )
 from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
 
@@ -260,14 +263,13 @@ def test_the_model_is_applied_in_each_slices_foreground_box_alone(
 def test_the_heads_windows_grow_to_a_few_lengths_holding_the_pixels_they_must():
     """Each distinct window shape costs compiled kernels: a window grows to one of at most
     ``WINDOW_LENGTHS_PER_SIDE`` lengths per side, within the grid, and holds the window it grew from."""
-    from tedm_core.pipelines.segment import WINDOW_LENGTHS_PER_SIDE, _in_steps
-
     for size in (32, 64, 100):
         lengths = set()
         for top in range(size):
             for bottom in range(top + 1, size + 1):
-                grown_top, grown_bottom, left, right = _in_steps((top, bottom, 3, 4), size)
+                grown_top, grown_bottom, left, right = grown_to_few_lengths((top, bottom, 3, 4), size)
                 assert 0 <= grown_top <= top < bottom <= grown_bottom <= size and left <= 3 < 4 <= right
                 lengths.add(grown_bottom - grown_top)
         assert len(lengths) <= WINDOW_LENGTHS_PER_SIDE and size in lengths
-    assert _in_steps(EMPTY_BOX, 64) == EMPTY_BOX
+    assert grown_to_few_lengths(EMPTY_BOX, 64) == EMPTY_BOX
+    assert union_box([(2, 5, 3, 9), EMPTY_BOX, (4, 8, 1, 6)]) == (2, 8, 1, 9) and union_box([EMPTY_BOX]) == EMPTY_BOX

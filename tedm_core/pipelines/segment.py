@@ -25,8 +25,18 @@ from ..features import (
     unet_for_passes,
     weights_dtype,
 )
-from ..heads import CPU_PREDICT_MAPS_PER_CHUNK, Window, class_labels, class_probabilities, prediction_timesteps_problem
-from ..preprocessing.framing import Box, crop_to_content, fill_outside, foreground_box, full_box, is_empty_box, uncrop
+from ..heads import CPU_PREDICT_MAPS_PER_CHUNK, class_labels, class_probabilities, prediction_timesteps_problem
+from ..preprocessing.framing import (
+    Box,
+    crop_to_content,
+    fill_outside,
+    foreground_box,
+    full_box,
+    grown_to_few_lengths,
+    is_empty_box,
+    uncrop,
+    union_box,
+)
 from ..preprocessing.spatial import GridTransform, from_model_grid, model_grid_window, to_model_grid
 from ..runtime import (
     autocast,
@@ -74,41 +84,6 @@ def join_maps(parts: Sequence[torch.Tensor]) -> torch.Tensor:
         joined[start : start + part.shape[0]].copy_(part)
         start += part.shape[0]
     return joined
-
-
-def _union(windows: Sequence[Window]) -> Window:
-    """The smallest window holding every non-empty one of ``windows`` (empty if none is)."""
-    windows = [w for w in windows if not is_empty_box(w)]
-    if not windows:
-        return 0, 0, 0, 0
-    tops, bottoms, lefts, rights = zip(*windows)
-    return min(tops), max(bottoms), min(lefts), max(rights)
-
-
-# The head's windows come in at most this many lengths per side (a window grows to the next
-# multiple of the grid's size / this): oneDNN compiles and caches kernels for every shape it
-# meets, ~1 MiB each. Re-applying a head to a BraTS volume's cache (64 px grid, one thread,
-# session 25; README, Performance) with windows in steps of 1 / 4 / 8 / 16 px took 1.27 / 1.33 /
-# 1.35 / 1.52 s (whole slices 2.04-2.26 s); segmenting the volume twice left the process 143 /
-# 98 / 62 / 44 MiB larger (whole slices 5), its peak 244 / 198 / 162 / 144 MiB above the start
-# (whole slices 106): kernel caches, gone with oneDNN's and ideep's cache capacities set to 8.
-WINDOW_LENGTHS_PER_SIDE = 8
-
-
-def _in_steps(window: Window, size: int) -> Window:
-    """``window`` of a ``size`` grid grown to a multiple of ``size / WINDOW_LENGTHS_PER_SIDE``
-    rows and columns (within the grid): the same pixels' values, fewer shapes of kernel."""
-    if is_empty_box(window):
-        return window
-    top, bottom, left, right = window
-    step = -(-size // WINDOW_LENGTHS_PER_SIDE)
-
-    def grown(start: int, stop: int) -> Tuple[int, int]:
-        length = min(size, -(-(stop - start) // step) * step)
-        stop = min(size, start + length)
-        return stop - length, stop
-
-    return grown(top, bottom) + grown(left, right)
 
 
 # What a chunk of slices leaves for the cache: its features, the dark-border crop boxes they were
@@ -367,7 +342,9 @@ class Segmenter:
         probabilities[:, 0] = 1.0
         uncertainty = torch.zeros((n, size, size), device=self.device)
         for start, stop in self._head_groups(n):
-            window = _in_steps(_union([model_grid_window(box, transform) for box in foreground[start:stop]]), size)
+            window = grown_to_few_lengths(
+                union_box([model_grid_window(box, transform) for box in foreground[start:stop]]), size
+            )
             if is_empty_box(window):
                 continue
             top, bottom, left, right = window

@@ -84,6 +84,41 @@ def foreground_box(image: np.ndarray) -> Box:
     return int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
 
 
+def union_box(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding every non-empty one of ``boxes`` (:data:`EMPTY_BOX` if none is)."""
+    boxes = [box for box in boxes if not is_empty_box(box)]
+    if not boxes:
+        return EMPTY_BOX
+    tops, bottoms, lefts, rights = zip(*boxes)
+    return min(tops), max(bottoms), min(lefts), max(rights)
+
+
+# A head's windows (the model-grid boxes it computes in) come in at most this many lengths per
+# side: oneDNN compiles and caches kernels for every shape it meets, ~1 MiB each. Re-applying a
+# head to a BraTS volume's cache (64 px grid, one thread, session 25; README, Performance) with
+# windows in steps of 1 / 4 / 8 / 16 px took 1.27 / 1.33 / 1.35 / 1.52 s (whole slices 2.04-2.26
+# s); segmenting the volume twice left the process 143 / 98 / 62 / 44 MiB larger (whole slices
+# 5), its peak 244 / 198 / 162 / 144 MiB above the start (whole slices 106): kernel caches, gone
+# with oneDNN's and ideep's cache capacities set to 8.
+WINDOW_LENGTHS_PER_SIDE = 8
+
+
+def grown_to_few_lengths(box: Box, size: int) -> Box:
+    """``box`` of a ``size`` x ``size`` grid grown to a multiple of ``size / WINDOW_LENGTHS_PER_SIDE``
+    rows and columns, within the grid: it holds the box, in one of few shapes."""
+    if is_empty_box(box):
+        return box
+    top, bottom, left, right = box
+    step = -(-size // WINDOW_LENGTHS_PER_SIDE)
+
+    def grown(start: int, stop: int) -> Tuple[int, int]:
+        length = min(size, -(-(stop - start) // step) * step)
+        stop = min(size, start + length)
+        return stop - length, stop
+
+    return grown(top, bottom) + grown(left, right)
+
+
 def fill_outside(maps: torch.Tensor, boxes: Sequence[Box], outside: Sequence[float]) -> torch.Tensor:
     """``maps`` (N, K, H, W) with channel k set to ``outside[k]`` around each map's box, in place."""
     fill = torch.as_tensor(list(outside), dtype=maps.dtype, device=maps.device)[:, None, None]
