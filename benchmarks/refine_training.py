@@ -11,13 +11,9 @@ interleaved round by round: Refine as it runs where the session's passes run in 
 they run in bf16 (bf16 autocast, the coarse levels summed as matrix products, chunks of 4 maps;
 session 24), bf16 with chunks of 2 maps, the head and features wholly
 in bf16 (a bound on what bf16 arithmetic could save), fp32 with chunks of 1 or 4 maps, fp32 with
-fused Adam, and each precision on the whole grid (before session 25 Refine learnt there, not in
-its slices' foreground window). Each answers whether a change to the training pays; a change of
-rounding in the learning is adopted only on validation (docs/results/REFINE_VALIDATION.md). The
-features come from the segmenter's own passes over random slices whose content fills the middle
-70 x 75 % of the grid, background (-1) around it, as on a BraTS volume's tumour slices (their
-foreground windows: 47-55 % of the 64 px grid): timings depend on where the content is, not on
-its values.
+fused Adam. Each answers whether a change to the training pays; a change of rounding in the
+learning is adopted only on validation (docs/results/REFINE_VALIDATION.md). The features come
+from the segmenter's own passes over random slices: timings do not depend on their values.
 """
 
 from __future__ import annotations
@@ -45,8 +41,6 @@ VARIANTS = {
     "fp32, chunks of 1 map": ("fp32", "chunks of 1"),
     "fp32, chunks of 4 maps": ("fp32", "chunks of 4"),
     "fp32, fused Adam": ("fp32", "fused Adam"),
-    "bf16 on the whole grid (before session 25)": ("bf16", "whole grid"),
-    "fp32 on the whole grid (before session 25)": ("fp32", "whole grid"),
 }
 
 
@@ -71,10 +65,6 @@ def _patched(patch: Optional[str]) -> contextlib.AbstractContextManager:
 
         stack.callback(setattr, fit, "train_head", train)
         fit.train_head = in_bf16
-    elif patch == "whole grid":
-        train = fit.train_head
-        stack.callback(setattr, fit, "train_head", train)
-        fit.train_head = lambda *args, **kwargs: train(*args, **{**kwargs, "window": None})
     elif patch == "fused Adam":
         adam = torch.optim.Adam
         stack.callback(setattr, torch.optim, "Adam", adam)
@@ -94,10 +84,7 @@ def main() -> int:
     bundle = load_bundle(args.bundle)
     segmenter = Segmenter(bundle, device="cpu")
     size = bundle.image_size
-    slices = np.full((2, 1, size, size), -1.0, np.float32)
-    rows, columns = slice(round(0.15 * size), round(0.85 * size)), slice(round(0.125 * size), round(0.875 * size))
-    content = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    slices[..., rows, columns] = content.numpy()[..., rows, columns]
+    slices = (torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).numpy()
     with torch.inference_mode():  # cached as a session caches them
         features = [f.to("cpu", cache_dtype(f.dtype)) for f in segmenter._features(torch.from_numpy(slices))]
     labels = (np.random.default_rng(0).random((2, size, size)) > 0.7).astype(np.int64)

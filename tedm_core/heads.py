@@ -127,9 +127,10 @@ def _upsampled_sum(
     32 px (one thread, AMX CPU, session 22), rounding errors against float64 no larger. In fp32
     the products were slower (4.1 against 2.7 ms), so only bf16 takes this way on the whole grid
     (prediction, and Refine's bf16 training, whose autograd differentiates the products); a window
-    takes it in fp32 too, where ``F.interpolate`` would upsample the whole grid to keep a part (an
-    fp32 Refine in a window took 5.84-5.95 s so, against 2.09-2.16 s with the products;
-    ``benchmarks/refine_training.py``, session 25).
+    takes it in fp32 too, where ``F.interpolate`` would upsample the whole grid to keep a part:
+    one slice's 8 maps in a 40 x 48 window of the 64 px grid took 7.2 ms in fp32 with the products,
+    18.6-19.5 ms upsampling the whole grid and keeping the window, 11.2 ms on the whole grid (one
+    thread, AMX CPU, session 25; aa39fc6's windowed Refine training: 2.1 against 5.9 s).
     Channels-last maps are read as they are; the sum comes back channels-last."""
     n, channels = maps[0].shape[:2]
     top, bottom, left, right = window or (0, size[0], 0, size[1])
@@ -151,7 +152,7 @@ def _upsampled_sum(
     return summed.view(n, height, width, channels).permute(0, 3, 1, 2)
 
 
-def in_window(maps: torch.Tensor, window: Optional[Window]) -> torch.Tensor:
+def _in_window(maps: torch.Tensor, window: Optional[Window]) -> torch.Tensor:
     """``maps`` (..., H, W) in ``window`` (a view; None or the whole grid: ``maps`` itself)."""
     if window is None or window == (0, maps.shape[-2], 0, maps.shape[-1]):
         return maps
@@ -234,7 +235,7 @@ class PixelMLP(nn.Module):
         for index, (conv, features) in enumerate(zip(self.first, levels)):
             if index != leave_out:
                 at = tuple(features.shape[-2:]) == tuple(size)
-                projections.append((conv(_in_layout(in_window(features, window) if at else features, dtype)), at))
+                projections.append((conv(_in_layout(_in_window(features, window) if at else features, dtype)), at))
         coarse = [p for p, at in projections if not at]
         whole_grid = window == (0, size[0], 0, size[1])
         if coarse and (dtype == torch.bfloat16 or not whole_grid):
@@ -335,7 +336,7 @@ class PixelMLP(nn.Module):
             conv = self.first[finest]
             weight = conv.weight.to(dtype)
             bias = None if conv.bias is None else conv.bias.to(dtype)
-            features = _in_layout(in_window(levels[finest], window), dtype)
+            features = _in_layout(_in_window(levels[finest], window), dtype)
             if others is None:
                 hidden = convolve(features, weight, bias, *one, "relu", [], "")
             else:
@@ -526,11 +527,9 @@ class FeatureHead(nn.Module):
             mine.load_state_dict(other.mlp.state_dict())
         return self
 
-    def loss(self, features: LevelFeatures, targets: torch.Tensor, window: Optional[Window] = None) -> torch.Tensor:
-        """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices; with
-        ``window``, the loss of that window of them alone (its pixels' logits alone computed)."""
-        logits = self.logits(features, tuple(targets.shape[-2:]), window)
-        return self.loss_from_logits(logits, in_window(targets, window))
+    def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
+        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:])), targets)
 
     def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, S', K, H, W) against targets (N, H, W): mean over everything."""

@@ -712,29 +712,3 @@ def test_ensemble_cost_benchmark_writes_the_first_head_alone(tiny_bundle_dir, tm
     assert first.head.config.members == 1 and first.fingerprint != several.fingerprint
     for name, tensor in first.head.state_dict().items():
         assert torch.equal(tensor, several.head.state_dict()[name])
-
-
-def test_refine_learns_in_the_window_where_its_slices_and_anchors_hold_anything(tiny_bundle_dir, monkeypatch):
-    """Refine's loss covers the model-grid window of its slices' (and anchors') foreground, the
-    pixels whose prediction the head decides; slices that fill the grid leave it the whole grid."""
-    import tedm_core.pipelines.fit as fit
-    from tedm_core.preprocessing.framing import foreground_box, grown_to_few_lengths, union_box
-    from tedm_core.preprocessing.spatial import to_model_grid
-
-    bundle = load_bundle(tiny_bundle_dir)
-    size = bundle.image_size
-    images, masks = synthetic_disc_images(4, size=size, seed=52)
-    images[:2, :, : size // 4] = -1.0  # background above the corrected slices' content
-    images[:, :, :, size - 5 :] = -1.0  # and right of every slice
-    windows = []
-    train = fit.train_head
-    monkeypatch.setattr(fit, "train_head", lambda *a, **k: windows.append(k.get("window")) or train(*a, **k))
-    common = {"steps": 2, "device": "cpu", "show_progress": False, "crop_dark_borders": False}  # a volume's slices
-    refine_bundle(bundle, images[:2], masks[:2], **common)
-    refine_bundle(bundle, images[:2], masks[:2], anchor_slices=images[2:], anchor_labels=masks[2:], **common)
-    refine_bundle(bundle, synthetic_disc_images(2, size=size, seed=53)[0], masks[:2], **common)
-    grid = to_model_grid(torch.from_numpy(images), size)[0].numpy()
-    alone = grown_to_few_lengths(union_box([foreground_box(g) for g in grid[:2]]), size)
-    with_anchors = grown_to_few_lengths(union_box([foreground_box(g) for g in grid]), size)
-    assert windows == [alone, with_anchors, None]
-    assert alone[0] >= size // 4 - 1 and alone[3] < size and with_anchors[0] == 0 and with_anchors[3] < size

@@ -409,36 +409,3 @@ def test_bf16_training_upsamples_by_products_and_follows_fp32s_gradients(monkeyp
     assert len(fp32) == len(bf16) == 12  # 3 projections + 1 bias, 2 folded BatchNorms x 2, 2 layers after x 2
     for exact, rounded in zip(fp32, bf16):
         assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_loss_in_a_window_is_the_whole_grids_loss_over_its_pixels_with_its_gradients(precision):
-    """Refine learns in its slices' foreground window: the head's loss there, computing those
-    pixels' logits alone, is the loss of the whole grid's logits over the window's pixels, with
-    the same gradients (frozen statistics, as Refine trains), in fp32 and under bf16 autocast."""
-    from tedm_core.heads import in_window
-
-    torch.manual_seed(0)
-    config = HeadConfig("tedm", (1, 2), (32, 16, 8), 2, hidden=(16, 8))
-    head = FeatureHead(config).eval()
-    features = [torch.randn(3, 2, 32, 32, 32), torch.randn(3, 2, 16, 16, 16), torch.randn(3, 2, 8, 8, 8)]
-    targets = (torch.rand(3, 32, 32) > 0.6).long()
-    window = (5, 29, 8, 24)
-
-    def loss_and_gradients(compute):
-        head.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = compute()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in head.parameters()]
-
-    windowed, windowed_grads = loss_and_gradients(lambda: head.loss(features, targets, window))
-    whole_logits = lambda: head.logits(features, (32, 32))  # noqa: E731
-    expected, expected_grads = loss_and_gradients(
-        lambda: head.loss_from_logits(in_window(whole_logits(), window), in_window(targets, window))
-    )
-    tolerance = {"rtol": 1e-4, "atol": 1e-6} if precision == "fp32" else {"rtol": 0.03, "atol": 1e-3}
-    torch.testing.assert_close(windowed, expected, **tolerance)
-    for mine, theirs in zip(windowed_grads, expected_grads):
-        torch.testing.assert_close(mine, theirs, **tolerance)
-    assert not torch.allclose(head.loss(features, targets), windowed)  # the whole grid's differs

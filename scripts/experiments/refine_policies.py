@@ -25,9 +25,7 @@ corrections accumulate), ``pullfirstX`` (strength X for the first two corrected 
 ``weightX`` (the anchors' loss weight X instead of 2), ``tpiN`` (N random timesteps per slice and
 Refine step instead of ``fit.REFINE_TIMESTEPS_PER_IMAGE``, 2), ``seedN`` (Refine's random draws from
 seed N instead of 0: how far another random path alone moves a curve), ``fp32train`` (Refine's head
-trained in fp32 where the session's passes, and so since session 24 its Refine, run in bf16),
-``wholegrid`` (Refine's loss on the whole model grid, as before session 25, instead of the
-window where its slices hold anything above background).
+trained in fp32 where the session's passes, and so since session 24 its Refine, run in bf16).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
 Results: docs/results/REFINE_VALIDATION.md.
@@ -106,7 +104,6 @@ class RefineVariant:
         self.timesteps_per_image = number_of(parts, "tpi")
         self.seed = number_of(parts, "seed")
         self.fp32_training = "fp32train" in parts
-        self.whole_grid = "wholegrid" in parts
         self.trained_in = None  # the precision the head's training ran in, once it has
 
     # What a policy may change for one Refine call: (module, attribute), restored on exit.
@@ -128,8 +125,6 @@ class RefineVariant:
                 kwargs["seed"] = int(self.seed)
             if self.fp32_training:
                 kwargs["precision"] = "fp32"
-            if self.whole_grid:
-                kwargs["window"] = None
             self.trained_in = kwargs.get("precision", "fp32")
             if self.cosine:
                 kwargs["learning_rate_schedule"] = "cosine"

@@ -30,12 +30,12 @@ from ..choices import (
 )
 from ..errors import Cancelled, InputError, SettingError
 from ..features import DecoderFeatureExtractor, LevelFeatures
-from ..heads import FeatureHead, HeadConfig, Window, in_window, maps_per_chunk, segmentation_loss
+from ..heads import FeatureHead, HeadConfig, maps_per_chunk, segmentation_loss
 from ..model.backbone import build_unet
 from ..model.checkpoint import Backbone
 from ..postprocessing import ComponentRule
 from ..preprocessing.augment import DEFAULT_AUGMENT, augment_slices, resolve_policy
-from ..preprocessing.framing import crop_to_content, foreground_box, grown_to_few_lengths, is_empty_box, union_box
+from ..preprocessing.framing import crop_to_content
 from ..preprocessing.intensity import IntensityConfig, is_radiograph
 from ..preprocessing.spatial import labels_to_model_grid, to_model_grid
 from ..runtime import autocast, check_finite_loss, module_on, resolve_device, resolve_precision
@@ -465,25 +465,8 @@ def choose_anchor_slices(
     return sorted(set(chosen))
 
 
-def foreground_window(grids: Sequence[torch.Tensor]) -> Optional[Window]:
-    """The box of the model grid where any slice of ``grids`` (N, C, size, size) holds anything
-    above background, in one of few shapes (``framing.grown_to_few_lengths``); None: all of it.
-
-    Refine learns there alone: outside it a prediction is certain background whatever the head
-    says (``Segmenter``), so the head's time goes to the pixels it decides."""
-    size = int(grids[0].shape[-1])
-    box = union_box([foreground_box(image.numpy()) for grid in grids for image in grid.cpu()])
-    window = None if is_empty_box(box) else grown_to_few_lengths(box, size)
-    return None if window in (None, (0, size, 0, size)) else window
-
-
 def _accumulate_loss(
-    head: FeatureHead,
-    features: LevelFeatures,
-    targets: torch.Tensor,
-    weight: float,
-    chunk: Optional[int],
-    window: Optional[Window] = None,
+    head: FeatureHead, features: LevelFeatures, targets: torch.Tensor, weight: float, chunk: Optional[int]
 ) -> float:
     """``weight`` x the loss of a batch, back-propagated a few maps at a time; returns its value.
 
@@ -502,8 +485,7 @@ def _accumulate_loss(
     total = 0.0
     for start in range(0, units, step):
         stop = min(units, start + step)
-        loss = head.loss([f[start:stop] for f in features], targets[start:stop], window)
-        part = loss * (weight * (stop - start) / units)
+        part = head.loss([f[start:stop] for f in features], targets[start:stop]) * (weight * (stop - start) / units)
         part.backward()
         total += float(part.detach())
     return total
@@ -528,7 +510,6 @@ def train_head(
     average_weights: bool = False,
     pull_to_start: float = 0.0,
     precision: str = "fp32",
-    window: Optional[Window] = None,
 ) -> FeatureHead:
     """Adam on the mean-over-timesteps loss; each step sees one noise draw and up to ``images_per_step`` slices.
 
@@ -549,9 +530,6 @@ def train_head(
     precision: ``fp32``, or ``bf16``: the head's forward and backward under bf16 autocast, its
         weights, Adam and the loss kept in fp32 (Refine where the session's passes run in bf16,
         :func:`refine_bundle`).
-    window: the loss of this window of the targets' grid alone (top, bottom, left, right), its
-        pixels' logits alone computed: Refine's, where its slices hold anything above background
-        (outside it a prediction is certain background whatever the head says).
     """
     if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
         choices = ", ".join(LEARNING_RATE_SCHEDULES)
@@ -602,17 +580,14 @@ def train_head(
         optimiser.zero_grad(set_to_none=True)
         with autocast(device, precision):  # (the loss itself is computed in fp32: loss_from_logits)
             if freeze_statistics:
-                loss = sum(_accumulate_loss(head, f, t, w, chunk, window) for f, t, w in parts)
+                loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
             else:
                 # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
                 sizes = [t.shape[0] for _, t, _ in parts]
                 logits = head.logits(
-                    [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:]), window
+                    [torch.cat(level) for level in zip(*[f for f, _, _ in parts])], tuple(targets.shape[-2:])
                 )
-                total = sum(
-                    w * head.loss_from_logits(part, in_window(t, window))
-                    for part, (_, t, w) in zip(logits.split(sizes), parts)
-                )
+                total = sum(w * head.loss_from_logits(part, t) for part, (_, t, w) in zip(logits.split(sizes), parts))
                 total.backward()
                 loss = float(total.detach())
         check_finite_loss(loss, step + 1, "fitting the head", before_raising=bar.close)
@@ -951,7 +926,6 @@ def refine_bundle(
             levels, anchor_targets, weight=REFINE_ANCHOR_WEIGHT, images_per_step=REFINE_ANCHOR_IMAGES_PER_STEP
         )
     head = copy.deepcopy(bundle.head)
-    window = foreground_window([grid] if anchor is None else [grid, anchor_grid])
     steps = _setting_or_default(options.steps, DEFAULT_REFINE_STEPS, "steps")
     pull = REFINE_PULL_TO_START if anchor is None and grid.shape[0] <= REFINE_PULL_UNTIL_SLICES else 0.0
     train_head(
@@ -970,7 +944,6 @@ def refine_bundle(
         timesteps_per_image=REFINE_TIMESTEPS_PER_IMAGE,
         pull_to_start=pull,
         precision=precision,
-        window=window,
     )
     training = dict(
         bundle.training,
