@@ -334,8 +334,8 @@ class Segmenter:
         background, without disagreement, as in a slice skipped whole.
 
         The head computes the model-grid window that resizing back reads for the box
-        (``spatial.model_grid_window``), so the box's values are those of the whole grid's, and a
-        quarter of a BraTS slice's area is a quarter of the head's work (README, Performance)."""
+        (``spatial.model_grid_window``), so the box's values are those of the whole grid's; the
+        box is a quarter of a BraTS slice's area on average (README, Performance, session 25)."""
         n, size = levels[0].shape[0], transform.size
         foreground = list(foreground) if foreground is not None else [full_box((transform.height, transform.width))] * n
         probabilities = torch.zeros((n, self.bundle.num_classes, size, size), device=self.device)
@@ -354,11 +354,9 @@ class Segmenter:
             # convolutions go to oneDNN (fp32 ones with few maps go to an MKL matrix product, which
             # runs AVX2 code on AMD CPUs); benchmarks/benchmark.py prints the head's speed against fp32.
             with autocast(self.device, self.precision):
-                part = [f[start:stop].to(self.device) for f in levels]
-                (
-                    probabilities[start:stop, :, top:bottom, left:right],
-                    uncertainty[start:stop, top:bottom, left:right],
-                ) = self.head.predict(part, (size, size), window)
+                mean, spread = self.head.predict([f[start:stop].to(self.device) for f in levels], (size, size), window)
+            probabilities[start:stop, :, top:bottom, left:right] = mean
+            uncertainty[start:stop, top:bottom, left:right] = spread
         background = [1.0] + [0.0] * (self.bundle.num_classes - 1)
         return (
             fill_outside(from_model_grid(probabilities, transform), foreground, background),
