@@ -273,3 +273,24 @@ def test_the_heads_windows_grow_to_a_few_lengths_holding_the_pixels_they_must():
         assert len(lengths) <= WINDOW_LENGTHS_PER_SIDE and size in lengths
     assert grown_to_few_lengths(EMPTY_BOX, 64) == EMPTY_BOX
     assert union_box([(2, 5, 3, 9), EMPTY_BOX, (4, 8, 1, 6)]) == (2, 8, 1, 9) and union_box([EMPTY_BOX]) == EMPTY_BOX
+
+
+def test_slices_run_together_share_the_union_of_their_windows_with_the_same_result(tiny_bundle_dir, monkeypatch):
+    """On a GPU the head takes a batch of slices at once, in the union of their windows: each
+    slice's probabilities are those it gets in its own window (the CPU's way), background outside
+    its own box."""
+    bundle = load_bundle(tiny_bundle_dir)
+    images, _ = synthetic_disc_images(3, size=40, seed=33)
+    images[0, :, :12] = -1.0
+    images[1, :, :, 30:] = -1.0
+    images[2] = -1.0
+    steps = bundle.head.config.timesteps  # TEDM's 8: a slice per run of the head on the CPU
+    segmenter = Segmenter(bundle, device="cpu", timesteps=steps, test_time_flip=False, crop_dark_borders=False)
+    alone = segmenter.predict(images, keep_features=True)
+    assert len(steps) == 8 and segmenter._head_groups(3) == [(0, 1), (1, 2), (2, 3)]
+    monkeypatch.setattr(Segmenter, "_head_groups", lambda self, n: [(0, n)])  # a GPU's grouping
+    together = segmenter.predict_from_features(alone.features)
+    np.testing.assert_allclose(together.probabilities, alone.probabilities, atol=2e-3)
+    np.testing.assert_allclose(together.uncertainty, alone.uncertainty, atol=2e-3)
+    assert np.all(together.probabilities[0, 0, :12] == 1) and np.all(together.probabilities[1, 0, :, 30:] == 1)
+    assert np.all(together.probabilities[2, 0] == 1) and np.all(together.uncertainty[2] == 0)
