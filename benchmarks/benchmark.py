@@ -68,7 +68,7 @@ from tedm_core.pipelines.volume import (
     normalise_volume,
     resolve_axis,
 )
-from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH
+from tedm_core.preprocessing.intensity import MULTIMODAL_MRI, RADIOGRAPH, above_background
 from tedm_core.preprocessing.spatial import from_model_grid, to_model_grid
 from tedm_core.runtime import autocast
 from tedm_core.slicing import extract_slices, reassemble, to_slices
@@ -506,7 +506,7 @@ def measure_compute(bundle: ModelBundle, slices: np.ndarray, repeats: int, train
     # what bf16 gives: speed and agreement of one map (bf16 is emulated, so slow, on
     # CPUs without AVX512-BF16/AMX).
     result["dice_vs_fp32"] = dice(default.predict(slices).labels, plain.predict(slices).labels)
-    index = int(np.argmax([(s > -1 + 1e-6).sum() for s in slices]))
+    index = int(np.argmax([above_background(s).sum() for s in slices]))
     one = slices[index : index + 1]
     single = {p: Segmenter(bundle, device="cpu", precision=p, timesteps=bundle.timesteps[:1]) for p in ("fp32", "bf16")}
     grid_one, _ = to_model_grid(torch.from_numpy(one), size)

@@ -414,7 +414,7 @@ class Segmenter:
         if kept:
             step = 2 if self.test_time_flip else 1
             joined = lambda chunks: [join_maps(level) for level in zip(*[levels for levels, _, _ in chunks])]  # noqa: E731
-            boxes = lambda chunks, i: [box for kept in chunks for box in kept[i]]  # noqa: E731
+            boxes = lambda chunks, i: [box for chunk in chunks for box in chunk[i]]  # noqa: E731
             crops = lambda chunks: boxes(chunks, 1) if crop else None  # noqa: E731
             cache = FeatureCache(
                 joined(kept[0::step]),

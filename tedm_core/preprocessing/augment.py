@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..choices import AUGMENT_POLICY_NAMES
+from .intensity import above_background
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def augment_slices(
         gamma = torch.exp(_uniform(math.log(policy.gamma[0]), math.log(policy.gamma[1]), n, generator))
         contrast = _uniform(*policy.contrast, n, generator)
         brightness = _uniform(-policy.brightness, policy.brightness, n, generator)
-        background = x <= -1.0 + 1e-6
+        background = ~above_background(x)
         unit = ((x + 1.0) / 2.0).clamp(0.0, 1.0) ** gamma[:, None, None, None]
         changed = (unit * 2.0 - 1.0) * contrast[:, None, None, None] + brightness[:, None, None, None]
         # Black borders and padding stay black: they are what a detector band looks like.

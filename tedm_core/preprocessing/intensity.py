@@ -8,7 +8,7 @@ fitted on it, and every face calls :func:`normalise_intensity` with it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 import numpy as np
 
@@ -90,11 +90,13 @@ def is_radiograph(config: IntensityConfig) -> bool:
 # model grid too): a normalised voxel is background when it rises above -1 by no more than this.
 BACKGROUND_LEVEL = -1.0
 BACKGROUND_TOLERANCE = 1e-6
+Array = TypeVar("Array")  # a numpy array or a torch tensor
 
 
-def above_background(normalised: np.ndarray) -> np.ndarray:
-    """Which voxels of a normalised image rise above the background level (bool, same shape)."""
-    return np.asarray(normalised) > BACKGROUND_LEVEL + BACKGROUND_TOLERANCE
+def above_background(normalised: Array) -> Array:
+    """Which voxels of a normalised image (a numpy array or a torch tensor) rise above the
+    background level (bool, the same kind and shape)."""
+    return normalised > BACKGROUND_LEVEL + BACKGROUND_TOLERANCE
 
 
 def foreground_mask(channel: np.ndarray) -> np.ndarray:
