@@ -16,7 +16,7 @@ relative L2 error of the tapped features against fp32 on radiographs not used fo
 Eager PyTorch has no kernel that turns bf16 activations into uint8 in one pass, so each
 convolution's input is converted in separate passes over memory (to fp32, quantize, raw bytes);
 that is what this measures, since fusing them needs ``torch.compile``, measured elsewhere
-(README "Performance").
+(docs/results/PERFORMANCE.md, sessions 4, 8 and 23).
 """
 
 from __future__ import annotations

@@ -145,14 +145,14 @@ class FitOptions:
     members: Optional[int] = None
 
 
-# Chosen on validation (issue 10, session 12; README "Session 12"; TEDM n = 3, the study's three
-# draws, `small4` at 1,250 steps, paired Wilcoxon against the constant rate on the same images):
-# covid_v7 83.47 -> 84.58 (+1.11, p = 1.4e-16, 92 of 100 images better), the pool images 92.50 ->
-# 92.46 (p = 0.87), re-framed 92.12 -> 92.08 (p = 0.69). With the rate held constant the head
-# ends on a noisy iterate, and out of domain that luck of the fit cost up to 2.3 points (README,
-# "Session 10"); the poor draw gained most (80.8 -> 83.0), every one of 9 heads (3 fit seeds per
-# draw) gained on covid_v7, and over 12 backbone checkpoints (first draw) it gained +0.25 on
-# average. Weight averaging (+0.75) and precise BatchNorm statistics (+0.34; nothing on top of
+# Chosen on validation (issue 10, session 12; docs/results/ROBUSTNESS.md, "Session 12"; TEDM n = 3,
+# the study's three draws, `small4` at 1,250 steps, paired Wilcoxon against the constant rate on the
+# same images): covid_v7 83.47 -> 84.58 (+1.11, p = 1.4e-16, 92 of 100 images better), the pool
+# images 92.50 -> 92.46 (p = 0.87), re-framed 92.12 -> 92.08 (p = 0.69). With the rate held constant
+# the head ends on a noisy iterate, and out of domain that luck of the fit cost up to 2.3 points
+# (docs/results/ROBUSTNESS.md, "Session 10"); the poor draw gained most (80.8 -> 83.0), every one of
+# 9 heads (3 fit seeds per draw) gained on covid_v7, and over 12 backbone checkpoints (first draw)
+# it gained +0.25 on average. Weight averaging (+0.75) and precise BatchNorm statistics (+0.34; nothing on top of
 # cosine) did less.
 RADIOGRAPH_LEARNING_RATE_SCHEDULE = "cosine"
 
@@ -165,19 +165,20 @@ def default_learning_rate_schedule(options: FitOptions, intensity: IntensityConf
 
 
 # Chosen on validation by the study's rule (the best mean over the validation sets), the rule that
-# chose {1, 10, 25, 50} in session 7 (README "Adopted at the end of session 7": the one-head, 8-step
-# fit applied to them against all 8 steps, pool +0.8, covid_v7 +0.4 at 1,250 steps). Session 15
-# (README "Session 15"; TEDM n = 3 with today's three heads and two-timestep cosine fit, the study's
-# three draws, `small4` at 2,500 steps, the same units' ablation scores paired per image, seeds
-# averaged; scripts/experiments/compare_units.py --b-timesteps 1): step 1 alone against {1, 10, 25,
-# 50}, pool 92.79 -> 92.86 (p = 0.13), re-framed 92.48 -> 92.53 (p = 0.22), covid_v7 85.63 -> 85.81
-# (+0.18, p = 1.2e-06, 79 of 100 better; precision 93.6 -> 92.3, recall 79.5 -> 80.8,
-# so slightly larger masks); at 1,250 steps +0.09 / +0.10 / -0.02. Under it the rule still picks
-# the 2,500-step checkpoint (three seeds, compare_units' means: 90.40 against 90.31 at 2,250, 90.12 at 1,250). A
-# quarter of the UNet passes of {1, 10, 25, 50}; the three heads' spread on that step is the
-# uncertainty map (Segmenter.gives_uncertainty). The head still learns from all 8 steps: it is the
-# shared training that carries the method's robustness (a head *fitted* on low steps only lost 1.2
-# out of domain, session 7). Not measured on brain MRI, so volumes keep all 8 steps.
+# chose {1, 10, 25, 50} in session 7 (docs/results/ROBUSTNESS.md, "Adopted at the end of session 7":
+# the one-head, 8-step fit applied to them against all 8 steps, pool +0.8, covid_v7 +0.4 at 1,250
+# steps). Session 15 (docs/results/ROBUSTNESS.md, "Session 15"; TEDM n = 3 with today's three heads
+# and two-timestep cosine fit, the study's three draws, `small4` at 2,500 steps, the same units'
+# ablation scores paired per image, seeds averaged; scripts/experiments/compare_units.py
+# --b-timesteps 1): step 1 alone against {1, 10, 25, 50}, pool 92.79 -> 92.86 (p = 0.13), re-framed
+# 92.48 -> 92.53 (p = 0.22), covid_v7 85.63 -> 85.81 (+0.18, p = 1.2e-06, 79 of 100 better;
+# precision 93.6 -> 92.3, recall 79.5 -> 80.8, so slightly larger masks); at 1,250 steps +0.09 /
+# +0.10 / -0.02. Under it the rule still picks the 2,500-step checkpoint (three seeds,
+# compare_units' means: 90.40 against 90.31 at 2,250, 90.12 at 1,250). A quarter of the UNet passes
+# of {1, 10, 25, 50}; the three heads' spread on that step is the uncertainty map
+# (Segmenter.gives_uncertainty). The head still learns from all 8 steps: it is the shared training
+# that carries the method's robustness (a head *fitted* on low steps only lost 1.2 out of domain,
+# session 7). Not measured on brain MRI, so volumes keep all 8 steps.
 RADIOGRAPH_INFERENCE_TIMESTEPS = (1,)
 
 
@@ -200,7 +201,7 @@ def default_inference_timesteps(
 # one core). The gain is the lighter fit, not the sampling itself: 1,200 such steps (as many maps
 # as before) gave the old numbers back (pool -0.10, covid_v7 +0.01). Unlike 150 steps over every
 # timestep (pool -1.3, larger masks), it leaves the masks' size alone (precision on covid_v7 89.6
-# -> 89.8, recall 81.5 -> 82.5). Over the rest of the grid (README "Session 13") the out-of-domain
+# -> 89.8, recall 81.5 -> 82.5). Over the rest of the grid (docs/results/ROBUSTNESS.md, "Session 13") the out-of-domain
 # gain held at n = 1 and 40, not at 6 and 12 (covid_v7 -0.1, -0.7), and in domain it cost 0.1-0.6
 # at every n: kept for the few-shot end (n <= 3) and the fit's speed. Not yet measured on brain
 # MRI, so volumes keep every timestep.
@@ -223,10 +224,10 @@ def default_timesteps_per_image(options: FitOptions, method: str, intensity: Int
 # 89.8 -> 90.7, so not larger masks), the pool images and re-framed pool images +0.01 / +0.02
 # (p = 0.32 / 0.24), +0.25 against a head of any one seed; at the 2,500 steps the study then chose
 # (FIT_SEEDS_session14_2500.md) pool +0.32, covid_v7 +0.64 (p = 1.3e-15), and five heads another
-# +0.28 on covid_v7 (p = 3.1e-15; not adopted yet, README "Session 14"). Heads fitted on the same
+# +0.28 on covid_v7 (p = 3.1e-15; not adopted yet, docs/results/ROBUSTNESS.md, "Session 14"). Heads fitted on the same
 # images with other seeds differ by up to 1.4 points out of domain (2.3 with the constant rate,
 # session 10): the ensemble takes out that luck of one fit. Three times the head's share of
-# fitting, Refine and prediction (README "Performance": tedm segment on radiographs 1.17x); not
+# fitting, Refine and prediction (docs/results/PERFORMANCE.md, "Session 14": tedm segment on radiographs 1.17x); not
 # yet measured on brain MRI, so volumes keep one head.
 RADIOGRAPH_ENSEMBLE_MEMBERS = 3
 MEMBER_SEED_STRIDE = 100
