@@ -712,3 +712,52 @@ def test_ensemble_cost_benchmark_writes_the_first_head_alone(tiny_bundle_dir, tm
     assert first.head.config.members == 1 and first.fingerprint != several.fingerprint
     for name, tensor in first.head.state_dict().items():
         assert torch.equal(tensor, several.head.state_dict()[name])
+
+
+def test_bf16_refine_trains_on_features_upsampled_once_within_its_budget(monkeypatch):
+    """With frozen statistics (Refine) in bf16, the head trains on its features upsampled once
+    (``FeatureHead.upsampled``, one 1x1 convolution for the first layer) and learns what the
+    factorised first layer learns up to rounding; in fp32, over the byte budget, or with training
+    statistics it keeps the factorised first layer."""
+    from tedm_core.heads import FeatureHead
+    from tedm_core.pipelines import fit
+
+    new_head, levels, targets = _tiny_head_problem()
+    start = new_head()
+    calls = []
+    upsampled = FeatureHead.upsampled
+    monkeypatch.setattr(FeatureHead, "upsampled", lambda self, *a: calls.append(a[-1]) or upsampled(self, *a))
+
+    def trained(precision: str, freeze: bool = True) -> torch.Tensor:
+        calls.clear()
+        head = fit.train_head(copy.deepcopy(start), [levels], targets, 20, freeze_statistics=freeze, precision=precision)
+        return torch.cat([(p - q).detach().flatten() for p, q in zip(head.parameters(), start.parameters())])
+
+    once = trained("bf16")
+    assert calls == [torch.bfloat16]
+    trained("fp32")
+    assert calls == []
+    trained("bf16", freeze=False)
+    assert calls == []
+    monkeypatch.setattr(fit, "UPSAMPLED_TRAINING_FEATURES_MAX_BYTES", 4 * 2 * 12 * 16 * 16 * 2 - 1)  # a byte short
+    factorised = trained("bf16")
+    assert calls == []
+    assert float(torch.nn.functional.cosine_similarity(once, factorised, dim=0)) > 0.99
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gather_copies_the_chosen_maps_in_their_layout(channels_last):
+    """``fit._gather``: for each chosen image, its sampled timesteps' maps, the same values as
+    indexing, in the layout the features have (upsampled features keep channels-last maps)."""
+    from tedm_core.pipelines.fit import _gather
+
+    store = torch.randn(3, 5, 6, 4, 7)  # (N, S, C, H, W)
+    if channels_last:
+        store = store.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    rows = torch.tensor([2, 0])
+    gathered = _gather([store], rows, 3, torch.Generator().manual_seed(0))[0]
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.stack([torch.randperm(5, generator=generator)[:3] for _ in range(2)])
+    assert torch.equal(gathered, store[rows[:, None], chosen])
+    assert gathered.shape == (2, 3, 6, 4, 7)
+    assert gathered[1].is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -409,3 +409,42 @@ def test_bf16_training_upsamples_by_products_and_follows_fp32s_gradients(monkeyp
     assert len(fp32) == len(bf16) == 12  # 3 projections + 1 bias, 2 folded BatchNorms x 2, 2 layers after x 2
     for exact, rounded in zip(fp32, bf16):
         assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_features_upsampled_once_give_the_heads_logits_and_gradients(training):
+    """``FeatureHead.upsampled`` (every level upsampled and concatenated, each map channels-last)
+    through ``logits(..., upsampled=True)``: the same logits and weight gradients as the
+    factorised first layer (float64: equal to rounding), in training mode and with frozen
+    statistics (eval mode with gradients, Refine's), for a several-member head. A head that
+    concatenates timesteps, or a window, is refused."""
+    torch.manual_seed(0)
+    config = HeadConfig.for_method("tedm", [24, 12, 8], 2, timesteps=[1, 10, 25], hidden=(16, 8), members=2)
+    head = FeatureHead(config).double()
+    for mlp in head.member_mlps:
+        _with_non_trivial_batchnorm(mlp)
+    head.train(training)
+    features = [torch.randn(2, 3, c, s, s, dtype=torch.float64) for c, s in ((24, 4), (12, 8), (8, 16))]
+    size = (16, 16)
+    upsampled = head.upsampled(features, size, torch.float64)
+    assert len(upsampled) == 1 and upsampled[0].shape == (2, 3, 44, 16, 16)
+    assert upsampled[0][1, 1:3].is_contiguous(memory_format=torch.channels_last)
+
+    def logits_and_gradients(levels, **options):
+        head.zero_grad(set_to_none=True)
+        logits = head.logits(levels, size, **options)
+        (logits**2).mean().backward()
+        return logits.detach(), [p.grad.clone() for p in head.parameters() if p.grad is not None]
+
+    factorised, factorised_grads = logits_and_gradients(features)
+    once, once_grads = logits_and_gradients(upsampled, upsampled=True)
+    assert once.shape == factorised.shape == (2, 6, 1, 16, 16)
+    torch.testing.assert_close(once, factorised, rtol=1e-10, atol=1e-10)
+    assert len(once_grads) == len(factorised_grads)
+    for a, b in zip(once_grads, factorised_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="whole grid"):
+        head.logits(upsampled, size, window=(0, 8, 0, 8), upsampled=True)
+    ledm = FeatureHead(HeadConfig.for_method("ledm", [24, 12, 8], 2, timesteps=[1, 10, 25])).double()
+    with pytest.raises(ValueError, match="shared"):
+        ledm.upsampled(features, size, torch.float64)
