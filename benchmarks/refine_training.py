@@ -8,13 +8,12 @@
 the benchmark's case), 120 steps of 2 timesteps per slice, timed whole, with the minor page faults
 it causes (``getrusage``: glibc returning and re-mapping large blocks shows there). Variants,
 interleaved round by round: Refine as it runs where the session's passes run in fp32 and where
-they run in bf16 (bf16 autocast, chunks of 4 maps: session 24; the features upsampled once:
-session 26), both as they ran before session 26 (each step upsampling the per-level projections,
-the coarse levels as matrix products in bf16), bf16 with chunks of 2 and 8 maps, and the head and
-features wholly in bf16 (a bound on what bf16 arithmetic could save). Each answers whether a
-change to the training pays; a change of rounding in the learning is adopted only on validation
-(docs/results/REFINE_VALIDATION.md). The features come from the segmenter's own passes over
-random slices: timings do not depend on their values.
+they run in bf16 (bf16 autocast, the coarse levels summed as matrix products, chunks of 4 maps;
+session 24), bf16 with chunks of 2 maps, the head and features wholly
+in bf16 (a bound on what bf16 arithmetic could save), fp32 with chunks of 1 or 4 maps, fp32 with
+fused Adam. Each answers whether a change to the training pays; a change of rounding in the
+learning is adopted only on validation (docs/results/REFINE_VALIDATION.md). The features come
+from the segmenter's own passes over random slices: timings do not depend on their values.
 """
 
 from __future__ import annotations
@@ -37,11 +36,11 @@ from tedm_core.pipelines.segment import Segmenter, cache_dtype
 VARIANTS = {
     "fp32 (Refine where the passes run in fp32)": ("fp32", None),
     "bf16 (Refine where the passes run in bf16)": ("bf16", None),
-    "fp32, projections upsampled each step (before session 26)": ("fp32", "factorised"),
-    "bf16, projections upsampled each step (before session 26)": ("bf16", "factorised"),
     "bf16, chunks of 2 maps": ("bf16", "chunks of 2"),
-    "bf16, chunks of 8 maps": ("bf16", "chunks of 8"),
     "bf16 head and features (bound)": ("fp32", "wholly bf16"),
+    "fp32, chunks of 1 map": ("fp32", "chunks of 1"),
+    "fp32, chunks of 4 maps": ("fp32", "chunks of 4"),
+    "fp32, fused Adam": ("fp32", "fused Adam"),
 }
 
 
@@ -66,9 +65,10 @@ def _patched(patch: Optional[str]) -> contextlib.AbstractContextManager:
 
         stack.callback(setattr, fit, "train_head", train)
         fit.train_head = in_bf16
-    elif patch == "factorised":
-        stack.callback(setattr, fit, "UPSAMPLED_TRAINING_FEATURES_MAX_BYTES", fit.UPSAMPLED_TRAINING_FEATURES_MAX_BYTES)
-        fit.UPSAMPLED_TRAINING_FEATURES_MAX_BYTES = 0
+    elif patch == "fused Adam":
+        adam = torch.optim.Adam
+        stack.callback(setattr, torch.optim, "Adam", adam)
+        torch.optim.Adam = lambda *args, **kwargs: adam(*args, fused=True, **kwargs)
     return stack
 
 

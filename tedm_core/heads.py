@@ -349,31 +349,11 @@ class PixelMLP(nn.Module):
         weight, bias = layers[-1]
         return F.conv2d(hidden, weight, bias)
 
-    def upsampled(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
-        """Every level upsampled to ``size`` and concatenated, (N, sum C_l, *size): the input of
-        :meth:`forward_upsampled` and :meth:`forward_dense`, in the levels' dtype."""
-        return torch.cat([self._resize(f, size) for f in levels], dim=1)
-
-    def first_layer_weight(self) -> torch.Tensor:
-        """The whole first layer as one 1x1 convolution's weight over :meth:`upsampled` features."""
-        return torch.cat([conv.weight for conv in self.first], dim=1)
-
-    def forward_upsampled(self, upsampled: torch.Tensor) -> torch.Tensor:
-        """Logits from features :meth:`upsampled` already: the first layer one 1x1 convolution
-        over them, the rest as :meth:`forward` runs it. The same function as :meth:`forward` up to
-        float rounding, for the head's training on features it sees again and again (Refine,
-        ``fit.train_head``): there the upsampling is done once, and each step's forward and
-        backward is one large matrix product instead of the per-level projections, their
-        upsampling and its gradient."""
-        hidden = F.conv2d(upsampled, self.first_layer_weight(), self.first[0].bias)
-        if self.training:
-            return self.rest(hidden).contiguous()
-        return self._rest_folded(hidden, self.folded_layers()).contiguous()
-
     def forward_dense(self, levels: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """The straightforward reference: upsample every level, concatenate, apply the MLP."""
-        dense = self.upsampled([f.to(self.first[0].weight.dtype) for f in levels], size)
-        return self.rest(F.conv2d(dense, self.first_layer_weight(), self.first[0].bias))
+        dense = torch.cat([self._resize(f.to(self.first[0].weight.dtype), size) for f in levels], dim=1)
+        weight = torch.cat([conv.weight for conv in self.first], dim=1)
+        return self.rest(F.conv2d(dense, weight, self.first[0].bias))
 
 
 @dataclass
@@ -527,42 +507,11 @@ class FeatureHead(nn.Module):
         one per step and member (shared), one per member (concat)."""
         return (timesteps if self.config.mode == "shared" else 1) * self.config.members
 
-    def upsampled(self, features: LevelFeatures, size: Tuple[int, int], dtype: torch.dtype) -> LevelFeatures:
-        """``features`` (per level (N, S, C_l, h, w)) as one level of every level upsampled to
-        ``size`` and concatenated, (N, S, sum C_l, *size) in ``dtype`` with each map channels-last:
-        what :meth:`logits` and :meth:`loss` take with ``upsampled=True`` (a shared-timestep head).
-        Upsampled in float32 at least and rounded once to ``dtype``."""
-        if self.config.mode != "shared":
-            raise ValueError("only a head shared across timesteps takes upsampled features")
-        n, s = features[0].shape[:2]
-        channels = sum(f.shape[2] for f in features)
-        store = torch.empty((n, s, *size, channels), dtype=dtype, device=features[0].device)
-        interpolated_in = torch.promote_types(features[0].dtype, torch.float32)
-        with torch.no_grad():
-            for i in range(n):  # one image's maps at a time: its float32 copy stays small
-                maps = [f[i].to(interpolated_in, memory_format=torch.channels_last) for f in features]
-                store[i] = self.mlp.upsampled(maps, size).permute(0, 2, 3, 1)
-        return [store.permute(0, 1, 4, 2, 3)]
-
-    def logits(
-        self,
-        features: LevelFeatures,
-        size: Tuple[int, int],
-        window: Optional[Window] = None,
-        upsampled: bool = False,
-    ) -> torch.Tensor:
+    def logits(self, features: LevelFeatures, size: Tuple[int, int], window: Optional[Window] = None) -> torch.Tensor:
         """features: per level (N, S, C_l, h, w) -> logits (N, M x S', K, H, W): S' = S (shared) or 1
         (concat) per member, the M members one after the other; of ``window`` of the (H, W) grid
-        alone when given. ``upsampled``: ``features`` come from :meth:`upsampled` (no window)."""
+        alone when given."""
         n, s = features[0].shape[:2]
-        if upsampled:
-            if self.config.mode != "shared" or window is not None:
-                raise ValueError("upsampled features go to a head shared across timesteps, on the whole grid")
-            flat = features[0].reshape(n * s, *features[0].shape[2:])
-            outs = [
-                out.reshape(n, s, *out.shape[1:]) for out in (mlp.forward_upsampled(flat) for mlp in self.member_mlps)
-            ]
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self.config.mode == "concat":
             flat = [f.reshape(n, s * f.shape[2], *f.shape[3:]) for f in features]
             return torch.stack([mlp(flat, size, window) for mlp in self.member_mlps], dim=1)
@@ -578,9 +527,9 @@ class FeatureHead(nn.Module):
             mine.load_state_dict(other.mlp.state_dict())
         return self
 
-    def loss(self, features: LevelFeatures, targets: torch.Tensor, upsampled: bool = False) -> torch.Tensor:
+    def loss(self, features: LevelFeatures, targets: torch.Tensor) -> torch.Tensor:
         """Mean over timesteps of the per-step loss. targets: (N, H, W) class indices."""
-        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:]), upsampled=upsampled), targets)
+        return self.loss_from_logits(self.logits(features, tuple(targets.shape[-2:])), targets)
 
     def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of ``logits`` (N, S', K, H, W) against targets (N, H, W): mean over everything."""

@@ -25,9 +25,7 @@ corrections accumulate), ``pullfirstX`` (strength X for the first two corrected 
 ``weightX`` (the anchors' loss weight X instead of 2), ``tpiN`` (N random timesteps per slice and
 Refine step instead of ``fit.REFINE_TIMESTEPS_PER_IMAGE``, 2), ``seedN`` (Refine's random draws from
 seed N instead of 0: how far another random path alone moves a curve), ``fp32train`` (Refine's head
-trained in fp32 where the session's passes, and so since session 24 its Refine, run in bf16),
-``factorised`` (Refine's bf16 head training upsampling the per-level projections each step, as
-before session 26, instead of training on its features upsampled once).
+trained in fp32 where the session's passes, and so since session 24 its Refine, run in bf16).
 ``--fit-subject`` starts from a 3-slice model of another subject than the config's first (more
 validation episodes from the same validation subjects: session 16).
 Results: docs/results/REFINE_VALIDATION.md.
@@ -106,7 +104,6 @@ class RefineVariant:
         self.timesteps_per_image = number_of(parts, "tpi")
         self.seed = number_of(parts, "seed")
         self.fp32_training = "fp32train" in parts
-        self.factorised = "factorised" in parts
         self.trained_in = None  # the precision the head's training ran in, once it has
 
     # What a policy may change for one Refine call: (module, attribute), restored on exit.
@@ -117,7 +114,6 @@ class RefineVariant:
         (fit_module, "REFINE_PULL_TO_START"),
         (fit_module, "REFINE_PULL_UNTIL_SLICES"),
         (fit_module, "REFINE_TIMESTEPS_PER_IMAGE"),
-        (fit_module, "UPSAMPLED_TRAINING_FEATURES_MAX_BYTES"),
     )
 
     def __enter__(self):
@@ -148,8 +144,6 @@ class RefineVariant:
             fit_module.REFINE_PULL_TO_START = self.first_pull
         if self.timesteps_per_image is not None:
             fit_module.REFINE_TIMESTEPS_PER_IMAGE = int(self.timesteps_per_image)
-        if self.factorised:
-            fit_module.UPSAMPLED_TRAINING_FEATURES_MAX_BYTES = 0
         return self
 
     def __exit__(self, *exc) -> None:

@@ -428,19 +428,7 @@ def _gather(
     chosen = torch.stack([torch.randperm(s, generator=generator)[:timesteps_per_image] for _ in range(len(rows))]).to(
         features[0].device
     )
-    maps = (rows[:, None] * s + chosen).flatten()
-    return [_select_maps(f, maps).unflatten(0, tuple(chosen.shape)) for f in features]
-
-
-def _select_maps(features: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Maps ``maps`` of the (image, timestep) maps of ``features`` (N, S, C, h, w), (len(maps), C,
-    h, w), each copied whole in the layout it has (channels-last maps stay so). Advanced indexing
-    copied upsampled channels-last maps element by element: 2.6 ms a Refine step for 4 maps of 224
-    channels at 64 px, this 0.7 (one thread, session 26)."""
-    flat = features.flatten(0, 1)
-    if flat.dim() == 4 and flat.shape[1] > 1 and flat.is_contiguous(memory_format=torch.channels_last):
-        return flat.permute(0, 2, 3, 1).index_select(0, maps).permute(0, 3, 1, 2)
-    return flat.index_select(0, maps)
+    return [f[rows[:, None], chosen] for f in features]
 
 
 def choose_anchor_slices(
@@ -479,12 +467,7 @@ def choose_anchor_slices(
 
 
 def _accumulate_loss(
-    head: FeatureHead,
-    features: LevelFeatures,
-    targets: torch.Tensor,
-    weight: float,
-    chunk: Optional[int],
-    upsampled: bool = False,
+    head: FeatureHead, features: LevelFeatures, targets: torch.Tensor, weight: float, chunk: Optional[int]
 ) -> float:
     """``weight`` x the loss of a batch, back-propagated a few maps at a time; returns its value.
 
@@ -503,39 +486,10 @@ def _accumulate_loss(
     total = 0.0
     for start in range(0, units, step):
         stop = min(units, start + step)
-        part = head.loss([f[start:stop] for f in features], targets[start:stop], upsampled)
-        part = part * (weight * (stop - start) / units)
+        part = head.loss([f[start:stop] for f in features], targets[start:stop]) * (weight * (stop - start) / units)
         part.backward()
         total += float(part.detach())
     return total
-
-
-# With frozen statistics (Refine), in bf16, the head trains on its features upsampled once when
-# they take no more than this (``FeatureHead.upsampled``; two corrected slices' 8 timesteps of
-# 224 channels at 64 px: 29 MiB): each step's first layer is then one large matrix product, forward
-# and backward, instead of per-level projections, their upsampling and its gradient. A Refine's
-# training took 1.25-1.26 s so against 1.71-1.79 s (`python benchmarks/refine_training.py`, one
-# thread, AMX CPU, session 26), its gradients' error against float64 no larger (1.5 against 1.7 %,
-# one chunk of the benchmark's head). In fp32 the product's 5x more multiply-adds cost more than
-# the upsampling saves (3.31-3.54 against 2.32-2.40 s): fp32 keeps the factorised first layer.
-UPSAMPLED_TRAINING_FEATURES_MAX_BYTES = 256 * 2**20
-
-
-def _trains_on_upsampled(
-    head: FeatureHead,
-    features: List[LevelFeatures],
-    anchor: Optional[Anchor],
-    size: Sequence[int],
-    dtype: torch.dtype,
-) -> bool:
-    """Whether a head with frozen statistics trains on its features upsampled once: a head shared
-    across timesteps, in bf16, every training map within ``UPSAMPLED_TRAINING_FEATURES_MAX_BYTES``."""
-    if head.config.mode != "shared" or dtype != torch.bfloat16:
-        return False
-    sets = [*features, *([anchor.features] if anchor is not None else [])]
-    maps = sum(levels[0].shape[0] * levels[0].shape[1] for levels in sets)
-    per_map = sum(level.shape[2] for level in sets[0]) * int(size[0]) * int(size[1]) * torch.finfo(dtype).bits // 8
-    return maps * per_map <= UPSAMPLED_TRAINING_FEATURES_MAX_BYTES
 
 
 def train_head(
@@ -565,8 +519,7 @@ def train_head(
     freeze_statistics: keep the BatchNorm running statistics as they are and normalise with
         them (a warm-started head keeps what it learnt about the feature scales, rather than
         replacing them with those of a couple of slices); also lets each step run a few maps
-        at a time, which is much faster on the CPU, and in bf16 on features upsampled once
-        (see ``UPSAMPLED_TRAINING_FEATURES_MAX_BYTES``).
+        at a time, which is much faster on the CPU.
     timesteps_per_image: per image and step, this many random timesteps instead of all of them
         (shared-timestep heads): an unbiased estimate of the same loss at a fraction of the cost.
     targets: (N, H, W), or one such tensor per noise draw (augmented copies have their own labels).
@@ -612,14 +565,7 @@ def train_head(
         and head.config.mode == "shared"
         and timesteps_per_image < features[0][0].shape[1]
     )
-    compute_dtype = torch.bfloat16 if precision == "bf16" else next(head.parameters()).dtype
-    chunk = maps_per_chunk(device, compute_dtype)
-    upsampled = freeze_statistics and _trains_on_upsampled(head, features, anchor, targets.shape[-2:], compute_dtype)
-    if upsampled:
-        size = tuple(targets.shape[-2:])
-        features = [head.upsampled(f, size, compute_dtype) for f in features]
-        if anchor is not None:
-            anchor = replace(anchor, features=head.upsampled(anchor.features, size, compute_dtype))
+    chunk = maps_per_chunk(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     bar = tqdm(range(steps), desc="fitting head", unit="step", disable=not show_progress)
     for step in bar:
         if cancel is not None and cancel():
@@ -635,7 +581,7 @@ def train_head(
         optimiser.zero_grad(set_to_none=True)
         with autocast(device, precision):  # (the loss itself is computed in fp32: loss_from_logits)
             if freeze_statistics:
-                loss = sum(_accumulate_loss(head, f, t, w, chunk, upsampled) for f, t, w in parts)
+                loss = sum(_accumulate_loss(head, f, t, w, chunk) for f, t, w in parts)
             else:
                 # BatchNorm in training mode normalises with the statistics of the whole batch: one pass.
                 sizes = [t.shape[0] for _, t, _ in parts]
