@@ -152,8 +152,8 @@ class FitOptions:
 # the head ends on a noisy iterate, and out of domain that luck of the fit cost up to 2.3 points
 # (docs/results/ROBUSTNESS.md, "Session 10"); the poor draw gained most (80.8 -> 83.0), every one of
 # 9 heads (3 fit seeds per draw) gained on covid_v7, and over 12 backbone checkpoints (first draw)
-# it gained +0.25 on average. Weight averaging (+0.75) and precise BatchNorm statistics (+0.34; nothing on top of
-# cosine) did less.
+# it gained +0.25 on average. Weight averaging (+0.75) and precise BatchNorm statistics (+0.34;
+# nothing on top of cosine) did less.
 RADIOGRAPH_LEARNING_RATE_SCHEDULE = "cosine"
 
 
@@ -194,17 +194,17 @@ def default_inference_timesteps(
 
 
 # Chosen on validation (issue 10, session 13; docs/results/VALIDATION_session13.md; TEDM n = 3, the
-# study's three draws, `small4` at 1,250 steps, paired Wilcoxon against all 8 timesteps per image
-# on the same images): covid_v7 84.58 -> 85.35 (+0.77, p = 2.9e-17, 95 of 100 images better, its
+# study's three draws, `small4` at 1,250 steps, paired Wilcoxon against all 8 timesteps per image on
+# the same images): covid_v7 84.58 -> 85.35 (+0.77, p = 2.9e-17, 95 of 100 images better, its
 # precision up too: not the masks' convention), the pool images 92.46 -> 92.35 (-0.11, p = 0.008),
-# re-framed 92.08 -> 91.97 (-0.11, p = 0.005); and the fit 6-9x faster (15-23 s against 146 s on
-# one core). The gain is the lighter fit, not the sampling itself: 1,200 such steps (as many maps
-# as before) gave the old numbers back (pool -0.10, covid_v7 +0.01). Unlike 150 steps over every
-# timestep (pool -1.3, larger masks), it leaves the masks' size alone (precision on covid_v7 89.6
-# -> 89.8, recall 81.5 -> 82.5). Over the rest of the grid (docs/results/ROBUSTNESS.md, "Session 13") the out-of-domain
-# gain held at n = 1 and 40, not at 6 and 12 (covid_v7 -0.1, -0.7), and in domain it cost 0.1-0.6
-# at every n: kept for the few-shot end (n <= 3) and the fit's speed. Not yet measured on brain
-# MRI, so volumes keep every timestep.
+# re-framed 92.08 -> 91.97 (-0.11, p = 0.005); and the fit 6-9x faster (15-23 s against 146 s on one
+# core). The gain is the lighter fit, not the sampling itself: 1,200 such steps (as many maps as
+# before) gave the old numbers back (pool -0.10, covid_v7 +0.01). Unlike 150 steps over every
+# timestep (pool -1.3, larger masks), it leaves the masks' size alone (precision on covid_v7 89.6 ->
+# 89.8, recall 81.5 -> 82.5). Over the rest of the grid (docs/results/ROBUSTNESS.md, "Session 13")
+# the out-of-domain gain held at n = 1 and 40, not at 6 and 12 (covid_v7 -0.1, -0.7), and in domain
+# it cost 0.1-0.6 at every n: kept for the few-shot end (n <= 3) and the fit's speed. Not yet
+# measured on brain MRI, so volumes keep every timestep.
 RADIOGRAPH_TIMESTEPS_PER_IMAGE = 2
 
 
@@ -219,16 +219,16 @@ def default_timesteps_per_image(options: FitOptions, method: str, intensity: Int
 
 # Chosen on validation (issue 10, session 14; docs/results/FIT_SEEDS_session14.md; TEDM n = 3, the
 # study's three draws, `small4` at 1,250 steps, with the two-timestep cosine fit above, paired
-# Wilcoxon of the three-head ensemble against its first head alone, which is the one-head fit): covid_v7
-# 85.37 -> 85.78 (+0.41, p = 1.1e-06 over the 300 image-draws; -0.1 / +0.8 / +0.6 per draw, precision
-# 89.8 -> 90.7, so not larger masks), the pool images and re-framed pool images +0.01 / +0.02
-# (p = 0.32 / 0.24), +0.25 against a head of any one seed; at the 2,500 steps the study then chose
-# (FIT_SEEDS_session14_2500.md) pool +0.32, covid_v7 +0.64 (p = 1.3e-15), and five heads another
-# +0.28 on covid_v7 (p = 3.1e-15; not adopted yet, docs/results/ROBUSTNESS.md, "Session 14"). Heads fitted on the same
-# images with other seeds differ by up to 1.4 points out of domain (2.3 with the constant rate,
-# session 10): the ensemble takes out that luck of one fit. Three times the head's share of
-# fitting, Refine and prediction (docs/results/PERFORMANCE.md, "Session 14": tedm segment on radiographs 1.17x); not
-# yet measured on brain MRI, so volumes keep one head.
+# Wilcoxon of the three-head ensemble against its first head alone, which is the one-head fit):
+# covid_v7 85.37 -> 85.78 (+0.41, p = 1.1e-06 over the 300 image-draws; -0.1 / +0.8 / +0.6 per draw,
+# precision 89.8 -> 90.7, so not larger masks), the pool images and re-framed pool images +0.01 /
+# +0.02 (p = 0.32 / 0.24), +0.25 against a head of any one seed; at the 2,500 steps the study then
+# chose (FIT_SEEDS_session14_2500.md) pool +0.32, covid_v7 +0.64 (p = 1.3e-15), and five heads
+# another +0.28 on covid_v7 (p = 3.1e-15; not adopted yet, docs/results/ROBUSTNESS.md, "Session
+# 14"). Heads fitted on the same images with other seeds differ by up to 1.4 points out of domain
+# (2.3 with the constant rate, session 10): the ensemble takes out that luck of one fit. Three times
+# the head's share of fitting, Refine and prediction (docs/results/PERFORMANCE.md, "Session 14":
+# tedm segment on radiographs 1.17x); not yet measured on brain MRI, so volumes keep one head.
 RADIOGRAPH_ENSEMBLE_MEMBERS = 3
 MEMBER_SEED_STRIDE = 100
 

@@ -74,8 +74,9 @@ def join_maps(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     channels-last, so that the head's (n * S, C, h, w) view of a few slices needs no copy.
 
     ``torch.cat`` would return them contiguous, and re-applying a refined head to a BraTS
-    volume's cache then spent a fifth of its time converting them back (session 17, one thread:
-    ``benchmarks/benchmark.py --refine-only --profile-refine``; docs/results/PERFORMANCE.md, session 17)."""
+    volume's cache then spent a fifth of its time converting them back (one thread:
+    ``benchmarks/benchmark.py --refine-only --profile-refine``; docs/results/PERFORMANCE.md,
+    session 17)."""
     _, s, c, h, w = parts[0].shape
     total = sum(p.shape[0] for p in parts)
     joined = torch.empty((total, s, h, w, c), dtype=parts[0].dtype, device=parts[0].device).permute(0, 1, 4, 2, 3)
@@ -335,7 +336,8 @@ class Segmenter:
 
         The head computes the model-grid window that resizing back reads for the box
         (``spatial.model_grid_window``), so the box's values are those of the whole grid's; the
-        box is a quarter of a BraTS slice's area on average (docs/results/PERFORMANCE.md, session 25)."""
+        box is a quarter of a BraTS slice's area on average (docs/results/PERFORMANCE.md,
+        session 25)."""
         n, size = levels[0].shape[0], transform.size
         foreground = list(foreground) if foreground is not None else [full_box((transform.height, transform.width))] * n
         probabilities = torch.zeros((n, self.bundle.num_classes, size, size), device=self.device)

@@ -93,13 +93,13 @@ def union_box(boxes: Sequence[Box]) -> Box:
     return min(tops), max(bottoms), min(lefts), max(rights)
 
 
-# A head's windows (the model-grid boxes it computes in) come in at most this many lengths per
-# side: oneDNN compiles and caches kernels for every shape it meets, ~1 MiB each. Re-applying a
-# head to a BraTS volume's cache (64 px grid, one thread, session 25; docs/results/PERFORMANCE.md) with
-# windows in steps of 1 / 4 / 8 / 16 px took 1.27 / 1.33 / 1.35 / 1.52 s (whole slices 2.04-2.26
-# s); segmenting the volume twice left the process 143 / 98 / 62 / 44 MiB larger (whole slices
-# 5), its peak 244 / 198 / 162 / 144 MiB above the start (whole slices 106): kernel caches, gone
-# with oneDNN's and ideep's cache capacities set to 8.
+# A head's windows (the model-grid boxes it computes in) come in at most this many lengths per side:
+# oneDNN compiles and caches kernels for every shape it meets, ~1 MiB each. Re-applying a head to a
+# BraTS volume's cache (64 px grid, one thread, session 25; docs/results/PERFORMANCE.md) with
+# windows in steps of 1 / 4 / 8 / 16 px took 1.27 / 1.33 / 1.35 / 1.52 s (whole slices 2.04-2.26 s);
+# segmenting the volume twice left the process 143 / 98 / 62 / 44 MiB larger (whole slices 5), its
+# peak 244 / 198 / 162 / 144 MiB above the start (whole slices 106): kernel caches, gone with
+# oneDNN's and ideep's cache capacities set to 8.
 WINDOW_LENGTHS_PER_SIDE = 8
 
 
