@@ -87,6 +87,12 @@ def join_maps(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return joined
 
 
+def certain_background(num_classes: int) -> List[float]:
+    """The class probabilities of a pixel that is background for certain (outside a slice's
+    content or foreground box)."""
+    return [1.0] + [0.0] * (num_classes - 1)
+
+
 # What a chunk of slices leaves for the cache: its features, the dark-border crop boxes they were
 # taken from, and the slices' foreground boxes.
 Kept = Tuple[LevelFeatures, List[Box], List[Box]]
@@ -338,9 +344,9 @@ class Segmenter:
         (``spatial.model_grid_window``), so the box's values are those of the whole grid's; the
         box is a quarter of a BraTS slice's area on average (docs/results/PERFORMANCE.md,
         session 25)."""
-        n, size = levels[0].shape[0], transform.size
+        n, size, n_classes = levels[0].shape[0], transform.size, self.bundle.num_classes
         foreground = list(foreground) if foreground is not None else [full_box((transform.height, transform.width))] * n
-        probabilities = torch.zeros((n, self.bundle.num_classes, size, size), device=self.device)
+        probabilities = torch.zeros((n, n_classes, size, size), device=self.device)
         probabilities[:, 0] = 1.0
         uncertainty = torch.zeros((n, size, size), device=self.device)
         for start, stop in self._head_groups(n):
@@ -359,9 +365,8 @@ class Segmenter:
                 mean, spread = self.head.predict([f[start:stop].to(self.device) for f in levels], (size, size), window)
             probabilities[start:stop, :, top:bottom, left:right] = mean
             uncertainty[start:stop, top:bottom, left:right] = spread
-        background = [1.0] + [0.0] * (self.bundle.num_classes - 1)
         return (
-            fill_outside(from_model_grid(probabilities, transform), foreground, background),
+            fill_outside(from_model_grid(probabilities, transform), foreground, certain_background(n_classes)),
             fill_outside(from_model_grid(uncertainty[:, None], transform), foreground, [0.0])[:, 0],
         )
 
@@ -387,7 +392,7 @@ class Segmenter:
         grid = self._to_device(grid)
         logits = self._baseline_logits(self.unet, grid).float()
         probabilities = from_model_grid(class_probabilities(logits), transform)
-        background = [1.0] + [0.0] * (probabilities.shape[1] - 1)
+        background = certain_background(probabilities.shape[1])
         return fill_outside(probabilities, foreground, background), torch.zeros_like(probabilities[:, 0])
 
     def predict(
@@ -547,8 +552,9 @@ class Segmenter:
         if boxes is None or all(box == full_box(result[0].shape) for box in boxes):
             return result
         probabilities, spread = result
-        background = [1.0] + [0.0] * (probabilities.shape[1] - 1)
-        return uncrop(probabilities, boxes, background), uncrop(spread[:, None], boxes, [0.0])[:, 0]
+        return uncrop(probabilities, boxes, certain_background(probabilities.shape[1])), uncrop(
+            spread[:, None], boxes, [0.0]
+        )[:, 0]
 
     def _outputs(self, n: int, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """Float32 probability and uncertainty arrays that every chunk writes into: no list of

@@ -13,6 +13,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .framing import EMPTY_BOX, Box, is_empty_box
+
 
 @dataclass(frozen=True)
 class GridTransform:
@@ -66,13 +68,13 @@ def _source_range(start: int, stop: int, source: int, target: int) -> Tuple[int,
     return max(0, math.floor(position(start)) - 1), min(source, math.floor(position(stop - 1)) + 3)
 
 
-def model_grid_window(box: Tuple[int, int, int, int], transform: GridTransform) -> Tuple[int, int, int, int]:
+def model_grid_window(box: Box, transform: GridTransform) -> Box:
     """The box (top, bottom, left, right) of the model grid that :func:`from_model_grid` reads to
     give ``box`` of the slice: values there decide the slice's values in ``box``, exactly; an
     empty ``box`` gives an empty window."""
+    if is_empty_box(box):
+        return EMPTY_BOX
     top, bottom, left, right = box
-    if bottom <= top or right <= left:
-        return 0, 0, 0, 0
     rows = _source_range(top + transform.pad_top, bottom + transform.pad_top, transform.size, transform.side)
     columns = _source_range(left + transform.pad_left, right + transform.pad_left, transform.size, transform.side)
     return rows + columns
