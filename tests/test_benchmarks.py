@@ -98,3 +98,44 @@ def test_the_int8_way_computes_the_convolution() -> None:
         got = int8_pass.Int8Conv2d(conv, float(x.abs().max()))(x)
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     assert float((got.float() - expected).norm() / expected.norm()) < 0.03
+
+
+def test_the_gpu_check_runs_through_on_the_cpu(tiny_bundle_dir, tmp_path) -> None:
+    """benchmarks/gpu.py is run on the rare sessions lent a GPU, where a broken section costs
+    device minutes: every section runs here on the CPU (the out-of-memory one says it needs
+    CUDA), on a small volume with a ground truth kept apart from the single-channel case."""
+    import numpy as np
+    from conftest import affine_zoo, sphere_volume_array
+
+    from tedm_core.bundle import load_bundle
+    from tedm_core.io.volumes import volume_from_array, write_float_volume, write_label_volume
+
+    matrix = affine_zoo()["oblique"]
+    array = sphere_volume_array((10, 32, 32), matrix, matrix[:3] @ [16, 16, 5, 1], 9.0)
+    volume = volume_from_array(array, matrix)
+    (tmp_path / "cases").mkdir()
+    write_float_volume(tmp_path / "cases" / "sphere.nii.gz", array, volume)
+    write_label_volume(tmp_path / "truth.nii.gz", (array > 40).astype(np.uint8), volume)
+    report_file = tmp_path / "report.json"
+    argv = [
+        "--bundle",
+        str(tiny_bundle_dir),
+        "--cases",
+        str(tmp_path / "cases"),
+        "--truth",
+        str(tmp_path / "truth.nii.gz"),
+    ]
+    argv += ["--device", "cpu", "--quick", "--out", str(tmp_path / "out"), "--json", str(report_file)]
+    assert _benchmark_module("gpu").main(argv) == 0
+
+    report = json.loads(report_file.read_text())
+    passes = report["unet_passes"]
+    assert passes["maps"] == passes["slices"] * len(load_bundle(tiny_bundle_dir).prediction_timesteps)
+    assert all(passes[v]["seconds"] > 0 for v in ("bf16_contiguous", "bf16_channels_last", "fp32_contiguous"))
+    whole = report["whole_case"]
+    assert whole["seconds"] > whole["unet"] > 0 and whole["dice_vs_fp32"] >= 0.9 and "dice_vs_truth" in whole
+    assert len(report["refine"]["refine_seconds"]) == 2 or "skipped" in report["refine"]
+    assert {"tf32_batch16", "fp32_batch64", "bf16_autocast_batch64"} <= set(report["training"])
+    assert "needs CUDA" in report["out_of_memory"]["skipped"]
+    worker = report["worker"]
+    assert worker["hello_cuda"] == [] and worker["dice_vs_in_process"] >= 0.98
