@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh BUNDLE CASES [OUT]      (OUT: default /tmp/tedm_gpu_check)
 #
-# The tests run in parallel (pytest-xdist) under a time limit that interrupts rather than kills, so
-# pytest still prints its summary; -v names each result as it comes.
+# Needs pytest-xdist and pytest-timeout. The tests run in parallel under a time limit that interrupts
+# rather than kills, so pytest still prints its summary; -v names each result as it comes.
 set -u
 bundle=$1 cases=$2 out=${3:-${OUT:-/tmp/tedm_gpu_check}}
 mkdir -p "$out"
