@@ -35,6 +35,7 @@ PRECISION_HELP = (
     "which run in bf16 where this CPU has native bf16 and measures it >= 1.2x faster; "
     "a refine trains its head in the precision of its passes"
 )
+PRETRAIN_PRECISION_HELP = "auto: fp32 on every device (TF32 convolutions on CUDA); bf16: autocast, on request"
 NO_POSTPROCESS_HELP = (
     "whole 2D images keep the model's raw labels, without the anatomy post-processing its bundle records "
     "(at most as many regions per structure as its labelled masks had, holes filled where they had none)"

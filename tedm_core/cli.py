@@ -41,6 +41,7 @@ from .choices import (
     PRECISION_HELP,
     PRECISIONS,
     PRESET_NAMES,
+    PRETRAIN_PRECISION_HELP,
     SCHEDULES,
 )
 from .errors import BundleError, SettingError, TEDMError
@@ -114,14 +115,16 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start afresh even if --out holds a checkpoint (its checkpoints are deleted)",
     )
-    _add_device_options(p)
+    _add_device_options(p, precision_help=PRETRAIN_PRECISION_HELP)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_run_pretrain)
 
 
-def _add_device_options(p: argparse.ArgumentParser, batch_size: bool = False) -> None:
+def _add_device_options(
+    p: argparse.ArgumentParser, batch_size: bool = False, precision_help: str = PRECISION_HELP
+) -> None:
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=precision_help)
     if batch_size:
         p.add_argument("--batch-size", type=positive_int, help="slices per model call (default: sized to memory)")
 

@@ -98,7 +98,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     than fp32 on this project's CPUs for training, although it is valid; on CPUs without
     AVX512-BF16/AMX (AVX2 only) bf16 is emulated and even a plain bf16 matrix product measured
     ~50x slower than fp32 (``benchmarks/benchmark.py`` measures both on the machine it runs on).
-    Gradient-free passes choose by measuring: :func:`resolve_inference_precision`.
+    Gradient-free passes choose by measuring: :func:`resolve_inference_precision`; pretraining
+    stays fp32: :func:`resolve_pretraining_precision`. On an H200 bf16 passes ran 1.53x faster
+    than fp32/TF32 (63 against 96 ms for a BraTS volume's; ``benchmarks/gpu.py``, session 27).
     """
     if precision not in PRECISIONS:
         raise SettingError("precision", f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -107,6 +109,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and cuda_has_native_bf16(device):
         return "bf16"
     return "fp32"
+
+
+def resolve_pretraining_precision(precision: str, device: torch.device) -> str:
+    """DDPM pretraining: ``auto`` -> fp32 on every device (on CUDA its convolutions run TF32,
+    PyTorch's default); ``bf16`` (autocast) when asked for.
+
+    Every backbone this project validated was pretrained in fp32, and bf16 did not pay where it
+    was measured with the default settings: on an H200, a `small` training step at batch 16 took
+    42.7 ms in bf16 autocast against 35.8 ms in fp32/TF32 (launch-bound at 1 % of the card's peak;
+    ``benchmarks/gpu.py``, session 27). On CPUs with native bf16 it ran 1.26-1.67x faster, for a
+    backbone never validated (docs/results/PERFORMANCE.md).
+    """
+    if precision == "auto":
+        return "fp32"
+    return resolve_precision(precision, device)
 
 
 def cuda_has_native_bf16(device: torch.device) -> bool:
@@ -176,9 +193,10 @@ def resolve_memory_format(memory_format: str, device: torch.device) -> torch.mem
     """``auto`` -> channels-last on the CPU, the stored (contiguous) layout on CUDA.
 
     On the CPU, oneDNN's channels-last convolutions ran the `small` UNet 1.15-1.35x faster than
-    the default layout with identical outputs (``benchmarks/benchmark.py``). On CUDA,
-    channels-last pays with tensor-core convolutions (bf16), but it was never measured on this
-    project's machines, so ``auto`` leaves CUDA as it was; ``channels_last`` asks for it.
+    the default layout with identical outputs (``benchmarks/benchmark.py``). On CUDA it ran
+    slower: on an H200 a BraTS volume's passes (1,240 maps at 64 px) took 81 against 63 ms in
+    bf16 and 114 against 96 ms in fp32/TF32 (``benchmarks/gpu.py``, session 27), so ``auto``
+    keeps the stored layout there; ``channels_last`` asks for it.
     """
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"unknown memory format {memory_format!r}; expected one of {MEMORY_FORMATS}")

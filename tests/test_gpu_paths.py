@@ -206,7 +206,6 @@ def test_torchrun_binds_each_process_to_its_gpu(torch_takes_device_id, tmp_path,
         return self if cuda else real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(pretrain_module, "resolve_device", lambda device: torch.device("cuda"))
-    monkeypatch.setattr(pretrain_module, "resolve_precision", lambda precision, device: "bf16")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(
         dist, "init_process_group", init_with_device_id if torch_takes_device_id else init_without_device_id

@@ -194,3 +194,6 @@ def test_auto_precision_on_cuda_asks_the_chosen_card_for_native_bf16(monkeypatch
     assert runtime.resolve_inference_precision("auto", torch.device("cuda:0"), lambda _p: None, "k") == "fp32"
     assert 1 in asked
     assert runtime.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"  # asked for: as given
+    # Pretraining stays fp32 (TF32 convolutions) on every card unless bf16 is asked for (session 27's H200).
+    assert runtime.resolve_pretraining_precision("auto", torch.device("cuda:1")) == "fp32"
+    assert runtime.resolve_pretraining_precision("bf16", torch.device("cuda:0")) == "bf16"

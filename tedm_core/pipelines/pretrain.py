@@ -32,7 +32,7 @@ from ..io.safe import read_tensors
 from ..model.checkpoint import BACKBONE_JSON, EMA_WEIGHTS, UNET_WEIGHTS, Backbone, load_backbone, save_backbone
 from ..model.diffusion import NoiseSchedule
 from ..preprocessing.intensity import NAMED
-from ..runtime import autocast, check_finite_loss, count_non_finite, resolve_device, resolve_precision
+from ..runtime import autocast, check_finite_loss, count_non_finite, resolve_device, resolve_pretraining_precision
 
 try:
     import fcntl
@@ -383,7 +383,7 @@ def _pretrain(
     """:func:`pretrain` once its settings are checked and ``out`` is held."""
     ddp = _Distributed(resolve_device(options.device))
     device = ddp.device
-    precision = resolve_precision(options.precision, device)  # (of this process's GPU)
+    precision = resolve_pretraining_precision(options.precision, device)  # (of this process's GPU)
 
     unet = backbone.unet.to(device).train()
     schedule = NoiseSchedule(backbone.schedule)
