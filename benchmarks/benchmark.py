@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -537,13 +538,18 @@ def measure_compile(bundle: ModelBundle, slices: np.ndarray, precision: str) -> 
     }
 
 
-def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
-    """Share of the UNet passes' self CPU time per kind of operation (torch.profiler)."""
-    segmenter = Segmenter(bundle, device="cpu")
+def profile_unet(bundle: ModelBundle, slices: np.ndarray, device: str = "cpu") -> Dict[str, float]:
+    """Share of the UNet passes' own time per kind of operation (torch.profiler): self CPU time
+    on the CPU, the GPU's kernel time on CUDA (one call of the Segmenter's batch)."""
+    segmenter = Segmenter(bundle, device=device)
     grid, _ = to_model_grid(torch.from_numpy(slices[: segmenter.batch_size]), bundle.image_size)
     segmenter._features(grid)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = segmenter.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         segmenter._features(grid)
+        if on_gpu:
+            torch.cuda.synchronize(segmenter.device)
     kinds = {
         "convolution": ("conv",),
         "normalisation": ("group_norm", "batch_norm", "layer_norm"),
@@ -554,7 +560,10 @@ def profile_unet(bundle: ModelBundle, slices: np.ndarray) -> Dict[str, float]:
     shares: Dict[str, float] = dict.fromkeys(list(kinds) + ["other (adds, copies, layout)"], 0.0)
     total = 0.0
     for event in prof.key_averages():
-        name, own = event.key.lower(), event.self_cpu_time_total
+        if on_gpu and event.device_type != DeviceType.CPU:
+            continue  # a kernel: its time counts under the operation that launched it
+        name = event.key.lower()
+        own = event.self_device_time_total if on_gpu else event.self_cpu_time_total
         total += own
         kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other (adds, copies, layout)")
         shares[kind] += own

@@ -11,7 +11,8 @@ GPU code paths that no CPU test can run for real:
   8192^3 products, best of five (PyTorch's default for convolutions on CUDA is TF32);
 * the UNet passes over every slice of the first case, in the Segmenter's own batches, in each
   precision and memory layout: seconds, achieved TFLOP/s (ptflops MACs x 2 / time) and that over
-  the peak of the same precision; ``auto``'s choice among them;
+  the peak of the same precision; ``auto``'s choice among them; the share of the GPU's kernel
+  time per kind of operation (torch.profiler: convolution, normalisation, attention...);
 * the whole case file to file through ``run_batch`` (as ``tedm segment --device cuda``): seconds,
   over its passes alone (``pipeline_over_unet``), and the agreement of its labels with the fp32
   run on the GPU (``dice_vs_fp32``) and with the ground truth (``GT*`` beside the images), the
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import _OneStep, dice, gmac
+from benchmark import _OneStep, dice, gmac, profile_unet
 
 from tedm_core.bundle import ModelBundle, load_bundle
 from tedm_core.io.cases import discover_cases
@@ -439,6 +440,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     slices, _layout = extract_slices(normalise_volume(volume, bundle.intensity), resolve_axis(volume, bundle.axis))
     passes, default = measure_passes(bundle, slices, device, peaks, repeats)
     section("unet_passes", passes)
+    section("unet_time_by_kind", profile_unet(bundle, slices, str(device)))
 
     timings = segment_file_to_file(bundle, cases, args.out / "labels_default", device, runs=2)
     fp32_timings = segment_file_to_file(bundle, cases, args.out / "labels_fp32", device, runs=2, precision="fp32")
