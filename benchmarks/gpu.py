@@ -112,10 +112,10 @@ def matrix_peaks(device: torch.device, repeats: int = 5) -> Dict[str, float]:
     return {name: 2 * n**3 / seconds / 1e12 for name, seconds in best.items()}
 
 
-def first_case(cases: Path, bundle: ModelBundle, truth_file: Optional[Path]):
+def first_case(cases: Path, out: Path, bundle: ModelBundle, truth_file: Optional[Path]):
     """The first case's volume and its ground truth: ``truth_file``, else a ``GT*`` file in the
     case's folder when the model is multi-channel (a single-channel model's case is every file)."""
-    case = discover_cases(cases, Path("/nonexistent"), bundle.backbone.channel_names)[0]
+    case = discover_cases(cases, out, bundle.backbone.channel_names)[0]
     volume = read_case(case.inputs, channel_names=bundle.backbone.channel_names)
     if truth_file is None and case.is_folder:
         truth_file = next(iter(sorted(Path(case.inputs[0]).parent.glob("GT*"))), None)
@@ -401,7 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     bundle = load_bundle(args.bundle)
     cases = args.cases
-    case, volume, truth = first_case(cases, bundle, args.truth)
+    case, volume, truth = first_case(cases, args.out / "labels_default", bundle, args.truth)
     if args.slices:  # a shorter copy of the case, written where the batch run reads it
         from dataclasses import replace
 
