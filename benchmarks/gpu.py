@@ -12,7 +12,8 @@ GPU code paths that no CPU test can run for real:
 * the UNet passes over every slice of the first case, in the Segmenter's own batches, in each
   precision and memory layout: seconds, achieved TFLOP/s (ptflops MACs x 2 / time) and that over
   the peak of the same precision; ``auto``'s choice among them; the share of the GPU's kernel
-  time per kind of operation (torch.profiler: convolution, normalisation, attention...);
+  time per kind of operation (torch.profiler: convolution, normalisation, attention...); with
+  ``--compile``, ``torch.compile`` of the UNet against eager (default mode, and CUDA graphs);
 * the whole case file to file through ``run_batch`` (as ``tedm segment --device cuda``): seconds,
   over its passes alone (``pipeline_over_unet``), and the agreement of its labels with the fp32
   run on the GPU (``dice_vs_fp32``) and with the ground truth (``GT*`` beside the images), the
@@ -156,6 +157,36 @@ def measure_passes(
         peak = peaks["bf16"] if name.startswith("bf16") else peaks["tf32"]  # fp32 convolutions run TF32 by default
         result[name] = {"seconds": s, "tflops": tflops, "fraction_of_peak": tflops / peak}
     return result, default
+
+
+def measure_compile(segmenter: Segmenter, slices: np.ndarray, repeats: int) -> Dict[str, Any]:
+    """``torch.compile`` of the UNet the passes run (its whole forward in the passes' precision,
+    one call of the Segmenter's batch: the best case, as the extractor's hooks and early stop
+    would break the graph), against eager: the compile seconds and the steady speed, in
+    inductor's default mode and, on CUDA, with CUDA graphs (``reduce-overhead``)."""
+    device = segmenter.device
+    grid, _ = to_model_grid(torch.from_numpy(slices[: segmenter.batch_size]), segmenter.bundle.image_size)
+    unet, steps = segmenter.unet, len(segmenter.timesteps)
+    x = segmenter._to_device(grid).repeat_interleave(steps, dim=0).to(next(unet.parameters()).dtype)
+    t = torch.as_tensor(list(segmenter.timesteps), device=x.device).repeat(len(grid))
+    modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
+    result: Dict[str, Any] = {"maps_per_call": int(x.shape[0])}
+    functions: Dict[str, Callable[[], Any]] = {"eager": lambda: unet(x, t)}
+    with torch.no_grad():
+        for mode in modes:
+            torch._dynamo.reset()
+            compiled = torch.compile(unet, mode=mode)
+            synchronize(device)
+            tic = time.perf_counter()
+            compiled(x, t)
+            synchronize(device)
+            result[f"compile_seconds_{mode}"] = time.perf_counter() - tic
+            functions[mode] = lambda compiled=compiled: compiled(x, t)
+        best = best_seconds(functions, repeats, device)
+    result["seconds"] = best
+    for mode in modes:
+        result[f"speed_vs_eager_{mode}"] = best["eager"] / best[mode]
+    return result
 
 
 def segment_file_to_file(
@@ -392,6 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="one timed repeat, 2 training steps (a check, not a measurement)"
     )
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the UNet (minutes of compiling)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--out", type=Path, default=Path("/tmp/tedm_gpu"), help="scratch and label outputs")
     args = parser.parse_args(argv)
@@ -441,6 +473,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     passes, default = measure_passes(bundle, slices, device, peaks, repeats)
     section("unet_passes", passes)
     section("unet_time_by_kind", profile_unet(bundle, slices, str(device)))
+    if args.compile:
+        section("compile", measure_compile(default, slices, repeats))
 
     timings = segment_file_to_file(bundle, cases, args.out / "labels_default", device, runs=2)
     fp32_timings = segment_file_to_file(bundle, cases, args.out / "labels_fp32", device, runs=2, precision="fp32")
