@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -239,6 +240,24 @@ def segment_file_to_file(
     return {"seconds": seconds, **totals, "rest": seconds - sum(totals.values())}
 
 
+def measure_whole_case(bundle: ModelBundle, cases: Path, out: Path, device: torch.device, truth: Any) -> Dict[str, Any]:
+    """The case file to file in the default precision and in fp32, and their labels' agreement."""
+    timings = segment_file_to_file(bundle, cases, out / "labels_default", device, runs=2)
+    fp32_timings = segment_file_to_file(bundle, cases, out / "labels_fp32", device, runs=2, precision="fp32")
+    labels = read_volume(label_file(out / "labels_default"), allow_constant=True).array
+    labels_fp32 = read_volume(label_file(out / "labels_fp32"), allow_constant=True).array
+    whole = {
+        **timings,
+        "pipeline_over_unet": timings["seconds"] / timings["unet"],
+        "fp32": fp32_timings,
+        "dice_vs_fp32": dice(labels, labels_fp32),
+    }
+    if truth is not None:
+        whole["dice_vs_truth"] = dice(labels, truth.array)
+        whole["dice_vs_truth_fp32"] = dice(labels_fp32, truth.array)
+    return whole
+
+
 def label_file(out: Path) -> Path:
     return next(p for p in sorted(out.rglob("*.nii.gz")) if "_uncertainty" not in p.name)
 
@@ -260,7 +279,7 @@ def measure_refine(bundle: ModelBundle, volume: Any, truth: Any, device: torch.d
     for _ in range(2):
         wrong = [n for n in range(len(truth_slices)) if truth_slices[n].any() and (truth_slices[n] != current[n]).any()]
         if len(wrong) < 2:
-            return {"skipped": "fewer than two tumour slices segmented wrong, to correct", "labels": segmented.labels}
+            return {"skipped": "fewer than two tumour slices segmented wrong, to correct"}
         corrected = sorted(sorted(wrong, key=lambda n: dice(current[n], truth_slices[n]))[:2])
         edited = current.copy()
         edited[corrected] = truth_slices[corrected]
@@ -283,7 +302,6 @@ def measure_refine(bundle: ModelBundle, volume: Any, truth: Any, device: torch.d
         "refine_train_seconds": trainings,
         "refine_fraction": refines[0] / segment_seconds,
         "refine_fraction_second": refines[1] / segment_seconds,
-        "labels": segmented.labels,
     }
 
 
@@ -469,43 +487,39 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.json.write_text(json.dumps(report, indent=1, default=float))
 
     repeats = 1 if args.quick else 3
+    failed: List[str] = []
+
+    def guarded(name: str, measure: Callable[[], Any]) -> None:
+        """A section no later one needs: if it fails, its error is reported and the run goes on
+        (device time is scarce: one broken section must not cost the others)."""
+        try:
+            section(name, measure())
+        except Exception as error:  # reported here and in the exit code
+            traceback.print_exc()
+            failed.append(name)
+            section(name, {"error": f"{type(error).__name__}: {error}"})
+
     peaks = matrix_peaks(device, repeats + 2)
     section("peak_tflops", peaks)
     slices, _layout = extract_slices(normalise_volume(volume, bundle.intensity), resolve_axis(volume, bundle.axis))
     passes, default = measure_passes(bundle, slices, device, peaks, repeats)
     section("unet_passes", passes)
-    section("unet_time_by_kind", profile_unet(bundle, slices, str(device)))
+    guarded("unet_time_by_kind", lambda: profile_unet(bundle, slices, str(device)))
     if args.compile:
-        section("compile", measure_compile(default, slices, repeats))
+        guarded("compile", lambda: measure_compile(default, slices, repeats))
 
-    timings = segment_file_to_file(bundle, cases, args.out / "labels_default", device, runs=2)
-    fp32_timings = segment_file_to_file(bundle, cases, args.out / "labels_fp32", device, runs=2, precision="fp32")
-    labels = read_volume(label_file(args.out / "labels_default"), allow_constant=True).array
-    labels_fp32 = read_volume(label_file(args.out / "labels_fp32"), allow_constant=True).array
-    whole = {
-        **timings,
-        "pipeline_over_unet": timings["seconds"] / timings["unet"],
-        "fp32": fp32_timings,
-        "dice_vs_fp32": dice(labels, labels_fp32),
-        "precision": default.precision,
-    }
+    guarded("whole_case", lambda: measure_whole_case(bundle, cases, args.out, device, truth))
     if truth is not None:
-        whole["dice_vs_truth"] = dice(labels, truth.array)
-        whole["dice_vs_truth_fp32"] = dice(labels_fp32, truth.array)
-    section("whole_case", whole)
-
-    if truth is not None:
-        refine = measure_refine(bundle, volume, truth, device)
-        in_process = refine.pop("labels")
-        section("refine", refine)
-    else:
-        in_process = InteractiveSession(volume).segment(bundle, device=str(device)).labels
-    section("training", measure_training(bundle, slices, device, peaks, repeats, 2 if args.quick else 10))
+        guarded("refine", lambda: measure_refine(bundle, volume, truth, device))
+    guarded("training", lambda: measure_training(bundle, slices, device, peaks, repeats, 2 if args.quick else 10))
     unlimited = Segmenter(bundle, device=str(device)).predict(slices).labels
-    section("out_of_memory", check_out_of_memory(bundle, slices, device, unlimited))
-    section("worker", check_worker(args.bundle, volume, device, in_process, args.out / "worker.log"))
+    guarded("out_of_memory", lambda: check_out_of_memory(bundle, slices, device, unlimited))
+    in_process = InteractiveSession(volume).segment(bundle, device=str(device)).labels
+    guarded("worker", lambda: check_worker(args.bundle, volume, device, in_process, args.out / "worker.log"))
     section("seconds_total", time.perf_counter() - started)
-    return 0
+    if failed:
+        print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -100,10 +100,11 @@ def test_the_int8_way_computes_the_convolution() -> None:
     assert float((got.float() - expected).norm() / expected.norm()) < 0.03
 
 
-def test_the_gpu_check_runs_through_on_the_cpu(tiny_bundle_dir, tmp_path) -> None:
+def test_the_gpu_check_runs_through_on_the_cpu(tiny_bundle_dir, tmp_path, monkeypatch) -> None:
     """benchmarks/gpu.py is run on the rare sessions lent a GPU, where a broken section costs
-    device minutes: every section runs here on the CPU (the out-of-memory one says it needs
-    CUDA), on a small volume with a ground truth kept apart from the single-channel case."""
+    device minutes: every section runs here on the CPU, on a small volume with a ground truth
+    kept apart from the single-channel case, and a section that fails (here the out-of-memory
+    one, which needs CUDA anyway) is reported without stopping the sections after it."""
     import numpy as np
     from conftest import affine_zoo, sphere_volume_array
 
@@ -126,7 +127,13 @@ def test_the_gpu_check_runs_through_on_the_cpu(tiny_bundle_dir, tmp_path) -> Non
         str(tmp_path / "truth.nii.gz"),
     ]
     argv += ["--device", "cpu", "--quick", "--out", str(tmp_path / "out"), "--json", str(report_file)]
-    assert _benchmark_module("gpu").main(argv) == 0
+    gpu = _benchmark_module("gpu")
+
+    def out_of_memory_breaks(*args, **kwargs):
+        raise RuntimeError("a section that breaks")
+
+    monkeypatch.setattr(gpu, "check_out_of_memory", out_of_memory_breaks)
+    assert gpu.main(argv) == 1  # the failed section is in the exit code
 
     report = json.loads(report_file.read_text())
     passes = report["unet_passes"]
@@ -136,6 +143,6 @@ def test_the_gpu_check_runs_through_on_the_cpu(tiny_bundle_dir, tmp_path) -> Non
     assert whole["seconds"] > whole["unet"] > 0 and whole["dice_vs_fp32"] >= 0.9 and "dice_vs_truth" in whole
     assert len(report["refine"]["refine_seconds"]) == 2 or "skipped" in report["refine"]
     assert {"tf32_batch16", "fp32_batch64", "bf16_autocast_batch64"} <= set(report["training"])
-    assert "needs CUDA" in report["out_of_memory"]["skipped"]
+    assert report["out_of_memory"] == {"error": "RuntimeError: a section that breaks"}
     worker = report["worker"]
     assert worker["hello_cuda"] == [] and worker["dice_vs_in_process"] >= 0.98
