@@ -174,30 +174,30 @@ class Straightforward:
 
 def _timed(module: torch.nn.Module, totals: Dict[str, float], key: str) -> None:
     """Count the wall time of ``module``'s forward calls into ``totals[key]``."""
-    forward = module.forward
+    _timed_function(module, "forward", totals, key)
+
+
+def _timed_function(
+    owner: Any, name: str, totals: Dict[str, float], key: str, sync: Optional[Callable[[], None]] = None
+) -> Callable[..., Any]:
+    """Count the wall time of ``owner.name`` (a function the pipeline looks up there) into
+    ``totals[key]``, calling ``sync`` before and after (a GPU's kernels then count where they
+    run); returns the original, for the caller to put back."""
+    function = getattr(owner, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tic = time.perf_counter()
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            totals[key] = totals.get(key, 0.0) + time.perf_counter() - tic
-
-    module.forward = wrapper
-
-
-def _timed_function(module: Any, name: str, totals: Dict[str, float], key: str) -> None:
-    """Count the wall time of ``module.name`` (a function the pipeline looks up there) into ``totals[key]``."""
-    function = getattr(module, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if sync is not None:
+            sync()
         tic = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
+            if sync is not None:
+                sync()
             totals[key] = totals.get(key, 0.0) + time.perf_counter() - tic
 
-    setattr(module, name, wrapper)
+    setattr(owner, name, wrapper)
+    return function
 
 
 def straightforward_case(straightforward: Straightforward, image: Path, out: Path, totals: Dict[str, float]) -> None:

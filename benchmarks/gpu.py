@@ -45,14 +45,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import _OneStep, dice, gmac, profile_unet
+from benchmark import _OneStep, _timed_function, dice, gmac, profile_unet
 
 from tedm_core.bundle import ModelBundle, load_bundle
 from tedm_core.io.cases import discover_cases
@@ -126,6 +126,13 @@ def first_case(cases: Path, out: Path, bundle: ModelBundle, truth_file: Optional
     return case, volume, truth
 
 
+def unet_gmac(bundle: ModelBundle, shape: Sequence[int], full: bool) -> float:
+    """GMACs of one map's pass (``full``: the whole UNet, as in training; else the pipeline's
+    truncated pass), counted by ptflops on a CPU copy."""
+    extractor = Segmenter(bundle, device="cpu", precision="fp32", memory_format="contiguous").extractor
+    return gmac(_OneStep(extractor, full=full), shape)
+
+
 def measure_passes(
     bundle: ModelBundle, slices: np.ndarray, device: torch.device, peaks: Dict[str, float], repeats: int = 3
 ):
@@ -144,8 +151,7 @@ def measure_passes(
         return lambda: [segmenter._features(grid[i : i + step]) for i in range(0, len(grid), step)]
 
     seconds = best_seconds({name: passes(s) for name, s in segmenters.items()}, repeats, device)
-    cpu_extractor = Segmenter(bundle, device="cpu", precision="fp32", memory_format="contiguous").extractor
-    per_map = gmac(_OneStep(cpu_extractor, full=False), grid.shape[1:])
+    per_map = unet_gmac(bundle, grid.shape[1:], full=False)
     maps = len(grid) * len(default.timesteps)
     result: Dict[str, Any] = {
         "slices": len(grid),
@@ -202,28 +208,11 @@ def segment_file_to_file(
     around the passes and the head, so their kernels count where they run)."""
     segmenter = Segmenter(bundle, device=str(device), **settings)
     totals: Dict[str, float] = {}
-
-    def timed(owner: Any, name: str, key: str, sync: bool) -> None:
-        function = getattr(owner, name)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if sync:
-                synchronize(device)
-            tic = time.perf_counter()
-            value = function(*args, **kwargs)
-            if sync:
-                synchronize(device)
-            totals[key] = totals.get(key, 0.0) + time.perf_counter() - tic
-            return value
-
-        setattr(owner, name, wrapper)
-
-    originals = {name: getattr(batch, name) for name in ("read_case", "write_float_volume", "write_label_volume")}
-    timed(segmenter, "_features", "unet", True)  # instance attributes: Segmenter.predict calls them
-    timed(segmenter, "_head_predict", "head", True)
-    timed(batch, "read_case", "read", False)
-    timed(batch, "write_float_volume", "write", False)
-    timed(batch, "write_label_volume", "write", False)
+    # On the segmenter itself, instance attributes (Segmenter.predict calls them); on batch, put back after.
+    _timed_function(segmenter, "_features", totals, "unet", lambda: synchronize(device))
+    _timed_function(segmenter, "_head_predict", totals, "head", lambda: synchronize(device))
+    files = (("read_case", "read"), ("write_float_volume", "write"), ("write_label_volume", "write"))
+    originals = {name: _timed_function(batch, name, totals, key) for name, key in files}
     try:
         for _ in range(runs):
             totals.clear()
@@ -315,12 +304,11 @@ def measure_training(
     steps: int = 10,
 ):
     """DDPM training steps (forward, backward, Adam) as ``pipelines.pretrain`` runs them, at its
-    default batch (16) and at 64: fp32 (TF32 convolutions, PyTorch's default on CUDA), true
-    fp32 (TF32 off) and bf16 autocast (pretraining's ``auto`` on cards with native bf16)."""
+    default batch (16) and at 64: fp32 with TF32 convolutions (PyTorch's default on CUDA, and
+    pretraining's ``auto``), true fp32 (TF32 off) and bf16 autocast."""
     grid, _ = to_model_grid(torch.from_numpy(slices), bundle.image_size)
     schedule = bundle.backbone.noise_schedule
-    cpu_extractor = Segmenter(bundle, device="cpu", precision="fp32", memory_format="contiguous").extractor
-    per_image = gmac(_OneStep(cpu_extractor, full=True), grid.shape[1:])
+    per_image = unet_gmac(bundle, grid.shape[1:], full=True)
 
     def step_fn(batch_size: int, precision: str, tf32: bool) -> Callable[[], None]:
         x0 = grid[torch.arange(batch_size) % len(grid)].to(device)
