@@ -222,7 +222,7 @@ def segment_file_to_file(
             report = batch.run_batch(segmenter, cases, out, batch.BatchOptions(uncertainty=True, show_progress=False))
             seconds = time.perf_counter() - tic
             if report.failed:
-                raise SystemExit(f"segmentation failed: {[r.error for r in report.failed]}")
+                raise RuntimeError(f"segmentation failed: {[r.error for r in report.failed]}")
     finally:
         for name, function in originals.items():
             setattr(batch, name, function)
