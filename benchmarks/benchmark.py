@@ -294,7 +294,8 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
 # from the heap and stay resident after they are freed, so the resident peak depends on the
 # allocation history: 5-41 MiB between identical runs of the radiograph workload (session 9).
 # With a fixed threshold every block above it is mapped and returned to the system when freed,
-# so the resident peak is the live peak (one radiograph: 38.1-38.4 MiB in three runs). Allocation gets slower
+# so the resident peak is the live peak (the straightforward way, warm, on one radiograph: 18.3-18.8 MiB
+# in six runs, session 28). Allocation gets slower
 # (page faults), so the timed runs keep glibc's default and the memory is measured in a second run.
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 # Timed runs per way and workload (the median counts). On this project's shared virtual
