@@ -57,9 +57,9 @@ log = logging.getLogger(__name__)
 UNET_MAPS_PER_COPY = 24
 # On the CPU one slice (its |S| = 8 timestep copies) per UNet call: measured on the project's
 # 2-core machines as fast as 2 or 4 slices per call (fp32, session 4), and again with bf16 passes
-# (session 28, runs/s28/slices_per_call.py): a BraTS volume file to file, medians of 3
-# interleaved, 28.4 against 28.3 s at 2 slices (one thread), 17.5 against 17.5 s (two), labels
-# identical; while the live peak grows with the maps (3.5 MiB per bf16 map at 64 px,
+# (session 28: `run_batch` of the benchmark's BraTS volume with `batch_size` 1 and 2, medians of
+# 3 interleaved runs: 28.4 against 28.3 s on one thread, 17.5 against 17.5 s on two, labels
+# identical), while the live peak grows with the maps (3.5 MiB per bf16 map at 64 px,
 # benchmarks/maps_per_call.py: MONAI's blocks keep un-fused norm/activation copies).
 CPU_SLICES_PER_CALL = 1
 Progress = Callable[[int, int], None]
