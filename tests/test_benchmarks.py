@@ -82,6 +82,32 @@ def test_the_straightforward_way_predicts_what_the_pipeline_predicts(tiny_backbo
     np.testing.assert_allclose(uncertainty, prediction.uncertainty, atol=1e-5)
 
 
+def test_each_way_segments_its_warm_up_input_before_the_measured_run(tiny_bundle_dir, tmp_path) -> None:
+    """benchmarks/benchmark.py's children, on a work folder laid out as its ``prepare`` does: each
+    way first segments the warm-up radiograph, then the measured ones, and reports the measured
+    run alone (a process's first segmentation also builds what the libraries keep for its life,
+    which until session 28 counted against the straightforward way only)."""
+    import shutil
+
+    from conftest import write_disc_pngs
+
+    benchmark = _benchmark_module("benchmark")
+    write_disc_pngs(tmp_path / "cxr_warm", 1, 32, seed=4)
+    write_disc_pngs(tmp_path / "cxr", 2, 32, seed=5)
+    shutil.copytree(tiny_bundle_dir, tmp_path / "bundle_cxr")
+    for way in ("tedm", "straightforward"):
+        run = benchmark.run_child(way, "cxr", tmp_path)
+        assert sorted(p.name for p in (tmp_path / f"warm_{way}_cxr").glob("*.png")) == [
+            "img_00.png",
+            "img_00_uncertainty.png",
+        ]
+        measured = sorted(p.name for p in (tmp_path / f"out_{way}_cxr").glob("*.png"))
+        assert measured == ["img_00.png", "img_00_uncertainty.png", "img_01.png", "img_01_uncertainty.png"]
+        assert run["warmup"] > 0 and run["first_peak_mib"] >= 0 and run["peak_mib"] >= 0
+        # the UNet's time is the measured run's alone, within its wall time
+        assert 0 < run["unet"] < run["seconds"]
+
+
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning")
 def test_the_int8_way_computes_the_convolution() -> None:
     """benchmarks/int8_pass.py's int8 convolution (oneDNN) gives the float convolution's output to
