@@ -12,7 +12,8 @@ Everything is measured in this one run, with the same torch threads everywhere:
   convolution, every slice including background, every decoder level upsampled to the image
   size and concatenated before the MLP, per-step probabilities kept for the whole volume, fp32);
   each way runs in its own fresh process, so its peak resident memory growth is its own (measured
-  in a second run with a fixed glibc mmap threshold, so that it is the live peak: see ``spawn``);
+  in a second run with a fixed glibc mmap threshold, so that it is the live peak: see ``spawn``),
+  and first segments a warm-up input of the same kind, untimed (see ``run_child``);
   the radiographs are timed in five alternating rounds and each way's median counts;
 * the UNet passes as the pipeline runs them, the DDPM training step, and a square fp32 (and
   bf16) matrix product, interleaved, best of a few repeats each: achieved FLOP/s = ptflops MACs x 2
@@ -229,7 +230,7 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
     Both ways first segment the workload's warm-up input (another radiograph, or two slices of the
     volume), untimed: a process's first segmentation also builds what the libraries keep for
     the rest of its life (oneDNN's kernels for each shape, the file formats' codecs), 20 MiB of the
-    straightforward way's 38.6 MiB on a radiograph (session 28). The pipeline's set-up (measuring
+    straightforward way's 38.5 MiB on a radiograph (session 28). The pipeline's set-up (measuring
     bf16 against fp32) did that for its passes before the timer, the straightforward way's
     first call inside it, so it was counted against one way only. ``first_peak_mib`` keeps the
     warm-up's own peak."""
@@ -294,9 +295,9 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
 # from the heap and stay resident after they are freed, so the resident peak depends on the
 # allocation history: 5-41 MiB between identical runs of the radiograph workload (session 9).
 # With a fixed threshold every block above it is mapped and returned to the system when freed,
-# so the resident peak is the live peak (the straightforward way, warm, on one radiograph: 18.3-18.8 MiB
-# in six runs, session 28). Allocation gets slower
-# (page faults), so the timed runs keep glibc's default and the memory is measured in a second run.
+# so the resident peak is the live peak (the straightforward way, warm, on one radiograph:
+# 18.3-18.8 MiB in six runs, session 28). Allocation gets slower (page faults), so the timed runs
+# keep glibc's default and the memory is measured in a second run.
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 # Timed runs per way and workload (the median counts). On this project's shared virtual
 # machines one run of the radiograph workload varied 2.36-2.98 s (pipeline) and 5.21-6.91 s
