@@ -9,7 +9,9 @@ when it fires: the largest gap between two ticks is how long the GUI could not r
 Python process (no worker, no pipes, no MRML) runs ``tedm_core.pipelines.interactive.InteractiveSession``
 with the same torch threads. Both run at once, so both see the same machine load (run one after
 the other, a load that comes and goes biased the ratio by +-50 % on the shared 2-core
-machines); each has a core of its own when ``2 * --threads`` cores are free. The worker's
+machines); each has a core of its own when ``2 * --threads`` cores are free (with fewer, PyTorch's
+spinning OpenMP threads make both many times slower: 361 s against 34 s per segmentation at
+``--threads 2`` against 1 on 2 cores, session 28; the README's *Threads, and two jobs on one machine*). The worker's
 overhead is the module's wall time (volume node -> worker -> segmentation node) over the
 in-process time (goal <= 1.1x). The longest GUI-thread time of each of the module's steps
 (reading the volume, sending, polling, writing each piece of the result) is reported too. Last, two tumour slices are
