@@ -37,7 +37,6 @@ import contextlib
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -51,7 +50,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from head_memory import _PeakRss
+from head_memory import _PeakRss, json_of_child
 
 from tedm_core.bundle import ModelBundle, load_bundle, save_bundle
 from tedm_core.features import INFERENCE_SEED, DecoderFeatureExtractor, timestep_noise
@@ -219,6 +218,10 @@ def straightforward_case(straightforward: Straightforward, image: Path, out: Pat
     totals["write"] = totals.get("write", 0.0) + time.perf_counter() - tic
 
 
+# Each workload's input folder and warm-up input folder under the work folder (see ``prepare``).
+INPUT_FOLDERS = {"volume": ("volume_in", "volume_warm"), "cxr": ("cxr", "cxr_warm")}
+
+
 def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
     """One way on one workload's input folder, writing into ``out_<way>_<workload>``.
 
@@ -236,9 +239,7 @@ def run_child(way: str, workload: str, work: Path) -> Dict[str, Any]:
     warm-up's own peak."""
     from tedm_core.pipelines import batch
 
-    inputs, warm_inputs = (
-        (work / "volume_in", work / "volume_warm") if workload == "volume" else (work / "cxr", work / "cxr_warm")
-    )
+    inputs, warm_inputs = (work / folder for folder in INPUT_FOLDERS[workload])
     out, warm_out = work / f"out_{way}_{workload}", work / f"warm_{way}_{workload}"
     for folder in (out, warm_out):
         folder.mkdir(exist_ok=True)
@@ -309,10 +310,7 @@ TIMING_ROUNDS = {"volume": 1, "cxr": 5}
 
 def spawn(way: str, workload: str, work: Path, threads: int, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     command = [sys.executable, __file__, "--child", way, workload, "--work", str(work), "--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if done.returncode:
-        raise SystemExit(f"{way} on {workload} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_of_child(command, f"{way} on {workload}", env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,12 +336,12 @@ def prepare(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     # Each way's warm-up input (run_child): two of the volume's slices, and the radiograph
     # before the measured ones.
     warm = replace(volume, array=volume.array[:, sorted(fit_slices)])
-    for folder, image in (("volume_in", volume), ("volume_warm", warm)):
+    for folder, image in zip(INPUT_FOLDERS["volume"], (volume, warm)):
         (work / folder).mkdir(exist_ok=True)
         write_float_volume(work / folder / "FLAIR.nii.gz", image.array[0], image)
 
     radiographs = sorted((args.cxr).glob("*.png"))[-args.radiographs - 1 :]  # the in-domain test end of the list
-    for folder, paths in (("cxr_warm", radiographs[:1]), ("cxr", radiographs[1:])):
+    for folder, paths in zip(INPUT_FOLDERS["cxr"], (radiographs[1:], radiographs[:1])):
         (work / folder).mkdir(exist_ok=True)
         for old in (work / folder).iterdir():
             old.unlink()

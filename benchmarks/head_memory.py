@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Dict, Optional
 
 import torch
 
@@ -95,6 +96,16 @@ class _PeakRss:
     @property
     def grown_kib(self) -> int:
         return (self.peak - self.base) // 1024
+
+
+def json_of_child(command: list, what: str, env: Optional[Dict[str, str]] = None) -> dict:
+    """Run ``command`` (a benchmark's child process, its own fresh process for its own peak
+    memory) with ``env`` added to this one's, and return the JSON of its last line of output;
+    a failure ends the benchmark with ``what`` and the end of the child's error output."""
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _child(image_size: int, variant: str) -> None:

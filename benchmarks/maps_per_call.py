@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import FIXED_MMAP_THRESHOLD
-from head_memory import _PeakRss
+from head_memory import _PeakRss, json_of_child
 
 from tedm_core.bundle import load_bundle
 from tedm_core.pipelines.segment import Segmenter
@@ -86,11 +84,9 @@ def main() -> int:
 
     def child(maps: int, what: str) -> Dict[str, float]:
         command = [sys.executable, __file__, "--bundle", str(args.bundle), "--child", str(maps), what]
-        env = {**os.environ, **FIXED_MMAP_THRESHOLD} if what == "memory" else None
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode:
-            raise SystemExit(done.stderr[-2000:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return json_of_child(
+            command, f"{maps} maps per call ({what})", FIXED_MMAP_THRESHOLD if what == "memory" else None
+        )
 
     print(
         "| maps per UNet call | live peak (MiB) | one radiograph's passes (ms, best of "
