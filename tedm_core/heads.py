@@ -468,10 +468,17 @@ def class_labels(probabilities: torch.Tensor) -> torch.Tensor:
     One comparison per class: the classes are the strided middle axis, over which the CPU's
     argmax is slow: one 240 x 240 slice of two classes took 4.9 ms in torch and 0.7 ms in numpy
     against 0.3 ms this way, a BraTS volume's 135 slices 713 and 114 against 59 ms (one thread,
-    session 22); the labels are the same."""
-    best = probabilities[:, 0].clone()
-    labels = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
-    for k in range(1, probabilities.shape[1]):
+    session 22); the labels are the same. The first comparison is the labels themselves (no
+    copy of the background's probabilities, no mask filled): the 135 slices of two classes 9.5
+    against 64 ms, of four 99 against 146 ms (``runs/s29/labels_bench.py``, one thread, session 29)."""
+    if probabilities.shape[1] == 1:
+        return torch.zeros(probabilities[:, 0].shape, dtype=torch.uint8, device=probabilities.device)
+    first, second = probabilities[:, 0], probabilities[:, 1]
+    labels = torch.gt(second, first).view(torch.uint8)  # bool and uint8 share the byte layout
+    if probabilities.shape[1] == 2:
+        return labels
+    best = torch.maximum(first, second)
+    for k in range(2, probabilities.shape[1]):
         candidate = probabilities[:, k]
         labels.masked_fill_(candidate > best, k)
         torch.maximum(best, candidate, out=best)
