@@ -345,6 +345,66 @@ def test_next_uncertain_slice_under_a_parent_transform(lib, logic, client, scene
     assert _run(logic).uncertain_slice.index == 1, "the next press offers the next slice"
 
 
+def test_a_volume_whose_extent_does_not_start_at_zero(lib, logic, client, scene):
+    """MRML's IJK indices are the image data's extent, which a cropped or scripted volume may
+    start elsewhere than at 0: the segmentation still lands on the voxels it came from, in RAS
+    (compared through Slicer's own export), reads back as written, and the next uncertain
+    slice's centre is that slice's (it was shifted by the extent's start once)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    start = (5, 2, 1)  # (i0, j0, k0)
+    shape = (6, 9, 12)  # (K, J, I)
+    image = vtk.vtkImageData()
+    image.SetExtent(
+        start[0], start[0] + shape[2] - 1, start[1], start[1] + shape[1] - 1, start[2], start[2] + shape[0] - 1
+    )
+    image.AllocateScalars(vtk.VTK_FLOAT, 1)
+    array = np.zeros(shape, dtype=np.float32)
+    array[1:3, 2:5, 3:7] = 1000.0  # a blob away from every border: the scripted worker's foreground
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array.reshape(-1)
+    volume = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(volume)
+    volume.SetAndObserveImageData(image)
+    rotation = vtk.vtkTransform()
+    rotation.RotateY(25)
+    rotation.RotateZ(-10)
+    rotation.Scale(0.8, 1.2, 2.5)
+    node_ijk_to_ras = np.array([[rotation.GetMatrix().GetElement(r, c) for c in range(4)] for r in range(4)])
+    node_ijk_to_ras[:3, 3] = (-30.0, 12.0, 4.0)
+    volume.SetIJKToRASMatrix(lib.mrml_io.vtk_matrix_from_numpy(node_ijk_to_ras))
+
+    def ras_of(ijk_to_ras, kji_indices):
+        ijk = np.stack([kji_indices[2], kji_indices[1], kji_indices[0], np.ones(len(kji_indices[0]))])
+        return (ijk_to_ras @ ijk)[:3].T
+
+    # The blob's voxels in RAS, by the node's own matrix and its true IJK indices.
+    blob = np.nonzero(array > 500)
+    expected_ras = ras_of(node_ijk_to_ras, (blob[0] + start[2], blob[1] + start[1], blob[2] + start[0]))
+
+    logic.begin_segment([volume], "/model", None)
+    _run(logic)
+    (segmentation,) = _segmentations(scene)
+    assert np.array_equal(lib.mrml_io.read_class_labels(segmentation, volume) > 0, array > 500)
+    voxels, exported_ijk_to_ras = export_labelmap(scene, segmentation, volume)
+    assert voxels.sum() == len(blob[0]), "Slicer's export holds every voxel written, in the volume"
+    found = np.nonzero(voxels)
+    # The exported labelmap's array starts at its own extent's first voxel, like the volume's.
+    exported_start = np.array(
+        scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetItemAsObject(0).GetImageData().GetExtent()[::2]
+    )
+    found_ras = ras_of(
+        exported_ijk_to_ras, (found[0] + exported_start[2], found[1] + exported_start[1], found[2] + exported_start[0])
+    )
+    assert np.allclose(np.sort(found_ras, axis=0), np.sort(expected_ras, axis=0), atol=1e-6)
+
+    logic.begin_next_uncertain_slice(segmentation)
+    first = _run(logic).uncertain_slice  # slice 0 of the array: the volume's IJK k = k0
+    k, j, i = shape
+    centre = node_ijk_to_ras @ np.array([(i - 1) / 2 + start[0], (j - 1) / 2 + start[1], start[2], 1.0])
+    assert np.allclose(first.centre_world, centre[:3], atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Colour radiographs, terminology
 # --------------------------------------------------------------------------------------------

@@ -55,10 +55,21 @@ def vtk_matrix_from_numpy(array: np.ndarray) -> vtk.vtkMatrix4x4:
 
 
 def ijk_to_ras_of(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
-    """The node's own IJK-to-RAS (parent transforms not applied: results share the parent)."""
+    """From the index ``(i, j, k)`` of the node's voxel array (from 0, as numpy reads it:
+    :func:`array_from_volume_node`) to RAS, by the node's own IJK-to-RAS (parent transforms not
+    applied: results share the parent).
+
+    MRML's IJK indices are the image data's extent, which need not start at 0 (a volume cropped
+    or built by a script): its first voxel is then IJK ``(i0, j0, k0)``, and the array's indices
+    are shifted by that much. Slicer's readers always start at 0, where the two are the same."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return numpy_from_vtk_matrix(matrix)
+    ijk_to_ras = numpy_from_vtk_matrix(matrix)
+    image = volume_node.GetImageData()
+    if image is not None:
+        start = np.array(image.GetExtent()[::2], dtype=np.float64)
+        ijk_to_ras[:3, 3] += ijk_to_ras[:3, :3] @ start
+    return ijk_to_ras
 
 
 def world_from_ijk(volume_node: slicer.vtkMRMLVolumeNode, ijk: Sequence[float]) -> Tuple[float, float, float]:
@@ -221,9 +232,11 @@ def cropped_oriented_image_from_mask(mask_kji: np.ndarray, ijk_to_ras: np.ndarra
 
 
 def geometry_image_of(volume_node: slicer.vtkMRMLVolumeNode) -> slicer.vtkOrientedImageData:
-    """An empty oriented image with the volume's extent and IJK-to-RAS: a grid to resample into."""
+    """An empty oriented image in the volume's voxel grid, indexed as its voxel array is (from 0,
+    :func:`ijk_to_ras_of`): a grid to resample into."""
     image = slicer.vtkOrientedImageData()
-    image.SetExtent(volume_node.GetImageData().GetExtent())
+    i, j, k = volume_node.GetImageData().GetDimensions()
+    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
     image.SetImageToWorldMatrix(vtk_matrix_from_numpy(ijk_to_ras_of(volume_node)))
     return image
 
@@ -459,10 +472,11 @@ def read_class_labels(
         segment_id_array.InsertNextValue(segment_id)
         label_values.InsertNextValue(index)
     merged = slicer.vtkOrientedImageData()
+    grid = geometry_image_of(reference_volume_node)
     ok = segmentation_node.GenerateMergedLabelmapForAllSegments(
         merged,
         slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
-        geometry_image_of(reference_volume_node),
+        grid,
         segment_id_array,
         label_values,
     )
@@ -471,11 +485,8 @@ def read_class_labels(
             f"could not read segmentation '{segmentation_node.GetName()}' "
             f"in the grid of '{reference_volume_node.GetName()}'"
         )
-    if tuple(merged.GetExtent()) != tuple(reference_volume_node.GetImageData().GetExtent()):
-        raise GeometryError(
-            f"segmentation read back with extent {merged.GetExtent()}, "
-            f"expected {reference_volume_node.GetImageData().GetExtent()}"
-        )
+    if tuple(merged.GetExtent()) != tuple(grid.GetExtent()):
+        raise GeometryError(f"segmentation read back with extent {merged.GetExtent()}, expected {grid.GetExtent()}")
     scalars = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
     return np.array(scalars.reshape(shape), dtype=np.uint8, copy=True)
 
