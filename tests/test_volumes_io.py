@@ -117,6 +117,27 @@ def test_float_map_writer(tmp_path):
     np.testing.assert_array_equal(np.asarray(out.dataobj).transpose(2, 1, 0), values)
 
 
+def test_a_2d_nifti_gets_2d_outputs(tmp_path):
+    """A 2D NIfTI (dim[0] = 2) is a one-slice volume; its label and uncertainty files are 2D as
+    it is, with its affine, so that ITK tools can combine them (a 3D label file of one slice
+    made SimpleITK's Mask refuse the pair)."""
+    affine = np.diag([-0.5, 0.8, 1.0, 1.0])
+    values = np.random.default_rng(3).random((21, 17)).astype(np.float32)  # (I, J)
+    nib.save(nib.Nifti1Image(values, affine), str(tmp_path / "in.nii.gz"))
+    volume = read_volume(tmp_path / "in.nii.gz")
+    assert volume.shape == (1, 17, 21)
+    labels = (volume.array[0] > 0.5).astype(np.uint8)
+    write_label_volume(tmp_path / "labels.nii.gz", labels, volume)
+    write_float_volume(tmp_path / "uncertainty.nii.gz", volume.array[0], volume)
+    for name in ("labels", "uncertainty"):
+        out = nib.load(str(tmp_path / f"{name}.nii.gz"))
+        assert out.shape == (21, 17) and out.header["dim"][0] == 2, name
+        assert np.array_equal(out.affine, nib.load(str(tmp_path / "in.nii.gz")).affine), name
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "labels.nii.gz")).dataobj), (values > 0.5) * 1)
+    masked = sitk.Mask(sitk.ReadImage(str(tmp_path / "in.nii.gz")), sitk.ReadImage(str(tmp_path / "labels.nii.gz")))
+    assert masked.GetDimension() == 2
+
+
 def test_png_is_a_one_slice_volume_and_writes_back(tmp_path):
     from PIL import Image
 

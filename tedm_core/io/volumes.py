@@ -578,7 +578,11 @@ def _write_nifti(tmp: Path, data: np.ndarray, reference: Volume) -> None:
         header.set_slope_inter(1.0, 0.0)
         header["cal_min"], header["cal_max"] = 0.0, 0.0
         header["intent_code"] = 0
-        if len(header.get_data_shape()) != 3:
+        if len(header.get_data_shape()) == 2 and array.shape[2] == 1:
+            # A 2D input (dim[0] = 2) gets 2D outputs: ITK tools refuse to combine a 2D image
+            # with a 3D label file of one slice (e.g. SimpleITK's Mask).
+            array = array[:, :, 0]
+        elif len(header.get_data_shape()) != 3:
             header.set_data_shape(array.shape)
         image = (
             nib.Nifti1Image(array, None, header)
