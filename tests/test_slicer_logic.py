@@ -584,6 +584,60 @@ def test_an_edit_between_pieces_of_an_in_place_write_is_kept(lib, scene, tmp_pat
     assert logic.has_result(result_node) and not logic.has_result(segmentation)
 
 
+def _user_segmentation_being_written(lib, scene, tmp_path):
+    """A user's segmentation with two structures painted (a third class is new to it), Segment
+    into it, polled until its first structure has been written in place. Returns the logic, the
+    segmentation, a copy of the volume in the same grid (to read with after the volume goes), and
+    what Slicer's export held before."""
+    client = ScriptedWorkerClient(class_names=THREE_CLASSES)
+    logic = lib.TEDMWorkerLogic(lambda: client)
+    volume, array = _sphere_node(scene, tmp_path)
+    same_grid, _ = _sphere_node(scene, tmp_path, name="copy")
+    segmentation, ids = new_segmentation(scene, [("core", (1.0, 0.0, 0.0)), ("edema", (0.0, 1.0, 0.0))])
+    editor = SegmentEditor(scene, segmentation, volume)
+    for n, segment_id in enumerate(ids):
+        mask = np.zeros(array.shape, dtype=bool)
+        mask[n + 1, 2:6, 3:9] = True
+        editor.add(segment_id, mask)
+    before = export_labelmap(scene, segmentation, same_grid)[0]
+    logic.begin_segment([volume], "/model", segmentation)
+    write = _poll_until_writing(logic)
+    assert not write.staged and write.target is segmentation
+    while write.done < 1:
+        logic.poll()
+    assert not np.array_equal(export_labelmap(scene, segmentation, same_grid)[0], before), "half written"
+    return logic, volume, segmentation, same_grid, before
+
+
+def _as_before(lib, scene, segmentation, same_grid, before):
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2, "the segment the write added is gone"
+    assert segmentation.GetAttribute(lib.mrml_io.CLASS_SEGMENT_IDS_ATTRIBUTE) is None
+    return np.array_equal(export_labelmap(scene, segmentation, same_grid)[0], before)
+
+
+def test_a_volume_deleted_during_an_in_place_write_leaves_the_segmentation_as_it_was(lib, scene, tmp_path):
+    """The README's promise, a segmentation is never left half old, half new: the pieces
+    already written are put back, and the message that nothing was written is true."""
+    logic, volume, segmentation, same_grid, before = _user_segmentation_being_written(lib, scene, tmp_path)
+    scene.RemoveNode(volume)
+    logic.on_node_removed(volume)
+    finished = _run(logic)
+    assert finished.status == lib.DROPPED and "nothing was written" in finished.message
+    assert _as_before(lib, scene, segmentation, same_grid, before)
+
+
+def test_a_segment_mrml_refuses_mid_write_leaves_the_segmentation_as_it_was(lib, scene, tmp_path, monkeypatch):
+    logic, volume, segmentation, same_grid, before = _user_segmentation_being_written(lib, scene, tmp_path)
+
+    def refuse(*_args):
+        raise RuntimeError("could not write segment")
+
+    monkeypatch.setattr(logic, "_write_segment", refuse)
+    finished = _run(logic)
+    assert finished.status == lib.FAILED and "could not write segment" in finished.message
+    assert _as_before(lib, scene, segmentation, same_grid, before)
+
+
 def test_an_in_place_write_without_edits_replaces_every_segment(lib, scene, tmp_path):
     client = ScriptedWorkerClient(class_names=THREE_CLASSES)
     logic = lib.TEDMWorkerLogic(lambda: client)

@@ -128,6 +128,9 @@ class PendingWrite:
     restore_node: Any = None
     restore: List[Tuple[str, int]] = field(default_factory=list)  # (segment ID, class index written there)
     restore_signature: Any = None
+    # In place: the node as it was before the write, put back whole if the write cannot finish
+    # (its volume deleted, MRML refusing a segment) and the user has not edited it since.
+    snapshot: Optional[mrml_io.SegmentationSnapshot] = None
 
 
 @dataclass
@@ -1123,11 +1126,12 @@ class TEDMWorkerLogic:
                 about_to_write(target)
             segmentation = target.GetSegmentation()
             existing = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+            snapshot = mrml_io.snapshot_segmentation(target)
             ids = mrml_io.prepare_segmentation_node(
                 target, reference, class_names, result.get("class_colours"), running.class_segment_ids
             )
             write = PendingWrite(result, labels, class_names, result.get("class_colours"), target, False, ids)
-            write.existing = existing
+            write.existing, write.snapshot = existing, snapshot
             write.signature = mrml_io.segments_signature(target)
             write.note = kept_note
         else:
@@ -1214,11 +1218,19 @@ class TEDMWorkerLogic:
         gone = running.drop_reason or self._nodes_gone(running)
         if gone:
             # A staged node was never in the scene: dropping it leaves nothing behind. A node
-            # written in place was deleted (or its scene closed): nothing is left to keep whole.
+            # written in place is put back as it was, unless it was deleted too (or its scene
+            # closed) or the user has edited it since.
             running.drop_reason = gone
             running.preparing = None
             running.write = None
-            self._finish(running, DROPPED, self._dropped_text(running))
+            left = self._put_back(write) if write is not None else ""
+            self._finish(
+                running,
+                DROPPED,
+                self._dropped_text(running)
+                if not left
+                else f"{running.title}: the result was dropped because {gone};{left}",
+            )
             return
         try:
             if running.preparing is not None:
@@ -1256,18 +1268,41 @@ class TEDMWorkerLogic:
         except Exception as error:  # MRML refused the result: say so, keep the GUI alive
             running.preparing = None
             running.write = None
-            self._fail_writing(running, error)
+            self._fail_writing(running, error, write)
 
-    def _fail_writing(self, running: RunningOperation, error: Exception) -> None:
+    def _put_back(self, write: PendingWrite) -> str:
+        """Put a node that an unfinished in-place write has changed back as it was; "" when it
+        was (or nothing had been changed), else what the user will find in it, said in a clause."""
+        if write.staged or write.snapshot is None:
+            return ""
+        node = write.target
+        if not node_is_alive(node):
+            return ""  # deleted, or its scene closed: nothing left to keep whole
+        if mrml_io.segments_signature(node) != write.signature:
+            return (
+                f" '{node.GetName()}' was edited while the result was being written into it, so it was left as it is "
+                f"({write.done} of the result's {len(write.segment_ids)} segments written)."
+            )
+        mrml_io.restore_segmentation(node, write.snapshot)
+        return ""
+
+    def _fail_writing(self, running: RunningOperation, error: Exception, write: Optional[PendingWrite] = None) -> None:
         if self.running is not running:
             return
+        left = ""
+        if write is not None:
+            try:
+                left = self._put_back(write)
+            except Exception:  # MRML refused that too: the failure below is still the news
+                log.exception("TEDMSlicer: putting the segmentation back failed")
+                left = f" '{write.target.GetName()}' could not be put back as it was."
         if isinstance(error, (UserInputError, mrml_io.GeometryError)):  # the scene's state, said in one line
-            self._finish(running, FAILED, f"{running.title}: {error}", error_kind="user")
+            self._finish(running, FAILED, f"{running.title}: {error}{left}", error_kind="user")
             return
         import traceback
 
         log.exception("TEDMSlicer: writing the result failed")
-        message = f"{running.title}: writing the result failed: {error}"
+        message = f"{running.title}: writing the result failed: {error}{left}"
         self._finish(running, FAILED, message, details=traceback.format_exc())
 
     def _write_segment(self, node: Any, reference: Any, segment_id: str, mask: np.ndarray) -> None:

@@ -411,6 +411,35 @@ def prepare_segmentation_node(
     return ids
 
 
+@dataclass
+class SegmentationSnapshot:
+    """A segmentation node's segments (deep-copied: every layer, representation and tag) and
+    TEDMSlicer's attributes on it, to put the node back exactly as it was."""
+
+    segmentation: slicer.vtkSegmentation
+    attributes: Dict[str, Optional[str]]
+
+
+def snapshot_segmentation(segmentation_node: slicer.vtkMRMLSegmentationNode) -> SegmentationSnapshot:
+    """A copy of what :func:`prepare_segmentation_node` and segment writes change in the node.
+    A memory copy of its labelmaps (a byte a voxel per layer): milliseconds for a brain volume."""
+    copy = slicer.vtkSegmentation()
+    copy.DeepCopy(segmentation_node.GetSegmentation())
+    names = (CLASS_SEGMENT_IDS_ATTRIBUTE, CLASS_NAMES_ATTRIBUTE)
+    return SegmentationSnapshot(copy, {name: segmentation_node.GetAttribute(name) for name in names})
+
+
+def restore_segmentation(segmentation_node: slicer.vtkMRMLSegmentationNode, snapshot: SegmentationSnapshot) -> None:
+    """Put the node's segments and attributes back as ``snapshot`` holds them."""
+    segmentation_node.GetSegmentation().DeepCopy(snapshot.segmentation)
+    for name, value in snapshot.attributes.items():
+        if value is None:
+            segmentation_node.RemoveAttribute(name)
+        else:
+            segmentation_node.SetAttribute(name, value)
+    segmentation_node.Modified()
+
+
 def write_class_labels(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     reference_volume_node: slicer.vtkMRMLVolumeNode,
