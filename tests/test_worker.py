@@ -480,3 +480,46 @@ def test_sessions_share_one_feature_budget_and_the_oldest_cache_goes_first(tiny_
     result, _, _ = call("refine", {"session": "a", "steps": 2}, {"labels": labels})
     assert result["changed_slices"] == [6]
     assert worker.sessions["b"].feature_cache_nbytes == 0, "the least recently used one went"
+
+
+def test_a_cancel_reaches_only_the_job_of_its_own_connection():
+    """Two Slicer sessions on one network worker: request IDs are each client's own counter, so
+    both send "1.2"; one user's Cancel (with or without a target) must not stop the other's job.
+    The worker in this process, its job a stand-in that waits to be cancelled."""
+    import threading
+
+    from tedm_core.errors import Cancelled
+    from tedm_core.serve.protocol import encode_message
+    from tedm_core.serve.worker import Worker
+
+    worker = Worker()
+    started, ended = threading.Event(), threading.Event()
+
+    def waits_for_cancel(request, arrays, reporter):
+        started.set()
+        if not worker._job.cancel.wait(TIMEOUT):
+            raise AssertionError("never cancelled")
+        raise Cancelled("cancelled")
+
+    worker._jobs["segment"] = waits_for_cancel
+    events = {"a": [], "b": []}
+
+    def reply_to(name):
+        def reply(event, arrays):
+            events[name].append(event)
+            if event.get("id") == "1.2" and event["event"] != "progress":
+                ended.set()
+
+        return reply
+
+    first, second = object(), object()  # the two connections (server.py passes one object per connection)
+    worker.handle(encode_message({"op": "segment", "id": "1.2"}), reply_to("a"), first)
+    assert started.wait(TIMEOUT)
+    worker.handle(encode_message({"op": "cancel", "id": "1.3", "target": "1.2"}), reply_to("b"), second)
+    worker.handle(encode_message({"op": "cancel", "id": "1.4"}), reply_to("b"), second)
+    assert [event["result"] for event in events["b"]] == [{"cancelled": False}] * 2
+    assert not ended.is_set() and not worker._job.cancel.is_set(), "the other connection's job runs on"
+    worker.handle(encode_message({"op": "cancel", "id": "1.3", "target": "1.2"}), reply_to("a"), first)
+    assert ended.wait(TIMEOUT)
+    assert events["a"][0]["result"] == {"cancelled": True}
+    assert events["a"][-1]["event"] == "error" and events["a"][-1]["kind"] == "cancelled"

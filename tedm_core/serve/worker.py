@@ -42,6 +42,10 @@ class RunningJob:
     request_id: str
     op: str
     session: Optional[str]
+    # The connection that asked for it (None through the pipes, which have one client): only it
+    # may cancel the job. Request IDs are each client's own counter, so two Slicer sessions on
+    # one network worker send the same IDs, and one's Cancel once stopped the other's job.
+    owner: Any = None
     started: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -97,7 +101,6 @@ class Worker:
             "close_session": self._close_session,
             "uncertain_slices": self._uncertain_slices,
             "next_uncertain_slice": self._next_uncertain_slice,
-            "cancel": self._cancel,
             "shutdown": self._shutdown,
         }
         self._jobs = {
@@ -138,15 +141,17 @@ class Worker:
             request_id = request.get("id") if isinstance(request.get("id"), str) else None
             op = _field(request, "op", str)
             _field(request, "id", str)
-            if op in self._quick:
+            if op == "cancel":
+                reply({"event": "result", "id": request_id, "result": self._cancel(request, owner)}, None)
+            elif op in self._quick:
                 result = self._quick[op](request, arrays)
                 if op == "open_session":
                     self._owners[result[0]["session"]] = owner
                 reply({"event": "result", "id": request_id, "result": result[0]}, result[1])
             elif op in self._jobs:
-                self._start_job(op, request, arrays, reply)
+                self._start_job(op, request, arrays, reply, owner)
             else:
-                known = ", ".join(sorted([*self._quick, *self._jobs]))
+                known = ", ".join(sorted(["cancel", *self._quick, *self._jobs]))
                 raise RequestError(f"unknown op {op!r}; the worker knows {known}")
         except Exception as error:
             reply(error_event(request_id, error), None)
@@ -159,14 +164,14 @@ class Worker:
         return len(owned)
 
     # -- jobs ---------------------------------------------------------------------------------------
-    def _start_job(self, op: str, request: Dict[str, Any], arrays: Arrays, reply: Reply) -> None:
+    def _start_job(self, op: str, request: Dict[str, Any], arrays: Arrays, reply: Reply, owner: Any = None) -> None:
         request_id = request["id"]
         session_id = request.get("session") if isinstance(request.get("session"), str) else None
         with self._lock:
             if self._job is not None:
                 running = self._job
                 raise BusyError(f"a {running.op} job ({running.request_id}) is running: wait for it or cancel it")
-            job = self._job = RunningJob(request_id, op, session_id)
+            job = self._job = RunningJob(request_id, op, session_id, owner)
         threading.Thread(
             target=self._run_job, args=(job, request, arrays, reply), name=f"tedm {op}", daemon=True
         ).start()
@@ -443,13 +448,15 @@ class Worker:
         candidate = self._session(request).next_uncertain_slice()
         return {"slice": None if candidate is None else _uncertain(candidate)}, None
 
-    def _cancel(self, request: Dict[str, Any], arrays: Arrays) -> Tuple[Dict[str, Any], None]:
+    def _cancel(self, request: Dict[str, Any], owner: Any) -> Dict[str, Any]:
+        """Cancel the running job if ``owner`` (the connection) started it and ``target`` names
+        it (or is absent)."""
         target = _field(request, "target", str, None)
         job = self._job
-        hit = job is not None and (target is None or target == job.request_id)
+        hit = job is not None and job.owner is owner and (target is None or target == job.request_id)
         if hit:
             job.cancel.set()
-        return {"cancelled": bool(hit)}, None
+        return {"cancelled": bool(hit)}
 
     def _shutdown(self, request: Dict[str, Any], arrays: Arrays) -> Tuple[Dict[str, Any], None]:
         job = self._job
