@@ -208,6 +208,7 @@ class ScriptedWorkerClient:
         self.closed = False
         self.close_calls = []  # the grace_s of each close()
         self.hung = False
+        self.held_bytes = 0
         self._start()
 
     @property
@@ -221,7 +222,8 @@ class ScriptedWorkerClient:
 
     @property
     def unsent_bytes(self) -> int:
-        return 0
+        """0, or what a test sets in ``held_bytes`` (an upload the worker has not read)."""
+        return self.held_bytes
 
     def _start(self) -> None:
         if not self._alive:

@@ -1111,6 +1111,23 @@ def test_a_worker_still_starting_gets_longer_to_answer_cancel(lib, logic, client
     assert "did not answer Cancel within 60 s" in logic.listener.finished_operations[-1].message
 
 
+def test_an_upload_the_worker_does_not_read_does_not_hold_cancel_forever(lib, logic, client, scene, tmp_path, clock):
+    """A worker that never starts (stuck in its imports, a launcher buffering its output) never
+    reads the volume sent to it: the cancel queued behind that upload is never read either. While
+    the upload moves, the clock waits for it; once it stands still, Cancel's timeout runs."""
+    volume, _ = _sphere_node(scene, tmp_path)
+    client.hang()
+    logic.begin_segment([volume], "/model", None)
+    client.held_bytes = 393_557  # the volume, never read
+    logic.cancel()
+    for _ in range(40):  # moving: the worker reads it, slowly
+        client.held_bytes -= 1000
+        assert not _timer_ticks(logic, clock, 40)  # 2 s each
+    ticks = int(lib.logic.CANCEL_ANSWER_TIMEOUT_STARTING_S / 0.05)
+    assert _timer_ticks(logic, clock, ticks + 10) and client.close_calls == [0.0], "stopped once it stood still"
+    assert "did not answer Cancel within 60 s" in logic.listener.finished_operations[-1].message
+
+
 def test_a_scene_closed_after_cancel_does_not_stop_the_worker(lib, logic, client, scene, tmp_path):
     volume, _ = _sphere_node(scene, tmp_path)
     logic.begin_segment([volume], "/model", None)

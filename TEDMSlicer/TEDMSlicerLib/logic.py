@@ -153,6 +153,7 @@ class RunningOperation:
     # When the worker was last seen not yet answering the Cancel request (its clock restarts while
     # the request is still queued behind a large upload), and whether it answered.
     cancel_waiting_since: Optional[float] = None
+    cancel_unsent_bytes: int = 0  # what was still to be sent when the cancel clock last restarted
     cancel_acknowledged: bool = False
     worker_answered: bool = False  # the worker answered a request of this operation: it is up and reading
     # Fit: the segments the classes were read from, so the result goes back into exactly those.
@@ -525,8 +526,13 @@ class TEDMWorkerLogic:
 
     def _check_cancel_answered(self, running: RunningOperation) -> None:
         now = time.monotonic()
-        if self.client is not None and getattr(self.client, "unsent_bytes", 0):
-            running.cancel_waiting_since = now  # still queued behind the upload: the worker cannot have read it
+        unsent = getattr(self.client, "unsent_bytes", 0) if self.client is not None else 0
+        if unsent and unsent != running.cancel_unsent_bytes:
+            # Queued behind an upload the worker is reading: it cannot have read the cancel yet.
+            # An upload that does not move (a worker that never started, or stopped reading)
+            # leaves the clock running, or one Cancel would never stop such a worker.
+            running.cancel_unsent_bytes = unsent
+            running.cancel_waiting_since = now
             return
         timeout = CANCEL_ANSWER_TIMEOUT_S if running.worker_answered else CANCEL_ANSWER_TIMEOUT_STARTING_S
         if running.cancel_waiting_since is not None and now - running.cancel_waiting_since > timeout:
