@@ -234,6 +234,26 @@ def test_edits_during_a_job_are_not_overwritten(lib, logic, client, scene, tmp_p
     assert logic.has_result(result_node) and not logic.has_result(segmentation)
 
 
+def test_a_result_diverted_from_a_node_leaves_it_its_own_session(lib, logic, client, scene, tmp_path):
+    """Segment another volume into a TEDM segmentation, edited while that job runs: the result
+    goes to a new node, and the edited node keeps the session of its own result (Refine on it
+    still works, without a Segment first)."""
+    volume, _ = _sphere_node(scene, tmp_path)
+    logic.begin_segment([volume], "/model", None)
+    (segmentation,) = [_run(logic).segmentation_node]
+    own = logic.record_for(segmentation)
+    other, _ = _sphere_node(scene, tmp_path, "anisotropic", name="other")
+    logic.begin_segment([other], "/model", segmentation)
+    painted = np.zeros(lib.mrml_io.read_class_labels(segmentation, volume).shape, dtype=bool)
+    painted[2, :3, :3] = True
+    SegmentEditor(scene, segmentation, volume).add(own.segment_ids[0], painted)
+    finished = _run(logic)
+    assert finished.status == lib.DONE and finished.written_to_new_node
+    assert logic.record_for(segmentation) is own and logic.has_result(finished.segmentation_node)
+    assert own.session_id in client.sessions, "its worker session was not closed"
+    assert [op for op, fields, _ in client.requests if op == "close_session"] == []
+
+
 @pytest.mark.parametrize("affine_name", ["oblique", "left_handed"])  # left-handed: Slicer stores K reversed
 def test_refine_sends_the_edited_labels_and_writes_the_result(lib, logic, client, scene, tmp_path, affine_name):
     volume, array = _sphere_node(scene, tmp_path, affine_name)

@@ -1357,7 +1357,10 @@ class TEDMWorkerLogic:
             mrml_io.ijk_to_ras_of(reference),
         )
         record = running.record
-        previous_record = self.records.pop(id(running.segmentation_node), None) if write.written_to_new_node else None
+        if write.written_to_new_node and self.records.get(id(running.segmentation_node)) is record:
+            # The job ran in the session of the node it was asked for: that session's state is now
+            # the new node's result. A node whose result came from another session keeps it.
+            del self.records[id(running.segmentation_node)]
         record.segment_ids = list(write.segment_ids)
         record.class_names = list(write.class_names)
         record.segmentation_node = target
@@ -1365,10 +1368,8 @@ class TEDMWorkerLogic:
         record.axis = str(result.get("axis", record.axis))
         record.training_slices = [int(i) for i in result.get("training_slices", record.training_slices) or []]
         record.visited_uncertain = []
-        if previous_record is not None and previous_record is not record:
-            self._close_session(previous_record)
         replaced = self.records.get(id(target))
-        if replaced is not None and replaced is not record and replaced is not previous_record:
+        if replaced is not None and replaced is not record:
             self._close_session(replaced)  # a new session took over this node (e.g. the volume changed)
         self.records[id(target)] = record
         seconds = float(result.get("seconds", running.elapsed))
