@@ -93,6 +93,26 @@ def test_a_read_only_subfolder_fails_its_cases_and_the_batch_goes_on(tmp_path, m
     assert "sub/c0,failed" in (out / "summary.csv").read_text()
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_link_in_the_output_folder_never_leads_outputs_onto_the_inputs(tmp_path, overwrite):
+    """A subfolder of the output folder that is a link into the input folder (an earlier copy of
+    the tree, say): its cases fail in one line naming the link, the inputs stay byte for byte, the
+    other cases are segmented. An output file that is itself a link to an input is refused too."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _nrrd_cohort(inp, 2)
+    _nrrd_cohort(inp / "sub", 1)
+    out.mkdir()
+    (out / "sub").symlink_to(inp / "sub", target_is_directory=True)
+    (out / "c1.nrrd").symlink_to(inp / "c1.nrrd")
+    before = {p: p.read_bytes() for p in inp.rglob("*.nrrd")}
+    report = run_batch(ThresholdSegmenter(), inp, out, BatchOptions(show_progress=False, overwrite=overwrite))
+    assert {r.case_id: r.status for r in report.results} == {"c0": "ok", "c1": "failed", "sub/c0": "failed"}
+    for result in report.failed:
+        assert "\n" not in result.error and "leads out of the output folder" in result.error, result.error
+    assert {p: p.read_bytes() for p in inp.rglob("*.nrrd")} == before
+    assert sorted(p.name for p in (inp / "sub").iterdir()) == ["c0.nrrd"], "nothing written into the input"
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
 def test_read_only_folders_for_real(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"

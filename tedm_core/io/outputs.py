@@ -64,6 +64,19 @@ def refuse_overlap(output: PathLike, sources: Iterable[Tuple[str, Optional[PathL
         raise InputError(output, f"the output folder {problem}; outputs must go to a folder apart from every input")
 
 
+def refuse_output_outside(path: PathLike, folder: PathLike) -> None:
+    """Refuse an output file that a link (a mirrored subfolder, or the file itself) would put
+    outside the output ``folder``: :func:`refuse_overlap` checks the folder, not what lies in it,
+    and a link left in it to an input folder once had outputs written over the inputs."""
+    root, real = _real(folder), _real(path)
+    if root != real and root not in real.parents:
+        raise InputError(
+            path,
+            f"leads out of the output folder {folder} through a link (to {real}); outputs are written only inside it: "
+            "remove the link, or choose another output folder",
+        )
+
+
 def check_writable_folder(folder: PathLike) -> Path:
     """Prove, before any work, that ``folder`` can hold outputs: it is a folder we can create
     files in, or it can be created (a file is made and removed in it, or in the nearest folder

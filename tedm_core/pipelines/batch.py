@@ -36,7 +36,7 @@ from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
 from ..io.cases import Case, discover_cases, find_label_file, single_file_cases_per_folder, without_label_files
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_label_image
-from ..io.outputs import OutputRecord, check_writable_folder, refuse_overlap
+from ..io.outputs import OutputRecord, check_writable_folder, refuse_output_outside, refuse_overlap
 from ..io.volumes import (
     Volume,
     geometry_mismatch,
@@ -156,8 +156,22 @@ class BatchRunner:
     def claim(self, cases: Sequence[Case]) -> None:
         """Check the output folder's record against this run's cases, before any work."""
         if self.record is not None:
-            usable = [(case.output, self.outputs_of(case)) for case in cases if not case.problem]
+            usable = [(case.output, self.outputs_of(case)) for case in cases if not case.problem and self._inside(case)]
             self.done = self.record.claim(usable, self.options.overwrite)
+
+    def _inside(self, case: Case, refuse: bool = False) -> bool:
+        """Whether every output of ``case`` lands inside the output folder (no link leads it out);
+        with ``refuse``, an :class:`InputError` naming the one that does not."""
+        if self.record is None:
+            return True
+        try:
+            for output in self.outputs_of(case):
+                refuse_output_outside(output, self.record.folder)
+        except InputError:
+            if refuse:
+                raise
+            return False
+        return True
 
     def outputs_of(self, case: Case) -> List[Path]:
         """Every file this case writes, the label file last (its presence marks the case done)."""
@@ -176,6 +190,7 @@ class BatchRunner:
                     else (case.inputs[0] if case.inputs else case.case_id),
                     case.problem,
                 )
+            self._inside(case, refuse=True)
             if case.output in self.done:
                 result = self._existing(case)
             else:
