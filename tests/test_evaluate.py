@@ -177,6 +177,27 @@ def test_a_name_predicted_twice_elsewhere_is_refused_as_ambiguous(tmp_path):
         evaluate_folders(pred, truth)
 
 
+def test_a_prediction_is_never_scored_against_another_patients_ground_truth(tmp_path, capsys):
+    """a/x.png and b/x.png are two patients: a's prediction missing (its case failed), b's at its
+    own path is b's alone; a is reported missing, not scored against b's by file name."""
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    _mask(truth / "a" / "x.png")
+    _mask(truth / "b" / "x.png")
+    _mask(pred / "b" / "x.png")
+    assert [(r["image"], r["dice"]) for r in evaluate_folders(pred, truth)] == [("b/x.png", 1.0)]
+    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth)]) == 1
+    assert "without a prediction (not scored): a/x.png" in capsys.readouterr().err
+
+
+def test_one_prediction_for_two_ground_truths_of_its_name_is_refused_as_ambiguous(tmp_path):
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    _mask(truth / "a" / "x.png")
+    _mask(truth / "b" / "x.png")
+    _mask(pred / "x.png")
+    with pytest.raises(InputError, match="one prediction of its name for 2 ground truths"):
+        evaluate_folders(pred, truth)
+
+
 def test_predictions_inside_the_truth_folder_are_not_taken_for_ground_truth(tmp_path):
     truth = tmp_path / "truth"
     _mask(truth / "a.png")

@@ -140,19 +140,28 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> Matched:
     """Pair each ground-truth image with its prediction: the one at the same path under
     ``pred_dir`` (``tedm segment`` mirrors the input tree), else the one image of that file name
     anywhere under it (a flat ground-truth folder for a tree of predictions, or the other way
-    round); two of that name are refused as ambiguous. ``_prob``/``_uncertainty`` maps have no
-    ground truth and are not paired. Neither folder's search enters the other."""
+    round). A prediction is paired once: one at another ground truth's path is that one's, and
+    two predictions for one ground truth, or one for two, are refused as ambiguous (``a/x.png``
+    and ``b/x.png`` are two patients: a missing one is reported, never scored against the
+    other's). ``_prob``/``_uncertainty`` maps have no ground truth and are not paired. Neither
+    folder's search enters the other."""
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     predictions = list_images_under(pred_dir, exclude=[truth_dir])
     truths = list_images_under(truth_dir, exclude=[pred_dir])
     by_path = {p.relative_to(pred_dir).as_posix(): p for p in predictions}
+    names = {truth: truth.relative_to(truth_dir).as_posix() for truth in truths}
+    taken = {by_path[name] for name in names.values() if name in by_path}
     by_name: Dict[str, List[Path]] = {}
     for p in predictions:
-        by_name.setdefault(p.name, []).append(p)
+        if p not in taken:
+            by_name.setdefault(p.name, []).append(p)
+    seeking: Dict[str, List[Path]] = {}  # file name -> the ground truths with no prediction at their path
+    for truth, name in names.items():
+        if name not in by_path:
+            seeking.setdefault(truth.name, []).append(truth)
     pairs: List[Tuple[str, Path, Path]] = []
     unmatched: List[str] = []
-    for truth in truths:
-        name = truth.relative_to(truth_dir).as_posix()
+    for truth, name in names.items():
         prediction = by_path.get(name)
         if prediction is None:
             candidates = by_name.get(truth.name, [])
@@ -161,6 +170,13 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> Matched:
                     truth,
                     f"has {len(candidates)} predictions of its name ({candidates[0]} and {candidates[1]}) and none at "
                     "its own path under the prediction folder; mirror the ground truth's folders, or give one folder",
+                )
+            rivals = seeking[truth.name]
+            if candidates and len(rivals) > 1:
+                raise InputError(
+                    candidates[0],
+                    f"is the one prediction of its name for {len(rivals)} ground truths ({rivals[0]} and {rivals[1]}), "
+                    "none of which has a prediction at its own path; mirror the ground truth's folders",
                 )
             prediction = candidates[0] if candidates else None
         if prediction is None:
