@@ -18,7 +18,7 @@ nib = pytest.importorskip("nibabel")
 
 from conftest import REPO, ThresholdSegmenter, sphere_volume_array  # noqa: E402
 
-from tedm_core.errors import SettingError  # noqa: E402
+from tedm_core.errors import InputError, SettingError  # noqa: E402
 from tedm_core.pipelines.batch import BatchOptions, discover_cases, parse_shard, run_batch, select_shard  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "batch_segment.py"
@@ -240,6 +240,29 @@ def _cohort(inp: Path, n: int = 4) -> None:
 
 def _quiet(**kwargs) -> BatchOptions:
     return BatchOptions(show_progress=False, **kwargs)
+
+
+def test_each_shard_with_ground_truth_does_its_part_of_the_whole_run(tmp_path):
+    """Ground truth for c0 and c2 of four cases: shard 2/2 (c1, c3) holds none of it, and shard
+    3/3 of a two-case cohort holds no case; each does what its part of one run does (segment,
+    name its unscored cases), not refuse the labels folder or crash."""
+    inp, out, labels = tmp_path / "in", tmp_path / "out", tmp_path / "labels"
+    _cohort(inp)
+    for i in (0, 2):
+        _save(labels / f"c{i}.nii.gz", (_sphere(i) > 50).astype(np.uint8), dtype=np.uint8)
+    report = run_batch(ThresholdSegmenter(), inp, out, _quiet(labels_dir=labels, shard=(2, 2)))
+    assert [(r.case_id, r.status, r.truth) for r in report.results] == [
+        ("c1", "ok", "missing"),
+        ("c3", "ok", "missing"),
+    ]
+    small = tmp_path / "small"
+    _cohort(small, 2)
+    empty = run_batch(ThresholdSegmenter(), small, tmp_path / "out3", _quiet(labels_dir=labels, shard=(3, 3)))
+    assert empty.results == []
+    wrong = tmp_path / "wrong"  # a folder of other names: still refused, naming the whole cohort
+    _save(wrong / "other.nii.gz", np.zeros((6, 24, 24)), dtype=np.uint8)
+    with pytest.raises(InputError, match="no ground truth for any of the 4 cases"):
+        run_batch(ThresholdSegmenter(), inp, tmp_path / "out4", _quiet(labels_dir=wrong, shard=(1, 2)))
 
 
 def test_a_partial_overwrite_vouches_only_for_the_outputs_it_wrote(tmp_path):

@@ -474,15 +474,19 @@ def run_batch(segmenter, input_dir: Path, output_dir: Path, options: BatchOption
         cohort = without_label_files(cohort, options.label_name)
     cases_per_folder = single_file_cases_per_folder(cohort)
     cases = select_shard(cohort, options.shard)
-    if options.labels_dir is not None and not any(
-        find_label_file(case, options.labels_dir, options.label_name, cases_per_folder) for case in cases
+    if (
+        options.labels_dir is not None
+        and cohort
+        and not any(find_label_file(case, options.labels_dir, options.label_name, cases_per_folder) for case in cohort)
     ):
         # Every case unscored is a wrong folder or file name, not a cohort without ground truth.
-        first = cases[0].case_id
+        # Asked of the whole cohort, so that each shard does what its part of one run would (a
+        # shard may hold only unlabelled cases, or none: a job array larger than the cohort).
+        first = cohort[0].case_id
         looked = f"{first}.<suffix>" + (f" or {first}/{options.label_name}" if options.label_name else "")
         raise InputError(
             options.labels_dir,
-            f"no ground truth for any of the {len(cases)} cases (looked for e.g. {looked}); give the folder that "
+            f"no ground truth for any of the {len(cohort)} cases (looked for e.g. {looked}); give the folder that "
             "holds them, and for a file inside each case's folder its name",
         )
     runner = BatchRunner(segmenter, options, OutputRecord(output_dir, provenance_record(segmenter, options)))
