@@ -265,6 +265,33 @@ def test_each_shard_with_ground_truth_does_its_part_of_the_whole_run(tmp_path):
         run_batch(ThresholdSegmenter(), inp, tmp_path / "out4", _quiet(labels_dir=wrong, shard=(1, 2)))
 
 
+def test_outputs_made_with_other_flip_or_crop_than_the_models_are_not_taken_as_done(tmp_path, tiny_bundle_dir):
+    """The model's own test-time flip and cropping are in its content hash; a segmenter that
+    departs from them makes other outputs, which a run with the model's settings must not skip
+    as its own (and the other way round). Without departures the record's maker key is what it
+    was before they were recorded, so folders written then still resume."""
+    from tedm_core.bundle import load_bundle
+    from tedm_core.io.outputs import maker_key
+    from tedm_core.pipelines.batch import provenance_record
+    from tedm_core.pipelines.segment import Segmenter
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _cohort(inp, 2)
+    bundle = load_bundle(tiny_bundle_dir)
+    plain = Segmenter(bundle, device="cpu")
+    flipped = Segmenter(bundle, device="cpu", test_time_flip=not bundle.test_time_flip)
+    assert run_batch(plain, inp, out, _quiet()).counts() == {"ok": 2}
+    with pytest.raises(InputError, match="with other prediction_overrides"):
+        run_batch(flipped, inp, out, _quiet())
+    assert run_batch(flipped, inp, out, _quiet(overwrite=True)).counts() == {"ok": 2}
+    with pytest.raises(InputError, match="with other prediction_overrides"):
+        run_batch(plain, inp, out, _quiet())
+    record = provenance_record(plain, _quiet())
+    assert record["prediction_overrides"] is None
+    legacy = {key: value for key, value in record.items() if key != "prediction_overrides"}
+    assert maker_key(record) == maker_key(legacy)
+
+
 def test_a_partial_overwrite_vouches_only_for_the_outputs_it_wrote(tmp_path):
     from tedm_core.errors import InputError
 

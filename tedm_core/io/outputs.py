@@ -28,7 +28,7 @@ PROVENANCE_FILE = ".tedm_outputs.json"
 RECORD_VERSION = 2
 # The fields of a provenance record that decide the outputs' content; the others (device, when)
 # are kept for the reader only.
-IDENTITY_FIELDS = ("convention", "model_sha256", "timesteps", "axis", "postprocess")
+IDENTITY_FIELDS = ("convention", "model_sha256", "timesteps", "axis", "postprocess", "prediction_overrides")
 # Reader-only fields in which the runs writing one folder may differ: a resumed batch on another
 # machine, or one whose `auto` precision was measured the other way (a timing can tip between
 # processes). Its record keeps the earlier runs' values, so it never passes the outputs already
@@ -129,7 +129,9 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> Tuple[str, ..
 def maker_key(record: Mapping[str, Any]) -> str:
     """A short name for a model and settings (the identity fields), under which a record lists
     the outputs they made."""
-    identity = json.dumps({key: record.get(key) for key in IDENTITY_FIELDS}, sort_keys=True, default=str)
+    # Without overrides, the key is what it was before they were recorded: folders written then resume.
+    fields = [key for key in IDENTITY_FIELDS if key != "prediction_overrides" or record.get(key)]
+    identity = json.dumps({key: record.get(key) for key in fields}, sort_keys=True, default=str)
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
 
 

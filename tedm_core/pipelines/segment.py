@@ -310,6 +310,17 @@ class Segmenter:
             "precision": self.precision,
             "test_time_flip": self.test_time_flip,
             "crop_dark_borders": self.crop_dark_borders,
+            # The model's own settings are in its content hash; these are this segmenter's
+            # departures from them, which change the outputs as much (None: none).
+            "prediction_overrides": {
+                name: value
+                for name, value in (
+                    ("test_time_flip", self.test_time_flip),
+                    ("crop_dark_borders", self.crop_dark_borders),
+                )
+                if value != bool(getattr(self.bundle, name))
+            }
+            or None,
             "postprocess": self.component_rule.to_dict() if self.component_rule is not None else None,
         }
 
