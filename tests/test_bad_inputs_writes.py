@@ -138,3 +138,28 @@ def test_stale_temporaries_are_found_by_name_not_by_pattern(tmp_path):
     own.write_bytes(b"stale")
     remove_stale_temporaries(tmp_path / "scan[1].nii.gz")
     assert other.exists() and not own.exists()
+
+
+def test_a_name_too_long_for_a_temporary_beside_it_is_still_written_atomically(tmp_path):
+    """A 240-byte file name is legal (255 is the limit), ``.NAME.xxxxxxxx.part.png`` beside it is
+    not: its temporaries take the start of the name and a hash of all of it, their own (another
+    long name with the same start keeps its temporaries), and are found again as stale."""
+    from tedm_core.io.atomic import atomic_path
+
+    def another_of(tmp, token):  # a temporary of the same target, as a killed run would leave one
+        start, rest = tmp.name.rsplit(".part", 1)
+        return tmp.with_name(f"{start[:-8]}{token}.part{rest}")
+
+    long_name = "p" * 236 + ".png"
+    sibling = tmp_path / ("p" * 236 + "q.png")  # the same start
+    with atomic_path(sibling) as tmp:
+        theirs = another_of(tmp, "11111111")
+    with atomic_path(tmp_path / long_name) as tmp:
+        assert len(tmp.name.encode()) <= 255 and tmp.name.endswith(".part.png") and "~" in tmp.name
+        ours = another_of(tmp, "00000000")
+        tmp.write_bytes(b"labels")
+    assert (tmp_path / long_name).read_bytes() == b"labels"
+    ours.write_bytes(b"stale")
+    theirs.write_bytes(b"being written")
+    remove_stale_temporaries(tmp_path / long_name)
+    assert not ours.exists() and theirs.exists()

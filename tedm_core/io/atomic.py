@@ -2,13 +2,16 @@
 
 Temporary files are named ``.<target name>.<random>.part<suffixes>`` beside their target and
 created with mode 0666 minus the umask, like any file the user writes (``tempfile.mkstemp``
-would make them 0600, and the rename would carry that mode to the output).
+would make them 0600, and the rename would carry that mode to the output). A target whose
+name leaves no room for that (file names are at most 255 bytes) gets the start of its name
+and a hash of all of it instead: ``.<start>~<hash>.<random>.part<suffixes>``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -22,10 +25,27 @@ except ImportError:  # Windows: no POSIX locks (job arrays sharing one folder ru
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+NAME_MAX_BYTES = 255  # the longest file name of Linux, macOS and Windows file systems
+
+
+def _temporary_prefix(target: Path) -> str:
+    """What every temporary of ``target`` starts with: ``.<name>.``, or for a name too long to
+    leave room for the rest, ``.<start>~<hash of the name>.`` (its own: no other target's)."""
+    suffix = "".join(target.suffixes)
+    room = NAME_MAX_BYTES - len(f"..{'0' * 8}.part{suffix}".encode())
+    name = target.name.encode()
+    if len(name) <= room:
+        return f".{target.name}."
+    digest = hashlib.sha256(name).hexdigest()[:16]
+    start = name[: max(0, room - len(digest) - 1)].decode(errors="ignore")  # (a cut multi-byte character is dropped)
+    return f".{start}~{digest}."
+
+
 def _temporary_beside(target: Path) -> Path:
     suffix = "".join(target.suffixes) if target.suffixes else ""
+    prefix = _temporary_prefix(target)
     while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part{suffix}")
+        tmp = target.with_name(f"{prefix}{secrets.token_hex(4)}.part{suffix}")
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return tmp
@@ -61,7 +81,7 @@ def remove_stale_temporaries(target: PathLike) -> None:
     target = Path(target)
     if target.parent.is_dir():
         # Escaped: a name such as ``scan[1].nii.gz`` would otherwise match ``scan1``'s temporaries.
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.part*"):
+        for stale in target.parent.glob(f"{glob.escape(_temporary_prefix(target))}*.part*"):
             stale.unlink(missing_ok=True)
 
 
