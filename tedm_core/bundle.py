@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .choices import AXES, BASELINE, METHODS, NUM_TRAIN_TIMESTEPS, canonical_method
 from .errors import BundleError
-from .heads import FeatureHead, HeadConfig, prediction_timesteps_problem
+from .heads import FeatureHead, HeadConfig, in_head_order, prediction_timesteps_problem
 from .io.safe import read_json, read_tensors, write_json, write_tensors
 from .model.checkpoint import (
     BACKBONE_JSON,
@@ -148,8 +148,11 @@ class ModelBundle:
 
     @property
     def prediction_timesteps(self) -> Tuple[int, ...]:
-        """The timesteps a segmentation averages: the inference subset, else the head's."""
-        return self.inference_timesteps or self.timesteps
+        """The timesteps a segmentation averages: the inference subset, else the head's (in the
+        order a concat head reads them, :func:`~tedm_core.heads.in_head_order`)."""
+        if self.head is None or not self.inference_timesteps:
+            return self.timesteps
+        return in_head_order(self.inference_timesteps, self.head.config)
 
     def describe(self) -> str:
         classes = ", ".join(self.class_names[1:])

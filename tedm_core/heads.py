@@ -442,6 +442,16 @@ def prediction_timesteps_problem(timesteps: Sequence[int], config: HeadConfig) -
     return None
 
 
+def in_head_order(timesteps: Sequence[int], config: HeadConfig) -> Tuple[int, ...]:
+    """``timesteps`` (accepted by :func:`prediction_timesteps_problem`) in the order the head reads
+    them: a concat head's first layer weighs its timesteps' features in the order it was trained
+    on, so the same set given in another order (``--timesteps 250 50 150``) is put back in it;
+    a shared head averages, in any order."""
+    if config.mode == "concat":
+        return tuple(config.timesteps)
+    return tuple(int(t) for t in timesteps)
+
+
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The loss of logits ``(B, K', H, W)`` against class indices ``(B, H, W)``: one output
     (a single structure) is a sigmoid with binary cross-entropy, several a softmax with cross-entropy.

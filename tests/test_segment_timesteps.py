@@ -37,3 +37,24 @@ def test_a_bundle_with_repeated_inference_timesteps_is_refused(tiny_bundle_dir, 
     (copy / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="repeated"):
         load_bundle(copy)
+
+
+def test_a_concat_heads_timesteps_in_another_order_are_read_in_its_own(tiny_backbone_dir):
+    """An LEDM head concatenates its timesteps' features in the order it was trained on; the same
+    set asked in another order (``--timesteps 250 50 150``) is read in the head's order, not fed
+    to weights that expect other features."""
+    import numpy as np
+    from conftest import synthetic_disc_images
+
+    from tedm_core.model.checkpoint import load_backbone
+    from tedm_core.pipelines.fit import fit_bundle
+    from tedm_core.pipelines.segment import Segmenter
+
+    images, masks = synthetic_disc_images(2, size=32, seed=5)
+    bundle = fit_bundle(load_backbone(tiny_backbone_dir), images, masks, "ledm", steps=5, device="cpu")
+    trained = bundle.timesteps
+    permuted = (trained[-1], *trained[:-1])
+    reference = Segmenter(bundle, device="cpu").predict(images).probabilities
+    segmenter = Segmenter(bundle, device="cpu", timesteps=permuted)
+    assert segmenter.timesteps == trained
+    np.testing.assert_array_equal(segmenter.predict(images).probabilities, reference)

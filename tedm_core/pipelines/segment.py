@@ -25,7 +25,13 @@ from ..features import (
     unet_for_passes,
     weights_dtype,
 )
-from ..heads import CPU_PREDICT_MAPS_PER_CHUNK, class_labels, class_probabilities, prediction_timesteps_problem
+from ..heads import (
+    CPU_PREDICT_MAPS_PER_CHUNK,
+    class_labels,
+    class_probabilities,
+    in_head_order,
+    prediction_timesteps_problem,
+)
 from ..preprocessing.framing import (
     Box,
     crop_to_content,
@@ -219,6 +225,7 @@ class Segmenter:
             problem = prediction_timesteps_problem(self.timesteps, bundle.head.config)
             if problem:
                 raise SettingError("timesteps", problem)
+            self.timesteps = in_head_order(self.timesteps, bundle.head.config)
         # On another device than the bundle's modules, this segmenter's own copies there: they are
         # shared (the worker's model cache serves every session) and never moved. On their device
         # (a CPU segmenter of a loaded bundle) the bundle's own, not a copy: memory counts there.
