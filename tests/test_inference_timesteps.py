@@ -77,3 +77,28 @@ def test_one_step_has_an_uncertainty_map_only_from_several_heads(tiny_bundle_dir
         )
         assert ledm.gives_uncertainty == spread
         assert (float(ledm.predict(images).uncertainty.max()) > 0.0) == spread
+
+
+def test_refine_learns_from_the_prediction_timesteps_with_or_without_cached_features(tiny_bundle_dir, monkeypatch):
+    """A session caches the features of the timesteps the model predicts with (step 1 alone for a
+    radiograph model); a Refine without that cache (dropped for memory) must learn from the same
+    steps, not from all of the head's, so that its result does not depend on the memory left."""
+    from tedm_core.pipelines import fit
+
+    backbone = load_bundle(tiny_bundle_dir).backbone
+    images, masks = synthetic_disc_images(3, size=32, seed=2)
+    bundle = fit_bundle(backbone, images, masks, steps=5, device="cpu", precision="fp32")
+    assert bundle.prediction_timesteps == RADIOGRAPH_INFERENCE_TIMESTEPS != bundle.timesteps
+    seen = []
+    real = fit.train_head
+    monkeypatch.setattr(
+        fit, "train_head", lambda head, features, *a, **k: seen.append(features) or real(head, features, *a, **k)
+    )
+    new_images, new_masks = synthetic_disc_images(1, size=32, seed=7)
+    cached = Segmenter(bundle, device="cpu", precision="fp32").predict(new_images, keep_features=True).features.levels
+    options = {"steps": 10, "device": "cpu", "show_progress": False, "precision": "fp32"}
+    with_cache = fit.refine_bundle(bundle, new_images, new_masks, features=cached, **options)
+    without = fit.refine_bundle(bundle, new_images, new_masks, **options)
+    assert [features[0][0].shape[1] for features in seen] == [len(RADIOGRAPH_INFERENCE_TIMESTEPS)] * 2
+    a, b = (Segmenter(r, device="cpu", precision="fp32").predict(images).probabilities for r in (with_cache, without))
+    np.testing.assert_allclose(a, b, atol=2e-3)  # (the cache keeps fp32 features as float16)

@@ -872,9 +872,10 @@ def refine_bundle(
     forget what it did elsewhere (see :class:`Anchor`); ``anchor_features`` are their cached
     features (else they are extracted once, with the inference noise).
 
-    The head's normalisation statistics stay frozen and each step sees a couple of random
-    timesteps per slice: with the defaults, refining costs ~100x fewer head evaluations
-    than fitting. A several-head model's heads learn together, from the same steps.
+    The head learns from the timesteps the bundle predicts with (``prediction_timesteps``: all
+    of its own unless it records an inference subset). Its normalisation statistics stay frozen
+    and each step sees a couple of random timesteps per slice: with the defaults, refining costs
+    ~100x fewer head evaluations than fitting. A several-head model's heads learn together, from the same steps.
 
     The head trains in the precision of the UNet passes behind its features (bf16 where they
     measured bf16 faster, :func:`~tedm_core.runtime.resolve_inference_precision`): with
@@ -897,6 +898,11 @@ def refine_bundle(
     # Cached features: the precision the caller's passes ran in (a session's segmenter's); else
     # the passes' own measured choice, below. The head trains in it too (train_head).
     precision = resolve_precision(options.precision, device)
+    # The timesteps the model predicts with, which are what a session caches: a refined head is
+    # judged by those, and a Refine must learn the same whether the cache was kept or not (a
+    # radiograph model predicting with step 1 alone once learnt from step 1 with the cache, from
+    # all eight without it).
+    timesteps = bundle.prediction_timesteps
 
     def features_of(
         grid_: torch.Tensor, cached: Optional[LevelFeatures], draws_: int, what: str
@@ -911,9 +917,9 @@ def refine_bundle(
             extractor = DecoderFeatureExtractor(  # (module_on: the bundle's UNet is shared, never moved)
                 module_on(bundle.backbone.unet, device), bundle.backbone.noise_schedule, bundle.head.config.levels
             )
-            precision = extractor.pass_precision(options.precision, device, bundle.image_size, bundle.timesteps)
+            precision = extractor.pass_precision(options.precision, device, bundle.image_size, timesteps)
             extractor = extractor.in_precision(precision)  # the passes as the segmenter runs them
-        return extract_training_features(extractor, grid_, bundle.timesteps, draws_, device, precision)
+        return extract_training_features(extractor, grid_, timesteps, draws_, device, precision)
 
     anchor = None
     labelled_features = features_of(grid, features, options.noise_draws, "slices")
