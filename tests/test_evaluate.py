@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from conftest import require_shared_data
 from monai.metrics import compute_dice
@@ -56,6 +57,9 @@ def test_summary_and_paired_test():
     better = np.linspace(0.8, 0.9, 12)
     assert paired_wilcoxon(better + 0.05, better) < 0.05
     assert paired_wilcoxon(better, better) == 1.0
+    # A consistent difference of a few voxels in a volume is a difference (no tolerance hides it).
+    tiny = better + np.linspace(3e-7, 6e-6, 12)
+    assert paired_wilcoxon(tiny, better) == pytest.approx(scipy.stats.wilcoxon(tiny, better).pvalue) < 0.01
 
 
 def test_summaries_give_the_sample_sd_and_zero_for_one_value():
