@@ -210,6 +210,29 @@ def test_a_cancelled_or_failed_operation_leaves_the_session_as_it_was(tiny_bundl
     assert refined.labels.shape == volume.shape
 
 
+def test_an_operation_that_failed_after_closing_the_segmenter_leaves_one_that_predicts(tiny_bundle_dir, monkeypatch):
+    """A new model or device closes the session's segmenter (its GPU copy of the model) before
+    the operation runs; when that operation then fails or is cancelled, the session is put back,
+    and its next Segment with the first model and device must work, not meet a closed segmenter."""
+    import torch
+
+    from tedm_core.bundle import load_bundle
+    from tedm_core.errors import Cancelled, SettingError
+    from tedm_core.pipelines.interactive import InteractiveSession, Reporter
+
+    volume, _ = _sphere_volume()
+    bundle = load_bundle(tiny_bundle_dir)
+    session = InteractiveSession(volume)
+    first = session.segment(bundle, axis="k", device="cpu")
+    with pytest.raises(Cancelled):  # another model, cancelled
+        session.segment(load_bundle(tiny_bundle_dir), axis="k", device="cpu", reporter=Reporter(cancelled=lambda: True))
+    np.testing.assert_array_equal(session.segment(bundle, axis="k", device="cpu").labels, first.labels)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SettingError):  # another device, which is not there
+        session.segment(bundle, axis="k", device="cuda")
+    np.testing.assert_array_equal(session.segment(bundle, axis="k", device="cpu").labels, first.labels)
+
+
 def test_labels_drawn_across_the_slicing_plane_are_refused_or_flagged(tiny_bundle_dir, backbone):
     """Labels painted on one I-plane (a sagittal-like view of a k session) touch 10 k-slices, each
     of which would be learnt whole: Fit refuses them in one line, Refine says so in its log."""

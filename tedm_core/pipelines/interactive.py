@@ -534,6 +534,10 @@ class InteractiveSession:
 
     def _segmenter_for(self, bundle: ModelBundle) -> Segmenter:
         previous = self._segmenter
+        if previous is not None and previous.closed:
+            # Closed by an operation that then failed or was cancelled (a new model, another
+            # device): ``all_or_nothing`` put the reference back, the segmenter cannot predict.
+            previous = self._segmenter = None
         if previous is not None and previous.bundle is bundle:
             return previous
         if previous is not None and previous.serves_head_of(bundle):
