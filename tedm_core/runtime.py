@@ -256,7 +256,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def out_of_memory_on_gpu(error: BaseException) -> bool:
     """Whether an out-of-memory ``error`` (:func:`is_out_of_memory`) is the GPU's, not main memory's."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "cuda out of memory" in str(error).lower()
+    text = str(error).lower()
+    # The caching allocator says "CUDA out of memory"; the driver's own failures (a cuBLAS or
+    # cuDNN workspace, the context) say "CUDA error: out of memory".
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        words in text for words in ("cuda out of memory", "cuda error: out of memory")
+    )
 
 
 def map_in_chunks(
@@ -273,10 +278,12 @@ def map_in_chunks(
         stop = min(total, start + batch_size)
         try:
             result = fn(start, stop)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-            if not is_out_of_memory(error) or batch_size == 1:
+        except (RuntimeError, MemoryError, torch.cuda.OutOfMemoryError) as error:
+            if not is_out_of_memory(error) or stop - start == 1:
                 raise
-            batch_size = max(1, batch_size // 2)
+            # Half of the chunk that failed, which is less than the planned size at the end (one
+            # radiograph, planned at 256): halving the plan would retry the same chunk.
+            batch_size = max(1, (stop - start) // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("out of memory: retrying with batch size %d", batch_size)

@@ -129,6 +129,35 @@ def test_a_batch_halved_after_out_of_memory_is_kept_for_later_calls(bundle):
     assert segmenter.batch_size == 1  # lowered by the head's chunks too, never raised
 
 
+def test_out_of_memory_halves_the_chunk_that_failed_not_the_planned_size():
+    """One radiograph under a GPU plan of 256 slices: the failed chunk is one slice, so there is
+    nothing smaller to retry (the plan halved down to 1 reran that same slice eight times); three
+    slices planned at 10 retry at 1. Python's MemoryError counts as out of memory too, and so does
+    the driver's "CUDA error: out of memory", which is the GPU's."""
+    from tedm_core.runtime import map_in_chunks, out_of_memory_on_gpu
+
+    def sizes_tried(total, planned, fits, error=CUDA_OOM):
+        tried = []
+
+        def run(start, stop):
+            tried.append(stop - start)
+            if stop - start > fits:
+                raise error
+            return stop - start
+
+        try:
+            done = sum(map_in_chunks(run, total, planned))
+        except Exception as raised:
+            return tried, type(raised).__name__
+        return tried, done
+
+    assert sizes_tried(1, 256, fits=0) == ([1], "OutOfMemoryError")
+    assert sizes_tried(3, 10, fits=1) == ([3, 1, 1, 1], 3)
+    assert sizes_tried(3, 10, fits=1, error=MemoryError()) == ([3, 1, 1, 1], 3)
+    driver = RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+    assert out_of_memory_on_gpu(driver) and out_of_memory_on_gpu(CUDA_OOM) and not out_of_memory_on_gpu(CPU_OOM)
+
+
 # --- refine with anchors on a GPU ---------------------------------------------------------------------
 
 
