@@ -523,3 +523,42 @@ def test_a_cancel_reaches_only_the_job_of_its_own_connection():
     assert ended.wait(TIMEOUT)
     assert events["a"][0]["result"] == {"cancelled": True}
     assert events["a"][-1]["event"] == "error" and events["a"][-1]["kind"] == "cancelled"
+
+
+def test_a_session_closed_while_its_job_runs_is_closed_when_the_job_ends():
+    """Its segmenter holds a GPU copy of the model: the job's thread closes the session (which
+    frees it) as the job ends, rather than leaving it to the garbage collector's timing."""
+    import threading
+
+    from tedm_core.errors import Cancelled
+    from tedm_core.serve.protocol import encode_message
+    from tedm_core.serve.worker import Worker
+
+    worker = Worker()
+    started, ended = threading.Event(), threading.Event()
+
+    def waits_for_cancel(request, arrays, reporter):
+        started.set()
+        if not worker._job.cancel.wait(TIMEOUT):
+            raise AssertionError("never cancelled")
+        raise Cancelled("cancelled")
+
+    worker._jobs["segment"] = waits_for_cancel
+    replies = []
+
+    def reply(event, arrays):
+        replies.append(event)
+        if event.get("id") == "job" and event["event"] == "error":
+            ended.set()
+
+    volume = _volume(slices=3, size=8)[0]
+    opened = {"op": "open_session", "id": "open", "session": "s", "ijk_to_ras": np.eye(4).tolist()}
+    worker.handle(encode_message(opened, {"volume": volume}), reply)
+    session, closed = worker.sessions["s"], []
+    real_close = session.close
+    session.close = lambda: closed.append(threading.current_thread().name) or real_close()
+    worker.handle(encode_message({"op": "segment", "id": "job", "session": "s"}), reply)
+    assert started.wait(TIMEOUT)
+    worker.handle(encode_message({"op": "close_session", "id": "close", "session": "s"}), reply)
+    assert ended.wait(TIMEOUT) and "s" not in worker.sessions
+    assert closed == ["tedm segment"], "closed once, by the job's thread as it ended"

@@ -46,6 +46,9 @@ class RunningJob:
     # may cancel the job. Request IDs are each client's own counter, so two Slicer sessions on
     # one network worker send the same IDs, and one's Cancel once stopped the other's job.
     owner: Any = None
+    # Its session, closed by a client while the job ran: closed by the job's thread when it ends
+    # (its segmenter's GPU copy of the model freed then), not under the job's feet.
+    closed_session: Any = None
     started: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -203,6 +206,8 @@ class Worker:
         finally:
             with self._lock:
                 self._job = None
+            if job.closed_session is not None:
+                job.closed_session.close()
         reply(event, result_arrays)
 
     def _keep_features_within_budget(self, active: str, reporter: Any) -> None:
@@ -433,7 +438,8 @@ class Worker:
         self._used.pop(session_id, None)
         job = self._job
         if job is not None and job.session == session_id:
-            job.cancel.set()  # its result has nowhere to go; the job lets go of the session as it ends
+            job.closed_session = session
+            job.cancel.set()  # its result has nowhere to go; the job's thread closes the session as it ends
         elif session is not None:
             session.close()
         return {"closed": session is not None}, None
