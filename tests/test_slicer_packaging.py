@@ -322,6 +322,30 @@ def test_worker_settings_round_trip_and_environment(tmp_path):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == worker_client.tedm_core_search_path()
 
 
+def test_a_worker_in_another_python_gets_no_slicer_python_settings(tmp_path, monkeypatch):
+    """Slicer's launcher sets PYTHONHOME, PYTHONPATH and PYTHONNOUSERSITE for its own Python; a
+    worker in another Python (a conda environment with a CUDA torch) started with them loads
+    Slicer's standard library and stops at once when its version differs. A real interpreter
+    started with such an environment (its PYTHONHOME a folder without a standard library) runs."""
+    import subprocess
+
+    from TEDMSlicerLib import worker_client
+
+    slicer_home = tmp_path / "Slicer" / "lib" / "Python"
+    slicer_home.mkdir(parents=True)
+    monkeypatch.setenv("PYTHONHOME", str(slicer_home))
+    monkeypatch.setenv("PYTHONPATH", str(slicer_home / "lib" / "python3.9"))
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    other = worker_client.WorkerSettings(python=sys.executable + "-elsewhere")
+    assert not other.runs_in_slicer_python()
+    env = worker_client.worker_environment(other)
+    assert not set(worker_client.SLICER_PYTHON_VARIABLES) & set(env)
+    assert env["PATH"] == os.environ["PATH"]
+    assert subprocess.run([sys.executable, "-c", "import encodings"], env=env).returncode == 0
+    broken = subprocess.run([sys.executable, "-c", "import encodings"], env=dict(os.environ), capture_output=True)
+    assert broken.returncode != 0, "the stand-in PYTHONHOME does break an interpreter"
+
+
 def test_slicer_installer_prefers_pip_ensure_with_skip_list():
     from types import SimpleNamespace
 

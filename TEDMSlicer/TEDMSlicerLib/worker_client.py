@@ -100,15 +100,39 @@ def tedm_core_search_path() -> Optional[str]:
     return str(Path(spec.origin).resolve().parent.parent)
 
 
+# What Slicer's launcher sets for its own Python; another interpreter started with them loads
+# Slicer's standard library (a Python of another version stops at once: "No module named
+# 'encodings'") or Slicer's packages before its own.
+SLICER_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")
+
+
 def worker_environment(settings: WorkerSettings) -> Dict[str, str]:
-    """Environment of a local worker: Slicer's, with ``tedm_core``'s folder first on PYTHONPATH
-    when the worker is Slicer's own Python (another Python keeps its own installation)."""
+    """Environment of a local worker. In Slicer's own Python: Slicer's, with ``tedm_core``'s
+    folder first on PYTHONPATH. In another Python (a conda environment with a CUDA torch, say):
+    the environment Slicer was started in, without its launcher's settings
+    (``slicer.util.startupEnvironment``), so that the interpreter runs its own installation."""
+    if not settings.runs_in_slicer_python():
+        return environment_outside_slicer()
     env = dict(os.environ)
     folder = tedm_core_search_path()
-    if folder and settings.runs_in_slicer_python():
+    if folder:
         parts = [folder] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != folder]
         env["PYTHONPATH"] = os.pathsep.join(parts)
     return env
+
+
+def environment_outside_slicer() -> Dict[str, str]:
+    """The environment without Slicer's launcher settings: Slicer's own record of it where the
+    application runs, else this process's without the variables of Slicer's Python."""
+    try:
+        import slicer
+
+        return {str(k): str(v) for k, v in slicer.util.startupEnvironment().items()}
+    except Exception:  # not inside the Slicer application (no slicer.app): tests, scripts
+        env = dict(os.environ)
+        for name in SLICER_PYTHON_VARIABLES:
+            env.pop(name, None)
+        return env
 
 
 def worker_log_path() -> str:
