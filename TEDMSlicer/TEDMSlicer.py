@@ -128,6 +128,9 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer: Optional[qt.QTimer] = None
         self._polling = False  # inside _pollWorker (a message box it opens runs Qt's event loop)
         self._quitConnected = False
+        # The first-use install runs in the GUI thread, but Slicer's pip runner handles GUI events
+        # after every line pip prints: a click then would start a second install inside the first.
+        self._installing = False
 
     # -- set-up and tear-down ----------------------------------------------------------------
     def setup(self) -> None:
@@ -291,7 +294,7 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         if self._parameterNode is None:
             return
-        busy = self.logic.worker.busy
+        busy = self.logic.worker.busy or self._installing
         hasInput = self._parameterNode.inputVolume is not None
         hasModel = bool(_path_or_empty(self._parameterNode.modelPath))
         hasSegmentation = self._parameterNode.outputSegmentation is not None
@@ -325,6 +328,10 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- actions -----------------------------------------------------------------------------
     def _ensureReady(self) -> bool:
+        if self._installing:
+            return False  # (a click let through by the install's event processing)
+        self._installing = True
+        self._updateButtons()
         try:
             return self.logic.ensureDependencies(self._workerSettingsFromGui())
         except Exception as error:
@@ -334,6 +341,9 @@ class TEDMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("Installing the dependencies failed: ") + str(error), detailedText=traceback.format_exc()
             )
             return False
+        finally:
+            self._installing = False
+            self._updateButtons()
 
     def _start(self, sendRequest, clearLog: bool = False) -> None:
         """Read MRML and send the request (GUI thread); the QTimer then polls for its events.

@@ -1125,6 +1125,29 @@ def test_accepting_the_installation_installs_then_segments(gui, monkeypatch):
     assert len(gui.segmentations()) == 1
 
 
+def test_no_second_installation_starts_while_the_first_runs(gui, monkeypatch):
+    """Slicer's pip runner handles GUI events after every line pip prints: the actions are
+    disabled while the first-use install runs, and a click that still gets through (queued before)
+    starts neither a second confirmation nor a second pip inside the first."""
+    _slicer_python_missing(gui, monkeypatch, ["monai>=1.4"])
+    calls, enabled = [], []
+
+    def install_requirements(requirements, never_replace):
+        calls.append(list(requirements))
+        for _ in range(3):  # pip's output lines
+            slicer.app.processEvents()
+            enabled.append([b.enabled for b in (gui.ui.segmentButton, gui.ui.fitButton, gui.ui.refineButton)])
+            if len(calls) == 1:
+                gui.ui.segmentButton.click()  # a click queued before the buttons went grey
+
+    gui.installer.install_requirements = install_requirements
+    gui.press(gui.ui.segmentButton)
+    assert enabled and not any(any(states) for states in enabled), "every action greyed out during the install"
+    assert len(calls) == 1 and gui.dialogs.kinds() == ["confirmOkCancelDisplay"]
+    gui.settle()
+    assert len(gui.segmentations()) == 1 and gui.ui.segmentButton.enabled
+
+
 def test_a_failed_installation_is_an_error_box(gui, monkeypatch):
     _slicer_python_missing(gui, monkeypatch, ["monai>=1.3"])
 
