@@ -45,6 +45,9 @@ BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
+BUNDLE_FILES = (BUNDLE_JSON, BACKBONE_WEIGHTS, HEAD_WEIGHTS)
+# What file browsers leave in any folder they show: no user's data.
+BROWSER_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
 # Distinct, colour-blind-friendlier defaults (Okabe-Ito), background first.
 DEFAULT_COLOURS: Tuple[Tuple[int, int, int], ...] = (
@@ -179,6 +182,21 @@ def check_bundle_target(path: Path, overwrite: bool) -> None:
         raise BundleError(
             path, "is not a model bundle (no bundle.json), so it is not replaced; choose a new folder for the model"
         )
+    if path.exists():
+        # A file named bundle.json is not enough: the folder must hold a bundle's files and
+        # nothing else, or replacing it whole would delete what a user kept there.
+        kept = BUNDLE_FILES + BROWSER_FILES
+        others = sorted(p.name for p in Path(os.path.realpath(path)).iterdir() if p.name not in kept)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise BundleError(
+                path,
+                f"holds {shown} besides a model bundle's files, which replacing it would delete; "
+                "move them out, or choose a new folder for the model",
+            )
+        meta = read_json(path / BUNDLE_JSON)
+        if not isinstance(meta, dict) or meta.get("format") is None or "method" not in meta:
+            raise BundleError(path / BUNDLE_JSON, "is not a model bundle's description, so the folder is not replaced")
 
 
 def save_bundle(bundle: ModelBundle, path: Union[str, Path], overwrite: bool = False) -> Path:
