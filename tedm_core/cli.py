@@ -348,6 +348,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
 
     class_names, label_values = _class_spec(args)
+    _refuse_repeats(args.timesteps, "timesteps")
     if args.timesteps and args.method == BASELINE:
         raise SettingError("timesteps", "the supervised baseline takes no timesteps (it sees the image itself)")
     resolve_device(args.device)

@@ -376,6 +376,10 @@ class HeadConfig:
         if self.num_classes < 2:
             raise ValueError("num_classes counts the background and must be at least 2")
         self.timesteps = tuple(int(t) for t in self.timesteps)
+        if len(set(self.timesteps)) != len(self.timesteps):
+            # A repeated timestep weighs double in a shared head's mean (and every prediction
+            # with the head's timesteps would be refused as repeated).
+            raise ValueError(f"timesteps {list(self.timesteps)}: each timestep once")
         self.level_channels = tuple(int(c) for c in self.level_channels)
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.levels is not None:

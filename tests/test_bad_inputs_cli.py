@@ -153,6 +153,11 @@ SETTINGS = {
         "--label-values",
         "given twice",
     ),
+    "fit_timestep_twice": (
+        ["fit", *_REQUIRED["fit"], "--timesteps", "25", "25"],
+        "--timesteps",
+        "given twice",
+    ),
     "fit_label_values_count": (
         ["fit", *_REQUIRED["fit"], "--classes", "a", "b", "--label-values", "0", "1"],
         "--label-values",
