@@ -49,8 +49,12 @@ def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
     return parse
 
 
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
+# Counts (steps, batch sizes, slices) above this are typos, and torch overflows on some of them
+# (a C long long); seeds within what numpy's and torch's generators both take.
+COUNT_MAX = 2**31 - 1
+positive_int = int_at_least(1, COUNT_MAX)
+non_negative_int = int_at_least(0, COUNT_MAX)
+seed = int_at_least(0, 2**32 - 1)
 timestep = int_at_least(0, NUM_TRAIN_TIMESTEPS - 1)  # the DDPM's noise levels
 label_value = int_at_least(0, 65535)  # what a uint16 label file can hold
 

@@ -24,6 +24,7 @@ from .argtypes import (
     positive_int,
     timestep,
 )
+from .argtypes import seed as seed_type  # (a name the commands' own arguments use)
 from .choices import (
     AUGMENT_POLICY_NAMES,
     AUTO,
@@ -116,7 +117,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="start afresh even if --out holds a checkpoint (its checkpoints are deleted)",
     )
     _add_device_options(p, precision_help=PRETRAIN_PRECISION_HELP)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.set_defaults(func=_run_pretrain)
 
 
@@ -313,7 +314,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", default=AXES[0], choices=AXES, help=f"volumes only: slicing axis (default: {AXES[0]})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     _add_device_options(p)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.set_defaults(func=_run_fit)
 
 

@@ -183,3 +183,18 @@ def test_distributed_data_parallel_with_two_cpu_processes(tmp_path):
     assert load_backbone(out).steps_trained == 4
     # DDP keeps the replicas identical: the saved weights are rank 0's and finite.
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "unet.safetensors")).values())
+
+
+def test_a_shift_beyond_the_model_grid_is_refused_before_training(tmp_path, capsys):
+    """A shift of the whole grid or more moves every image out of the frame (40 on the tiny 32 px
+    grid was accepted; 10**9 overflowed torch with a traceback): one line, exit 2, nothing written."""
+    pngs = _pngs(tmp_path / "pngs")
+    for shift in ("32", "1000000000"):
+        argv = ["pretrain", "--images", str(pngs), "--out", str(tmp_path / "ckpt"), "--preset", "tiny"]
+        assert main([*argv, "--steps", "1", "--device", "cpu", "--shift", shift]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            err[-1] == f"tedm pretrain: error: argument --shift: must be below the model grid's 32 pixels "
+            f"(a shift that large moves the image out of the frame), got {shift}"
+        ), err
+        assert not (tmp_path / "ckpt").exists()

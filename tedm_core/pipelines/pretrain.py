@@ -360,6 +360,12 @@ def pretrain(
         raise SettingError("ema_decay", f"must lie in (0, 1), got {options.ema_decay}")
     if options.keep_checkpoints < 0 or options.max_shift < 0:
         raise SettingError("keep_checkpoints" if options.keep_checkpoints < 0 else "max_shift", "must be at least 0")
+    if options.max_shift >= min(images.shape[-2:]):
+        raise SettingError(
+            "max_shift",
+            f"must be below the model grid's {min(images.shape[-2:])} pixels (a shift that large moves the image "
+            f"out of the frame), got {options.max_shift}",
+        )
     check_pretrain_folder(out, resume, overwrite)
     if not torch.isfinite(images).all():
         raise SettingError("images", "the training images hold NaN or infinite values")
