@@ -35,13 +35,22 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+# Counts (steps, batch sizes, slices) above this are typos, and torch overflows on some of them
+# (a C long long); seeds within what numpy's and torch's generators both take.
+COUNT_MAX = 2**31 - 1
+
+
 def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
-    """An integer type within ``[minimum, maximum]``."""
+    """An integer type within ``[minimum, maximum]``; a bound of ``COUNT_MAX`` or more is a
+    guard against typos, named only to a value beyond it."""
 
     def parse(text: str) -> int:
         value = _integer(text)
         if value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            if maximum is not None and maximum < COUNT_MAX:
+                bound = f"from {minimum} to {maximum}"
+            else:
+                bound = f"at least {minimum}" if value < minimum else f"at most {maximum}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
@@ -49,9 +58,6 @@ def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
     return parse
 
 
-# Counts (steps, batch sizes, slices) above this are typos, and torch overflows on some of them
-# (a C long long); seeds within what numpy's and torch's generators both take.
-COUNT_MAX = 2**31 - 1
 positive_int = int_at_least(1, COUNT_MAX)
 non_negative_int = int_at_least(0, COUNT_MAX)
 seed = int_at_least(0, 2**32 - 1)

@@ -156,12 +156,12 @@ SETTINGS = {
     "pretrain_seed_beyond_the_generators": (
         ["pretrain", "--images", "I", "--out", "O", "--seed", "9223372036854775808"],
         "--seed",
-        "from 0 to 4294967295",
+        "at most 4294967295",
     ),
     "fit_steps_beyond_any_run": (
         ["fit", *_REQUIRED["fit"], "--steps", "9223372036854775808"],
         "--steps",
-        "from 1 to 2147483647",
+        "at most 2147483647",
     ),
     "fit_timestep_twice": (
         ["fit", *_REQUIRED["fit"], "--timesteps", "25", "25"],
