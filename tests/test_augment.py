@@ -93,4 +93,5 @@ def test_fit_with_augmentation_records_it(tiny_backbone_dir):
     )
     assert bundle.training["augment"] == "framing+intensity"
     assert bundle.training["noise_draws"] == 3
+    assert bundle.training["feature_precision"] in ("fp32", "bf16")  # what `auto` chose, recorded
     assert np.isfinite(sum(float(p.detach().sum()) for p in bundle.head.parameters()))

@@ -781,6 +781,9 @@ def fit_bundle(
         extractor = extractor.in_precision(precision)  # the passes as the segmenter runs them
         training["augment"] = options.augment
         training["noise_draws"] = options.noise_draws
+        # What `auto` chose: a timing, which can tip either way between runs on one machine, so
+        # two fits of the same data and seed are the same only in the same precision (say it).
+        training["feature_precision"] = precision
         inference_timesteps = default_inference_timesteps(options, method, backbone.intensity, config.timesteps)
         schedule = default_learning_rate_schedule(options, backbone.intensity)
         member_seeds = [options.seed + MEMBER_SEED_STRIDE * k for k in range(members)]
