@@ -37,6 +37,7 @@ from .model.checkpoint import (
     is_name_list,
     require,
     state_dict_problem,
+    weights_problem,
 )
 from .postprocessing import ComponentRule
 from .preprocessing.intensity import IntensityConfig
@@ -293,12 +294,16 @@ def load_bundle(path: Union[str, Path]) -> ModelBundle:
             head = FeatureHead(HeadConfig.from_dict(head_meta))
         except (TypeError, ValueError, AttributeError) as error:
             raise BundleError(meta_path, f"head description is invalid ({error})") from None
+        head_weights = read_tensors(path / HEAD_WEIGHTS)
         try:
-            head.load_state_dict(read_tensors(path / HEAD_WEIGHTS))
+            head.load_state_dict(head_weights)
         except RuntimeError as error:
             raise BundleError(
                 path / HEAD_WEIGHTS, f"weights do not match the described head ({state_dict_problem(error)})"
             ) from None
+        problem = weights_problem(head, head_weights)
+        if problem:
+            raise BundleError(path / HEAD_WEIGHTS, f"weights do not match the described head ({problem})")
         head.eval()
     try:
         return ModelBundle(

@@ -95,6 +95,8 @@ def test_an_edited_bundle_json_is_refused_naming_the_field(name, tiny_bundle_dir
         ("wrong_shape", "size mismatch for"),
         ("extra", 'Unexpected key(s) in state_dict: "extra"'),
         ("missing", "Missing key(s) in state_dict"),
+        ("integers", "holds int32 values where the model has float32"),  # (load_state_dict casts them)
+        ("negative_variance", "holds a negative variance"),
     ],
 )
 def test_head_weights_that_do_not_fit_say_which(edit, words, tiny_bundle_dir, tmp_path):
@@ -110,6 +112,11 @@ def test_head_weights_that_do_not_fit_say_which(edit, words, tiny_bundle_dir, tm
         tensors[name] = torch.zeros(3, 3)
     elif edit == "extra":
         tensors["extra"] = torch.zeros(1)
+    elif edit == "integers":
+        tensors[name] = tensors[name].round().to(torch.int32)
+    elif edit == "negative_variance":
+        variance = next(k for k in tensors if k.endswith("running_var"))
+        tensors[variance] = -tensors[variance].abs() - 1
     else:
         del tensors[name]
     save_file(tensors, str(bundle / "head.safetensors"))

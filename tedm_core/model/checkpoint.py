@@ -202,6 +202,22 @@ def state_dict_problem(error: RuntimeError) -> str:
     return detail if len(detail) <= 240 else detail[:237] + "..."
 
 
+def weights_problem(module: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> Optional[str]:
+    """What makes ``weights`` wrong for ``module`` beyond names and shapes (which
+    ``load_state_dict`` checks): integer or boolean values where the module holds real numbers
+    (``load_state_dict`` would cast them silently) or the other way round, and a normalisation
+    layer's negative variance. None when there is nothing."""
+    own = module.state_dict()
+    for name, tensor in weights.items():
+        mine = own.get(name)
+        if mine is not None and mine.is_floating_point() != tensor.is_floating_point():
+            kind = str(tensor.dtype).replace("torch.", "")
+            return f"{name} holds {kind} values where the model has {str(mine.dtype).replace('torch.', '')}"
+        if name.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+            return f"{name} holds a negative variance"
+    return None
+
+
 def backbone_from_metadata(
     path: Path, meta: Dict[str, Any], weights: Dict[str, torch.Tensor], out_channels: Optional[int] = None
 ) -> Backbone:
@@ -228,6 +244,9 @@ def backbone_from_metadata(
         backbone.unet.load_state_dict(weights)
     except RuntimeError as error:
         raise BundleError(path, f"weights do not match the described UNet ({state_dict_problem(error)})") from None
+    problem = weights_problem(backbone.unet, weights)
+    if problem:
+        raise BundleError(path, f"weights do not match the described UNet ({problem})")
     backbone.unet.eval()
     return backbone
 
