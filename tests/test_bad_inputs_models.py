@@ -277,6 +277,43 @@ def test_resume_asking_for_no_more_steps_is_a_setting_error(tmp_path):
         _tiny_pretrain(out, steps=2, resume=True)
 
 
+def test_resume_finishes_a_last_save_stopped_before_its_top_level_copy(tmp_path, monkeypatch):
+    """Killed after its last checkpoint was in place but before the loadable copy at the top level
+    was complete: loading the folder says "resume the pretraining to finish the save", and that
+    resume (same command) does finish it, with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from tedm_core.errors import BundleError
+    from tedm_core.model import checkpoint as checkpoint_module
+    from tedm_core.model.checkpoint import load_backbone
+    from tedm_core.pipelines import pretrain as pretrain_module
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    _tiny_pretrain(whole, steps=4)
+    real = pretrain_module.save_backbone
+
+    def killed_at_the_last_top_level_copy(directory, backbone, ema_state=None):
+        if Path(directory) == stopped and backbone.steps_trained == 4:
+            checkpoint_module.write_tensors(Path(directory) / "unet.safetensors", backbone.unet.state_dict())
+            (Path(directory) / "backbone.json").unlink(missing_ok=True)
+            raise KeyboardInterrupt  # the process ends here, as a kill would end it
+        return real(directory, backbone, ema_state)
+
+    monkeypatch.setattr(pretrain_module, "save_backbone", killed_at_the_last_top_level_copy)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_pretrain(stopped, steps=4)
+    monkeypatch.setattr(pretrain_module, "save_backbone", real)
+    with pytest.raises(BundleError, match="resume the pretraining to finish the save"):
+        load_backbone(stopped)
+    finished = _tiny_pretrain(stopped, steps=4, resume=True)
+    assert finished.steps_trained == 4 == load_backbone(stopped).steps_trained
+    ours, theirs = load_file(str(stopped / "unet.safetensors")), load_file(str(whole / "unet.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert sorted(p.name for p in (stopped / "steps").iterdir()) == ["00000004"]  # keep_checkpoints=1, as whole
+    with pytest.raises(SettingError, match="already at step 4"):
+        _tiny_pretrain(stopped, steps=4, resume=True)
+
+
 def test_pretraining_into_a_used_folder_without_resume_or_overwrite_is_refused(tmp_path, capsys):
     from tedm_core.cli import main
 

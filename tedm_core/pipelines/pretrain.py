@@ -329,6 +329,11 @@ def _save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     save_backbone(out, backbone, ema_state)  # the loadable copy at the top level
+    _keep_last_checkpoints(out, final, keep)
+
+
+def _keep_last_checkpoints(out: Path, final: Path, keep: int) -> None:
+    """Delete all but the ``keep`` last checkpoints up to ``final`` (0: keep every one)."""
     if keep > 0:
         for old in [p for p in _step_checkpoints(out) if p.name < final.name][: -(keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
@@ -401,6 +406,16 @@ def _pretrain(
         restored = load_backbone(checkpoint, use_ema=False)
         state = _load_trainer_state(checkpoint, device)
         start = state["step"]
+        if start == options.steps and not (out / BACKBONE_JSON).is_file():
+            # The run was stopped while copying its last checkpoint to the top level, the copy
+            # that loads: finish that save (what the refusal to load the folder asked for).
+            if ddp.is_main:
+                ema = checkpoint / EMA_WEIGHTS
+                save_backbone(out, restored, read_tensors(ema) if ema.is_file() else None)
+                _keep_last_checkpoints(out, checkpoint, options.keep_checkpoints)
+                log.info("finished saving step %d of %s at the top level of %s", start, checkpoint, out)
+            ddp.barrier()
+            return load_backbone(out)
         if start >= options.steps:
             raise SettingError("steps", f"{options.steps}: {checkpoint} is already at step {start}; ask for more")
         if state["images"] is not None and state["images"] != record["images"]:
