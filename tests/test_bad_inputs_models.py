@@ -270,6 +270,26 @@ def test_a_corrupt_trainer_state_on_resume_is_one_line(tmp_path):
     assert str(state) in str(caught.value) and "cannot be read as a trainer state" in str(caught.value)
 
 
+@pytest.mark.parametrize("edit", ["moment_of_another_shape", "negative_step"])
+def test_a_trainer_state_that_does_not_fit_is_refused_before_training(edit, tmp_path):
+    """Adam's moments of another weight's shape (as many parameters: load_state_dict took them, the
+    first step failed with a traceback), or a negative step, are refused in one line."""
+    out = tmp_path / "ckpt"
+    _tiny_pretrain(out, steps=2)
+    path = out / "steps" / "00000002" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    if edit == "negative_step":
+        state["step"] = -5
+    else:
+        moments = state["optimiser"]["state"][0]
+        moments["exp_avg"] = moments["exp_avg"].reshape(-1)
+    torch.save(state, path)
+    with pytest.raises(BundleError) as caught:
+        _tiny_pretrain(out, steps=4, resume=True)
+    words = "is for another weight" if edit != "negative_step" else "cannot be read as a trainer state"
+    assert str(path) in str(caught.value) and words in str(caught.value), caught.value
+
+
 def test_resume_asking_for_no_more_steps_is_a_setting_error(tmp_path):
     out = tmp_path / "ckpt"
     _tiny_pretrain(out, steps=2)

@@ -223,6 +223,8 @@ def _load_trainer_state(checkpoint: Path, device: torch.device) -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         step = int(state["step"])
+        if step < 0:
+            raise ValueError("step")
         optimiser = state["optimiser"]
         recorded = state.get("options")  # (absent from checkpoints written before it was recorded)
         if recorded is not None and not isinstance(recorded, dict):
@@ -429,6 +431,12 @@ def _pretrain(
         unet.load_state_dict(restored.unet.state_dict())
         try:
             optimiser.load_state_dict(state["optimiser"])
+            # load_state_dict checks the parameter groups' sizes, not the moments' shapes: another
+            # model's state of as many parameters loaded, then failed at the first step.
+            for parameter in unet.parameters():
+                for name, moment in optimiser.state.get(parameter, {}).items():
+                    if torch.is_tensor(moment) and moment.ndim and moment.shape != parameter.shape:
+                        raise ValueError(f"its {name} of shape {tuple(moment.shape)} is for another weight")
         except (ValueError, KeyError, RuntimeError) as error:
             raise BundleError(
                 checkpoint / TRAINER_STATE, f"optimiser state does not fit this model ({error})"
