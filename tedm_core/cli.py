@@ -352,6 +352,12 @@ def _run_fit(args: argparse.Namespace) -> int:
     _refuse_repeats(args.timesteps, "timesteps")
     if args.timesteps and args.method == BASELINE:
         raise SettingError("timesteps", "the supervised baseline takes no timesteps (it sees the image itself)")
+    if args.method == BASELINE:
+        # Settings of heads on diffusion features: silently ignored by the baseline, they would
+        # leave a user believing the model was trained with them.
+        for setting in ("augment", "lr_schedule", "timesteps_per_image", "members"):
+            if getattr(args, setting) is not None:
+                raise SettingError(setting, "is a setting of the heads; the supervised baseline does not use it")
     resolve_device(args.device)
     refuse_overlap(args.out, [("images", args.images), ("masks", args.masks), ("backbone", args.backbone)])
     try:

@@ -163,6 +163,11 @@ SETTINGS = {
         "--steps",
         "at most 2147483647",
     ),
+    "fit_baseline_members": (
+        ["fit", *_REQUIRED["fit"], "--method", "baseline", "--members", "3"],
+        "--members",
+        "does not use it",
+    ),
     "fit_timestep_twice": (
         ["fit", *_REQUIRED["fit"], "--timesteps", "25", "25"],
         "--timesteps",
