@@ -482,18 +482,16 @@ def test_sessions_share_one_feature_budget_and_the_oldest_cache_goes_first(tiny_
     assert worker.sessions["b"].feature_cache_nbytes == 0, "the least recently used one went"
 
 
-def test_a_cancel_reaches_only_the_job_of_its_own_connection():
-    """Two Slicer sessions on one network worker: request IDs are each client's own counter, so
-    both send "1.2"; one user's Cancel (with or without a target) must not stop the other's job.
-    The worker in this process, its job a stand-in that waits to be cancelled."""
+def _worker_whose_segment_waits_for_cancel():
+    """A worker in this process whose segment job is a stand-in that waits to be cancelled, and
+    the event it sets when it has started."""
     import threading
 
     from tedm_core.errors import Cancelled
-    from tedm_core.serve.protocol import encode_message
     from tedm_core.serve.worker import Worker
 
     worker = Worker()
-    started, ended = threading.Event(), threading.Event()
+    started = threading.Event()
 
     def waits_for_cancel(request, arrays, reporter):
         started.set()
@@ -502,6 +500,18 @@ def test_a_cancel_reaches_only_the_job_of_its_own_connection():
         raise Cancelled("cancelled")
 
     worker._jobs["segment"] = waits_for_cancel
+    return worker, started
+
+
+def test_a_cancel_reaches_only_the_job_of_its_own_connection():
+    """Two Slicer sessions on one network worker: request IDs are each client's own counter, so
+    both send "1.2"; one user's Cancel (with or without a target) must not stop the other's job."""
+    import threading
+
+    from tedm_core.serve.protocol import encode_message
+
+    worker, started = _worker_whose_segment_waits_for_cancel()
+    ended = threading.Event()
     events = {"a": [], "b": []}
 
     def reply_to(name):
@@ -530,24 +540,12 @@ def test_a_session_closed_while_its_job_runs_is_closed_when_the_job_ends():
     frees it) as the job ends, rather than leaving it to the garbage collector's timing."""
     import threading
 
-    from tedm_core.errors import Cancelled
     from tedm_core.serve.protocol import encode_message
-    from tedm_core.serve.worker import Worker
 
-    worker = Worker()
-    started, ended = threading.Event(), threading.Event()
-
-    def waits_for_cancel(request, arrays, reporter):
-        started.set()
-        if not worker._job.cancel.wait(TIMEOUT):
-            raise AssertionError("never cancelled")
-        raise Cancelled("cancelled")
-
-    worker._jobs["segment"] = waits_for_cancel
-    replies = []
+    worker, started = _worker_whose_segment_waits_for_cancel()
+    ended = threading.Event()
 
     def reply(event, arrays):
-        replies.append(event)
         if event.get("id") == "job" and event["event"] == "error":
             ended.set()
 
