@@ -90,3 +90,19 @@ def test_named_conventions_round_trip_and_equalised_takes_the_radiograph_default
     assert default_timesteps_per_image(options, "tedm", MULTIMODAL_MRI) is None
     with pytest.raises(ValueError, match="unknown intensity"):
         IntensityConfig("histogram")
+
+
+@pytest.mark.parametrize("convention", ["brain", "zscore"])
+def test_one_voxel_below_zero_leaves_a_skull_stripped_volumes_normalisation_as_it_was(convention):
+    """A skull-stripped MRI's background is 0; one voxel of interpolation ringing below zero made
+    the minimum negative, so the whole zero background counted as signal: the brain's values moved
+    by 0.4-0.7 and the background no longer mapped to -1 (so no slice was skipped)."""
+    rng = np.random.default_rng(0)
+    volume = np.zeros((1, 6, 20, 20), np.float32)
+    volume[0, 1:5, 5:15, 5:15] = rng.uniform(50, 400, (4, 10, 10))
+    ringing = volume.copy()
+    ringing[0, 0, 0, 0] = -0.5
+    config = NAMED[convention]
+    clean, rung = normalise_intensity(volume, config), normalise_intensity(ringing, config)
+    assert np.array_equal(clean[volume != 0], rung[volume != 0])
+    assert (rung[(volume == 0)] == -1).all()

@@ -99,9 +99,13 @@ def above_background(normalised: Array) -> Array:
     return normalised > BACKGROUND_LEVEL + BACKGROUND_TOLERANCE
 
 
-def foreground_mask(channel: np.ndarray) -> np.ndarray:
-    """Voxels that carry signal: non-zero and above the minimum (skull-stripped MRI has 0 background)."""
-    return channel > channel.min()
+def foreground_mask(channel: np.ndarray, minimum: Optional[float] = None) -> np.ndarray:
+    """Voxels that carry signal: non-zero and above the minimum (skull-stripped MRI has 0
+    background). Both: one voxel below zero (interpolation ringing at the brain's edge) must not
+    make the whole zero background foreground, which once moved the brain's normalised values by
+    0.4-0.7 and left no slice to skip. ``minimum``: the whole channel's, for a part of it."""
+    minimum = channel.min() if minimum is None else minimum
+    return (channel > minimum) & (channel != 0)
 
 
 def normalise_intensity(image: np.ndarray, config: IntensityConfig) -> np.ndarray:
@@ -148,13 +152,14 @@ def _normalise_channel(channel: np.ndarray, config: IntensityConfig, out: np.nda
         del mask
         if config.kind == "foreground_percentile":
             lo, hi = np.percentile(values, [config.lower, config.upper])
-            # x > minimum is foreground_mask, chunk by chunk
-            mapping = lambda x: np.where(x > minimum, _map_to_unit_range(x, lo, hi), -1.0)  # noqa: E731
+            mapping = lambda x: np.where(  # noqa: E731
+                foreground_mask(x, minimum), _map_to_unit_range(x, lo, hi), -1.0
+            )
         else:  # zscore
             mean, std = float(values.mean()), float(values.std())
             scale = std if std > 0 else 1.0
             mapping = lambda x: np.where(  # noqa: E731
-                x > minimum, np.clip((x - mean) / scale / config.zscore_scale, -1.0, 1.0), -1.0
+                foreground_mask(x, minimum), np.clip((x - mean) / scale / config.zscore_scale, -1.0, 1.0), -1.0
             )
         del values
     if channel.ndim == 0 or not channel.size:
