@@ -152,39 +152,60 @@ def test_png_is_a_one_slice_volume_and_writes_back(tmp_path):
     assert np.asarray(Image.open(tmp_path / "u.png")).max() == 32768
 
 
-def test_dicom_series_folder(tmp_path):
-    lps = LPS_TO_RAS @ AFFINES["anisotropic"]
+def _dicom_series(folder, array, lps, depths=None, turned=()):
+    """``array`` (K, J, I) as one DICOM file per slice in ``folder``, on the grid of ``lps``
+    (IJK -> LPS); slice k at ``depths[k]`` slices along K (default k), the slices in ``turned``
+    written in another plane (their in-plane axes swapped)."""
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    array = np.random.default_rng(4).integers(0, 1000, (5, 12, 10)).astype(np.int16)
-    series = tmp_path / "series"
-    series.mkdir()
+    folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(array.shape[0]):
         plane = sitk.GetImageFromArray(array[k : k + 1])
         plane.SetSpacing(spacing.tolist())
-        origin = lps[:3, 3] + lps[:3, 2] * k
+        origin = lps[:3, 3] + lps[:3, 2] * (k if depths is None else depths[k])
+        rows, columns = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+        if k in turned:
+            rows, columns = lps[:3, 2] / spacing[2], rows
         for key, value in {
             "0020|000e": "1.2.826.0.1.3680043.2.1125.1",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.2",
             "0008|0060": "MR",
             "0020|0032": "\\".join(f"{v:.6f}" for v in origin),
-            "0020|0037": "\\".join(
-                f"{v:.6f}" for v in np.concatenate([lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]])
-            ),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in np.concatenate([rows, columns])),
             "0020|0013": str(k + 1),
             "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
             "0018|0050": f"{spacing[2]:.6f}",
         }.items():
             plane.SetMetaData(key, value)
-        writer.SetFileName(str(series / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(plane)
-    volume = read_volume(series)
+    return folder
+
+
+def test_dicom_series_folder(tmp_path):
+    lps = LPS_TO_RAS @ AFFINES["anisotropic"]
+    array = np.random.default_rng(4).integers(0, 1000, (5, 12, 10)).astype(np.int16)
+    volume = read_volume(_dicom_series(tmp_path / "series", array, lps))
     assert volume.source_format == "dicom" and volume.shape == (5, 12, 10)
     np.testing.assert_array_equal(volume.array[0], array)
     np.testing.assert_allclose(volume.ijk_to_ras, AFFINES["anisotropic"], atol=1e-4)
     write_label_volume(tmp_path / "out.nii.gz", (volume.array[0] > 500).astype(np.uint8), volume)
     np.testing.assert_allclose(nib.load(str(tmp_path / "out.nii.gz")).affine, volume.ijk_to_ras, atol=1e-4)
+
+
+def test_a_dicom_series_with_a_missing_slice_or_a_turned_one_is_refused(tmp_path):
+    """ITK stacks what it is given: a series with a slice missing came back evenly spaced (each
+    slice up to half a slice from where it was imaged), one with slices of another plane stacked
+    as the first's, both without a word. Each is refused in one line naming the folder."""
+    lps = LPS_TO_RAS @ AFFINES["anisotropic"]
+    array = np.random.default_rng(5).integers(0, 1000, (5, 12, 12)).astype(np.int16)
+    missing = _dicom_series(tmp_path / "missing", array, lps, depths=[0, 1, 2, 4, 5])
+    with pytest.raises(InputError, match=r"missing: its slices are not evenly spaced"):
+        read_volume(missing)
+    turned = _dicom_series(tmp_path / "turned", array, lps, turned=(3,))
+    with pytest.raises(InputError, match=r"turned: its slices lie in different orientations \(slice003\.dcm"):
+        read_volume(turned)
 
 
 def test_read_case_stacks_modalities_and_checks_geometry(tmp_path):

@@ -452,12 +452,59 @@ def _read_dicom_folder(folder: Path) -> Volume:
     if len(series) > 1:
         raise InputError(folder, f"holds {len(series)} DICOM series; put each series in its own folder")
     try:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+        _check_dicom_slices(folder, files)
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+        reader.SetFileNames(files)
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(folder, f"DICOM series cannot be read ({_one_line_error(error)})") from None
     return _itk_to_volume(image, folder, "dicom")
+
+
+# Slice positions may differ from an even spacing by this share of it (scanners round positions).
+DICOM_SPACING_TOLERANCE = 0.05
+
+
+def _check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a series whose slices ITK would stack on a wrong grid: slices of several orientations
+    (stacked as if they were the first's), or unevenly spaced ones (a missing slice: ITK spaces the
+    rest evenly, so each lands up to half a slice away from where it was imaged). Single-frame
+    slices without position tags are left to ITK."""
+    import SimpleITK as sitk
+
+    if len(files) < 3:
+        return
+    orientations, positions = [], []
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not (header.HasMetaDataKey("0020|0037") and header.HasMetaDataKey("0020|0032")):
+            return
+        orientations.append([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
+        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+    orientation, position = np.asarray(orientations), np.asarray(positions)
+    if orientation.shape[1] != 6 or position.shape[1] != 3:
+        return
+    differs = np.abs(orientation - orientation[0]).max(axis=1) > 1e-3
+    if differs.any():
+        raise InputError(
+            folder,
+            f"its slices lie in different orientations ({Path(files[int(np.argmax(differs))]).name} is not in the "
+            f"plane of {Path(files[0]).name}): put each acquisition in its own folder",
+        )
+    normal = np.cross(orientation[0, :3], orientation[0, 3:])
+    depth = np.sort(position @ normal)
+    gaps = np.diff(depth)
+    typical = float(np.median(gaps))
+    if typical <= 0 or np.abs(gaps - typical).max() > DICOM_SPACING_TOLERANCE * typical:
+        widest = int(np.argmax(np.abs(gaps - typical)))
+        raise InputError(
+            folder,
+            f"its slices are not evenly spaced ({gaps[widest]:.3g} mm between two of them, {typical:.3g} mm "
+            "elsewhere): a slice is missing or repeated, or the folder mixes acquisitions",
+        )
 
 
 def _read_image2d(path: Path) -> Volume:
