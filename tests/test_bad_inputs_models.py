@@ -425,6 +425,37 @@ def test_masks_that_would_be_misread_are_refused(make, problem, tiny_backbone_di
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["nan", "constant"])
+def test_a_labelled_image_that_segment_would_refuse_is_refused_by_fit(kind, tiny_backbone_dir, tmp_path, capsys):
+    """A float TIFF with a NaN ended fit in a traceback naming no file; a blank image (one value
+    everywhere) was learnt from, as "the structure is here" on nothing. Each is one line naming the
+    image, as segment words it."""
+    from tedm_core.cli import main
+
+    images_dir, masks_dir = tmp_path / "images", tmp_path / "masks"
+    images_dir.mkdir()
+    masks_dir.mkdir()
+    images, masks = synthetic_disc_images(2, size=32, seed=4)
+    Image.fromarray(((images[0, 0] + 1) * 127.5).astype(np.uint8)).save(images_dir / "c0.png")
+    for i in range(2):
+        Image.fromarray((masks[i] * 255).astype(np.uint8)).save(masks_dir / f"c{i}.png")
+    bad = images[1, 0].astype(np.float32)
+    if kind == "nan":
+        bad[3, 3] = np.nan
+    else:
+        bad[:] = 7.0
+    Image.fromarray(bad, mode="F").save(images_dir / "c1.tif")
+    out = tmp_path / "bundle"
+    code = main(
+        ["fit", "--backbone", str(tiny_backbone_dir), "--images", str(images_dir), "--masks", str(masks_dir)]
+        + ["--out", str(out), "--steps", "2", "--device", "cpu"]
+    )
+    err = capsys.readouterr().err.strip()
+    words = "contains 1 NaN or infinite voxel values" if kind == "nan" else "every voxel is 7: the image is empty"
+    assert code == 2 and err == f"tedm fit: error: {images_dir / 'c1.tif'}: {words}", err
+    assert not out.exists()
+
+
 def test_an_image_without_its_mask_is_named_not_dropped(tmp_path):
     from tedm_core.pipelines.labelled import match_image_pairs
 

@@ -250,19 +250,27 @@ def geometry_mismatch(reference: Volume, other: Volume) -> Optional[str]:
     return None
 
 
+def value_problem(array: np.ndarray, allow_constant: bool = False) -> Optional[str]:
+    """What makes an image's values unusable (NaN or infinite values; one value everywhere,
+    unless ``allow_constant``: a label volume may be all background), or None."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        return f"contains {int(array.size - np.count_nonzero(finite))} NaN or infinite voxel values"
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi and not allow_constant:
+        return f"every voxel is {lo:g}: the image is empty"
+    return None
+
+
 def _check_values(volume: Volume, allow_constant: bool = False) -> None:
     array = volume.array
     if array.size == 0 or min(array.shape) == 0:
         raise InputError(volume.path, f"is empty (grid {array.shape[1:][::-1]})")
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = int(array.size - np.count_nonzero(finite))
-        raise InputError(volume.path, f"contains {bad} NaN or infinite voxel values")
+    problem = value_problem(array, allow_constant)
+    if problem:
+        raise InputError(volume.path, problem)
     if not np.isfinite(volume.ijk_to_ras).all() or abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) < 1e-12:
         raise InputError(volume.path, "has an invalid (singular or non-finite) voxel-to-world matrix")
-    lo, hi = float(array.min()), float(array.max())
-    if lo == hi and not allow_constant:
-        raise InputError(volume.path, f"every voxel is {lo:g}: the image is empty")
 
 
 def _one_line_error(error: BaseException) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError, SettingError
 from ..io.cases import discover_cases, find_label_file, single_file_cases_per_folder, without_label_files
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_grey, read_label_image
-from ..io.volumes import is_volume_file, strip_suffix
+from ..io.volumes import is_volume_file, strip_suffix, value_problem
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
 from .fit import LabelSet, SliceSet
 from .volume import read_labelled_case
@@ -164,7 +164,11 @@ def _load_image_pairs(
         pairs = _first(pairs, n, images)
     all_slices, all_labels = [], []
     for image_path, mask_path in pairs:
-        image = normalise_intensity(read_grey(image_path), intensity)[None]
+        grey = read_grey(image_path)
+        problem = value_problem(grey)  # as segment refuses it: a blank image would teach "the structure is here"
+        if problem:
+            raise InputError(image_path, problem)
+        image = normalise_intensity(grey, intensity)[None]
         label = read_label_image(mask_path, label_values)[None]
         if label.shape[1:] != image.shape[2:]:
             raise InputError(mask_path, f"mask size {label.shape[1:]} differs from its image's {image.shape[2:]}")
