@@ -9,6 +9,7 @@ import math
 import time
 from typing import Callable, Dict, Hashable, Iterator, Optional, TypeVar
 
+import numpy as np
 import torch
 
 from .choices import MEMORY_FORMATS, PRECISIONS
@@ -16,6 +17,16 @@ from .errors import SettingError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def tensor_of(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a contiguous tensor, sharing its memory where torch can. torch refuses any
+    negative stride, and numpy keeps one on a flipped axis of length 1 in an array it calls
+    contiguous (``np.ascontiguousarray`` then copies nothing): a one-voxel-wide volume stopped there."""
+    array = np.ascontiguousarray(array)
+    if any(stride < 0 for stride in array.strides):
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -294,3 +294,20 @@ def test_slices_run_together_share_the_union_of_their_windows_with_the_same_resu
     np.testing.assert_allclose(together.uncertainty, alone.uncertainty, atol=2e-3)
     assert np.all(together.probabilities[0, 0, :12] == 1) and np.all(together.probabilities[1, 0, :, 30:] == 1)
     assert np.all(together.probabilities[2, 0] == 1) and np.all(together.uncertainty[2] == 0)
+
+
+def test_a_volume_one_voxel_wide_along_the_slices_is_segmented(tiny_bundle_dir):
+    """A 1 x 1 x 48 volume cut along K: each slice is a flipped view with an axis of length 1,
+    whose negative stride numpy keeps in an array it calls contiguous and torch refuses (the case
+    failed with torch's "negative strides are not supported")."""
+    from tedm_core.io.volumes import volume_from_array
+    from tedm_core.pipelines.volume import segment_volume
+    from tedm_core.runtime import tensor_of
+
+    flipped = np.arange(6, dtype=np.float32).reshape(1, 1, 6)[::-1, ::-1]
+    assert flipped.flags.c_contiguous and min(flipped.strides) < 0
+    assert torch.equal(tensor_of(flipped), torch.from_numpy(flipped.copy()))
+    array = np.random.default_rng(0).normal(100, 20, (48, 1, 1)).astype(np.float32)  # (K, J, I)
+    volume = volume_from_array(array, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    result = segment_volume(Segmenter(load_bundle(tiny_bundle_dir), device="cpu"), volume)
+    assert result.labels.shape == array.shape

@@ -52,6 +52,7 @@ from ..runtime import (
     plan_batch_size,
     resolve_device,
     resolve_memory_format,
+    tensor_of,
 )
 
 log = logging.getLogger(__name__)
@@ -556,7 +557,7 @@ class Segmenter:
         if crop:
             chunk, _, boxes = crop_to_content(chunk, self.bundle.intensity)
         foreground = [foreground_box(image) for image in chunk]
-        grid = to_model_grid(torch.from_numpy(np.ascontiguousarray(chunk)), self.bundle.image_size)[0]
+        grid = to_model_grid(tensor_of(chunk), self.bundle.image_size)[0]
         if self.head is None:
             return self._uncrop(self._baseline_predict(grid, transform, foreground), boxes)
         levels = self._features(grid, cancel)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime import tensor_of
 from .intensity import IntensityConfig, above_background, normalise_intensity
 
 # A border row or column is dark when nine tenths of it (its DARK_SHARE percentile: burnt-in
@@ -144,11 +145,11 @@ def crop_to_content(
         if box == full_box(slices.shape):
             continue
         top, bottom, left, right = box
-        crop = torch.from_numpy(np.ascontiguousarray(slices[i : i + 1, :, top:bottom, left:right]))
+        crop = tensor_of(slices[i : i + 1, :, top:bottom, left:right])
         stretched = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
         out[i] = normalise_intensity(stretched.numpy(), intensity)
         if out_labels is not None:
-            label = torch.from_numpy(np.ascontiguousarray(labels[i, top:bottom, left:right]))[None, None].float()
+            label = tensor_of(labels[i, top:bottom, left:right])[None, None].float()
             out_labels[i] = F.interpolate(label, size=(h, w), mode="nearest-exact")[0, 0].numpy().astype(labels.dtype)
     return out, out_labels, boxes
 
