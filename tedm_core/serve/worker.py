@@ -207,7 +207,10 @@ class Worker:
             with self._lock:
                 self._job = None
             if job.closed_session is not None:
-                job.closed_session.close()
+                try:
+                    job.closed_session.close()
+                except Exception:  # the job's own event must still reach its client
+                    log.exception("closing session %s as its job ended failed", job.session)
         reply(event, result_arrays)
 
     def _keep_features_within_budget(self, active: str, reporter: Any) -> None:
