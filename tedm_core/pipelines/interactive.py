@@ -225,6 +225,10 @@ def all_or_nothing(operation: Operation) -> Operation:
         except BaseException:
             features_kept = session._feature_generation == saved["_feature_generation"]
             vars(session).update(saved)
+            if session._segmenter is not None and session._segmenter.closed:
+                # Closed by the failed operation (a new model, another device) before it failed:
+                # a closed segmenter cannot predict, the next operation makes a new one.
+                session._segmenter = None
             if features_kept:
                 session.feature_rows = feature_rows
             else:
@@ -534,10 +538,6 @@ class InteractiveSession:
 
     def _segmenter_for(self, bundle: ModelBundle) -> Segmenter:
         previous = self._segmenter
-        if previous is not None and previous.closed:
-            # Closed by an operation that then failed or was cancelled (a new model, another
-            # device): ``all_or_nothing`` put the reference back, the segmenter cannot predict.
-            previous = self._segmenter = None
         if previous is not None and previous.bundle is bundle:
             return previous
         if previous is not None and previous.serves_head_of(bundle):
