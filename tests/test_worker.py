@@ -560,3 +560,61 @@ def test_a_session_closed_while_its_job_runs_is_closed_when_the_job_ends():
     worker.handle(encode_message({"op": "close_session", "id": "close", "session": "s"}), reply)
     assert ended.wait(TIMEOUT) and "s" not in worker.sessions
     assert closed == ["tedm segment"], "closed once, by the job's thread as it ended"
+
+
+def test_a_connection_that_goes_away_takes_its_job_with_it_and_a_stopped_worker_waits_for_it():
+    """A job on no session (a pretraining) started by a network client that then went away was
+    left running, and no other client may cancel it: it held the worker. The worker told to stop
+    waits for the cancelled job to end (a process exiting under a torch operation aborts)."""
+    from tedm_core.serve.protocol import encode_message
+
+    worker, started = _worker_whose_segment_waits_for_cancel()
+    gone, other = object(), object()
+    worker.handle(encode_message({"op": "segment", "id": "1.2"}), lambda event, arrays: None, gone)
+    assert started.wait(TIMEOUT)
+    worker.close_sessions_of(other)
+    assert not worker._job.cancel.is_set(), "another connection's leaving cancels nothing of it"
+    worker.close_sessions_of(gone)
+    assert worker.wait_for_job(TIMEOUT) and worker._job is None
+
+
+def test_an_undecodable_message_is_a_protocol_error_whatever_breaks_it():
+    """JSON nested past the parser's depth, or array sizes that overflow, raised RecursionError /
+    ValueError / OverflowError out of the client's poll; every malformed message is a ProtocolError."""
+    import json
+    import struct
+
+    from tedm_core.serve.protocol import ProtocolError, decode_message
+
+    def message(header_text: str) -> bytes:
+        data = header_text.encode()
+        return struct.pack(">I", len(data)) + data
+
+    nested = '{"a": ' * 5000 + "1" + "}" * 5000
+    too_big = json.dumps({"id": "x", "arrays": [{"name": "a", "dtype": "uint8", "shape": [2**62, 2**62]}]})
+    beyond = json.dumps({"id": "x", "arrays": [{"name": "a", "dtype": "uint8", "shape": [2**70]}]})
+    for text in (nested, too_big, beyond):
+        with pytest.raises(ProtocolError):
+            decode_message(message(text))
+
+
+def test_a_network_client_that_never_answers_the_challenge_is_dropped(monkeypatch):
+    """Each silent connection held a thread and a file handle for ever, until the server could
+    accept no one (and then it stopped serving). The handshake now has a deadline."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from tedm_core.serve import server
+
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT_S", 0.5)
+    ours, silent = socket.socketpair()
+    try:
+        connection = Connection(os.dup(ours.fileno()))
+        tic = time.monotonic()
+        with pytest.raises((EOFError, OSError)):
+            server._handshake(connection, b"a-token-long-enough-for-the-worker")
+        assert time.monotonic() - tic < 10
+        connection.close()
+    finally:
+        ours.close()
+        silent.close()

@@ -59,7 +59,17 @@ def encode_message_parts(
 
 
 def decode_message(blob: bytes) -> Tuple[Dict[str, Any], Arrays]:
-    """The header (a dict) and the arrays of one message; :class:`ProtocolError` if malformed."""
+    """The header (a dict) and the arrays of one message; :class:`ProtocolError` if malformed,
+    whatever the malformation (JSON nested past the parser's depth, sizes that overflow)."""
+    try:
+        return _decode_message(blob)
+    except ProtocolError:
+        raise
+    except (ValueError, OverflowError, RecursionError, TypeError) as error:
+        raise ProtocolError(f"the message cannot be decoded ({type(error).__name__}: {str(error)[:200]})") from None
+
+
+def _decode_message(blob: bytes) -> Tuple[Dict[str, Any], Arrays]:
     view = memoryview(blob)
     if len(view) < HEADER_LENGTH.size:
         raise ProtocolError(f"a message of {len(view)} bytes is shorter than its header length field")

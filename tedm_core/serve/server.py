@@ -4,11 +4,13 @@ network endpoint (``multiprocessing.connection``, the token as its HMAC key)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -20,6 +22,14 @@ from .worker import Worker, error_event, ready_event, send_event
 log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 MIN_TOKEN_CHARACTERS = 16
+# A client that has not proven the token by then is dropped: silent connections would otherwise
+# each hold a thread and a file handle until the server could accept no one.
+HANDSHAKE_TIMEOUT_S = 10.0
+# How long a worker told to stop (shutdown, or its parent gone) waits for a running job to end
+# at its next cancel check before the process exits.
+JOB_END_WAIT_S = 30.0
+# accept() failures that pass (file handles or memory short for a moment), not a closed listener.
+TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, protocol_fd: Optional[int] = None) -> int:
@@ -55,6 +65,8 @@ def serve_stdio(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, protocol_fd:
             break
         for message in reader.feed(data):
             worker.handle(message, reply)
+    worker.close_sessions_of(None)  # (the parent is this transport's one owner: its job is cancelled)
+    worker.wait_for_job(JOB_END_WAIT_S)
     return 0
 
 
@@ -108,7 +120,11 @@ def serve_network(
     while True:
         try:
             connection = listener.accept()
-        except OSError:
+        except OSError as error:
+            if error.errno in TRANSIENT_ACCEPT_ERRORS:
+                log.warning("tedm serve: cannot accept a connection now (%s)", error.strerror)
+                time.sleep(0.5)  # (the silent connections holding the handles time out meanwhile)
+                continue
             break
         if worker.stopping.is_set():
             connection.close()
@@ -120,15 +136,40 @@ def serve_network(
             daemon=True,
         ).start()
     listener.close()
+    worker.wait_for_job(JOB_END_WAIT_S)
     return 0
+
+
+def _handshake(connection: Connection, key: bytes) -> None:
+    """Both HMAC challenges, within :data:`HANDSHAKE_TIMEOUT_S`: past it the socket is shut
+    down, which ends the blocked read (the Connection reads the descriptor itself, so a socket
+    timeout would not reach it)."""
+    watched = socket.socket(fileno=os.dup(connection.fileno()))
+    lock, finished = threading.Lock(), [False]
+
+    def give_up() -> None:
+        with lock:
+            if not finished[0]:
+                watched.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(HANDSHAKE_TIMEOUT_S, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        deliver_challenge(connection, key)
+        answer_challenge(connection, key)
+    finally:
+        with lock:
+            finished[0] = True
+        timer.cancel()
+        watched.close()
 
 
 def _serve_connection(
     worker: Worker, connection: Connection, key: bytes, max_message_bytes: int, stop: Callable[[], None]
 ) -> None:
     try:
-        deliver_challenge(connection, key)
-        answer_challenge(connection, key)
+        _handshake(connection, key)
     except Exception as error:
         log.warning("tedm serve: refused a connection (%s)", type(error).__name__)
         connection.close()

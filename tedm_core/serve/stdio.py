@@ -1,5 +1,6 @@
 """The worker's stdout, taken over for the protocol. Standard library only: ``tedm serve --stdio``
-imports this first, before numpy or the worker, so that nothing they print reaches the protocol."""
+takes it over before it imports torch, MONAI or the worker, so that nothing they print reaches
+the protocol (only numpy comes before, with the protocol's limits: its import prints nothing)."""
 
 from __future__ import annotations
 

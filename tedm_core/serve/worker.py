@@ -49,6 +49,7 @@ class RunningJob:
     # Its session, closed by a client while the job ran: closed by the job's thread when it ends
     # (its segmenter's GPU copy of the model freed then), not under the job's feet.
     closed_session: Any = None
+    thread: Optional[threading.Thread] = None
     started: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -160,11 +161,25 @@ class Worker:
             reply(error_event(request_id, error), None)
 
     def close_sessions_of(self, owner: Any) -> int:
-        """Close the sessions ``owner`` opened (a job running on one is cancelled); how many."""
+        """Close the sessions ``owner`` opened and cancel its running job (on a session or not:
+        a pretraining nobody else may cancel would hold the worker); how many sessions."""
         owned = [session_id for session_id, by in list(self._owners.items()) if by is owner]
         for session_id in owned:
             self._close_session({"op": "close_session", "session": session_id}, {})
+        job = self._job
+        if job is not None and job.owner is owner:
+            job.cancel.set()
         return len(owned)
+
+    def wait_for_job(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the running job's thread to end (cancelled, it ends at its
+        next check); whether none runs. A process that exits under a running torch operation
+        aborts ("terminate called without an active exception")."""
+        job = self._job
+        if job is None or job.thread is None:
+            return True
+        job.thread.join(timeout_s)
+        return not job.thread.is_alive()
 
     # -- jobs ---------------------------------------------------------------------------------------
     def _start_job(self, op: str, request: Dict[str, Any], arrays: Arrays, reply: Reply, owner: Any = None) -> None:
@@ -175,9 +190,10 @@ class Worker:
                 running = self._job
                 raise BusyError(f"a {running.op} job ({running.request_id}) is running: wait for it or cancel it")
             job = self._job = RunningJob(request_id, op, session_id, owner)
-        threading.Thread(
-            target=self._run_job, args=(job, request, arrays, reply), name=f"tedm {op}", daemon=True
-        ).start()
+            job.thread = threading.Thread(
+                target=self._run_job, args=(job, request, arrays, reply), name=f"tedm {op}", daemon=True
+            )
+        job.thread.start()
 
     def _run_job(self, job: RunningJob, request: Dict[str, Any], arrays: Arrays, reply: Reply) -> None:
         last = [0.0]
