@@ -89,7 +89,9 @@ class ComponentRule:
                     mask = np.isin(regions, kept)
                     image[(image == c) & ~mask] = 0
                 if fill:
-                    image[ndimage.binary_fill_holes(mask)] = c
+                    # Only background is filled: a hole may hold another structure (a lesion in
+                    # an organ), which filling over once erased.
+                    image[ndimage.binary_fill_holes(mask) & (image == 0)] = c
         return out
 
     def to_dict(self) -> Dict[str, Any]:

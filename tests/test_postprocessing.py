@@ -69,6 +69,20 @@ def test_applying_keeps_the_largest_regions_fills_holes_and_leaves_the_input_alo
     assert regions(keep_holes == 2) == 1 and (keep_holes[10:14, 8:12] == 0).all()
 
 
+def test_filling_holes_never_covers_another_structure():
+    """A small lesion (class 2) inside an organ (class 1) is a hole in the organ's mask, too small
+    to count against filling; filling wrote class 1 over it and the lesion was gone."""
+    mask = np.zeros((1, 120, 120), np.uint8)
+    mask[0, 10:110, 10:110] = 1
+    mask[0, 50:53, 50:53] = 2
+    rule = ComponentRule.learn(mask, 3)
+    assert rule.fill_holes[0]
+    assert np.array_equal(rule.apply(mask), mask)
+    holed = mask.copy()
+    holed[0, 30:32, 30:32] = 0  # a background hole is still filled
+    assert np.array_equal(rule.apply(holed), mask)
+
+
 def test_merging_widens_the_rule_to_both_sets_of_masks():
     fitted, corrected = ComponentRule((2, 1), (True, True)), ComponentRule((3, 1), (True, False))
     assert fitted.merged(corrected) == ComponentRule((3, 1), (True, False))
@@ -92,7 +106,10 @@ def test_radiograph_models_record_the_rule_and_the_baseline_volumes_and_old_bund
     corrected[0, 0:6, 0:6] = 1
     refined = refine_bundle(bundle, images, corrected, steps=1, device="cpu", show_progress=False)
     assert refined.component_rule == ComponentRule((2,), (True,))
-    assert refine_bundle(bundle, images, corrected, steps=1, device="cpu", postprocess=False).component_rule is None
+    # On the slices of a volume (postprocess=False) the corrections teach no rule, and the model
+    # keeps its own (it once lost it, and a model saved from such a session no longer post-processed).
+    kept = refine_bundle(bundle, images, corrected, steps=1, device="cpu", postprocess=False).component_rule
+    assert kept == bundle.component_rule
     # Written before the rule existed: no post-processing, same fingerprint rule as then.
     old = shutil.copytree(tiny_bundle_dir, tmp_path / "old")
     meta = json.loads((old / "bundle.json").read_text())

@@ -965,9 +965,10 @@ def refine_bundle(
     )
     if anchor is not None:
         training["refine_anchor_slices"] = int(anchor.labels.shape[0])
-    rule = None if options.postprocess is False else bundle.component_rule
-    if rule is not None:
+    rule = bundle.component_rule
+    if rule is not None and options.postprocess is not False:
         # The corrections are true anatomy too: a structure drawn with more regions widens the rule.
+        # (Not the slices of a volume, where the rule is never applied: the model keeps its own.)
         rule = rule.merged(ComponentRule.learn(labels, bundle.num_classes))
     return ModelBundle(
         bundle.method,
