@@ -527,3 +527,15 @@ def test_ground_truth_files_among_one_channel_cases_are_not_cases(tmp_path):
     _, labels, sources = load_labelled_data(tmp_path / "vols", None, BRAIN_T1, [0, 1], label_name="label.nii.gz")
     assert sources and not any("label" in str(source) for source in sources), sources
     assert int(np.asarray(labels).max()) == 1
+
+
+def test_a_case_with_two_ground_truth_files_is_not_scored_against_either(tmp_path):
+    inp, out, labels = tmp_path / "in", tmp_path / "out", tmp_path / "labels"
+    _cohort(inp, 2)
+    for i in range(2):
+        _save(labels / f"c{i}.nii.gz", (_sphere(i) > 50).astype(np.uint8), dtype=np.uint8)
+    _save(labels / "c1.nii", np.zeros((6, 24, 24)), dtype=np.uint8)  # which is c1's truth?
+    report = run_batch(ThresholdSegmenter(), inp, out, _quiet(labels_dir=labels))
+    truth = {r.case_id: (r.status, r.truth) for r in report.results}
+    assert truth == {"c0": ("ok", "scored"), "c1": ("ok", "unusable")}
+    assert "are both the ground truth of case c1" in report.results[1].error

@@ -25,3 +25,37 @@ def test_a_nifti_mask_of_a_png_image_is_called_a_volume(tmp_path):
     message = str(error.value)
     assert message.startswith(str(masks / "img_00.nii.gz")) and "is a volume" in message
     assert "masks of 2D images must be 2D images" in message and "\n" not in message
+
+
+def test_two_masks_for_one_labelled_image_or_case_are_refused_naming_both(tmp_path):
+    """msk/a.png beside msk/a.tif, or case1.nii beside case1.nii.gz: one was taken by the sort or
+    suffix order, unseen, and the model learnt from a ground truth nobody chose."""
+    import nibabel as nib
+    from PIL import Image
+
+    from tedm_core.errors import InputError
+    from tedm_core.pipelines.labelled import load_labelled_data, match_image_pairs
+    from tedm_core.preprocessing.intensity import MULTIMODAL_MRI
+
+    images, masks = tmp_path / "img", tmp_path / "msk"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(images / "a.png")
+    one = np.zeros((16, 16), np.uint8)
+    one[4:8, 4:8] = 255
+    Image.fromarray(one).save(masks / "a.png")
+    Image.fromarray(one).save(masks / "a.tif")
+    with pytest.raises(InputError, match=r"a\.tif: and a\.png are both masks of a\.png"):
+        match_image_pairs(images, masks)
+
+    volumes, labels = tmp_path / "vol", tmp_path / "lab"
+    volumes.mkdir()
+    labels.mkdir()
+    image = np.random.default_rng(0).uniform(10, 200, (8, 8, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(volumes / "case1.nii.gz"))
+    label = np.zeros((8, 8, 6), np.uint8)
+    label[2:5, 2:5, 2:4] = 1
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(labels / "case1.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(labels / "case1.nii"))
+    with pytest.raises(InputError, match="are both the ground truth of case case1"):
+        load_labelled_data(volumes, labels, MULTIMODAL_MRI, [0, 1])

@@ -293,6 +293,24 @@ def single_file_cases_per_folder(cases: Sequence[Case]) -> Dict[str, int]:
     return counts
 
 
+def refuse_another_label_file(case: Case, labels_dir: Path, found: Path) -> None:
+    """Refuse a case whose ground truth ``found`` (named by the case, :func:`find_label_file`)
+    has a namesake of another suffix beside it (``case1.nii`` and ``case1.nii.gz``): which one
+    is the truth is the user's to say, not the suffixes' order."""
+    if found.parent != labels_dir / Path(case.case_id).parent or not found.name.startswith(Path(case.case_id).name):
+        return  # found by --label-name, which names one file
+    own = {os.path.realpath(p) for p in case.inputs}
+    others = [
+        labels_dir / f"{case.case_id}{suffix}"
+        for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES
+        if (labels_dir / f"{case.case_id}{suffix}").is_file()
+        and os.path.realpath(labels_dir / f"{case.case_id}{suffix}") not in own
+        and labels_dir / f"{case.case_id}{suffix}" != found
+    ]
+    if others:
+        raise InputError(found, f"and {others[0]} are both the ground truth of case {case.case_id}: keep one")
+
+
 def find_label_file(
     case: Case,
     labels_dir: Path,

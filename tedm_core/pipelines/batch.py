@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, SettingError
 from ..io.atomic import remove_stale_temporaries, write_text_atomic
-from ..io.cases import Case, discover_cases, find_label_file, single_file_cases_per_folder, without_label_files
+from ..io.cases import (
+    Case,
+    discover_cases,
+    find_label_file,
+    refuse_another_label_file,
+    single_file_cases_per_folder,
+    without_label_files,
+)
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_label_image
 from ..io.outputs import OutputRecord, check_writable_folder, refuse_output_outside, refuse_overlap
 from ..io.volumes import (
@@ -210,6 +217,7 @@ class BatchRunner:
                 result.error = f"not scored: {self._no_truth(case)}"
             else:
                 try:
+                    refuse_another_label_file(case, self.options.labels_dir, label_path)
                     result.metrics = self._metrics(case, label_path)
                     result.truth = "scored"
                 except Exception as error:

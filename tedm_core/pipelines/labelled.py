@@ -12,12 +12,18 @@ Only the slices that carry labels are learned from (a clinician labels a few), u
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import InputError, SettingError
-from ..io.cases import discover_cases, find_label_file, single_file_cases_per_folder, without_label_files
+from ..io.cases import (
+    discover_cases,
+    find_label_file,
+    refuse_another_label_file,
+    single_file_cases_per_folder,
+    without_label_files,
+)
 from ..io.images import IMAGE_SUFFIXES, is_image_file, read_grey, read_label_image
 from ..io.volumes import is_volume_file, strip_suffix, value_problem
 from ..preprocessing.intensity import IntensityConfig, normalise_intensity
@@ -32,8 +38,16 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
             raise InputError(folder, "folder not found" if not folder.exists() else "is not a folder")
     if images.resolve() == masks.resolve():
         raise InputError(masks, "is the images folder too: each image would be taken for its own mask")
-    mask_by_stem = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_image_file(p)}
+    masks_by_stem: Dict[str, List[Path]] = {}
+    for p in sorted(masks.iterdir()):
+        if p.is_file() and is_image_file(p):
+            masks_by_stem.setdefault(strip_suffix(p), []).append(p)
+    mask_by_stem = {stem: found[0] for stem, found in masks_by_stem.items()}
     image_files = [p for p in sorted(images.iterdir()) if p.is_file() and is_image_file(p)]
+    for image in image_files:
+        found = masks_by_stem.get(strip_suffix(image), [])
+        if len(found) > 1:  # which one is the truth is the user's to say, not the sort order's
+            raise InputError(found[1], f"and {found[0].name} are both masks of {image.name}: keep one")
     unmatched = [p for p in image_files if strip_suffix(p) not in mask_by_stem]
     volume_masks = {strip_suffix(p): p for p in sorted(masks.iterdir()) if p.is_file() and is_volume_file(p)}
     for image in unmatched:
@@ -118,6 +132,7 @@ def load_labelled_data(
                 images / case.case_id,
                 f"no label volume found for this case ({'named ' + label_name if label_name else 'in ' + str(masks)})",
             )
+        refuse_another_label_file(case, Path(masks) if masks is not None else images, label_path)
         labelled = read_labelled_case(
             case.inputs, label_path, intensity, label_values, axis=axis, slices=slices, channel_names=channel_names
         )
