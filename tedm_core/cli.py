@@ -309,7 +309,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         "--slices-per-case",
         type=positive_int,
         metavar="K",
-        help="volumes only: keep K of the labelled slices, spread evenly (simulates a clinician labelling K slices)",
+        help="volumes only: keep K of the labelled slices, spread evenly from the first to the last (one: the "
+        "middle one), as a clinician labelling K slices would",
     )
     p.add_argument("--axis", default=AXES[0], choices=AXES, help=f"volumes only: slicing axis (default: {AXES[0]})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")

@@ -59,3 +59,28 @@ def test_two_masks_for_one_labelled_image_or_case_are_refused_naming_both(tmp_pa
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(labels / "case1.nii"))
     with pytest.raises(InputError, match="are both the ground truth of case case1"):
         load_labelled_data(volumes, labels, MULTIMODAL_MRI, [0, 1])
+
+
+def test_one_slice_per_case_is_the_middle_of_the_structure_and_one_case_folder_finds_its_label(tmp_path):
+    """--slices-per-case 1 took the first labelled slice (its edge: 4 of a tumour's 4921 voxels);
+    --images pointing at one subject's folder looked for its --label-name one folder too deep."""
+    from tedm_core.pipelines.labelled import spread_evenly
+
+    assert spread_evenly(83, 1) == [41] and spread_evenly(83, 3) == [0, 41, 82] and spread_evenly(2, 5) == [0, 1]
+    subject = tmp_path / "Subj1"
+    subject.mkdir()
+    rng = np.random.default_rng(1)
+    for channel in ("FLAIR", "T1"):
+        nib.save(
+            nib.Nifti1Image(rng.uniform(10, 200, (8, 8, 7)).astype(np.float32), np.eye(4)),
+            str(subject / f"{channel}.nii.gz"),
+        )
+    label = np.zeros((8, 8, 7), np.uint8)
+    label[2:6, 2:6, 1:6] = 1
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(subject / "GT.nii.gz"))
+    from tedm_core.preprocessing.intensity import MULTIMODAL_MRI
+
+    slices, labels, sources = load_labelled_data(
+        subject, None, MULTIMODAL_MRI, [0, 1], channel_names=["FLAIR", "T1"], label_name="GT.nii.gz", slices_per_case=1
+    )
+    assert slices.shape[:2] == (1, 2) and sources == [f"{subject / 'FLAIR.nii.gz'}#slice3"], sources

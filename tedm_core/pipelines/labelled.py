@@ -72,9 +72,13 @@ def match_image_pairs(images: Path, masks: Path) -> List[Tuple[Path, Path]]:
 
 
 def spread_evenly(count: int, keep: int) -> List[int]:
-    """``keep`` positions out of ``count``, evenly spread and including both ends."""
+    """``keep`` positions out of ``count``, evenly spread and including both ends; one alone is
+    the middle one (a clinician labelling one slice takes it through the structure, not at its
+    edge, where the first labelled slice of a BraTS tumour holds a few voxels)."""
     if keep >= count:
         return list(range(count))
+    if keep == 1:
+        return [(count - 1) // 2]
     return sorted({int(round(x)) for x in np.linspace(0, count - 1, keep)})
 
 
@@ -127,6 +131,10 @@ def load_labelled_data(
         if case.problem:
             raise InputError(case.inputs[0] if case.inputs else images, case.problem)
         label_path = find_label_file(case, Path(masks) if masks is not None else images, label_name, cases_per_folder)
+        if label_path is None and label_name and masks is None and case.is_folder and len(cases) == 1:
+            # --images is one subject's folder: its label file is in it, not in a folder of its name.
+            inside = images / label_name
+            label_path = inside if inside.is_file() else None
         if label_path is None:
             raise InputError(
                 images / case.case_id,
