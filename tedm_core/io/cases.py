@@ -293,22 +293,23 @@ def single_file_cases_per_folder(cases: Sequence[Case]) -> Dict[str, int]:
     return counts
 
 
+def _named_label_files(case: Case, labels_dir: Path) -> List[Path]:
+    """The files ``labels_dir/<case id>.<any volume or image suffix>`` there are, in the suffixes'
+    order, never one of the case's own images."""
+    own = {os.path.realpath(p) for p in case.inputs}
+    named = (labels_dir / f"{case.case_id}{suffix}" for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+    return [p for p in named if p.is_file() and os.path.realpath(p) not in own]
+
+
 def refuse_another_label_file(case: Case, labels_dir: Path, found: Path) -> None:
     """Refuse a case whose ground truth ``found`` (named by the case, :func:`find_label_file`)
     has a namesake of another suffix beside it (``case1.nii`` and ``case1.nii.gz``): which one
-    is the truth is the user's to say, not the suffixes' order."""
-    if found.parent != labels_dir / Path(case.case_id).parent or not found.name.startswith(Path(case.case_id).name):
-        return  # found by --label-name, which names one file
-    own = {os.path.realpath(p) for p in case.inputs}
-    others = [
-        labels_dir / f"{case.case_id}{suffix}"
-        for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES
-        if (labels_dir / f"{case.case_id}{suffix}").is_file()
-        and os.path.realpath(labels_dir / f"{case.case_id}{suffix}") not in own
-        and labels_dir / f"{case.case_id}{suffix}" != found
-    ]
-    if others:
-        raise InputError(found, f"and {others[0]} are both the ground truth of case {case.case_id}: keep one")
+    is the truth is the user's to say, not the suffixes' order. (A file found by --label-name is
+    the one it names.)"""
+    named = _named_label_files(case, labels_dir)
+    if found in named and len(named) > 1:
+        other = next(p for p in named if p != found)
+        raise InputError(found, f"and {other} are both the ground truth of case {case.case_id}: keep one")
 
 
 def find_label_file(
@@ -333,9 +334,9 @@ def find_label_file(
         alone = (cases_per_folder or {}).get(subject.as_posix(), 1) == 1
         if not case.is_folder and subject != Path(".") and alone:
             candidates.append(labels_dir / subject / label_name)
-    candidates.extend(labels_dir / f"{case.case_id}{suffix}" for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES)
     own = {os.path.realpath(p) for p in case.inputs}
     for candidate in candidates:
         if candidate.is_file() and os.path.realpath(candidate) not in own:  # never a case's own image
             return candidate
-    return None
+    named = _named_label_files(case, labels_dir)
+    return named[0] if named else None
